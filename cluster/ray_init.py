@@ -1,0 +1,126 @@
+"""Start or join Ray.
+
+``connect()`` with no address starts an embedded local Ray sized to this machine (quiet logs,
+dashboard off unless asked): the default, which must just work on a 2-core laptop. With an
+address (``auto``, ``ray://host:10001`` or ``host:6379``) it joins that cluster and ships the
+project as the ``working_dir`` of the ``runtime_env`` so every node can import it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from cluster.errors import RaydistillError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Kept out of the working_dir upload: environments, run outputs and caches.
+RUNTIME_ENV_EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", ".pytest_cache/", "*.egg-info/",
+                        "bench/out/", "*.safetensors", "*.gguf"]
+
+
+def build_runtime_env(
+    working_dir: str | os.PathLike | None = None,
+    pip: list[str] | None = None,
+    extras: list[str] | None = None,
+    env_vars: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The ``runtime_env`` for remote runs: the project as working_dir plus optional pip packages.
+
+    ``extras`` (e.g. ``["gpu"]``) become ``raydistill[gpu]``-style requirements resolved from the
+    working_dir, so cluster nodes get the same optional dependencies as the driver asked for.
+    """
+    env: dict[str, Any] = {
+        "working_dir": str(working_dir or PROJECT_ROOT),
+        "excludes": list(RUNTIME_ENV_EXCLUDES),
+    }
+    packages = list(pip or [])
+    if extras:
+        packages.extend(_extra_requirements(extras))
+    if packages:
+        env["pip"] = packages
+    if env_vars:
+        env["env_vars"] = dict(env_vars)
+    return env
+
+
+def _extra_requirements(extras: list[str]) -> list[str]:
+    import tomllib
+
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    optional = pyproject["project"]["optional-dependencies"]
+    out: list[str] = []
+    for extra in extras:
+        if extra not in optional:
+            raise RaydistillError(f"unknown extra {extra!r}; choose from {sorted(optional)}")
+        out.extend(optional[extra])
+    return out
+
+
+def connect(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    dashboard: bool = False,
+    runtime_env: dict[str, Any] | None = None,
+    namespace: str = "raydistill",
+    log_level: int = logging.WARNING,
+) -> dict[str, Any]:
+    """Start a local Ray (``address=None``) or join one; returns the cluster's resources.
+
+    Idempotent: if Ray is already initialised in this process (e.g. inside ``ray job submit``),
+    it is reused as is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray Train V2 is the default in recent Ray; make it explicit so older 2.x behave the same.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    common: dict[str, Any] = dict(namespace=namespace, logging_level=log_level,
+                                  ignore_reinit_error=True, log_to_driver=True)
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]  # set by `ray job submit` and by users
+    if address is None:
+        cpus = num_cpus or os.cpu_count() or 1
+        # Cap the object store: the default (30% of RAM) starves a laptop's torch workers.
+        object_store = min(2 * 1024**3, int(_total_memory() * 0.15))
+        ray.init(num_cpus=cpus, num_gpus=num_gpus if num_gpus is not None else _local_gpus(),
+                 include_dashboard=dashboard, object_store_memory=object_store,
+                 runtime_env=runtime_env, **common)
+    else:
+        try:
+            ray.init(address=address, runtime_env=runtime_env or build_runtime_env(), **common)
+        except ConnectionError as exc:
+            raise RaydistillError(
+                f"cannot reach Ray at ray.address={address!r} ({exc}); start a cluster "
+                "(`ray start --head` or `ray up ray_cluster.yaml`) or set ray.address: null "
+                "for the embedded local Ray") from exc
+    return ray.cluster_resources()
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch/CUDA simply means no GPUs
+        return 0
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1024**3

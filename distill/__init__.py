@@ -1,0 +1,1 @@
+"""Teacher backends and synthetic data, the MoE student, losses, training, evaluation, export."""

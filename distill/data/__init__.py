@@ -1,0 +1,1 @@
+"""Synthetic data: prompt sources, the generate stage, quality filters, the Parquet schema."""

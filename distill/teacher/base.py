@@ -1,0 +1,119 @@
+"""The teacher interface.
+
+Legend: ``T`` completion length, ``k`` top-k soft labels per position.
+
+Every backend returns, for every completion position, the top-k token ids and log-probs of the
+teacher's *raw* distribution: temperature 1, before any top-p/top-k filtering, whatever the
+sampling temperature was. Those are the soft labels the student learns from.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from cluster.errors import ConfigError
+
+Messages = list[dict[str, str]]
+PromptInput = Union[str, Messages]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    logprobs: int = 20  # k soft labels stored per position
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Completion:
+    prompt_ids: list[int]
+    completion_ids: list[int]  # [T], includes the end-of-sequence token when one was emitted
+    text: str
+    finish_reason: str  # "stop" (end token or stop string) | "length"
+    topk_ids: np.ndarray  # [T, k] int32
+    topk_logprobs: np.ndarray  # [T, k] float32, each row sorted descending
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.completion_ids)
+
+
+@dataclasses.dataclass
+class ScoredSequence:
+    topk_ids: np.ndarray  # [L - start, k] int32: distribution over token start..L-1
+    topk_logprobs: np.ndarray  # [L - start, k] float32
+    token_logprobs: np.ndarray  # [L - start] float32: log-prob of the actual token
+
+
+class TeacherBackend(abc.ABC):
+    """A teacher model. Construct once per actor (it loads weights), then call many times."""
+
+    #: "name@revision", stored in every row's ``teacher`` column
+    name: str = "teacher"
+
+    @property
+    @abc.abstractmethod
+    def context_length(self) -> int:
+        """Max prompt + completion tokens."""
+
+    @abc.abstractmethod
+    def encode_prompt(self, prompt: PromptInput) -> list[int]:
+        """Token ids of a plain prompt, or of chat messages with the generation prompt appended."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[PromptInput], sampling: SamplingParams) -> list[Completion]:
+        """Complete each prompt (text or chat messages); soft labels are the raw top-k."""
+
+    @abc.abstractmethod
+    def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[ScoredSequence]:
+        """Teacher-force each token sequence and return the top-k at positions ``start..L-1``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (GPU memory, HTTP sessions)."""
+
+
+BUILTIN_BACKENDS = {
+    "hf": "distill.teacher.hf:HFTeacher",
+    "vllm": "distill.teacher.vllm_backend:VLLMTeacher",
+    "openai": "distill.teacher.openai_backend:OpenAITeacher",
+}
+
+
+def backend_class(backend: str) -> type:
+    """Resolve ``hf`` / ``vllm`` / ``openai`` or a ``package.module:Class`` path to a class."""
+    target = BUILTIN_BACKENDS.get(backend, backend)
+    if ":" not in target:
+        raise ConfigError(f"teacher.backend: unknown backend {backend!r}; allowed: {sorted(BUILTIN_BACKENDS)} "
+                          "or 'package.module:Class'")
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"teacher.backend: cannot import {target!r} ({exc})") from exc
+
+
+def load_backend(teacher_cfg: Any) -> TeacherBackend:
+    """Build the backend named by a ``teacher:`` config section (loads the model)."""
+    return backend_class(teacher_cfg.backend).from_config(teacher_cfg)
+
+
+def topk_from_logits(logits: "torch.Tensor", k: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: F821
+    """Raw top-k of ``log_softmax(logits)`` in fp32: [N, V] -> ([N, k] int32, [N, k] float32)."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logprobs, k=min(k, logprobs.shape[-1]), dim=-1)  # sorted descending
+    return ids.to(torch.int32).cpu().numpy(), values.cpu().numpy().astype(np.float32)
