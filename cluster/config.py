@@ -22,7 +22,9 @@ from cluster.errors import ConfigError
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, assignment is validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    # coerce_numbers_to_str: YAML and --set read `name: 2024` or `revision: 1234567` as numbers.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False,
+                              coerce_numbers_to_str=True)
 
 
 class TeacherBackend(str, enum.Enum):
@@ -107,11 +109,18 @@ class FilterSection(Section):
     num_perm: int = Field(default=128, ge=16)
     min_quality: Optional[float] = Field(default=None, ge=1, le=10)
     decontaminate: list[str] = Field(default_factory=list, description="eval-set URIs whose n-grams must not appear")
-    ngram: int = Field(default=13, ge=1)
+    ngram: int = Field(default=13, ge=1, description="decontamination n-gram size in normalised words")
+    decontaminate_min_tokens: int = Field(
+        default=8, ge=1, description="eval items shorter than ngram but at least this long must match whole")
     drop_truncated: bool = True
     min_completion_tokens: int = Field(default=1, ge=0)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     max_repetition: float = Field(default=0.5, gt=0, le=1, description="max share of repeated 4-grams")
+
+    @field_validator("decontaminate", mode="before")
+    @classmethod
+    def _one_uri_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # --set filter.decontaminate=evals/*.jsonl
 
 
 class PipelineConfig(Section):
@@ -156,10 +165,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     keys = [k for k in key.strip().split(".") if k]
     if not keys:
         raise ConfigError(f"--set {item!r}: empty key")
+    text = raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = raw
+    # YAML would read `Be brief: answer` as a mapping and cut `Use #tags` at the comment; on the
+    # command line an unquoted string or a non-flow mapping is meant literally.
+    if (isinstance(value, str) and not text.startswith(("'", '"'))) or (
+            isinstance(value, dict) and not text.startswith("{")):
+        value = text
     return keys, value
 
 

@@ -117,3 +117,39 @@ def topk_from_logits(logits: "torch.Tensor", k: int) -> tuple[np.ndarray, np.nda
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     values, ids = torch.topk(logprobs, k=min(k, logprobs.shape[-1]), dim=-1)  # sorted descending
     return ids.to(torch.int32).cpu().numpy(), values.cpu().numpy().astype(np.float32)
+
+
+def completion_row(request: dict[str, Any], completion: Completion, teacher: str, sampling: SamplingParams,
+                   logprob_dtype: str = "float32") -> dict[str, Any]:
+    """One output row of the teacher stage (the Parquet schema in ``distill.data.schema``).
+
+    ``request`` is an input row: ``prompt_id``, ``prompt`` or ``messages``, ``source``.
+    """
+    import json
+
+    dtype = np.float16 if logprob_dtype == "float16" else np.float32
+    return {
+        "prompt_id": request["prompt_id"],
+        "prompt": request.get("prompt"),
+        "messages": request.get("messages"),
+        "completion": completion.text,
+        "input_ids": [int(t) for t in completion.prompt_ids] + [int(t) for t in completion.completion_ids],
+        "prompt_len": len(completion.prompt_ids),
+        "completion_len": len(completion.completion_ids),
+        "topk_ids": np.asarray(completion.topk_ids, dtype=np.int32).tolist(),
+        "topk_logprobs": np.asarray(completion.topk_logprobs, dtype=dtype).tolist(),
+        "teacher": teacher,
+        "sampling": json.dumps(sampling.to_json(), sort_keys=True),
+        "finish_reason": completion.finish_reason,
+        "quality": None,
+        "source": request.get("source", ""),
+        "skip_reason": None,
+    }
+
+
+def skipped_row(request: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A request the teacher could not complete (e.g. prompt longer than its context).
+
+    The generate stage drops these and counts ``reason`` in the manifest.
+    """
+    return {"prompt_id": request["prompt_id"], "source": request.get("source", ""), "skip_reason": reason}

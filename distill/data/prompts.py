@@ -1,0 +1,228 @@
+"""Prompt sources for the generate stage.
+
+Each source yields *requests*: ``{prompt_id, prompt, messages, source}``. ``messages`` (chat) is
+rendered with the teacher's chat template; a request with only ``prompt`` is fed verbatim.
+
+* ``file``: JSONL / Parquet / CSV files (fsspec URIs, globs) with a ``prompt`` or ``messages`` column;
+* ``self_instruct``: the teacher writes one task per seed topic (shipped list), then answers it;
+* ``magpie``: the teacher is fed its own chat-template prefix up to the user turn, so it writes the
+  question itself (Magpie, Xu et al. 2024), then answers it;
+* ``served_prompts``: the serving prompt log (the data flywheel of the pipelines issue).
+
+Sources that ask the teacher to write instructions store them under ``data/prompts/`` on first use,
+so a rerun of the same run sees the same prompts (and so the same prompt ids).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from cluster import storage
+from cluster.config import PipelineConfig, PromptSource
+from cluster.errors import ConfigError, RaydistillError
+from distill.data.schema import prompt_id
+from distill.teacher.base import SamplingParams
+
+DEFAULT_TOPICS = os.path.join(os.path.dirname(__file__), "seed_topics.txt")
+INSTRUCTION_TEMPLATE = ("Write one clear, self-contained question or task that a user might ask an AI "
+                        "assistant about: {topic}. Reply with the question or task only, nothing else.")
+# (requests, sampling) -> rows with at least prompt_id, completion, finish_reason, skip_reason
+TeacherRunner = Callable[[list[dict[str, Any]], SamplingParams], list[dict[str, Any]]]
+
+
+def _read_table(uri: str) -> pa.Table:
+    data = storage.read_bytes(uri)
+    if not data.strip():
+        raise RaydistillError(f"prompt file {uri} is empty; add rows or fix prompts.path")
+    lower = uri.lower()
+    try:
+        if lower.endswith((".jsonl", ".json", ".ndjson")):
+            rows = []
+            for line_no, line in enumerate(data.decode("utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise RaydistillError(f"{uri}:{line_no}: not valid JSON ({exc.msg})") from None
+            return pa.Table.from_pylist(rows)
+        if lower.endswith(".parquet"):
+            return pq.read_table(io.BytesIO(data))
+        if lower.endswith((".csv", ".tsv")):
+            opts = pacsv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ",")
+            return pacsv.read_csv(io.BytesIO(data), parse_options=opts)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        raise RaydistillError(f"cannot parse prompt file {uri}: {exc}") from None
+    raise RaydistillError(f"prompt file {uri}: unsupported extension; use .jsonl, .parquet or .csv")
+
+
+def _normalise_messages(value: Any, where: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RaydistillError(f"{where}: `messages` is a string but not JSON") from None
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        raise RaydistillError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+
+
+def read_prompt_files(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """Requests from ``prompts.path`` (one or more URIs/globs); rows without text are skipped."""
+    pc = cfg.prompts
+    if not pc.path:
+        raise ConfigError("prompts.path: required when prompts.source is 'file' (a JSONL/Parquet/CSV URI or glob)")
+    patterns = [pc.path] if isinstance(pc.path, str) else list(pc.path)
+    files: list[str] = []
+    for pattern in patterns:
+        resolved = cfg.resolve_path(pattern)
+        matches = storage.glob(resolved) if any(c in resolved for c in "*?[") else [resolved]
+        if not matches:
+            raise RaydistillError(f"prompts.path: {pattern!r} matches no file")
+        for match in matches:
+            if not storage.exists(match):
+                raise RaydistillError(f"prompts.path: {match} does not exist")
+        files.extend(matches)
+    out: list[dict[str, Any]] = []
+    for uri in files:
+        table = _read_table(uri)
+        has_prompt, has_messages = pc.prompt_column in table.column_names, pc.messages_column in table.column_names
+        if not (has_prompt or has_messages):
+            raise RaydistillError(f"{uri}: no {pc.prompt_column!r} or {pc.messages_column!r} column (found "
+                                  f"{table.column_names}); rename the column or set prompts.prompt_column")
+        tag = f"file:{os.path.basename(uri)}"
+        for row_no, row in enumerate(table.to_pylist(), 1):
+            messages = row.get(pc.messages_column) if has_messages else None
+            text = row.get(pc.prompt_column) if has_prompt else None
+            if messages:
+                messages = _normalise_messages(messages, f"{uri} row {row_no}")
+            elif text is None or not str(text).strip():
+                continue  # counted by the caller as an empty prompt
+            out.append(_request(pc, tag, text=None if messages else str(text), messages=messages or None))
+    return out
+
+
+def _request(pc: Any, source: str, text: str | None = None, messages: list | None = None,
+             raw: str | None = None) -> dict[str, Any]:
+    """A chat request for user ``text`` (or given ``messages``), or a raw-prefix request (``raw``)."""
+    if raw is not None:
+        return {"prompt": raw, "messages": None, "source": source}
+    if messages is None:
+        messages = ([{"role": "system", "content": pc.system_prompt}] if pc.system_prompt else []) + [
+            {"role": "user", "content": text}]
+    user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), text)
+    return {"prompt": user, "messages": messages, "source": source}
+
+
+def expand_samples(requests: list[dict[str, Any]], samples: int, count: int | None) -> tuple[list[dict[str, Any]], int]:
+    """Dedup by id, cap at ``count`` prompts, then ``samples`` rows per prompt; returns (rows, dropped dups)."""
+    seen: set[str] = set()
+    unique = []
+    for req in requests:
+        key = prompt_id(req["source"], req["messages"] or req["prompt"], 0)
+        if key not in seen:
+            seen.add(key)
+            unique.append(req)
+    dropped = len(requests) - len(unique)
+    if count is not None:
+        unique = unique[:count]
+    rows = []
+    for req in unique:
+        for index in range(samples):
+            body = req["messages"] or req["prompt"]
+            rows.append({**req, "prompt_id": prompt_id(req["source"], body, index), "sample_index": index})
+    return rows, dropped
+
+
+def _load_topics(cfg: PipelineConfig) -> list[str]:
+    uri = cfg.resolve_path(cfg.prompts.topics_path) if cfg.prompts.topics_path else DEFAULT_TOPICS
+    lines = [ln.strip() for ln in storage.read_text(uri).splitlines()]
+    topics = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not topics:
+        raise RaydistillError(f"prompts.topics_path: {uri} has no topics (one per line)")
+    return topics
+
+
+def magpie_prefix(tokenizer: Any, system_prompt: str | None = None) -> str:
+    """The chat template rendered up to where the user's text would start."""
+    marker = "\x00MAGPIE\x00"
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": marker}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    if marker not in rendered:
+        raise ConfigError("prompts.source=magpie: the teacher's chat template does not render the user text")
+    return rendered.split(marker, 1)[0]
+
+
+def _written_instructions(cfg: PipelineConfig, run_dir: str, kind: str, make: Callable[[], list[str]]) -> list[str]:
+    """Instructions the teacher wrote, stored once per run so reruns reuse them."""
+    uri = storage.join(run_dir, "data", "prompts", f"{kind}.jsonl")
+    if storage.exists(uri):
+        return [json.loads(line)["instruction"] for line in storage.read_text(uri).splitlines() if line.strip()]
+    instructions = make()
+    storage.atomic_write_text(uri, "".join(json.dumps({"instruction": i}) + "\n" for i in instructions))
+    return instructions
+
+
+def _clean_instruction(text: str) -> str:
+    text = text.strip().strip('"').strip()
+    for prefix in ("Question:", "Task:", "User:"):
+        if text.startswith(prefix):
+            text = text[len(prefix):].strip()
+    return text
+
+
+def build_requests(cfg: PipelineConfig, run_dir: str, teacher: TeacherRunner | None = None,
+                   tokenizer: Any = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """All requests of this run (before resume filtering) and counts of prompts dropped, by reason."""
+    pc = cfg.prompts
+    dropped: dict[str, int] = {}
+    if pc.source == PromptSource.file:
+        requests = read_prompt_files(cfg)
+    elif pc.source in (PromptSource.self_instruct, PromptSource.magpie):
+        if teacher is None:
+            raise RaydistillError(f"prompts.source={pc.source.value} needs a running teacher")
+        count = pc.count or 64
+        writer = SamplingParams(max_new_tokens=64, temperature=0.9, top_p=0.95, logprobs=1, seed=pc.seed)
+        if pc.source == PromptSource.self_instruct:
+            topics = _load_topics(cfg)
+            rng = random.Random(pc.seed)
+            picks = [topics[i % len(topics)] for i in range(count)]
+            rng.shuffle(picks)
+            seeds = [_request(pc, "self_instruct_seed", text=INSTRUCTION_TEMPLATE.format(topic=t)) for t in picks]
+        else:
+            if tokenizer is None:
+                raise RaydistillError("prompts.source=magpie needs the teacher's tokenizer")
+            prefix = magpie_prefix(tokenizer, pc.system_prompt)
+            seeds = [_request(pc, "magpie_seed", raw=prefix) for _ in range(count)]
+        # Identical seed prompts must still be distinct requests: the sample index keeps ids apart.
+        for index, seed in enumerate(seeds):
+            seed["prompt_id"] = prompt_id(seed["source"], seed["messages"] or seed["prompt"], index)
+
+        def make() -> list[str]:
+            rows = teacher(seeds, writer)
+            return [_clean_instruction(r["completion"]) for r in rows
+                    if not r.get("skip_reason") and r.get("completion")]
+
+        instructions = _written_instructions(cfg, run_dir, pc.source.value, make)
+        requests = [_request(pc, pc.source.value, text=i) for i in instructions if i]
+        dropped["empty_instruction"] = count - len(requests)
+    elif pc.source == PromptSource.served_prompts:
+        raise ConfigError("prompts.source=served_prompts reads the serving prompt log, which arrives with "
+                          "the pipelines stage; use prompts.source=file for now")
+    else:  # pragma: no cover - enum is exhaustive
+        raise ConfigError(f"prompts.source: unknown {pc.source}")
+    rows, dups = expand_samples(requests, pc.samples_per_prompt, pc.count)
+    if dups:
+        dropped["duplicate_prompt"] = dups
+    if not rows:
+        raise RaydistillError(f"prompts: source {pc.source.value} produced no prompts; check prompts.path/count")
+    return rows, dropped
