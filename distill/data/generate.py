@@ -112,9 +112,9 @@ def teacher_stage(cfg: PipelineConfig, sampling: SamplingParams) -> Callable[[An
                                        logprob_dtype=cfg.generate.logprob_dtype,
                                        max_retries=cfg.generate.max_retries),
             batch_size=t.batch_size, batch_format="pyarrow", concurrency=t.replicas,
-            num_cpus=t.num_cpus, num_gpus=t.num_gpus or None,
-            # Ray Data restarts dead actors and retries their in-flight batches.
-            max_restarts=-1, max_task_retries=-1)
+            # Ray Data's actor pools default to max_restarts=-1 / max_task_retries=-1: a dead
+            # replica is restarted and its in-flight batches are retried (tested).
+            num_cpus=t.num_cpus, num_gpus=t.num_gpus or None)
 
     return apply
 
@@ -124,7 +124,11 @@ def run_teacher(cfg: PipelineConfig, requests: list[dict[str, Any]], sampling: S
     import ray
 
     items = [{c: r.get(c) for c in REQUEST_COLUMNS} for r in requests]
-    ds = ray.data.from_arrow(pa.Table.from_pylist(items, schema=_request_schema()))
+    table = pa.Table.from_pylist(items, schema=_request_schema())
+    # One input block per teacher batch: a block is Ray Data's unit of work, so this is what lets
+    # replicas share the work and what a crash loses at most (finished batches are already written).
+    size = cfg.teacher.batch_size
+    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, max(table.num_rows, 1), size)])
     ds = teacher_stage(cfg, sampling)(ds)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 

@@ -1,0 +1,69 @@
+"""Shared fixtures: one local Ray per session, a tiny random teacher, the builtin teacher."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Keep Ray quiet and small in tests; workers inherit these.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray for the whole test session (starting one costs seconds on 2 cores)."""
+    import ray
+
+    from cluster.ray_init import connect
+
+    # Workers must import test-only backends (tests.*), so put the repo root on their path.
+    connect(None, num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def builtin_teacher_dir() -> str:
+    """The builtin SmolLM2-135M teacher as a safetensors dir (converted once per machine)."""
+    from distill.teacher.sources import resolve_model
+
+    return resolve_model("smollm2-135m-instruct")
+
+
+def make_tiny_llama(out_dir: Path, tokenizer_dir: str, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> str:
+    """A tiny random LLaMA with the builtin teacher's tokenizer and chat template (no download)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, builtin_teacher_dir) -> str:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_teacher"), builtin_teacher_dir)
+
+
+@pytest.fixture
+def tiny_teacher_copy(tmp_path, tiny_teacher_dir) -> str:
+    """A private copy of the tiny teacher (tests may drop control files next to it)."""
+    dst = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, dst)
+    return str(dst)

@@ -1,0 +1,271 @@
+"""The generate stage end to end on a local Ray: soft labels, fault tolerance, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.config import load_config
+from cluster.errors import ConfigError, RaydistillError
+from distill.data.generate import GENERATE_DIR, read_shards, run_generate_stage
+from distill.data.inspect import inspect_data
+
+pytestmark = pytest.mark.integration
+FLAKY = "tests.distill.data.flaky_teacher:FlakyTeacher"
+
+
+def write_prompts(path: Path, n: int, column: str = "prompt") -> str:
+    with open(path, "w") as handle:
+        for i in range(n):
+            handle.write(json.dumps({column: f"Question number {i}: what is {i} plus {i}?"}) + "\n")
+    return str(path)
+
+
+def make_cfg(tmp_path: Path, teacher: str, prompts: str, *extra: str):
+    return load_config(None, [f"workdir={tmp_path / 'runs'}", f"teacher.model={teacher}",
+                              f"prompts.path={prompts}", "prompts.source=file", "prompts.count=null",
+                              "generate.max_new_tokens=6", "generate.temperature=0", "teacher.batch_size=4",
+                              *extra])
+
+
+def all_prompt_ids(run_dir: str) -> list[str]:
+    return read_shards(f"{run_dir}/{GENERATE_DIR}", columns=["prompt_id"]).column("prompt_id").to_pylist()
+
+
+def test_greedy_tokens_are_top1_and_logprobs_match_a_forward_pass(ray_session, tmp_path, builtin_teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 5)
+    cfg = make_cfg(tmp_path, "smollm2-135m-instruct", prompts, "generate.max_new_tokens=12", "generate.logprobs=20")
+    run = str(tmp_path / "run")
+    manifest = run_generate_stage(cfg, run, show_progress=False)
+    assert manifest["rows"] == 5 and manifest["skipped"] == {}
+    table = read_shards(f"{run}/{GENERATE_DIR}")
+    model = AutoModelForCausalLM.from_pretrained(builtin_teacher_dir, dtype=torch.float32).eval()
+    for row in table.to_pylist():
+        ids = row["input_ids"]
+        completion = ids[row["prompt_len"]:]
+        topk_ids = np.asarray(row["topk_ids"])
+        topk_lp = np.asarray(row["topk_logprobs"])
+        assert topk_ids.shape == (row["completion_len"], 20) == (len(completion), 20)
+        assert (topk_ids[:, 0] == np.asarray(completion)).all(), "greedy token must be the stored top-1"
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        reference = torch.log_softmax(logits[row["prompt_len"] - 1:len(ids) - 1].float(), dim=-1)
+        expected = reference.gather(-1, torch.from_numpy(topk_ids).long()).numpy()
+        np.testing.assert_allclose(topk_lp, expected, atol=1e-3)
+        assert (np.diff(topk_lp, axis=1) <= 1e-6).all() and (topk_lp <= 0).all()
+        assert row["teacher"].startswith("smollm2-135m-instruct@")
+        assert json.loads(row["sampling"])["temperature"] == 0
+
+
+def test_soft_labels_are_the_raw_distribution_whatever_the_temperature(ray_session, tmp_path, tiny_teacher_dir):
+    """Sampling at a low temperature must not sharpen the stored log-probs."""
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    rows = {}
+    for temp in ("0", "0.3"):
+        cfg = make_cfg(tmp_path, tiny_teacher_dir, prompts, f"generate.temperature={temp}", "generate.seed=1")
+        run = str(tmp_path / f"run-{temp}")
+        run_generate_stage(cfg, run, show_progress=False)
+        rows[temp] = {r["prompt_id"]: r for r in read_shards(f"{run}/{GENERATE_DIR}").to_pylist()}
+    for pid, greedy in rows["0"].items():
+        sampled = rows["0.3"][pid]
+        # Position 0 has the same context in both runs, so its raw distribution must be identical.
+        np.testing.assert_allclose(greedy["topk_logprobs"][0], sampled["topk_logprobs"][0], atol=1e-5)
+
+
+def test_killed_actor_is_restarted_and_every_prompt_lands_once(ray_session, tmp_path, tiny_teacher_copy):
+    Path(tiny_teacher_copy, "flaky.json").write_text(json.dumps(
+        {"mode": "exit", "fail_on_call": 2, "times": 1, "state": str(tmp_path / "state.json")}))
+    prompts = write_prompts(tmp_path / "p.jsonl", 12)
+    cfg = make_cfg(tmp_path, tiny_teacher_copy, prompts, f"teacher.backend={FLAKY}")
+    run = str(tmp_path / "run")
+    manifest = run_generate_stage(cfg, run, show_progress=False)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["failures"] == 1, "the actor must really have died once"
+    ids = all_prompt_ids(run)
+    assert manifest["rows"] == 12 and len(ids) == 12 and len(set(ids)) == 12
+
+
+def test_failed_batch_is_retried_inside_the_actor(ray_session, tmp_path, tiny_teacher_copy):
+    Path(tiny_teacher_copy, "flaky.json").write_text(json.dumps(
+        {"mode": "raise", "fail_on_call": 1, "times": 1, "state": str(tmp_path / "state.json")}))
+    prompts = write_prompts(tmp_path / "p.jsonl", 8)
+    cfg = make_cfg(tmp_path, tiny_teacher_copy, prompts, f"teacher.backend={FLAKY}", "generate.max_retries=1")
+    run = str(tmp_path / "run")
+    manifest = run_generate_stage(cfg, run, show_progress=False)
+    assert json.loads((tmp_path / "state.json").read_text())["failures"] == 1
+    assert manifest["rows"] == 8 and sorted(Counter(all_prompt_ids(run)).values()) == [1] * 8
+
+
+def test_rerun_after_a_partial_run_skips_finished_prompts(ray_session, tmp_path, tiny_teacher_copy):
+    control = Path(tiny_teacher_copy, "flaky.json")
+    control.write_text(json.dumps({"mode": "raise", "fail_on_call": 3, "times": 100, "delay_s": 4,
+                                   "state": str(tmp_path / "state.json")}))
+    prompts = write_prompts(tmp_path / "p.jsonl", 16)
+    cfg = make_cfg(tmp_path, tiny_teacher_copy, prompts, f"teacher.backend={FLAKY}", "generate.max_retries=0",
+                   "teacher.batch_size=2")
+    run = str(tmp_path / "run")
+    with pytest.raises(Exception, match="planned teacher failure"):
+        run_generate_stage(cfg, run, show_progress=False)
+    written = all_prompt_ids(run)
+    assert 0 < len(written) < 16, "the partial run should have written some shards"
+    control.write_text(json.dumps({"mode": "raise", "fail_on_call": 10**9, "state": str(tmp_path / "state2.json")}))
+    manifest = run_generate_stage(cfg, run, show_progress=False)
+    assert manifest["resumed_rows"] == len(written)
+    assert manifest["new_rows"] == 16 - len(written)
+    ids = all_prompt_ids(run)
+    assert len(ids) == 16 and len(set(ids)) == 16 and set(written) <= set(ids)
+    # A third run has nothing to do and writes nothing twice.
+    again = run_generate_stage(cfg, run, show_progress=False)
+    assert again["new_rows"] == 0 and again["resumed_rows"] == 16 and len(all_prompt_ids(run)) == 16
+    assert not list(Path(run, GENERATE_DIR).glob(".tmp-*"))
+
+
+def test_samples_per_prompt_get_distinct_stable_ids(ray_session, tmp_path, tiny_teacher_dir):
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    cfg = make_cfg(tmp_path, tiny_teacher_dir, prompts, "prompts.samples_per_prompt=2", "generate.temperature=1.0")
+    first = str(tmp_path / "a")
+    run_generate_stage(cfg, first, show_progress=False)
+    ids = all_prompt_ids(first)
+    assert len(ids) == 6 and len(set(ids)) == 6
+    second = str(tmp_path / "b")
+    run_generate_stage(cfg, second, show_progress=False)
+    assert set(all_prompt_ids(second)) == set(ids), "prompt ids depend only on source, prompt and sample index"
+
+
+def test_prompt_longer_than_context_is_skipped_and_counted(ray_session, tmp_path, tiny_teacher_dir):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "word " * 400}) + "\n")
+    cfg = make_cfg(tmp_path, tiny_teacher_dir, str(path), "teacher.max_model_len=64")
+    run = str(tmp_path / "run")
+    manifest = run_generate_stage(cfg, run, show_progress=False)
+    assert manifest["rows"] == 1
+    assert manifest["skipped"] == {"prompt_too_long": 1}
+
+
+def test_bad_prompt_files_fail_with_the_file_and_field(tmp_path, tiny_teacher_dir):
+    run = str(tmp_path / "run")
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"question": "hi"}) + "\n")
+    with pytest.raises(RaydistillError, match=r"wrong\.jsonl: no 'prompt' or 'messages' column.*question"):
+        run_generate_stage(make_cfg(tmp_path, tiny_teacher_dir, str(wrong)), run, show_progress=False)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(RaydistillError, match=r"empty\.jsonl is empty"):
+        run_generate_stage(make_cfg(tmp_path, tiny_teacher_dir, str(empty)), run, show_progress=False)
+    with pytest.raises(RaydistillError, match=r"prompts\.path: .*missing\.jsonl does not exist"):
+        run_generate_stage(make_cfg(tmp_path, tiny_teacher_dir, str(tmp_path / "missing.jsonl")), run,
+                           show_progress=False)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(RaydistillError, match=r"broken\.jsonl:2: not valid JSON"):
+        run_generate_stage(make_cfg(tmp_path, tiny_teacher_dir, str(broken)), run, show_progress=False)
+    assert not Path(run, GENERATE_DIR).exists() or not list(Path(run, GENERATE_DIR).glob("*.parquet"))
+
+
+def test_unknown_teacher_is_a_clear_error(tmp_path, monkeypatch):
+    from distill.teacher.sources import resolve_model
+
+    with pytest.raises(ConfigError, match="unknown model 'not-a-model'"):
+        resolve_model("not-a-model")
+    with pytest.raises(ConfigError, match="has no config.json"):
+        resolve_model(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="cannot fetch Hugging Face model 'nobody/no-such-model'"):
+        resolve_model("nobody/no-such-model")
+    with pytest.raises(ConfigError, match=r"teacher\.backend"):
+        load_config(None, ["teacher.backend=tensorrt"])
+
+
+def test_messages_csv_and_parquet_sources(ray_session, tmp_path, tiny_teacher_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "chat.jsonl").write_text(json.dumps(
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]}) + "\n")
+    (tmp_path / "plain.csv").write_text("prompt,other\nName a color.,x\n,empty row\n")
+    pq.write_table(pa.table({"prompt": ["Name a tree.", "Name a tree."]}), tmp_path / "more.parquet")
+    cfg = make_cfg(tmp_path, tiny_teacher_dir, str(tmp_path / "*.*"))
+    run = str(tmp_path / "run")
+    manifest = run_generate_stage(cfg, run, show_progress=False)
+    table = read_shards(f"{run}/{GENERATE_DIR}")
+    by_source = {r["source"]: r for r in table.to_pylist()}
+    assert set(by_source) == {"file:chat.jsonl", "file:plain.csv", "file:more.parquet"}
+    assert by_source["file:chat.jsonl"]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert by_source["file:plain.csv"]["prompt"] == "Name a color."
+    assert manifest["skipped"] == {"duplicate_prompt": 1}
+
+
+def test_self_instruct_writes_instructions_once_and_reuses_them(ray_session, tmp_path, tiny_teacher_dir):
+    topics = tmp_path / "topics.txt"
+    topics.write_text("# comment\nbirds\nrivers\n")
+    cfg = load_config(None, [f"workdir={tmp_path}", f"teacher.model={tiny_teacher_dir}", "prompts.source=self_instruct",
+                             "prompts.count=4", f"prompts.topics_path={topics}", "generate.max_new_tokens=4"])
+    run = str(tmp_path / "run")
+    first = run_generate_stage(cfg, run, show_progress=False)
+    stored = Path(run, "data/prompts/self_instruct.jsonl").read_text().splitlines()
+    assert len(stored) == 4 and first["rows"] == 4 - first["skipped"].get("empty_instruction", 0)
+    again = run_generate_stage(cfg, run, show_progress=False)
+    assert again["new_rows"] == 0 and again["resumed_rows"] == first["rows"]
+    sources = set(read_shards(f"{run}/{GENERATE_DIR}", columns=["source"]).column("source").to_pylist())
+    assert sources == {"self_instruct"}
+
+
+def test_magpie_prefix_is_the_chat_template_up_to_the_user_turn(builtin_teacher_dir):
+    from transformers import AutoTokenizer
+
+    from distill.data.prompts import magpie_prefix
+
+    tok = AutoTokenizer.from_pretrained(builtin_teacher_dir)
+    prefix = magpie_prefix(tok)
+    assert prefix.endswith("<|im_start|>user\n") and "<|im_start|>system" in prefix
+
+
+def test_judge_scores_land_in_quality(ray_session, tmp_path, builtin_teacher_dir):
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    cfg = make_cfg(tmp_path, "smollm2-135m-instruct", prompts, "generate.judge=true", "generate.max_new_tokens=8")
+    run = str(tmp_path / "run")
+    manifest = run_generate_stage(cfg, run, show_progress=False)
+    quality = read_shards(f"{run}/{GENERATE_DIR}", columns=["quality"]).column("quality").to_pylist()
+    assert manifest["judge"]["judged"] + manifest["judge"]["unparsable"] == 2
+    assert all(q is None or 1 <= q <= 10 for q in quality)
+    assert sum(q is not None for q in quality) == manifest["judge"]["judged"]
+
+
+def test_judge_score_parser():
+    from distill.data.generate import parse_judge_score
+
+    assert parse_judge_score("8") == 8.0
+    assert parse_judge_score("Score: 10/10") == 10.0
+    assert parse_judge_score("I'd say 7 out of 10") == 7.0
+    assert parse_judge_score("no idea") is None
+
+
+def test_cli_generate_then_inspect(ray_session, tmp_path, tiny_teacher_dir, capsys):
+    from pipelines.cli import main
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: clitest\nworkdir: {tmp_path / 'runs'}\nteacher: {{model: {tiny_teacher_dir}}}\n"
+                      f"prompts: {{source: file, path: {prompts}}}\n")
+    assert main(["generate", "--config", str(config), "--set", "generate.max_new_tokens=3", "--quiet"]) == 0
+    run = capsys.readouterr().out.strip().splitlines()[-1]
+    assert run.startswith(str(tmp_path / "runs" / "clitest")) and Path(run, GENERATE_DIR, "manifest.json").exists()
+    assert main(["data", "inspect", run, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"] == 3 and report["completion_tokens"] == 9 and report["soft_labels"]["ok"]
+    assert 0 < report["soft_labels"]["mean_topk_mass"] <= 1
+    # --run continues the same run instead of starting a new one.
+    run_id = Path(run).name
+    assert main(["generate", "--config", str(config), "--set", "generate.max_new_tokens=3", "--run", run_id,
+                 "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == run
+    assert inspect_data(run)["rows"] == 3
+    assert main(["generate", "--config", str(config), "--set", "teacher.bakend=hf"]) == 2
+    assert "teacher.bakend: unknown key" in capsys.readouterr().err
