@@ -24,7 +24,9 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/raydistill run pipelines/configs/quickstart.yaml
+	$(VENV)/bin/raydistill generate --config pipelines/configs/quickstart.yaml --run demo
+	$(VENV)/bin/raydistill filter --config pipelines/configs/quickstart.yaml --run demo
+	$(VENV)/bin/raydistill data inspect runs/quickstart/demo/data/filtered
 
 test: install
 	$(PY) -m pytest -q tests

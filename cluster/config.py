@@ -65,6 +65,8 @@ class TeacherSection(Section):
     batch_size: int = Field(default=16, ge=1, description="prompts per teacher batch")
     max_model_len: Optional[int] = Field(default=None, ge=16)
     tensor_parallel_size: int = Field(default=1, ge=1)
+    accelerator_type: Optional[str] = Field(default=None, description="vllm backend: Ray accelerator type of the "
+                                            "engine's GPUs, e.g. H100 (default: any GPU)")
     base_url: Optional[str] = None
     api_key_env: Optional[str] = None
     tokenizer: Optional[str] = Field(default=None, description="tokenizer for the openai backend (maps token strings to ids)")

@@ -1,0 +1,32 @@
+"""Ray bring-up: runtime_env for remote runs, and reuse of an already running Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.errors import RaydistillError
+from cluster.ray_init import PROJECT_ROOT, build_runtime_env, connect
+
+
+def test_runtime_env_ships_the_project_without_its_venv_and_runs():
+    env = build_runtime_env()
+    assert env["working_dir"] == str(PROJECT_ROOT)
+    assert (PROJECT_ROOT / "cluster" / "ray_init.py").exists()
+    assert ".venv/" in env["excludes"] and "runs/" in env["excludes"]
+    assert "pip" not in env
+
+
+def test_runtime_env_resolves_extras_from_pyproject():
+    env = build_runtime_env(extras=["gpu", "s3"], pip=["rich"], env_vars={"HF_HOME": "/tmp/hf"})
+    assert env["pip"][0] == "rich"
+    assert any(p.startswith("vllm") for p in env["pip"]) and any(p.startswith("s3fs") for p in env["pip"])
+    assert env["env_vars"] == {"HF_HOME": "/tmp/hf"}
+    with pytest.raises(RaydistillError, match="unknown extra 'cuda'; choose from"):
+        build_runtime_env(extras=["cuda"])
+
+
+@pytest.mark.integration
+def test_connect_reuses_a_running_ray(ray_session):
+    resources = connect(None)
+    assert resources["CPU"] == 2
+    assert connect("auto") == resources  # already initialised: no second init, no error
