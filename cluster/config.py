@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.errors import ConfigError
+from distill.student.section import StudentSection
 
 
 class Section(BaseModel):
@@ -134,7 +135,7 @@ class PipelineConfig(Section):
     generate: GenerateSection = Field(default_factory=GenerateSection)
     filter: FilterSection = Field(default_factory=FilterSection)
     # Filled in by later stages; free-form until their issues land.
-    student: dict[str, Any] = Field(default_factory=dict)
+    student: StudentSection = Field(default_factory=StudentSection)
     train: dict[str, Any] = Field(default_factory=dict)
     eval: dict[str, Any] = Field(default_factory=dict)
     serve: dict[str, Any] = Field(default_factory=dict)

@@ -17,12 +17,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cluster import storage
 from cluster.config import PipelineConfig
 from cluster.errors import RaydistillError
 from distill.data.filters import apply_filters, build_decontamination_index
+from distill.data.shards import read_shards, token_counts, write_parquet
 
 GENERATE_DIR = "data/generate"
 FILTERED_DIR = "data/filtered"
@@ -32,37 +32,6 @@ TARGET_SHARD_BYTES = 128 * 1024 * 1024  # in-memory Arrow size per output shard 
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
-
-
-def read_shards(uris: list[str]) -> pa.Table:
-    tables = []
-    for uri in uris:
-        fs, path = storage.filesystem(uri)
-        try:
-            tables.append(pq.read_table(path, filesystem=fs))
-        except Exception as exc:  # noqa: BLE001 - reported with the file
-            raise RaydistillError(
-                f"cannot read generated shard {uri} ({exc}); delete it and rerun `raydistill generate` "
-                "with --run to regenerate its prompts") from exc
-    try:
-        return pa.concat_tables(tables, promote_options="default")
-    except pa.ArrowInvalid as exc:
-        raise RaydistillError(f"generated shards under {posix_parent(uris[0])} have different schemas ({exc})") from exc
-
-
-def posix_parent(uri: str) -> str:
-    return uri.rsplit("/", 1)[0]
-
-
-def _token_counts(table: pa.Table) -> dict[str, int]:
-    import pyarrow.compute as pc
-
-    def total(name: str) -> int:
-        value = pc.sum(table.column(name)).as_py() if table.num_rows else 0
-        return int(value or 0)
-
-    prompt, completion = total("prompt_len"), total("completion_len")
-    return {"prompt": prompt, "completion": completion, "total": prompt + completion}
 
 
 def _clear_temp_files(out_dir: str) -> None:
@@ -85,8 +54,7 @@ def write_shards(table: pa.Table, out_dir: str, target_bytes: int | None = None)
     while True:
         piece = table.slice(offset, rows_per_shard)
         name = shard_name(len(names))
-        with storage.atomic_open(storage.join(out_dir, name), "wb") as handle:
-            pq.write_table(piece, handle, compression="zstd")
+        write_parquet(storage.join(out_dir, name), piece)
         names.append(name)
         offset += rows_per_shard
         if offset >= table.num_rows:
@@ -110,6 +78,7 @@ def run_filter_stage(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     index = build_decontamination_index(eval_uris, fcfg.ngram, fcfg.decontaminate_min_tokens) if eval_uris else None
 
     table = read_shards(inputs)
+    assert table is not None  # inputs is non-empty
     kept, dropped = apply_filters(table, fcfg, decontamination=index)
 
     storage.makedirs(out_dir)
@@ -129,8 +98,8 @@ def run_filter_stage(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         "dropped": dropped,
         "filter_order": list(dropped),
         "dropped_total": table.num_rows - kept.num_rows,
-        "input_tokens": _token_counts(table),
-        "tokens": _token_counts(kept),
+        "input_tokens": token_counts(table),
+        "tokens": token_counts(kept),
         "shards": names,
         "config_hash": cfg.section_hash("filter"),
         "filter": fcfg.model_dump(mode="json"),

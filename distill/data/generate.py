@@ -11,7 +11,6 @@ retried; a batch that raises is retried inside the actor ``generate.max_retries`
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -20,18 +19,17 @@ import time
 from typing import Any, Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cluster import storage
 from cluster.config import PipelineConfig, TeacherSection
 from distill.data import prompts as prompt_sources
 from distill.data.schema import schema, to_table
+from distill.data.shards import SHARD_SUFFIX, read_dir, read_shards, shard_uris, token_counts, write_parquet
 from distill.teacher.base import SamplingParams, backend_class, completion_row, load_backend, skipped_row
 
 log = logging.getLogger(__name__)
 
 GENERATE_DIR = "data/generate"
-SHARD_SUFFIX = ".parquet"
 JUDGE_TEMPLATE = (
     "Rate the assistant's answer to the user's request on a scale of 1 to 10 for helpfulness, "
     "correctness and clarity (1 = useless or wrong, 10 = excellent).\n\n"
@@ -144,26 +142,12 @@ def shard_name(prompt_ids: list[str]) -> str:
 
 
 def write_shard(out_dir: str, table: pa.Table) -> str:
-    """Write one zstd Parquet shard atomically; the name depends only on the rows' prompt ids."""
-    uri = storage.join(out_dir, shard_name(table.column("prompt_id").to_pylist()))
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    storage.atomic_write_bytes(uri, buffer.getvalue())
-    return uri
-
-
-def read_shards(data_dir: str, columns: list[str] | None = None) -> pa.Table | None:
-    """All shards under ``data_dir`` as one table (``None`` when there are none)."""
-    tables = []
-    for uri in storage.listdir(data_dir, SHARD_SUFFIX):
-        tables.append(pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns))
-    if not tables:
-        return None
-    return pa.concat_tables(tables, promote_options="permissive")
+    """Write one shard; the name depends only on the rows' prompt ids, so a retry overwrites itself."""
+    return write_parquet(storage.join(out_dir, shard_name(table.column("prompt_id").to_pylist())), table)
 
 
 def existing_prompt_ids(data_dir: str) -> set[str]:
-    table = read_shards(data_dir, columns=["prompt_id"])
+    table = read_dir(data_dir, columns=["prompt_id"])
     return set() if table is None else set(table.column("prompt_id").to_pylist())
 
 
@@ -176,8 +160,8 @@ def judge_shards(cfg: PipelineConfig, data_dir: str, progress: Callable[[int], N
     """Teacher-as-judge: fill ``quality`` (1-10) in every shard that lacks it, rewriting shards atomically."""
     judge_sampling = SamplingParams(max_new_tokens=8, temperature=0.0, logprobs=1)
     counts = {"judged": 0, "unparsable": 0}
-    for uri in storage.listdir(data_dir, SHARD_SUFFIX):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    for uri in shard_uris(data_dir):
+        table = read_shards([uri])
         if table.column("quality").null_count == 0:
             continue
         rows = table.to_pylist()
@@ -192,21 +176,10 @@ def judge_shards(cfg: PipelineConfig, data_dir: str, progress: Callable[[int], N
         counts["judged"] += sum(q is not None for q in quality)
         counts["unparsable"] += sum(q is None for q in quality)
         index = table.schema.get_field_index("quality")
-        table = table.set_column(index, "quality", pa.array(quality, pa.float32()))
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        storage.atomic_write_bytes(uri, buffer.getvalue())
+        write_parquet(uri, table.set_column(index, "quality", pa.array(quality, pa.float32())))
         if progress:
             progress(len(rows))
     return counts
-
-
-def data_stats(table: pa.Table | None) -> dict[str, Any]:
-    if table is None or table.num_rows == 0:
-        return {"rows": 0, "prompt_tokens": 0, "completion_tokens": 0}
-    return {"rows": table.num_rows,
-            "prompt_tokens": int(pa.compute.sum(table.column("prompt_len")).as_py() or 0),
-            "completion_tokens": int(pa.compute.sum(table.column("completion_len")).as_py() or 0)}
 
 
 def run_generate_stage(cfg: PipelineConfig, run_dir: str, show_progress: bool = True) -> dict[str, Any]:
@@ -248,8 +221,10 @@ def run_generate_stage(cfg: PipelineConfig, run_dir: str, show_progress: bool = 
     judge_counts = None
     if cfg.generate.judge:
         judge_counts = judge_shards(cfg, out_dir)
-    table = read_shards(out_dir, columns=["prompt_id", "prompt_len", "completion_len", "teacher"])
-    stats = data_stats(table)
+    table = read_dir(out_dir, columns=["prompt_len", "completion_len"])
+    tokens = token_counts(table)
+    stats = {"rows": 0 if table is None else table.num_rows, "prompt_tokens": tokens["prompt"],
+             "completion_tokens": tokens["completion"]}
     previous = _read_manifest(out_dir)
     manifest = {
         "stage": "generate",

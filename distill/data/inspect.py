@@ -7,21 +7,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cluster import storage
 from cluster.errors import RaydistillError
+from distill.data.shards import read_dir, read_shards
 
 
 def _load(uri: str) -> pa.Table:
     if uri.endswith(".parquet"):
-        return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        return read_shards([uri])
     candidates = [uri, storage.join(uri, "data", "filtered"), storage.join(uri, "data", "generate")]
     for candidate in candidates:
-        shards = storage.listdir(candidate, ".parquet")
-        if shards:
-            return pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(s))) for s in shards],
-                                    promote_options="permissive")
+        table = read_dir(candidate)
+        if table is not None:
+            return table
     raise RaydistillError(f"{uri}: no Parquet shards here (looked in {', '.join(candidates)})")
 
 

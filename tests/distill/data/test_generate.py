@@ -12,7 +12,8 @@ import torch
 
 from cluster.config import load_config
 from cluster.errors import ConfigError, RaydistillError
-from distill.data.generate import GENERATE_DIR, read_shards, run_generate_stage
+from distill.data.generate import GENERATE_DIR, run_generate_stage
+from distill.data.shards import read_dir as read_shards
 from distill.data.inspect import inspect_data
 
 pytestmark = pytest.mark.integration

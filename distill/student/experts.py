@@ -1,0 +1,79 @@
+"""SwiGLU feed-forward blocks and the routed-expert dispatch. Legend in ``config.py``.
+
+Experts are an ``nn.ModuleList`` of ordinary SwiGLU MLPs so that tensor names are the standard
+Hugging Face ones (``mlp.experts.3.gate_proj.weight``) with no renaming at save or export time.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``: the Llama/Qwen2 FFN, used for dense layers, experts and the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.ModuleList):
+    """E routed experts; :meth:`dispatch` runs each expert only on the tokens routed to it."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__([SwiGLU(hidden_size, intermediate_size) for _ in range(num_experts)])
+
+    def dispatch(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                 used: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Weighted sum of the selected experts' outputs.
+
+        x [N, H]; experts, weights [N, K]; used [N, K] bool (None = all slots) -> [N, H].
+
+        Sort the (token, slot) pairs by expert id once, gather the tokens into one contiguous
+        block per expert, run each non-empty expert on its block, and scatter-add the weighted
+        results back. Work is proportional to the routed pairs, never E * N, and the only host
+        sync is reading the per-expert counts. The routing weight scales the [c, I] activations
+        before the down projection rather than the [c, H] outputs (I < H for fine experts).
+        """
+        slots = experts.shape[1]
+        flat_experts = experts.reshape(-1)  # [N*K]
+        flat_weights = weights.reshape(-1)  # [N*K]
+        if used is not None:
+            pick = used.reshape(-1).nonzero().squeeze(1)  # [M] indices of used pairs
+            flat_experts, flat_weights = flat_experts.index_select(0, pick), flat_weights.index_select(0, pick)
+        order = torch.argsort(flat_experts, stable=True)  # [M]
+        pair = order if used is None else pick.index_select(0, order)  # [M] flat (token, slot) index
+        tokens = torch.div(pair, slots, rounding_mode="floor")  # [M]
+        counts = flat_experts.new_zeros(len(self)).scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
+        counts = counts.tolist()  # the one host sync: Python needs the block sizes
+        routed = x.index_select(0, tokens)  # [M, H], grouped by expert
+        scale = flat_weights.index_select(0, order).to(x.dtype).unsqueeze(1)  # [M, 1]
+        grad = torch.is_grad_enabled()
+        out = None if grad else torch.empty_like(routed)
+        pieces = []
+        start = 0
+        for expert, count in zip(self, counts):
+            if not count:
+                continue
+            end = start + count
+            xe = routed[start:end]  # [c, H]
+            if grad:
+                h = F.silu(F.linear(xe, expert.gate_proj.weight)) * F.linear(xe, expert.up_proj.weight)
+                pieces.append(F.linear(h * scale[start:end], expert.down_proj.weight))
+            else:  # inference: in-place activation, results written straight into their rows
+                h = F.silu(F.linear(xe, expert.gate_proj.weight), inplace=True)
+                h.mul_(F.linear(xe, expert.up_proj.weight)).mul_(scale[start:end])
+                torch.mm(h, expert.down_proj.weight.t(), out=out[start:end])
+            start = end
+        if grad:
+            out = torch.cat(pieces) if pieces else routed.new_zeros(0, x.shape[1])
+        return torch.zeros_like(x).index_add_(0, tokens, out)

@@ -1,0 +1,108 @@
+"""The mixture-of-experts FFN block (Qwen2-MoE layout) with its aux losses and routing statistics.
+
+    y = sum_k w_k * expert_k(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x)
+
+Legend in ``config.py``. Tensor names match Qwen2-MoE: ``mlp.gate.weight`` (router),
+``mlp.experts.E.{gate,up,down}_proj.weight``, ``mlp.shared_expert.*``, ``mlp.shared_expert_gate.weight``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from distill.student.config import StudentConfig
+from distill.student.experts import Experts, SwiGLU
+from distill.student.router import Router, entropy_loss, expert_counts, load_balance_loss, z_loss
+
+
+@dataclasses.dataclass
+class RoutingStats:
+    """One MoE layer's routing over the valid tokens of a forward call (detached)."""
+
+    layer: int
+    tokens: torch.Tensor  # [] valid tokens routed
+    experts_per_token: torch.Tensor  # [] mean experts actually used per token
+    expert_load: torch.Tensor  # [E] share of selections per expert, sums to 1
+
+    # Tensors, not Python numbers: reading them would force a device sync in every layer.
+    def as_dict(self) -> dict:
+        return {"layer": self.layer, "tokens": int(self.tokens), "experts_per_token": float(self.experts_per_token),
+                "expert_load": [round(float(v), 6) for v in self.expert_load]}
+
+
+@dataclasses.dataclass
+class MoEAux:
+    """Un-weighted aux losses of one layer (with gradients to the router) and its stats."""
+
+    load_balance: Optional[torch.Tensor]  # None when computed with compute_aux=False (serving)
+    z: Optional[torch.Tensor]
+    entropy: Optional[torch.Tensor]
+    stats: RoutingStats
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, config: StudentConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = Router(config)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        if config.shared_expert_intermediate_size > 0:
+            self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = None
+            self.shared_expert_gate = None
+
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, compute_aux: bool = True
+                ) -> tuple[torch.Tensor, MoEAux]:
+        """x [B, T, H], token_mask [B, T] (False = padding: not dispatched, not in losses) -> [B, T, H].
+
+        ``compute_aux=False`` skips the aux losses (serving); routing stats are always returned.
+        """
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, H]
+        flat_mask = token_mask.reshape(-1) if token_mask is not None else None  # [N]
+        routing = self.gate(flat)
+        used = routing.mask
+        if flat_mask is not None:
+            used = flat_mask[:, None] if used is None else used & flat_mask[:, None]
+            used = used.expand_as(routing.experts)
+        out = self.experts.dispatch(flat, routing.experts, routing.weights, used)  # [N, H]
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+
+        counts = expert_counts(routing, flat_mask)  # [E]
+        with torch.no_grad():
+            valid = flat_mask.float() if flat_mask is not None else flat.new_ones(flat.shape[0], dtype=torch.float)
+            tokens = valid.sum()
+            stats = RoutingStats(self.layer_idx, tokens, counts.sum() / tokens.clamp(min=1.0),
+                                 counts / counts.sum().clamp(min=1.0))
+        if not compute_aux:
+            return out.reshape(shape), MoEAux(None, None, None, stats)
+        aux = MoEAux(load_balance_loss(routing, flat_mask, counts), z_loss(routing, flat_mask),
+                     entropy_loss(routing, flat_mask), stats)
+        return out.reshape(shape), aux
+
+
+@contextlib.contextmanager
+def all_experts_active(model: nn.Module) -> Iterator[None]:
+    """Route every token to every expert (weights = the full softmax) inside the block; diagnostics.
+
+    With a student fresh from :func:`~distill.student.init.init_from_teacher` this reproduces the
+    pruned teacher's FFNs, which is how the initialisation is tested.
+    """
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    previous = [r.force_all_experts for r in routers]
+    for r in routers:
+        r.force_all_experts = True
+    try:
+        yield
+    finally:
+        for r, old in zip(routers, previous):
+            r.force_all_experts = old
+
