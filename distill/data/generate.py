@@ -54,7 +54,7 @@ class TeacherWorker:
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.replicas)
         torch.set_num_threads(threads)
         self.backend = load_backend(cfg)
-        self.sampling = SamplingParams(**{**sampling, "stop": tuple(sampling.get("stop", ()))})
+        self.sampling = SamplingParams.from_json(sampling)
         self.logprob_dtype = logprob_dtype
         self.max_retries = max_retries
 

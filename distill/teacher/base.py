@@ -35,6 +35,14 @@ class SamplingParams:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str) -> "SamplingParams":
+        """Inverse of :meth:`to_json` (a dict, or its JSON text as stored in the ``sampling`` column)."""
+        import json
+
+        raw = json.loads(data) if isinstance(data, str) else data
+        return cls(**{**raw, "stop": tuple(raw.get("stop") or ())})
+
 
 @dataclasses.dataclass
 class Completion:

@@ -559,8 +559,7 @@ class HttpStageSpec:
 
     @functools.cached_property
     def params(self) -> SamplingParams:
-        raw = json.loads(self.sampling)
-        return SamplingParams(**{**raw, "stop": tuple(raw.get("stop") or ())})
+        return SamplingParams.from_json(self.sampling)
 
 
 def http_processor_kwargs(teacher_cfg: Any, base_url: str, headers: Mapping[str, str]) -> dict[str, Any]:

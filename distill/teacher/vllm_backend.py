@@ -316,8 +316,7 @@ class VLLMStageSpec:
 
     @functools.cached_property
     def params(self) -> SamplingParams:
-        raw = json.loads(self.sampling)
-        return SamplingParams(**{**raw, "stop": tuple(raw.get("stop") or ())})
+        return SamplingParams.from_json(self.sampling)
 
 
 def vllm_preprocess_row(spec: VLLMStageSpec, row: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -112,13 +111,10 @@ def test_incompatible_student_config_is_explained(tiny_teacher_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_student_first_greedy_tokens_match_pruned_teacher():
-    try:
-        sources = importlib.import_module("distill.teacher.sources")
-        model_dir = sources.resolve_model("smollm2-135m-instruct")
-    except (ImportError, AttributeError) as exc:
-        pytest.skip(f"distill.teacher.sources.resolve_model is not available yet: {exc}")
+def test_smollm2_student_first_greedy_tokens_match_pruned_teacher(builtin_teacher_dir):
     from transformers import AutoTokenizer
+
+    model_dir = builtin_teacher_dir
 
     teacher = load_teacher(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
