@@ -46,6 +46,18 @@ def naive_attention(attn: Attention, x, positions, valid, window):
     return attn.o_proj(out.reshape(bsz, seq, nh * d))
 
 
+def padded_mask(lengths: list[int], padding: str) -> torch.Tensor:
+    """[B, S] validity mask of sequences of ``lengths`` padded on the left or the right."""
+    seq = max(lengths)
+    valid = torch.zeros(len(lengths), seq, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        if padding == "left":
+            valid[b, seq - n:] = True
+        else:
+            valid[b, :n] = True
+    return valid
+
+
 @pytest.mark.parametrize("layer_type", ["sliding_attention", "full_attention"])
 @pytest.mark.parametrize("padding", ["left", "right", "none"])
 def test_attention_matches_naive_reference(layer_type, padding):
@@ -54,12 +66,7 @@ def test_attention_matches_naive_reference(layer_type, padding):
     attn = Attention(config, 0).eval()
     lengths = [12, 7, 9] if padding != "none" else [12, 12, 12]
     seq = max(lengths)
-    valid = torch.zeros(3, seq, dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        if padding == "left":
-            valid[b, seq - n:] = True
-        else:
-            valid[b, :n] = True
+    valid = padded_mask(lengths, padding)
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     x = torch.randn(3, seq, config.hidden_size)
     window = config.window_of(0)
@@ -85,12 +92,7 @@ def test_blockwise_sliding_prefill_matches_the_full_mask(padding):
     attn = Attention(config, 0).eval()
     lengths = [19, 10, 4] if padding != "none" else [19, 19, 19]
     seq = max(lengths)
-    valid = torch.zeros(3, seq, dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        if padding == "left":
-            valid[b, seq - n:] = True
-        else:
-            valid[b, :n] = True
+    valid = padded_mask(lengths, padding)
     assert contiguous_rows(valid)
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     x = torch.randn(3, seq, config.hidden_size)
