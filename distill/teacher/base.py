@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import importlib
 from typing import Any, Sequence, Union
 
@@ -42,6 +43,22 @@ class SamplingParams:
 
         raw = json.loads(data) if isinstance(data, str) else data
         return cls(**{**raw, "stop": tuple(raw.get("stop") or ())})
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """What a Ray Data teacher stage's row functions need (pickled to Ray workers)."""
+
+    tokenizer: str
+    context: int | None
+    sampling: str  # SamplingParams JSON
+    k: int
+    logprob_dtype: str
+    teacher: str
+
+    @functools.cached_property
+    def params(self) -> SamplingParams:
+        return SamplingParams.from_json(self.sampling)
 
 
 @dataclasses.dataclass

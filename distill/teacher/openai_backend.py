@@ -45,7 +45,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from cluster.errors import ConfigError, RaydistillError
-from distill.teacher.base import Completion, PromptInput, SamplingParams, ScoredSequence, TeacherBackend, completion_row
+from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, StageSpec, TeacherBackend,
+                                  completion_row)
 from distill.teacher.vllm_backend import (TOKEN_ID_PREFIX, cached_tokenizer, context_of, encode_for_teacher,
                                           flatten_logprob_dicts, padded_skip, plain_messages, request_of, to_plain)
 
@@ -544,22 +545,12 @@ class OpenAITeacher(TeacherBackend):
 # ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class HttpStageSpec:
-    """Everything the stage's row functions need (pickled to Ray workers)."""
+class HttpStageSpec(StageSpec):
+    """The shared stage spec plus where the HTTP teacher is."""
 
     base_url: str
     model: str
-    tokenizer: str
     vllm: bool
-    context: int | None
-    sampling: str  # SamplingParams JSON
-    k: int
-    logprob_dtype: str
-    teacher: str
-
-    @functools.cached_property
-    def params(self) -> SamplingParams:
-        return SamplingParams.from_json(self.sampling)
 
 
 def http_processor_kwargs(teacher_cfg: Any, base_url: str, headers: Mapping[str, str]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from cluster.errors import ConfigError, RaydistillError
-from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, TeacherBackend,
+from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, StageSpec, TeacherBackend,
                                   completion_row, skipped_row)
 
 log = logging.getLogger(__name__)
@@ -303,20 +303,10 @@ def teacher_name(teacher_cfg: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class VLLMStageSpec:
-    """Everything the stage's row functions need (pickled to Ray workers)."""
+class VLLMStageSpec(StageSpec):
+    """The shared stage spec plus the tokenizer's revision."""
 
-    tokenizer: str
     revision: str | None
-    context: int | None
-    sampling: str  # SamplingParams JSON
-    k: int
-    logprob_dtype: str
-    teacher: str
-
-    @functools.cached_property
-    def params(self) -> SamplingParams:
-        return SamplingParams.from_json(self.sampling)
 
 
 def vllm_preprocess_row(spec: VLLMStageSpec, row: dict[str, Any]) -> dict[str, Any]:
