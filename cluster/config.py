@@ -14,24 +14,22 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from cluster.errors import ConfigError
+from cluster.section import Section
+from distill.eval.section import EvalSection
 from distill.student.section import StudentSection
-
-
-class Section(BaseModel):
-    """Base for config sections: unknown keys are errors, assignment is validated."""
-
-    # coerce_numbers_to_str: YAML and --set read `name: 2024` or `revision: 1234567` as numbers.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False,
-                              coerce_numbers_to_str=True)
+from distill.training.section import TrainSection
+from pipelines.section import PipelineSection, ScheduleSection
+from serve.section import ServeSection
 
 
 class TeacherBackend(str, enum.Enum):
     hf = "hf"
     vllm = "vllm"
     openai = "openai"
+    engine = "engine"
 
 
 class PromptSource(str, enum.Enum):
@@ -56,7 +54,7 @@ class RaySection(Section):
 
 class TeacherSection(Section):
     model: str = "smollm2-135m-instruct"
-    backend: str = Field(default="hf", description="hf | vllm | openai, or 'package.module:Class'")
+    backend: str = Field(default="hf", description="hf | vllm | openai | engine, or 'package.module:Class'")
     revision: Optional[str] = None
     replicas: int = Field(default=1, ge=1)
     num_gpus: float = Field(default=0, ge=0)
@@ -79,7 +77,7 @@ class TeacherSection(Section):
     def _known_backend(cls, value: str) -> str:
         if value in {b.value for b in TeacherBackend} or ":" in value:
             return value
-        raise ValueError(f"unknown teacher backend {value!r}; allowed: hf, vllm, openai, or 'module:Class'")
+        raise ValueError(f"unknown teacher backend {value!r}; allowed: hf, vllm, openai, engine, or 'module:Class'")
 
 
 class PromptsSection(Section):
@@ -134,12 +132,12 @@ class PipelineConfig(Section):
     prompts: PromptsSection = Field(default_factory=PromptsSection)
     generate: GenerateSection = Field(default_factory=GenerateSection)
     filter: FilterSection = Field(default_factory=FilterSection)
-    # Filled in by later stages; free-form until their issues land.
     student: StudentSection = Field(default_factory=StudentSection)
-    train: dict[str, Any] = Field(default_factory=dict)
-    eval: dict[str, Any] = Field(default_factory=dict)
-    serve: dict[str, Any] = Field(default_factory=dict)
-    schedule: dict[str, Any] = Field(default_factory=dict)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
 
     # Where the YAML came from, so relative paths in it resolve against its folder.
     source_dir: Optional[str] = Field(default=None, exclude=True)

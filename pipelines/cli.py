@@ -131,7 +131,8 @@ def _plugin_registrars() -> list[Callable[[Any], None]]:
     import importlib
 
     out = []
-    for module_name in ("distill.student.cli",):
+    for module_name in ("distill.student.cli", "distill.training.cli", "serve.cli", "distill.eval.cli",
+                        "pipelines.commands"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -62,33 +62,45 @@ def _prepare_out(path: str, force: bool) -> Path:
     return out
 
 
-def cmd_student_init(args: argparse.Namespace) -> int:
-    from cluster.config import load_config
+def create_student(cfg: Any, out: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Build the config's student (from the teacher or at random) and save it with the teacher's tokenizer to ``out``.
+
+    Returns (student config, init record). ``out`` must be a local directory.
+    """
     from distill.student.export import TOKENIZER_FILES
     from distill.student.init import init_from_teacher, init_random, resolve_teacher_layers
 
-    cfg = load_config(args.config, args.overrides)
     section = cfg.student
     teacher_dir = Path(_resolve_teacher(cfg.teacher.model, cfg.teacher.revision))
     # The teacher fixes the vocabulary and tokenizer even for a random student: it is distilled
     # from the teacher's token distributions.
     teacher_config = json.loads((teacher_dir / "config.json").read_text())
     student_config = section.to_student_config(teacher_config)
-    out = _prepare_out(args.out, args.force)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"init": section.init, "teacher": cfg.teacher.model, "teacher_dir": str(teacher_dir),
-                              "seed": args.seed}
+                              "seed": seed}
     if section.init == "from_teacher":
         layers = resolve_teacher_layers(teacher_config["num_hidden_layers"], student_config, section.teacher_layers)
-        model = init_from_teacher(str(teacher_dir), student_config, layers, seed=args.seed)
+        model = init_from_teacher(str(teacher_dir), student_config, layers, seed=seed)
         record["teacher_layers"] = layers
     else:
-        model = init_random(student_config, seed=args.seed)
+        model = init_random(student_config, seed=seed)
     model.save_pretrained(str(out))
     for name in TOKENIZER_FILES:
         if name != "generation_config.json" and (teacher_dir / name).exists():
             shutil.copy2(teacher_dir / name, out / name)
     (out / INIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {section.init} student to {out}")
+    return student_config, record
+
+
+def cmd_student_init(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = _prepare_out(args.out, args.force)
+    student_config, record = create_student(cfg, out, seed=args.seed)
+    print(f"wrote {record['init']} student to {out}")
     _print_rows(_info_rows(student_config, 2048, None))
     return 0
 

@@ -83,10 +83,10 @@ def test_parse_override_malformed(item):
 
 def test_overrides_apply_to_file_and_create_sections(cfg_file):
     cfg = load_config(cfg_file, ["prompts.count=8", "teacher.replicas=2", "prompts.count=null",
-                                 "train.stages=[sft, kd]", "filter.min_quality=7", "filter.dedup=exact"])
+                                 "train.stages=[{name: sft, steps: 3}, {name: kd, tokens: 500}]", "filter.min_quality=7", "filter.dedup=exact"])
     assert cfg.prompts.count is None  # later --set wins
     assert cfg.teacher.replicas == 2
-    assert cfg.train == {"stages": ["sft", "kd"]}
+    assert [(s.name, s.steps, s.tokens) for s in cfg.train.stages] == [("sft", 3, None), ("kd", None, 500)]
     assert cfg.filter.min_quality == 7 and cfg.filter.dedup is DedupMode.exact
 
 

@@ -1,0 +1,332 @@
+"""Distillation losses on the teacher's stored top-k soft labels. Plain torch: no Ray, no I/O.
+
+The teacher data keeps, for every completion token, the teacher's ``K`` most likely ids and their
+temperature-1 log-probs. Divergences are computed over ``K + 1`` *buckets*: the ``K`` stored ids
+plus one tail bucket holding all remaining mass (``TailMode.bucket``), or over the ``K`` ids with
+both distributions renormalised (``TailMode.renormalize``, the tail bucket then has zero mass).
+With ``K == V`` the tail is empty and the bucket KL is the full-vocabulary KL.
+
+Conventions (all functions): ``p`` is the teacher, ``q`` the student; rows are flattened completion
+positions ``[N, ...]``; padding entries of the top-k (id ``-1`` or log-prob ``-inf``/NaN) carry
+zero mass. Masked buckets hold ``p = q = 0`` and a finite log value (``LOG_FLOOR``) so that no
+``0 * inf`` NaNs reach forward values or gradients.
+
+``distillation_loss`` projects hidden states to the vocabulary ``chunk_size`` rows at a time
+under activation checkpointing, so at most one chunk of ``[chunk, V]`` fp32 logits is alive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from cluster.errors import ConfigError, RaydistillError
+
+LOG_FLOOR = -1.0e4  # log-value of masked buckets: exp() is exactly 0 in fp32/fp64, yet finite
+_LN2 = math.log(2.0)
+
+
+class TailMode(str, enum.Enum):
+    bucket = "bucket"  # K stored ids + one bucket with the rest of the mass
+    renormalize = "renormalize"  # both distributions renormalised over the K ids, no tail
+
+
+@dataclasses.dataclass
+class LossWeights:
+    """Weights of the summed per-token loss terms (mirrors ``train.stages[].loss`` in the config)."""
+
+    ce: float = 0.0  # cross-entropy on the teacher's sampled tokens (sequence-level KD)
+    forward_kl: float = 1.0  # KL(teacher || student) on the stored top-k (+ tail)
+    reverse_kl: float = 0.0  # KL(student || teacher)
+    jsd: float = 0.0  # generalised JSD
+    jsd_beta: float = 0.5
+    temperature: float = 1.0
+    tail: TailMode = TailMode.bucket
+
+    def validate(self, prefix: str = "") -> None:
+        """Raise ConfigError naming the field (``prefix`` + name, e.g. ``train.stages.0.loss.``)."""
+        for name in ("ce", "forward_kl", "reverse_kl", "jsd"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{prefix}{name}: loss weight must be a finite number >= 0, got {value!r}")
+        if self.ce + self.forward_kl + self.reverse_kl + self.jsd <= 0:
+            raise ConfigError(f"{prefix}ce/forward_kl/reverse_kl/jsd: all loss weights are 0; "
+                              "give at least one of them a positive weight")
+        if not (isinstance(self.jsd_beta, (int, float)) and 0.0 <= self.jsd_beta <= 1.0):
+            raise ConfigError(f"{prefix}jsd_beta: must be in [0, 1], got {self.jsd_beta!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ConfigError(f"{prefix}temperature: must be a finite number > 0, got {self.temperature!r}")
+        try:
+            self.tail = TailMode(getattr(self.tail, "value", self.tail))
+        except ValueError:
+            raise ConfigError(f"{prefix}tail: must be one of {[m.value for m in TailMode]}, "
+                              f"got {self.tail!r}") from None
+
+    @property
+    def needs_soft_labels(self) -> bool:
+        return self.forward_kl > 0 or self.reverse_kl > 0 or self.jsd > 0
+
+
+@dataclasses.dataclass
+class LossOutput:
+    loss: torch.Tensor  # [] weighted sum of the terms, mean over counted tokens, differentiable
+    parts: dict[str, torch.Tensor]  # detached [] means; "kl" = forward KL at T=1 with tail (monitor)
+    top1_agreement: torch.Tensor  # [] detached share of counted positions: student argmax == teacher top-1
+    tokens: int  # counted positions (token_weights > 0, or all rows)
+
+
+class Buckets(NamedTuple):
+    """Teacher ``p`` and student ``q`` over ``K + 1`` buckets (tail last), each ``[N, K + 1]``."""
+
+    p: torch.Tensor
+    log_p: torch.Tensor
+    q: torch.Tensor
+    log_q: torch.Tensor
+
+
+def valid_topk(topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` bool: stored top-k entries that carry mass (id >= 0 and a finite log-prob)."""
+    return (topk_ids >= 0) & torch.isfinite(teacher_logprobs)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends.
+
+    ``x`` is clamped to ``<= -eps`` of its dtype: top-k masses that round to >= 1 give a tail of
+    ~eps (the float noise floor) instead of ``log(0) = -inf``; both branches stay finite.
+    """
+    x = x.clamp(max=-torch.finfo(x.dtype).eps)
+    return torch.where(x > -_LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _buckets(student_logprobs_t: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+             tail: TailMode, temperature: float) -> Buckets:
+    """Buckets from student log-probs *already at temperature* ``[N, V]`` and raw teacher top-k."""
+    tail = TailMode(getattr(tail, "value", tail))
+    dtype = student_logprobs_t.dtype
+    valid = valid_topk(topk_ids, teacher_logprobs)
+    s_k = student_logprobs_t.gather(1, topk_ids.clamp(min=0).long())  # [N, K]
+    s_k = torch.where(valid, s_k, LOG_FLOOR)
+    t_k = torch.where(valid, teacher_logprobs.to(dtype), LOG_FLOOR)  # [N, K], raw T=1 log-probs
+    n = t_k.shape[0]
+    if tail is TailMode.bucket:
+        # tail mass = 1 - top-k mass, in log space; the teacher's is tempered as if it were one token
+        t_tail = _log1mexp(torch.logsumexp(t_k, dim=-1, keepdim=True))
+        s_tail = _log1mexp(torch.logsumexp(s_k, dim=-1, keepdim=True))
+        mask = torch.cat([valid, valid.new_ones(n, 1)], dim=-1)
+        t_all = torch.cat([t_k, t_tail], dim=-1)
+        s_all = torch.cat([s_k, s_tail], dim=-1)  # already sums to 1: student tempered over full V
+        if temperature != 1.0:
+            t_all = torch.where(mask, t_all / temperature, LOG_FLOOR)
+        log_p = torch.log_softmax(t_all, dim=-1)  # renormalises (stored top-k may sum to 1 + rounding)
+        log_q = s_all
+    else:
+        mask = torch.cat([valid, valid.new_zeros(n, 1)], dim=-1)
+        t_all = torch.cat([t_k / temperature if temperature != 1.0 else t_k, t_k.new_zeros(n, 1)], dim=-1)
+        log_p = torch.log_softmax(torch.where(mask, t_all, LOG_FLOOR), dim=-1)
+        log_q = torch.log_softmax(torch.where(mask, torch.cat([s_k, s_k.new_zeros(n, 1)], dim=-1), LOG_FLOOR), dim=-1)
+    log_p = torch.where(mask, log_p, LOG_FLOOR)
+    log_q = torch.where(mask, log_q, LOG_FLOOR)
+    zero = log_p.new_zeros(())
+    return Buckets(torch.where(mask, log_p.exp(), zero), log_p, torch.where(mask, log_q.exp(), zero), log_q)
+
+
+def _temper(student_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+    x = student_logprobs if student_logprobs.dtype in (torch.float32, torch.float64) else student_logprobs.float()
+    return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+
+
+def topk_buckets(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                 tail: TailMode = TailMode.bucket, temperature: float = 1.0) -> Buckets:
+    """Teacher/student distributions over the ``K + 1`` buckets.
+
+    student_logprobs: ``[N, V]`` log-probs (or logits: they are log-softmaxed at ``temperature``);
+    topk_ids ``[N, K]`` long, teacher_logprobs ``[N, K]`` raw T=1 teacher log-probs.
+    Returns ``Buckets(p, log_p, q, log_q)``, each ``[N, K + 1]``; the tail bucket is last (zero mass
+    in ``renormalize`` mode); masked buckets have zero mass and log value ``LOG_FLOOR``.
+    """
+    return _buckets(_temper(student_logprobs, temperature), topk_ids, teacher_logprobs, tail, temperature)
+
+
+def _kl(log_a: torch.Tensor, a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``KL(a || b)`` per row ``[N]``; masked buckets have ``a = 0`` and finite logs, so add 0."""
+    return (a * (log_a - log_b)).sum(dim=-1)
+
+
+def _forward(b: Buckets, t: float) -> torch.Tensor:
+    return _kl(b.log_p, b.p, b.log_q) * (t * t)
+
+
+def _reverse(b: Buckets, t: float) -> torch.Tensor:
+    return _kl(b.log_q, b.q, b.log_p) * (t * t)
+
+
+def _jsd(b: Buckets, t: float, beta: float) -> torch.Tensor:
+    # TRL GKDTrainer.generalized_jsd_loss: beta=0 / beta=1 are special-cased to forward / reverse KL
+    # (the mixture formula itself is identically 0 there and would give no gradient).
+    if beta == 0.0:
+        return _forward(b, t)
+    if beta == 1.0:
+        return _reverse(b, t)
+    log_m = torch.logaddexp(b.log_p + math.log(beta), b.log_q + math.log(1.0 - beta))
+    return (beta * _kl(b.log_p, b.p, log_m) + (1.0 - beta) * _kl(b.log_q, b.q, log_m)) * (t * t)
+
+
+def forward_kl(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+               tail: TailMode = TailMode.bucket, temperature: float = 1.0) -> torch.Tensor:
+    """``[N]`` KL(teacher || student) over the buckets, times ``T^2``. Inputs as ``topk_buckets``."""
+    return _forward(topk_buckets(student_logprobs, topk_ids, teacher_logprobs, tail, temperature), temperature)
+
+
+def reverse_kl(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+               tail: TailMode = TailMode.bucket, temperature: float = 1.0) -> torch.Tensor:
+    """``[N]`` KL(student || teacher) over the buckets, times ``T^2``."""
+    return _reverse(topk_buckets(student_logprobs, topk_ids, teacher_logprobs, tail, temperature), temperature)
+
+
+def generalized_jsd(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                    tail: TailMode = TailMode.bucket, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """``[N]`` TRL/GKD generalised JSD, times ``T^2``.
+
+    ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta * p + (1 - beta) * q``
+    (p teacher, q student); as in TRL, ``beta = 0`` is forward KL and ``beta = 1`` reverse KL.
+    """
+    b = topk_buckets(student_logprobs, topk_ids, teacher_logprobs, tail, temperature)
+    return _jsd(b, temperature, beta)
+
+
+def token_ce(student_logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[N]`` negative log-likelihood of ``targets [N]`` under ``student_logprobs [N, V]``."""
+    return -student_logprobs.gather(1, targets.long().unsqueeze(1)).squeeze(1)
+
+
+def teacher_top1(topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """``[N]`` the teacher's most likely stored id (the stored top-k need not be sorted); -1 if none."""
+    valid = valid_topk(topk_ids, teacher_logprobs)
+    best = torch.where(valid, teacher_logprobs.float(), float("-inf")).argmax(dim=-1, keepdim=True)
+    ids = topk_ids.gather(1, best).squeeze(1).long()
+    return torch.where(valid.any(dim=-1), ids, -1)
+
+
+# indices of the detached per-chunk sums returned next to the differentiable loss sum
+_METRICS = ("ce", "forward_kl", "reverse_kl", "jsd", "kl", "top1")
+
+
+def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor],
+           topk_ids: Optional[torch.Tensor], teacher_logprobs: Optional[torch.Tensor],
+           token_weights: torch.Tensor, w: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk ``[C, H]``: returns (``[]`` weighted loss sum, ``[6]`` detached weighted sums)."""
+    t = float(w.temperature)
+    logits = hidden.float() @ weight.t()  # [C, V] fp32
+    lp1 = torch.log_softmax(logits, dim=-1)
+    lpt = lp1 if t == 1.0 else torch.log_softmax(logits / t, dim=-1)
+    terms: dict[str, torch.Tensor] = {}
+    if w.ce > 0:
+        terms["ce"] = token_ce(lp1, targets)  # CE on the sampled tokens is always at T = 1
+    b = None
+    if topk_ids is not None:
+        if w.needs_soft_labels:
+            b = _buckets(lpt, topk_ids, teacher_logprobs, w.tail, t)
+        if w.forward_kl > 0:
+            terms["forward_kl"] = _forward(b, t)
+        if w.reverse_kl > 0:
+            terms["reverse_kl"] = _reverse(b, t)
+        if w.jsd > 0:
+            terms["jsd"] = _jsd(b, t, float(w.jsd_beta))
+    loss = logits.new_zeros(())
+    for name, per_tok in terms.items():
+        loss = loss + getattr(w, name) * (per_tok * token_weights).sum()
+    with torch.no_grad():
+        sums = logits.new_zeros(len(_METRICS))
+        for name, per_tok in terms.items():
+            sums[_METRICS.index(name)] = (per_tok * token_weights).sum()
+        counted = token_weights > 0
+        if topk_ids is not None:
+            if "forward_kl" in terms and t == 1.0 and TailMode(w.tail) is TailMode.bucket:
+                kl = terms["forward_kl"]
+            else:
+                kl = _forward(_buckets(lp1, topk_ids, teacher_logprobs, TailMode.bucket, 1.0), 1.0)
+            sums[_METRICS.index("kl")] = (kl * token_weights).sum()
+            ref = teacher_top1(topk_ids, teacher_logprobs)
+        else:
+            ref = targets.long()  # no soft labels: agreement with the teacher's sampled token
+        sums[_METRICS.index("top1")] = ((logits.argmax(dim=-1) == ref) & counted).sum()
+    return loss, sums
+
+
+def distillation_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: Optional[torch.Tensor],
+                      topk_ids: Optional[torch.Tensor], teacher_logprobs: Optional[torch.Tensor],
+                      weights: LossWeights, chunk_size: int = 1024,
+                      token_weights: Optional[torch.Tensor] = None) -> LossOutput:
+    """Weighted KD loss over flattened completion positions, projecting ``chunk_size`` rows at a time.
+
+    hidden ``[N, H]`` (any float dtype): state at the position before completion token n;
+    lm_head_weight ``[V, H]``; targets ``[N]`` the sampled completion tokens (needed when ce > 0);
+    topk_ids / teacher_logprobs ``[N, K]`` the teacher's stored top-k (needed for KL/JSD terms);
+    token_weights ``[N]`` optional per-token weights (loss = sum(w * l) / sum(w)).
+    Each chunk's logits ``[C, V]`` are fp32 and recomputed in backward (checkpointing).
+    """
+    weights.validate()
+    if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
+        raise RaydistillError(f"distillation_loss: hidden {tuple(hidden.shape)} must be [N, H] and "
+                              f"lm_head_weight {tuple(lm_head_weight.shape)} [V, H] with the same H")
+    n = hidden.shape[0]
+    if chunk_size < 1:
+        raise RaydistillError(f"distillation_loss: chunk_size must be >= 1, got {chunk_size}")
+    if weights.ce > 0 and (targets is None or tuple(targets.shape) != (n,)):
+        raise RaydistillError(f"distillation_loss: loss.ce > 0 needs targets of shape [{n}], got "
+                              f"{None if targets is None else tuple(targets.shape)}")
+    if weights.needs_soft_labels and (topk_ids is None or teacher_logprobs is None):
+        raise RaydistillError("distillation_loss: forward_kl/reverse_kl/jsd > 0 need the teacher's top-k "
+                              "(topk_ids, teacher_logprobs); set them to 0 or use data with soft labels")
+    if topk_ids is not None and (teacher_logprobs is None or topk_ids.shape != teacher_logprobs.shape
+                                 or topk_ids.dim() != 2 or topk_ids.shape[0] != n):
+        raise RaydistillError(f"distillation_loss: topk_ids and teacher_logprobs must both be [{n}, K], got "
+                              f"{tuple(topk_ids.shape)} and "
+                              f"{None if teacher_logprobs is None else tuple(teacher_logprobs.shape)}")
+    if topk_ids is None and targets is None:
+        raise RaydistillError("distillation_loss: give targets or the teacher's top-k")
+    if token_weights is None:
+        token_weights = hidden.new_ones(n, dtype=torch.float32)
+    elif tuple(token_weights.shape) != (n,):
+        raise RaydistillError(f"distillation_loss: token_weights must be [{n}], got {tuple(token_weights.shape)}")
+    token_weights = token_weights.float()
+
+    weight = lm_head_weight.float()  # cast once, outside the per-chunk checkpoints
+    use_ckpt = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    sums = hidden.new_zeros(len(_METRICS), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (hidden[sl], weight, None if targets is None else targets[sl],
+                None if topk_ids is None else topk_ids[sl],
+                None if teacher_logprobs is None else teacher_logprobs[sl], token_weights[sl], weights)
+        if use_ckpt:
+            chunk_loss, chunk_sums = checkpoint(_chunk, *args, use_reentrant=False)
+        else:
+            chunk_loss, chunk_sums = _chunk(*args)
+        loss_sum = loss_sum + chunk_loss
+        sums = sums + chunk_sums.detach()
+
+    denom = token_weights.sum()
+    tokens = int((token_weights > 0).sum())
+    if float(denom) <= 0:
+        # nothing counted: a zero that still connects to the graph so backward() works
+        zero = hidden.sum().float() * 0.0 + lm_head_weight.sum().float() * 0.0
+        parts = {k: zero.detach() for k in _parts_keys(weights, topk_ids is not None)}
+        return LossOutput(zero, parts, zero.detach(), 0)
+    parts = {k: sums[_METRICS.index(k)] / denom for k in _parts_keys(weights, topk_ids is not None)}
+    top1 = sums[_METRICS.index("top1")] / max(tokens, 1)
+    return LossOutput(loss_sum / denom, parts, top1, tokens)
+
+
+def _parts_keys(w: LossWeights, has_topk: bool) -> list[str]:
+    keys = [k for k in ("ce", "forward_kl", "reverse_kl", "jsd") if getattr(w, k) > 0]
+    return keys + (["kl"] if has_topk else [])

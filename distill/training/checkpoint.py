@@ -1,0 +1,117 @@
+"""Training checkpoints as plain files: safetensors for tensors, JSON for the rest (no pickle).
+
+A checkpoint directory holds ``model.safetensors`` (the unwrapped student's state dict),
+``optimizer.safetensors`` + the JSON param groups, ``rng.safetensors`` (torch RNG), and
+``state.json`` (stage index, steps, tokens, every rank's data position, NumPy RNG states).
+Where it is stored (Ray Train's storage or a local folder) is the reporter's business.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.json"
+
+
+def _named_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, list]:
+    tensors: dict[str, torch.Tensor] = {}
+    steps: dict[str, float] = {}
+    for param, state in optimizer.state.items():
+        name = names[id(param)]
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                tensors[f"{name}::{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                steps[f"{name}::{key}"] = float(value)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return tensors, [groups, steps]
+
+
+def save(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         state: dict[str, Any], model_state: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write a checkpoint folder (callers pass a fresh temp dir)."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = model_state if model_state is not None else model.state_dict()
+    # Tied embeddings share storage; safetensors refuses shared tensors, so clone them apart.
+    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in weights.items()},
+              str(out / "model.safetensors"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, (groups, scalars) = _named_optimizer_state(optimizer, names)
+    save_file(tensors, str(out / "optimizer.safetensors"))
+    save_file({"torch_rng": torch.get_rng_state()}, str(out / "rng.safetensors"))
+    payload = dict(state, optimizer_groups=groups, optimizer_scalars=scalars)
+    (out / STATE_FILE).write_text(json.dumps(payload, indent=1, default=_json_default))
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def load(path: str | Path, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Restore model (and optimizer) in place; returns ``state.json``."""
+    src = Path(path)
+    state = json.loads((src / STATE_FILE).read_text())
+    weights = load_file(str(src / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Only tied weights may be absent (they load through their twin).
+    if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
+        raise RuntimeError(f"checkpoint {src} does not match the model: missing {missing}, unexpected {unexpected}")
+    if optimizer is not None:
+        tensors = load_file(str(src / "optimizer.safetensors"))
+        scalars = state.get("optimizer_scalars", {})
+        by_name = dict(model.named_parameters())
+        for key, value in tensors.items():
+            name, field = key.split("::", 1)
+            optimizer.state[by_name[name]][field] = value.to(by_name[name].device)
+        for key, value in scalars.items():
+            name, field = key.split("::", 1)
+            optimizer.state[by_name[name]][field] = torch.tensor(value)
+        for group, saved in zip(optimizer.param_groups, state.get("optimizer_groups", [])):
+            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
+    rng = src / "rng.safetensors"
+    if rng.exists():
+        torch.set_rng_state(load_file(str(rng))["torch_rng"])
+    return state
+
+
+class LocalCheckpoints:
+    """Checkpoints in a local folder (the no-Ray path): ``checkpoint_{step:07d}``, written temp + rename."""
+
+    def __init__(self, root: str | Path, keep: int = 2):
+        self.root = Path(root)
+        self.keep = keep
+
+    def latest(self) -> Optional[Path]:
+        if not self.root.exists():
+            return None
+        found = sorted(p for p in self.root.iterdir() if p.name.startswith("checkpoint_") and p.is_dir())
+        return found[-1] if found else None
+
+    def commit(self, staged: Path, step: int) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"checkpoint_{step:07d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        found = sorted(p for p in self.root.iterdir() if p.name.startswith("checkpoint_"))
+        for old in found[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def stage_dir(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=self.root))

@@ -1,0 +1,438 @@
+"""The distillation train loop: plain PyTorch, the same function with or without Ray Train.
+
+:func:`train_loop` takes a :class:`Runtime` that says who this process is (rank, world size,
+device), where its rows come from, how to wrap the model (DDP/FSDP) and where checkpoints and
+metrics go. :class:`LocalRuntime` runs it in-process (tests, ``--workers 0``); the Ray Train
+runtime in :mod:`distill.training.ray_train` is a handful of lines around ``ray.train``.
+
+Per optimizer step: ``grad_accum`` packed micro-batches, loss = weighted KD/CE terms on completion
+positions + the MoE aux losses, gradient clipping, AdamW with warmup + cosine per stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cluster import storage
+from distill.losses import LossWeights, TailMode, distillation_loss
+from distill.training import checkpoint as ckpt
+from distill.training.data import (MixtureStream, PackedBatch, RowSource, TableSource, collate, component_mask,
+                                   heldout_mask, next_batch, read_table)
+from distill.training.section import Precision, Schedule, TrainSection, TrainStage
+
+
+@dataclasses.dataclass
+class TrainJob:
+    """Everything a worker needs, JSON-able (it travels as ``train_loop_config``)."""
+
+    section: dict[str, Any]
+    init_dir: str  # the student at initialisation (HF dir)
+    metrics_uri: str  # JSONL, written by rank 0
+    data_files: list[str] = dataclasses.field(default_factory=list)  # no-Ray path reads these
+    checkpoint_dir: Optional[str] = None  # no-Ray path keeps checkpoints here
+    pad_id: int = 0
+    fail_at_step: Optional[int] = None  # fault-injection for tests: raise once when reaching this step
+    fail_marker: Optional[str] = None  # a file that records that the injected failure happened
+    trace_dir: Optional[str] = None  # tests: each rank appends the prompt ids it trains on to rows-rank{R}.txt
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainJob":
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- runtimes
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def sources(self, stage_index: int, stage: TrainStage, seed: int) -> list[RowSource]:
+        raise NotImplementedError
+
+    def heldout(self, seed: int) -> Optional[RowSource]:
+        raise NotImplementedError
+
+    def wrap(self, module: nn.Module, section: TrainSection) -> nn.Module:
+        return module
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Optional[Path]]:
+        raise NotImplementedError
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path], step: int) -> None:
+        raise NotImplementedError
+
+
+class LocalRuntime(Runtime):
+    """One process, rows from the Parquet shards, checkpoints in a local folder."""
+
+    def __init__(self, job: TrainJob, section: TrainSection):
+        self.table = read_table(job.data_files)
+        held = heldout_mask(self.table["prompt_id"].to_pylist(), section.heldout_fraction, section.seed)
+        import pyarrow as pa
+
+        self.train_table = self.table.filter(pa.array(~held))
+        self.heldout_table = self.table.filter(pa.array(held))
+        self.checkpoints = ckpt.LocalCheckpoints(job.checkpoint_dir, keep=section.keep_checkpoints)
+
+    def sources(self, stage_index, stage, seed):
+        import pyarrow as pa
+
+        return [TableSource(self.train_table.filter(pa.array(component_mask(self.train_table, c))), seed + i)
+                for i, c in enumerate(stage.mixture)]
+
+    def heldout(self, seed):
+        return TableSource(self.heldout_table, seed) if self.heldout_table.num_rows else None
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        yield self.checkpoints.latest()
+
+    def report(self, metrics, checkpoint_dir, step):
+        if checkpoint_dir is not None:
+            self.checkpoints.commit(checkpoint_dir, step)
+
+
+# ----------------------------------------------------------------------------- model wrapper
+class DistillModule(nn.Module):
+    """Student + loss in one ``forward`` so DDP/FSDP see every parameter used inside their forward."""
+
+    def __init__(self, student: nn.Module, chunk_size: int):
+        super().__init__()
+        self.student = student
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, position_ids, pred_index, targets, topk_ids, topk_logprobs,
+                weights: LossWeights):
+        out = self.student.model(input_ids, attention_mask, position_ids=position_ids, compute_aux=True)
+        hidden = out.last_hidden_state
+        flat = hidden.reshape(-1, hidden.shape[-1])[pred_index]  # [N, H]
+        losses = distillation_loss(flat, self.student.lm_head.weight, targets, topk_ids, topk_logprobs, weights,
+                                   chunk_size=self.chunk_size)
+        total = losses.loss + out.aux_loss if out.aux_loss is not None else losses.loss
+        return total, losses, out
+
+
+def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _routers(model: nn.Module):
+    from distill.student.router import Router
+
+    return [m for m in model.modules() if isinstance(m, Router)]
+
+
+def apply_routing(model: nn.Module, stage: TrainStage, progress: float) -> dict[str, Any]:
+    """Set the stage's routing on the routers and the config (progress in [0, 1] moves a top_p schedule)."""
+    r = stage.routing
+    config = model.model.config
+    applied: dict[str, Any] = {}
+    if r.top_p is not None:
+        start, end = (r.top_p if isinstance(r.top_p, list) else [r.top_p, r.top_p])
+        top_p = float(start + (end - start) * min(max(progress, 0.0), 1.0))
+        config.top_p = top_p
+        for router in _routers(model):
+            router.top_p = top_p
+        applied["top_p"] = round(top_p, 6)
+    if r.num_experts_per_tok is not None:
+        config.num_experts_per_tok = r.num_experts_per_tok
+        for router in _routers(model):
+            router.k = r.num_experts_per_tok
+        applied["num_experts_per_tok"] = r.num_experts_per_tok
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_entropy_loss_coef"):
+        value = getattr(r, name)
+        if value is not None:
+            setattr(config, name, float(value))
+            applied[name] = value
+    for router in _routers(model):
+        router.weight.requires_grad_(not r.freeze_router)
+    return applied
+
+
+def lr_at(section: TrainSection, stage: TrainStage, step_in_stage: int, progress: float) -> float:
+    peak = stage.lr or section.lr
+    floor = peak * (stage.min_lr_ratio if stage.min_lr_ratio is not None else section.min_lr_ratio)
+    warmup = stage.warmup_steps if stage.warmup_steps is not None else section.warmup_steps
+    if warmup and step_in_stage < warmup:
+        return peak * (step_in_stage + 1) / (warmup + 1)
+    p = min(max(progress, 0.0), 1.0)
+    if stage.schedule is Schedule.constant:
+        return peak
+    if stage.schedule is Schedule.linear:
+        return peak + (floor - peak) * p
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * p))
+
+
+def loss_weights(stage: TrainStage) -> LossWeights:
+    loss = stage.loss
+    weights = LossWeights(ce=loss.ce, forward_kl=loss.forward_kl, reverse_kl=loss.reverse_kl, jsd=loss.jsd,
+                          jsd_beta=loss.jsd_beta, temperature=loss.temperature, tail=TailMode(loss.tail.value))
+    weights.validate()
+    return weights
+
+
+class MetricsLog:
+    """``metrics.jsonl`` kept whole in memory and rewritten atomically, so a resume never duplicates lines."""
+
+    def __init__(self, uri: str, resume_step: Optional[int]):
+        self.uri = uri
+        self.lines: list[str] = []
+        if resume_step is not None and storage.exists(uri):
+            for line in storage.read_text(uri).splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                    self.lines.append(line)
+        self.flush()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.lines.append(json.dumps(record, default=float))
+        self.flush()
+
+    def flush(self) -> None:
+        storage.atomic_write_text(self.uri, "".join(line + "\n" for line in self.lines))
+
+
+def _autocast(device: torch.device, section: TrainSection):
+    use_bf16 = section.precision is Precision.bf16 or (section.precision is Precision.auto and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _load_student(init_dir: str):
+    import distill.student.hf  # noqa: F401 - registers the model type
+    from distill.student.export import load_student
+
+    return load_student(_local_dir(init_dir)).train()
+
+
+def _local_dir(uri: str) -> str:
+    """A local path for a model dir URI (downloaded once for remote storage)."""
+    fs, path = storage.filesystem(uri)
+    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or "://" not in uri:
+        return path
+    import hashlib
+    import tempfile
+
+    local = Path(tempfile.gettempdir()) / "raydistill-models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (local / "config.json").exists():
+        fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
+    return str(local)
+
+
+def _stage_length_done(stage: TrainStage, steps: int, tokens: int) -> tuple[bool, float]:
+    if stage.steps is not None:
+        return steps >= stage.steps, steps / stage.steps
+    return tokens >= stage.tokens, tokens / stage.tokens
+
+
+# ----------------------------------------------------------------------------- the loop
+def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
+    """Train through every stage (resuming from the runtime's latest checkpoint); returns the final state."""
+    section = TrainSection.model_validate(job.section)
+    rank, world, device = runtime.rank, runtime.world_size, runtime.device
+    threads = section.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, section.workers))
+    torch.set_num_threads(threads)
+    torch.manual_seed(section.seed)
+
+    model = _load_student(job.init_dir).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": section.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=section.lr, betas=section.betas)
+    state: dict[str, Any] = {"stage": 0, "stage_step": 0, "stage_tokens": 0, "step": 0, "tokens": 0,
+                             "data": None, "world_size": world, "history": [], "wall_seconds": 0.0}
+    resumed_from = None
+    with runtime.latest_checkpoint() as path:
+        if path is not None:
+            state = ckpt.load(path, model=model, optimizer=optimizer)
+            resumed_from = state["step"]
+    if resumed_from is not None and state.get("world_size") != world:
+        state["data"] = None  # data positions are per rank; with another world size the stage's epoch restarts
+    np_rng = np.random.default_rng([section.seed, rank])
+    metrics_log = MetricsLog(job.metrics_uri, resumed_from if resumed_from is not None else -1) if rank == 0 else None
+    if rank == 0 and resumed_from is not None:
+        metrics_log.write({"event": "resumed", "step": state["step"], "stage": state["stage"]})
+    module = runtime.wrap(DistillModule(model, section.loss_chunk_size), section)
+    stages = section.stages
+    started = time.perf_counter()
+    wall_before = float(state.get("wall_seconds", 0.0))
+
+    while state["stage"] < len(stages):
+        stage_index = state["stage"]
+        stage = stages[stage_index]
+        weights = loss_weights(stage)
+        stream = MixtureStream(runtime.sources(stage_index, stage, section.seed * 1000 + stage_index * 10),
+                               [c.weight for c in stage.mixture], seed=section.seed * 7919 + stage_index * 31 + rank,
+                               state=(state["data"] or [None] * world)[rank] if state["data"] else None)
+        window_start, window_tokens, window_positions = time.perf_counter(), 0, 0
+        while True:
+            done, progress = _stage_length_done(stage, state["stage_step"], state["stage_tokens"])
+            if done:
+                break
+            routing = apply_routing(model, stage, progress)
+            lr = lr_at(section, stage, state["stage_step"], progress)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            step_tokens, step_positions = 0, 0
+            for micro in range(section.grad_accum):
+                batch = collate(next_batch(stream.take, stream.peek, section.micro_batch_size, section.seq_len),
+                                section.seq_len, job.pad_id, weights.needs_soft_labels).to(device)
+                sync = contextlib.nullcontext() if micro == section.grad_accum - 1 or not hasattr(module, "no_sync") \
+                    else module.no_sync()
+                with sync, _autocast(device, section):
+                    total, losses, out = module(batch.input_ids, batch.attention_mask, batch.position_ids,
+                                                batch.pred_index, batch.targets, batch.topk_ids, batch.topk_logprobs,
+                                                weights=weights)
+                (total / section.grad_accum).backward()
+                step_tokens += batch.tokens
+                if job.trace_dir:
+                    with open(Path(job.trace_dir) / f"rows-rank{rank}.txt", "a") as trace:
+                        trace.write("".join(f"{state['step'] + 1} {p}\n" for p in batch.prompt_ids))
+                step_positions += int(batch.attention_mask.sum())
+            if job.fail_at_step is not None and state["step"] + 1 == job.fail_at_step and job.fail_marker \
+                    and not os.path.exists(job.fail_marker):
+                Path(job.fail_marker).write_text(f"rank {rank} failed at step {state['step'] + 1}\n")
+                raise RuntimeError(f"injected failure at step {job.fail_at_step}")
+            grad_norm = None
+            if section.grad_clip:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), section.grad_clip))
+            optimizer.step()
+            global_tokens, global_positions = _all_reduce([float(step_tokens), float(step_positions)], device)
+            state["step"] += 1
+            state["stage_step"] += 1
+            state["stage_tokens"] += int(global_tokens)
+            state["tokens"] += int(global_tokens)
+            window_tokens += int(global_tokens)
+            window_positions += int(global_positions)
+
+            done, progress = _stage_length_done(stage, state["stage_step"], state["stage_tokens"])
+            log_now = state["stage_step"] % section.log_every == 0 or done
+            ckpt_now = state["step"] % section.checkpoint_every == 0 or done
+            metrics = None
+            if log_now:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                parts = {k: float(v) for k, v in losses.parts.items()}
+                reduced = _all_reduce([float(total.detach()), float(losses.top1_agreement), parts.get("kl", 0.0)],
+                                      device)
+                metrics = {"step": state["step"], "stage": stage_index, "stage_name": stage.name, "lr": lr,
+                           "loss": reduced[0] / world, "parts": parts, "top1": reduced[1] / world,
+                           "kl": reduced[2] / world, "tokens": state["tokens"],
+                           "completion_tokens_per_s": window_tokens / elapsed,
+                           "tokens_per_s": window_positions / elapsed, "grad_norm": grad_norm,
+                           "aux": {k: float(v.detach()) for k, v in out.aux_losses.items()}, "routing": routing,
+                           "experts_per_token": [round(float(s.experts_per_token), 4) for s in out.routing],
+                           "expert_load": [[round(float(x), 4) for x in s.expert_load] for s in out.routing],
+                           "world_size": world}
+                window_start, window_tokens, window_positions = time.perf_counter(), 0, 0
+            if done:
+                held = evaluate_heldout(module, runtime, section, job, device)
+                state["history"].append({"stage": stage_index, "name": stage.name, "steps": state["stage_step"],
+                                         "tokens": state["stage_tokens"], "end_step": state["step"],
+                                         "routing": routing, "heldout": held})
+                if rank == 0:
+                    metrics_log.write({"event": "heldout", "stage": stage_index, "stage_name": stage.name,
+                                       "step": state["step"], **held})
+                state["stage"] += 1
+                state["stage_step"] = state["stage_tokens"] = 0
+                state["data"] = None
+            else:
+                state["data"] = None if not ckpt_now else _gather(stream.state())
+            if rank == 0 and metrics is not None:
+                metrics_log.write(metrics)
+            if log_now or ckpt_now:
+                staged = None
+                if ckpt_now:
+                    state["world_size"] = world
+                    state["wall_seconds"] = wall_before + time.perf_counter() - started
+                    state["np_rng"] = np_rng.bit_generator.state
+                    if rank == 0:
+                        staged = ckpt.save(_staging_dir(runtime), model=model, optimizer=optimizer, state=state)
+                runtime.report(metrics or {"step": state["step"]}, staged, state["step"])
+            if done:
+                break
+    state["wall_seconds"] = wall_before + time.perf_counter() - started
+    return state
+
+
+def _staging_dir(runtime: Runtime) -> Path:
+    if isinstance(runtime, LocalRuntime):
+        return runtime.checkpoints.stage_dir()
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="raydistill-ckpt-"))
+
+
+@torch.no_grad()
+def evaluate_heldout(module: nn.Module, runtime: Runtime, section: TrainSection, job: TrainJob,
+                     device: torch.device) -> dict[str, float]:
+    """KL to the teacher (top-k + tail), top-1 agreement and CE on this rank's share of held-out rows, summed over ranks."""
+    source = runtime.heldout(section.seed)
+    sums = [0.0, 0.0, 0.0, 0.0]  # kl * n, top1 * n, ce * n, n
+    rows = []
+    if source is not None:
+        limit = max(1, section.heldout_max_rows // runtime.world_size)
+        for row in source.rows(0):
+            if row["topk_ids"] is not None and len(row["input_ids"]) > row["prompt_len"]:
+                rows.append(row)
+            if len(rows) >= limit:
+                break
+    # Every rank runs the same number of forward passes (DDP/FSDP forwards are collective).
+    batches = [rows[i:i + section.micro_batch_size] for i in range(0, len(rows), section.micro_batch_size)]
+    count = int(_all_reduce([float(len(batches))], device, op="max")[0])
+    weights = LossWeights(ce=1.0, forward_kl=1.0)
+    was_training = module.training
+    module.eval()
+    for i in range(count):
+        group = batches[i] if i < len(batches) else []
+        if not group:
+            # A rank with no rows left still joins the collective forward on a dummy row.
+            dummy = {"prompt_id": "-", "input_ids": np.array([job.pad_id, job.pad_id]), "prompt_len": 1,
+                     "topk_ids": np.array([[job.pad_id]]), "topk_logprobs": np.array([[0.0]], dtype=np.float32)}
+            group, real = [dummy], False
+        else:
+            real = True
+        length = min(section.seq_len, max(len(r["input_ids"]) for r in group))
+        batch = collate([[r] for r in group], length, job.pad_id).to(device)
+        with _autocast(device, section):
+            _, losses, _ = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.pred_index,
+                                  batch.targets, batch.topk_ids, batch.topk_logprobs, weights=weights)
+        if real:
+            n = float(batch.tokens)
+            sums[0] += float(losses.parts["kl"]) * n
+            sums[1] += float(losses.top1_agreement) * n
+            sums[2] += float(losses.parts["ce"]) * n
+            sums[3] += n
+    module.train(was_training)
+    kl, top1, ce, n = _all_reduce(sums, device)
+    if n == 0:
+        return {"kl": float("nan"), "top1": float("nan"), "ce": float("nan"), "tokens": 0}
+    return {"kl": kl / n, "top1": top1 / n, "ce": ce / n, "tokens": int(n)}

@@ -1,0 +1,148 @@
+"""The Ray-specific lines of training: datasets on the driver, a runtime for the workers, the trainer.
+
+Each (stage, mixture component) is one Ray dataset (``s{stage}c{component}``) and the held-out
+rows are ``heldout``. Datasets are not split by Ray: every worker keeps the rows whose
+``prompt_id`` hashes to its rank (:func:`distill.training.data.rank_of`), so the split is disjoint
+and identical after a restart, which is what makes the checkpointed data position exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+
+from distill.training.data import TRAIN_COLUMNS, component_mask, heldout_mask, rank_of, rows_from_table
+from distill.training.loop import Runtime, TrainJob, train_loop
+from distill.training.section import Strategy, TrainSection
+
+
+def _select(table: pa.Table, fraction: float, seed: int, heldout: bool, component: Any = None) -> pa.Table:
+    held = heldout_mask(table["prompt_id"].to_pylist(), fraction, seed)
+    mask = held if heldout else ~held
+    if component is not None:
+        mask &= component_mask(table, component)
+    return table.filter(pa.array(mask))
+
+
+def build_datasets(files: list[str], section: TrainSection) -> dict[str, Any]:
+    """Ray datasets per stage component (training rows only) and the held-out rows, materialised once."""
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # same order every epoch/restart
+    base = ray.data.read_parquet(files, columns=TRAIN_COLUMNS, include_paths=True).materialize()
+    datasets = {"heldout": base.map_batches(_select, batch_format="pyarrow",
+                                            fn_kwargs={"fraction": section.heldout_fraction, "seed": section.seed,
+                                                       "heldout": True}).materialize()}
+    for s, stage in enumerate(section.stages):
+        for c, component in enumerate(stage.mixture):
+            datasets[f"s{s}c{c}"] = base.map_batches(
+                _select, batch_format="pyarrow",
+                fn_kwargs={"fraction": section.heldout_fraction, "seed": section.seed, "heldout": False,
+                           "component": component}).materialize()
+    return datasets
+
+
+class RayShardSource:
+    """A worker's rows of one dataset: local shuffle seeded by (seed, epoch), rows of other ranks dropped."""
+
+    def __init__(self, iterator: Any, seed: int, rank: int, world_size: int, buffer: int):
+        self.iterator, self.seed, self.rank, self.world_size, self.buffer = iterator, seed, rank, world_size, buffer
+
+    def rows(self, epoch: int) -> Iterator[dict[str, Any]]:
+        for batch in self.iterator.iter_batches(batch_size=64, batch_format="pyarrow",
+                                                local_shuffle_buffer_size=self.buffer,
+                                                local_shuffle_seed=self.seed * 100_003 + epoch):
+            mine = [rank_of(p, self.world_size) == self.rank for p in batch["prompt_id"].to_pylist()]
+            yield from rows_from_table(batch.filter(pa.array(mine, type=pa.bool_())))
+
+
+class RayRuntime(Runtime):
+    def __init__(self, section: TrainSection):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.section = section
+
+    def sources(self, stage_index, stage, seed):
+        import ray.train
+
+        return [RayShardSource(ray.train.get_dataset_shard(f"s{stage_index}c{i}"), seed + i, self.rank,
+                               self.world_size, self.section.shuffle_buffer) for i in range(len(stage.mixture))]
+
+    def heldout(self, seed):
+        import ray.train
+
+        return RayShardSource(ray.train.get_dataset_shard("heldout"), seed, self.rank, self.world_size, 1)
+
+    def wrap(self, module, section):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(
+            module, parallel_strategy="fsdp" if section.strategy is Strategy.fsdp else "ddp")
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as path:
+            yield Path(path)
+
+    def report(self, metrics, checkpoint_dir, step):
+        import ray.train
+
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(flat, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"checkpoint_{step:07d}" if checkpoint else None)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def worker_main(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker``: the plain loop with the Ray runtime."""
+    job = TrainJob.from_dict(config)
+    train_loop(job, RayRuntime(TrainSection.model_validate(job.section)))
+
+
+def fit(job: TrainJob, section: TrainSection, files: list[str], storage_path: str, name: str = "ray"):
+    """Run the loop on ``section.workers`` Ray Train workers; returns the ``ray.train.Result``.
+
+    Rerunning with the same ``storage_path``/``name`` restores the run's checkpoint manager, so the
+    workers start from the latest checkpoint (Ray Train V2 run restoration).
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources: dict[str, float] = {"CPU": section.cpus_per_worker}
+    if section.gpus_per_worker:
+        resources["GPU"] = section.gpus_per_worker
+    trainer = TorchTrainer(
+        worker_main, train_loop_config=job.to_dict(),
+        scaling_config=ScalingConfig(num_workers=section.workers, use_gpu=section.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=section.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints)),
+        datasets=build_datasets(files, section), dataset_config=DataConfig(datasets_to_split=[]))
+    return trainer.fit()
+
+
+def latest_checkpoint_path(storage_path: str, name: str = "ray") -> Optional[str]:
+    """The newest ``checkpoint_*`` folder Ray Train wrote under ``storage_path/name`` (None if none)."""
+    from cluster import storage
+
+    root = storage.join(storage_path, name)
+    found = sorted(u for u in storage.listdir(root) if u.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_0")
+                   and storage.exists(storage.join(u, "state.json")))
+    return found[-1].rstrip("/") if found else None

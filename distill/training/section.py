@@ -1,0 +1,156 @@
+"""The pipeline config's ``train:`` section: workers, optimiser, and the multi-stage curriculum.
+
+Imports only pydantic and cluster modules (``cluster.config`` imports this file).
+
+A stage says what data it reads (``mixture``), for how long (``steps`` or ``tokens``), with what
+learning rate schedule, loss weights and routing. The default is one stage over all the data with
+forward KL on the teacher's top-k soft labels.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from cluster.section import Section
+
+
+class Schedule(str, enum.Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class Strategy(str, enum.Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"  # bf16 autocast on GPU, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Tail(str, enum.Enum):
+    bucket = "bucket"
+    renormalize = "renormalize"
+
+
+class MixtureComponent(Section):
+    """Rows a stage reads: all conditions given must hold. ``weight`` is the share of sampled rows."""
+
+    source: Optional[str] = Field(default=None, description="the rows' `source` tag, e.g. self_instruct")
+    min_quality: Optional[float] = Field(default=None, description="judge score threshold (rows without one fail)")
+    files: Optional[str] = Field(default=None, description="glob on the shard file name, e.g. 'part-0000*'")
+    weight: float = Field(default=1.0, gt=0)
+
+
+class LossSection(Section):
+    """Weights of the summed loss terms (see distill/losses.py)."""
+
+    ce: float = Field(default=0.0, ge=0, description="cross-entropy on the teacher's tokens (sequence-level KD)")
+    forward_kl: float = Field(default=1.0, ge=0, description="KL(teacher || student) on the stored top-k + tail")
+    reverse_kl: float = Field(default=0.0, ge=0)
+    jsd: float = Field(default=0.0, ge=0, description="generalised Jensen-Shannon divergence")
+    jsd_beta: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=1.0, gt=0)
+    tail: Tail = Tail.bucket
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "LossSection":
+        if self.ce + self.forward_kl + self.reverse_kl + self.jsd <= 0:
+            raise ValueError("all loss weights are 0; give ce, forward_kl, reverse_kl or jsd a positive weight")
+        return self
+
+
+class RoutingSchedule(Section):
+    """Routing during a stage. ``top_p`` may be one value or [start, end], moved linearly over the stage."""
+
+    top_p: Optional[Union[float, list[float]]] = Field(default=None, description="top-p threshold (top_p routing)")
+    num_experts_per_tok: Optional[int] = Field(default=None, ge=1, description="k (top-k routing)")
+    router_aux_loss_coef: Optional[float] = Field(default=None, ge=0)
+    router_z_loss_coef: Optional[float] = Field(default=None, ge=0)
+    router_entropy_loss_coef: Optional[float] = Field(default=None, ge=0)
+    freeze_router: bool = False
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p_range(cls, value):
+        values = value if isinstance(value, list) else [value] if value is not None else []
+        if isinstance(value, list) and len(value) != 2:
+            raise ValueError("top_p schedule must be [start, end]")
+        if any(not 0 < v <= 1 for v in values):
+            raise ValueError("top_p must be in (0, 1]")
+        return value
+
+
+class TrainStage(Section):
+    name: str = "distill"
+    steps: Optional[int] = Field(default=None, ge=0, description="optimizer steps (or give `tokens`)")
+    tokens: Optional[int] = Field(default=None, ge=0, description="completion tokens to train on")
+    mixture: list[MixtureComponent] = Field(default_factory=lambda: [MixtureComponent()])
+    lr: Optional[float] = Field(default=None, gt=0, description="peak learning rate (default train.lr)")
+    min_lr_ratio: Optional[float] = Field(default=None, ge=0, le=1)
+    schedule: Schedule = Schedule.cosine
+    warmup_steps: Optional[int] = Field(default=None, ge=0)
+    loss: LossSection = Field(default_factory=LossSection)
+    routing: RoutingSchedule = Field(default_factory=RoutingSchedule)
+
+    @model_validator(mode="after")
+    def _has_length(self) -> "TrainStage":
+        if self.steps is None and self.tokens is None:
+            self.steps = 100
+        if (self.steps is not None and self.steps == 0) or (self.steps is None and self.tokens == 0):
+            raise ValueError(f"stage {self.name!r} has zero length; give it steps >= 1 or tokens >= 1, or remove it")
+        if not self.mixture:
+            raise ValueError(f"stage {self.name!r} has an empty mixture; list at least one component, e.g. [{{}}] for all rows")
+        return self
+
+
+class TrainSection(Section):
+    """``train:`` in the pipeline YAML."""
+
+    # scale
+    workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP ranks)")
+    gpus_per_worker: float = Field(default=0, ge=0)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    threads_per_worker: Optional[int] = Field(default=None, ge=1, description="torch threads (default: cores / workers)")
+    strategy: Strategy = Strategy.ddp
+    precision: Precision = Precision.auto
+    # batches
+    seq_len: int = Field(default=512, ge=16, description="packed sequence length")
+    micro_batch_size: int = Field(default=4, ge=1, description="packed sequences per worker per micro-batch")
+    grad_accum: int = Field(default=1, ge=1)
+    loss_chunk_size: int = Field(default=1024, ge=16, description="positions per chunk of the vocab projection")
+    # optimiser
+    lr: float = Field(default=3e-4, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: Optional[float] = Field(default=1.0, gt=0)
+    # data
+    heldout_fraction: float = Field(default=0.1, ge=0, lt=1, description="prompts kept out of training for eval")
+    heldout_max_rows: int = Field(default=64, ge=1, description="held-out rows scored at each stage end")
+    shuffle_buffer: int = Field(default=256, ge=1)
+    seed: int = 0
+    # checkpoints and logging
+    checkpoint_every: int = Field(default=50, ge=1, description="steps between checkpoints (and at each stage end)")
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=2, ge=0, description="worker failures survived by restoring the last checkpoint")
+    log_every: int = Field(default=5, ge=1)
+    export_qwen2_moe: bool = Field(default=True, description="also write {run}/student-qwen2moe when routing is top-k")
+    stages: list[TrainStage] = Field(default_factory=lambda: [TrainStage()])
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, stages: list[TrainStage]) -> list[TrainStage]:
+        if not stages:
+            raise ValueError("no training stages; list at least one under train.stages")
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return stages

@@ -1,0 +1,253 @@
+"""The train stage on the driver: check the data, build the initial student, run the workers, publish.
+
+    {run}/train/init/            the student at initialisation (HF dir + tokenizer)
+    {run}/train/metrics.jsonl    one line per logged step, plus held-out results at stage ends
+    {run}/train/ray/             Ray Train's run: checkpoint_NNNNNNN folders (or local/ without Ray)
+    {run}/train/manifest.json    written last
+    {run}/student/               the final student (HF dir + tokenizer + stages.json)
+    {run}/student-qwen2moe/      the stock Qwen2-MoE export (top-k routing only)
+
+Everything a bad config or bad data can get wrong is checked here, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from cluster import storage
+from cluster.errors import ConfigError, RaydistillError
+from distill.training.data import DataSummary, data_dir_for, scan
+from distill.training.loop import LocalRuntime, TrainJob, train_loop
+from distill.training.section import TrainSection
+
+TRAIN_DIR = "train"
+STUDENT_DIR = "student"
+EXPORT_DIR = "student-qwen2moe"
+RAY_RUN_NAME = "ray"
+
+
+def _local(uri: str) -> str:
+    if "://" in uri and not uri.startswith("file://"):
+        raise RaydistillError(f"{uri}: the train stage writes model folders with transformers and needs a local or "
+                              "shared-filesystem run dir; set workdir to a mounted path")
+    return uri.removeprefix("file://")
+
+
+def _publish_dir(staged: Path, final: Path) -> None:
+    """Replace ``final`` with ``staged`` by renames, so readers never see half a model."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_init_student(cfg: Any, train_dir: Path, seed: int) -> Path:
+    """``{run}/train/init``: built once from the config's student section (from the teacher or random)."""
+    from distill.student.cli import create_student
+
+    init_dir = train_dir / "init"
+    if (init_dir / "config.json").exists():
+        return init_dir
+    train_dir.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=".tmp-init-", dir=train_dir))
+    create_student(cfg, staged, seed=seed)
+    _publish_dir(staged, init_dir)
+    return init_dir
+
+
+def _vocab_and_pad(init_dir: Path) -> tuple[int, int]:
+    config = json.loads((init_dir / "config.json").read_text())
+    pad = config.get("pad_token_id")
+    if pad is None:
+        eos = config.get("eos_token_id")
+        pad = eos[0] if isinstance(eos, list) else eos
+    return int(config["vocab_size"]), int(pad or 0)
+
+
+def _section(cfg: Any, workers: Optional[int], gpus_per_worker: Optional[float]) -> TrainSection:
+    update: dict[str, Any] = {}
+    if workers is not None:
+        update["workers"] = workers
+    if gpus_per_worker is not None:
+        update["gpus_per_worker"] = gpus_per_worker
+    return TrainSection.model_validate({**cfg.train.model_dump(), **update})
+
+
+class _Progress:
+    """A driver-side progress bar fed by the workers' metrics.jsonl (works for local and Ray runs)."""
+
+    def __init__(self, metrics: Path, total_steps: Optional[int], enabled: bool):
+        self.metrics, self.total, self.enabled = metrics, total_steps, enabled
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self):
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True)
+        while not self._stop.wait(1.0):
+            self._update(bar)
+        self._update(bar)
+        bar.close()
+
+    def _update(self, bar) -> None:
+        try:
+            lines = self.metrics.read_text().splitlines()
+        except OSError:
+            return
+        steps = [json.loads(l) for l in lines if l.strip()]
+        steps = [m for m in steps if "loss" in m]
+        if steps:
+            last = steps[-1]
+            bar.n = last["step"]
+            bar.set_postfix(stage=last["stage_name"], loss=f"{last['loss']:.3f}", kl=f"{last['kl']:.3f}",
+                            tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+            bar.refresh()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def run_train_stage(cfg: Any, run_dir: str, *, workers: Optional[int] = None,
+                    gpus_per_worker: Optional[float] = None, resume: bool = True, restart: bool = False,
+                    use_ray: bool = True, show_progress: bool = True,
+                    fail_at_step: Optional[int] = None, trace_dir: Optional[str] = None) -> dict[str, Any]:
+    """Distil the run's data into the student; returns (and writes) ``{run}/train/manifest.json``.
+
+    ``resume``: continue from the last checkpoint if there is one (else a run with checkpoints is an
+    error, so nothing is overwritten by accident). ``restart``: discard earlier training state.
+    ``use_ray=False`` runs the same loop in this process (one worker). ``fail_at_step`` injects one
+    worker failure (tests of fault tolerance).
+    """
+    section = _section(cfg, workers, gpus_per_worker)
+    run = Path(_local(storage.absolute(run_dir)))
+    train_dir = run / TRAIN_DIR
+    manifest_path = train_dir / "manifest.json"
+    ray_dir = train_dir / (RAY_RUN_NAME if use_ray else "local")
+    config_hash = cfg.section_hash("student", "train")
+    if restart:
+        for path in (train_dir / RAY_RUN_NAME, train_dir / "local", manifest_path, train_dir / "metrics.jsonl",
+                     train_dir / "init", run / STUDENT_DIR, run / EXPORT_DIR):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    has_state = any((train_dir / d).exists() for d in (RAY_RUN_NAME, "local"))
+    if has_state and not resume:
+        raise ConfigError(f"{train_dir} already has training state; pass --resume to continue it or --restart "
+                          "to discard it and train from the initial student")
+    if manifest_path.exists():
+        previous = json.loads(manifest_path.read_text())
+        if previous.get("status") == "done" and previous.get("config_hash") == config_hash \
+                and (run / STUDENT_DIR / "config.json").exists():
+            return previous  # nothing changed since the last completed training
+
+    data_dir = data_dir_for(str(run))
+    init_dir = ensure_init_student(cfg, train_dir, section.seed)
+    vocab_size, pad_id = _vocab_and_pad(init_dir)
+    summary = scan(data_dir, section, vocab_size)  # bad data and bad stages fail here, before any worker
+    job = TrainJob(section=section.model_dump(mode="json"), init_dir=str(init_dir),
+                   metrics_uri=str(train_dir / "metrics.jsonl"), data_files=summary.files,
+                   checkpoint_dir=str(train_dir / "local"), pad_id=pad_id, fail_at_step=fail_at_step,
+                   fail_marker=str(train_dir / ".injected-failure") if fail_at_step else None,
+                   trace_dir=trace_dir)
+    total_steps = sum(s.steps for s in section.stages) if all(s.steps for s in section.stages) else None
+    started = time.time()
+    with _Progress(train_dir / "metrics.jsonl", total_steps, show_progress):
+        if use_ray:
+            from cluster.ray_init import connect
+            from distill.training.ray_train import fit, latest_checkpoint_path
+
+            connect(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
+            result = fit(job, section, summary.files, str(train_dir), RAY_RUN_NAME)
+            if result.error is not None:
+                raise RaydistillError(f"training failed after {section.max_failures} restarts: {result.error}")
+            checkpoint = result.checkpoint.path if result.checkpoint else latest_checkpoint_path(str(train_dir))
+        else:
+            if section.workers != 1:
+                raise ConfigError("train.workers > 1 needs Ray; drop --no-ray or set --workers 1")
+            train_loop(job, LocalRuntime(job, section))
+            from distill.training.checkpoint import LocalCheckpoints
+
+            checkpoint = str(LocalCheckpoints(train_dir / "local").latest())
+    state = json.loads((Path(checkpoint) / "state.json").read_text())
+    if state["stage"] < len(section.stages):
+        raise RaydistillError(f"training stopped in stage {state['stage']} of {len(section.stages)}; rerun with --resume")
+    student_dir, export_dir = publish_student(cfg, init_dir, Path(checkpoint), run, state, section)
+    metrics_tail = _last_metrics(train_dir / "metrics.jsonl")
+    manifest = {
+        "status": "done", "config_hash": config_hash, "data_dir": data_dir, "rows": summary.rows,
+        "train_rows": summary.train_rows, "heldout_rows": summary.heldout_rows,
+        "steps": state["step"], "tokens": state["tokens"], "wall_seconds": round(time.time() - started, 2),
+        "train_seconds": round(state.get("wall_seconds", 0.0), 2),
+        "tokens_per_s": metrics_tail.get("tokens_per_s"), "workers": section.workers,
+        "stages": state["history"], "student_dir": str(student_dir),
+        "export_dir": str(export_dir) if export_dir else None, "init_dir": str(init_dir),
+        "checkpoint": str(checkpoint), "metrics": str(train_dir / "metrics.jsonl"),
+    }
+    storage.atomic_write_json(str(manifest_path), manifest)
+    return manifest
+
+
+def _last_metrics(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    steps = [m for m in lines if "tokens_per_s" in m]
+    if not steps:
+        return {}
+    rates = [m["tokens_per_s"] for m in steps[1:]] or [steps[-1]["tokens_per_s"]]  # the first window includes start-up
+    return {"tokens_per_s": round(sum(rates) / len(rates), 1)}
+
+
+def publish_student(cfg: Any, init_dir: Path, checkpoint: Path, run: Path, state: dict[str, Any],
+                    section: TrainSection) -> tuple[Path, Optional[Path]]:
+    """Write the final weights as an HF student dir (and the Qwen2-MoE export for top-k routing)."""
+    from safetensors.torch import load_file
+
+    from distill.student.config import RoutingMode
+    from distill.student.export import TOKENIZER_FILES, export_qwen2_moe, load_student
+
+    model = load_student(init_dir)
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
+    final_routing = (state["history"][-1].get("routing") or {}) if state["history"] else {}
+    for key, value in final_routing.items():
+        setattr(model.config, key, value)
+        setattr(model.student_config, key, value)
+    staged = Path(tempfile.mkdtemp(prefix=".tmp-student-", dir=run))
+    model.save_pretrained(str(staged))
+    for name in TOKENIZER_FILES:
+        if (init_dir / name).exists() and not (staged / name).exists():
+            shutil.copy2(init_dir / name, staged / name)
+    if (init_dir / "student_init.json").exists():
+        shutil.copy2(init_dir / "student_init.json", staged / "student_init.json")
+    (staged / "stages.json").write_text(json.dumps({
+        "stages": state["history"], "steps": state["step"], "tokens": state["tokens"],
+        "config": section.model_dump(mode="json"), "teacher": cfg.teacher.model}, indent=2) + "\n")
+    student_dir = run / STUDENT_DIR
+    _publish_dir(staged, student_dir)
+    export_dir = None
+    if section.export_qwen2_moe and model.student_config.routing is RoutingMode.topk:
+        staged = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=run))
+        export_qwen2_moe(str(student_dir), staged)
+        export_dir = run / EXPORT_DIR
+        _publish_dir(staged, export_dir)
+    return student_dir, export_dir

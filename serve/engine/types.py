@@ -1,0 +1,71 @@
+"""The engine's request and output types, shared by the engine, the HTTP API, eval and the teacher backend.
+
+No torch and no Ray here: the API layer and tests build these without loading a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass
+class SamplingOptions:
+    """Per-request sampling. ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` are off.
+
+    ``logprobs``: return the sampled token's log-probability per generated token, plus the
+    ``top_logprobs`` most likely alternatives. ``prompt_logprobs``: also score the prompt tokens
+    (for ``echo`` + ``logprobs`` loglikelihood clients). Log-probabilities are the model's raw
+    distribution (temperature 1, before top-k/top-p), as vLLM returns by default.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingOptions = dataclasses.field(default_factory=SamplingOptions)
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """One streamed increment of a request. ``text`` and ``token_ids`` are the new part only.
+
+    The last output of a request has ``finished=True`` and a ``finish_reason``: ``stop`` (EOS, a stop
+    token or a stop string; the stop string is not included in ``text``), ``length`` (max_tokens or
+    the context limit) or ``abort`` (cancelled). ``prompt_logprobs`` comes with the first output
+    when asked for: one entry per prompt token, None for the first.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: Optional[str] = None
+    logprobs: Optional[list[TokenLogprob]] = None
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far
+
+
+class EngineError(ValueError):
+    """A request the engine cannot take (e.g. prompt longer than the context); the API maps it to 4xx."""

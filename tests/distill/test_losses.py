@@ -1,0 +1,192 @@
+"""distill/losses.py against naive fp64 references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cluster.errors import ConfigError, RaydistillError
+from distill.losses import (LossWeights, TailMode, distillation_loss, forward_kl, generalized_jsd, reverse_kl,
+                            token_ce, topk_buckets)
+
+N, V, K = 7, 50, 6
+
+
+def _data(seed=0, n=N, v=V, k=K, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(n, v, generator=g, dtype=dtype) * 2
+    teacher = torch.log_softmax(torch.randn(n, v, generator=g, dtype=dtype) * 2, -1)
+    tlp, ids = teacher.topk(k, dim=-1)
+    return student, teacher, ids, tlp
+
+
+def _ref_buckets(student_logits, ids, tlp, t=1.0, tail=True):
+    """Naive reference: probabilities, tail = 1 - sum, tempering in the probability domain."""
+    q_full = torch.softmax(student_logits / t, -1)
+    q = q_full.gather(1, ids)
+    p = tlp.exp()
+    if tail:
+        p = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)
+        q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
+        p = p ** (1 / t)
+    else:
+        p, q = p ** (1 / t), q
+        q = q / q.sum(-1, keepdim=True)
+    return p / p.sum(-1, keepdim=True), q
+
+
+def _kl(a, b):
+    return (a * (a.log() - b.log())).sum(-1)
+
+
+def test_full_vocab_kl_equals_bucket_kl_when_k_is_v():
+    student, teacher, ids, tlp = _data(k=V)
+    full = _kl(teacher.exp(), torch.softmax(student, -1))
+    got = forward_kl(torch.log_softmax(student, -1), ids, tlp, TailMode.bucket)
+    torch.testing.assert_close(got, full, atol=1e-10, rtol=1e-8)
+    assert (full > 0.1).all()  # a non-trivial comparison
+    b = topk_buckets(student, ids, tlp)
+    assert b.p.shape == (N, V + 1) and b.p[:, -1].abs().max() < 1e-12 and b.q[:, -1].abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("tail", [TailMode.bucket, TailMode.renormalize])
+@pytest.mark.parametrize("t", [1.0, 2.0, 0.7])
+def test_kl_jsd_match_reference(tail, t):
+    student, _, ids, tlp = _data(seed=1)
+    p, q = _ref_buckets(student, ids, tlp, t, tail is TailMode.bucket)
+    fkl = forward_kl(torch.log_softmax(student, -1), ids, tlp, tail, t)
+    torch.testing.assert_close(fkl, t * t * _kl(p, q))
+    torch.testing.assert_close(reverse_kl(student, ids, tlp, tail, t), t * t * _kl(q, p))
+    beta = 0.3
+    m = beta * p + (1 - beta) * q
+    torch.testing.assert_close(generalized_jsd(student, ids, tlp, tail, t, beta=beta),
+                               t * t * (beta * _kl(p, m) + (1 - beta) * _kl(q, m)))
+    b = topk_buckets(student, ids, tlp, tail, t)
+    torch.testing.assert_close(b.p.sum(-1), torch.ones(N, dtype=torch.float64))
+    torch.testing.assert_close(b.q.sum(-1), torch.ones(N, dtype=torch.float64))
+    if tail is TailMode.renormalize:
+        assert (b.p[:, -1] == 0).all() and (b.q[:, -1] == 0).all()
+    else:
+        assert (b.p[:, -1] > 0.01).all()  # K << V: the tail holds real mass
+
+
+def test_jsd_limits_and_symmetry():
+    student, teacher, ids, tlp = _data(seed=2)
+    args = (torch.log_softmax(student, -1), ids, tlp)
+    # TRL: beta=0 is forward KL, beta=1 reverse KL
+    torch.testing.assert_close(generalized_jsd(*args, beta=0.0), forward_kl(*args))
+    torch.testing.assert_close(generalized_jsd(*args, beta=1.0), reverse_kl(*args))
+    # swapping teacher and student with beta -> 1 - beta gives the same value (K = V, both exact)
+    s, t, ids_v, tlp_v = _data(seed=3, k=V)
+    ls = torch.log_softmax(s, -1)
+    swapped = generalized_jsd(t, ids_v, ls.gather(1, ids_v), beta=0.7)  # teacher as "student" and back
+    torch.testing.assert_close(generalized_jsd(ls, ids_v, tlp_v, beta=0.3), swapped, atol=1e-9, rtol=1e-7)
+    # classic JSD (beta=0.5) is bounded by log 2, and zero for identical distributions
+    assert (generalized_jsd(*args, beta=0.5) <= math.log(2) + 1e-12).all()
+    same = generalized_jsd(teacher, teacher.topk(K, -1).indices, teacher.topk(K, -1).values, beta=0.5)
+    torch.testing.assert_close(same, torch.zeros(N, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_padding_in_topk_has_zero_mass():
+    student, _, ids, tlp = _data(seed=4)
+    ids_pad, tlp_pad = ids.clone(), tlp.clone()
+    ids_pad[:, -2:] = -1
+    tlp_pad[:, -1] = float("-inf")
+    ref = forward_kl(student, ids[:, :-2], tlp[:, :-2])
+    got = forward_kl(student, ids_pad, tlp_pad)
+    torch.testing.assert_close(got, ref)
+    assert torch.isfinite(reverse_kl(student, ids_pad, tlp_pad, TailMode.renormalize)).all()
+
+
+def test_token_ce_matches_cross_entropy():
+    student, _, _, _ = _data(seed=5)
+    targets = torch.randint(0, V, (N,))
+    torch.testing.assert_close(token_ce(torch.log_softmax(student, -1), targets),
+                               F.cross_entropy(student, targets, reduction="none"))
+
+
+def _reference_loss(hidden, w, targets, ids, tlp, lw, token_weights):
+    logits = hidden.double() @ w.double().t()
+    per = lw.ce * F.cross_entropy(logits, targets, reduction="none")
+    p, q = _ref_buckets(logits, ids, tlp.double(), lw.temperature, lw.tail is TailMode.bucket)
+    t2 = lw.temperature ** 2
+    m = lw.jsd_beta * p + (1 - lw.jsd_beta) * q
+    per = per + t2 * (lw.forward_kl * _kl(p, q) + lw.reverse_kl * _kl(q, p)
+                      + lw.jsd * (lw.jsd_beta * _kl(p, m) + (1 - lw.jsd_beta) * _kl(q, m)))
+    return (per * token_weights).sum() / token_weights.sum()
+
+
+@pytest.mark.parametrize("chunk", [4, 5, 64])
+@pytest.mark.parametrize("lw", [LossWeights(), LossWeights(ce=0.5, forward_kl=1.0, reverse_kl=0.3, jsd=0.2,
+                                                            jsd_beta=0.4, temperature=2.0),
+                                LossWeights(forward_kl=1.0, ce=0.1, tail=TailMode.renormalize)])
+def test_chunked_loss_and_grads_match_unchunked_reference(chunk, lw):
+    g = torch.Generator().manual_seed(6)
+    n, h, v, k = 20, 8, 40, 5
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    w = (torch.randn(v, h, generator=g) * 0.5).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g)
+    tlp, ids = torch.log_softmax(torch.randn(n, v, generator=g) * 2, -1).topk(k, dim=-1)
+    tw = torch.rand(n, generator=g)
+    out = distillation_loss(hidden, w, targets, ids, tlp, lw, chunk_size=chunk, token_weights=tw)
+    out.loss.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = _reference_loss(h64, w64, targets, ids, tlp, lw, tw.double())
+    ref.backward()
+    torch.testing.assert_close(out.loss.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-5, rtol=1e-4)
+    expected_parts = {k for k in ("ce", "forward_kl", "reverse_kl", "jsd") if getattr(lw, k) > 0} | {"kl"}
+    assert set(out.parts) == expected_parts and out.tokens == n
+    assert all(not p.requires_grad and p.shape == () for p in out.parts.values())
+    # the "kl" monitor is forward KL with tail at T = 1, whatever the training terms are
+    p1, q1 = _ref_buckets(h64.detach() @ w64.detach().t(), ids, tlp.double())
+    torch.testing.assert_close(out.parts["kl"].double(), (_kl(p1, q1) * tw).sum() / tw.sum(), atol=1e-5, rtol=1e-5)
+
+
+def test_top1_agreement_and_token_weights():
+    v, h = 6, 6
+    hidden = torch.eye(h)[:4] * 10  # student argmax of row i is token i (lm_head = identity)
+    w = torch.eye(v)
+    ids = torch.tensor([[0, 5], [4, 1], [2, 3], [1, 0]])  # teacher top-1 ids: 0, 1 (unsorted), 2, 0
+    tlp = torch.log(torch.tensor([[0.6, 0.1], [0.2, 0.5], [0.7, 0.1], [0.1, 0.8]]))
+    targets = torch.tensor([0, 1, 2, 3])
+    out = distillation_loss(hidden, w, targets, ids, tlp, LossWeights(), chunk_size=3)
+    assert out.tokens == 4 and out.top1_agreement.item() == pytest.approx(0.75)
+    tw = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    weighted = distillation_loss(hidden, w, targets, ids, tlp, LossWeights(), token_weights=tw)
+    assert weighted.tokens == 3 and weighted.top1_agreement.item() == pytest.approx(2 / 3)
+    per = forward_kl(torch.log_softmax(hidden @ w.t(), -1), ids, tlp)
+    assert weighted.loss.item() == pytest.approx(((per * tw).sum() / 3).item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(per.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(forward_kl=-1.0), "forward_kl"), (dict(ce=float("nan")), "ce"), (dict(forward_kl=0.0), "all loss weights"),
+    (dict(jsd_beta=1.5), "jsd_beta"), (dict(temperature=0.0), "temperature"), (dict(tail="top"), "tail"),
+])
+def test_loss_weights_validate_names_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        LossWeights(**kwargs).validate()
+    LossWeights(tail="renormalize").validate()  # strings coerce
+    assert LossWeights(ce=1.0, forward_kl=0.0).needs_soft_labels is False
+
+
+def test_missing_soft_labels_is_an_error():
+    with pytest.raises(RaydistillError, match="top-k"):
+        distillation_loss(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), None, None,
+                          LossWeights())
+
+
+def test_no_full_logits_saved_for_backward():
+    """Checkpointing: outside the per-chunk recompute, autograd keeps nothing of logits size."""
+    n, h, v, chunk = 64, 8, 40, 16
+    hidden = torch.randn(n, h, requires_grad=True)
+    w = torch.randn(v, h, requires_grad=True)
+    tlp, ids = torch.log_softmax(torch.randn(n, v), -1).topk(4, dim=-1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        out = distillation_loss(hidden, w, ids[:, 0], ids, tlp, LossWeights(ce=1.0), chunk_size=chunk)
+    out.loss.backward()
+    assert max(saved, default=0) < chunk * v and hidden.grad.abs().sum() > 0
