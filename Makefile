@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install corpus demo test test-fast clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,15 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-demo: install
-	$(VENV)/bin/raydistill generate --config pipelines/configs/quickstart.yaml --run demo
-	$(VENV)/bin/raydistill filter --config pipelines/configs/quickstart.yaml --run demo
-	$(VENV)/bin/raydistill data inspect runs/quickstart/demo/data/filtered
+corpus:  # the builtin English eval corpus: Debian's fortunes-min (BSD), read by `raydistill eval`
+	@test -e /usr/share/games/fortunes/literature || apt-get install -y -q fortunes-min || \
+		echo "eval corpus: run 'sudo apt-get install fortunes-min' (or set eval.builtin_corpus: null)"
+
+# The whole story on the embedded local Ray: generate -> filter -> train -> eval -> gate -> export ->
+# deploy, a sample chat completion, then serving on 127.0.0.1:8000 until Ctrl-C (DEMO_KEEP_SERVING=0 exits).
+DEMO_KEEP_SERVING ?= 1
+demo: install corpus
+	$(VENV)/bin/raydistill run pipelines/configs/quickstart.yaml $(if $(filter 0,$(DEMO_KEEP_SERVING)),,--keep-serving)
 
 test: install
 	$(PY) -m pytest -q tests

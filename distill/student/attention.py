@@ -43,15 +43,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def prefill_mask(positions: torch.Tensor, valid: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+def prefill_mask(positions: torch.Tensor, valid: torch.Tensor, window: Optional[int],
+                 segments: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Boolean mask [B, 1, T, T] for a prompt attending to itself.
 
-    positions, valid [B, T]. The diagonal is always allowed: a padding query would otherwise have
+    positions, valid [B, T]. ``segments`` [B, T] (packed training sequences): a query only sees
+    keys of its own segment. The diagonal is always allowed: a padding query would otherwise have
     no key, SDPA would return NaN for it, and that NaN would reach valid tokens through the padding
     token's value vector in the next layer (0 * NaN = NaN).
     """
     q_pos, k_pos = positions[:, :, None], positions[:, None, :]  # [B, T, 1], [B, 1, T]
     allowed = valid[:, None, :] & (k_pos <= q_pos)  # [B, T, T]
+    if segments is not None:
+        allowed = allowed & (segments[:, :, None] == segments[:, None, :])
     if window is not None:
         allowed = allowed & (q_pos - k_pos < window)
     eye = torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device)
@@ -94,6 +98,34 @@ def decode_mask(positions: torch.Tensor, num_slots: int) -> torch.Tensor:
     return (slots[None, :] <= positions[:, None])[:, None, None, :]
 
 
+def append_mask(lengths: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, window: Optional[int],
+                num_slots: int) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S + T] for T new tokens per row attending to S cached slots, then to themselves.
+
+    lengths [B]: positions already cached per row; positions [B, T] = lengths + column; valid [B, T]
+    (right padding: each row's new tokens are columns ``0 .. n-1``). Cached slot ``s`` is valid iff
+    ``s < length``; on a sliding layer it holds position ``p_s = last - ((last - s) mod W)`` with
+    ``last = length - 1`` (the newest position written to that ring slot), so the window rule
+    ``q - p_s < W`` applies to it. New keys follow :func:`prefill_mask` (causal, window, diagonal).
+    """
+    bsz, seq = positions.shape
+    slots = torch.arange(num_slots, device=positions.device)
+    length = lengths[:, None]  # [B, 1]
+    q_pos = positions[:, :, None]  # [B, T, 1]
+    cached = (slots[None, :] < length)[:, None, :]  # [B, 1, S]
+    if window is not None:
+        last = length - 1
+        slot_pos = last - torch.remainder(last - slots[None, :], window)  # [B, S]
+        cached = cached & (q_pos - slot_pos[:, None, :] < window)  # [B, T, S]
+    cached = cached.expand(bsz, seq, num_slots)
+    k_pos = positions[:, None, :]  # [B, 1, T]
+    new = valid[:, None, :] & (k_pos <= q_pos)  # [B, T, T]
+    if window is not None:
+        new = new & (q_pos - k_pos < window)
+    new = new | torch.eye(seq, dtype=torch.bool, device=positions.device)
+    return torch.cat([cached, new], dim=-1).unsqueeze(1)
+
+
 @dataclasses.dataclass
 class AttentionBatch:
     """What every layer of one forward call shares; built once by the decoder.
@@ -112,6 +144,7 @@ class AttentionBatch:
     read_slots: Optional[dict[Optional[int], int]] = None  # decode: slots to read per window
     keep: Optional[dict[Optional[int], torch.Tensor]] = None  # prefill: tokens each cache layer stores
     blocks: Optional[dict[int, list[tuple[int, int, int, torch.Tensor]]]] = None
+    append: bool = False  # T new tokens per row after the rows' cached positions (chunked prefill)
 
 
 class Attention(nn.Module):
@@ -143,8 +176,20 @@ class Attention(nn.Module):
         if batch.decode:
             assert cache is not None and seq == 1, "decode takes one token per row and a cache"
             cache.write_decode(batch.cache_rows, batch.positions[:, 0], k[:, :, 0], v[:, :, 0])
-            k, v = cache.read(batch.rows, batch.read_slots[self.window])  # [B, KVH, S, D]
+            k, v = cache.read(batch.rows, batch.read_slots[self.window], bsz)  # [B, KVH, S, D]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # [B, NH, 1, D]
+        elif batch.append:
+            # Attend over the cached slots and the new chunk first, write the chunk afterwards: on a
+            # sliding layer the chunk may overwrite ring slots that its own early queries still need.
+            assert cache is not None, "append needs a cache"
+            slots = batch.read_slots[self.window]
+            if slots:
+                k_old, v_old = cache.read(batch.cache_rows, slots)  # [B, KVH, S, D]
+                keys, values = torch.cat([k_old, k], dim=2), torch.cat([v_old, v], dim=2)  # [B, KVH, S+T, D]
+            else:
+                keys, values = k, v
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)  # [B, NH, T, D]
+            cache.write_prefill(batch.cache_rows, batch.positions, batch.keep[self.window], k, v)
         else:
             if cache is not None:
                 cache.write_prefill(batch.cache_rows, batch.positions, batch.keep[self.window], k, v)

@@ -74,13 +74,16 @@ class LayerKV:
         self.k[rows, :, slots] = k
         self.v[rows, :, slots] = v
 
-    def read(self, rows: Optional[torch.Tensor], num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, rows: Optional[torch.Tensor], num_slots: int, batch_size: Optional[int] = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``num_slots`` slots: [B, KVH, S, D] each.
 
-        ``rows=None`` means rows ``0..B-1`` and reads a view (no copy), the common decode case.
+        ``rows=None`` means rows ``0..B-1`` (B = ``batch_size``, default all rows) and reads a view
+        (no copy), the common decode case: a serving engine keeps its decoding rows first.
         """
         if rows is None:
-            return self.k[:, :, :num_slots], self.v[:, :, :num_slots]
+            b = self.k.shape[0] if batch_size is None else batch_size
+            return self.k[:b, :, :num_slots], self.v[:b, :, :num_slots]
         return self.k[rows, :, :num_slots], self.v[rows, :, :num_slots]
 
 
@@ -121,6 +124,28 @@ class KVCache:
             self.lengths.zero_()
         else:
             self.lengths[rows] = 0
+
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange the contents (keys, values, length) of rows ``a`` and ``b`` (a serving engine compacting rows)."""
+        if a == b:
+            return
+        pair, flipped = torch.tensor([a, b]), torch.tensor([b, a])
+        for layer in self.layers:
+            layer.k[pair] = layer.k[flipped]
+            layer.v[pair] = layer.v[flipped]
+        self.lengths[pair] = self.lengths[flipped]
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row ``src`` into row ``dst`` (only its used slots) and forget ``src``."""
+        if src == dst:
+            return
+        used = int(self.lengths[src])
+        for layer in self.layers:
+            n = min(used, layer.num_slots)
+            layer.k[dst, :, :n] = layer.k[src, :, :n]
+            layer.v[dst, :, :n] = layer.v[src, :, :n]
+        self.lengths[dst] = self.lengths[src]
+        self.lengths[src] = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i takes the content of row ``beam_idx[i]``."""

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from distill.student.attention import (AttentionBatch, Attention, contiguous_rows, decode_mask, prefill_mask,
-                                      rope_cos_sin, sliding_blocks)
+from distill.student.attention import (AttentionBatch, Attention, append_mask, contiguous_rows, decode_mask,
+                                      prefill_mask, rope_cos_sin, sliding_blocks)
 from distill.student.cache import KVCache, LayerKV
 from distill.student.config import StudentConfig
 from distill.student.experts import SwiGLU
@@ -84,20 +84,41 @@ class StudentModel(nn.Module):
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 rows: Optional[torch.Tensor] = None, decode: bool = False,
-                inputs_embeds: Optional[torch.Tensor] = None, compute_aux: bool = True) -> DecoderOutput:
+                inputs_embeds: Optional[torch.Tensor] = None, compute_aux: bool = True,
+                append: bool = False) -> DecoderOutput:
         """Run the decoder.
 
         input_ids [B, T] (or inputs_embeds [B, T, H]); attention_mask [B, T] (1 = token, 0 = pad).
         Without ``decode``: positions come from ``position_ids`` or the mask (0 at each row's
         first token), and with a ``cache`` the rows ``rows`` (default 0..B-1) are overwritten by
         these prompts. With ``decode``: T == 1, positions are the rows' cache lengths.
-        ``compute_aux=False`` (serving) skips the router aux losses; ``aux_loss`` is then None.
+        With ``append`` (chunked prefill): the T tokens of each row continue the row's cached
+        sequence at positions ``length .. length+T-1``; ``attention_mask`` marks them right padded
+        (a row may add fewer than T). ``compute_aux=False`` (serving) skips the router aux losses;
+        ``aux_loss`` is then None.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, H]
         bsz, seq = x.shape[:2]
         device = x.device
         cache_rows = torch.arange(bsz, device=device) if rows is None else rows.to(device)
-        if decode:
+        if append:
+            if cache is None or decode:
+                raise ValueError("append needs a cache and excludes decode")
+            valid = (attention_mask.bool() if attention_mask is not None
+                     else torch.ones(bsz, seq, dtype=torch.bool, device=device))
+            lengths = cache.lengths[cache_rows]  # [B]
+            positions = lengths[:, None] + torch.arange(seq, device=device)[None, :]  # [B, T]
+            new_lengths = lengths + valid.sum(-1)  # [B]
+            cache.ensure_capacity(int(new_lengths.max()))
+            max_len = int(lengths.max())
+            read_slots = {w: (max_len if w is None else min(w, max_len)) for w in self.windows()}
+            masks = {w: append_mask(lengths, positions, valid, w, s) for w, s in read_slots.items()}
+            batch = AttentionBatch(positions, valid, masks, rows=cache_rows, cache_rows=cache_rows,
+                                   read_slots=read_slots, append=True)
+            # Sliding layers keep only each row's last W positions (distinct ring slots).
+            batch.keep = {w: valid if w is None else valid & (positions >= (new_lengths[:, None] - w))
+                          for w in self.windows()}
+        elif decode:
             if cache is None or seq != 1:
                 raise ValueError("decode needs a cache and exactly one token per row")
             positions = cache.lengths[cache_rows][:, None]  # [B, 1]
@@ -120,13 +141,16 @@ class StudentModel(nn.Module):
             if derived:
                 position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
             positions = position_ids.expand(bsz, seq)
-            padded = not bool(valid.all())
+            # Packed sequences: position ids restart at 0 where a new document begins; tokens
+            # attend only within their document.
+            segments = None if derived else (positions == 0).long().cumsum(-1)  # [B, T]
+            padded = not bool(valid.all()) or segments is not None
             # Sliding layers attend blockwise when the prompt is at least two windows long and
             # positions advance one per column (see sliding_blocks).
             blockwise = {w for w in self.windows() if w is not None and seq >= 2 * w} if derived else set()
             if blockwise and not contiguous_rows(valid):
                 blockwise = set()
-            masks = {w: (prefill_mask(positions, valid, w) if (padded or (w is not None and w < seq))
+            masks = {w: (prefill_mask(positions, valid, w, segments) if (padded or (w is not None and w < seq))
                          and w not in blockwise else None)
                      for w in self.windows()}
             batch = AttentionBatch(positions, valid, masks,
@@ -146,7 +170,9 @@ class StudentModel(nn.Module):
             if aux is not None:
                 auxes.append(aux)
         if cache is not None:
-            if decode:
+            if append:
+                cache.lengths[cache_rows] = new_lengths
+            elif decode:
                 cache.lengths[cache_rows] += 1
             else:
                 cache.lengths[cache_rows] = valid.sum(-1)
@@ -195,6 +221,24 @@ class CausalLMMixin:
         last = torch.where(valid, cols, -1).argmax(dim=-1)  # [B] column of each row's last token
         hidden = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), last]  # [B, H]
         return self.lm_head(hidden), cache
+
+    @torch.no_grad()
+    def append(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], cache: KVCache,
+               rows: Optional[torch.Tensor] = None, all_logits: bool = False) -> torch.Tensor:
+        """Chunked prefill: append T tokens to each row at its current length.
+
+        input_ids, attention_mask [B, T] (right padded; a row may add fewer than T tokens). Returns
+        the logits after each row's last new token [B, V], or for every column [B, T, V] with
+        ``all_logits``. Appending a prompt in chunks equals prefilling it at once (to rounding).
+        """
+        out = self.model(input_ids, attention_mask, cache=cache, rows=rows, compute_aux=False, append=True)
+        hidden = out.last_hidden_state  # [B, T, H]
+        if all_logits:
+            return self.lm_head(hidden)
+        count = (attention_mask.long().sum(-1) if attention_mask is not None
+                 else torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device))
+        last = (count - 1).clamp(min=0)  # [B]
+        return self.lm_head(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: KVCache, rows: Optional[torch.Tensor] = None) -> torch.Tensor:

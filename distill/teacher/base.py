@@ -113,6 +113,7 @@ BUILTIN_BACKENDS = {
     "hf": "distill.teacher.hf:HFTeacher",
     "vllm": "distill.teacher.vllm_backend:VLLMTeacher",
     "openai": "distill.teacher.openai_backend:OpenAITeacher",
+    "engine": "distill.teacher.engine_backend:EngineTeacher",
 }
 
 

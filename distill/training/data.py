@@ -26,7 +26,7 @@ from cluster.errors import ConfigError, RaydistillError
 from distill.data.split import is_heldout
 
 TRAIN_COLUMNS = ["prompt_id", "input_ids", "prompt_len", "completion_len", "topk_ids", "topk_logprobs",
-                 "source", "quality"]
+                 "source", "quality", "finish_reason"]
 FILTERED_DIR, GENERATED_DIR = "data/filtered", "data/generate"
 
 
@@ -57,6 +57,8 @@ def component_mask(table: pa.Table, component: Any) -> np.ndarray:
         mask &= np.asarray(pc.fill_null(pc.equal(table["source"], component.source), False))
     if component.min_quality is not None:
         mask &= np.asarray(pc.fill_null(pc.greater_equal(table["quality"], component.min_quality), False))
+    if component.finish_reason is not None:
+        mask &= np.asarray(pc.fill_null(pc.equal(table["finish_reason"], component.finish_reason), False))
     if component.files is not None:
         names = [p.rsplit("/", 1)[-1] for p in table["path"].to_pylist()]
         mask &= np.array([fnmatch.fnmatch(n, component.files) for n in names], dtype=bool)
@@ -309,7 +311,7 @@ def scan(data_dir: str, section: Any, vocab_size: int) -> DataSummary:
     files = shard_uris(data_dir)
     if not files:
         raise RaydistillError(f"{data_dir} has no .parquet shards; run the generate stage first")
-    columns = ["prompt_id", "input_ids", "completion_len", "topk_ids", "source", "quality"]
+    columns = ["prompt_id", "input_ids", "completion_len", "topk_ids", "source", "quality", "finish_reason"]
     tables = []
     for uri in files:
         t = read_shards([uri], columns)
@@ -340,7 +342,8 @@ def scan(data_dir: str, section: Any, vocab_size: int) -> DataSummary:
                 sources = sorted(set(x for x in train["source"].to_pylist() if x))
                 raise ConfigError(
                     f"train.stages[{s}] ({stage.name!r}) mixture[{c}] selects no training rows "
-                    f"(source={component.source!r}, min_quality={component.min_quality!r}, files={component.files!r}); "
+                    f"(source={component.source!r}, min_quality={component.min_quality!r}, files={component.files!r}, "
+                    f"finish_reason={component.finish_reason!r}); "
                     f"sources in the data: {sources}")
             if count < section.workers:
                 raise ConfigError(f"train.stages[{s}] mixture[{c}] selects {count} rows, fewer than "

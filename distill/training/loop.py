@@ -88,6 +88,8 @@ class LocalRuntime(Runtime):
         self.train_table = self.table.filter(pa.array(~held))
         self.heldout_table = self.table.filter(pa.array(held))
         self.checkpoints = ckpt.LocalCheckpoints(job.checkpoint_dir, keep=section.keep_checkpoints)
+        if section.gpus_per_worker and torch.cuda.is_available():
+            self.device = torch.device("cuda")
 
     def sources(self, stage_index, stage, seed):
         import pyarrow as pa

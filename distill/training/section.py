@@ -45,6 +45,7 @@ class MixtureComponent(Section):
     source: Optional[str] = Field(default=None, description="the rows' `source` tag, e.g. self_instruct")
     min_quality: Optional[float] = Field(default=None, description="judge score threshold (rows without one fail)")
     files: Optional[str] = Field(default=None, description="glob on the shard file name, e.g. 'part-0000*'")
+    finish_reason: Optional[str] = Field(default=None, description="stop = complete answers, length = truncated")
     weight: float = Field(default=1.0, gt=0)
 
 

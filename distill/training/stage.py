@@ -177,7 +177,14 @@ def run_train_stage(cfg: Any, run_dir: str, *, workers: Optional[int] = None,
             from distill.training.ray_train import fit, latest_checkpoint_path
 
             connect(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
-            result = fit(job, section, summary.files, str(train_dir), RAY_RUN_NAME)
+            import ray.train
+
+            try:
+                result = fit(job, section, summary.files, str(train_dir), RAY_RUN_NAME)
+            except ray.train.TrainingFailedError as exc:
+                raise RaydistillError(f"training failed after {section.max_failures} restarts (train.max_failures); "
+                                      f"fix the cause and rerun with --resume to continue from the last "
+                                      f"checkpoint: {exc}") from exc
             if result.error is not None:
                 raise RaydistillError(f"training failed after {section.max_failures} restarts: {result.error}")
             checkpoint = result.checkpoint.path if result.checkpoint else latest_checkpoint_path(str(train_dir))

@@ -1,0 +1,107 @@
+"""The ``engine`` teacher: our continuous-batching engine (``serve.engine``) as a fast CPU teacher backend.
+
+Same contract as ``hf``: soft labels are the raw (temperature 1, unfiltered) top-k of every
+completion position, taken from the engine's per-token ``top_logprobs``. Unlike ``hf``'s padded
+static batches, requests leave the batch as soon as they finish and the next prompt takes the row.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from cluster.errors import ConfigError
+from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, TeacherBackend,
+                                  topk_from_logits)
+from distill.teacher.sources import model_revision, resolve_model
+
+
+class EngineTeacher(TeacherBackend):
+    def __init__(self, model_dir: str, *, dtype: str = "float32", batch_size: int = 16,
+                 max_model_len: int | None = None, name: str | None = None, threads: int | None = None):
+        from serve.engine import LLMEngine
+
+        self.engine = LLMEngine.from_pretrained(model_dir, dtype=dtype, max_batch_size=batch_size,
+                                                max_model_len=max_model_len, threads=threads)
+        self.tokenizer = self.engine.tokenizer
+        self.name = name or f"{os.path.basename(os.path.normpath(model_dir))}@{model_revision(model_dir)}"
+        self._calls = 0
+
+    @classmethod
+    def from_config(cls, teacher_cfg: Any) -> "EngineTeacher":
+        if teacher_cfg.num_gpus:
+            raise ConfigError("teacher.backend: engine runs on CPU; use backend: vllm (or hf) with num_gpus > 0")
+        model_dir = resolve_model(teacher_cfg.model, teacher_cfg.revision)
+        name = f"{teacher_cfg.model}@{teacher_cfg.revision or model_revision(model_dir)}"
+        dtype = "float32" if teacher_cfg.dtype == "auto" else teacher_cfg.dtype  # fp32 is fastest on CPU
+        return cls(model_dir, dtype=dtype, batch_size=teacher_cfg.batch_size, max_model_len=teacher_cfg.max_model_len,
+                   name=name, threads=teacher_cfg.threads)
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    def encode_prompt(self, prompt: PromptInput) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not self.tokenizer.chat_template:
+            raise ConfigError("this teacher's tokenizer has no chat template; give plain `prompt` text "
+                              "instead of `messages`")
+        encoded = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+        if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding
+            encoded = encoded["input_ids"]
+        return list(encoded)
+
+    def generate(self, prompts: Sequence[PromptInput], sampling: SamplingParams) -> list[Completion]:
+        from serve.engine import GenerationRequest, SamplingOptions
+
+        encoded = [self.encode_prompt(p) for p in prompts]
+        self._calls += 1
+        requests = []
+        for i, ids in enumerate(encoded):
+            room = self.context_length - len(ids)
+            if room < 1:
+                raise ConfigError(f"prompt of {len(ids)} tokens leaves no room in the teacher's context of "
+                                  f"{self.context_length}; shorten it or lower generate.max_new_tokens")
+            # Each prompt its own stream: identical prompts (samples_per_prompt > 1) must differ.
+            seed = None if sampling.seed is None else sampling.seed + i
+            options = SamplingOptions(max_tokens=min(sampling.max_new_tokens, room),
+                                      temperature=max(0.0, sampling.temperature), top_p=sampling.top_p,
+                                      top_k=sampling.top_k, seed=seed, stop=list(sampling.stop), logprobs=True,
+                                      top_logprobs=sampling.logprobs)
+            requests.append(GenerationRequest(f"teacher-{self._calls}-{i}", ids, options))
+        results = self.engine.generate(requests)
+        completions = []
+        for request, ids in zip(requests, encoded):
+            outs = results[request.request_id]
+            tokens = [t for o in outs for t in o.token_ids]
+            entries = [e for o in outs for e in (o.logprobs or [])]
+            k = sampling.logprobs
+            topk_ids = np.asarray([[t for t, _ in e.top] for e in entries], dtype=np.int32).reshape(len(entries), k)
+            topk_lp = np.asarray([[v for _, v in e.top] for e in entries], dtype=np.float32).reshape(len(entries), k)
+            completions.append(Completion(prompt_ids=list(ids), completion_ids=tokens,
+                                          text="".join(o.text for o in outs),
+                                          finish_reason=outs[-1].finish_reason or "length",
+                                          topk_ids=topk_ids, topk_logprobs=topk_lp))
+        return completions
+
+    def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[ScoredSequence]:
+        out: list[ScoredSequence] = []
+        for seq, start in zip(sequences, starts):
+            seq = [int(t) for t in seq]
+            if len(seq) > self.context_length:
+                raise ConfigError(f"sequence of {len(seq)} tokens exceeds the teacher's context of "
+                                  f"{self.context_length}")
+            if not 1 <= start <= len(seq):
+                raise ValueError(f"score start {start} must be in [1, {len(seq)}]")
+            logits = self.engine.forward_logits(seq)  # [L, V]
+            predicting = logits[start - 1:len(seq) - 1]  # [L - start, V] predicts tokens start..L-1
+            top_ids, top_lp = topk_from_logits(predicting, k)
+            full = torch.log_softmax(predicting.float(), dim=-1)
+            actual = torch.tensor(seq[start:], dtype=torch.long)
+            token_lp = full.gather(-1, actual[:, None])[:, 0].numpy().astype(np.float32)
+            out.append(ScoredSequence(topk_ids=top_ids, topk_logprobs=top_lp, token_logprobs=token_lp))
+        return out

@@ -1,0 +1,67 @@
+"""The ``engine`` teacher backend equals the ``hf`` backend on a tiny LLaMA (greedy text, soft labels, scores)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distill.teacher.base import SamplingParams, backend_class
+
+torch.set_num_threads(1)
+
+PROMPTS = ["Hello there, how are you", "The capital of France is", [{"role": "user", "content": "Name a colour."}]]
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_teacher_dir):
+    from distill.teacher.engine_backend import EngineTeacher
+    from distill.teacher.hf import HFTeacher
+
+    return HFTeacher(tiny_teacher_dir, dtype="float32", batch_size=4), EngineTeacher(tiny_teacher_dir, batch_size=2)
+
+
+def test_registered_backend_and_config_enum():
+    from cluster.config import TeacherBackend
+    from distill.teacher.engine_backend import EngineTeacher
+
+    assert backend_class("engine") is EngineTeacher
+    assert TeacherBackend("engine").value == "engine"
+
+
+def test_greedy_completions_and_soft_labels_equal_hf(teachers):
+    hf, engine = teachers
+    sampling = SamplingParams(max_new_tokens=10, temperature=0.0, logprobs=5)
+    expected = hf.generate(PROMPTS, sampling)
+    got = engine.generate(PROMPTS, sampling)
+    assert engine.context_length == hf.context_length
+    for want, have in zip(expected, got):
+        assert have.prompt_ids == want.prompt_ids
+        assert have.completion_ids == want.completion_ids
+        assert have.finish_reason == want.finish_reason
+        assert have.text == want.text
+        assert have.topk_ids.shape == (len(have.completion_ids), 5) and have.topk_ids.dtype == np.int32
+        np.testing.assert_array_equal(have.topk_ids, want.topk_ids)
+        np.testing.assert_allclose(have.topk_logprobs, want.topk_logprobs, atol=1e-4)
+
+
+def test_sampled_soft_labels_are_raw_and_seeds_separate_samples(teachers):
+    _, engine = teachers
+    sampling = SamplingParams(max_new_tokens=6, temperature=1.3, top_k=20, logprobs=3, seed=11)
+    a, b = engine.generate(["Once upon a time", "Once upon a time"], sampling)
+    assert a.completion_ids != b.completion_ids  # samples_per_prompt duplicates must differ
+    again = engine.generate(["Once upon a time", "Once upon a time"], sampling)
+    assert again[0].completion_ids == a.completion_ids  # but the call is reproducible
+    # Raw distribution: log-probs of the top-3 are a sorted slice of a log_softmax (not renormalised to top_k).
+    assert np.all(np.diff(a.topk_logprobs, axis=1) <= 0)
+    assert np.all(np.exp(a.topk_logprobs).sum(axis=1) < 1.0)
+
+
+def test_score_equals_hf(teachers):
+    hf, engine = teachers
+    seqs = [hf.encode_prompt("The quick brown fox jumps over the lazy dog"), hf.encode_prompt("a b c d")]
+    starts = [3, 1]
+    for want, have in zip(hf.score(seqs, starts, 4), engine.score(seqs, starts, 4)):
+        np.testing.assert_array_equal(have.topk_ids, want.topk_ids)
+        np.testing.assert_allclose(have.topk_logprobs, want.topk_logprobs, atol=1e-4)
+        np.testing.assert_allclose(have.token_logprobs, want.token_logprobs, atol=1e-4)

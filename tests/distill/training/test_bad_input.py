@@ -1,0 +1,97 @@
+"""Bad training input fails before any worker starts, naming the field and the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.config import load_config
+from cluster.errors import ConfigError, RaydistillError
+from distill.training.data import MixtureStream, TableSource, collate, next_batch, read_table
+from distill.training.stage import run_train_stage
+from tests.distill.training.conftest import TINY_STUDENT, TINY_TRAIN
+
+
+def with_stages(cfg, stages):
+    return cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), "stages": stages})})
+
+
+def strip_soft_labels(run: str) -> None:
+    for path in (Path(run) / "data" / "generate").glob("*.parquet"):
+        table = pq.read_table(path)
+        i = table.schema.get_field_index("topk_ids")
+        table = table.set_column(i, "topk_ids", __import__("pyarrow").nulls(table.num_rows, table.schema.field(i).type))
+        pq.write_table(table, path)
+
+
+def test_logit_loss_without_soft_labels_is_refused(tiny_run):
+    cfg, run = tiny_run
+    strip_soft_labels(run)
+    with pytest.raises(ConfigError, match=r"train.stages\[0\].*no soft labels.*ce only"):
+        run_train_stage(cfg, run, show_progress=False)
+    assert not (Path(run) / "train" / "ray").exists()  # nothing started
+
+
+def test_ce_only_stage_trains_without_soft_labels(tiny_run):
+    cfg, run = tiny_run
+    strip_soft_labels(run)
+    cfg = with_stages(cfg, [{"name": "ce", "steps": 2, "loss": {"ce": 1.0, "forward_kl": 0.0}}])
+    assert run_train_stage(cfg, run, use_ray=False, show_progress=False)["steps"] == 2
+
+
+def test_vocab_mismatch_is_refused(tiny_run, sharp_teacher_dir, tmp_path):
+    cfg, run = tiny_run
+    cfg = load_config(None, [f"workdir={tmp_path / 'runs'}", f"teacher.model={sharp_teacher_dir}", "name=tiny",
+                             *TINY_STUDENT, *TINY_TRAIN, "student.vocab_size=100"])
+    with pytest.raises(ConfigError, match="tokenizer/vocab mismatch.*vocab_size is 100"):
+        run_train_stage(cfg, run, show_progress=False)
+
+
+def test_mixture_selecting_nothing_is_refused(tiny_run):
+    cfg, run = tiny_run
+    cfg = with_stages(cfg, [{"name": "x", "steps": 2, "mixture": [{"source": "nope"}]}])
+    with pytest.raises(ConfigError, match=r"train.stages\[0\] \('x'\) mixture\[0\] selects no training rows.*\['a', 'b'\]"):
+        run_train_stage(cfg, run, show_progress=False)
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"name": "z", "steps": 0}, "zero length"),
+    ({"name": "e", "steps": 3, "mixture": []}, "empty mixture"),
+    ({"name": "w", "steps": 3, "loss": {"ce": 0, "forward_kl": 0}}, "all loss weights are 0"),
+])
+def test_bad_stages_fail_at_config_load(stage, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"train.stages=[{json.dumps(stage)}]"])
+
+
+def test_no_data_is_a_clear_error(tmp_path, sharp_teacher_dir):
+    cfg = load_config(None, [f"workdir={tmp_path}", f"teacher.model={sharp_teacher_dir}"])
+    (tmp_path / "run").mkdir()
+    with pytest.raises(RaydistillError, match="run `raydistill generate`"):
+        run_train_stage(cfg, str(tmp_path / "run"), show_progress=False)
+
+
+def test_packing_masks_prompts_and_resumes_the_stream_exactly(tiny_data_template):
+    files = sorted(str(p) for p in (tiny_data_template / "data" / "generate").glob("*.parquet"))
+    table = read_table(files)
+    sources = [TableSource(table, seed=1)]
+    stream = MixtureStream(sources, [1.0], seed=3)
+    first = collate(next_batch(stream.take, stream.peek, 2, 64), 64)
+    # Targets are exactly the completion tokens; every prompt token is masked out of the loss.
+    assert first.tokens == sum(n - p for n, p in zip(*_rows(table, first.prompt_ids)))
+    assert bool((first.position_ids[first.attention_mask] >= 0).all())
+    saved = stream.state()
+    after = [collate(next_batch(stream.take, stream.peek, 2, 64), 64).prompt_ids for _ in range(3)]
+    resumed = MixtureStream(sources, [1.0], seed=3, state=json.loads(json.dumps(saved)))
+    again = [collate(next_batch(resumed.take, resumed.peek, 2, 64), 64).prompt_ids for _ in range(3)]
+    assert after == again
+
+
+def _rows(table, prompt_ids):
+    by_id = {p: (ids, pl) for p, ids, pl in zip(table["prompt_id"].to_pylist(), table["input_ids"].to_pylist(),
+                                                table["prompt_len"].to_pylist())}
+    picked = [by_id[p] for p in prompt_ids]
+    return [min(len(ids), 64) for ids, _ in picked], [pl for _, pl in picked]
