@@ -8,6 +8,8 @@ import time
 from cluster import storage
 from cluster.errors import RaydistillError
 
+NOT_RUNS = frozenset({"serving.json", "schedule"})
+
 
 def runs_root(cfg) -> str:
     return storage.join(storage.absolute(cfg.workdir), cfg.name)
@@ -20,8 +22,9 @@ def new_run_id() -> str:
 def list_runs(cfg) -> list[str]:
     """Run ids of this config's name, oldest first."""
     root = runs_root(cfg)
-    return [uri.rstrip("/").rsplit("/", 1)[-1] for uri in storage.listdir(root)
-            if not uri.rstrip("/").rsplit("/", 1)[-1].startswith(".")]
+    names = (uri.rstrip("/").rsplit("/", 1)[-1] for uri in storage.listdir(root))
+    # serving.json (the serving registry) and schedule/ (scheduler state) live beside the runs.
+    return [n for n in names if not n.startswith(".") and n not in NOT_RUNS]
 
 
 def run_dir(cfg, run_id: str | None = None, *, create: bool = False) -> str:

@@ -15,6 +15,7 @@ so a rerun of the same run sees the same prompts (and so the same prompt ids).
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import os
@@ -216,8 +217,7 @@ def build_requests(cfg: PipelineConfig, run_dir: str, teacher: TeacherRunner | N
         requests = [_request(pc, pc.source.value, text=i) for i in instructions if i]
         dropped["empty_instruction"] = count - len(requests)
     elif pc.source == PromptSource.served_prompts:
-        raise ConfigError("prompts.source=served_prompts reads the serving prompt log, which arrives with "
-                          "the pipelines stage; use prompts.source=file for now")
+        requests = served_prompt_requests(cfg, run_dir)
     else:  # pragma: no cover - enum is exhaustive
         raise ConfigError(f"prompts.source: unknown {pc.source}")
     rows, dups = expand_samples(requests, pc.samples_per_prompt, pc.count)
@@ -226,3 +226,160 @@ def build_requests(cfg: PipelineConfig, run_dir: str, teacher: TeacherRunner | N
     if not rows:
         raise RaydistillError(f"prompts: source {pc.source.value} produced no prompts; check prompts.path/count")
     return rows, dropped
+
+
+# ----------------------------------------------------------------------------- served_prompts
+SERVED_SOURCE = "served_prompts"
+_SUCCESSFUL_RUN = ("done", "refused")  # run statuses whose generate stage consumed the log
+
+
+def _parse_time(value: Any) -> dt.datetime | None:
+    if not value:
+        return None
+    parsed = dt.datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def prompt_log_files(uri: str) -> list[str]:
+    """Parquet files of the serving prompt log: a folder (searched recursively), a glob or one file."""
+    if any(c in uri for c in "*?["):
+        files = storage.glob(uri)
+    else:
+        fs, path = storage.filesystem(uri)
+        if not fs.exists(path):
+            return []
+        if fs.isfile(path):
+            return [uri]
+        found = fs.find(path)
+        files = found if storage.is_local(uri) else [fs.unstrip_protocol(f) for f in found]
+    return sorted(f for f in files if f.endswith(".parquet")
+                  and not os.path.basename(f).startswith(storage.TMP_PREFIX))
+
+
+def read_served_log(uri: str, since: dt.datetime | None = None) -> pa.Table:
+    """Rows of the prompt log with ``ts > since`` (all when None), sorted by ``ts``."""
+    import pyarrow.compute as pc
+
+    columns = ["ts", "endpoint", "prompt", "messages"]
+    tables = []
+    for f in prompt_log_files(uri):
+        fs, path = storage.filesystem(f)
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle, columns=columns)
+        if since is not None and table.num_rows:
+            table = table.filter(pc.greater(table["ts"], pa.scalar(since, type=table.schema.field("ts").type)))
+        if table.num_rows:
+            tables.append(table)
+    if not tables:
+        return pa.table({c: [] for c in columns})
+    return pa.concat_tables(tables, promote_options="default").sort_by("ts")
+
+
+def _earlier_runs(cfg: PipelineConfig, run_dir: str) -> list[str]:
+    from cluster.runs import list_runs, runs_root
+
+    root = runs_root(cfg)
+    this = run_dir.rstrip("/").rsplit("/", 1)[-1]
+    return [storage.join(root, r) for r in list_runs(cfg) if r != this]
+
+
+def served_log_since(cfg: PipelineConfig, run_dir: str) -> dt.datetime | None:
+    """Where the log is read from: the end of what the last successful run read (its stored window),
+    else that run's start; else the currently served model's promotion time; None = from the start."""
+    from cluster.runs import runs_root
+
+    marks = []
+    for run in _earlier_runs(cfg, run_dir):
+        manifest_uri = storage.join(run, "manifest.json")
+        if not storage.exists(manifest_uri):
+            continue
+        manifest = storage.read_json(manifest_uri)
+        if manifest.get("status") not in _SUCCESSFUL_RUN:
+            continue
+        window_uri = storage.join(run, "data", "prompts", "served_prompts.json")
+        window = storage.read_json(window_uri) if storage.exists(window_uri) else {}
+        mark = _parse_time(window.get("until")) or _parse_time(manifest.get("created_at"))
+        if mark:
+            marks.append(mark)
+    if marks:
+        return max(marks)
+    registry_uri = storage.join(runs_root(cfg), "serving.json")
+    if storage.exists(registry_uri):
+        return _parse_time((storage.read_json(registry_uri).get("current") or {}).get("promoted_at"))
+    return None
+
+
+def used_prompt_ids(cfg: PipelineConfig, run_dir: str) -> set[str]:
+    """Prompt ids already in earlier runs' ``data/generate`` shards."""
+    used: set[str] = set()
+    for run in _earlier_runs(cfg, run_dir):
+        for shard in storage.listdir(storage.join(run, "data", "generate"), ".parquet"):
+            fs, path = storage.filesystem(shard)
+            with fs.open(path, "rb") as handle:
+                used.update(pq.read_table(handle, columns=["prompt_id"]).column("prompt_id").to_pylist())
+    return used
+
+
+def served_prompt_requests(cfg: PipelineConfig, run_dir: str) -> list[dict[str, Any]]:
+    """Requests from the serving prompt log since the last successful run, minus prompts already used.
+
+    The selection is stored in ``data/prompts/served_prompts.jsonl`` (+ ``.json`` with the window) on
+    first use, so a resumed run sees the same prompts (and prompt ids) however the log has grown.
+    When ``prompts.count`` caps the selection, the window ends at the last row taken, so the next
+    round starts with the rest.
+    """
+    pc = cfg.prompts
+    stored = storage.join(run_dir, "data", "prompts", "served_prompts.jsonl")
+    if storage.exists(stored):
+        return [json.loads(line) for line in storage.read_text(stored).splitlines() if line.strip()]
+    log_uri = pc.path or getattr(cfg.serve, "prompt_log", None)
+    if isinstance(log_uri, list):
+        if len(log_uri) != 1:
+            raise ConfigError("prompts.path: served_prompts reads one prompt log URI, got a list")
+        log_uri = log_uri[0]
+    if not log_uri:
+        raise ConfigError("prompts.source=served_prompts needs the prompt log: set prompts.path (or serve.prompt_log) "
+                          "to the folder the server logs prompts to (serve.prompt_log_enabled: true)")
+    log_uri = cfg.resolve_path(log_uri)
+    read_at = dt.datetime.now(dt.timezone.utc)
+    since = served_log_since(cfg, run_dir)
+    table = read_served_log(log_uri, since)
+    used = used_prompt_ids(cfg, run_dir)
+    requests: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    counts = {"rows": table.num_rows, "already_used": 0, "duplicate": 0, "empty": 0}
+    until = read_at
+    for row in table.to_pylist():
+        messages = row.get("messages")
+        text = row.get("prompt")
+        endpoint = str(row.get("endpoint") or "")
+        if messages and any(m.get("content") and str(m["content"]).strip() for m in messages):
+            req = _request(pc, SERVED_SOURCE, messages=_normalise_messages(messages, f"{log_uri} request"))
+        elif not messages and text and str(text).strip():
+            # /v1/completions prompts were fed verbatim; anything else is a user message.
+            req = (_request(pc, SERVED_SOURCE, raw=str(text)) if "chat" not in endpoint
+                   else _request(pc, SERVED_SOURCE, text=str(text)))
+        else:
+            counts["empty"] += 1
+            continue
+        key = prompt_id(SERVED_SOURCE, req["messages"] or req["prompt"], 0)
+        if key in used:
+            counts["already_used"] += 1
+            continue
+        if key in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(key)
+        requests.append(req)
+        if pc.count is not None and len(requests) >= pc.count:
+            until = row["ts"] if row["ts"].tzinfo else row["ts"].replace(tzinfo=dt.timezone.utc)
+            break
+    if not requests:
+        raise RaydistillError(f"prompts.source=served_prompts: no new prompts in {log_uri} since "
+                              f"{since.isoformat() if since else 'the start'} ({counts}); serve more traffic "
+                              "with serve.prompt_log_enabled: true, or skip this round")
+    window = {"log": log_uri, "since": since.isoformat() if since else None, "until": until.isoformat(),
+              "read_at": read_at.isoformat(), "selected": len(requests), **counts}
+    storage.atomic_write_json(storage.join(run_dir, "data", "prompts", "served_prompts.json"), window)
+    storage.atomic_write_text(stored, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in requests))
+    return requests

@@ -1,0 +1,42 @@
+"""A short-lived local Ray with the job server (dashboard) for the Ray Jobs API test.
+
+Run as ``python ray_head.py DASHBOARD_PORT AGENT_PORT TEMP_DIR``; prints READY when the job server is up
+and shuts Ray down on SIGTERM. Its own temp dir keeps ``ray_current_cluster`` out of /tmp/ray, so other
+processes' ``ray.init()`` never join this cluster by accident. ``ray.init`` has no option for the
+dashboard agent's port (default 52365, taken when another Ray with a dashboard runs on the machine),
+so the default of ``RayParams`` is replaced here.
+"""
+
+import signal
+import sys
+import time
+
+import ray
+
+
+def main() -> None:
+    port, agent_port, temp_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+
+    def params(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", agent_port)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = params
+    ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             object_store_memory=200 * 1024**2, _temp_dir=temp_dir, logging_level="WARNING")
+
+    def stop(*_):
+        ray.shutdown()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    print("READY", flush=True)
+    while True:
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""`raydistill submit` / `python -m pipelines.run` through Ray's JobSubmissionClient on a local cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from cluster import storage
+from tests.conftest import REPO_ROOT
+from tests.pipelines.fakes import make_generated_run, read_manifest
+
+QUICKSTART = str(REPO_ROOT / "pipelines" / "configs" / "quickstart.yaml")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def job_server():
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rdj-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    log_path = os.path.join(temp_dir, "head.log")
+    log = open(log_path, "w")  # a file, not a pipe: nobody drains a pipe once the cluster is up
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "pipelines" / "ray_head.py"), str(port),
+                             str(_free_port()), temp_dir], stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        with open(log_path) as handle:
+            if "READY" in handle.read():
+                break
+        time.sleep(0.5)
+    else:
+        proc.terminate()
+        with open(log_path) as handle:
+            pytest.fail("local Ray with job server did not start:\n" + handle.read()[-4000:])
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the client side of the same cluster
+    yield f"http://127.0.0.1:{port}"
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_submit_only_filter_job(job_server, tmp_path, capsys):
+    from pipelines.cli import main
+
+    workdir = str(tmp_path / "runs")
+    run = storage.join(workdir, "jobtest", "r1")
+    make_generated_run(run, rows=6)
+    sets = ["--set", f"workdir={workdir}", "--set", "name=jobtest"]
+    rc = main(["submit", QUICKSTART, "--address", job_server, "--run", "r1", "--only", "filter", *sets])
+    out = capsys.readouterr()
+    assert rc == 0, out.out[-3000:] + out.err[-3000:]
+    job_id = out.out.splitlines()[0]
+    assert job_id.startswith("raydistill-jobtest-r1-")
+    assert "filter: done" in out.out  # the job's log lines were followed
+    manifest = read_manifest(run)
+    entry = {s["name"]: s for s in manifest["stages"]}["filter"]
+    assert entry["status"] == "done" and entry["rows"] == 6
+    assert entry["outputs"] == [storage.join(run, "data", "filtered")]
+    assert manifest["invocations"][-1]["argv"][:1] == ["pipelines/configs/quickstart.yaml"]
+
+    # a failing job (bad stage input) ends FAILED and the CLI says so
+    rc = main(["submit", QUICKSTART, "--address", job_server, "--run", "r1", "--only", "eval", "--no-follow", *sets])
+    assert rc == 0
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(job_server)
+    job_id = capsys.readouterr().out.splitlines()[0]
+    deadline = time.time() + 120
+    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED} and time.time() < deadline:
+        time.sleep(1)
+    assert client.get_job_status(job_id) == JobStatus.FAILED
+    assert {s["name"]: s for s in read_manifest(run)["stages"]}["eval"]["status"] == "failed"
+
+
+class _StartedClock:
+    """Real time, but starting at a chosen instant (two seconds before a cron tick)."""
+
+    def __init__(self, start):
+        self.start, self.t0 = start, time.monotonic()
+
+    def now(self):
+        import datetime as dt
+
+        return self.start + dt.timedelta(seconds=time.monotonic() - self.t0)
+
+    def sleep(self, seconds):
+        time.sleep(min(seconds, 1.0))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_scheduler_submits_ray_jobs(job_server, tmp_path):
+    import datetime as dt
+
+    from cluster.config import load_config
+    from pipelines.scheduler import RayJobSubmitter, Scheduler, run_id_for
+
+    workdir = str(tmp_path / "runs")
+    tick = dt.datetime(2026, 1, 5, 11, 0, tzinfo=dt.timezone.utc)
+    run = storage.join(workdir, "sched", run_id_for(tick))
+    make_generated_run(run, rows=5)
+    overrides = [f"workdir={workdir}", "name=sched", "schedule.cron=0 * * * *", "schedule.poll_s=1",
+                 "pipeline.stages=[filter]"]
+    cfg = load_config(QUICKSTART, overrides)
+    sched = Scheduler(cfg, RayJobSubmitter(cfg, QUICKSTART, overrides, address=job_server),
+                      clock=_StartedClock(tick - dt.timedelta(seconds=2)))
+    entry = sched.run(once=True, max_iterations=300)
+    assert entry["outcome"] == "succeeded", sched.state
+    assert entry["run_id"] == "20260105-110000-cron" and entry["job_id"].startswith("raydistill-sched-")
+    assert read_manifest(run)["stages"][0]["status"] == "done"
+    assert storage.read_json(sched.uri)["active"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_job_driver_keeps_the_jobs_runtime_env(job_server):
+    """Inside a job, ensure_ray joins the cluster without replacing the job's runtime_env (pip, env vars)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from cluster.ray_init import build_runtime_env
+
+    code = ("import os, ray; from cluster.config import load_config; from pipelines.runner import ensure_ray; "
+            "ensure_ray(load_config(None)); f = ray.remote(num_cpus=0)(lambda: os.environ.get('RD_MARK')); "
+            "print('MARK=' + str(ray.get(f.remote())))")
+    client = JobSubmissionClient(job_server)
+    job_id = client.submit_job(entrypoint=f"python -c \"{code}\"",
+                               runtime_env=build_runtime_env(env_vars={"RD_MARK": "from-job"}))
+    deadline = time.time() + 180
+    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED} and time.time() < deadline:
+        time.sleep(1)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "MARK=from-job" in logs
