@@ -1,0 +1,95 @@
+"""The pipeline config's ``serve:`` section (imports only pydantic and cluster modules)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from cluster.section import Section
+
+
+class ServeSection(Section):
+    """``serve:`` in the pipeline YAML: the OpenAI-compatible endpoint and its Ray Serve application."""
+
+    # HTTP
+    host: str = Field(default="127.0.0.1", description="bind address (0.0.0.0 to listen on every interface)")
+    port: int = Field(default=8000, ge=1, le=65535)
+    app_name: str = Field(default="raydistill", pattern=r"^[A-Za-z0-9_.-]+$", description="Ray Serve application name")
+    route_prefix: str = Field(default="/", description="URL prefix of the app inside Ray Serve")
+    model_name: Optional[str] = Field(default=None, description="model id clients send (default: the model dir's name)")
+
+    # engine (per model replica)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_batch_size: int = Field(default=16, ge=1, description="running sequences per model replica")
+    max_model_len: Optional[int] = Field(default=None, ge=16, description="context cap (default: the model's)")
+    prefill_chunk: int = Field(default=256, ge=1, description="prompt tokens per prefill step")
+    threads: Optional[int] = Field(default=None, ge=1, description="torch threads per model replica (default: "
+                                   "serve.num_cpus under Ray, every core with --no-ray)")
+    num_cpus: float = Field(default=1, gt=0, description="Ray CPUs reserved per model replica")
+    num_gpus: float = Field(default=0, ge=0, description="Ray GPUs per model replica (>0 selects vLLM when backend: auto)")
+    backend: Literal["auto", "engine", "vllm"] = Field(
+        default="auto", description="engine = our CPU/GPU engine, vllm = vLLM AsyncLLM; auto = vllm when num_gpus > 0")
+
+    # Ray Serve scaling and admission
+    min_replicas: int = Field(default=1, ge=0, description="0 lets the model scale to zero when idle")
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: Optional[int] = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=8, gt=0, description="autoscaling target per model replica")
+    upscale_delay_s: float = Field(default=10, ge=0)
+    downscale_delay_s: float = Field(default=60, ge=0)
+    metrics_interval_s: float = Field(default=2, gt=0, description="how often replicas report load to the autoscaler")
+    look_back_period_s: float = Field(default=10, gt=0, description="window the autoscaler averages load over")
+    max_ongoing_requests: int = Field(default=32, ge=1, description="requests one model replica takes at once")
+    max_queued_requests: int = Field(default=64, ge=-1, description="waiting requests per caller beyond which "
+                                     "the server answers 429 (-1 = unbounded, not recommended)")
+    ingress_replicas: int = Field(default=1, ge=1)
+    ingress_num_cpus: float = Field(default=0.1, ge=0)
+    graceful_shutdown_timeout_s: float = Field(default=30, ge=0, description="how long an old replica drains")
+    request_timeout_s: Optional[float] = Field(default=None, gt=0)
+
+    # Auth and limits
+    api_key_env: Optional[str] = Field(default="RAYDISTILL_API_KEYS",
+                                       description="env var holding API keys (comma separated)")
+    api_key_file: Optional[str] = Field(default=None, description="file (URI) with one API key per line")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="larger request bodies get 413")
+    max_tokens_default: int = Field(default=256, ge=1, description="max_tokens when a request names none")
+    max_n: int = Field(default=8, ge=1, description="largest `n` (choices per request)")
+
+    # Prompt log (opt-in)
+    prompt_log_enabled: bool = Field(default=False, description="append requests + responses as Parquet")
+    prompt_log: Optional[str] = Field(default=None, description="URI of the prompt log folder")
+    prompt_log_redact: Optional[str] = Field(default=None, description="'module:function' taking and returning a record dict")
+    prompt_log_flush_rows: int = Field(default=64, ge=1)
+    prompt_log_flush_s: float = Field(default=10, gt=0)
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"route_prefix must start with '/', got {value!r}")
+        return value
+
+    @field_validator("prompt_log_redact")
+    @classmethod
+    def _hook(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value.count(":") != 1:
+            raise ValueError(f"prompt_log_redact must be 'package.module:function', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeSection":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"serve.max_replicas ({self.max_replicas}) must be >= serve.min_replicas "
+                             f"({self.min_replicas})")
+        if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise ValueError("serve.initial_replicas must lie between min_replicas and max_replicas")
+        if self.prompt_log_enabled and not self.prompt_log:
+            raise ValueError("serve.prompt_log_enabled is true but serve.prompt_log is empty; set serve.prompt_log "
+                             "to a folder URI (e.g. ./runs/prompt-log)")
+        return self
+
+    @property
+    def prompt_log_uri(self) -> Optional[str]:
+        """The log folder when logging is on, else None."""
+        return self.prompt_log if self.prompt_log_enabled and self.prompt_log else None
