@@ -1,0 +1,1061 @@
+"""OpenAI-compatible HTTP API (FastAPI) over one or more engine backends.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus text). Streaming is SSE ending with ``data: [DONE]``. Every error has
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; bad input is always a 4xx.
+
+The app talks to a :class:`Backend`: anything with ``name``, ``tokenizer``, ``context_length`` and an
+async ``generate(GenerationRequest)`` stream of :class:`GenerationOutput`. :class:`EngineBackend`
+wraps an in-process ``AsyncEngine`` (``raydistill serve --no-ray``, tests); ``serve.app`` supplies a
+backend that forwards to the Ray Serve model deployment. Tokenization (chat template, prompt length
+checks, token strings for logprobs) happens here, generation behind the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal, Optional, Protocol, Sequence, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.auth import APIKeyAuth, load_api_keys
+from serve.engine.types import EngineError, GenerationOutput, GenerationRequest, SamplingOptions, TokenLogprob
+from serve.metrics import ServerMetrics
+from serve.prompt_log import PromptLog, make_record
+from serve.section import ServeSection
+
+logger = logging.getLogger("raydistill.serve")
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP = 16
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 type: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or self.TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class Overloaded(Exception):
+    """Raised by a backend when it cannot queue another request (maps to 429)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# request models (OpenAI fields we honour; unknown fields are ignored like OpenAI-compatible servers do)
+# ---------------------------------------------------------------------------------------------------
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0, description="extension (vLLM style): 0 = off")
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    ignore_eos: bool = False
+    stream_options: Optional["StreamOptions"] = None
+    # Accepted for client compatibility; 0 is the only value the engine implements.
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Any) -> Optional[list[str]]:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else list(value)
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError("presence/frequency penalties are not supported by this server; send 0 or omit them")
+        return value
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[dict[str, Any]]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported ({'type': 'text', 'text': ...})")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Req):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        for m in self.messages:
+            m.text()  # validates content parts
+        return self
+
+
+class CompletionRequest(_Req):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(default=None, ge=0)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    suffix: Optional[str] = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: Optional[str]) -> Optional[str]:
+        if value:
+            raise ValueError("suffix is not supported")
+        return value
+
+
+_Req.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
+
+
+# ---------------------------------------------------------------------------------------------------
+# backends
+# ---------------------------------------------------------------------------------------------------
+class Backend(Protocol):
+    name: str
+    tokenizer: Any
+    context_length: int
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]: ...
+
+    async def stats(self) -> dict: ...
+
+
+class EngineBackend:
+    """An in-process ``AsyncEngine`` (``serve.engine.AsyncEngine`` or anything with its interface)."""
+
+    def __init__(self, engine: Any, name: Optional[str] = None):
+        self.engine = engine
+        self.name = name or engine.model_name
+        self.tokenizer = engine.tokenizer
+        self.context_length = int(engine.context_length)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        return self.engine.generate(request)
+
+    async def stats(self) -> dict:
+        return dict(self.engine.stats())
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+def _param_of(err: dict) -> Optional[str]:
+    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-after", "union["))]
+    return ".".join(loc) or None
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    param = _param_of(first)
+    msg = "; ".join(f"{_param_of(e) or 'body'}: {e.get('msg')}" for e in errors[:5])
+    return APIError(400, f"invalid request: {msg}", param=param, code="invalid_value")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"request body is {length} bytes; the limit is {limit} (serve.max_body_bytes)",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes (serve.max_body_bytes)",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(body: bytes, model: type[BaseModel]) -> Any:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _TokenText:
+    """Token id -> text for logprobs (decoded one token at a time, like OpenAI/vLLM)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
+# ---------------------------------------------------------------------------------------------------
+# the server
+# ---------------------------------------------------------------------------------------------------
+class _Choice:
+    """Accumulates one choice's outputs."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+        self.finish_reason: Optional[str] = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def add(self, out: GenerationOutput) -> None:
+        self.text.append(out.text)
+        self.token_ids.extend(out.token_ids)
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
+        self.completion_tokens = max(self.completion_tokens, out.completion_tokens, len(self.token_ids))
+        if out.finished:
+            self.finish_reason = _finish_reason(out.finish_reason)
+
+
+def _finish_reason(reason: Optional[str]) -> str:
+    # OpenAI knows stop/length; an aborted request (server shutdown) reports as stop.
+    return reason if reason in ("stop", "length") else "stop"
+
+
+class _Job:
+    """One engine request of a choice: the prompt, its sampling, and the open output stream."""
+
+    def __init__(self, index: int, prompt_index: int, request: GenerationRequest):
+        self.index = index
+        self.prompt_index = prompt_index
+        self.request = request
+        self.stream: Optional[AsyncIterator[GenerationOutput]] = None
+        self.first: Optional[GenerationOutput] = None
+
+
+class OpenAIServer:
+    """State shared by the routes: backends, auth, metrics, prompt log, admission limit."""
+
+    def __init__(self, backends: Sequence[Backend], section: ServeSection, *, metrics: ServerMetrics,
+                 auth: APIKeyAuth, prompt_log: Optional[PromptLog], admission_limit: Optional[int],
+                 replicas_fn: Optional[Any] = None):
+        self.backends = {b.name: b for b in backends}
+        self.section = section
+        self.metrics = metrics
+        self.auth = auth
+        self.prompt_log = prompt_log
+        self.admission_limit = admission_limit
+        self.in_flight = 0
+        self.replicas_fn = replicas_fn
+        self._token_text = {b.name: _TokenText(b.tokenizer) for b in backends}
+
+    # -- lookups ------------------------------------------------------------------------------------
+    def backend(self, model: str) -> Backend:
+        backend = self.backends.get(model)
+        if backend is None:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                           f"{', '.join(sorted(self.backends))} (GET /v1/models)", param="model",
+                           code="model_not_found")
+        return backend
+
+    def authorize(self, request: Request) -> None:
+        if not self.auth.check(request.headers.get("authorization")):
+            raise APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    # -- prompt preparation ---------------------------------------------------------------------------
+    def chat_prompt(self, backend: Backend, req: ChatCompletionRequest) -> tuple[list[int], list[dict]]:
+        tok = backend.tokenizer
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, f"model {backend.name} has no chat template; use /v1/completions",
+                           param="messages", code="no_chat_template")
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - templates raise for e.g. unsupported role orders
+            raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+        ids = tok(text, add_special_tokens=False).input_ids
+        return list(ids), messages
+
+    def completion_prompts(self, backend: Backend, req: CompletionRequest) -> list[tuple[list[int], str]]:
+        prompt = req.prompt
+        tok = backend.tokenizer
+        if isinstance(prompt, str):
+            items: list[Union[str, list[int]]] = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            items = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            items = list(prompt)  # type: ignore[arg-type]
+        if not items:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        out = []
+        vocab = len(tok)
+        for item in items:
+            if isinstance(item, str):
+                ids = list(tok(item, add_special_tokens=True).input_ids)
+                text = item
+            else:
+                if any(t < 0 or t >= vocab for t in item):
+                    raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+                ids = list(item)
+                text = tok.decode(ids)
+            if not ids:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            out.append((ids, text))
+        return out
+
+    def max_tokens(self, backend: Backend, prompt_len: int, requested: Optional[int], param: str,
+                   prompt_param: str) -> int:
+        ctx = backend.context_length
+        if requested is None:
+            room = ctx - prompt_len
+            if room < 1:
+                raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your prompt "
+                               f"has {prompt_len} tokens, leaving no room for the completion. Please shorten the "
+                               "prompt.", param=prompt_param, code="context_length_exceeded")
+            return min(self.section.max_tokens_default, room)
+        if prompt_len + requested > ctx:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                           f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                           f"completion). Please reduce the prompt or {param}.", param=param,
+                           code="context_length_exceeded")
+        return requested
+
+    def check_n(self, req: _Req) -> None:
+        if req.n > self.section.max_n:
+            raise APIError(400, f"n={req.n} is above this server's limit of {self.section.max_n} (serve.max_n)",
+                           param="n")
+
+    # -- running engine requests -------------------------------------------------------------------------
+    async def open_jobs(self, backend: Backend, jobs: list[_Job]) -> None:
+        """Start every job and wait for its first output, so bad requests fail before any byte is sent."""
+
+        async def open_one(job: _Job) -> None:
+            job.stream = backend.generate(job.request).__aiter__()
+            try:
+                job.first = await job.stream.__anext__()
+            except StopAsyncIteration:
+                job.first = None
+
+        results = await asyncio.gather(*(open_one(j) for j in jobs), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.close_jobs(jobs)
+            raise self.map_error(errors[0])
+
+    @staticmethod
+    async def close_jobs(jobs: list[_Job]) -> None:
+        for job in jobs:
+            if job.stream is not None and hasattr(job.stream, "aclose"):
+                with contextlib.suppress(BaseException):
+                    await job.stream.aclose()
+
+    @staticmethod
+    def map_error(exc: BaseException) -> BaseException:
+        if isinstance(exc, APIError):
+            return exc
+        if isinstance(exc, EngineError):
+            return APIError(400, str(exc), code="invalid_request")
+        if isinstance(exc, Overloaded):
+            return APIError(429, f"server overloaded: {exc or 'too many requests queued'}; retry later",
+                            code="rate_limit_exceeded")
+        if isinstance(exc, asyncio.CancelledError):
+            return exc
+        logger.error("engine failure: %r", exc, exc_info=exc)
+        return APIError(503, f"the model backend failed: {type(exc).__name__}: {exc}", code="backend_error")
+
+    def admit(self) -> None:
+        if self.admission_limit is not None and self.in_flight >= self.admission_limit:
+            raise APIError(429, f"server overloaded: {self.in_flight} requests in flight (limit "
+                           f"{self.admission_limit} = serve.max_ongoing_requests + serve.max_queued_requests); "
+                           "retry later", code="rate_limit_exceeded")
+
+    async def merged(self, jobs: list[_Job]) -> AsyncIterator[tuple[_Job, GenerationOutput]]:
+        """Outputs of all jobs as they arrive (first outputs first); closing this closes every job."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(job: _Job) -> None:
+            try:
+                if job.first is not None:
+                    await queue.put((job, job.first))
+                    # Iterate to the natural end (not break) so the engine sees a finished, not aborted, request.
+                    async for out in job.stream:  # type: ignore[union-attr]
+                        await queue.put((job, out))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+                await queue.put((job, exc))
+            finally:
+                if job.stream is not None and hasattr(job.stream, "aclose"):
+                    with contextlib.suppress(BaseException):
+                        await job.stream.aclose()
+                await queue.put((job, done))
+
+        tasks = [asyncio.ensure_future(pump(j)) for j in jobs]
+        remaining = len(jobs)
+        try:
+            while remaining:
+                job, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield job, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            # Wait so the engine sees the abort before the handler returns (frees the batch slot now).
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def releaser(self) -> Any:
+        """An idempotent callable giving back one in-flight slot (streams end in several ways)."""
+        done = [False]
+
+        def release() -> None:
+            if not done[0]:
+                done[0] = True
+                self.in_flight -= 1
+
+        return release
+
+    def log_prompt(self, **kw: Any) -> None:
+        if self.prompt_log is None:
+            return
+        try:
+            self.prompt_log.append(make_record(**kw))
+        except Exception:  # noqa: BLE001 - the prompt log never fails a request
+            logger.exception("prompt log append failed")
+
+    def token_text(self, backend: Backend) -> _TokenText:
+        cached = self._token_text.get(backend.name)
+        if cached is None or cached.tokenizer is not backend.tokenizer:  # the model (tokenizer) was swapped
+            cached = self._token_text[backend.name] = _TokenText(backend.tokenizer)
+        return cached
+
+    @staticmethod
+    async def ready(backend: Backend) -> None:
+        """Backends that learn their context length lazily (the Ray handle backend) fetch it here."""
+        refresh = getattr(backend, "refresh", None)
+        if refresh is not None:
+            try:
+                await refresh()
+            except Overloaded as exc:
+                raise APIError(429, f"server overloaded: {exc}; retry later", code="rate_limit_exceeded") from None
+            except Exception as exc:  # noqa: BLE001 - the model deployment is not reachable
+                raise APIError(503, f"the model is not available yet: {type(exc).__name__}: {exc}",
+                               code="model_unavailable") from None
+
+
+def _chat_logprobs(lps: list[TokenLogprob], text_of: _TokenText, top_n: int) -> dict:
+    def entry(tid: int, lp: float) -> dict:
+        s = text_of(tid)
+        return {"token": s, "logprob": float(lp), "bytes": list(s.encode("utf-8"))}
+
+    content = []
+    for lp in lps:
+        e = entry(lp.token_id, lp.logprob)
+        e["top_logprobs"] = [entry(t, v) for t, v in (lp.top or [])[:top_n]]
+        content.append(e)
+    return {"content": content}
+
+
+def _completion_logprobs(prompt_ids: Optional[list[int]], prompt_lps: Optional[list[Optional[TokenLogprob]]],
+                         lps: list[TokenLogprob], text_of: _TokenText, top_n: int, offset0: int = 0) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos = offset0
+
+    def add(tid: int, lp: Optional[TokenLogprob]) -> None:
+        nonlocal pos
+        s = text_of(tid)
+        tokens.append(s)
+        offsets.append(pos)
+        pos += len(s)
+        if lp is None:
+            token_lps.append(None)
+            tops.append(None)
+        else:
+            token_lps.append(float(lp.logprob))
+            top: dict[str, float] = {}
+            for t, v in (lp.top or [])[:top_n]:
+                top.setdefault(text_of(t), float(v))
+            if top_n:
+                top.setdefault(s, float(lp.logprob))  # OpenAI includes the chosen token
+            tops.append(top)
+
+    if prompt_ids is not None:
+        for i, tid in enumerate(prompt_ids):
+            add(tid, prompt_lps[i] if prompt_lps and i < len(prompt_lps) else None)
+    for lp in lps:
+        add(lp.token_id, lp)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _streaming(events: Any, release: Any) -> StreamingResponse:
+    """SSE response; if the body is never iterated (client gone before the first byte) the slot is still freed."""
+    import weakref
+
+    body = events()
+    weakref.finalize(body, release)
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[ServeSection] = None, *,
+               api_keys: Optional[list[str]] = None, metrics: Optional[ServerMetrics] = None,
+               prompt_log: Optional[PromptLog] = None, admission_limit: Union[int, None, str] = "auto",
+               replicas_fn: Optional[Any] = None, close_backends: bool = False) -> FastAPI:
+    """The FastAPI app serving ``backends`` (one per model id).
+
+    ``api_keys``: overrides ``section.api_key_env`` / ``api_key_file``. ``admission_limit``: requests
+    in flight beyond which new ones get 429 (``"auto"`` = ``max_ongoing_requests + max_queued_requests``
+    of the section, ``None`` = no limit, used inside Ray Serve where the handle enforces it).
+    ``prompt_log``: defaults to one built from the section when ``serve.prompt_log_enabled``.
+    ``replicas_fn``: optional callable returning the number of model replicas (for ``/metrics``).
+    """
+    section = section or ServeSection()
+    backends = [backends] if not isinstance(backends, (list, tuple)) else list(backends)
+    if not backends:
+        raise ValueError("create_app needs at least one backend")
+    keys = api_keys if api_keys is not None else load_api_keys(section.api_key_env, section.api_key_file)
+    auth = APIKeyAuth(keys)
+    if prompt_log is None and section.prompt_log_uri:
+        prompt_log = PromptLog(section.prompt_log_uri, redact=section.prompt_log_redact,
+                               flush_rows=section.prompt_log_flush_rows, flush_s=section.prompt_log_flush_s)
+    if admission_limit == "auto":
+        admission_limit = (None if section.max_queued_requests < 0
+                           else section.max_ongoing_requests + section.max_queued_requests)
+    server = OpenAIServer(backends, section, metrics=metrics or ServerMetrics(), auth=auth, prompt_log=prompt_log,
+                          admission_limit=admission_limit, replicas_fn=replicas_fn)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        auth.warn_if_open()
+        flusher = None
+        if server.prompt_log is not None:
+            async def flush_loop() -> None:
+                while True:
+                    await asyncio.sleep(min(1.0, server.prompt_log.flush_s))
+                    await asyncio.to_thread(server.prompt_log.maybe_flush)
+
+            flusher = asyncio.ensure_future(flush_loop())
+        try:
+            yield
+        finally:
+            if flusher is not None:
+                flusher.cancel()
+                with contextlib.suppress(BaseException):
+                    await flusher
+            if server.prompt_log is not None:
+                await asyncio.to_thread(server.prompt_log.close)
+            if close_backends:
+                for b in backends:
+                    if hasattr(b, "shutdown"):
+                        b.shutdown()
+
+    app = FastAPI(title="raydistill", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail) + f": {request.method} {request.url.path}",
+                        code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s", request.url.path)
+        return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "models": sorted(server.backends)}
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        for b in backends:
+            with contextlib.suppress(Exception):
+                stats = await asyncio.wait_for(b.stats(), timeout=2.0)
+                replicas = None
+                if server.replicas_fn is not None:
+                    replicas = await asyncio.to_thread(server.replicas_fn)
+                elif "replicas" in stats:
+                    replicas = stats["replicas"]
+                else:
+                    replicas = 1
+                server.metrics.engine_state(b.name, running=int(stats.get("running", 0)),
+                                            waiting=int(stats.get("waiting", 0)), replicas=replicas)
+        server.metrics.in_flight.set(server.in_flight)
+        data, content_type = server.metrics.render()
+        return Response(content=data, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        server.authorize(request)
+        for b in backends:
+            await server.ready(b)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "raydistill",
+             "max_model_len": b.context_length} for name, b in server.backends.items()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await _handle(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _handle(request, "completions")
+
+    async def _handle(request: Request, endpoint: str) -> Response:
+        start = time.perf_counter()
+        prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        status = 500
+        counted = False
+        info: dict[str, Any] = {}
+        try:
+            server.authorize(request)
+            body = await _read_body(request, section.max_body_bytes)
+            req = _parse(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest)
+            backend = server.backend(req.model)
+            server.check_n(req)
+            await server.ready(backend)
+            info["model"] = backend.name
+            server.admit()
+            server.in_flight += 1
+            counted = True
+            if endpoint == "chat":
+                response = await _chat(request, rid, req, backend, start, info)
+            else:
+                response = await _completions(request, rid, req, backend, start, info)
+            status = response.status_code
+            if isinstance(response, StreamingResponse):
+                # The stream's own bookkeeping ends the request (in_flight, log line, metrics).
+                counted = False
+                info["stream"] = True
+            response.headers["x-request-id"] = rid
+            return response
+        except APIError as exc:
+            status = exc.status
+            info["error"] = exc.message
+            resp = exc.response()
+            resp.headers["x-request-id"] = rid
+            return resp
+        except asyncio.CancelledError:
+            status = 499  # client went away; the engine requests were aborted by the cancellation
+            raise
+        finally:
+            if counted:
+                server.in_flight -= 1
+            if not info.get("stream"):
+                _finish_log(rid, endpoint, status, start, info)
+
+    def _finish_log(rid: str, endpoint: str, status: int, start: float, info: dict) -> None:
+        elapsed = time.perf_counter() - start
+        server.metrics.request_done(endpoint, status, elapsed)
+        extra = f" error={info['error']!r}" if "error" in info else ""
+        logger.info("request %s %s model=%s status=%d prompt_tokens=%s completion_tokens=%s ttft=%s "
+                    "latency=%.3fs%s", rid, endpoint, info.get("model", "-"), status, info.get("prompt_tokens", 0),
+                    info.get("completion_tokens", 0),
+                    f"{info['ttft']:.3f}s" if "ttft" in info else "-", elapsed, extra)
+
+    def _sampling(req: _Req, max_tokens: int, seed_offset: int, *, logprobs: bool, top: int,
+                  prompt_logprobs: bool = False) -> SamplingOptions:
+        seed = None if req.seed is None else req.seed + seed_offset
+        return SamplingOptions(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                               seed=seed, stop=list(req.stop or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
+                               top_logprobs=top, prompt_logprobs=prompt_logprobs)
+
+    async def _run_to_end(request: Request, jobs: list[_Job], choices: dict[int, _Choice], model: str,
+                          start: float, info: dict) -> None:
+        """Collect every job's outputs; a client disconnect cancels the jobs (uvicorn does not cancel us)."""
+
+        async def collect() -> None:
+            async for job, out in server.merged(jobs):
+                if "ttft" not in info and out.token_ids:
+                    info["ttft"] = time.perf_counter() - start
+                    server.metrics.first_token(model, info["ttft"])
+                choices[job.index].add(out)
+
+        task = asyncio.ensure_future(collect())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    task.result()
+                    return
+                if await request.is_disconnected():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    raise APIError(499, "client disconnected", code="client_closed")
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    # -- chat -----------------------------------------------------------------------------------------
+    async def _chat(request: Request, rid: str, req: ChatCompletionRequest, backend: Backend, start: float,
+                    info: dict) -> Response:
+        prompt_ids, messages = server.chat_prompt(backend, req)
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = server.max_tokens(backend, len(prompt_ids), requested, param, "messages")
+        top = req.top_logprobs or 0
+        jobs = [_Job(i, 0, GenerationRequest(f"{rid}-{i}", list(prompt_ids),
+                                             _sampling(req, max_tokens, i, logprobs=req.logprobs, top=top)))
+                for i in range(req.n)]
+        await server.open_jobs(backend, jobs)
+        created = int(time.time())
+        text_of = server.token_text(backend)
+        info["prompt_tokens"] = len(prompt_ids)
+
+        def log_prompt(completion: str, completion_tokens: int) -> None:
+            server.log_prompt(request_id=rid, model=backend.name, endpoint="chat", messages=messages,
+                              completion=completion, prompt_tokens=len(prompt_ids),
+                              completion_tokens=completion_tokens)
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            release = server.releaser()
+
+            async def events() -> AsyncIterator[bytes]:
+                status = 200
+                choices = {j.index: _Choice(j.index) for j in jobs}
+                base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": backend.name}
+                try:
+                    for j in jobs:
+                        yield _sse({**base, "choices": [{"index": j.index, "delta": {"role": "assistant",
+                                                                                   "content": ""},
+                                                        "logprobs": None, "finish_reason": None}]})
+                    async for job, out in server.merged(jobs):
+                        if "ttft" not in info and out.token_ids:
+                            info["ttft"] = time.perf_counter() - start
+                            server.metrics.first_token(backend.name, info["ttft"])
+                        choice = choices[job.index]
+                        choice.add(out)
+                        if out.text or out.logprobs:
+                            lp = (_chat_logprobs(out.logprobs, text_of, top) if req.logprobs and out.logprobs
+                                  else None)
+                            yield _sse({**base, "choices": [{"index": job.index, "delta": {"content": out.text},
+                                                            "logprobs": lp, "finish_reason": None}]})
+                        if out.finished:
+                            yield _sse({**base, "choices": [{"index": job.index, "delta": {}, "logprobs": None,
+                                                            "finish_reason": choice.finish_reason}]})
+                    completion_tokens = sum(c.completion_tokens for c in choices.values())
+                    info["completion_tokens"] = completion_tokens
+                    if include_usage:
+                        yield _sse({**base, "choices": [], "usage": {
+                            "prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                            "total_tokens": len(prompt_ids) + completion_tokens}})
+                    yield b"data: [DONE]\n\n"
+                    log_prompt("".join(choices[0].text), choices[0].completion_tokens)
+                except asyncio.CancelledError:
+                    status = 499
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - mid-stream failure: report it in-band
+                    err = server.map_error(exc)
+                    status = getattr(err, "status", 500)
+                    info["error"] = str(exc)
+                    if isinstance(err, APIError):
+                        yield _sse(err.body())
+                        yield b"data: [DONE]\n\n"
+                finally:
+                    release()
+                    info["completion_tokens"] = sum(c.completion_tokens for c in choices.values())
+                    server.metrics.tokens(backend.name, len(prompt_ids), info["completion_tokens"])
+                    _finish_log(rid, "chat", status, start, info)
+
+            return _streaming(events, release)
+
+        choices = {j.index: _Choice(j.index) for j in jobs}
+        await _run_to_end(request, jobs, choices, backend.name, start, info)
+        completion_tokens = sum(c.completion_tokens for c in choices.values())
+        info["completion_tokens"] = completion_tokens
+        server.metrics.tokens(backend.name, len(prompt_ids), completion_tokens)
+        log_prompt("".join(choices[0].text), choices[0].completion_tokens)
+        return JSONResponse({
+            "id": rid, "object": "chat.completion", "created": created, "model": backend.name,
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
+                         "logprobs": _chat_logprobs(c.logprobs, text_of, top) if req.logprobs else None,
+                         "finish_reason": c.finish_reason or "stop"} for c in choices.values()],
+            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                      "total_tokens": len(prompt_ids) + completion_tokens}})
+
+    # -- completions -------------------------------------------------------------------------------------
+    async def _completions(request: Request, rid: str, req: CompletionRequest, backend: Backend, start: float,
+                           info: dict) -> Response:
+        prompts = server.completion_prompts(backend, req)
+        if req.echo and req.stream:
+            raise APIError(400, "echo is not supported with stream", param="echo")
+        want_lp = req.logprobs is not None
+        top = req.logprobs or 0
+        score_only = req.max_tokens == 0
+        if score_only and not req.echo:
+            raise APIError(400, "max_tokens=0 is only allowed with echo=true (prompt scoring)", param="max_tokens")
+        jobs: list[_Job] = []
+        for p, (ids, _text) in enumerate(prompts):
+            # max_tokens=0 (score the prompt only): the engine generates one token that is dropped below.
+            max_tokens = 1 if score_only else server.max_tokens(backend, len(ids), req.max_tokens, "max_tokens",
+                                                                "prompt")
+            if score_only and len(ids) + 1 > backend.context_length:
+                raise APIError(400, f"This model's maximum context length is {backend.context_length} tokens. "
+                               f"However, your prompt has {len(ids)} tokens; scoring needs one token of room.",
+                               param="prompt", code="context_length_exceeded")
+            for i in range(req.n):
+                jobs.append(_Job(p * req.n + i, p, GenerationRequest(
+                    f"{rid}-{p * req.n + i}", list(ids),
+                    _sampling(req, max_tokens, i, logprobs=want_lp, top=top,
+                              prompt_logprobs=bool(req.echo and want_lp)))))
+        await server.open_jobs(backend, jobs)
+        created = int(time.time())
+        text_of = server.token_text(backend)
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        info["prompt_tokens"] = prompt_tokens
+
+        def log_prompts(choices: dict[int, _Choice]) -> None:
+            for p, (ids, text) in enumerate(prompts):
+                c = choices[p * req.n]
+                server.log_prompt(request_id=rid if len(prompts) == 1 else f"{rid}-{p}", model=backend.name,
+                                  endpoint="completions", prompt=text, completion="".join(c.text),
+                                  prompt_tokens=len(ids), completion_tokens=c.completion_tokens)
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            release = server.releaser()
+
+            async def events() -> AsyncIterator[bytes]:
+                status = 200
+                choices = {j.index: _Choice(j.index) for j in jobs}
+                base = {"id": rid, "object": "text_completion", "created": created, "model": backend.name}
+                try:
+                    async for job, out in server.merged(jobs):
+                        if "ttft" not in info and out.token_ids:
+                            info["ttft"] = time.perf_counter() - start
+                            server.metrics.first_token(backend.name, info["ttft"])
+                        choice = choices[job.index]
+                        choice.add(out)
+                        if out.text or out.logprobs or out.finished:
+                            lp = (_completion_logprobs(None, None, out.logprobs or [], text_of, top)
+                                  if want_lp else None)
+                            yield _sse({**base, "choices": [{"index": job.index, "text": out.text, "logprobs": lp,
+                                                            "finish_reason": choice.finish_reason
+                                                            if out.finished else None}]})
+                    completion_tokens = sum(c.completion_tokens for c in choices.values())
+                    if include_usage:
+                        yield _sse({**base, "choices": [], "usage": {
+                            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}})
+                    yield b"data: [DONE]\n\n"
+                    log_prompts(choices)
+                except asyncio.CancelledError:
+                    status = 499
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - mid-stream failure: report it in-band
+                    err = server.map_error(exc)
+                    status = getattr(err, "status", 500)
+                    info["error"] = str(exc)
+                    if isinstance(err, APIError):
+                        yield _sse(err.body())
+                        yield b"data: [DONE]\n\n"
+                finally:
+                    release()
+                    info["completion_tokens"] = sum(c.completion_tokens for c in choices.values())
+                    server.metrics.tokens(backend.name, prompt_tokens, info["completion_tokens"])
+                    _finish_log(rid, "completions", status, start, info)
+
+            return _streaming(events, release)
+
+        choices = {j.index: _Choice(j.index) for j in jobs}
+        await _run_to_end(request, jobs, choices, backend.name, start, info)
+        if score_only:
+            for c in choices.values():
+                c.text, c.token_ids, c.logprobs, c.completion_tokens = [], [], [], 0
+                c.finish_reason = "length"
+        completion_tokens = sum(c.completion_tokens for c in choices.values())
+        info["completion_tokens"] = completion_tokens
+        server.metrics.tokens(backend.name, prompt_tokens, completion_tokens)
+        log_prompts(choices)
+        out_choices = []
+        for job in jobs:
+            c = choices[job.index]
+            ids, text = prompts[job.prompt_index]
+            body_text = "".join(c.text)
+            lp = None
+            if want_lp:
+                lp = _completion_logprobs(ids if req.echo else None, c.prompt_logprobs, c.logprobs, text_of, top)
+            out_choices.append({"index": c.index, "text": (text + body_text) if req.echo else body_text,
+                                "logprobs": lp, "finish_reason": c.finish_reason or "stop"})
+        return JSONResponse({
+            "id": rid, "object": "text_completion", "created": created, "model": backend.name,
+            "choices": out_choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}})
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------
+# engines (in-process; the Ray model deployment loads them the same way)
+# ---------------------------------------------------------------------------------------------------
+def engine_kwargs(section: ServeSection) -> dict[str, Any]:
+    return {"dtype": section.dtype, "max_batch_size": section.max_batch_size, "max_model_len": section.max_model_len,
+            "prefill_chunk": section.prefill_chunk, "threads": section.threads}
+
+
+def _import(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_engine(model_dir: str, section: ServeSection, engine_factory: Optional[str] = None,
+                engine_options: Optional[dict] = None) -> Any:
+    """An AsyncEngine-like object for ``model_dir``: ours, vLLM (``serve.backend``), or ``engine_factory``.
+
+    ``engine_factory`` (``'module:callable'``, tests) is called as ``factory(model_dir, **kwargs)``.
+    """
+    kwargs = {**engine_kwargs(section), **(engine_options or {})}
+    if engine_factory:
+        return _import(engine_factory)(model_dir, **kwargs)
+    if section.backend == "vllm" or (section.backend == "auto" and section.num_gpus > 0):
+        from serve.vllm_engine import VLLMAsyncEngine
+
+        return VLLMAsyncEngine.from_pretrained(model_dir, **kwargs)
+    from serve.engine import AsyncEngine
+
+    return AsyncEngine.from_pretrained(model_dir, **kwargs)
+
+
+
+class ServerThread:
+    """Run an ASGI app with uvicorn in a background thread (tests, benchmarks, ``--no-ray`` helpers).
+
+    >>> with ServerThread(app, port=0) as server:   # port 0 picks a free port
+    ...     url = server.base_url                    # http://127.0.0.1:PORT
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+        self.host, self.port = host, port
+        self.config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                     timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(self.config)
+        self.thread: Optional[Any] = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, name="raydistill-uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {self.base_url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=15)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,435 @@
+"""The Ray Serve application: an ingress deployment (the OpenAI FastAPI app) and a model deployment (the engine).
+
+::
+
+    HTTP ──► proxy ──► Ingress (FastAPI: auth, limits, tokenizer, OpenAI shapes, metrics, prompt log)
+                         │  handle.options(stream=True).generate.remote(GenerationRequest)
+                         ▼
+                       ModelDeployment × autoscaled replicas (AsyncEngine: continuous batching)
+
+The model deployment autoscales on ongoing requests (``serve.min_replicas`` may be 0), refuses work
+beyond ``max_ongoing_requests`` + ``max_queued_requests`` (the ingress answers 429), and swaps models
+without downtime: :func:`update_model` changes only the deployments' ``user_config``, so Serve calls
+``reconfigure`` on the running replicas in place; each loads the new engine beside the old one,
+switches, lets the old one drain its in-flight requests and then shuts it down.
+
+Public API (used by the pipeline's deploy stage): :func:`build_app`, :func:`deploy`,
+:func:`update_model`, :func:`status`, :func:`shutdown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any, AsyncIterator, Optional
+
+from ray import serve
+
+from cluster.errors import RaydistillError
+from serve.api import Overloaded, create_app, engine_kwargs, load_engine  # noqa: F401 - re-exported
+from serve.engine.types import EngineError, GenerationOutput, GenerationRequest
+from serve.section import ServeSection
+
+logger = logging.getLogger("raydistill.serve")
+
+# A fixed code version: redeploying the same code with a new user_config (a new model dir) is then a
+# light in-place reconfigure of the running replicas instead of a restart. (Serve keeps `version` for
+# internal use; without it every serve.run is a code change and replicas restart - still without
+# downtime thanks to max_surge_percent, but slower.)
+CODE_VERSION = "raydistill-serve-1"
+MODEL_DEPLOYMENT = "model"
+INGRESS_DEPLOYMENT = "ingress"
+
+
+def served_name(section: ServeSection, name: Optional[str] = None) -> str:
+    """The model id clients send: ``serve.model_name``, else the app name (stable across model updates)."""
+    return section.model_name or name or section.app_name
+
+
+def _tokenizer_for(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from serve.engine.loader import resolve_model_dir
+
+    return AutoTokenizer.from_pretrained(resolve_model_dir(model_dir))
+
+
+# ---------------------------------------------------------------------------------------------------
+# model deployment
+# ---------------------------------------------------------------------------------------------------
+class _Counted:
+    """An engine plus the number of requests it is serving (so a swapped-out engine drains before shutdown)."""
+
+    def __init__(self, engine: Any, model_dir: str):
+        self.engine = engine
+        self.model_dir = model_dir
+        self.active = 0
+
+
+@serve.deployment
+class ModelDeployment:
+    """One engine per replica; ``reconfigure({"model_dir": ...})`` swaps the model without dropping requests."""
+
+    def __init__(self, model_dir: str, section: dict, engine_factory: Optional[str] = None,
+                 engine_options: Optional[dict] = None):
+        self.section = ServeSection(**section)
+        if self.section.threads is None:  # replicas share the node: torch threads = the CPUs Ray reserved
+            self.section = self.section.model_copy(update={"threads": max(1, int(self.section.num_cpus))})
+        self.engine_factory = engine_factory
+        self.engine_options = engine_options
+        t0 = time.perf_counter()
+        self.current = _Counted(load_engine(model_dir, self.section, engine_factory, engine_options), model_dir)
+        self._draining: list[_Counted] = []
+        self._swap_lock = asyncio.Lock()
+        self._gauges = None
+        try:
+            from serve.metrics import EngineGauges
+
+            self._gauges = EngineGauges()
+        except Exception:  # noqa: BLE001 - metrics are optional outside a Serve replica
+            pass
+        logger.info("model replica loaded %s in %.1fs", model_dir, time.perf_counter() - t0)
+
+    async def reconfigure(self, user_config: dict) -> None:
+        model_dir = (user_config or {}).get("model_dir")
+        if not model_dir or model_dir == self.current.model_dir:
+            return
+        async with self._swap_lock:
+            t0 = time.perf_counter()
+            # Load beside the old engine (in a thread: requests keep streaming meanwhile).
+            new = await asyncio.to_thread(load_engine, model_dir, self.section, self.engine_factory,
+                                          self.engine_options)
+            old, self.current = self.current, _Counted(new, model_dir)
+            logger.info("model replica swapped %s -> %s (load %.1fs); draining %d in-flight requests",
+                        old.model_dir, model_dir, time.perf_counter() - t0, old.active)
+            self._draining.append(old)
+            asyncio.get_running_loop().create_task(self._drain(old))
+
+    async def _drain(self, old: _Counted) -> None:
+        deadline = time.monotonic() + max(self.section.graceful_shutdown_timeout_s, 1.0)
+        while old.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(old.engine.shutdown)
+        self._draining.remove(old)
+        logger.info("old engine %s shut down", old.model_dir)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        slot = self.current  # a request finishes on the engine it started on, even across a swap
+        slot.active += 1
+        try:
+            async for out in slot.engine.generate(request):
+                yield out
+        finally:
+            slot.active -= 1
+            if self._gauges is not None:
+                self._gauges.update(getattr(slot.engine, "model_name", "model"), slot.engine.stats())
+
+    def info(self) -> dict:
+        engine = self.current.engine
+        return {"model_dir": self.current.model_dir, "model_name": engine.model_name,
+                "context_length": int(engine.context_length), "draining": len(self._draining)}
+
+    def stats(self) -> dict:
+        return {**self.current.engine.stats(), "model_dir": self.current.model_dir, "draining": len(self._draining)}
+
+    def check_health(self) -> None:
+        thread = getattr(self.current.engine, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            raise RuntimeError("the engine thread died")
+
+    def __del__(self) -> None:
+        for slot in [self.current, *self._draining]:
+            try:
+                slot.engine.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at replica teardown
+                pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# ingress
+# ---------------------------------------------------------------------------------------------------
+def _cause(exc: BaseException) -> BaseException:
+    """The user exception inside Ray's wrappers (RayTaskError.cause)."""
+    seen = 0
+    while seen < 5 and getattr(exc, "cause", None) is not None and exc.cause is not exc:
+        exc = exc.cause
+        seen += 1
+    return exc
+
+
+class HandleBackend:
+    """The API backend inside the ingress: tokenizer here, generation on the model deployment."""
+
+    def __init__(self, handle: Any, model_dir: str, name: str):
+        self.handle = handle
+        self.name = name
+        self.model_dir = model_dir
+        self.tokenizer = _tokenizer_for(model_dir)
+        self.context_length = 0  # filled by refresh() from the model replicas (they own max_model_len)
+        self._stale = True
+        self._refresh_lock: Optional[asyncio.Lock] = None
+
+    async def set_model_dir(self, model_dir: str) -> None:
+        if model_dir != self.model_dir:
+            # Load off the event loop; requests keep using the old tokenizer until the switch.
+            self.tokenizer = await asyncio.to_thread(_tokenizer_for, model_dir)
+            self.model_dir = model_dir
+            self._stale = True
+
+    async def refresh(self) -> None:
+        if not self._stale:
+            return
+        from ray.serve.exceptions import BackPressureError
+
+        if self._refresh_lock is None:
+            self._refresh_lock = asyncio.Lock()
+        async with self._refresh_lock:  # one info call, however many requests arrive at once
+            if self._stale:
+                try:
+                    info = await self.handle.info.remote()
+                except BackPressureError as exc:
+                    raise Overloaded(str(exc)) from None
+                self.context_length = int(info["context_length"])
+                self._stale = False
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        from ray.serve.exceptions import BackPressureError
+
+        gen = self.handle.options(stream=True).generate.remote(request)
+        finished = False
+        try:
+            async for out in gen:
+                yield out
+                finished = finished or out.finished
+        except BackPressureError as exc:
+            raise Overloaded(str(exc)) from None
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - unwrap RayTaskError(EngineError) into a 400
+            cause = _cause(exc)
+            if isinstance(cause, EngineError) or isinstance(exc, EngineError):
+                raise EngineError(str(cause)) from None
+            if isinstance(cause, BackPressureError):
+                raise Overloaded(str(cause)) from None
+            raise
+        finally:
+            if not finished:
+                try:  # the replica's generator is cancelled -> the engine aborts the request
+                    gen.cancel()
+                except Exception:  # noqa: BLE001 - never assigned (e.g. back-pressure): nothing to cancel
+                    pass
+
+    async def stats(self) -> dict:
+        return await self.handle.stats.remote()
+
+
+def _request_logging() -> None:
+    """One INFO line per request (``raydistill.serve``) in the replica's log, whatever the root level."""
+    log = logging.getLogger("raydistill.serve")
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
+def _count_replicas(app_name: str) -> Optional[int]:
+    try:
+        app = serve.status().applications.get(app_name)
+        dep = app.deployments.get(MODEL_DEPLOYMENT) if app else None
+        return int(dep.replica_states.get("RUNNING", 0)) if dep else None
+    except Exception:  # noqa: BLE001 - metrics only
+        return None
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    def __init__(self, model_handle: Any, model_dir: str, section: dict, name: str, app_name: str):
+        _request_logging()
+        self.section = ServeSection(**section)
+        self.app_name = app_name
+        self.backend = HandleBackend(model_handle, model_dir, name)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from serve.metrics import ServerMetrics
+
+        app = create_app(self.backend, self.section, admission_limit=None, metrics=ServerMetrics(ray_metrics=True),
+                         replicas_fn=lambda: _count_replicas(self.app_name))
+        self.server = app.state.server
+        return app
+
+    async def reconfigure(self, user_config: dict) -> None:
+        model_dir = (user_config or {}).get("model_dir")
+        if model_dir:
+            await self.backend.set_model_dir(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------------
+def _abs_model(model_dir: str) -> str:
+    # Replicas run in other working directories: local paths must be absolute; aliases stay as they are.
+    expanded = os.path.expanduser(model_dir)
+    return os.path.abspath(expanded) if os.path.exists(expanded) else model_dir
+
+
+def _options(deployment: Any, **options: Any) -> Any:
+    try:
+        return deployment.options(version=CODE_VERSION, _internal=True, **options)
+    except (TypeError, ValueError):  # a Ray without internal versions: updates become surge restarts
+        return deployment.options(**options)
+
+
+def build_app(model_dir: str, section: Optional[ServeSection] = None, *, name: Optional[str] = None,
+              engine_factory: Optional[str] = None, engine_options: Optional[dict] = None) -> Any:
+    """The bound Serve application (ingress -> model) for ``model_dir``; run it with ``serve.run``."""
+    section = section or ServeSection()
+    model_dir = _abs_model(model_dir)
+    app_name = name or section.app_name
+    user_config = {"model_dir": model_dir}
+    autoscaling = {
+        "min_replicas": section.min_replicas, "max_replicas": section.max_replicas,
+        "initial_replicas": section.initial_replicas if section.initial_replicas is not None
+        else max(1, section.min_replicas),
+        "target_ongoing_requests": section.target_ongoing_requests,
+        "upscale_delay_s": section.upscale_delay_s, "downscale_delay_s": section.downscale_delay_s,
+        "metrics_interval_s": section.metrics_interval_s, "look_back_period_s": section.look_back_period_s,
+    }
+    actor_options: dict[str, Any] = {"num_cpus": section.num_cpus}
+    if section.num_gpus:
+        actor_options["num_gpus"] = section.num_gpus
+    if section.threads:
+        actor_options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(section.threads)}}
+    model = _options(
+        ModelDeployment, name=MODEL_DEPLOYMENT, max_surge_percent=100, autoscaling_config=autoscaling, ray_actor_options=actor_options,
+        max_ongoing_requests=section.max_ongoing_requests, max_queued_requests=section.max_queued_requests,
+        graceful_shutdown_timeout_s=section.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5,
+        health_check_period_s=5, user_config=user_config,
+    ).bind(model_dir, section.model_dump(mode="json"), engine_factory, engine_options)
+    # The ingress never queues work itself: its limit is far above what the model replicas accept.
+    ingress_limit = max(100, 4 * section.max_replicas * (section.max_ongoing_requests + max(section.max_queued_requests, 0)))
+    return _options(
+        Ingress, name=INGRESS_DEPLOYMENT, num_replicas=section.ingress_replicas,
+        ray_actor_options={"num_cpus": section.ingress_num_cpus}, max_ongoing_requests=ingress_limit,
+        user_config=user_config,
+    ).bind(model, model_dir, section.model_dump(mode="json"), served_name(section, name), app_name)
+
+
+def _start_serve(section: ServeSection) -> None:
+    from cluster.ray_init import connect
+
+    connect()
+    http = {"host": section.host, "port": section.port}
+    if section.request_timeout_s:
+        http["request_timeout_s"] = section.request_timeout_s
+    serve.start(http_options=http)
+
+
+def _base_url(section: ServeSection) -> str:
+    host = "127.0.0.1" if section.host in ("0.0.0.0", "::") else section.host
+    port = section.port
+    try:  # Serve may already run on another port (started earlier in this cluster)
+        from ray.serve.context import _get_global_client
+
+        cfg = _get_global_client().get_serve_details().get("http_options", {})
+        port = int(cfg.get("port", port))
+    except Exception:  # noqa: BLE001 - fall back to the configured port
+        pass
+    prefix = section.route_prefix.rstrip("/")
+    return f"http://{host}:{port}{prefix}"
+
+
+def deploy(model_dir: str, section: Optional[ServeSection] = None, *, name: Optional[str] = None,
+           blocking: bool = False, engine_factory: Optional[str] = None,
+           engine_options: Optional[dict] = None) -> str:
+    """Deploy (or redeploy) the app on Ray Serve and wait until it is ready; returns its base URL.
+
+    ``blocking=True`` then serves until Ctrl-C. Starts an embedded local Ray when none is connected.
+    """
+    section = section or ServeSection()
+    app_name = name or section.app_name
+    _start_serve(section)
+    app = build_app(model_dir, section, name=name, engine_factory=engine_factory, engine_options=engine_options)
+    try:
+        serve.run(app, name=app_name, route_prefix=section.route_prefix, blocking=False)
+    except Exception as exc:  # noqa: BLE001 - replica constructors failing surface here
+        raise RaydistillError(f"serving {model_dir} failed: {exc}") from exc
+    url = _base_url(section)
+    logger.warning("serving %s as model %r at %s/v1 (app %s)", model_dir, served_name(section, name), url, app_name)
+    if blocking:
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            shutdown(app_name)
+    return url
+
+
+def update_model(model_dir: str, section: Optional[ServeSection] = None, *, name: Optional[str] = None,
+                 timeout_s: float = 600) -> None:
+    """Swap the running app to ``model_dir`` with no downtime (in-place ``reconfigure`` of every replica).
+
+    Returns once every replica serves the new model. The rest of ``section`` must equal the deployed
+    one (changed scaling/engine options are applied too, but a changed engine option restarts replicas
+    with a rolling update).
+    """
+    section = section or ServeSection()
+    app_name = name or section.app_name
+    if status(app_name) is None:
+        raise RaydistillError(f"no serving app named {app_name!r} is running; deploy it first "
+                              "(serve.app.deploy or `raydistill serve`)")
+    app = build_app(model_dir, section, name=name)
+    serve.run(app, name=app_name, route_prefix=section.route_prefix, blocking=False)
+    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
+    target = _abs_model(model_dir)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = status(app_name) or {}
+        if st.get("status") == "RUNNING":
+            # Ask a few times: requests spread over replicas, each must report the new model.
+            seen = {handle.info.remote().result()["model_dir"] for _ in range(8)}
+            if seen == {target}:
+                return
+        time.sleep(0.25)
+    raise RaydistillError(f"model update of app {app_name!r} to {model_dir} did not finish in {timeout_s:.0f}s")
+
+
+def status(name: Optional[str] = None) -> Optional[dict]:
+    """``{"status", "message", "deployments": {name: {"status", "replicas", "replica_states"}}}`` or None."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    app_name = name or ServeSection().app_name
+    try:
+        apps = serve.status().applications
+    except Exception:  # noqa: BLE001 - Serve not started
+        return None
+    app = apps.get(app_name)
+    if app is None:
+        return None
+    deployments = {}
+    for dep_name, dep in app.deployments.items():
+        states = {str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
+        deployments[dep_name] = {"status": str(getattr(dep.status, "value", dep.status)), "replica_states": states,
+                                 "replicas": states.get("RUNNING", 0), "message": dep.message}
+    return {"status": str(getattr(app.status, "value", app.status)), "message": app.message,
+            "deployments": deployments}
+
+
+def shutdown(name: Optional[str] = None) -> None:
+    """Delete the app (its replicas drain first); Serve itself keeps running for other apps."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    app_name = name or ServeSection().app_name
+    try:
+        serve.delete(app_name)
+    except Exception as exc:  # noqa: BLE001 - already gone
+        logger.debug("serve.delete(%s): %s", app_name, exc)

@@ -1,0 +1,164 @@
+"""Opt-in prompt log: served requests + responses appended as small Parquet files for the next distillation round.
+
+Each flush writes one file ``{uri}/part-{utc time}-{uuid}.parquet`` atomically (temp + rename through
+``cluster.storage``), so readers (the pipeline's ``served_prompts`` source) never see a torn file and
+several replicas can write to the same folder. The schema is fixed (:data:`PROMPT_LOG_SCHEMA`).
+
+A redaction hook (``serve.prompt_log_redact: 'module:function'``) receives each record dict and returns
+the dict to store, or None to drop the record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import io
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Callable, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster import storage
+from cluster.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+PROMPT_LOG_SCHEMA = pa.schema([
+    ("request_id", pa.string()),
+    ("ts", pa.timestamp("us", tz="UTC")),
+    ("model", pa.string()),
+    ("endpoint", pa.string()),
+    ("prompt", pa.string()),              # /v1/completions; null for chat
+    ("messages", pa.list_(MESSAGE_TYPE)),  # /v1/chat/completions; null for completions
+    ("completion", pa.string()),
+    ("prompt_tokens", pa.int32()),
+    ("completion_tokens", pa.int32()),
+])
+
+Redactor = Callable[[dict], Optional[dict]]
+
+
+def load_redactor(spec: Optional[str]) -> Optional[Redactor]:
+    """``'package.module:function'`` -> the function (ConfigError naming the field when it cannot be imported)."""
+    if not spec:
+        return None
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"serve.prompt_log_redact: cannot import {spec!r} ({exc}); give 'module:function' of an "
+                          "importable function taking and returning a record dict") from exc
+    if not callable(fn):
+        raise ConfigError(f"serve.prompt_log_redact: {spec!r} is not callable")
+    return fn
+
+
+def make_record(*, request_id: str, model: str, endpoint: str, completion: str, prompt_tokens: int,
+                completion_tokens: int, prompt: Optional[str] = None, messages: Optional[list[dict]] = None,
+                ts: Optional[dt.datetime] = None) -> dict[str, Any]:
+    return {"request_id": request_id, "ts": ts or dt.datetime.now(dt.timezone.utc), "model": model,
+            "endpoint": endpoint, "prompt": prompt,
+            "messages": [{"role": str(m.get("role", "")), "content": str(m.get("content") or "")} for m in messages]
+            if messages is not None else None,
+            "completion": completion, "prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens)}
+
+
+class PromptLog:
+    """Buffers records in memory and flushes them to ``uri`` as Parquet (thread-safe).
+
+    Flushes happen when ``flush_rows`` records are buffered, when :meth:`maybe_flush` finds the oldest
+    record older than ``flush_s`` (the server calls it periodically), and at :meth:`close`.
+    """
+
+    def __init__(self, uri: str, *, redact: Optional[Redactor | str] = None, flush_rows: int = 64,
+                 flush_s: float = 10.0):
+        self.uri = storage.absolute(uri)
+        self.redact = load_redactor(redact) if isinstance(redact, str) or redact is None else redact
+        self.flush_rows = flush_rows
+        self.flush_s = flush_s
+        self._rows: list[dict] = []
+        self._first_at: Optional[float] = None
+        self._lock = threading.Lock()
+        self.files_written = 0
+        storage.makedirs(self.uri)
+
+    def append(self, record: dict) -> None:
+        if self.redact is not None:
+            try:
+                record = self.redact(dict(record))
+            except Exception:  # noqa: BLE001 - a broken hook must not fail requests; the record is dropped
+                logger.exception("prompt log redaction hook failed; record %s dropped", record.get("request_id"))
+                return
+            if record is None:
+                return
+        with self._lock:
+            self._rows.append(record)
+            if self._first_at is None:
+                self._first_at = time.monotonic()
+            full = len(self._rows) >= self.flush_rows
+        if full:
+            self.flush()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
+    def maybe_flush(self) -> None:
+        with self._lock:
+            due = self._first_at is not None and time.monotonic() - self._first_at >= self.flush_s
+        if due:
+            self.flush()
+
+    def flush(self) -> Optional[str]:
+        """Write buffered records as one Parquet file; returns its URI (None when nothing was buffered)."""
+        with self._lock:
+            rows, self._rows, self._first_at = self._rows, [], None
+        if not rows:
+            return None
+        table = pa.Table.from_pylist([{name: row.get(name) for name in PROMPT_LOG_SCHEMA.names} for row in rows],
+                                     schema=PROMPT_LOG_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        uri = storage.join(self.uri, f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet")
+        try:
+            storage.atomic_write_bytes(uri, buf.getvalue())
+        except Exception:  # noqa: BLE001 - keep serving; put the rows back for the next flush
+            logger.exception("prompt log: writing %s failed; will retry", uri)
+            with self._lock:
+                self._rows = rows + self._rows
+                self._first_at = self._first_at or time.monotonic()
+            return None
+        self.files_written += 1
+        return uri
+
+    def close(self) -> None:
+        self.flush()
+
+
+def read_prompt_log(uri: str, since: Optional[dt.datetime] = None) -> pa.Table:
+    """All logged rows under ``uri`` (rows with ``ts >= since`` when given), sorted by ``ts``.
+
+    A missing or empty folder gives an empty table with :data:`PROMPT_LOG_SCHEMA`. A naive ``since``
+    is taken as UTC.
+    """
+    files = storage.listdir(uri, suffix=".parquet")
+    tables = []
+    for f in files:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(f)))
+        tables.append(table.select(PROMPT_LOG_SCHEMA.names).cast(PROMPT_LOG_SCHEMA))
+    if not tables:
+        return PROMPT_LOG_SCHEMA.empty_table()
+    table = pa.concat_tables(tables)
+    if since is not None:
+        import pyarrow.compute as pc
+
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=dt.timezone.utc)
+        table = table.filter(pc.greater_equal(table["ts"], pa.scalar(since, type=PROMPT_LOG_SCHEMA.field("ts").type)))
+    return table.sort_by("ts")

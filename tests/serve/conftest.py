@@ -1,0 +1,41 @@
+"""Fixtures for the API tests: the real engine on a tiny random LLaMA (or a timing-controlled fake engine)
+behind a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def serve_tokenizer(tiny_teacher_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_teacher_dir)
+
+
+def start_fake_server(tokenizer, *, name: str = "tiny", token_delay: float = 0.0, max_batch_size: int = 16,
+                      context_length: int = 256, **section_kw):
+    """(ServerThread, FakeAsyncEngine) for one app; caller stops the server."""
+    from serve.api import EngineBackend, ServerThread, create_app
+    from serve.section import ServeSection
+    from tests.serve.fake_engine import FakeAsyncEngine
+
+    section_kw.setdefault("api_key_env", None)
+    engine = FakeAsyncEngine(tokenizer, name=name, token_delay=token_delay, max_batch_size=max_batch_size,
+                             context_length=context_length)
+    app = create_app(EngineBackend(engine), ServeSection(**section_kw))
+    return ServerThread(app).start(), engine
+
+
+@pytest.fixture(scope="module")
+def api_server(tiny_teacher_dir):
+    """(ServerThread, AsyncEngine): the real engine on the tiny random LLaMA, served as model 'tiny' (context 256)."""
+    from serve.api import EngineBackend, ServerThread, create_app
+    from serve.engine import AsyncEngine
+    from serve.section import ServeSection
+
+    engine = AsyncEngine.from_pretrained(tiny_teacher_dir, max_model_len=256, max_batch_size=8)
+    app = create_app(EngineBackend(engine, name="tiny"), ServeSection(api_key_env=None), close_backends=True)
+    server = ServerThread(app).start()
+    yield server, engine
+    server.stop()

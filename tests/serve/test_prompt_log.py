@@ -1,0 +1,86 @@
+"""Opt-in prompt log: Parquet files with the fixed schema, redaction hook, ``since`` filter, off by default."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import httpx
+import pyarrow as pa
+import pytest
+
+from cluster.errors import ConfigError
+from serve.prompt_log import PROMPT_LOG_SCHEMA, PromptLog, make_record, read_prompt_log
+from tests.serve.conftest import start_fake_server
+
+
+def redact(record: dict) -> dict | None:
+    """Test hook: drop records mentioning 'secret', mask e-mail-ish words."""
+    text = (record.get("prompt") or "") + " ".join(m["content"] for m in record.get("messages") or [])
+    if "secret" in text:
+        return None
+    if record.get("prompt"):
+        record["prompt"] = " ".join("<email>" if "@" in w else w for w in record["prompt"].split())
+    return record
+
+
+def test_schema_is_exactly_the_contract():
+    assert PROMPT_LOG_SCHEMA == pa.schema([
+        ("request_id", pa.string()), ("ts", pa.timestamp("us", tz="UTC")), ("model", pa.string()),
+        ("endpoint", pa.string()), ("prompt", pa.string()),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("completion", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32())])
+
+
+def test_server_logs_requests_with_redaction(serve_tokenizer, tmp_path):
+    uri = str(tmp_path / "plog")
+    server, _ = start_fake_server(serve_tokenizer, prompt_log_enabled=True, prompt_log=uri,
+                                  prompt_log_redact="tests.serve.test_prompt_log:redact", prompt_log_flush_rows=2)
+    try:
+        url = server.base_url
+        r1 = httpx.post(url + "/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": "hello there"}], "max_tokens": 4}).json()
+        httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "mail bob@example.com now",
+                                                  "max_tokens": 3})
+        httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "my secret", "max_tokens": 3})
+        with httpx.stream("POST", url + "/v1/completions",
+                          json={"model": "tiny", "prompt": "streamed", "max_tokens": 2, "stream": True}) as resp:
+            list(resp.iter_lines())
+    finally:
+        server.stop()  # flushes the rest
+    files = sorted(p.name for p in (tmp_path / "plog").iterdir())
+    assert len(files) == 2 and all(f.startswith("part-") and f.endswith(".parquet") for f in files)
+    table = read_prompt_log(uri)
+    assert table.schema == PROMPT_LOG_SCHEMA and table.num_rows == 3  # the 'secret' one was dropped
+    rows = {r["endpoint"] + ":" + (r["prompt"] or "chat"): r for r in table.to_pylist()}
+    chat = rows["chat:chat"]
+    assert chat["request_id"] == r1["id"] and chat["model"] == "tiny" and chat["prompt"] is None
+    assert chat["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    assert chat["completion"] == r1["choices"][0]["message"]["content"]
+    assert chat["prompt_tokens"] == r1["usage"]["prompt_tokens"] and chat["completion_tokens"] == 4
+    assert "completions:mail <email> now" in rows and "completions:streamed" in rows
+    assert rows["completions:streamed"]["completion_tokens"] == 2
+
+
+def test_since_filter_and_empty_folder(tmp_path):
+    uri = str(tmp_path / "log")
+    assert read_prompt_log(uri).num_rows == 0
+    log = PromptLog(uri, flush_rows=100)
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    for i in range(3):
+        log.append(make_record(request_id=f"r{i}", model="m", endpoint="completions", prompt=f"p{i}",
+                               completion="c", prompt_tokens=1, completion_tokens=1, ts=t0 + dt.timedelta(hours=i)))
+    assert log.pending() == 3 and read_prompt_log(uri).num_rows == 0  # nothing visible before a flush
+    log.close()
+    got = read_prompt_log(uri, since=dt.datetime(2026, 1, 1, 1))  # naive = UTC
+    assert got.column("request_id").to_pylist() == ["r1", "r2"]
+
+
+def test_off_by_default_and_bad_hook():
+    from serve.section import ServeSection
+
+    assert ServeSection().prompt_log_uri is None
+    with pytest.raises(ValueError, match="prompt_log_enabled"):
+        ServeSection(prompt_log_enabled=True)
+    with pytest.raises(ConfigError, match="prompt_log_redact"):
+        PromptLog("memory://plog-bad", redact="tests.serve.test_prompt_log:nope")
