@@ -1,0 +1,127 @@
+"""Human-written evaluation text: user files (fsspec URIs) and one builtin corpus from Debian.
+
+The builtin corpus is ``fortunes``: Debian's ``fortunes-min`` package (BSD licence, about 100 KB
+of English: the classic fortune-cookie sayings, literature quotes and riddles), installed with
+``apt-get install fortunes-min`` (``make corpus``). Its files hold entries separated by ``%``
+lines; each entry is one text.
+
+User files: ``.txt`` (the whole file is one text; blank-line separated paragraphs are kept
+together) or ``.jsonl`` (a ``text`` field per line). Globs are expanded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from cluster import storage
+from cluster.errors import RaydistillError
+
+FORTUNES_DIR = os.environ.get("RAYDISTILL_FORTUNES_DIR", "/usr/share/games/fortunes")
+FORTUNES_FILES = ("fortunes", "literature", "riddles")
+BUILTIN_INSTALL_HINT = {"fortunes": "install it with `apt-get install fortunes-min` (or `make corpus`), "
+                                    "or set eval.builtin_corpus: null"}
+
+
+def _truncate(texts: list[str], max_bytes: Optional[int]) -> list[str]:
+    """Keep whole texts in order until ``max_bytes`` UTF-8 bytes (at least one, cut at a character)."""
+    if max_bytes is None:
+        return texts
+    out, used = [], 0
+    for text in texts:
+        size = len(text.encode("utf-8"))
+        if used + size > max_bytes:
+            if not out:  # one long document: keep its first max_bytes bytes
+                out.append(text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore"))
+            break
+        out.append(text)
+        used += size
+    return out
+
+
+def split_fortunes(text: str) -> list[str]:
+    """Entries of a fortune file (separated by lines holding only ``%``), stripped, empty ones dropped."""
+    entries, current = [], []
+    for line in text.splitlines():
+        if line.strip() == "%":
+            entries.append("\n".join(current).strip())
+            current = []
+        else:
+            current.append(line)
+    entries.append("\n".join(current).strip())
+    return [e for e in entries if e]
+
+
+def builtin_corpus(name: str, max_bytes: Optional[int] = None) -> list[str]:
+    """Texts of a builtin corpus; RaydistillError with the install command when it is missing."""
+    if name != "fortunes":
+        raise RaydistillError(f"eval.builtin_corpus: unknown corpus {name!r}; allowed: fortunes, null")
+    texts: list[str] = []
+    for filename in FORTUNES_FILES:
+        path = os.path.join(FORTUNES_DIR, filename)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                texts.extend(split_fortunes(handle.read()))
+    if not texts:
+        raise RaydistillError(f"builtin corpus {name!r} not found under {FORTUNES_DIR}; {BUILTIN_INSTALL_HINT[name]}")
+    return _truncate(texts, max_bytes)
+
+
+def builtin_available(name: str) -> bool:
+    return name == "fortunes" and any(os.path.exists(os.path.join(FORTUNES_DIR, f)) for f in FORTUNES_FILES)
+
+
+def read_corpus(uri: str, max_bytes: Optional[int] = None) -> list[str]:
+    """Texts of one user file (``.txt`` or ``.jsonl``); RaydistillError if it is missing or holds no text."""
+    if not storage.exists(uri):
+        raise RaydistillError(f"eval.corpora: {uri} does not exist; fix the path or remove it from eval.corpora")
+    raw = storage.read_text(uri)
+    if uri.endswith((".jsonl", ".json")):
+        texts = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RaydistillError(f"eval.corpora: {uri} line {number} is not JSON ({exc}); write one "
+                                      "{\"text\": ...} object per line") from exc
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise RaydistillError(f"eval.corpora: {uri} line {number} has no string 'text' field")
+            texts.append(text)
+    else:
+        texts = [raw]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise RaydistillError(f"eval.corpora: {uri} is empty (no text); give a file with human-written text or "
+                              "remove it from eval.corpora")
+    return _truncate(texts, max_bytes)
+
+
+def corpus_name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def load_corpora(uris: list[str], builtin: Optional[str], max_bytes: Optional[int], resolve=lambda p: p
+                 ) -> tuple[dict[str, list[str]], list[str]]:
+    """``({name: texts}, notes)`` for the configured corpora; a missing builtin corpus is a note, not an error."""
+    corpora: dict[str, list[str]] = {}
+    notes: list[str] = []
+    for pattern in uris:
+        pattern = resolve(pattern)
+        matches = storage.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
+        if not matches:
+            raise RaydistillError(f"eval.corpora: {pattern} matches no file; fix the glob or remove it")
+        for uri in matches:
+            name = corpus_name(uri)
+            while name in corpora:
+                name += "'"
+            corpora[name] = read_corpus(uri, max_bytes)
+    if builtin:
+        if builtin_available(builtin):
+            corpora[builtin] = builtin_corpus(builtin, max_bytes)
+        else:
+            notes.append(f"builtin corpus {builtin!r} skipped: not installed; {BUILTIN_INSTALL_HINT.get(builtin, '')}")
+    return corpora, notes

@@ -1,0 +1,326 @@
+"""Quality metrics, pure functions over an in-memory model: bits per byte, fidelity, routing per token.
+
+* **Bits per byte**: the model's cross-entropy in bits summed over every token of the texts,
+  divided by the texts' UTF-8 bytes. Tokenizers differ, bytes do not, so models with different
+  vocabularies compare fairly. Each text is scored as ``[start] + tokens``: the start token (the
+  tokenizer's BOS, else EOS) gives the first real token a context, so every byte is predicted by
+  some token's probability, the same way for every text.
+* **Fidelity**: KL(teacher || student) over the teacher's stored top-k plus one tail bucket (the
+  teacher's remaining mass against the student's mass outside the same k ids), and top-1
+  agreement (student argmax == teacher's most likely token), on held-out completion positions.
+* **Routing per token**: forward hooks on the student's routers give the experts each token used
+  in each MoE layer (top-p picks a varying number), lined up with the teacher's entropy at the
+  same position for the difficulty curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cluster.errors import RaydistillError
+
+LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, V] from an HF causal LM, a ``StudentLM`` (returns a tuple) or a plain callable."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def start_token_id(tokenizer: Any) -> int:
+    """The token every scored text starts from: BOS if the tokenizer has one, else EOS."""
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    raise RaydistillError("tokenizer has neither bos_token_id nor eos_token_id; bits per byte needs a start token "
+                          "(pass start_token=ID)")
+
+
+def windows(num_tokens: int, window: int) -> list[tuple[int, int, int]]:
+    """Scoring windows over ``seq = [start] + tokens`` (length ``num_tokens + 1``).
+
+    Returns ``(ctx_start, pred_start, pred_end)``: feed ``seq[ctx_start:pred_end]`` (at most
+    ``window`` tokens) and score targets ``seq[pred_start:pred_end]``. Every target 1..num_tokens
+    is scored exactly once; after the first window each has at least ``window // 2`` tokens of context.
+    """
+    if window < 2:
+        raise ValueError("window must be at least 2 tokens")
+    stride = max(1, window // 2)
+    out = []
+    pred_start = 1
+    while pred_start <= num_tokens:
+        ctx_start = max(0, pred_start - (window - stride)) if pred_start > 1 else 0
+        pred_end = min(num_tokens + 1, ctx_start + window)
+        out.append((ctx_start, pred_start, pred_end))
+        pred_start = pred_end
+    return out
+
+
+def _batches(items: Sequence[Any], lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
+    """Indices grouped so that (rows x longest row) stays within ``batch_tokens`` (at least one row)."""
+    order = sorted(range(len(items)), key=lambda i: -lengths[i])  # long first: less padding per batch
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        new_longest = max(longest, lengths[i])
+        if batch and new_longest * (len(batch) + 1) > batch_tokens:
+            yield batch
+            batch, new_longest = [], lengths[i]
+        batch.append(i)
+        longest = new_longest
+    if batch:
+        yield batch
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to ids [B, T] and mask [B, T]."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[r, :len(s)] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- bits per byte
+@torch.no_grad()
+def bits_per_byte(model: Any, tokenizer: Any, texts: Iterable[str], *, window: int = 256, batch_tokens: int = 2048,
+                  start_token: Optional[int] = None) -> dict[str, float]:
+    """Cross-entropy of ``texts`` in bits per UTF-8 byte.
+
+    Returns ``{"bits_per_byte", "bytes", "tokens", "nats", "texts"}`` where ``nats`` is the summed
+    negative log-likelihood of all ``tokens`` (each text's tokens, no special tokens added, each
+    predicted from ``[start] + earlier tokens``) and ``bits_per_byte = nats / ln 2 / bytes``.
+    Texts longer than ``window`` tokens are scored in windows that overlap by half (see
+    :func:`windows`). Empty texts are ignored; no non-empty text raises RaydistillError.
+    """
+    texts = [t for t in texts if t]
+    if not texts:
+        raise RaydistillError("bits_per_byte got no non-empty text; check the corpus files / held-out rows")
+    start = start_token_id(tokenizer) if start_token is None else int(start_token)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = start if pad is None else int(pad)
+    pieces: list[tuple[list[int], int]] = []  # (window ids, index of the first scored input position)
+    total_bytes = total_tokens = 0
+    for text in texts:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        total_bytes += len(text.encode("utf-8"))
+        total_tokens += len(ids)
+        seq = [start] + ids
+        for ctx_start, pred_start, pred_end in windows(len(ids), window):
+            # Input position j predicts seq[ctx_start + j + 1]; targets pred_start.. are inputs pred_start-1..
+            pieces.append((seq[ctx_start:pred_end], pred_start - 1 - ctx_start))
+    device = _device_of(model)
+    nats = 0.0
+    for batch in _batches(pieces, [len(p[0]) for p in pieces], batch_tokens):
+        ids, mask = _pad([pieces[i][0] for i in batch], pad)
+        logits = _logits(model, ids.to(device), mask.to(device)).float()  # [B, T, V]
+        logprobs = F.log_softmax(logits[:, :-1], dim=-1)  # [B, T-1, V]: position j predicts ids[:, j+1]
+        token_lp = logprobs.gather(-1, ids[:, 1:, None].to(device))[..., 0]  # [B, T-1]
+        for r, i in enumerate(batch):
+            seq_ids, first = pieces[i]
+            nats -= float(token_lp[r, first:len(seq_ids) - 1].sum())
+    return {"bits_per_byte": nats / LN2 / total_bytes, "bytes": total_bytes, "tokens": total_tokens,
+            "nats": nats, "texts": len(texts)}
+
+
+def _device_of(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- fidelity
+def _reference_forward_kl(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor
+                          ) -> torch.Tensor:
+    """KL(teacher || student) over k ids + one tail bucket, per row [N] (used until distill.losses lands)."""
+    p_log = teacher_logprobs.float()  # [N, K]
+    q_log = student_logprobs.float().gather(-1, topk_ids.long())  # [N, K]
+    p = p_log.exp()
+    kl = (p * (p_log - q_log)).sum(-1)
+    p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)
+    q_tail = (1.0 - q_log.exp().sum(-1)).clamp(min=1e-12)
+    tail = torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp(min=1e-12)) - torch.log(q_tail)),
+                       torch.zeros_like(p_tail))
+    return kl + tail
+
+
+def forward_kl_topk(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor
+                    ) -> torch.Tensor:
+    """KL(teacher || student) per position [N] with the tail bucket; the training loss's definition when present."""
+    try:
+        from distill.losses import TailMode, forward_kl
+    except ImportError:
+        return _reference_forward_kl(student_logprobs, topk_ids, teacher_logprobs)
+    return forward_kl(student_logprobs, topk_ids, teacher_logprobs, tail=TailMode.bucket, temperature=1.0)
+
+
+def teacher_entropy(teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the stored top-k plus the tail as one bucket, per position: [N, K] -> [N]."""
+    lp = teacher_logprobs.float()
+    p = lp.exp()
+    tail = (1.0 - p.sum(-1)).clamp(min=0.0)
+    return -(p * lp).sum(-1) - torch.where(tail > 0, tail * torch.log(tail.clamp(min=1e-12)), torch.zeros_like(tail))
+
+
+@contextlib.contextmanager
+def record_routing(model: Any) -> Iterator[list[list[torch.Tensor]]]:
+    """Collect experts used per token in every MoE layer of a raydistill student during the block.
+
+    Yields a list with one entry per router (model order); each entry collects, per forward call,
+    ``(experts [B*T, K] long, used [B*T, K] bool)``: the slots' expert ids and whether each slot is
+    used (top-p keeps a varying prefix; top-k uses all k). Empty list for models without routers.
+    """
+    from distill.student.router import Router
+
+    routers = [m for m in model.modules() if isinstance(m, Router)] if hasattr(model, "modules") else []
+    records: list[list[torch.Tensor]] = [[] for _ in routers]
+    handles = []
+    for idx, router in enumerate(routers):
+        def hook(_module, _inputs, output, idx=idx):
+            used = torch.ones_like(output.experts, dtype=torch.bool) if output.mask is None else output.mask
+            records[idx].append((output.experts.detach().cpu(), used.detach().cpu()))
+        handles.append(router.register_forward_hook(hook))
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _as_2d(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    return torch.as_tensor(np.asarray([np.asarray(v) for v in value]) if len(value) else np.zeros((0, 1)), dtype=dtype)
+
+
+@torch.no_grad()
+def score_rows(student: Any, rows: Sequence[dict], *, batch_tokens: int = 2048, pad_id: int = 0,
+               routing: bool = True) -> dict[str, Any]:
+    """Per completion position of held-out teacher rows: KL, agreement, teacher entropy, experts used.
+
+    ``rows``: dicts with ``input_ids`` [L], ``prompt_len``, ``topk_ids`` [C][K] and ``topk_logprobs``
+    [C][K] (the Parquet schema). Returns numpy arrays over all N positions: ``kl`` [N],
+    ``agree`` [N] (0/1), ``entropy`` [N] (teacher, nats), ``experts`` [N, layers] (empty when
+    the model has no routers), ``student_nll`` [N] (the student's NLL of the teacher's token), and
+    ``expert_load`` [layers][E] (each layer's share of expert selections over those positions).
+    """
+    rows = [r for r in rows if len(r["topk_ids"]) > 0]
+    if not rows:
+        raise RaydistillError("fidelity got no held-out row with soft labels; generate more data or raise "
+                              "eval.max_heldout_rows")
+    device = _device_of(student)
+    seqs = [list(map(int, r["input_ids"])) for r in rows]
+    kls, agrees, ents, nlls, experts = [], [], [], [], []
+    recorder = record_routing(student) if routing else contextlib.nullcontext([])
+    load: Optional[list[torch.Tensor]] = None  # per layer: selections per expert over completion positions
+    with recorder as records:
+        for batch in _batches(seqs, [len(s) for s in seqs], batch_tokens):
+            for rec in records:
+                rec.clear()
+            ids, mask = _pad([seqs[i] for i in batch], pad_id)
+            logits = _logits(student, ids.to(device), mask.to(device)).float()  # [B, T, V]
+            width = ids.shape[1]
+            # per layer: experts [B, T, K] and used [B, T, K] (one forward call per batch -> one record)
+            per_layer = [(torch.cat([e for e, _ in rec]).reshape(len(batch), width, -1),
+                          torch.cat([u for _, u in rec]).reshape(len(batch), width, -1)) for rec in records]
+            if per_layer and load is None:
+                num_experts = _num_experts(student)
+                load = [torch.zeros(num_experts) for _ in per_layer]
+            for r, i in enumerate(batch):
+                row = rows[i]
+                plen, clen = int(row["prompt_len"]), len(row["topk_ids"])
+                pos = slice(plen - 1, plen - 1 + clen)  # input positions predicting the completion tokens
+                lp = F.log_softmax(logits[r, pos], dim=-1)  # [C, V]
+                tk_ids = _as_2d(row["topk_ids"], torch.long).to(device)  # [C, K]
+                tk_lp = _as_2d(row["topk_logprobs"], torch.float).to(device)  # [C, K]
+                kls.append(forward_kl_topk(lp, tk_ids, tk_lp).cpu())
+                teacher_top1 = tk_ids.gather(-1, tk_lp.argmax(-1, keepdim=True))[:, 0]  # stored order not trusted
+                agrees.append((lp.argmax(-1) == teacher_top1).float().cpu())
+                ents.append(teacher_entropy(tk_lp).cpu())
+                targets = torch.tensor(seqs[i][plen:plen + clen], dtype=torch.long, device=device)
+                nlls.append(-lp.gather(-1, targets[:, None])[:, 0].cpu())
+                if per_layer:
+                    experts.append(torch.stack([u[r, pos].float().sum(-1) for _, u in per_layer], dim=-1))  # [C, L]
+                    for layer, (e, u) in enumerate(per_layer):
+                        load[layer].scatter_add_(0, e[r, pos].reshape(-1), u[r, pos].float().reshape(-1))
+    return {"kl": torch.cat(kls).numpy(), "agree": torch.cat(agrees).numpy(), "entropy": torch.cat(ents).numpy(),
+            "student_nll": torch.cat(nlls).numpy(),
+            "experts": torch.cat(experts).numpy() if experts else np.zeros((sum(len(k) for k in kls), 0)),
+            "expert_load": [(c / c.sum().clamp(min=1.0)).tolist() for c in load] if load else []}
+
+
+def _num_experts(model: Any) -> int:
+    from distill.student.router import Router
+
+    return next(m for m in model.modules() if isinstance(m, Router)).weight.shape[0]
+
+
+def fidelity(student: Any, rows: Sequence[dict], *, batch_tokens: int = 2048, pad_id: int = 0) -> dict[str, float]:
+    """``{"kl", "top1_agreement", "tokens"}``: mean KL(teacher || student) (nats/token) and agreement."""
+    scored = score_rows(student, rows, batch_tokens=batch_tokens, pad_id=pad_id, routing=False)
+    return {"kl": float(scored["kl"].mean()), "top1_agreement": float(scored["agree"].mean()),
+            "tokens": int(scored["kl"].shape[0])}
+
+
+# ----------------------------------------------------------------------------- routing summaries
+def routing_summary(experts: np.ndarray, entropy: np.ndarray, *, max_k: Optional[int] = None,
+                    buckets: int = 5) -> dict[str, Any]:
+    """Experts-per-token statistics from :func:`score_rows` arrays.
+
+    experts [N, layers] (experts used per token per MoE layer), entropy [N] (teacher nats).
+    Returns per-layer mean and histogram (counts of tokens using 0..max_k experts), and the
+    difficulty curve: positions bucketed into entropy quantiles, with each bucket's mean entropy
+    and mean experts per token (averaged over layers), plus their Spearman-free summary
+    ``hard_minus_easy`` (last bucket minus first; > 0 = harder tokens get more experts).
+    """
+    if experts.size == 0:
+        return {}
+    n, layers = experts.shape
+    top = int(max_k if max_k is not None else experts.max())
+    hist = [[int((experts[:, layer] == k).sum()) for k in range(top + 1)] for layer in range(layers)]
+    mean_tok = experts.mean(axis=1)  # [N]
+    edges = np.quantile(entropy, np.linspace(0, 1, buckets + 1)) if n else np.zeros(buckets + 1)
+    which = np.clip(np.searchsorted(edges[1:-1], entropy, side="right"), 0, buckets - 1)
+    curve = []
+    for b in range(buckets):
+        sel = which == b
+        if sel.any():
+            curve.append({"bucket": b, "entropy_lo": float(edges[b]), "entropy_hi": float(edges[b + 1]),
+                          "mean_entropy": float(entropy[sel].mean()), "mean_experts": float(mean_tok[sel].mean()),
+                          "tokens": int(sel.sum())})
+    return {"tokens": int(n), "experts_per_token_mean": float(experts.mean()),
+            "experts_per_token_by_layer": [float(v) for v in experts.mean(axis=0)],
+            "histogram": {"experts": list(range(top + 1)), "counts_by_layer": hist},
+            "difficulty_curve": curve,
+            "hard_minus_easy": (curve[-1]["mean_experts"] - curve[0]["mean_experts"]) if len(curve) > 1 else 0.0}
+
+
+def load_balance(expert_load: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Per-layer balance of expert shares (each row sums to 1): max/mean ratio and normalised entropy (1 = even)."""
+    out = []
+    for shares in expert_load:
+        s = np.asarray(shares, dtype=float)
+        s = s / s.sum() if s.sum() > 0 else s
+        e = len(s)
+        ent = float(-(s[s > 0] * np.log(s[s > 0])).sum() / math.log(e)) if e > 1 else 1.0
+        out.append({"max_over_mean": float(s.max() * e) if e else 0.0, "normalized_entropy": ent,
+                    "share": [round(float(v), 6) for v in s]})
+    return {"by_layer": out,
+            "max_over_mean": max((o["max_over_mean"] for o in out), default=0.0),
+            "normalized_entropy_mean": float(np.mean([o["normalized_entropy"] for o in out])) if out else 0.0}

@@ -1,0 +1,230 @@
+"""Plots (matplotlib Agg, PNG) and the self-contained HTML report (images embedded as base64).
+
+The HTML has no script, stylesheet or image from outside: it opens from disk with no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any, Optional
+
+MODEL_ORDER = ("teacher", "student", "init", "baseline")
+COLORS = {"teacher": "#1f77b4", "student": "#d62728", "init": "#7f7f7f", "baseline": "#2ca02c"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def _models(report: dict) -> list[str]:
+    return [m for m in MODEL_ORDER if m in report.get("models", {})]
+
+
+def plot_training_loss(metrics: list[dict]) -> Optional[bytes]:
+    """Loss vs step, one line per training stage (``stage_name`` or ``stage``), held-out KL as markers."""
+    steps = [m for m in metrics if "loss" in m and "step" in m and m.get("event") is None]
+    if not steps:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    stages: dict[str, list[dict]] = {}
+    for m in steps:
+        stages.setdefault(str(m.get("stage_name") or m.get("stage") or "train"), []).append(m)
+    for name, rows in stages.items():
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="." if len(rows) < 50 else None,
+                label=f"loss: {name}", linewidth=1.6)  # markers: a single logged step still shows
+    held = [m for m in metrics if m.get("event") == "heldout" and m.get("kl") is not None]
+    if held:
+        ax.plot([m["step"] for m in held], [m["kl"] for m in held], "o--", color="black", label="held-out KL")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Training loss by stage")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_bits_per_byte(report: dict) -> Optional[bytes]:
+    models = _models(report)
+    corpora = sorted({c for m in models for c in report["models"][m].get("bits_per_byte", {})})
+    if not models or not corpora:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(models)
+    for i, name in enumerate(models):
+        values = [report["models"][name].get("bits_per_byte", {}).get(c, {}).get("bits_per_byte", 0.0) for c in corpora]
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(corpora))]
+        bars = ax.bar(xs, values, width, label=name, color=COLORS.get(name))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(corpora)), corpora)
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title("Compression: bits per byte by model and corpus")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def plot_routing(report: dict) -> Optional[bytes]:
+    """Experts-per-token histogram (pooled over layers) and the difficulty curve, per MoE model."""
+    routed = [m for m in _models(report) if report["models"][m].get("routing")]
+    if not routed:
+        return None
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.8 / len(routed)
+    for i, name in enumerate(routed):
+        r = report["models"][name]["routing"]
+        ks = r["histogram"]["experts"]
+        pooled = [sum(layer[k] for layer in r["histogram"]["counts_by_layer"]) for k in range(len(ks))]
+        total = max(sum(pooled), 1)
+        ax1.bar([k + (i - (len(routed) - 1) / 2) * width for k in ks], [p / total for p in pooled], width,
+                label=f"{name} (mean {r['experts_per_token_mean']:.2f})", color=COLORS.get(name))
+        curve = r.get("difficulty_curve", [])
+        ax2.plot([c["mean_entropy"] for c in curve], [c["mean_experts"] for c in curve], "o-", label=name,
+                 color=COLORS.get(name))
+    ax1.set_xlabel("experts used by a token (per MoE layer)")
+    ax1.set_ylabel("share of token-layers")
+    ax1.set_title("Experts per token")
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("teacher entropy (nats), quantile buckets")
+    ax2.set_ylabel("mean experts per token")
+    ax2.set_title("Difficulty vs experts used")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_speed(report: dict) -> Optional[bytes]:
+    timed = [m for m in _models(report) if report["models"][m].get("speed")]
+    if not timed:
+        return None
+    batches = sorted({int(b) for m in timed for b in report["models"][m]["speed"]["by_batch"]})
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.8 / len(timed)
+    for i, name in enumerate(timed):
+        by = report["models"][name]["speed"]["by_batch"]
+        xs = [j + (i - (len(timed) - 1) / 2) * width for j in range(len(batches))]
+        ttft = [by.get(str(b), {}).get("ttft_s", 0.0) * 1000 for b in batches]
+        tps = [by.get(str(b), {}).get("decode_tokens_per_s", 0.0) for b in batches]
+        ax1.bar_label(ax1.bar(xs, ttft, width, label=name, color=COLORS.get(name)), fmt="%.0f", fontsize=7)
+        ax2.bar_label(ax2.bar(xs, tps, width, label=name, color=COLORS.get(name)), fmt="%.0f", fontsize=7)
+    engines = sorted({report["models"][m]["speed"].get("engine", "?") for m in timed})
+    for ax, title, ylabel in ((ax1, f"Time to first token ({', '.join(engines)})", "ms (lower is better)"),
+                              (ax2, f"Decode throughput ({', '.join(engines)})", "tokens/s (higher is better)")):
+        ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def make_plots(report: dict, training_metrics: list[dict]) -> dict[str, bytes]:
+    """``{file stem: PNG bytes}`` for every plot there is data for."""
+    plots = {"training_loss": plot_training_loss(training_metrics), "bits_per_byte": plot_bits_per_byte(report),
+             "routing": plot_routing(report), "speed": plot_speed(report)}
+    return {k: v for k, v in plots.items() if v}
+
+
+# ----------------------------------------------------------------------------- HTML
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3g}"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return html.escape(str(value))
+
+
+SUMMARY_ROWS = [
+    ("bpb_heldout", "bits/byte, held-out teacher text"), ("bpb_human", "bits/byte, human text"),
+    ("kl", "KL(teacher‖model), nats/token"), ("top1_agreement", "top-1 agreement"),
+    ("ttft_s", "TTFT batch 1 (s)"), ("decode_tokens_per_s", "decode tokens/s (largest batch)"),
+    ("cost_per_million_tokens", "cost / 1M output tokens"), ("experts_per_token", "experts / token"),
+    ("active_parameters", "active parameters / token"), ("parameters", "parameters"),
+    ("kv_bytes_per_token", "KV-cache bytes / token"),
+]
+
+CAPTIONS = {
+    "training_loss": "Training loss by stage (held-out KL as points).",
+    "bits_per_byte": "Bits per byte by model and corpus: lower means the model predicts (compresses) the text better.",
+    "routing": "Left: experts each token used per MoE layer. Right: teacher entropy bucket vs experts used "
+               "(rising = harder tokens get more experts).",
+    "speed": "Time to first token and decode tokens/s on the same engine and machine.",
+}
+
+
+def render_html(report: dict, plots: dict[str, bytes]) -> str:
+    models = _models(report)
+    gate = report.get("gate", {})
+    ok = gate.get("passed")
+    rows = []
+    for key, label in SUMMARY_ROWS:
+        cells = "".join(f"<td>{_fmt(report['models'][m].get('metrics', {}).get(key))}</td>" for m in models)
+        rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
+    corpora_rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{_fmt(c.get('texts'))}</td><td>{_fmt(c.get('bytes'))}</td></tr>"
+        for n, c in report.get("corpora", {}).items())
+    figures = "".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{html.escape(CAPTIONS.get(name, name))}</figcaption></figure>" for name, png in plots.items())
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
+    paths = "".join(f"<tr><th>{html.escape(m)}</th><td><code>{html.escape(str(report['models'][m].get('path')))}"
+                    f"</code></td></tr>" for m in models)
+    run_cost = report.get("run_cost") or {}
+    cost_line = ""
+    if run_cost.get("cost") is not None:
+        cost_line = (f"<p>Run cost: {_fmt(run_cost['cost'])} for {_fmt(run_cost['wall_seconds'])} s "
+                     f"(generate {_fmt(run_cost.get('generate_seconds'))} s + train "
+                     f"{_fmt(run_cost.get('train_seconds'))} s) at {_fmt(run_cost.get('cost_per_hour'))}/hour.</p>")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>raydistill eval: {html.escape(str(report.get('run_dir', '')))}</title>
+<style>
+body {{ font-family: sans-serif; margin: 24px; color: #222; max-width: 1100px; }}
+table {{ border-collapse: collapse; margin: 8px 0 16px; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+th {{ background: #f4f4f4; text-align: left; }}
+.gate {{ padding: 10px 14px; border-radius: 6px; font-weight: bold; margin: 12px 0; }}
+.pass {{ background: #e3f6e3; border: 1px solid #3a3; }} .fail {{ background: #fbe3e3; border: 1px solid #c33; }}
+figure {{ margin: 12px 0 24px; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
+figcaption {{ font-size: 0.9em; color: #555; }}
+</style></head><body>
+<h1>raydistill evaluation</h1>
+<p>Run <code>{html.escape(str(report.get('run_dir', '')))}</code> · config hash <code>{html.escape(str(report.get('config_hash', '')))}</code>
+· {html.escape(str(report.get('created', '')))}</p>
+<div class="gate {'pass' if ok else 'fail'}">Gate {'PASSED' if ok else 'FAILED'}: {html.escape(str(gate.get('reason', '')))}</div>
+<h2>Summary</h2>
+<table><tr><th></th>{head}</tr>{''.join(rows)}</table>
+{cost_line}
+<h2>Plots</h2>
+{figures}
+<h2>Corpora</h2>
+<table><tr><th>corpus</th><th>texts</th><th>bytes</th></tr>{corpora_rows}</table>
+<h2>Models</h2>
+<table>{paths}</table>
+<h2>Notes</h2>
+<ul>{notes or '<li>none</li>'}</ul>
+<details><summary>report.json</summary><pre>{html.escape(json.dumps(report, indent=1, default=str)[:200000])}</pre></details>
+</body></html>
+"""

@@ -1,0 +1,322 @@
+"""The eval stage: score teacher, student, student-at-init and an optional baseline; gate; write the report.
+
+Writes ``{run}/eval/report.json`` (every number, config hash, model paths), ``{run}/eval/*.png``
+and ``{run}/eval/report.html`` (self-contained). Models are loaded one at a time, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from cluster import storage
+from cluster.errors import RaydistillError
+from distill.eval import corpora as corpora_mod
+from distill.eval import metrics as M
+from distill.eval import report as report_mod
+from distill.eval import speed as speed_mod
+from distill.eval.gate import evaluate_gate
+
+log = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+HELDOUT = "heldout"
+
+
+# ----------------------------------------------------------------------------- loading
+def _local_dir(uri: str) -> str:
+    """A local copy of a model dir URI (local paths are used in place)."""
+    if storage.is_local(uri):
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+    fs, path = storage.filesystem(uri)
+    dst = tempfile.mkdtemp(prefix="raydistill-eval-")
+    fs.get(path.rstrip("/") + "/", dst, recursive=True)
+    return dst
+
+
+def load_model(path_or_alias: str, *, role: str) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, local dir)``; RaydistillError when the dir, its weights or its tokenizer are missing."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import distill.student.hf  # noqa: F401 - registers raydistill_moe with Auto*
+
+    if role in ("teacher", "baseline") and not storage.exists(path_or_alias):
+        from distill.teacher.sources import resolve_model
+
+        local = resolve_model(path_or_alias)
+    else:
+        if not storage.exists(path_or_alias):
+            raise RaydistillError(f"{role} model {path_or_alias} does not exist; train the run first or pass "
+                                  f"--model DIR")
+        local = _local_dir(path_or_alias)
+    if not os.path.exists(os.path.join(local, "config.json")):
+        raise RaydistillError(f"{role} model {path_or_alias} is not an HF model dir (no config.json); pass the "
+                              "directory written by training/export")
+    if not any(os.path.exists(os.path.join(local, f)) for f in TOKENIZER_FILES):
+        raise RaydistillError(f"{role} model dir {path_or_alias} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); "
+                              f"save one there with tokenizer.save_pretrained('{path_or_alias}') (e.g. the teacher's)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    except Exception as exc:  # noqa: BLE001 - reported with the path
+        raise RaydistillError(f"cannot load the tokenizer of {role} model {path_or_alias} ({exc}); "
+                              "re-save it with tokenizer.save_pretrained") from exc
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).eval()
+    return model, tokenizer, local
+
+
+def same_vocabulary(a: Any, b: Any) -> bool:
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def heldout_rows(cfg: Any, run_dir: str) -> tuple[list[dict], dict[str, Any]]:
+    """Held-out teacher rows (``is_heldout`` on prompt_id), at most ``eval.max_heldout_rows``, by prompt_id."""
+    from distill.data.shards import read_dir
+    from distill.data.split import is_heldout
+
+    filtered = storage.join(run_dir, "data", "filtered")
+    source = filtered if storage.exists(storage.join(filtered, "manifest.json")) else \
+        storage.join(run_dir, "data", "generate")
+    fraction = float(getattr(cfg.train, "heldout_fraction", 0.1))
+    seed = int(getattr(cfg.train, "seed", 0))
+    info = {"source": source, "fraction": fraction, "seed": seed, "rows": 0}
+    table = read_dir(source, ["prompt_id", "completion", "input_ids", "prompt_len", "topk_ids", "topk_logprobs"])
+    if table is None:
+        return [], info
+    rows = [r for r in table.to_pylist() if is_heldout(r["prompt_id"], fraction, seed)]
+    rows.sort(key=lambda r: r["prompt_id"])
+    info["available"] = len(rows)
+    rows = rows[:cfg.eval.max_heldout_rows]
+    info["rows"] = len(rows)
+    return rows, info
+
+
+def _read_jsonl(uri: str) -> list[dict]:
+    if not storage.exists(uri):
+        return []
+    out = []
+    for line in storage.read_text(uri).splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line while training still writes
+    return out
+
+
+def _read_manifest(uri: str) -> Optional[dict]:
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def run_cost(run_dir: str, cost_per_hour: Optional[float]) -> dict[str, Any]:
+    """Hardware cost of the run: teacher generation + training wall seconds at ``cost_per_hour``."""
+    gen = _read_manifest(storage.join(run_dir, "data", "generate", "manifest.json")) or {}
+    train = _read_manifest(storage.join(run_dir, "train", "manifest.json")) or {}
+    g, t = float(gen.get("wall_seconds") or 0.0), float(train.get("wall_seconds") or 0.0)
+    cost = None if cost_per_hour is None else (g + t) / 3600.0 * cost_per_hour
+    return {"generate_seconds": g, "train_seconds": t, "wall_seconds": g + t, "cost_per_hour": cost_per_hour,
+            "cost": cost}
+
+
+# ----------------------------------------------------------------------------- one model
+def _combine_bpb(results: list[dict]) -> Optional[float]:
+    nats = sum(r["nats"] for r in results)
+    nbytes = sum(r["bytes"] for r in results)
+    return nats / math.log(2) / nbytes if nbytes else None
+
+
+def evaluate_model(name: str, model: Any, tokenizer: Any, *, cfg: Any, texts: dict[str, list[str]],
+                   rows: list[dict], fidelity_ok: bool, timed: bool, notes: list[str], say) -> dict[str, Any]:
+    ecfg = cfg.eval
+    out: dict[str, Any] = {"vocab_size": len(tokenizer), "bits_per_byte": {}}
+    for corpus, corpus_texts in texts.items():
+        say(f"{name}: bits per byte on {corpus}")
+        out["bits_per_byte"][corpus] = M.bits_per_byte(model, tokenizer, corpus_texts, window=ecfg.window,
+                                                       batch_tokens=ecfg.batch_tokens)
+    experts_by_layer = None
+    if rows and fidelity_ok and name != "teacher":
+        say(f"{name}: fidelity and routing on {len(rows)} held-out rows")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else M.start_token_id(tokenizer)
+        scored = M.score_rows(model, rows, batch_tokens=ecfg.batch_tokens, pad_id=int(pad))
+        out["fidelity"] = {"kl": float(scored["kl"].mean()), "top1_agreement": float(scored["agree"].mean()),
+                           "tokens": int(scored["kl"].shape[0]),
+                           "teacher_token_nll": float(scored["student_nll"].mean())}
+        if scored["experts"].size:
+            max_k = getattr(getattr(model.config, "to_student_config", lambda: None)(), "max_k", None)
+            out["routing"] = M.routing_summary(scored["experts"], scored["entropy"], max_k=max_k)
+            out["load_balance"] = M.load_balance(scored["expert_load"])
+            experts_by_layer = out["routing"]["experts_per_token_by_layer"]
+    out["footprint"] = speed_mod.model_footprint(model, experts_by_layer)
+    if timed:
+        s = ecfg.speed
+        say(f"{name}: speed at batch {s.batch_sizes}")
+        out["speed"] = speed_mod.measure_speed(model, tokenizer, name=name, batch_sizes=s.batch_sizes,
+                                               prompt_tokens=s.prompt_tokens, new_tokens=s.new_tokens, warmup=s.warmup)
+    out["metrics"] = summary_metrics(out, ecfg.hardware_cost_per_hour)
+    return out
+
+
+def summary_metrics(result: dict, cost_per_hour: Optional[float]) -> dict[str, Any]:
+    """The flat numbers a gate or a table reads (keys of ``GATE_METRICS`` plus sizes)."""
+    bpb = result.get("bits_per_byte", {})
+    human = [v for k, v in bpb.items() if k != HELDOUT]
+    metrics: dict[str, Any] = {
+        "bpb_heldout": bpb[HELDOUT]["bits_per_byte"] if HELDOUT in bpb else None,
+        "bpb_human": _combine_bpb(human) if human else None,
+        "kl": result.get("fidelity", {}).get("kl"),
+        "top1_agreement": result.get("fidelity", {}).get("top1_agreement"),
+        "experts_per_token": result.get("routing", {}).get("experts_per_token_mean"),
+    }
+    speed = result.get("speed")
+    if speed:
+        by = speed["by_batch"]
+        smallest, largest = min(by, key=int), max(by, key=int)
+        metrics["ttft_s"] = by[smallest]["ttft_s"]
+        metrics["decode_tokens_per_s"] = by[largest]["decode_tokens_per_s"]
+        metrics["cost_per_million_tokens"] = speed_mod.cost_per_million_tokens(
+            by[largest]["decode_tokens_per_s"], cost_per_hour)
+        for b, m in by.items():
+            m["cost_per_million_tokens"] = speed_mod.cost_per_million_tokens(m["decode_tokens_per_s"], cost_per_hour)
+    else:
+        metrics.update({"ttft_s": None, "decode_tokens_per_s": None, "cost_per_million_tokens": None})
+    fp = result.get("footprint", {})
+    for key in ("parameters", "active_parameters", "kv_bytes_per_token"):
+        metrics[key] = fp.get(key)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the stage
+def run_eval_stage(cfg: Any, run_dir: str, *, model_dir: Optional[str] = None, baseline_dir: Optional[str] = None,
+                   show_progress: bool = True) -> dict:
+    """Evaluate the run's models, apply the gate, write ``{run}/eval/report.{json,html}`` and plots.
+
+    ``model_dir`` defaults to ``{run}/student``; ``baseline_dir`` to ``eval.gate.baseline``.
+    Returns the report dict (``report["gate"]``, ``report["paths"]``).
+    """
+    import torch
+
+    from distill.teacher.sources import resolve_model
+
+    ecfg = cfg.eval
+    started = time.time()
+    if ecfg.threads:
+        torch.set_num_threads(ecfg.threads)
+
+    def say(message: str) -> None:
+        log.info(message)
+        if show_progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[dim]eval[/dim] {message}")
+
+    notes: list[str] = []
+    eval_dir = storage.join(run_dir, "eval")
+    student_path = model_dir or storage.join(run_dir, "student")
+    if not storage.exists(student_path):
+        raise RaydistillError(f"student model {student_path} does not exist; run training first or pass --model DIR")
+    baseline_path = baseline_dir or ecfg.gate.baseline
+    init_path = storage.join(run_dir, "train", "init")
+    paths: dict[str, Optional[str]] = {"teacher": cfg.teacher.model, "student": student_path}
+    if "init" in ecfg.models:
+        if storage.exists(storage.join(init_path, "config.json")):
+            paths["init"] = init_path
+        else:
+            notes.append(f"student at initialisation skipped: {init_path} is absent (training writes it)")
+    if baseline_path and "baseline" in ecfg.models:
+        paths["baseline"] = baseline_path
+    order = [m for m in ("teacher", "student", "init", "baseline") if m in paths and (m in ecfg.models or m == "student")]
+
+    rows, held_info = heldout_rows(cfg, run_dir)
+    if not rows:
+        notes.append(f"no held-out teacher rows under {held_info['source']} (train.heldout_fraction="
+                     f"{held_info['fraction']}); held-out bits per byte and fidelity skipped")
+    human, corpus_notes = corpora_mod.load_corpora(ecfg.corpora, ecfg.builtin_corpus, ecfg.max_corpus_bytes,
+                                                   resolve=cfg.resolve_path)
+    notes.extend(corpus_notes)
+    texts: dict[str, list[str]] = {}
+    if rows:
+        texts[HELDOUT] = [r["completion"] for r in rows if r.get("completion")]
+        if not texts[HELDOUT]:
+            del texts[HELDOUT]
+    texts.update(human)
+    if not texts:
+        raise RaydistillError("nothing to evaluate on: no held-out teacher rows and no human corpus; set "
+                              "eval.corpora or install the builtin corpus (apt-get install fortunes-min)")
+
+    teacher_tok = None
+    results: dict[str, dict] = {}
+    for name in order:
+        say(f"loading {name}: {paths[name]}")
+        model, tokenizer, local = load_model(paths[name], role=name)
+        if name == "teacher":
+            teacher_tok = tokenizer
+        fidelity_ok = True
+        if name != "teacher" and teacher_tok is not None and not same_vocabulary(tokenizer, teacher_tok):
+            fidelity_ok = False
+            notes.append(f"{name}: vocabulary differs from the teacher's ({len(tokenizer)} vs {len(teacher_tok)} "
+                         "tokens); bits per byte compared, KL and top-1 agreement skipped")
+        elif name != "teacher" and teacher_tok is None and rows:
+            # Teacher not evaluated (eval.models): the stored soft labels must at least index this vocabulary.
+            fidelity_ok = len(tokenizer) > max(max(max(k) for k in r["topk_ids"]) for r in rows if r["topk_ids"])
+        timed = ecfg.speed.enabled and name in ("teacher", "student")
+        results[name] = evaluate_model(name, model, tokenizer, cfg=cfg, texts=texts, rows=rows,
+                                       fidelity_ok=bool(fidelity_ok), timed=timed, notes=notes, say=say)
+        results[name]["path"] = paths[name]
+        results[name]["local_path"] = local
+        del model
+    if "teacher" in results and rows:
+        # The teacher against itself: KL 0 and agreement 1 by definition (the reference for gates on them).
+        results["teacher"]["metrics"].update({"kl": 0.0, "top1_agreement": 1.0})
+
+    report: dict[str, Any] = {
+        "run_dir": run_dir, "config_hash": cfg.section_hash(), "eval_config": ecfg.model_dump(mode="json"),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "models": results,
+        "corpora": {name: {"texts": len(t), "bytes": sum(len(x.encode("utf-8")) for x in t)} for name, t in texts.items()},
+        "heldout": held_info, "run_cost": run_cost(run_dir, ecfg.hardware_cost_per_hour),
+        "training": _read_manifest(storage.join(run_dir, "train", "manifest.json")),
+        "notes": notes,
+    }
+    report["gate"] = evaluate_gate(ecfg.gate, {k: v["metrics"] for k, v in results.items()})
+    if "teacher" in results and "student" in results:
+        t, s = results["teacher"]["metrics"], results["student"]["metrics"]
+        report["comparison"] = {
+            "decode_speedup": (s["decode_tokens_per_s"] / t["decode_tokens_per_s"])
+            if s.get("decode_tokens_per_s") and t.get("decode_tokens_per_s") else None,
+            "active_parameter_ratio": (s["active_parameters"] / t["active_parameters"])
+            if s.get("active_parameters") and t.get("active_parameters") else None,
+            "kv_bytes_ratio": (s["kv_bytes_per_token"] / t["kv_bytes_per_token"])
+            if s.get("kv_bytes_per_token") and t.get("kv_bytes_per_token") else None,
+        }
+    report["wall_seconds"] = round(time.time() - started, 2)
+
+    training_metrics = _read_jsonl(storage.join(run_dir, "train", "metrics.jsonl"))
+    plots = report_mod.make_plots(report, training_metrics)
+    json_uri, html_uri = storage.join(eval_dir, "report.json"), storage.join(eval_dir, "report.html")
+    report["paths"] = {"json": json_uri, "html": html_uri,
+                       **{f"png_{k}": storage.join(eval_dir, f"{k}.png") for k in plots}}
+    for name, png in plots.items():
+        storage.atomic_write_bytes(storage.join(eval_dir, f"{name}.png"), png)
+    storage.atomic_write_text(html_uri, report_mod.render_html(report, plots))
+    storage.atomic_write_json(json_uri, _jsonable(report))
+    say(f"report: {html_uri}")
+    return report
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy scalars and NaN -> plain JSON values."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    return obj

@@ -1,0 +1,174 @@
+"""The eval stage end to end on a fake run (tiny models): report.json, HTML, gate, bad input, CLI, Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.config import load_config
+from cluster.errors import RaydistillError
+from distill.eval.stage import load_model, run_eval_stage
+
+
+@pytest.fixture(scope="module")
+def report(fake_run) -> dict:
+    return run_eval_stage(load_config(fake_run["config"]), fake_run["run"], show_progress=False)
+
+
+def test_report_has_every_number_and_is_written(report, fake_run):
+    on_disk = json.loads(Path(report["paths"]["json"]).read_text())
+    assert on_disk["gate"] == report["gate"] and on_disk["config_hash"] == report["config_hash"]
+    assert set(report["models"]) == {"teacher", "student", "init"}
+    assert report["models"]["student"]["path"] == str(Path(fake_run["run"]) / "student")
+    assert report["heldout"]["rows"] == len(fake_run["heldout"]) == 6  # only held-out prompt ids
+    assert report["corpora"]["heldout"]["texts"] == 6 and "human.txt" in report["corpora"]
+    for name in ("teacher", "student", "init"):
+        m = report["models"][name]["metrics"]
+        assert 0 < m["bpb_heldout"] < 20 and 0 < m["bpb_human"] < 20
+        assert m["parameters"] > 0 and m["kv_bytes_per_token"] > 0
+    s = report["models"]["student"]
+    assert s["metrics"]["kl"] > 0 and 0 <= s["metrics"]["top1_agreement"] <= 1
+    assert report["models"]["teacher"]["metrics"]["kl"] == 0.0
+    assert 1 <= s["metrics"]["experts_per_token"] <= 3
+    assert len(s["routing"]["experts_per_token_by_layer"]) == 2 and s["routing"]["difficulty_curve"]
+    assert len(s["load_balance"]["by_layer"]) == 2
+
+
+def test_speed_and_cost(report):
+    for name in ("teacher", "student"):
+        speed = report["models"][name]["speed"]
+        assert set(speed["by_batch"]) == {"1", "2"}
+        for b, m in speed["by_batch"].items():
+            assert m["total_tokens"] == int(b) * 4 and m["ttft_s"] > 0 and m["decode_tokens_per_s"] > 0
+            assert m["cost_per_million_tokens"] == pytest.approx(2.0 / (m["decode_tokens_per_s"] * 3600) * 1e6)
+    assert "speed" not in report["models"]["init"]
+    assert report["run_cost"] == {"generate_seconds": 120.0, "train_seconds": 240.0, "wall_seconds": 360.0,
+                                  "cost_per_hour": 2.0, "cost": pytest.approx(0.2)}
+    assert report["comparison"]["decode_speedup"] > 0
+
+
+def test_gate_uses_init_by_default(report):
+    gate = report["gate"]
+    assert set(gate) == {"passed", "metric", "direction", "margin", "value", "reference", "against", "reason"}
+    assert gate["against"] == "init" and gate["metric"] == "bpb_heldout"
+    assert gate["value"] == report["models"]["student"]["metrics"]["bpb_heldout"]
+    assert gate["reference"] == report["models"]["init"]["metrics"]["bpb_heldout"]
+    assert gate["passed"] == (gate["value"] <= gate["reference"])
+
+
+def test_html_is_self_contained_with_all_plots(report):
+    text = Path(report["paths"]["html"]).read_text()
+    assert len(re.findall(r'src="data:image/png;base64,', text)) == 4
+    assert not re.search(r'(src|href)="(https?:)?//', text)  # nothing fetched from a network
+    for name in ("training_loss", "bits_per_byte", "routing", "speed"):
+        assert Path(report["paths"][f"png_{name}"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _screenshot(html: Path, out: Path) -> np.ndarray:
+    import matplotlib.image
+
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={out}", "--window-size=1200,2600", html.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    return matplotlib.image.imread(str(out))[..., :3]  # [H, W, 3] floats in [0, 1]
+
+
+def _colored_share(img: np.ndarray) -> float:
+    """Share of pixels with clearly saturated colour (plot bars and lines; text is black/grey)."""
+    return float(((img.max(-1) - img.min(-1)) > 0.25).mean())
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium is missing (apt-get install chromium; .ci/run installs it)")
+def test_html_renders_in_headless_chromium_with_plots(report, tmp_path):
+    html = Path(report["paths"]["html"])
+    img = _screenshot(html, tmp_path / "report.png")
+    assert img.shape[:2] == (2600, 1200)
+    non_white = float((img.min(-1) < 0.9).mean())
+    assert non_white > 0.05, f"screenshot is nearly blank ({non_white:.3f} non-white)"
+    with_plots = _colored_share(img)
+    # Control: the same page without its images shows almost no colour, so the plots are what is seen.
+    bare = tmp_path / "bare.html"
+    bare.write_text(re.sub(r'src="data:image/png;base64,[^"]*"', 'src=""', html.read_text()))
+    without = _colored_share(_screenshot(bare, tmp_path / "bare.png"))
+    assert with_plots > 0.02 and with_plots > 10 * without, (with_plots, without)
+
+
+def test_baseline_with_another_vocabulary_skips_kl_with_a_note(fake_run, tokenizer, tmp_path):
+    from tests.distill.eval.conftest import save, tiny_llama
+
+    other = tokenizer.__class__.from_pretrained(fake_run["student"])
+    other.add_tokens(["<extra-token>"])
+    baseline = save(tiny_llama(other, seed=5), other, tmp_path / "baseline")
+    cfg = load_config(fake_run["config"], ["eval.models=[teacher, student, baseline]", "eval.speed.enabled=false",
+                                           "eval.gate.metric=bpb_human"])
+    rep = run_eval_stage(cfg, fake_run["run"], baseline_dir=baseline, show_progress=False)
+    b = rep["models"]["baseline"]
+    assert b["vocab_size"] == len(tokenizer) + 1
+    assert b["metrics"]["bpb_human"] > 0 and b["metrics"]["kl"] is None and "fidelity" not in b
+    assert any("baseline: vocabulary differs" in n and "KL and top-1 agreement skipped" in n for n in rep["notes"])
+    assert "init" not in rep["models"]
+    assert rep["gate"]["against"] == "baseline" and rep["gate"]["reference"] == b["metrics"]["bpb_human"]
+
+
+def test_model_dir_without_tokenizer_is_an_error_naming_the_path(fake_run, tmp_path):
+    bare = tmp_path / "student-no-tok"
+    shutil.copytree(fake_run["student"], bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
+    with pytest.raises(RaydistillError, match=rf"{bare} has no tokenizer.*save_pretrained"):
+        load_model(str(bare), role="student")
+    cfg = load_config(fake_run["config"], ["eval.speed.enabled=false"])
+    with pytest.raises(RaydistillError, match="has no tokenizer"):
+        run_eval_stage(cfg, fake_run["run"], model_dir=str(bare), show_progress=False)
+
+
+def test_empty_corpus_is_an_error_naming_the_path(fake_run, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cfg = load_config(fake_run["config"], [f"eval.corpora={empty}"])
+    with pytest.raises(RaydistillError, match=rf"{empty} is empty"):
+        run_eval_stage(cfg, fake_run["run"], show_progress=False)
+
+
+def test_cli_json(fake_run, capsys):
+    from pipelines.cli import main
+
+    code = main(["eval", "--config", fake_run["config"], "--run", "run1", "--set", "eval.speed.enabled=false",
+                 "--set", "eval.models=[student, init]", "--set", "eval.gate.metric=kl", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gate"]["against"] == "init" and out["gate"]["metric"] == "kl"
+    assert out["gate"]["passed"] == (out["metrics"]["student"]["kl"] <= out["metrics"]["init"]["kl"])
+    assert Path(out["paths"]["html"]).exists()
+
+
+def test_cli_table_prints_report_paths(fake_run, capsys):
+    from pipelines.cli import main
+
+    code = main(["eval", "--config", fake_run["config"], "--set", "eval.speed.enabled=false",
+                 "--set", "eval.models=[student]", "--set", "eval.gate.against=teacher"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out.strip().splitlines()[-2].endswith("eval/report.html")
+    assert "gate FAILED" in captured.err and "no reference model 'teacher'" in captured.err
+
+
+def test_model_dirs_load_from_fsspec_uris(fake_run):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.put(fake_run["student"] + "/", "/eval-test/student", recursive=True)
+    model, tokenizer, local = load_model("memory://eval-test/student", role="student")
+    assert type(model).__name__ == "RaydistillMoeForCausalLM" and len(tokenizer) == 259
+    assert Path(local, "model.safetensors").exists()
