@@ -113,7 +113,7 @@ class _Progress:
             return
         steps = [json.loads(l) for l in lines if l.strip()]
         steps = [m for m in steps if "loss" in m]
-        if steps:
+        if steps and steps[-1]["step"] != bar.n:  # redraw only on progress (logs stay readable)
             last = steps[-1]
             bar.n = last["step"]
             bar.set_postfix(stage=last["stage_name"], loss=f"{last['loss']:.3f}", kl=f"{last['kl']:.3f}",
