@@ -1,6 +1,6 @@
 """A short-lived local Ray with the job server (dashboard) for the Ray Jobs API test.
 
-Run as ``python ray_head.py DASHBOARD_PORT AGENT_PORT TEMP_DIR``; prints READY when the job server is up
+Run as ``python ray_head.py DASHBOARD_PORT AGENT_PORT TEMP_DIR [NUM_CPUS]`` (default 1 CPU); prints READY when the job server is up
 and shuts Ray down on SIGTERM. Its own temp dir keeps ``ray_current_cluster`` out of /tmp/ray, so other
 processes' ``ray.init()`` never join this cluster by accident. ``ray.init`` has no option for the
 dashboard agent's port (default 52365, taken when another Ray with a dashboard runs on the machine),
@@ -16,6 +16,7 @@ import ray
 
 def main() -> None:
     port, agent_port, temp_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    num_cpus = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     from ray._private import parameter
 
     original = parameter.RayParams.__init__
@@ -25,7 +26,7 @@ def main() -> None:
         original(self, *args, **kwargs)
 
     parameter.RayParams.__init__ = params
-    ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              object_store_memory=200 * 1024**2, _temp_dir=temp_dir, logging_level="WARNING")
 
     def stop(*_):
