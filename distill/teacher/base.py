@@ -136,6 +136,21 @@ def load_backend(teacher_cfg: Any) -> TeacherBackend:
     return backend_class(teacher_cfg.backend).from_config(teacher_cfg)
 
 
+def encode_with_tokenizer(tokenizer: Any, prompt: PromptInput) -> list[int]:
+    """Token ids of a plain prompt (no special tokens added) or of chat messages (template + generation prompt)."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not tokenizer.chat_template:
+        from cluster.errors import ConfigError
+
+        raise ConfigError("this teacher's tokenizer has no chat template; give plain `prompt` text "
+                          "instead of `messages`")
+    encoded = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+    if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
 def topk_from_logits(logits: "torch.Tensor", k: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: F821
     """Raw top-k of ``log_softmax(logits)`` in fp32: [N, V] -> ([N, k] int32, [N, k] float32)."""
     import torch

@@ -15,7 +15,7 @@ import torch
 
 from cluster.errors import ConfigError
 from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, TeacherBackend,
-                                  topk_from_logits)
+                                  encode_with_tokenizer, topk_from_logits)
 from distill.teacher.sources import model_revision, resolve_model
 
 
@@ -45,15 +45,7 @@ class EngineTeacher(TeacherBackend):
         return self.engine.context_length
 
     def encode_prompt(self, prompt: PromptInput) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if not self.tokenizer.chat_template:
-            raise ConfigError("this teacher's tokenizer has no chat template; give plain `prompt` text "
-                              "instead of `messages`")
-        encoded = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-        if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding
-            encoded = encoded["input_ids"]
-        return list(encoded)
+        return encode_with_tokenizer(self.tokenizer, prompt)
 
     def generate(self, prompts: Sequence[PromptInput], sampling: SamplingParams) -> list[Completion]:
         from serve.engine import GenerationRequest, SamplingOptions
