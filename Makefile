@@ -33,8 +33,11 @@ DEMO_KEEP_SERVING ?= 1
 demo: install corpus
 	$(VENV)/bin/raydistill run pipelines/configs/quickstart.yaml $(if $(filter 0,$(DEMO_KEEP_SERVING)),,--keep-serving)
 
+# Tests that start their own Ray cluster (job server) run in a second pytest process, so the
+# first process's embedded session Ray never shares a machine-wide state with them mid-test.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not own_cluster" tests
+	$(PY) -m pytest -q -m own_cluster tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests

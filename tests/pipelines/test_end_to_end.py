@@ -166,6 +166,7 @@ def job_cluster(num_cpus: int = 2) -> Iterator[str]:
 
 
 # ------------------------------------------------------------------------------------ 1. end to end
+@pytest.mark.own_cluster
 def test_pipeline_job_end_to_end(tiny_teacher_dir, tmp_path, capsys):
     from pipelines.cli import main
 
@@ -250,6 +251,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.own_cluster
 def test_killed_run_resumes_without_regenerating(tiny_teacher_dir, tmp_path):
     # 2 + 24 steps with a checkpoint every 2: the run is killed after a checkpoint, long before the end.
     config = tiny_pipeline_config(tmp_path, tiny_teacher_dir, serve_port=_free_port(),

@@ -64,6 +64,7 @@ def job_server():
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.own_cluster
 def test_submit_only_filter_job(job_server, tmp_path, capsys):
     from pipelines.cli import main
 
@@ -114,6 +115,7 @@ class _StartedClock:
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.own_cluster
 def test_scheduler_submits_ray_jobs(job_server, tmp_path):
     import datetime as dt
 
@@ -138,6 +140,7 @@ def test_scheduler_submits_ray_jobs(job_server, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.own_cluster
 def test_job_driver_keeps_the_jobs_runtime_env(job_server):
     """Inside a job, ensure_ray joins the cluster without replacing the job's runtime_env (pip, env vars)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
