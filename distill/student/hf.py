@@ -24,6 +24,11 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, Ge
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+# transformers renamed the cache argument and output field ``past_key_values`` -> ``cache`` (5.2x);
+# generate() passes and reads back whichever name its version uses, so forward() takes both.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} \
+    else "past_key_values"
+
 from distill.student.cache import KVCache
 from distill.student.config import StudentConfig
 from distill.student.model import CausalLMMixin, DecoderLayer, RMSNorm, StudentModel
@@ -168,19 +173,22 @@ class RaydistillMoeForCausalLM(CausalLMMixin, RaydistillMoePreTrainedModel, Gene
                 position_ids: Optional[torch.LongTensor] = None, past_key_values: Optional[KVCache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
                 use_cache: Optional[bool] = None, logits_to_keep: int | torch.Tensor = 0,
-                compute_aux: Optional[bool] = None, **kwargs: Any) -> StudentCausalLMOutput:
+                compute_aux: Optional[bool] = None, cache: Optional[KVCache] = None,
+                **kwargs: Any) -> StudentCausalLMOutput:
         """Logits [B, T, V]; ``loss`` = next-token cross-entropy + ``aux_loss`` when ``labels`` are given.
 
-        With ``past_key_values`` (a :class:`KVCache` that already holds the prompt) the input must
-        be one new token per row. With ``use_cache=True`` and no cache, the prompt is prefilled
+        With ``cache`` (or its older name ``past_key_values``: a :class:`KVCache` that already holds
+        the prompt) the input must be one new token per row. With ``use_cache=True`` and no cache, the prompt is prefilled
         into a new cache returned as ``past_key_values``. Router aux losses are computed when
         ``compute_aux`` is True, by default when gradients are on or ``labels`` are given (they
         are training signals; generate() and inference skip them, ``aux_loss`` is then None).
         """
-        if past_key_values is not None and not isinstance(past_key_values, KVCache):
-            raise TypeError(f"past_key_values must be a distill.student KVCache, got {type(past_key_values).__name__}")
-        decode = past_key_values is not None and past_key_values.get_seq_length() > 0
-        cache = past_key_values
+        if cache is not None and past_key_values is not None:
+            raise TypeError("pass the KV cache as cache= or past_key_values=, not both")
+        cache = past_key_values if cache is None else cache
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"the cache must be a distill.student KVCache, got {type(cache).__name__}")
+        decode = cache is not None and cache.get_seq_length() > 0
         if cache is None and use_cache:
             ref = input_ids if input_ids is not None else inputs_embeds
             cache = self.new_cache(ref.shape[0], max_seq_len=ref.shape[1] + 64)
@@ -205,8 +213,8 @@ class RaydistillMoeForCausalLM(CausalLMMixin, RaydistillMoePreTrainedModel, Gene
             shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
             loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100) + out.aux_loss
         return StudentCausalLMOutput(loss=loss, aux_loss=out.aux_loss, logits=logits,
-                                     past_key_values=cache if (use_cache or decode) else None,
-                                     aux_losses=out.aux_losses, routing_stats=out.routing)
+                                     aux_losses=out.aux_losses, routing_stats=out.routing,
+                                     **{_CACHE_FIELD: cache if (use_cache or decode) else None})
 
 
 StudentForCausalLM = RaydistillMoeForCausalLM

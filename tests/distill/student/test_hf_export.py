@@ -56,25 +56,55 @@ def test_tied_embeddings_are_saved_once_and_stay_tied(tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
-def test_generate_matches_a_greedy_loop_with_left_padding():
-    model = tiny_student(seed=4)
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22]]
-    ids = torch.zeros(2, 11, dtype=torch.long)
-    mask = torch.zeros(2, 11, dtype=torch.long)
+def _greedy_full_forward(model, prompt: list[int], steps: int) -> list[int]:
+    """The reference: re-run the whole sequence every step, no cache."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            seq.append(int(model(torch.tensor(seq)[None]).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("left_padding", [False, True])
+def test_generate_uses_its_cache_and_matches_a_full_forward_greedy_loop(left_padding):
+    # initializer_range 0.1: logits are large enough that the argmax depends on the context (checked
+    # below), so a generate() that drops its cache between steps cannot pass.
+    model = tiny_student(seed=4, initializer_range=0.1)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22]] if left_padding else \
+        [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]
+    width, steps = 11, 20
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, 11 - len(p):] = torch.tensor(p)
-        mask[b, 11 - len(p):] = 1
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
-    assert out.shape == (2, 31)
+        ids[b, width - len(p):] = torch.tensor(p)
+        mask[b, width - len(p):] = 1
+    assert bool((mask == 0).any()) == left_padding
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, width + steps)
     for b, p in enumerate(prompts):
-        seq = list(p)
+        expected = _greedy_full_forward(model, p, steps)
+        assert out[b, width:].tolist() == expected, b
+        # The context matters: the last token alone predicts something else at some step.
         with torch.no_grad():
-            for _ in range(20):
-                seq.append(int(model(torch.tensor(seq)[None]).logits[0, -1].argmax()))
-        assert out[b, 11:].tolist() == seq[len(p):], b
-    no_cache = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0,
+            alone = [int(model(torch.tensor([[t]])).logits[0, -1].argmax()) for t in [p[-1], *expected[:-1]]]
+        assert alone != expected, "initializer_range too small: the argmax ignores the context"
+    no_cache = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0,
                               use_cache=False)
     assert torch.equal(out, no_cache)
+
+
+def test_cached_decode_logits_equal_a_full_forward():
+    model = tiny_student(seed=5, initializer_range=0.1)
+    ids = torch.randint(1, 96, (2, 9))
+    with torch.no_grad():
+        full = model(ids).logits  # [2, 9, V]
+        prefill = model(ids[:, :6], use_cache=True)
+        cache = prefill.cache if hasattr(prefill, "cache") else prefill.past_key_values
+        for t in range(6, 9):
+            step = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            torch.testing.assert_close(step.logits[:, -1], full[:, t], rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="not both"):
+        model(ids[:, :1], cache=cache, past_key_values=cache)
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
