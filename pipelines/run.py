@@ -46,13 +46,13 @@ def execute(args: argparse.Namespace, *, keep_serving: bool = False, argv: Optio
                       "URI to keep the runs[/yellow]")
     outcome = run_pipeline(cfg, run_id=args.run_id, new=args.new, from_stage=args.from_stage, only=args.only,
                            live=False if args.no_live else None, console=console, argv=argv)
-    print_summary(outcome, console)
+    sample = None
     if outcome.base_url and not args.no_sample:
         try:
-            text = sample_completion(outcome.base_url, cfg)
-            console.print(f"[bold]sample[/bold] {cfg.pipeline.sample_prompt!r} ->\n{text}", highlight=False)
+            sample = (cfg.pipeline.sample_prompt, sample_completion(outcome.base_url, cfg))
         except Exception as exc:  # noqa: BLE001 - the run itself succeeded; say why the sample did not
             console.print(f"[yellow]sample completion failed:[/yellow] {exc}")
+    print_summary(outcome, console, cfg.pipeline.targets, sample=sample)
     print(outcome.run_dir, flush=True)
     if keep_serving and outcome.base_url:
         console.print(f"serving {outcome.summary.get('served_model')} at {outcome.base_url}/v1 "

@@ -338,8 +338,9 @@ def build_summary(data: Mapping[str, Any], selected: Optional[list[str]] = None)
         "manifest": storage.join(str(data.get("run_dir")), "manifest.json"),
     }
     for key in ("student_bpb_heldout", "teacher_bpb_heldout", "student_bpb_human", "teacher_bpb_human",
-                "student_decode_tokens_per_s", "teacher_decode_tokens_per_s", "decode_speedup", "gate_passed",
-                "gate_reason", "report"):
+                "init_bpb_human", "student_decode_tokens_per_s", "teacher_decode_tokens_per_s", "decode_speedup",
+                "student_ttft_s", "teacher_ttft_s", "student_experts_per_token", "init_experts_per_token",
+                "student_max_k", "student_hard_minus_easy", "gate_passed", "gate_reason", "report"):
         summary[key] = em.get(key)
     if entries.get("gate", {}).get("metrics"):
         summary["gate_passed"] = metrics["gate"].get("passed", summary["gate_passed"])
@@ -350,8 +351,9 @@ def build_summary(data: Mapping[str, Any], selected: Optional[list[str]] = None)
     return summary
 
 
-def print_summary(outcome_or_summary: Any, console: Any = None) -> None:
-    """The final stage table and a key/value table of the run's headline numbers."""
+def print_summary(outcome_or_summary: Any, console: Any = None, targets_section: Any = None,
+                  sample: Optional[tuple[str, str]] = None) -> None:
+    """The final stage table, a key/value table of the run's headline numbers, and the ratios vs their targets."""
     from rich.table import Table
 
     console = console or wide_console()
@@ -382,6 +384,55 @@ def print_summary(outcome_or_summary: Any, console: Any = None) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+    targets = target_rows(summary, targets_section)
+    if targets:
+        check = Table(title="student vs teacher, against the targets (pipeline.targets)", title_justify="left")
+        for column in ("measure", "value", "target", ""):
+            check.add_column(column)
+        for name, value, target, ok in targets:
+            check.add_row(name, value, target, "-" if ok is None else ("ok" if ok else "MISSED"))
+        console.print(check)
+    if sample:
+        console.print(f"[bold]sample answer[/bold] (served student, greedy) {sample[0]!r} ->\n{sample[1]}",
+                      highlight=False)
+
+
+def _ratio(a: Any, b: Any) -> Optional[float]:
+    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
+def target_rows(summary: Mapping[str, Any], targets: Any) -> list[tuple[str, str, str, Optional[bool]]]:
+    """(measure, value, target, met?) for each ratio the run measured; met is None without a target."""
+    if targets is None:
+        from pipelines.section import TargetsSection
+
+        targets = TargetsSection()
+    s = summary
+    max_k = s.get("student_max_k")
+    experts = s.get("student_experts_per_token")
+    measures = [
+        ("bits/byte human text, student / teacher", _ratio(s.get("student_bpb_human"), s.get("teacher_bpb_human")),
+         targets.bpb_human_ratio, "<="),
+        ("bits/byte held-out teacher text, student / teacher",
+         _ratio(s.get("student_bpb_heldout"), s.get("teacher_bpb_heldout")), targets.bpb_heldout_ratio, "<="),
+        ("bits/byte human text, init / teacher", _ratio(s.get("init_bpb_human"), s.get("teacher_bpb_human")),
+         targets.init_bpb_human_ratio, "<="),
+        ("decode tokens/s, student / teacher", _ratio(s.get("student_decode_tokens_per_s"),
+                                                      s.get("teacher_decode_tokens_per_s")), targets.decode_speedup, ">="),
+        ("time to first token, student / teacher", _ratio(s.get("student_ttft_s"), s.get("teacher_ttft_s")),
+         targets.ttft_ratio, "<="),
+        (f"experts per token / max_k ({_fmt(experts, 2)} of {_fmt(max_k)})", _ratio(experts, max_k),
+         targets.experts_fraction, "<="),
+        ("difficulty curve: hard - easy (experts)", s.get("student_hard_minus_easy"), targets.hard_minus_easy, ">"),
+    ]
+    rows = []
+    for name, value, target, op in measures:
+        if value is None:
+            continue
+        ok = None if target is None else (value <= target if op == "<=" else value >= target if op == ">=" else
+                                          value > target)
+        rows.append((name, f"{value:.3f}", "-" if target is None else f"{op} {target:g}", ok))
+    return rows
 
 
 # ------------------------------------------------------------------------------------ after deploy

@@ -13,6 +13,26 @@ StageName = Literal["generate", "filter", "train", "eval", "gate", "export", "de
 STAGE_ORDER: tuple[str, ...] = ("generate", "filter", "train", "eval", "gate", "export", "deploy")
 
 
+class TargetsSection(Section):
+    """``pipeline.targets``: what the run summary holds each student/teacher ratio against (shown, not enforced).
+
+    Defaults are the quickstart's product bar: a student worth serving is close to the teacher in
+    bits per byte, clearly faster, and routes fewer experts to easy tokens than to hard ones.
+    """
+
+    bpb_human_ratio: Optional[float] = Field(default=1.25, gt=0, description="student/teacher bits/byte on human text, at most")
+    bpb_heldout_ratio: Optional[float] = Field(default=1.6, gt=0,
+                                               description="student/teacher bits/byte on held-out teacher text, at most")
+    init_bpb_human_ratio: Optional[float] = Field(default=1.5, gt=0,
+                                                  description="the student at init / teacher on human text, at most")
+    decode_speedup: Optional[float] = Field(default=1.8, gt=0,
+                                            description="student/teacher decode tokens/s at the largest batch, at least")
+    ttft_ratio: Optional[float] = Field(default=0.6, gt=0, description="student/teacher time to first token, at most")
+    experts_fraction: Optional[float] = Field(default=0.7, gt=0,
+                                              description="mean experts per token / max_k (top-p students), at most")
+    hard_minus_easy: Optional[float] = Field(default=0.0, description="difficulty curve rise (experts), above")
+
+
 class PipelineSection(Section):
     """``pipeline:`` in the pipeline YAML: which stages run, in order, and what the run summary prices."""
 
@@ -28,6 +48,7 @@ class PipelineSection(Section):
                                description="chat message sent to the served model after deploy")
     sample_max_tokens: int = Field(default=48, ge=1)
     live: bool = Field(default=True, description="live stage table on the driver when stderr is a terminal")
+    targets: TargetsSection = Field(default_factory=TargetsSection)
 
     @field_validator("stages")
     @classmethod

@@ -166,6 +166,12 @@ def eval_metrics(report: dict[str, Any]) -> dict[str, Any]:
         "teacher_decode_tokens_per_s": metric("teacher", "decode_tokens_per_s"),
         "decode_speedup": (report.get("comparison") or {}).get("decode_speedup"),
         "student_kl": metric("student", "kl"), "student_top1_agreement": metric("student", "top1_agreement"),
+        "init_bpb_human": metric("init", "bpb_human"), "init_bpb_heldout": metric("init", "bpb_heldout"),
+        "student_ttft_s": metric("student", "ttft_s"), "teacher_ttft_s": metric("teacher", "ttft_s"),
+        "student_experts_per_token": metric("student", "experts_per_token"),
+        "init_experts_per_token": metric("init", "experts_per_token"),
+        "student_max_k": ((models.get("student") or {}).get("routing") or {}).get("max_k"),
+        "student_hard_minus_easy": ((models.get("student") or {}).get("routing") or {}).get("hard_minus_easy"),
         "gate_passed": gate.get("passed"), "gate_reason": gate.get("reason"),
         "report": (report.get("paths") or {}).get("html") or (report.get("paths") or {}).get("json"),
     }

@@ -10,6 +10,19 @@ from cluster import storage
 from cluster.errors import RaydistillError
 
 SHARD_SUFFIX = ".parquet"
+FILTERED_DIR, GENERATED_DIR = "data/filtered", "data/generate"
+
+
+def data_dir_for(run_dir: str) -> str:
+    """A run's teacher data: ``data/filtered`` once its manifest exists (written last), else ``data/generate``."""
+    filtered = storage.join(run_dir, FILTERED_DIR)
+    if storage.exists(storage.join(filtered, "manifest.json")):
+        return filtered
+    generated = storage.join(run_dir, GENERATED_DIR)
+    if storage.listdir(generated, SHARD_SUFFIX):
+        return generated
+    raise RaydistillError(f"no training data in {run_dir}: neither {FILTERED_DIR}/manifest.json nor "
+                          f"{GENERATED_DIR}/*.parquet exists; run `raydistill generate` (and `filter`) first")
 
 
 def shard_uris(data_dir: str) -> list[str]:

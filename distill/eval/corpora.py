@@ -11,12 +11,12 @@ together) or ``.jsonl`` (a ``text`` field per line). Globs are expanded.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 from cluster import storage
 from cluster.errors import RaydistillError
+from distill.data.texts import read_texts
 
 FORTUNES_DIR = os.environ.get("RAYDISTILL_FORTUNES_DIR", "/usr/share/games/fortunes")
 FORTUNES_FILES = ("fortunes", "literature", "riddles")
@@ -74,30 +74,7 @@ def builtin_available(name: str) -> bool:
 
 def read_corpus(uri: str, max_bytes: Optional[int] = None) -> list[str]:
     """Texts of one user file (``.txt`` or ``.jsonl``); RaydistillError if it is missing or holds no text."""
-    if not storage.exists(uri):
-        raise RaydistillError(f"eval.corpora: {uri} does not exist; fix the path or remove it from eval.corpora")
-    raw = storage.read_text(uri)
-    if uri.endswith((".jsonl", ".json")):
-        texts = []
-        for number, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RaydistillError(f"eval.corpora: {uri} line {number} is not JSON ({exc}); write one "
-                                      "{\"text\": ...} object per line") from exc
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise RaydistillError(f"eval.corpora: {uri} line {number} has no string 'text' field")
-            texts.append(text)
-    else:
-        texts = [raw]
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise RaydistillError(f"eval.corpora: {uri} is empty (no text); give a file with human-written text or "
-                              "remove it from eval.corpora")
-    return _truncate(texts, max_bytes)
+    return _truncate(read_texts(uri, "eval.corpora"), max_bytes)
 
 
 def corpus_name(uri: str) -> str:

@@ -304,7 +304,7 @@ def routing_summary(experts: np.ndarray, entropy: np.ndarray, *, max_k: Optional
             curve.append({"bucket": b, "entropy_lo": float(edges[b]), "entropy_hi": float(edges[b + 1]),
                           "mean_entropy": float(entropy[sel].mean()), "mean_experts": float(mean_tok[sel].mean()),
                           "tokens": int(sel.sum())})
-    return {"tokens": int(n), "experts_per_token_mean": float(experts.mean()),
+    return {"tokens": int(n), "max_k": top, "experts_per_token_mean": float(experts.mean()),
             "experts_per_token_by_layer": [float(v) for v in experts.mean(axis=0)],
             "histogram": {"experts": list(range(top + 1)), "counts_by_layer": hist},
             "difficulty_curve": curve,

@@ -30,6 +30,8 @@ def register(subparsers: Any) -> None:
                       help="override a config value, e.g. --set student.num_experts=8 (repeatable)")
     init.add_argument("--out", required=True, metavar="DIR", help="directory to write the HF student into")
     init.add_argument("--seed", type=int, default=0, help="seed for random weights and the router init")
+    init.add_argument("--run", metavar="DIR", default=None,
+                      help="run directory whose teacher data calibrates the init (student.calibration.data: run)")
     init.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
     init.set_defaults(func=cmd_student_init)
 
@@ -62,13 +64,17 @@ def _prepare_out(path: str, force: bool) -> Path:
     return out
 
 
-def create_student(cfg: Any, out: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+def create_student(cfg: Any, out: str | Path, seed: int = 0, run_dir: str | None = None,
+                   progress: Any = None) -> tuple[Any, dict[str, Any]]:
     """Build the config's student (from the teacher or at random) and save it with the teacher's tokenizer to ``out``.
 
-    Returns (student config, init record). ``out`` must be a local directory.
+    A from-teacher student is calibrated on ``student.calibration.data`` (``run`` = ``run_dir``'s
+    teacher data, training rows only) unless that is ``none``. Returns (student config, init record);
+    the record holds the chosen layers and, when calibrated, bits/byte of the teacher, the dense
+    pruned teacher and the student on held-out calibration text. ``out`` must be a local directory.
     """
     from distill.student.export import TOKENIZER_FILES
-    from distill.student.init import init_from_teacher, init_random, resolve_teacher_layers
+    from distill.student.init import CalibrationOptions, build_from_teacher, init_random, load_teacher
 
     section = cfg.student
     teacher_dir = Path(_resolve_teacher(cfg.teacher.model, cfg.teacher.revision))
@@ -81,9 +87,20 @@ def create_student(cfg: Any, out: str | Path, seed: int = 0) -> tuple[Any, dict[
     record: dict[str, Any] = {"init": section.init, "teacher": cfg.teacher.model, "teacher_dir": str(teacher_dir),
                               "seed": seed}
     if section.init == "from_teacher":
-        layers = resolve_teacher_layers(teacher_config["num_hidden_layers"], student_config, section.teacher_layers)
-        model = init_from_teacher(str(teacher_dir), student_config, layers, seed=seed)
-        record["teacher_layers"] = layers
+        calib = section.calibration
+        teacher = load_teacher(str(teacher_dir))
+        fit, heldout, tokenizer = _calibration_text(cfg, teacher_dir, run_dir, seed)
+        result = build_from_teacher(teacher, student_config, section.teacher_layers, calibration=fit or None,
+                                    options=CalibrationOptions(
+                                        tokens=calib.tokens, importance_tokens=calib.importance_tokens,
+                                        seq_len=calib.seq_len, rounds=calib.rounds, sharpness=calib.sharpness,
+                                        active_fraction=calib.active_fraction),
+                                    seed=seed, progress=progress)
+        model = result.model
+        record.update(teacher_layers=result.layers, calibration_tokens=result.calibration_tokens,
+                      layer_importance={str(k): round(v, 5) for k, v in sorted(result.layer_importance.items())})
+        if heldout:
+            record["heldout"] = _heldout_report(teacher, result, heldout, tokenizer, calib.seq_len)
     else:
         model = init_random(student_config, seed=seed)
     model.save_pretrained(str(out))
@@ -94,15 +111,81 @@ def create_student(cfg: Any, out: str | Path, seed: int = 0) -> tuple[Any, dict[
     return student_config, record
 
 
+def _calibration_text(cfg: Any, teacher_dir: Path, run_dir: str | None, seed: int
+                      ) -> tuple[list[list[int]], list[list[int]], Any]:
+    """(fit sequences, held-out sequences, tokenizer); both empty for ``calibration.data: none``."""
+    from transformers import AutoTokenizer
+
+    from distill.data.calibration import calibration_sequences, check_sources
+    from distill.data.split import is_heldout
+
+    calib = cfg.student.calibration
+    if not calib.sources():
+        return [], [], None
+    check_sources(calib.sources(), run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    train = cfg.train
+    sequences = calibration_sequences(
+        calib.sources(), run_dir=run_dir, tokenizer=tokenizer, seed=seed,
+        keep=lambda prompt_id: not is_heldout(prompt_id, train.heldout_fraction, train.seed))
+    heldout, count = [], 0
+    while sequences and count < calib.heldout_tokens and len(sequences) > 1:
+        heldout.append(sequences.pop())
+        count += len(heldout[-1])
+    return sequences, heldout, tokenizer
+
+
+def _heldout_report(teacher: Any, result: Any, heldout: list[list[int]], tokenizer: Any, seq_len: int
+                    ) -> dict[str, Any]:
+    """Bits/byte of the teacher, the dense pruned teacher and the student on held-out calibration text."""
+    import torch
+
+    from distill.student import calibrate
+    from distill.student.init import prune_teacher
+
+    chunks = calibrate.batches(heldout, seq_len, sum(map(len, heldout)))
+    decode = tokenizer.decode
+    experts = []
+    with torch.no_grad():
+        for ids in chunks:
+            stats = result.model(input_ids=ids).routing_stats or []
+            experts += [float(s.experts_per_token) for s in stats]
+    return {"tokens": sum(int(c.numel()) for c in chunks),
+            "bpb_teacher": calibrate.bits_per_byte(teacher, chunks, decode),
+            "bpb_dense_pruned": calibrate.bits_per_byte(prune_teacher(teacher, result.layers), chunks, decode),
+            "bpb_student": calibrate.bits_per_byte(result.model, chunks, decode),
+            "experts_per_token": sum(experts) / len(experts) if experts else None}
+
+
 def cmd_student_init(args: argparse.Namespace) -> int:
     from cluster.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     out = _prepare_out(args.out, args.force)
-    student_config, record = create_student(cfg, out, seed=args.seed)
-    print(f"wrote {record['init']} student to {out}")
+    student_config, record = create_student(cfg, out, seed=args.seed, run_dir=args.run,
+                                            progress=lambda line: print(f"  {line}", end="\r", flush=True))
+    print(f"wrote {record['init']} student to {out}" + " " * 40)
+    for line in init_summary(record):
+        print(f"  {line}")
     _print_rows(_info_rows(student_config, 2048, None))
     return 0
+
+
+def init_summary(record: dict[str, Any]) -> list[str]:
+    """Human lines for an init record: the layers kept and the held-out bits/byte."""
+    lines = []
+    if "teacher_layers" in record:
+        how = "by measured importance" if record.get("layer_importance") else "as given / evenly spaced"
+        lines.append(f"teacher layers kept ({how}): {record['teacher_layers']}")
+    held = record.get("heldout")
+    if held:
+        k = held.get("experts_per_token")
+        lines.append(f"held-out calibration text ({held['tokens']} tokens), bits/byte: teacher "
+                     f"{held['bpb_teacher']:.3f}, dense pruned {held['bpb_dense_pruned']:.3f}, MoE student "
+                     f"{held['bpb_student']:.3f}" + (f" ({k:.2f} experts/token)" if k is not None else ""))
+    elif record.get("init") == "from_teacher":
+        lines.append("data-free init (student.calibration.data: none)")
+    return lines
 
 
 def _read_student_config(model_dir: str):

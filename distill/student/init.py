@@ -29,9 +29,10 @@ From a teacher (LLaMA-MoE style "expert construction by neuron partition"):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -120,12 +121,7 @@ def neuron_partition(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, n
                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Split neuron indices of one FFN: (shared [S], experts E x [m]). gate, up [I, H]; down [H, I]."""
     total = gate.shape[0]
-    if shared_size + num_experts * expert_size != total:
-        raise ConfigError(
-            f"student.moe_intermediate_size={expert_size} x num_experts={num_experts} + "
-            f"shared_expert_intermediate_size={shared_size} = {shared_size + num_experts * expert_size}, but the teacher FFN has {total} neurons; "
-            f"init: from_teacher partitions the neurons exactly, so make them sum to {total} (e.g. "
-            f"moe_intermediate_size={(total - shared_size) // num_experts} if it divides evenly)")
+    check_partition(total, num_experts, expert_size, shared_size)
     importance = gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)  # [I]
     shared = torch.sort(torch.topk(importance, shared_size).indices).values if shared_size else \
         torch.empty(0, dtype=torch.long)
@@ -138,6 +134,16 @@ def neuron_partition(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, n
     elif expert_split != "contiguous":
         raise ConfigError(f"expert_split={expert_split!r}; allowed: contiguous, random")
     return shared, [torch.sort(chunk).values for chunk in rest.split(expert_size)]
+
+
+def check_partition(total: int, num_experts: int, expert_size: int, shared_size: int) -> None:
+    """The experts and the shared expert must partition the teacher FFN's ``total`` neurons exactly."""
+    if shared_size + num_experts * expert_size != total:
+        raise ConfigError(
+            f"student.moe_intermediate_size={expert_size} x num_experts={num_experts} + "
+            f"shared_expert_intermediate_size={shared_size} = {shared_size + num_experts * expert_size}, but the teacher FFN has {total} neurons; "
+            f"init: from_teacher partitions the neurons exactly, so make them sum to {total} (e.g. "
+            f"moe_intermediate_size={(total - shared_size) // num_experts} if it divides evenly)")
 
 
 def prune_teacher(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
@@ -159,19 +165,64 @@ def prune_teacher(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
     return pruned.eval()
 
 
+@dataclasses.dataclass
+class CalibrationOptions:
+    """How :func:`build_from_teacher` uses calibration text (see :mod:`distill.student.calibrate`)."""
+
+    tokens: int = 8192  # calibration tokens for the FFN statistics and router fit
+    importance_tokens: int = 2048  # of those, scored by every drop-one pass (the costly part)
+    seq_len: int = 256
+    rounds: int = 1  # layer-importance rounds (1 = one-shot drop-one; more = iterative)
+    active_fraction: float = 0.25  # a neuron is active for a token when among its top 25% contributors
+    sharpness: float = 1.0  # router target = expert output-norm shares ** sharpness, renormalised
+
+
+@dataclasses.dataclass
+class InitResult:
+    model: Any  # RaydistillMoeForCausalLM, fp32, eval mode
+    layers: list[int]  # teacher layers kept
+    layer_importance: dict[int, float]  # drop-one loss increase (nats/token); empty when data-free
+    calibration_tokens: int  # 0 = data-free
+
+
 @torch.no_grad()
 def init_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
-                      teacher_layers: Optional[Sequence[int]] = None, *, expert_split: str = "contiguous",
-                      router_logit_std: float = 1e-6, seed: int = 0):
-    """Build a student from a Llama-family teacher (model instance or local HF dir); method in the module docstring.
+                      teacher_layers: Optional[Sequence[int]] = None, **kwargs: Any):
+    """:func:`build_from_teacher`, returning only the model."""
+    return build_from_teacher(teacher_model_or_dir, student_config, teacher_layers, **kwargs).model
 
-    Returns a :class:`~distill.student.hf.RaydistillMoeForCausalLM` in fp32, eval mode.
+
+@torch.no_grad()
+def build_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
+                       teacher_layers: Optional[Sequence[int]] = None, *,
+                       calibration: Optional[Sequence[Sequence[int]]] = None,
+                       options: Optional[CalibrationOptions] = None, expert_split: str = "contiguous",
+                       router_logit_std: float = 1e-6, seed: int = 0,
+                       progress: Optional[Callable[[str], None]] = None) -> InitResult:
+    """Build a student from a Llama-family teacher (model instance or local HF dir).
+
+    Without ``calibration`` (token-id sequences): data-free, as in the module docstring. With it:
+    layers by measured importance (unless ``teacher_layers`` is given), experts from co-active
+    neurons, routers fitted to each token's expert contributions, and expert scales fitted so the
+    routed block reproduces the dense FFN (:mod:`distill.student.calibrate`).
     """
+    from distill.student import calibrate
+
+    options = options or CalibrationOptions()
     teacher = load_teacher(teacher_model_or_dir)
     check_teacher(teacher.config)
     tfields = teacher_fields(teacher.config)
     _check_compatible(student_config, tfields)
-    layers = resolve_teacher_layers(tfields["num_hidden_layers"], student_config, teacher_layers)
+    chunks = calibrate.batches(calibration, options.seq_len, options.tokens) if calibration else []
+    importance: dict[int, float] = {}
+    if teacher_layers is None and chunks:
+        score_chunks = calibrate.batches(calibration, options.seq_len, options.importance_tokens)
+        choice = calibrate.layer_importance(teacher, score_chunks, student_config.num_hidden_layers,
+                                            rounds=options.rounds, progress=progress)
+        layers, importance = choice.layers, choice.importance
+    else:
+        layers = resolve_teacher_layers(tfields["num_hidden_layers"], student_config, teacher_layers)
+    samples = calibrate.capture_ffn(prune_teacher(teacher, layers), chunks) if chunks else None
 
     student = init_random(student_config, seed=seed).float()
     src = {k: v.detach().float() for k, v in teacher.state_dict().items()}
@@ -189,6 +240,7 @@ def init_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
         put("lm_head.weight", src.get("lm_head.weight", src["model.embed_tokens.weight"]))
 
     num_experts, hidden = student_config.num_experts, student_config.hidden_size
+    expert_size, shared_size = student_config.moe_intermediate_size, student_config.shared_expert_intermediate_size
     generator = torch.Generator().manual_seed(seed)
     for i, t in enumerate(layers):
         s_pre, t_pre = f"model.layers.{i}.", f"model.layers.{t}."
@@ -206,18 +258,35 @@ def init_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
             for p, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
                 put(f"{s_pre}mlp.{p}.weight", w)
             continue
-        shared, experts = neuron_partition(gate, up, down, num_experts, student_config.moe_intermediate_size,
-                                           student_config.shared_expert_intermediate_size, expert_split, seed + i)
+        check_partition(gate.shape[0], num_experts, expert_size, shared_size)
+        if samples is None:
+            shared, experts = neuron_partition(gate, up, down, num_experts, expert_size, shared_size, expert_split,
+                                               seed + i)
+            scales = torch.full((num_experts,), float(num_experts))  # cancels the uniform weight 1/E
+            router = torch.randn(num_experts, hidden, generator=generator) * (router_logit_std / math.sqrt(hidden))
+        else:
+            sample = samples[i]
+            shared, experts = calibrate.cluster_neurons(calibrate.neuron_contributions(sample.act, down), num_experts,
+                                                        expert_size, shared_size, options.active_fraction,
+                                                        seed=seed + i)
+            outputs = calibrate.expert_outputs(sample.act, down, experts)  # [N, E, H]
+            router = calibrate.fit_router(sample.x, outputs, options.sharpness, seed=seed + i)
+            weights = calibrate.route(sample.x @ router.t(), student_config.routing.value,
+                                      student_config.num_experts_per_tok, student_config.top_p, student_config.min_k,
+                                      int(student_config.max_k), student_config.norm_topk_prob)
+            target = sample.act @ down.t()  # [N, H] the dense FFN
+            if shared.numel():
+                target = target - sample.act[:, shared] @ down[:, shared].t()
+            scales = calibrate.fit_expert_scales(weights, outputs, target)
         for e, idx in enumerate(experts):
             put(f"{s_pre}mlp.experts.{e}.gate_proj.weight", gate[idx])
             put(f"{s_pre}mlp.experts.{e}.up_proj.weight", up[idx])
-            put(f"{s_pre}mlp.experts.{e}.down_proj.weight", down[:, idx] * num_experts)  # cancels weight 1/E
+            put(f"{s_pre}mlp.experts.{e}.down_proj.weight", down[:, idx] * scales[e])
         if shared.numel():
             put(f"{s_pre}mlp.shared_expert.gate_proj.weight", gate[shared])
             put(f"{s_pre}mlp.shared_expert.up_proj.weight", up[shared])
             put(f"{s_pre}mlp.shared_expert.down_proj.weight", down[:, shared] * 2.0)  # cancels sigmoid(0) = 1/2
             dst[f"{s_pre}mlp.shared_expert_gate.weight"].zero_()
-        router = torch.randn(num_experts, hidden, generator=generator) * (router_logit_std / math.sqrt(hidden))
         put(f"{s_pre}mlp.gate.weight", router)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(student.config, name) is None and tfields.get(name) is not None:
@@ -225,4 +294,5 @@ def init_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
             setattr(student.generation_config, name, tfields[name])
     if student_config.tie_word_embeddings:
         student.tie_weights()
-    return student.eval()
+    return InitResult(model=student.eval(), layers=list(layers), layer_importance=importance,
+                      calibration_tokens=sum(int(c.numel()) for c in chunks))

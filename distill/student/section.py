@@ -3,7 +3,8 @@
 It accepts every :class:`~distill.student.config.StudentConfig` field (same names), each optional:
 a field left out is taken from the teacher (shapes, vocabulary, RoPE) when the student is built
 from it, else from the StudentConfig default. Two extra keys say how to initialise:
-``init: from_teacher | random`` and ``teacher_layers`` (which teacher layers to keep).
+``init: from_teacher | random``, ``teacher_layers`` (which teacher layers to keep) and
+``calibration`` (the text a from-teacher init measures).
 
 Only pydantic and :mod:`cluster.errors` are imported at module level: ``cluster.config`` imports
 this file, so it must not pull in torch, transformers or ``cluster.config`` itself.
@@ -27,6 +28,30 @@ def _fail(field: str, problem: str, fix: str) -> None:
     raise ConfigError(f"invalid config:\n  student.{field}: {problem}; {fix}")
 
 
+class CalibrationSection(BaseModel):
+    """``student.calibration``: the text a from-teacher init measures (:mod:`distill.student.calibrate`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data: Union[Literal["run", "none"], list[str]] = Field(
+        default="run", description="run: the run's teacher data (training rows); a list of URIs (run dirs, "
+                                   "Parquet shard folders, .txt/.jsonl files); none: the data-free init")
+    tokens: int = Field(default=8192, ge=64, description="calibration tokens for FFN statistics and router fits")
+    importance_tokens: int = Field(default=2048, ge=64,
+                                   description="tokens scored by each drop-one layer pass (cost: layers x this)")
+    heldout_tokens: int = Field(default=2048, ge=0,
+                                description="calibration text kept out of the fit, scored for the init report")
+    seq_len: int = Field(default=256, ge=16, description="tokens per calibration window")
+    rounds: int = Field(default=1, ge=1, description="layer-importance rounds: 1 = one-shot drop-one, more = "
+                                                     "iterative (re-score after each round of removals)")
+    sharpness: float = Field(default=1.0, gt=0, description="router target = expert output-norm shares ** this")
+    active_fraction: float = Field(default=0.25, gt=0, le=1,
+                                   description="a neuron is active for a token when among its top contributors")
+
+    def sources(self) -> list[str]:
+        return [] if self.data == "none" else (["run"] if self.data == "run" else list(self.data))
+
+
 class StudentSection(BaseModel):
     """``student:`` in the pipeline YAML. Unknown keys are errors."""
 
@@ -35,7 +60,9 @@ class StudentSection(BaseModel):
     init: Literal["from_teacher", "random"] = Field(
         default="from_teacher", description="from_teacher: copy and split the teacher's layers; random: from scratch")
     teacher_layers: Optional[list[int]] = Field(
-        default=None, description="teacher layer indices to keep (default: evenly spaced, first and last included)")
+        default=None, description="teacher layer indices to keep (default: chosen by measured importance on the "
+                                  "calibration text; evenly spaced when calibration.data is none)")
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
 
     vocab_size: Optional[int] = Field(default=None, ge=1)
     hidden_size: Optional[int] = Field(default=None, ge=1)
@@ -114,7 +141,7 @@ class StudentSection(BaseModel):
 
     def explicit_fields(self) -> dict[str, Any]:
         """The StudentConfig fields this section sets (None = not set)."""
-        skip = {"init", "teacher_layers"}
+        skip = {"init", "teacher_layers", "calibration"}
         return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
 
     def to_student_config(self, teacher_config: Any = None):

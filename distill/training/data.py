@@ -23,25 +23,11 @@ import torch
 
 from cluster import storage
 from cluster.errors import ConfigError, RaydistillError
+from distill.data.shards import FILTERED_DIR, GENERATED_DIR, data_dir_for  # noqa: F401 (re-exported)
 from distill.data.split import is_heldout
 
 TRAIN_COLUMNS = ["prompt_id", "input_ids", "prompt_len", "completion_len", "topk_ids", "topk_logprobs",
                  "source", "quality", "finish_reason"]
-FILTERED_DIR, GENERATED_DIR = "data/filtered", "data/generate"
-
-
-def data_dir_for(run_dir: str) -> str:
-    """``data/filtered`` once its manifest exists (written last), else ``data/generate``."""
-    filtered = storage.join(run_dir, FILTERED_DIR)
-    if storage.exists(storage.join(filtered, "manifest.json")):
-        return filtered
-    generated = storage.join(run_dir, GENERATED_DIR)
-    if storage.listdir(generated, ".parquet"):
-        return generated
-    raise RaydistillError(f"no training data in {run_dir}: neither {FILTERED_DIR}/manifest.json nor "
-                          f"{GENERATED_DIR}/*.parquet exists; run `raydistill generate` (and `filter`) first")
-
-
 def rank_of(prompt_id: str, world_size: int) -> int:
     """The rank that trains on a prompt's rows: disjoint across ranks, the same on every restart."""
     if world_size == 1:

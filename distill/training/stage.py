@@ -52,15 +52,22 @@ def _publish_dir(staged: Path, final: Path) -> None:
 
 
 def ensure_init_student(cfg: Any, train_dir: Path, seed: int) -> Path:
-    """``{run}/train/init``: built once from the config's student section (from the teacher or random)."""
-    from distill.student.cli import create_student
+    """``{run}/train/init``: built once from the config's student section (from the teacher or random).
+
+    A from-teacher init is calibrated on the run's teacher data (training rows) by default.
+    """
+    from distill.student.cli import create_student, init_summary
 
     init_dir = train_dir / "init"
     if (init_dir / "config.json").exists():
         return init_dir
     train_dir.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=".tmp-init-", dir=train_dir))
-    create_student(cfg, staged, seed=seed)
+    print("student init: building from the teacher" if cfg.student.init == "from_teacher" else
+          "student init: random", flush=True)
+    _, record = create_student(cfg, staged, seed=seed, run_dir=str(train_dir.parent))
+    for line in init_summary(record):
+        print(f"student init: {line}", flush=True)
     _publish_dir(staged, init_dir)
     return init_dir
 

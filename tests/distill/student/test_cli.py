@@ -48,9 +48,12 @@ def test_student_init_from_teacher_info_and_export_round_trip(tmp_path, teacher_
     config = write_config(tmp_path, teacher_with_tokenizer, "  num_experts: 4\n  num_hidden_layers: 3\n"
                                                             "  sliding_window: 8\n")
     out = tmp_path / "student"
+    with pytest.raises(ConfigError, match="student.calibration.data: 'run' needs a pipeline run; pass --run"):
+        run(["student", "init", "--config", config, "--out", str(tmp_path / "nowhere")])
     assert run(["student", "init", "--config", config, "--set", "student.shared_expert_intermediate_size=32",
-                "--out", str(out)]) == 0
-    assert "wrote from_teacher student" in capsys.readouterr().out
+                "--set", "student.calibration.data=none", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote from_teacher student" in printed and "data-free init" in printed
     record = json.loads((out / "student_init.json").read_text())
     assert record["init"] == "from_teacher" and record["teacher_layers"] == [0, 3, 5]
     assert (out / "tokenizer.json").read_text() == '{"stub": true}'
@@ -152,3 +155,27 @@ def test_vllm_plugin_registers_a_lazy_model_string(monkeypatch):
     text = pyproject.read_text()
     assert '[project.entry-points."vllm.general_plugins"]' in text
     assert 'raydistill_moe = "distill.student.vllm_plugin:register"' in text
+
+
+def test_student_init_calibrated_on_a_text_file_prints_layers_and_heldout_bpb(tmp_path, builtin_teacher_dir, capsys):
+    from tests.conftest import make_tiny_llama
+
+    teacher = make_tiny_llama(tmp_path / "teacher", builtin_teacher_dir, hidden=32, layers=4, seed=3)
+    corpus = tmp_path / "calib.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"Sentence number {i} says that the cat sat on mat {i % 7}."})
+                                for i in range(60)))
+    config = write_config(tmp_path, teacher, "  num_experts: 4\n  num_hidden_layers: 2\n  sliding_window: 8\n"
+                                             "  routing: topp\n  top_p: 0.6\n  max_k: 3\n")
+    out = tmp_path / "student"
+    assert run(["student", "init", "--config", config, "--set", f"student.calibration.data=[{corpus}]",
+                "--set", "student.calibration.heldout_tokens=200", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "student_init.json").read_text())
+    assert len(record["teacher_layers"]) == 2 and len(record["layer_importance"]) == 4
+    kept = sorted(record["layer_importance"], key=lambda k: record["layer_importance"][k])[-2:]
+    assert sorted(int(k) for k in kept) == record["teacher_layers"]  # the two most important layers
+    held = record["heldout"]
+    assert held["tokens"] >= 150 and held["bpb_teacher"] > 0 and held["bpb_dense_pruned"] > 0
+    assert 1 <= held["experts_per_token"] <= 3
+    assert f"teacher layers kept (by measured importance): {record['teacher_layers']}" in printed
+    assert f"MoE student {held['bpb_student']:.3f}" in printed

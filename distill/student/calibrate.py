@@ -1,0 +1,282 @@
+"""Calibrated initialisation: measure the teacher on calibration text, then cut it into a student.
+
+Plain PyTorch, no I/O: callers pass token-id sequences (the run's teacher data, a corpus, ...).
+Legend in ``config.py``; here also ``N`` calibration tokens, ``J`` a teacher FFN's neurons, ``L``
+teacher layers. Three measurements, each feeding one decision of :func:`~distill.student.init.init_from_teacher`:
+
+1. **Which layers** (:func:`layer_importance`, Minitron / ShortGPT): drop each layer alone and
+   measure how much the calibration loss rises; keep the layers whose removal hurts most. With
+   ``rounds > 1`` the least important layers are removed a part at a time and the rest re-scored
+   (the iterative variant: layer importance changes once neighbours are gone).
+2. **Which neurons form an expert** (:func:`cluster_neurons`, MoEfication / LLaMA-MoE): a neuron's
+   *contribution* to token n is ``|act[n, j]| * |down[:, j]|``; neurons that are among a token's
+   top contributors for the same tokens are grouped by balanced k-means over those activity
+   patterns, so a token's work concentrates in few experts. The shared expert takes the neurons
+   active for the most tokens.
+3. **How to route** (:func:`fit_router`, :func:`fit_expert_scales`): the router is fitted so its
+   softmax matches each token's share of the FFN output produced by each expert (the norm of the
+   expert's output), i.e. it ranks experts by the contribution they actually make for that token;
+   ``sharpness`` > 1 raises the shares to a power first, so top-p keeps fewer experts when one
+   dominates and more when the work is spread. Then each expert's down-projection gets the scale
+   that makes the *routed* block (real selection rule, renormalised weights) best reproduce the
+   dense FFN in least squares, instead of the data-free ``E / k`` blow-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.student.router import select_topk, select_topp
+
+
+# ----------------------------------------------------------------------------- scoring
+def batches(sequences: Sequence[Sequence[int]], seq_len: int, max_tokens: int) -> list[torch.Tensor]:
+    """Token-id sequences -> chunks [1, <=seq_len] totalling at most ``max_tokens``.
+
+    Each sequence is cut into windows of ``seq_len`` (no padding: every chunk is a real prefix of
+    text), so scoring needs no attention mask.
+    """
+    out, total = [], 0
+    for seq in sequences:
+        for start in range(0, len(seq), seq_len):
+            chunk = list(seq[start:start + seq_len])
+            if len(chunk) < 2 or total >= max_tokens:
+                continue
+            chunk = chunk[:max_tokens - total] if total + len(chunk) > max_tokens else chunk
+            if len(chunk) < 2:
+                continue
+            out.append(torch.tensor([chunk], dtype=torch.long))
+            total += len(chunk)
+    return out
+
+
+@torch.no_grad()
+def total_nll(model: nn.Module, chunks: Sequence[torch.Tensor]) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats) over the chunks [1, T], and the tokens scored."""
+    nll, count = 0.0, 0
+    for ids in chunks:
+        logits = model(input_ids=ids).logits[0, :-1].float()  # [T-1, V]
+        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    return nll, count
+
+
+def mean_nll(model: nn.Module, chunks: Sequence[torch.Tensor]) -> float:
+    """Mean next-token negative log-likelihood (nats/token) of ``model`` over the chunks."""
+    nll, count = total_nll(model, chunks)
+    return nll / max(count, 1)
+
+
+def bits_per_byte(model: nn.Module, chunks: Sequence[torch.Tensor], decode: Callable[[list[int]], str]) -> float:
+    """Bits per UTF-8 byte of the scored tokens (each chunk's first token is context, not scored)."""
+    nll, _ = total_nll(model, chunks)
+    nbytes = sum(len(decode(ids[0, 1:].tolist()).encode()) for ids in chunks)
+    return nll / math.log(2) / max(nbytes, 1)
+
+
+# ----------------------------------------------------------------------------- 1. layers
+@dataclasses.dataclass
+class LayerChoice:
+    layers: list[int]  # teacher layer indices kept, ascending
+    importance: dict[int, float]  # layer -> loss increase (nats/token) when dropped, as last scored
+    base_nll: float  # the full teacher's calibration loss
+
+
+def layer_importance(teacher: nn.Module, chunks: Sequence[torch.Tensor], keep: int, rounds: int = 1,
+                     prune: Optional[Callable[[nn.Module, Sequence[int]], nn.Module]] = None,
+                     progress: Optional[Callable[[str], None]] = None) -> LayerChoice:
+    """Choose ``keep`` of the teacher's layers by drop-one loss increase (see module docstring).
+
+    ``prune(teacher, layers)`` builds the teacher restricted to ``layers`` (default:
+    :func:`distill.student.init.prune_teacher`). Costs ``sum over rounds of remaining layers``
+    forward passes over the chunks.
+    """
+    if prune is None:
+        from distill.student.init import prune_teacher as prune
+    total = teacher.config.num_hidden_layers
+    if not 1 <= keep <= total:
+        raise ValueError(f"keep={keep} must be in [1, {total}]")
+    base = mean_nll(teacher, chunks)
+    current = list(range(total))
+    to_drop = total - keep
+    importance: dict[int, float] = {}
+    rounds = max(1, min(rounds, to_drop)) if to_drop else 1
+    for r in range(rounds):
+        if not to_drop:
+            break
+        ref = base if len(current) == total else mean_nll(prune(teacher, current), chunks)
+        for i in current:
+            importance[i] = mean_nll(prune(teacher, [j for j in current if j != i]), chunks) - ref
+            if progress:
+                progress(f"layer importance: round {r + 1}/{rounds}, layer {i} +{importance[i]:.3f} nats")
+        # Drop an equal share of what remains to be dropped in each round.
+        n = math.ceil(to_drop / (rounds - r))
+        dropped = sorted(current, key=lambda i: importance[i])[:n]
+        current = [i for i in current if i not in dropped]
+        to_drop -= n
+    return LayerChoice(layers=current, importance=importance, base_nll=base)
+
+
+# ----------------------------------------------------------------------------- 2. experts
+@dataclasses.dataclass
+class FFNSample:
+    """One kept layer's FFN on the calibration tokens."""
+
+    x: torch.Tensor  # [N, H] the FFN input (after post_attention_layernorm) = the router's input
+    act: torch.Tensor  # [N, J] silu(gate x) * up x
+
+
+@torch.no_grad()
+def capture_ffn(model: nn.Module, chunks: Sequence[torch.Tensor], max_tokens: Optional[int] = None
+                ) -> list[FFNSample]:
+    """Run a Llama-family ``model`` over the chunks and record every layer's FFN input and activations."""
+    layers = model.model.layers
+    xs: list[list[torch.Tensor]] = [[] for _ in layers]
+    handles = []
+    for i, layer in enumerate(layers):
+        def hook(_module, args, _i=i):
+            xs[_i].append(args[0].reshape(-1, args[0].shape[-1]).float())
+        handles.append(layer.mlp.register_forward_pre_hook(hook))
+    try:
+        for ids in chunks:
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for layer, pieces in zip(layers, xs):
+        x = torch.cat(pieces)[:max_tokens]  # [N, H]
+        mlp = layer.mlp
+        act = F.silu(F.linear(x, mlp.gate_proj.weight.float())) * F.linear(x, mlp.up_proj.weight.float())  # [N, J]
+        out.append(FFNSample(x=x, act=act))
+    return out
+
+
+def neuron_contributions(act: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """|act[n, j]| * |down[:, j]|: how much neuron j moves token n's output. act [N, J], down [H, J] -> [N, J]."""
+    return act.abs() * down.detach().float().norm(dim=0)[None, :]
+
+
+def _balanced_assign(similarity: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Greedy capacity-constrained assignment: best (item, cluster) pairs first. [J, E] -> [J] cluster ids."""
+    items, clusters = similarity.shape
+    order = torch.argsort(similarity.reshape(-1), descending=True)
+    assign = torch.full((items,), -1, dtype=torch.long)
+    room = [capacity] * clusters
+    left = items
+    for flat in order.tolist():
+        j, e = divmod(flat, clusters)
+        if assign[j] >= 0 or room[e] == 0:
+            continue
+        assign[j] = e
+        room[e] -= 1
+        left -= 1
+        if not left:
+            break
+    return assign
+
+
+def cluster_neurons(contrib: torch.Tensor, num_experts: int, expert_size: int, shared_size: int,
+                    active_fraction: float = 0.25, iters: int = 15, seed: int = 0
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Partition J neurons into a shared expert (S) and E balanced experts (m each), S + E*m == J.
+
+    contrib [N, J] (see :func:`neuron_contributions`). A neuron is *active* for a token when it is
+    among the token's top ``active_fraction`` contributors. Shared = the S neurons active for the
+    most tokens; the rest are grouped by balanced spherical k-means over their activity patterns
+    (co-active neurons land together). Returns (shared [S], experts E x [m]), indices ascending.
+    """
+    tokens, total = contrib.shape
+    if shared_size + num_experts * expert_size != total:
+        raise ValueError(f"{shared_size} + {num_experts} x {expert_size} != {total} neurons")
+    k = max(1, int(active_fraction * total))
+    threshold = contrib.topk(k, dim=1).values[:, -1:]  # [N, 1]
+    active = (contrib >= threshold).float()  # [N, J]
+    frequency = active.mean(0)  # [J]
+    shared = torch.sort(torch.topk(frequency, shared_size).indices).values if shared_size else \
+        torch.empty(0, dtype=torch.long)
+    is_shared = torch.zeros(total, dtype=torch.bool)
+    is_shared[shared] = True
+    rest = torch.nonzero(~is_shared).flatten()  # [E*m]
+    # Activity pattern of each neuron over tokens, weighted by contribution, unit length.
+    feats = F.normalize((active * contrib)[:, rest].t(), dim=1)  # [E*m, N]
+    generator = torch.Generator().manual_seed(seed)
+    centroids = feats[torch.randperm(feats.shape[0], generator=generator)[:num_experts]]  # [E, N]
+    assign = torch.zeros(feats.shape[0], dtype=torch.long)
+    for _ in range(iters):
+        new = _balanced_assign(feats @ centroids.t(), expert_size)
+        if torch.equal(new, assign):
+            break
+        assign = new
+        centroids = F.normalize(torch.stack([feats[assign == e].mean(0) for e in range(num_experts)]), dim=1)
+    experts = [torch.sort(rest[assign == e]).values for e in range(num_experts)]
+    return shared, experts
+
+
+# ----------------------------------------------------------------------------- 3. router and scales
+def expert_outputs(act: torch.Tensor, down: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each expert's (unscaled) output per token: act [N, J], down [H, J] -> [N, E, H]."""
+    down = down.detach().float()
+    return torch.stack([act[:, idx] @ down[:, idx].t() for idx in experts], dim=1)
+
+
+def fit_router(x: torch.Tensor, outputs: torch.Tensor, sharpness: float = 1.0, steps: int = 200,
+               weight_decay: float = 1e-4, seed: int = 0) -> torch.Tensor:
+    """Router weights [E, H] whose softmax(x W^T) matches each token's expert shares.
+
+    x [N, H] the router's input; outputs [N, E, H] the experts' outputs. Target for token n:
+    ``share_e = |out_ne|^sharpness / sum_f |out_nf|^sharpness``. Fitted by L-BFGS on the soft-label
+    cross-entropy (a convex problem) with a small L2 penalty.
+    """
+    norms = outputs.detach().norm(dim=-1).clamp(min=1e-12)  # [N, E]
+    target = F.normalize(norms.pow(sharpness), p=1, dim=1)  # [N, E]
+    x = x.detach().float()
+    scale = x.norm(dim=1).mean().clamp(min=1e-6)  # condition the problem; folded back below
+    xs = x / scale
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(target.shape[1], x.shape[1], generator=generator) * 1e-3).requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logp = F.log_softmax(xs @ weight.t(), dim=1)
+        loss = -(target * logp).sum(1).mean() + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return (weight.detach() / scale)
+
+
+def route(logits: torch.Tensor, routing: str, k: int, top_p: float, min_k: int, max_k: int,
+          norm_topk_prob: bool = True) -> torch.Tensor:
+    """The student's selection rule as dense weights [N, E] (0 for experts not chosen)."""
+    probs = F.softmax(logits.float(), dim=-1)
+    if routing == "topk":
+        weights, experts = select_topk(probs, k, norm_topk_prob)
+    else:
+        weights, experts, _ = select_topp(probs, top_p, min_k, max_k)
+    return torch.zeros_like(probs).scatter_(1, experts, weights)
+
+
+def fit_expert_scales(weights: torch.Tensor, outputs: torch.Tensor, target: torch.Tensor,
+                      ridge: float = 1e-3) -> torch.Tensor:
+    """Per-expert scales s [E] minimising sum_n |sum_e w_ne s_e out_ne - target_n|^2 (ridge towards 1).
+
+    weights [N, E] routed weights (0 = not chosen); outputs [N, E, H]; target [N, H] (dense FFN
+    output minus whatever the routed experts need not produce, e.g. the shared expert's).
+    """
+    a = weights[:, :, None] * outputs  # [N, E, H]
+    gram = torch.einsum("neh,nfh->ef", a, a)  # [E, E]
+    rhs = torch.einsum("neh,nh->e", a, target)  # [E]
+    reg = ridge * gram.diagonal().mean().clamp(min=1e-12)
+    eye = torch.eye(gram.shape[0])
+    # Ridge towards s = 1 (the plain sum), not 0: experts a token rarely picks stay sane.
+    return torch.linalg.solve(gram + reg * eye, rhs + reg * torch.ones_like(rhs))

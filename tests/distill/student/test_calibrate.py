@@ -1,0 +1,171 @@
+"""Calibrated init: layers by importance, experts from co-active neurons, routers fitted to contributions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.student import calibrate
+from distill.student.config import evenly_spaced_layers
+from distill.student.init import CalibrationOptions, build_from_teacher, load_teacher, prune_teacher
+from distill.student.section import StudentSection
+
+
+def _samples(model, count: int, length: int, seed: int) -> list[list[int]]:
+    """Text the model itself writes: its own NLL on it is low, so pruning damage shows."""
+    torch.manual_seed(seed)
+    start = torch.full((count, 1), 1, dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=length - 1,
+                             min_new_tokens=length - 1, pad_token_id=0, top_k=0, top_p=1.0)
+    return out.tolist()
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher_dir):
+    return load_teacher(tiny_teacher_dir)
+
+
+@pytest.fixture(scope="module")
+def calibration(teacher):
+    return _samples(teacher, 24, 48, seed=0)
+
+
+@pytest.fixture(scope="module")
+def heldout(teacher):
+    return _samples(teacher, 16, 48, seed=1)
+
+
+def test_importance_finds_planted_redundant_layers_and_beats_evenly_spaced(tiny_teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
+    # 6 layers; layers 1 and 4 are planted near-redundant (their residual branches ~ 0).
+    with torch.no_grad():
+        for i in (1, 4):
+            model.model.layers[i].self_attn.o_proj.weight.mul_(0.01)
+            model.model.layers[i].mlp.down_proj.weight.mul_(0.01)
+    calib = calibrate.batches(_samples(model, 16, 48, seed=0), 48, 10_000)
+    evaluation = calibrate.batches(_samples(model, 16, 48, seed=1), 48, 10_000)
+    choice = calibrate.layer_importance(model, calib, keep=3)
+    even = evenly_spaced_layers(6, 3)  # [0, 2, 5]: keeps no planted layer, drops two real ones
+    assert 1 not in choice.layers and 4 not in choice.layers
+    assert len(choice.layers) == 3 and choice.layers == sorted(choice.layers)
+    assert max(choice.importance[1], choice.importance[4]) < min(choice.importance[i] for i in choice.layers)
+    chosen_nll = calibrate.mean_nll(prune_teacher(model, choice.layers), evaluation)
+    even_nll = calibrate.mean_nll(prune_teacher(model, even), evaluation)
+    assert chosen_nll < even_nll
+    # The iterative variant also drops both planted layers first.
+    assert not {1, 4} & set(calibrate.layer_importance(model, calib, keep=4, rounds=2).layers)
+
+
+def test_cluster_neurons_partitions_and_groups_co_active_neurons():
+    # 4 groups of 8 neurons; each token activates one group strongly.
+    torch.manual_seed(0)
+    tokens, groups, size = 400, 4, 8
+    which = torch.randint(0, groups, (tokens,))
+    contrib = torch.rand(tokens, groups * size) * 0.05
+    for g in range(groups):
+        contrib[which == g, g * size:(g + 1) * size] += 1.0
+    perm = torch.randperm(groups * size)  # hide the groups' order
+    contrib = contrib[:, perm]
+    shared, experts = calibrate.cluster_neurons(contrib, num_experts=4, expert_size=8, shared_size=0,
+                                                active_fraction=0.25)
+    assert shared.numel() == 0 and all(e.numel() == 8 for e in experts)
+    assert sorted(torch.cat(experts).tolist()) == list(range(32))
+    for e in experts:
+        assert len({int(perm[j]) // size for j in e}) == 1  # each expert is one co-active group
+    # The shared expert takes the most frequently active neurons.
+    contrib[:, :3] += 2.0  # neurons 0..2 are strong for every token
+    shared, experts = calibrate.cluster_neurons(contrib, num_experts=29, expert_size=1, shared_size=3)
+    assert shared.tolist() == [0, 1, 2]
+
+
+def _layer_sample(teacher, calibration, layer):
+    pruned = prune_teacher(teacher, list(range(teacher.config.num_hidden_layers)))
+    return calibrate.capture_ffn(pruned, calibrate.batches(calibration, 48, 10_000))[layer]
+
+
+@pytest.mark.parametrize("layer", [1, 4])
+def test_router_init_ranks_experts_by_their_actual_contribution(teacher, calibration, heldout, layer):
+    mlp = teacher.model.layers[layer].mlp
+    down = mlp.down_proj.weight
+    fit = _layer_sample(teacher, calibration, layer)
+    _, experts = calibrate.cluster_neurons(calibrate.neuron_contributions(fit.act, down), 4, 32, 0)
+    router = calibrate.fit_router(fit.x, calibrate.expert_outputs(fit.act, down, experts))
+    test = _layer_sample(teacher, heldout, layer)
+    actual = calibrate.expert_outputs(test.act, down, experts).norm(dim=-1)  # [N, E]
+    logits = test.x @ router.t()  # [N, E]
+
+    def rank_corr(a, b):
+        ra, rb = a.argsort(1).argsort(1).float(), b.argsort(1).argsort(1).float()
+        ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+        return ((ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp(min=1e-9)).mean().item()
+
+    top1 = (logits.argmax(1) == actual.argmax(1)).float().mean().item()
+    assert rank_corr(logits, actual) > 0.5, rank_corr(logits, actual)
+    assert top1 > 0.5  # chance is 0.25 with 4 experts
+    generator = torch.Generator().manual_seed(0)
+    chance = sum(rank_corr(test.x @ torch.randn(router.shape, generator=generator).t(), actual)
+                 for _ in range(16)) / 16
+    assert abs(chance) < 0.2  # a random router ranks experts no better than chance on average
+
+
+def _config(teacher, **fields):
+    return StudentSection(**fields).to_student_config(teacher.config)
+
+
+def test_calibrated_topp_routes_a_different_number_of_experts_per_token(teacher, calibration, heldout):
+    config = _config(teacher, num_experts=4, num_hidden_layers=4, routing="topp", top_p=0.6, min_k=1, max_k=4)
+    result = build_from_teacher(teacher, config, calibration=calibration,
+                                options=CalibrationOptions(seq_len=48, importance_tokens=512))
+    assert result.calibration_tokens > 0 and len(result.layer_importance) == 6
+    inputs = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a: inputs.append((m, a[0].reshape(-1, a[0].shape[-1]))))
+             for layer in result.model.model.layers]
+    with torch.no_grad():
+        result.model(torch.tensor(heldout))
+    for h in hooks:
+        h.remove()
+    for block, x in inputs:
+        kept = block.gate(x).mask.sum(1)  # [N] experts used per token
+        assert len(set(kept.tolist())) >= 2, kept.unique()
+        assert kept.float().mean().item() < 4
+    # Data-free, the near-uniform router keeps max_k for every token: what calibration fixes.
+    free = build_from_teacher(teacher, config, result.layers).model
+    x = inputs[0][1]
+    assert set(free.model.layers[0].mlp.gate(x).mask.sum(1).tolist()) == {3}  # 1/4 each: 3 needed to pass 0.6
+
+
+@pytest.mark.parametrize("routing", [{"routing": "topp", "top_p": 0.6, "max_k": 3},
+                                     {"routing": "topk", "num_experts_per_tok": 2}])
+def test_calibrated_routed_block_approximates_the_dense_ffn_better_than_data_free(teacher, calibration, heldout,
+                                                                                 routing):
+    layers = [0, 2, 3, 5]
+    config = _config(teacher, num_experts=4, teacher_layers=layers, **routing)
+    calibrated = build_from_teacher(teacher, config, layers, calibration=calibration,
+                                    options=CalibrationOptions(seq_len=48)).model
+    free = build_from_teacher(teacher, config, layers).model
+    pruned = prune_teacher(teacher, layers)
+    captured = calibrate.capture_ffn(pruned, calibrate.batches(heldout, 48, 10_000))
+    for i, t in enumerate(layers):
+        x = captured[i].x
+        dense = teacher.model.layers[t].mlp(x)
+        errors = {}
+        for name, model in (("calibrated", calibrated), ("free", free)):
+            with torch.no_grad():
+                out, _ = model.model.layers[i].mlp(x[None])
+            errors[name] = ((out[0] - dense).norm() / dense.norm()).item()
+        assert errors["calibrated"] < errors["free"], (i, errors)
+        assert errors["calibrated"] < 0.9, (i, errors)
+
+
+def test_fit_expert_scales_recovers_known_scales():
+    torch.manual_seed(0)
+    outputs = torch.randn(200, 3, 5)
+    weights = F.softmax(torch.randn(200, 3), dim=1)
+    truth = torch.tensor([2.0, 0.5, 3.0])
+    target = (weights[:, :, None] * truth[None, :, None] * outputs).sum(1)
+    torch.testing.assert_close(calibrate.fit_expert_scales(weights, outputs, target, ridge=1e-8), truth,
+                               rtol=1e-4, atol=1e-4)
