@@ -158,15 +158,16 @@ def evaluate_model(name: str, model: Any, tokenizer: Any, *, cfg: Any, texts: di
             experts_by_layer = out["routing"]["experts_per_token_by_layer"]
     human = [t for corpus, corpus_texts in texts.items() if corpus != HELDOUT for t in corpus_texts]
     if "routing" not in out and human and M.has_routers(model):
-        # No held-out teacher rows to route over (standalone eval, or vocabulary differs): the human text.
+        # No held-out teacher rows to route over (standalone eval, or vocabulary differs): the human text,
+        # with the model's own next-token entropy as the difficulty axis.
         say(f"{name}: routing on the human corpora")
         routed = M.route_texts(model, tokenizer, human, window=ecfg.window, batch_tokens=ecfg.batch_tokens)
-    if "routing" not in out and human and M.has_routers(model) and routed["experts"].size:
-        max_k = getattr(getattr(model.config, "to_student_config", lambda: None)(), "max_k", None)
-        out["routing"] = M.routing_summary(routed["experts"], routed["entropy"], max_k=max_k)
-        out["routing"]["entropy_of"] = "model"
-        out["load_balance"] = M.load_balance(routed["expert_load"])
-        experts_by_layer = out["routing"]["experts_per_token_by_layer"]
+        if routed["experts"].size:
+            max_k = getattr(getattr(model.config, "to_student_config", lambda: None)(), "max_k", None)
+            out["routing"] = M.routing_summary(routed["experts"], routed["entropy"], max_k=max_k)
+            out["routing"]["entropy_of"] = "model"
+            out["load_balance"] = M.load_balance(routed["expert_load"])
+            experts_by_layer = out["routing"]["experts_per_token_by_layer"]
     out["footprint"] = speed_mod.model_footprint(model, experts_by_layer)
     if timed:
         s = ecfg.speed
