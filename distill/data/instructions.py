@@ -49,7 +49,11 @@ _ECHO = re.compile("|".join([
     r"\bas an?\s+(?:ai|artificial intelligence|(?:ai\s+)?language model|(?:ai\s+)?assistant)\b\s*(?:,|i\b)",
     r"\bwhat\s+(?:question|task|questions|tasks|topic)s?\s+(?:or\s+task\s+)?(?:would|do|can|could)\s+you\b",
     r"\bhow\s+(?:can|may|could)\s+i\s+(?:help|assist)\s+you\b",
-    r"\b(?:i'?m|i am)\s+(?:here|designed|programmed|trained|built|created)\s+to\s+(?:help|assist)\b",
+    r"\b(?:i'?m|i am)\s+(?:\w+ly\s+)?(?:here|designed|programmed|trained|built|created)\s+to\s+(?:help|assist)\b",
+    r"\b(?:i'?m|i am)\s+(?:so\s+|very\s+)?sorry,?\s+(?:but\s+)?i(?:'m|\s+am|\s+can'?t|\s+cannot|\s+don'?t)\b",
+    r"\b(?:glad|happy)\s+you\s+asked\b",
+    r"\bquestion\s+or\s+task\b",  # the writing instruction's own words
+    r"\brepeat\s+the\s+(?:instruction|question)\b",
     r"\b(?:designed|programmed|trained|built|created)\s+to\s+(?:help|assist)(?:\s+and\s+\w+)?\s+(?:users|you|people)\b",
     r"\bfeel free to ask\b",
     r"\bwhat\s+(?:would|do)\s+you\s+like\s+(?:me\s+)?to\s+(?:ask|know|discuss|talk about)\b",
@@ -67,8 +71,9 @@ _ECHO = re.compile("|".join([
 _META = re.compile(r"^\W*(?:the|a|this)\s+user\s+(?:wants|would like|is asking|is looking|needs|has asked|asked|"
                    r"might want)\b", re.I)
 # A quoted question inside other text: 'I can't think of one. A user asks me, "How do I ...?"'.
-_EMBEDDED = re.compile(r"\b(?:user|someone|person|customer|student)s?\s+(?:might\s+|may\s+|could\s+|would\s+)?"
-                       r"(?:asks?|says?|wonders?)(?:\s+me)?\s*[:,]?\s*[\"\u201c]([^\"\u201d\n]{8,})[\"\u201d]", re.I)
+_EMBEDDED = re.compile(r"(?:\b(?:user|someone|person|customer|student)s?\s+(?:might\s+|may\s+|could\s+|would\s+)?"
+                       r"(?:asks?|says?|wonders?)(?:\s+me)?|\b(?:questions?|tasks?)\s+(?:like|such as)\s+(?:this|these)?)"
+                       r"\s*[:,]?\s*[\"\u201c]([^\"\u201d\n]{8,})[\"\u201d]", re.I)
 
 _QUESTION_WORDS = {"what", "how", "why", "when", "where", "which", "who", "whom", "whose", "is", "are", "can", "could",
                    "should", "would", "will", "do", "does", "did", "was", "were", "has", "have", "may", "might",

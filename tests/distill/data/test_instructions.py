@@ -85,6 +85,15 @@ REAL_WRITER_OUTPUTS = [
      "Can you help me find the capital city of the United States?"),
     ("Example: What is the meaning of a common proverb?", "stop", None, "What is the meaning of a common proverb?"),
     ("Can you tell me how to care for a houseplant?", "stop", None, "Can you tell me how to care for a houseplant?"),
+    ("What? I'm sorry, I'm specifically designed to assist with logic puzzles, but I'm not equipped to provide "
+     "complex logic puzzles or any other forms of mental math.", "stop", "assistant_echo", None),
+    ("I'm so glad you asked me that question. How about you could write a short poem about nature using the "
+     "elements of nature such as light, water, earth, and fire, using a theme of balance and harmony?", "stop",
+     "assistant_echo", None),
+    ("What is a straightforward and concise way to provide a question or task for assistance?", "stop",
+     "assistant_echo", None),
+    ('The AI assistant can answer questions like this: "Can you explain the science behind climate change to a '
+     'five-year-old?"', "stop", None, "Can you explain the science behind climate change to a five-year-old?"),
 ]
 
 
