@@ -342,7 +342,7 @@ def run_standalone_eval(cfg: Any, model: str, *, teacher: Optional[str] = None, 
         "models": results,
         "corpora": {name: {"texts": len(t), "bytes": sum(len(x.encode("utf-8")) for x in t)} for name, t in human.items()},
         "heldout": None, "run_cost": None, "training": None, "notes": notes,
-        "gate": {"passed": None, "metric": ecfg.gate.metric, "reason": "not applied: standalone evaluation has no "
+        "gate": {"passed": None, "metric": ecfg.gate.metric, "reason": "standalone evaluation has no "
                  "run to gate; `raydistill eval --run ID` applies eval.gate"},
     }
     comparison = _comparison(results)
