@@ -49,7 +49,7 @@ def _print_table(title: str, rows: list[tuple[str, Any]]) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from cluster.runs import run_dir
-    from distill.data.generate import run_generate_stage
+    from distill.data.generate import cleaning_summary, run_generate_stage
 
     cfg = load(args)
     run = run_dir(cfg, args.run, create=True)
@@ -60,6 +60,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               ("completion tokens", manifest["completion_tokens"]),
                               ("teacher tokens/s", manifest["teacher_tokens_per_s"]),
                               ("skipped", manifest["skipped"] or "none"),
+                              *([("prompt cleaning", line)] if (line := cleaning_summary(
+                                  manifest.get("prompt_cleaning"))) else []),
                               ("wall seconds", manifest["wall_seconds"])])
     print(run)
     return 0

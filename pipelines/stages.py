@@ -91,12 +91,14 @@ def _generate_inputs(cfg: Any, run_dir: str) -> list[str]:
 
 
 def _run_generate(ctx: StageContext) -> StageResult:
-    from distill.data.generate import run_generate_stage
+    from distill.data.generate import cleaning_summary, run_generate_stage
 
     m = run_generate_stage(ctx.cfg, ctx.run_dir, show_progress=ctx.show_progress)
     message = f"{m.get('new_rows', 0)} new rows, {m.get('resumed_rows', 0)} resumed"
     if m.get("skipped"):
         message += f"; skipped {m['skipped']}"
+    if cleaning_summary(m.get("prompt_cleaning")):
+        message += f"; prompts: {cleaning_summary(m.get('prompt_cleaning'))}"
     return StageResult(rows=m.get("rows"), tokens=m.get("completion_tokens"), tokens_per_s=m.get("teacher_tokens_per_s"),
                        message=message, metrics={"teacher_tokens_per_s": m.get("teacher_tokens_per_s"),
                                                  "new_rows": m.get("new_rows"), "prompt_tokens": m.get("prompt_tokens")})

@@ -194,7 +194,8 @@ def run_generate_stage(cfg: PipelineConfig, run_dir: str, show_progress: bool = 
         return [row for batch in run_teacher(cfg, requests, params) for row in batch.to_pylist()]
 
     tokenizer = _driver_tokenizer(cfg) if cfg.prompts.source.value == "magpie" else None
-    requests, dropped = prompt_sources.build_requests(cfg, run_dir, teacher_for_prompts, tokenizer)
+    cleaning: dict[str, Any] = {}
+    requests, dropped = prompt_sources.build_requests(cfg, run_dir, teacher_for_prompts, tokenizer, cleaning)
     done = existing_prompt_ids(out_dir)
     todo = [r for r in requests if r["prompt_id"] not in done]
     skipped: dict[str, int] = dict(dropped)
@@ -241,6 +242,8 @@ def run_generate_stage(cfg: PipelineConfig, run_dir: str, show_progress: bool = 
         "sampling": sampling.to_json(),
         "config_hash": cfg.section_hash("teacher", "prompts", "generate"),
         "skipped": skipped,
+        # self_instruct / magpie: what the teacher wrote, what the cleaner dropped (by reason), what was kept
+        "prompt_cleaning": cleaning or None,
         "judge": judge_counts,
         "wall_seconds": round(time.time() - started, 2),
         "total_wall_seconds": round(time.time() - started + (previous or {}).get("total_wall_seconds", 0), 2),
@@ -262,6 +265,19 @@ def _driver_tokenizer(cfg: PipelineConfig) -> Any:
 
     source = cfg.teacher.tokenizer or cfg.teacher.model
     return AutoTokenizer.from_pretrained(resolve_model(source, cfg.teacher.revision))
+
+
+def cleaning_summary(cleaning: dict[str, Any] | None) -> str | None:
+    """One line: ``kept 30/32 written prompts in 2 rounds (asked 40); dropped assistant_echo 6, ...``."""
+    if not cleaning or "kept" not in cleaning:
+        return None
+    dropped = ", ".join(f"{reason} {n}" for reason, n in sorted((cleaning.get("dropped") or {}).items(),
+                                                                   key=lambda kv: -kv[1]))
+    line = (f"kept {cleaning['kept']}/{cleaning['requested']} written prompts in {cleaning['rounds']} "
+            f"round{'s' if cleaning['rounds'] != 1 else ''} (asked {cleaning['asked']}); dropped {dropped or 'none'}")
+    if cleaning.get("short_by"):
+        line += f"; {cleaning['short_by']} short of prompts.count"
+    return line
 
 
 def manifest_json(manifest: dict[str, Any]) -> str:

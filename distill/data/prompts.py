@@ -5,6 +5,9 @@ rendered with the teacher's chat template; a request with only ``prompt`` is fed
 
 * ``file``: JSONL / Parquet / CSV files (fsspec URIs, globs) with a ``prompt`` or ``messages`` column;
 * ``self_instruct``: the teacher writes one task per seed topic (shipped list), then answers it;
+  what it writes is cleaned (:mod:`distill.data.instructions`: wrappers unwrapped, echoes of the
+  assistant and non-tasks dropped, counted by reason) and it is asked again, at most
+  ``MAX_INSTRUCTION_ROUNDS`` rounds, until ``prompts.count`` prompts are kept;
 * ``magpie``: the teacher is fed its own chat-template prefix up to the user turn, so it writes the
   question itself (Magpie, Xu et al. 2024), then answers it;
 * ``served_prompts``: the serving prompt log (the data flywheel of the pipelines issue).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import logging
 import os
 import random
 from typing import Any, Callable
@@ -29,9 +33,13 @@ import pyarrow.parquet as pq
 from cluster import storage
 from cluster.config import PipelineConfig, PromptSource
 from cluster.errors import ConfigError, RaydistillError
+from distill.data.instructions import InstructionFilter
 from distill.data.schema import prompt_id
 from distill.teacher.base import SamplingParams
 
+log = logging.getLogger(__name__)
+# Rounds of asking the teacher for instructions until prompts.count clean ones (self_instruct, magpie).
+MAX_INSTRUCTION_ROUNDS = 4
 DEFAULT_TOPICS = os.path.join(os.path.dirname(__file__), "seed_topics.txt")
 INSTRUCTION_TEMPLATE = ("Write one clear, self-contained question or task that a user might ask an AI "
                         "assistant about: {topic}. Reply with the question or task only, nothing else.")
@@ -163,27 +171,69 @@ def magpie_prefix(tokenizer: Any, system_prompt: str | None = None) -> str:
     return rendered.split(marker, 1)[0]
 
 
-def _written_instructions(cfg: PipelineConfig, run_dir: str, kind: str, make: Callable[[], list[str]]) -> list[str]:
-    """Instructions the teacher wrote, stored once per run so reruns reuse them."""
+def _written_instructions(run_dir: str, kind: str, make: Callable[[], tuple[list[str], dict[str, Any]]]
+                          ) -> tuple[list[str], dict[str, Any]]:
+    """Instructions the teacher wrote and their cleaning stats, stored once per run so reruns reuse them.
+
+    ``data/prompts/{kind}.jsonl`` holds the kept instructions, ``{kind}.stats.json`` the counts
+    (absent for runs written before cleaning existed: their stats are ``{}``).
+    """
     uri = storage.join(run_dir, "data", "prompts", f"{kind}.jsonl")
+    stats_uri = storage.join(run_dir, "data", "prompts", f"{kind}.stats.json")
     if storage.exists(uri):
-        return [json.loads(line)["instruction"] for line in storage.read_text(uri).splitlines() if line.strip()]
-    instructions = make()
-    storage.atomic_write_text(uri, "".join(json.dumps({"instruction": i}) + "\n" for i in instructions))
-    return instructions
+        stored = [json.loads(line)["instruction"] for line in storage.read_text(uri).splitlines() if line.strip()]
+        return stored, (storage.read_json(stats_uri) if storage.exists(stats_uri) else {})
+    instructions, stats = make()
+    if instructions:  # nothing usable is an error the caller raises; a rerun asks again
+        storage.atomic_write_json(stats_uri, stats)
+        storage.atomic_write_text(uri, "".join(json.dumps({"instruction": i}) + "\n" for i in instructions))
+    return instructions, stats
 
 
-def _clean_instruction(text: str) -> str:
-    text = text.strip().strip('"').strip()
-    for prefix in ("Question:", "Task:", "User:"):
-        if text.startswith(prefix):
-            text = text[len(prefix):].strip()
-    return text
+def write_instructions(pc: Any, teacher: TeacherRunner, count: int, seeds_for_round: Callable[[int, int], list],
+                       max_rounds: int | None = None) -> tuple[list[str], dict[str, Any]]:
+    """Ask the teacher for instructions until ``count`` clean ones (at most ``max_rounds`` rounds).
+
+    ``seeds_for_round(round, n)`` gives ``n`` writing requests. Round 0 asks for ``count``; later
+    rounds ask for twice what is missing (drops are common with a small teacher). Returns the
+    kept instructions (at most ``count``) and ``{"requested", "asked", "kept", "rounds",
+    "dropped": {reason: n}, "short_by"}``.
+    """
+    max_rounds = MAX_INSTRUCTION_ROUNDS if max_rounds is None else max_rounds
+    found = InstructionFilter()
+    rounds = 0
+    next_index = 0
+    while len(found.kept) < count and rounds < max_rounds:
+        missing = count - len(found.kept)
+        seeds = seeds_for_round(rounds, missing if rounds == 0 else 2 * missing)
+        for seed in seeds:  # identical seed prompts must still be distinct requests
+            seed["prompt_id"] = prompt_id(seed["source"], seed["messages"] or seed["prompt"], next_index)
+            next_index += 1
+        params = SamplingParams(max_new_tokens=64, temperature=0.9, top_p=0.95, logprobs=1, seed=pc.seed + rounds)
+        for row in teacher(seeds, params):
+            if row.get("skip_reason"):
+                found.asked += 1
+                found.dropped["teacher_skipped"] = found.dropped.get("teacher_skipped", 0) + 1
+            else:
+                found.add(row.get("completion"), row.get("finish_reason"))
+        rounds += 1
+    kept = found.kept[:count]
+    stats = {"requested": count, "asked": found.asked, "kept": len(kept), "rounds": rounds,
+             "dropped": dict(sorted(found.dropped.items())), "short_by": count - len(kept)}
+    if stats["short_by"]:
+        log.warning("prompts: the teacher wrote %d of %d usable instructions in %d rounds (dropped %s)",
+                    len(kept), count, rounds, stats["dropped"])
+    return kept, stats
 
 
 def build_requests(cfg: PipelineConfig, run_dir: str, teacher: TeacherRunner | None = None,
-                   tokenizer: Any = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """All requests of this run (before resume filtering) and counts of prompts dropped, by reason."""
+                   tokenizer: Any = None, cleaning: dict[str, Any] | None = None
+                   ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """All requests of this run (before resume filtering) and counts of prompts dropped, by reason.
+
+    For sources the teacher writes (self_instruct, magpie), ``cleaning`` (a dict, if given) is
+    filled with the instruction cleaning stats of :func:`write_instructions`.
+    """
     pc = cfg.prompts
     dropped: dict[str, int] = {}
     if pc.source == PromptSource.file:
@@ -192,30 +242,35 @@ def build_requests(cfg: PipelineConfig, run_dir: str, teacher: TeacherRunner | N
         if teacher is None:
             raise RaydistillError(f"prompts.source={pc.source.value} needs a running teacher")
         count = pc.count or 64
-        writer = SamplingParams(max_new_tokens=64, temperature=0.9, top_p=0.95, logprobs=1, seed=pc.seed)
         if pc.source == PromptSource.self_instruct:
             topics = _load_topics(cfg)
-            rng = random.Random(pc.seed)
-            picks = [topics[i % len(topics)] for i in range(count)]
-            rng.shuffle(picks)
-            seeds = [_request(pc, "self_instruct_seed", text=INSTRUCTION_TEMPLATE.format(topic=t)) for t in picks]
+
+            def seeds_for_round(round_no: int, n: int) -> list[dict[str, Any]]:
+                rng = random.Random(pc.seed if round_no == 0 else f"{pc.seed}:{round_no}")
+                start = 0 if round_no == 0 else rng.randrange(len(topics))
+                picks = [topics[(start + i) % len(topics)] for i in range(n)]
+                rng.shuffle(picks)
+                return [_request(pc, "self_instruct_seed", text=INSTRUCTION_TEMPLATE.format(topic=t)) for t in picks]
         else:
             if tokenizer is None:
                 raise RaydistillError("prompts.source=magpie needs the teacher's tokenizer")
             prefix = magpie_prefix(tokenizer, pc.system_prompt)
-            seeds = [_request(pc, "magpie_seed", raw=prefix) for _ in range(count)]
-        # Identical seed prompts must still be distinct requests: the sample index keeps ids apart.
-        for index, seed in enumerate(seeds):
-            seed["prompt_id"] = prompt_id(seed["source"], seed["messages"] or seed["prompt"], index)
 
-        def make() -> list[str]:
-            rows = teacher(seeds, writer)
-            return [_clean_instruction(r["completion"]) for r in rows
-                    if not r.get("skip_reason") and r.get("completion")]
+            def seeds_for_round(round_no: int, n: int) -> list[dict[str, Any]]:
+                return [_request(pc, "magpie_seed", raw=prefix) for _ in range(n)]
 
-        instructions = _written_instructions(cfg, run_dir, pc.source.value, make)
+        instructions, cleaning_stats = _written_instructions(
+            run_dir, pc.source.value, lambda: write_instructions(pc, teacher, count, seeds_for_round))
+        if cleaning is not None:
+            cleaning.update(cleaning_stats)
         requests = [_request(pc, pc.source.value, text=i) for i in instructions if i]
-        dropped["empty_instruction"] = count - len(requests)
+        if not requests:
+            raise RaydistillError(
+                f"prompts.source={pc.source.value}: the teacher wrote no usable prompt in "
+                f"{cleaning_stats.get('rounds')} rounds ({cleaning_stats.get('asked')} asked; dropped "
+                f"{cleaning_stats.get('dropped')}); use a stronger teacher (teacher.model) or prompts.source=file")
+        if len(requests) < count:
+            dropped["missing_prompts"] = count - len(requests)
     elif pc.source == PromptSource.served_prompts:
         requests = served_prompt_requests(cfg, run_dir)
     else:  # pragma: no cover - enum is exhaustive

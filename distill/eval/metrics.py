@@ -98,6 +98,29 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
+def _text_pieces(tokenizer: Any, texts: list[str], window: int, start_token: Optional[int]
+                 ) -> tuple[list[tuple[list[int], int]], int, int, int]:
+    """``(pieces, pad id, bytes, tokens)``: every text as ``[start] + tokens`` cut into scoring windows.
+
+    A piece is ``(window ids, index of the first scored input position)``: input position j predicts
+    ``ids[j + 1]``; positions ``first..len-2`` predict this window's targets (each text token once).
+    """
+    start = start_token_id(tokenizer) if start_token is None else int(start_token)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = start if pad is None else int(pad)
+    pieces: list[tuple[list[int], int]] = []
+    total_bytes = total_tokens = 0
+    for text in texts:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        total_bytes += len(text.encode("utf-8"))
+        total_tokens += len(ids)
+        seq = [start] + ids
+        for ctx_start, pred_start, pred_end in windows(len(ids), window):
+            # Input position j predicts seq[ctx_start + j + 1]; targets pred_start.. are inputs pred_start-1..
+            pieces.append((seq[ctx_start:pred_end], pred_start - 1 - ctx_start))
+    return pieces, pad, total_bytes, total_tokens
+
+
 # ----------------------------------------------------------------------------- bits per byte
 @torch.no_grad()
 def bits_per_byte(model: Any, tokenizer: Any, texts: Iterable[str], *, window: int = 256, batch_tokens: int = 2048,
@@ -113,19 +136,7 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: Iterable[str], *, window: i
     texts = [t for t in texts if t]
     if not texts:
         raise RaydistillError("bits_per_byte got no non-empty text; check the corpus files / held-out rows")
-    start = start_token_id(tokenizer) if start_token is None else int(start_token)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = start if pad is None else int(pad)
-    pieces: list[tuple[list[int], int]] = []  # (window ids, index of the first scored input position)
-    total_bytes = total_tokens = 0
-    for text in texts:
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        total_bytes += len(text.encode("utf-8"))
-        total_tokens += len(ids)
-        seq = [start] + ids
-        for ctx_start, pred_start, pred_end in windows(len(ids), window):
-            # Input position j predicts seq[ctx_start + j + 1]; targets pred_start.. are inputs pred_start-1..
-            pieces.append((seq[ctx_start:pred_end], pred_start - 1 - ctx_start))
+    pieces, pad, total_bytes, total_tokens = _text_pieces(tokenizer, texts, window, start_token)
     device = _device_of(model)
     nats = 0.0
     for batch in _batches(pieces, [len(p[0]) for p in pieces], batch_tokens):
@@ -269,6 +280,56 @@ def _num_experts(model: Any) -> int:
     from distill.student.router import Router
 
     return next(m for m in model.modules() if isinstance(m, Router)).weight.shape[0]
+
+
+def has_routers(model: Any) -> bool:
+    """True for a raydistill MoE student (it has :class:`~distill.student.router.Router` modules)."""
+    from distill.student.router import Router
+
+    return hasattr(model, "modules") and any(isinstance(m, Router) for m in model.modules())
+
+
+@torch.no_grad()
+def route_texts(model: Any, tokenizer: Any, texts: Iterable[str], *, window: int = 256, batch_tokens: int = 2048,
+                start_token: Optional[int] = None) -> dict[str, Any]:
+    """Experts used by every token of ``texts`` (no teacher needed), windowed as in :func:`bits_per_byte`.
+
+    Returns ``experts`` [N, layers] (experts each of the N text tokens used per MoE layer; each
+    token counted once, routed with its window's context), ``entropy`` [N] (the model's own
+    next-token entropy at that token, nats: the difficulty axis when no teacher labels exist)
+    and ``expert_load`` [layers][E] (each layer's share of selections). RaydistillError for a
+    model without routers or no non-empty text.
+    """
+    texts = [t for t in texts if t]
+    if not texts:
+        raise RaydistillError("route_texts got no non-empty text; check the corpus files")
+    if not has_routers(model):
+        raise RaydistillError("routing statistics need a raydistill MoE student; this model has no routers")
+    pieces, pad, _, _ = _text_pieces(tokenizer, texts, window, start_token)
+    device = _device_of(model)
+    experts, ents = [], []
+    load: Optional[list[torch.Tensor]] = None
+    with record_routing(model) as records:
+        for batch in _batches(pieces, [len(p[0]) for p in pieces], batch_tokens):
+            for rec in records:
+                rec.clear()
+            ids, mask = _pad([pieces[i][0] for i in batch], pad)
+            logits = _logits(model, ids.to(device), mask.to(device)).float()  # [B, T, V]
+            width = ids.shape[1]
+            per_layer = [(torch.cat([e for e, _ in rec]).reshape(len(batch), width, -1),
+                          torch.cat([u for _, u in rec]).reshape(len(batch), width, -1)) for rec in records]
+            if load is None:
+                load = [torch.zeros(_num_experts(model)) for _ in per_layer]
+            for r, i in enumerate(batch):
+                seq_ids, first = pieces[i]
+                pos = slice(first + 1, len(seq_ids))  # the window's new text tokens (targets), each once
+                lp = F.log_softmax(logits[r, pos], dim=-1)
+                ents.append(-(lp.exp() * lp).sum(-1).cpu())
+                experts.append(torch.stack([u[r, pos].float().sum(-1) for _, u in per_layer], dim=-1))  # [C, L]
+                for layer, (e, u) in enumerate(per_layer):
+                    load[layer].scatter_add_(0, e[r, pos].reshape(-1), u[r, pos].float().reshape(-1))
+    return {"experts": torch.cat(experts).numpy(), "entropy": torch.cat(ents).numpy(),
+            "expert_load": [(c / c.sum().clamp(min=1.0)).tolist() for c in load]}
 
 
 def fidelity(student: Any, rows: Sequence[dict], *, batch_tokens: int = 2048, pad_id: int = 0) -> dict[str, float]:

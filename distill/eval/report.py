@@ -102,7 +102,8 @@ def plot_routing(report: dict) -> Optional[bytes]:
     ax1.set_ylabel("share of token-layers")
     ax1.set_title("Experts per token")
     ax1.legend(fontsize=8)
-    ax2.set_xlabel("teacher entropy (nats), quantile buckets")
+    sources = {report["models"][m]["routing"].get("entropy_of", "teacher") for m in routed}
+    ax2.set_xlabel(f"{' / '.join(sorted(sources))} entropy (nats), quantile buckets")
     ax2.set_ylabel("mean experts per token")
     ax2.set_title("Difficulty vs experts used")
     ax2.grid(alpha=0.3)
@@ -168,8 +169,8 @@ SUMMARY_ROWS = [
 CAPTIONS = {
     "training_loss": "Training loss by stage (held-out KL as points).",
     "bits_per_byte": "Bits per byte by model and corpus: lower means the model predicts (compresses) the text better.",
-    "routing": "Left: experts each token used per MoE layer. Right: teacher entropy bucket vs experts used "
-               "(rising = harder tokens get more experts).",
+    "routing": "Left: experts each token used per MoE layer. Right: entropy bucket (the teacher's on held-out rows, "
+               "else the model's own on human text) vs experts used (rising = harder tokens get more experts).",
     "speed": "Time to first token and decode tokens/s on the same engine and machine.",
 }
 
@@ -178,6 +179,10 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
     models = _models(report)
     gate = report.get("gate", {})
     ok = gate.get("passed")
+    verdict = "not applied" if ok is None else ("PASSED" if ok else "FAILED")
+    subject = (f"Model <code>{html.escape(str(report['models'].get('student', {}).get('path')))}</code> "
+               "(standalone, no run)") if report.get("mode") == "standalone" else \
+        f"Run <code>{html.escape(str(report.get('run_dir', '')))}</code>"
     rows = []
     for key, label in SUMMARY_ROWS:
         cells = "".join(f"<td>{_fmt(report['models'][m].get('metrics', {}).get(key))}</td>" for m in models)
@@ -199,21 +204,21 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
                      f"(generate {_fmt(run_cost.get('generate_seconds'))} s + train "
                      f"{_fmt(run_cost.get('train_seconds'))} s) at {_fmt(run_cost.get('cost_per_hour'))}/hour.</p>")
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>raydistill eval: {html.escape(str(report.get('run_dir', '')))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>raydistill eval: {html.escape(str(report.get('run_dir') or report['models'].get('student', {}).get('path')))}</title>
 <style>
 body {{ font-family: sans-serif; margin: 24px; color: #222; max-width: 1100px; }}
 table {{ border-collapse: collapse; margin: 8px 0 16px; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 th {{ background: #f4f4f4; text-align: left; }}
 .gate {{ padding: 10px 14px; border-radius: 6px; font-weight: bold; margin: 12px 0; }}
-.pass {{ background: #e3f6e3; border: 1px solid #3a3; }} .fail {{ background: #fbe3e3; border: 1px solid #c33; }}
+.pass {{ background: #e3f6e3; border: 1px solid #3a3; }} .skip {{ background: #f4f4f4; border: 1px solid #999; }} .fail {{ background: #fbe3e3; border: 1px solid #c33; }}
 figure {{ margin: 12px 0 24px; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
 figcaption {{ font-size: 0.9em; color: #555; }}
 </style></head><body>
 <h1>raydistill evaluation</h1>
-<p>Run <code>{html.escape(str(report.get('run_dir', '')))}</code> · config hash <code>{html.escape(str(report.get('config_hash', '')))}</code>
+<p>{subject} · config hash <code>{html.escape(str(report.get('config_hash', '')))}</code>
 · {html.escape(str(report.get('created', '')))}</p>
-<div class="gate {'pass' if ok else 'fail'}">Gate {'PASSED' if ok else 'FAILED'}: {html.escape(str(gate.get('reason', '')))}</div>
+<div class="gate {'skip' if ok is None else 'pass' if ok else 'fail'}">Gate {verdict}: {html.escape(str(gate.get('reason', '')))}</div>
 <h2>Summary</h2>
 <table><tr><th></th>{head}</tr>{''.join(rows)}</table>
 {cost_line}

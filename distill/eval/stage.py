@@ -1,5 +1,7 @@
 """The eval stage: score teacher, student, student-at-init and an optional baseline; gate; write the report.
 
+:func:`run_standalone_eval` scores one model dir (optionally beside a teacher) without a run.
+
 Writes ``{run}/eval/report.json`` (every number, config hash, model paths), ``{run}/eval/*.png``
 and ``{run}/eval/report.html`` (self-contained). Models are loaded one at a time, fp32 on CPU.
 """
@@ -152,6 +154,19 @@ def evaluate_model(name: str, model: Any, tokenizer: Any, *, cfg: Any, texts: di
             max_k = getattr(getattr(model.config, "to_student_config", lambda: None)(), "max_k", None)
             out["routing"] = M.routing_summary(scored["experts"], scored["entropy"], max_k=max_k)
             out["load_balance"] = M.load_balance(scored["expert_load"])
+            out["routing"]["entropy_of"] = "teacher"
+            experts_by_layer = out["routing"]["experts_per_token_by_layer"]
+    human = [t for corpus, corpus_texts in texts.items() if corpus != HELDOUT for t in corpus_texts]
+    if "routing" not in out and human and M.has_routers(model):
+        # No held-out teacher rows to route over (standalone eval, or vocabulary differs): the human text,
+        # with the model's own next-token entropy as the difficulty axis.
+        say(f"{name}: routing on the human corpora")
+        routed = M.route_texts(model, tokenizer, human, window=ecfg.window, batch_tokens=ecfg.batch_tokens)
+        if routed["experts"].size:
+            max_k = getattr(getattr(model.config, "to_student_config", lambda: None)(), "max_k", None)
+            out["routing"] = M.routing_summary(routed["experts"], routed["entropy"], max_k=max_k)
+            out["routing"]["entropy_of"] = "model"
+            out["load_balance"] = M.load_balance(routed["expert_load"])
             experts_by_layer = out["routing"]["experts_per_token_by_layer"]
     out["footprint"] = speed_mod.model_footprint(model, experts_by_layer)
     if timed:
@@ -209,13 +224,7 @@ def run_eval_stage(cfg: Any, run_dir: str, *, model_dir: Optional[str] = None, b
     if ecfg.threads:
         torch.set_num_threads(ecfg.threads)
 
-    def say(message: str) -> None:
-        log.info(message)
-        if show_progress:
-            from rich.console import Console
-
-            Console(stderr=True).print(f"[dim]eval[/dim] {message}")
-
+    say = _sayer(show_progress)
     notes: list[str] = []
     eval_dir = storage.join(run_dir, "eval")
     student_path = model_dir or storage.join(run_dir, "student")
@@ -250,6 +259,114 @@ def run_eval_stage(cfg: Any, run_dir: str, *, model_dir: Optional[str] = None, b
         raise RaydistillError("nothing to evaluate on: no held-out teacher rows and no human corpus; set "
                               "eval.corpora or install the builtin corpus (apt-get install fortunes-min)")
 
+    results = _evaluate_models(cfg, order, paths, rows, texts, notes, say)
+    if "teacher" in results and rows:
+        # The teacher against itself: KL 0 and agreement 1 by definition (the reference for gates on them).
+        results["teacher"]["metrics"].update({"kl": 0.0, "top1_agreement": 1.0})
+
+    report: dict[str, Any] = {
+        "run_dir": run_dir, "config_hash": cfg.section_hash(), "eval_config": ecfg.model_dump(mode="json"),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "models": results,
+        "corpora": {name: {"texts": len(t), "bytes": sum(len(x.encode("utf-8")) for x in t)} for name, t in texts.items()},
+        "heldout": held_info, "run_cost": run_cost(run_dir, ecfg.hardware_cost_per_hour),
+        "training": _read_manifest(storage.join(run_dir, "train", "manifest.json")),
+        "notes": notes,
+    }
+    report["gate"] = evaluate_gate(ecfg.gate, {k: v["metrics"] for k, v in results.items()})
+    comparison = _comparison(results)
+    if comparison:
+        report["comparison"] = comparison
+    report["wall_seconds"] = round(time.time() - started, 2)
+
+    _write_report(report, eval_dir, _read_jsonl(storage.join(run_dir, "train", "metrics.jsonl")), say)
+    return report
+
+
+def default_out_dir(model: str) -> str:
+    """``./eval-<last path part of the model dir or alias>`` (absolute)."""
+    name = model.rstrip("/").rsplit("/", 1)[-1] or "model"
+    return os.path.abspath(f"eval-{name}")
+
+
+def _model_or_alias(value: str, flag: str) -> str:
+    """A model dir that exists (used as given), or a builtin alias / Hugging Face id resolved to a local dir."""
+    if storage.exists(value):
+        return value
+    from distill.teacher.sources import BUILTIN_ALIASES, resolve_model
+
+    hf_id = value.count("/") == 1 and "://" not in value and not value.startswith((".", "/", "~"))
+    if value in BUILTIN_ALIASES or hf_id:
+        try:
+            return resolve_model(value)
+        except RaydistillError as exc:
+            raise RaydistillError(f"{flag} {value}: {exc}") from exc
+    raise RaydistillError(f"{flag} {value} does not exist; pass a student dir written by training/export, an HF "
+                          f"causal LM dir, a Hugging Face id (org/name) or a builtin alias "
+                          f"({', '.join(BUILTIN_ALIASES)})")
+
+
+def run_standalone_eval(cfg: Any, model: str, *, teacher: Optional[str] = None, out_dir: Optional[str] = None,
+                        show_progress: bool = True) -> dict:
+    """Evaluate one model with no pipeline run: bits per byte on the human corpora, speed, routing (MoE).
+
+    ``model``: a student dir, any HF causal LM dir, a Hugging Face id or a builtin alias; it is
+    reported as ``student``. ``teacher`` (optional) is scored the same way beside it. Teacher-text
+    metrics (held-out bits per byte, KL, top-1 agreement) need a run's soft labels and are absent;
+    no gate is applied (``report["gate"]["passed"] is None``). Writes ``report.{json,html}`` and
+    plots under ``out_dir`` (default :func:`default_out_dir`).
+    """
+    import torch
+
+    ecfg = cfg.eval
+    started = time.time()
+    if ecfg.threads:
+        torch.set_num_threads(ecfg.threads)
+    say = _sayer(show_progress)
+    paths: dict[str, Any] = {}
+    if teacher:
+        paths["teacher"] = _model_or_alias(teacher, "--teacher")
+    paths["student"] = _model_or_alias(model, "--model")
+    out_dir = out_dir or default_out_dir(model)
+    notes = ["standalone evaluation (no pipeline run): held-out teacher-text bits per byte, KL and top-1 agreement "
+             "need a run's soft labels; pass --run ID for them"]
+    human, corpus_notes = corpora_mod.load_corpora(ecfg.corpora, ecfg.builtin_corpus, ecfg.max_corpus_bytes,
+                                                   resolve=cfg.resolve_path)
+    notes.extend(corpus_notes)
+    if not human:
+        raise RaydistillError("nothing to evaluate on: no human corpus; pass --corpus FILE (.txt or .jsonl), set "
+                              "eval.corpora, or install the builtin corpus (apt-get install fortunes-min)")
+    results = _evaluate_models(cfg, list(paths), paths, [], human, notes, say)
+    report: dict[str, Any] = {
+        "mode": "standalone", "run_dir": None, "config_hash": cfg.section_hash(),
+        "eval_config": ecfg.model_dump(mode="json"), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "models": results,
+        "corpora": {name: {"texts": len(t), "bytes": sum(len(x.encode("utf-8")) for x in t)} for name, t in human.items()},
+        "heldout": None, "run_cost": None, "training": None, "notes": notes,
+        "gate": {"passed": None, "metric": ecfg.gate.metric, "reason": "standalone evaluation has no "
+                 "run to gate; `raydistill eval --run ID` applies eval.gate"},
+    }
+    comparison = _comparison(results)
+    if comparison:
+        report["comparison"] = comparison
+    report["wall_seconds"] = round(time.time() - started, 2)
+    _write_report(report, out_dir, [], say)
+    return report
+
+
+def _sayer(show_progress: bool):
+    def say(message: str) -> None:
+        log.info(message)
+        if show_progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[dim]eval[/dim] {message}")
+    return say
+
+
+def _evaluate_models(cfg: Any, order: list[str], paths: dict[str, Any], rows: list[dict],
+                     texts: dict[str, list[str]], notes: list[str], say) -> dict[str, dict]:
+    """Load and score each model in ``order``, one at a time."""
+    ecfg = cfg.eval
     teacher_tok = None
     results: dict[str, dict] = {}
     for name in order:
@@ -271,32 +388,24 @@ def run_eval_stage(cfg: Any, run_dir: str, *, model_dir: Optional[str] = None, b
         results[name]["path"] = paths[name]
         results[name]["local_path"] = local
         del model
-    if "teacher" in results and rows:
-        # The teacher against itself: KL 0 and agreement 1 by definition (the reference for gates on them).
-        results["teacher"]["metrics"].update({"kl": 0.0, "top1_agreement": 1.0})
+    return results
 
-    report: dict[str, Any] = {
-        "run_dir": run_dir, "config_hash": cfg.section_hash(), "eval_config": ecfg.model_dump(mode="json"),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "models": results,
-        "corpora": {name: {"texts": len(t), "bytes": sum(len(x.encode("utf-8")) for x in t)} for name, t in texts.items()},
-        "heldout": held_info, "run_cost": run_cost(run_dir, ecfg.hardware_cost_per_hour),
-        "training": _read_manifest(storage.join(run_dir, "train", "manifest.json")),
-        "notes": notes,
-    }
-    report["gate"] = evaluate_gate(ecfg.gate, {k: v["metrics"] for k, v in results.items()})
-    if "teacher" in results and "student" in results:
-        t, s = results["teacher"]["metrics"], results["student"]["metrics"]
-        report["comparison"] = {
-            "decode_speedup": (s["decode_tokens_per_s"] / t["decode_tokens_per_s"])
-            if s.get("decode_tokens_per_s") and t.get("decode_tokens_per_s") else None,
-            "active_parameter_ratio": (s["active_parameters"] / t["active_parameters"])
-            if s.get("active_parameters") and t.get("active_parameters") else None,
-            "kv_bytes_ratio": (s["kv_bytes_per_token"] / t["kv_bytes_per_token"])
-            if s.get("kv_bytes_per_token") and t.get("kv_bytes_per_token") else None,
-        }
-    report["wall_seconds"] = round(time.time() - started, 2)
 
-    training_metrics = _read_jsonl(storage.join(run_dir, "train", "metrics.jsonl"))
+def _comparison(results: dict[str, dict]) -> Optional[dict[str, Any]]:
+    """Student / teacher ratios: decode speed-up, active parameters, KV bytes (None without both)."""
+    if "teacher" not in results or "student" not in results:
+        return None
+    t, s = results["teacher"]["metrics"], results["student"]["metrics"]
+
+    def ratio(key: str) -> Optional[float]:
+        return s[key] / t[key] if s.get(key) and t.get(key) else None
+
+    return {"decode_speedup": ratio("decode_tokens_per_s"), "active_parameter_ratio": ratio("active_parameters"),
+            "kv_bytes_ratio": ratio("kv_bytes_per_token")}
+
+
+def _write_report(report: dict, eval_dir: str, training_metrics: list[dict], say) -> None:
+    """Plots, ``report.html`` and ``report.json`` under ``eval_dir`` (each written atomically)."""
     plots = report_mod.make_plots(report, training_metrics)
     json_uri, html_uri = storage.join(eval_dir, "report.json"), storage.join(eval_dir, "report.html")
     report["paths"] = {"json": json_uri, "html": html_uri,
@@ -306,7 +415,6 @@ def run_eval_stage(cfg: Any, run_dir: str, *, model_dir: Optional[str] = None, b
     storage.atomic_write_text(html_uri, report_mod.render_html(report, plots))
     storage.atomic_write_json(json_uri, _jsonable(report))
     say(f"report: {html_uri}")
-    return report
 
 
 def _jsonable(obj: Any) -> Any:

@@ -18,6 +18,7 @@ from distill.data.inspect import inspect_data
 
 pytestmark = pytest.mark.integration
 FLAKY = "tests.distill.data.flaky_teacher:FlakyTeacher"
+SCRIPTED = "tests.distill.data.scripted_teacher:ScriptedTeacher"
 
 
 def write_prompts(path: Path, n: int, column: str = "prompt") -> str:
@@ -203,17 +204,41 @@ def test_messages_csv_and_parquet_sources(ray_session, tmp_path, tiny_teacher_di
     assert manifest["skipped"] == {"duplicate_prompt": 1}
 
 
-def test_self_instruct_writes_instructions_once_and_reuses_them(ray_session, tmp_path, tiny_teacher_dir):
+def test_self_instruct_prompts_are_cleaned_counted_in_the_manifest_and_reused(ray_session, tmp_path,
+                                                                              tiny_teacher_copy):
     topics = tmp_path / "topics.txt"
     topics.write_text("# comment\nbirds\nrivers\n")
-    cfg = load_config(None, [f"workdir={tmp_path}", f"teacher.model={tiny_teacher_dir}", "prompts.source=self_instruct",
-                             "prompts.count=4", f"prompts.topics_path={topics}", "generate.max_new_tokens=4"])
+    Path(tiny_teacher_copy, "scripted.json").write_text(json.dumps({"state": str(tmp_path / "written"), "instructions": [
+        # round 0: 4 seeds
+        "I'm an AI designed to assist and instruct users. What question or task would you like to ask or "
+        "instruct me about?",
+        'A user might ask: "How do birds find their way south?"',
+        "Question: Why do rivers bend?",
+        "I'm ready to help. What's your question?",
+        # round 1: twice the 2 missing
+        'A user might ask: "How do birds find their way south?"',
+        "Birds are warm-blooded vertebrates with feathers.",
+        "Explain how a river delta forms.",
+        "Write a haiku about a heron.",
+    ]}))
+    cfg = load_config(None, [f"workdir={tmp_path}", f"teacher.model={tiny_teacher_copy}", f"teacher.backend={SCRIPTED}",
+                             "prompts.source=self_instruct", "prompts.count=4", f"prompts.topics_path={topics}",
+                             "generate.max_new_tokens=4"])
     run = str(tmp_path / "run")
     first = run_generate_stage(cfg, run, show_progress=False)
-    stored = Path(run, "data/prompts/self_instruct.jsonl").read_text().splitlines()
-    assert len(stored) == 4 and first["rows"] == 4 - first["skipped"].get("empty_instruction", 0)
+    assert first["prompt_cleaning"] == {"requested": 4, "asked": 8, "kept": 4, "rounds": 2, "short_by": 0,
+                                        "dropped": {"assistant_echo": 2, "duplicate": 1, "not_a_task": 1}}
+    on_disk = json.loads(Path(run, GENERATE_DIR, "manifest.json").read_text())
+    assert on_disk["prompt_cleaning"] == first["prompt_cleaning"]
+    assert first["rows"] == 4 and first["skipped"] == {}
+    prompts = read_shards(f"{run}/{GENERATE_DIR}", columns=["prompt"]).column("prompt").to_pylist()
+    assert sorted(prompts) == sorted(["How do birds find their way south?", "Why do rivers bend?",
+                                      "Explain how a river delta forms.", "Write a haiku about a heron."])
+    assert len(Path(run, "data/prompts/self_instruct.jsonl").read_text().splitlines()) == 4
     again = run_generate_stage(cfg, run, show_progress=False)
-    assert again["new_rows"] == 0 and again["resumed_rows"] == first["rows"]
+    assert again["new_rows"] == 0 and again["resumed_rows"] == 4
+    assert again["prompt_cleaning"] == first["prompt_cleaning"]
+    assert (tmp_path / "written").read_text() == "8", "a rerun reuses the stored prompts without asking again"
     sources = set(read_shards(f"{run}/{GENERATE_DIR}", columns=["source"]).column("source").to_pylist())
     assert sources == {"self_instruct"}
 

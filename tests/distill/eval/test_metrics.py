@@ -213,3 +213,30 @@ def test_load_balance_of_even_and_collapsed_routing():
     collapsed = M.load_balance([[1.0, 0.0, 0.0, 0.0]])
     assert even["max_over_mean"] == pytest.approx(1.0) and even["normalized_entropy_mean"] == pytest.approx(1.0)
     assert collapsed["max_over_mean"] == pytest.approx(4.0) and collapsed["normalized_entropy_mean"] == 0.0
+
+
+def test_route_texts_counts_every_text_token_once_without_a_teacher():
+    from distill.student.init import init_random
+    from tests.distill.eval.conftest import student_config
+
+    model = init_random(student_config(40, initializer_range=0.5), seed=0)
+    tok = WordTokenizer(WORDS)
+    texts = [" ".join(WORDS * 3), "the cat sat"]  # 21 tokens (several windows of 8) + 3 tokens
+    routed = M.route_texts(model, tok, texts, window=8, batch_tokens=16)
+    assert routed["experts"].shape == (24, 2) and routed["entropy"].shape == (24,)
+    assert routed["experts"].min() >= 1 and routed["experts"].max() <= 3
+    # One window covering a whole text: the hook's experts and the model's own entropy at tokens 1..n of [BOS]+ids.
+    ids = [1] + tok("the cat sat")["input_ids"]
+    with M.record_routing(model) as records:
+        logits = M._logits(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+    used = records[0][0][1].float().sum(-1)  # layer 0, [T]
+    lp = torch.log_softmax(logits.float(), -1)
+    assert routed["experts"][-3:, 0].tolist() == used[1:].tolist()
+    assert routed["entropy"][-3:].tolist() == pytest.approx((-(lp.exp() * lp).sum(-1))[1:].tolist(), abs=1e-5)
+    assert all(sum(layer) == pytest.approx(1.0, abs=1e-5) for layer in routed["expert_load"])
+
+    topk = init_random(student_config(40, routing="topk", num_experts_per_tok=2, top_p=None, min_k=None,
+                                      max_k=None), seed=0)
+    assert (M.route_texts(topk, tok, texts, window=8)["experts"] == 2).all()
+    with pytest.raises(RaydistillError, match="no routers"):
+        M.route_texts(Bigram(40), tok, texts)
