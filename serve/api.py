@@ -20,152 +20,23 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal, Optional, Protocol, Sequence, Union
+from typing import Any, AsyncIterator, Optional, Protocol, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.auth import APIKeyAuth, load_api_keys
 from serve.engine.types import EngineError, GenerationOutput, GenerationRequest, SamplingOptions, TokenLogprob
 from serve.metrics import ServerMetrics
+from serve.protocol import (  # noqa: F401 - re-exported (serve.app, tests)
+    MAX_STOP, MAX_TOP_LOGPROBS, APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, Overloaded,
+    StreamOptions, TokenText, _Req, chat_logprobs, completion_logprobs, parse_request, sse)
 from serve.prompt_log import PromptLog, make_record
 from serve.section import ServeSection
 
 logger = logging.getLogger("raydistill.serve")
-
-MAX_TOP_LOGPROBS = 20
-MAX_STOP = 16
-
-
-# ---------------------------------------------------------------------------------------------------
-# errors
-# ---------------------------------------------------------------------------------------------------
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
-
-    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
-                 type: Optional[str] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or self.TYPES.get(status, "invalid_request_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-class Overloaded(Exception):
-    """Raised by a backend when it cannot queue another request (maps to 429)."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# request models (OpenAI fields we honour; unknown fields are ignored like OpenAI-compatible servers do)
-# ---------------------------------------------------------------------------------------------------
-class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    n: int = Field(default=1, ge=1)
-    stream: bool = False
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0, description="extension (vLLM style): 0 = off")
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    user: Optional[str] = None
-    ignore_eos: bool = False
-    stream_options: Optional["StreamOptions"] = None
-    # Accepted for client compatibility; 0 is the only value the engine implements.
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: Any) -> Optional[list[str]]:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else list(value)
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return stops
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("presence/frequency penalties are not supported by this server; send 0 or omit them")
-        return value
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[dict[str, Any]]]] = None
-    name: Optional[str] = None
-
-    def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported ({'type': 'text', 'text': ...})")
-            parts.append(part["text"])
-        return "".join(parts)
-
-
-class ChatCompletionRequest(_Req):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-
-    @model_validator(mode="after")
-    def _check(self) -> "ChatCompletionRequest":
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
-        for m in self.messages:
-            m.text()  # validates content parts
-        return self
-
-
-class CompletionRequest(_Req):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(default=None, ge=0)
-    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
-    suffix: Optional[str] = None
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, value: Optional[str]) -> Optional[str]:
-        if value:
-            raise ValueError("suffix is not supported")
-        return value
-
-
-_Req.model_rebuild()
-ChatCompletionRequest.model_rebuild()
-CompletionRequest.model_rebuild()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,19 +74,6 @@ class EngineBackend:
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
-def _param_of(err: dict) -> Optional[str]:
-    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-after", "union["))]
-    return ".".join(loc) or None
-
-
-def _validation_error(exc: ValidationError) -> APIError:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    param = _param_of(first)
-    msg = "; ".join(f"{_param_of(e) or 'body'}: {e.get('msg')}" for e in errors[:5])
-    return APIError(400, f"invalid request: {msg}", param=param, code="invalid_value")
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -229,37 +87,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
                            code="request_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _parse(body: bytes, model: type[BaseModel]) -> Any:
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
-class _TokenText:
-    """Token id -> text for logprobs (decoded one token at a time, like OpenAI/vLLM)."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self.cache.get(token_id)
-        if text is None:
-            text = self.cache[token_id] = self.tokenizer.decode([token_id])
-        return text
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,7 +148,7 @@ class OpenAIServer:
         self.admission_limit = admission_limit
         self.in_flight = 0
         self.replicas_fn = replicas_fn
-        self._token_text = {b.name: _TokenText(b.tokenizer) for b in backends}
+        self._token_text = {b.name: TokenText(b.tokenizer) for b in backends}
 
     # -- lookups ------------------------------------------------------------------------------------
     def backend(self, model: str) -> Backend:
@@ -503,10 +330,10 @@ class OpenAIServer:
         except Exception:  # noqa: BLE001 - the prompt log never fails a request
             logger.exception("prompt log append failed")
 
-    def token_text(self, backend: Backend) -> _TokenText:
+    def token_text(self, backend: Backend) -> TokenText:
         cached = self._token_text.get(backend.name)
         if cached is None or cached.tokenizer is not backend.tokenizer:  # the model (tokenizer) was swapped
-            cached = self._token_text[backend.name] = _TokenText(backend.tokenizer)
+            cached = self._token_text[backend.name] = TokenText(backend.tokenizer)
         return cached
 
     @staticmethod
@@ -521,50 +348,6 @@ class OpenAIServer:
             except Exception as exc:  # noqa: BLE001 - the model deployment is not reachable
                 raise APIError(503, f"the model is not available yet: {type(exc).__name__}: {exc}",
                                code="model_unavailable") from None
-
-
-def _chat_logprobs(lps: list[TokenLogprob], text_of: _TokenText, top_n: int) -> dict:
-    def entry(tid: int, lp: float) -> dict:
-        s = text_of(tid)
-        return {"token": s, "logprob": float(lp), "bytes": list(s.encode("utf-8"))}
-
-    content = []
-    for lp in lps:
-        e = entry(lp.token_id, lp.logprob)
-        e["top_logprobs"] = [entry(t, v) for t, v in (lp.top or [])[:top_n]]
-        content.append(e)
-    return {"content": content}
-
-
-def _completion_logprobs(prompt_ids: Optional[list[int]], prompt_lps: Optional[list[Optional[TokenLogprob]]],
-                         lps: list[TokenLogprob], text_of: _TokenText, top_n: int, offset0: int = 0) -> dict:
-    tokens, token_lps, tops, offsets = [], [], [], []
-    pos = offset0
-
-    def add(tid: int, lp: Optional[TokenLogprob]) -> None:
-        nonlocal pos
-        s = text_of(tid)
-        tokens.append(s)
-        offsets.append(pos)
-        pos += len(s)
-        if lp is None:
-            token_lps.append(None)
-            tops.append(None)
-        else:
-            token_lps.append(float(lp.logprob))
-            top: dict[str, float] = {}
-            for t, v in (lp.top or [])[:top_n]:
-                top.setdefault(text_of(t), float(v))
-            if top_n:
-                top.setdefault(s, float(lp.logprob))  # OpenAI includes the chosen token
-            tops.append(top)
-
-    if prompt_ids is not None:
-        for i, tid in enumerate(prompt_ids):
-            add(tid, prompt_lps[i] if prompt_lps and i < len(prompt_lps) else None)
-    for lp in lps:
-        add(lp.token_id, lp)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _streaming(events: Any, release: Any) -> StreamingResponse:
@@ -696,7 +479,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         try:
             server.authorize(request)
             body = await _read_body(request, section.max_body_bytes)
-            req = _parse(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest)
+            req = parse_request(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest)
             backend = server.backend(req.model)
             server.check_n(req)
             await server.ready(backend)
@@ -806,7 +589,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                 base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": backend.name}
                 try:
                     for j in jobs:
-                        yield _sse({**base, "choices": [{"index": j.index, "delta": {"role": "assistant",
+                        yield sse({**base, "choices": [{"index": j.index, "delta": {"role": "assistant",
                                                                                    "content": ""},
                                                         "logprobs": None, "finish_reason": None}]})
                     async for job, out in server.merged(jobs):
@@ -816,17 +599,17 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                         choice = choices[job.index]
                         choice.add(out)
                         if out.text or out.logprobs:
-                            lp = (_chat_logprobs(out.logprobs, text_of, top) if req.logprobs and out.logprobs
+                            lp = (chat_logprobs(out.logprobs, text_of, top) if req.logprobs and out.logprobs
                                   else None)
-                            yield _sse({**base, "choices": [{"index": job.index, "delta": {"content": out.text},
+                            yield sse({**base, "choices": [{"index": job.index, "delta": {"content": out.text},
                                                             "logprobs": lp, "finish_reason": None}]})
                         if out.finished:
-                            yield _sse({**base, "choices": [{"index": job.index, "delta": {}, "logprobs": None,
+                            yield sse({**base, "choices": [{"index": job.index, "delta": {}, "logprobs": None,
                                                             "finish_reason": choice.finish_reason}]})
                     completion_tokens = sum(c.completion_tokens for c in choices.values())
                     info["completion_tokens"] = completion_tokens
                     if include_usage:
-                        yield _sse({**base, "choices": [], "usage": {
+                        yield sse({**base, "choices": [], "usage": {
                             "prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
                             "total_tokens": len(prompt_ids) + completion_tokens}})
                     yield b"data: [DONE]\n\n"
@@ -839,7 +622,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                     status = getattr(err, "status", 500)
                     info["error"] = str(exc)
                     if isinstance(err, APIError):
-                        yield _sse(err.body())
+                        yield sse(err.body())
                         yield b"data: [DONE]\n\n"
                 finally:
                     release()
@@ -858,7 +641,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": backend.name,
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-                         "logprobs": _chat_logprobs(c.logprobs, text_of, top) if req.logprobs else None,
+                         "logprobs": chat_logprobs(c.logprobs, text_of, top) if req.logprobs else None,
                          "finish_reason": c.finish_reason or "stop"} for c in choices.values()],
             "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
                       "total_tokens": len(prompt_ids) + completion_tokens}})
@@ -917,14 +700,14 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                         choice = choices[job.index]
                         choice.add(out)
                         if out.text or out.logprobs or out.finished:
-                            lp = (_completion_logprobs(None, None, out.logprobs or [], text_of, top)
+                            lp = (completion_logprobs(None, None, out.logprobs or [], text_of, top)
                                   if want_lp else None)
-                            yield _sse({**base, "choices": [{"index": job.index, "text": out.text, "logprobs": lp,
+                            yield sse({**base, "choices": [{"index": job.index, "text": out.text, "logprobs": lp,
                                                             "finish_reason": choice.finish_reason
                                                             if out.finished else None}]})
                     completion_tokens = sum(c.completion_tokens for c in choices.values())
                     if include_usage:
-                        yield _sse({**base, "choices": [], "usage": {
+                        yield sse({**base, "choices": [], "usage": {
                             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                             "total_tokens": prompt_tokens + completion_tokens}})
                     yield b"data: [DONE]\n\n"
@@ -937,7 +720,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                     status = getattr(err, "status", 500)
                     info["error"] = str(exc)
                     if isinstance(err, APIError):
-                        yield _sse(err.body())
+                        yield sse(err.body())
                         yield b"data: [DONE]\n\n"
                 finally:
                     release()
@@ -964,7 +747,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
             body_text = "".join(c.text)
             lp = None
             if want_lp:
-                lp = _completion_logprobs(ids if req.echo else None, c.prompt_logprobs, c.logprobs, text_of, top)
+                lp = completion_logprobs(ids if req.echo else None, c.prompt_logprobs, c.logprobs, text_of, top)
             out_choices.append({"index": c.index, "text": (text + body_text) if req.echo else body_text,
                                 "logprobs": lp, "finish_reason": c.finish_reason or "stop"})
         return JSONResponse({

@@ -1,0 +1,237 @@
+"""The OpenAI protocol layer of the HTTP API: errors, request models, request parsing, logprob formatting.
+
+No FastAPI routes here (see :mod:`serve.api`); everything is importable without a model or an engine.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Optional, Union
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serve.engine.types import TokenLogprob
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP = 16
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 type: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or self.TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class Overloaded(Exception):
+    """Raised by a backend when it cannot queue another request (maps to 429)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# request models (OpenAI fields we honour; unknown fields are ignored like OpenAI-compatible servers do)
+# ---------------------------------------------------------------------------------------------------
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0, description="extension (vLLM style): 0 = off")
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    ignore_eos: bool = False
+    stream_options: Optional["StreamOptions"] = None
+    # Accepted for client compatibility; 0 is the only value the engine implements.
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Any) -> Optional[list[str]]:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else list(value)
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError("presence/frequency penalties are not supported by this server; send 0 or omit them")
+        return value
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[dict[str, Any]]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported ({'type': 'text', 'text': ...})")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Req):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        for m in self.messages:
+            m.text()  # validates content parts
+        return self
+
+
+class CompletionRequest(_Req):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(default=None, ge=0)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    suffix: Optional[str] = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: Optional[str]) -> Optional[str]:
+        if value:
+            raise ValueError("suffix is not supported")
+        return value
+
+
+_Req.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+def param_of(err: dict) -> Optional[str]:
+    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-after", "union["))]
+    return ".".join(loc) or None
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    param = param_of(first)
+    msg = "; ".join(f"{param_of(e) or 'body'}: {e.get('msg')}" for e in errors[:5])
+    return APIError(400, f"invalid request: {msg}", param=param, code="invalid_value")
+
+
+def parse_request(body: bytes, model: type[BaseModel]) -> Any:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class TokenText:
+    """Token id -> text for logprobs (decoded one token at a time, like OpenAI/vLLM)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
+def chat_logprobs(lps: list[TokenLogprob], text_of: TokenText, top_n: int) -> dict:
+    def entry(tid: int, lp: float) -> dict:
+        s = text_of(tid)
+        return {"token": s, "logprob": float(lp), "bytes": list(s.encode("utf-8"))}
+
+    content = []
+    for lp in lps:
+        e = entry(lp.token_id, lp.logprob)
+        e["top_logprobs"] = [entry(t, v) for t, v in (lp.top or [])[:top_n]]
+        content.append(e)
+    return {"content": content}
+
+
+def completion_logprobs(prompt_ids: Optional[list[int]], prompt_lps: Optional[list[Optional[TokenLogprob]]],
+                         lps: list[TokenLogprob], text_of: TokenText, top_n: int, offset0: int = 0) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos = offset0
+
+    def add(tid: int, lp: Optional[TokenLogprob]) -> None:
+        nonlocal pos
+        s = text_of(tid)
+        tokens.append(s)
+        offsets.append(pos)
+        pos += len(s)
+        if lp is None:
+            token_lps.append(None)
+            tops.append(None)
+        else:
+            token_lps.append(float(lp.logprob))
+            top: dict[str, float] = {}
+            for t, v in (lp.top or [])[:top_n]:
+                top.setdefault(text_of(t), float(v))
+            if top_n:
+                top.setdefault(s, float(lp.logprob))  # OpenAI includes the chosen token
+            tops.append(top)
+
+    if prompt_ids is not None:
+        for i, tid in enumerate(prompt_ids):
+            add(tid, prompt_lps[i] if prompt_lps and i < len(prompt_lps) else None)
+    for lp in lps:
+        add(lp.token_id, lp)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
