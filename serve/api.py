@@ -479,7 +479,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         try:
             server.authorize(request)
             body = await _read_body(request, section.max_body_bytes)
-            req = parse_request(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest)
+            req = parse_request(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest, endpoint)
             backend = server.backend(req.model)
             server.check_n(req)
             await server.ready(backend)

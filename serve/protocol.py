@@ -50,6 +50,13 @@ class Overloaded(Exception):
 # ---------------------------------------------------------------------------------------------------
 # request models (OpenAI fields we honour; unknown fields are ignored like OpenAI-compatible servers do)
 # ---------------------------------------------------------------------------------------------------
+def _drop_nulls(data: Any) -> Any:
+    """Explicit ``null`` means "use the default" (LangChain and other clients send every optional field)."""
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if v is not None}
+    return data
+
+
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -64,9 +71,14 @@ class _Req(BaseModel):
     user: Optional[str] = None
     ignore_eos: bool = False
     stream_options: Optional["StreamOptions"] = None
-    # Accepted for client compatibility; 0 is the only value the engine implements.
+    # Accepted for client compatibility; 0 is the only value the engine implements (others: see UNSUPPORTED).
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _drop_nulls(data)
 
     @field_validator("stop")
     @classmethod
@@ -80,17 +92,15 @@ class _Req(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return stops
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("presence/frequency penalties are not supported by this server; send 0 or omit them")
-        return value
-
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _drop_nulls(data)
 
 
 class ChatMessage(BaseModel):
@@ -133,12 +143,6 @@ class CompletionRequest(_Req):
     echo: bool = False
     suffix: Optional[str] = None
 
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, value: Optional[str]) -> Optional[str]:
-        if value:
-            raise ValueError("suffix is not supported")
-        return value
 
 
 _Req.model_rebuild()
@@ -149,6 +153,38 @@ CompletionRequest.model_rebuild()
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
+# Fields of OpenAI's API this server does not implement: field -> "is this value a no-op?". Anything else
+# is a 400 naming the field (a silent drop would change what the client asked for).
+def _zero(value: Any) -> bool:
+    return not isinstance(value, (int, float)) or isinstance(value, bool) or value == 0  # non-numbers: 400 later
+
+
+def _empty(value: Any) -> bool:
+    return value in ([], {}, "")
+
+
+_COMMON_UNSUPPORTED = {"logit_bias": _empty, "presence_penalty": _zero, "frequency_penalty": _zero}
+UNSUPPORTED: dict[str, dict[str, Any]] = {
+    "chat": {**_COMMON_UNSUPPORTED, "tools": _empty, "functions": _empty,
+             "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
+             "response_format": lambda v: v == {"type": "text"}},
+    "completions": {**_COMMON_UNSUPPORTED, "suffix": _empty,
+                    "best_of": lambda v: v == 1},
+}
+
+
+def check_unsupported(data: dict, endpoint: str) -> None:
+    """400 ``unsupported_parameter`` for a field we would otherwise ignore; ``null`` and no-op values pass."""
+    for field, neutral in UNSUPPORTED[endpoint].items():
+        value = data.get(field)
+        if value is None or neutral(value):
+            continue
+        if field == "best_of" and value == data.get("n"):
+            continue  # best_of == n returns every candidate: plain sampling
+        raise APIError(400, f"`{field}` is not supported by this server (got {json.dumps(value)[:80]}); remove it "
+                       "or send null", param=field, code="unsupported_parameter")
+
+
 def param_of(err: dict) -> Optional[str]:
     loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-after", "union["))]
     return ".".join(loc) or None
@@ -162,13 +198,15 @@ def validation_error(exc: ValidationError) -> APIError:
     return APIError(400, f"invalid request: {msg}", param=param, code="invalid_value")
 
 
-def parse_request(body: bytes, model: type[BaseModel]) -> Any:
+def parse_request(body: bytes, model: type[BaseModel], endpoint: Optional[str] = None) -> Any:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    if endpoint is not None:
+        check_unsupported(data, endpoint)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
