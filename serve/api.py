@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP API (FastAPI) over one or more engine backends.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models[/{id}]``, ``GET /health``,
 ``GET /metrics`` (Prometheus text). Streaming is SSE ending with ``data: [DONE]``. Every error has
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; bad input is always a 4xx.
 
@@ -104,6 +104,7 @@ class _Choice:
         self.finish_reason: Optional[str] = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.text_offset = 0  # streamed completion logprobs: offsets continue across chunks
 
     def add(self, out: GenerationOutput) -> None:
         self.text.append(out.text)
@@ -452,14 +453,23 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         data, content_type = server.metrics.render()
         return Response(content=data, media_type=content_type)
 
+    def model_card(name: str, b: Backend) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "raydistill",
+                "max_model_len": b.context_length}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         server.authorize(request)
         for b in backends:
             await server.ready(b)
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "raydistill",
-             "max_model_len": b.context_length} for name, b in server.backends.items()]}
+        return {"object": "list", "data": [model_card(name, b) for name, b in server.backends.items()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> dict:
+        server.authorize(request)
+        backend = server.backend(model)
+        await server.ready(backend)
+        return model_card(model, backend)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -700,8 +710,11 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                         choice = choices[job.index]
                         choice.add(out)
                         if out.text or out.logprobs or out.finished:
-                            lp = (completion_logprobs(None, None, out.logprobs or [], text_of, top)
-                                  if want_lp else None)
+                            lp = None
+                            if want_lp:
+                                lp = completion_logprobs(None, None, out.logprobs or [], text_of, top,
+                                                         offset0=choice.text_offset)
+                                choice.text_offset += sum(len(t) for t in lp["tokens"])
                             yield sse({**base, "choices": [{"index": job.index, "text": out.text, "logprobs": lp,
                                                             "finish_reason": choice.finish_reason
                                                             if out.finished else None}]})

@@ -6,6 +6,7 @@ No FastAPI routes here (see :mod:`serve.api`); everything is importable without 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal, Optional, Union
 
 from fastapi.responses import JSONResponse
@@ -217,12 +218,41 @@ def sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
+LOGPROB_FLOOR = -9999.0  # -inf (masked tokens) is not JSON; vLLM clamps to the same value
+
+
+def clamp_logprob(value: float) -> float:
+    value = float(value)
+    return LOGPROB_FLOOR if value != value or value < LOGPROB_FLOOR else value  # NaN too
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character standing for each byte -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_DECODER = _byte_decoder()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
 class TokenText:
-    """Token id -> text for logprobs (decoded one token at a time, like OpenAI/vLLM)."""
+    """Token id -> text (decoded one token at a time, like OpenAI/vLLM) and -> the token's own bytes."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.cache: dict[int, str] = {}
+        self.bytes_cache: dict[int, list[int]] = {}
+        decoder = repr(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None))
+        self.byte_level = "ByteLevel" in decoder
+        self.metaspace = "Metaspace" in decoder or "Replace" in decoder
 
     def __call__(self, token_id: int) -> str:
         text = self.cache.get(token_id)
@@ -230,11 +260,35 @@ class TokenText:
             text = self.cache[token_id] = self.tokenizer.decode([token_id])
         return text
 
+    def bytes_of(self, token_id: int) -> list[int]:
+        """The token's bytes: a byte-level BPE piece or a ``<0xNN>`` byte-fallback piece may be part of a
+        multi-byte character, whose decoded text alone is U+FFFD; the bytes of a response's tokens concatenate
+        to the response's UTF-8."""
+        cached = self.bytes_cache.get(token_id)
+        if cached is not None:
+            return cached
+        raw: Optional[bytes] = None
+        try:
+            piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        except Exception:  # noqa: BLE001 - tokenizers without pieces: fall back to the decoded text
+            piece = None
+        if isinstance(piece, str) and piece:
+            fallback = _BYTE_FALLBACK.fullmatch(piece)
+            if fallback:
+                raw = bytes([int(fallback.group(1), 16)])
+            elif self.byte_level and all(ch in _BYTE_DECODER for ch in piece):
+                raw = bytes(_BYTE_DECODER[ch] for ch in piece)
+            elif self.metaspace and "\u2581" in piece:  # SentencePiece: the piece keeps its leading space
+                raw = piece.replace("\u2581", " ").encode("utf-8")
+        if raw is None:
+            raw = self(token_id).encode("utf-8")
+        out = self.bytes_cache[token_id] = list(raw)
+        return out
+
 
 def chat_logprobs(lps: list[TokenLogprob], text_of: TokenText, top_n: int) -> dict:
     def entry(tid: int, lp: float) -> dict:
-        s = text_of(tid)
-        return {"token": s, "logprob": float(lp), "bytes": list(s.encode("utf-8"))}
+        return {"token": text_of(tid), "logprob": clamp_logprob(lp), "bytes": text_of.bytes_of(tid)}
 
     content = []
     for lp in lps:
@@ -259,12 +313,12 @@ def completion_logprobs(prompt_ids: Optional[list[int]], prompt_lps: Optional[li
             token_lps.append(None)
             tops.append(None)
         else:
-            token_lps.append(float(lp.logprob))
+            token_lps.append(clamp_logprob(lp.logprob))
             top: dict[str, float] = {}
             for t, v in (lp.top or [])[:top_n]:
-                top.setdefault(text_of(t), float(v))
+                top.setdefault(text_of(t), clamp_logprob(v))
             if top_n:
-                top.setdefault(s, float(lp.logprob))  # OpenAI includes the chosen token
+                top.setdefault(s, clamp_logprob(lp.logprob))  # OpenAI includes the chosen token
             tops.append(top)
 
     if prompt_ids is not None:

@@ -105,3 +105,135 @@ def test_neutral_values_of_unsupported_fields_are_accepted(fake_server):
     ok = post(server, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2, "best_of": 1,
                                           "logit_bias": {}})
     assert ok.status_code == 200, ok.text
+
+
+# ---------------------------------------------------------------------------------------------------
+# 16: logprob edge cases, GET /v1/models/{id}
+# ---------------------------------------------------------------------------------------------------
+class ScriptedEngine:
+    """Emits ``script`` (token ids) for every request, with log-probability ``logprob`` for each token and
+    alternatives ``[(token, logprob), (token + 1, -inf)]`` (a masked token, as real models produce)."""
+
+    def __init__(self, tokenizer, script: list[int], logprob: float = -0.5):
+        from tests.serve.fake_engine import FakeAsyncEngine
+
+        self._fake = FakeAsyncEngine(tokenizer, name="tiny")
+        self.tokenizer, self.model_name, self.context_length = tokenizer, "tiny", 256
+        self.script, self.logprob = script, logprob
+
+    async def generate(self, request):
+        from serve.engine.types import GenerationOutput, TokenLogprob
+
+        s, sent = request.sampling, ""
+        n = min(len(self.script), s.max_tokens)
+        for i, tok in enumerate(self.script[:n]):
+            full = self.tokenizer.decode(self.script[:i + 1])
+            delta = "" if full.endswith("\ufffd") else full[len(sent):]
+            sent += delta
+            top = [(tok, self.logprob), (tok + 1, float("-inf"))][:s.top_logprobs]
+            yield GenerationOutput(request.request_id, [tok], delta, finished=i == n - 1,
+                                   finish_reason="length" if i == n - 1 else None,
+                                   logprobs=[TokenLogprob(tok, self.logprob, top)] if s.logprobs else None,
+                                   prompt_tokens=len(request.prompt_ids), completion_tokens=i + 1)
+
+    def stats(self) -> dict:
+        return {"running": 0, "waiting": 0}
+
+    def shutdown(self) -> None:
+        pass
+
+
+def start_engine_server(engine, **section_kw):
+    from serve.api import EngineBackend, ServerThread, create_app
+    from serve.section import ServeSection
+
+    section_kw.setdefault("api_key_env", None)
+    return ServerThread(create_app(EngineBackend(engine), ServeSection(**section_kw))).start()
+
+
+def strict_json(text: str):
+    def bad(name):
+        raise ValueError(f"invalid JSON constant {name}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def sse_events(resp: httpx.Response) -> list:
+    lines = [ln for ln in resp.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    return [strict_json(ln[len("data: "):]) for ln in lines[:-1]]
+
+
+def test_minus_inf_logprobs_are_clamped_not_500(serve_tokenizer):
+    ids = serve_tokenizer("the quick brown fox", add_special_tokens=False).input_ids
+    server = start_engine_server(ScriptedEngine(serve_tokenizer, ids, logprob=float("-inf")))
+    try:
+        chat = post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSGS, "max_tokens": 4,
+                                                     "logprobs": True, "top_logprobs": 2})
+        assert chat.status_code == 200, chat.text
+        content = strict_json(chat.text)["choices"][0]["logprobs"]["content"]
+        assert [e["logprob"] for e in content] == [-9999.0] * 4
+        assert all([t["logprob"] for t in e["top_logprobs"]] == [-9999.0, -9999.0] for e in content)
+        comp = post(server, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 4, "logprobs": 2})
+        assert comp.status_code == 200, comp.text
+        lp = strict_json(comp.text)["choices"][0]["logprobs"]
+        assert lp["token_logprobs"] == [-9999.0] * 4
+        assert all(set(top.values()) == {-9999.0} for top in lp["top_logprobs"])
+        for path, body in (("/v1/chat/completions", {"messages": MSGS, "logprobs": True, "top_logprobs": 2}),
+                           ("/v1/completions", {"prompt": "hi", "logprobs": 2})):
+            with httpx.stream("POST", server.base_url + path, timeout=30,
+                              json={"model": "tiny", "max_tokens": 4, "stream": True, **body}) as resp:
+                assert resp.status_code == 200
+                events = sse_events(resp)
+            assert all("error" not in e for e in events), events
+    finally:
+        server.stop()
+
+
+def test_streamed_completion_text_offset_continues_across_chunks(fake_server):
+    server, _ = fake_server
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 6, "logprobs": 1, "temperature": 0}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]
+    tokens, offsets = [], []
+    with httpx.stream("POST", server.base_url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+        for event in sse_events(r):
+            for choice in event["choices"]:
+                if choice["logprobs"]:
+                    tokens += choice["logprobs"]["tokens"]
+                    offsets += choice["logprobs"]["text_offset"]
+    assert tokens == whole["tokens"] and len(tokens) == 6
+    assert offsets == whole["text_offset"] == [sum(len(t) for t in tokens[:i]) for i in range(6)]
+
+
+def test_chat_logprob_bytes_are_the_tokens_bytes(serve_tokenizer):
+    text = "é日本語 ok"
+    ids = serve_tokenizer(text, add_special_tokens=False).input_ids
+    # The byte-level tokenizer splits the CJK characters across tokens: single tokens decode to U+FFFD.
+    assert any(serve_tokenizer.decode([i]) == "\ufffd" for i in ids)
+    server = start_engine_server(ScriptedEngine(serve_tokenizer, ids))
+    try:
+        c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=30)
+        r = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=len(ids), logprobs=True,
+                                      top_logprobs=1)
+        content = r.choices[0].logprobs.content
+        assert r.choices[0].message.content == text
+        assert b"".join(bytes(e.bytes) for e in content) == text.encode("utf-8")
+        assert all(bytes(e.top_logprobs[0].bytes) == bytes(e.bytes) for e in content)
+        chunks = list(c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=len(ids), logprobs=True,
+                                                stream=True))
+        streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+        assert b"".join(bytes(e.bytes) for e in streamed) == text.encode("utf-8")
+    finally:
+        server.stop()
+
+
+def test_get_model_by_id(fake_server):
+    server, _ = fake_server
+    c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=30)
+    m = c.models.retrieve("tiny")
+    assert m.id == "tiny" and m.object == "model" and m.owned_by == "raydistill"
+    assert m.model_dump() == c.models.list().data[0].model_dump()
+    err = assert_openai_error(httpx.get(server.base_url + "/v1/models/nope", timeout=30), 404, "model")
+    assert err["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("org/nope")
