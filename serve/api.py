@@ -29,9 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.auth import APIKeyAuth, load_api_keys
 from serve.engine.types import EngineError, GenerationOutput, GenerationRequest, SamplingOptions, TokenLogprob
+from serve.limits import check_limits, choice_seed
 from serve.metrics import ServerMetrics
 from serve.protocol import (  # noqa: F401 - re-exported (serve.app, tests)
-    MAX_STOP, MAX_TOP_LOGPROBS, APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, Overloaded,
+    APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, Overloaded,
     StreamOptions, TokenText, _Req, chat_logprobs, completion_logprobs, parse_request, sse)
 from serve.prompt_log import PromptLog, make_record
 from serve.section import ServeSection
@@ -224,13 +225,17 @@ class OpenAIServer:
                            code="context_length_exceeded")
         return requested
 
-    def check_n(self, req: _Req) -> None:
-        if req.n > self.section.max_n:
-            raise APIError(400, f"n={req.n} is above this server's limit of {self.section.max_n} (serve.max_n)",
-                           param="n")
-
     # -- running engine requests -------------------------------------------------------------------------
-    async def open_jobs(self, backend: Backend, jobs: list[_Job]) -> None:
+    def deadline(self, start: float) -> Optional[float]:
+        """``time.perf_counter()`` by which a request started at ``start`` must be done (serve.request_timeout_s)."""
+        timeout = self.section.request_timeout_s
+        return None if timeout is None else start + timeout
+
+    def timeout_error(self) -> APIError:
+        return APIError(504, f"the request did not finish within {self.section.request_timeout_s:g}s "
+                        "(serve.request_timeout_s); it was cancelled", code="timeout", type="server_error")
+
+    async def open_jobs(self, backend: Backend, jobs: list[_Job], deadline: Optional[float] = None) -> None:
         """Start every job and wait for its first output, so bad requests fail before any byte is sent."""
 
         async def open_one(job: _Job) -> None:
@@ -240,7 +245,13 @@ class OpenAIServer:
             except StopAsyncIteration:
                 job.first = None
 
-        results = await asyncio.gather(*(open_one(j) for j in jobs), return_exceptions=True)
+        opening = asyncio.gather(*(open_one(j) for j in jobs), return_exceptions=True)
+        try:
+            results = await asyncio.wait_for(opening, None if deadline is None
+                                             else max(0.0, deadline - time.perf_counter()))
+        except asyncio.TimeoutError:
+            await self.close_jobs(jobs)
+            raise self.timeout_error() from None
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await self.close_jobs(jobs)
@@ -267,14 +278,18 @@ class OpenAIServer:
         logger.error("engine failure: %r", exc, exc_info=exc)
         return APIError(503, f"the model backend failed: {type(exc).__name__}: {exc}", code="backend_error")
 
-    def admit(self) -> None:
-        if self.admission_limit is not None and self.in_flight >= self.admission_limit:
-            raise APIError(429, f"server overloaded: {self.in_flight} requests in flight (limit "
-                           f"{self.admission_limit} = serve.max_ongoing_requests + serve.max_queued_requests); "
-                           "retry later", code="rate_limit_exceeded")
+    def admit(self, jobs: int) -> None:
+        """429 unless ``jobs`` more engine jobs fit (a request of n choices over p prompts is n x p jobs; one
+        request alone on an idle server is always admitted)."""
+        if self.admission_limit is not None and self.in_flight and self.in_flight + jobs > self.admission_limit:
+            raise APIError(429, f"server overloaded: {self.in_flight} engine jobs in flight, this request needs "
+                           f"{jobs} more (limit {self.admission_limit} = serve.max_ongoing_requests + "
+                           "serve.max_queued_requests); retry later", code="rate_limit_exceeded")
 
-    async def merged(self, jobs: list[_Job]) -> AsyncIterator[tuple[_Job, GenerationOutput]]:
-        """Outputs of all jobs as they arrive (first outputs first); closing this closes every job."""
+    async def merged(self, jobs: list[_Job], deadline: Optional[float] = None,
+                     ) -> AsyncIterator[tuple[_Job, GenerationOutput]]:
+        """Outputs of all jobs as they arrive (first outputs first); closing this closes every job.
+        Past ``deadline`` (perf_counter) it raises the 504 of :meth:`timeout_error`."""
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -299,7 +314,13 @@ class OpenAIServer:
         remaining = len(jobs)
         try:
             while remaining:
-                job, item = await queue.get()
+                if deadline is None:
+                    job, item = await queue.get()
+                else:
+                    try:
+                        job, item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.perf_counter()))
+                    except asyncio.TimeoutError:
+                        raise self.timeout_error() from None
                 if item is done:
                     remaining -= 1
                     continue
@@ -312,14 +333,14 @@ class OpenAIServer:
             # Wait so the engine sees the abort before the handler returns (frees the batch slot now).
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def releaser(self) -> Any:
-        """An idempotent callable giving back one in-flight slot (streams end in several ways)."""
+    def releaser(self, jobs: int) -> Any:
+        """An idempotent callable giving back a request's in-flight jobs (streams end in several ways)."""
         done = [False]
 
         def release() -> None:
             if not done[0]:
                 done[0] = True
-                self.in_flight -= 1
+                self.in_flight -= jobs
 
         return release
 
@@ -491,11 +512,11 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
             body = await _read_body(request, section.max_body_bytes)
             req = parse_request(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest, endpoint)
             backend = server.backend(req.model)
-            server.check_n(req)
+            n_jobs = check_limits(req, section)
             await server.ready(backend)
             info["model"] = backend.name
-            server.admit()
-            server.in_flight += 1
+            server.admit(n_jobs)
+            server.in_flight += n_jobs
             counted = True
             if endpoint == "chat":
                 response = await _chat(request, rid, req, backend, start, info)
@@ -519,7 +540,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
             raise
         finally:
             if counted:
-                server.in_flight -= 1
+                server.in_flight -= n_jobs
             if not info.get("stream"):
                 _finish_log(rid, endpoint, status, start, info)
 
@@ -534,7 +555,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
 
     def _sampling(req: _Req, max_tokens: int, seed_offset: int, *, logprobs: bool, top: int,
                   prompt_logprobs: bool = False) -> SamplingOptions:
-        seed = None if req.seed is None else req.seed + seed_offset
+        seed = None if req.seed is None else choice_seed(req.seed, seed_offset)
         return SamplingOptions(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                seed=seed, stop=list(req.stop or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
                                top_logprobs=top, prompt_logprobs=prompt_logprobs)
@@ -544,7 +565,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         """Collect every job's outputs; a client disconnect cancels the jobs (uvicorn does not cancel us)."""
 
         async def collect() -> None:
-            async for job, out in server.merged(jobs):
+            async for job, out in server.merged(jobs, server.deadline(start)):
                 if "ttft" not in info and out.token_ids:
                     info["ttft"] = time.perf_counter() - start
                     server.metrics.first_token(model, info["ttft"])
@@ -579,7 +600,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         jobs = [_Job(i, 0, GenerationRequest(f"{rid}-{i}", list(prompt_ids),
                                              _sampling(req, max_tokens, i, logprobs=req.logprobs, top=top)))
                 for i in range(req.n)]
-        await server.open_jobs(backend, jobs)
+        await server.open_jobs(backend, jobs, server.deadline(start))
         created = int(time.time())
         text_of = server.token_text(backend)
         info["prompt_tokens"] = len(prompt_ids)
@@ -591,7 +612,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            release = server.releaser()
+            release = server.releaser(len(jobs))
 
             async def events() -> AsyncIterator[bytes]:
                 status = 200
@@ -602,7 +623,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                         yield sse({**base, "choices": [{"index": j.index, "delta": {"role": "assistant",
                                                                                    "content": ""},
                                                         "logprobs": None, "finish_reason": None}]})
-                    async for job, out in server.merged(jobs):
+                    async for job, out in server.merged(jobs, server.deadline(start)):
                         if "ttft" not in info and out.token_ids:
                             info["ttft"] = time.perf_counter() - start
                             server.metrics.first_token(backend.name, info["ttft"])
@@ -681,7 +702,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                     f"{rid}-{p * req.n + i}", list(ids),
                     _sampling(req, max_tokens, i, logprobs=want_lp, top=top,
                               prompt_logprobs=bool(req.echo and want_lp)))))
-        await server.open_jobs(backend, jobs)
+        await server.open_jobs(backend, jobs, server.deadline(start))
         created = int(time.time())
         text_of = server.token_text(backend)
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
@@ -696,14 +717,14 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            release = server.releaser()
+            release = server.releaser(len(jobs))
 
             async def events() -> AsyncIterator[bytes]:
                 status = 200
                 choices = {j.index: _Choice(j.index) for j in jobs}
                 base = {"id": rid, "object": "text_completion", "created": created, "model": backend.name}
                 try:
-                    async for job, out in server.merged(jobs):
+                    async for job, out in server.merged(jobs, server.deadline(start)):
                         if "ttft" not in info and out.token_ids:
                             info["ttft"] = time.perf_counter() - start
                             server.metrics.first_token(backend.name, info["ttft"])

@@ -14,9 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve.engine.types import TokenLogprob
 
-MAX_TOP_LOGPROBS = 20
-MAX_STOP = 16
-
 
 # ---------------------------------------------------------------------------------------------------
 # errors
@@ -87,8 +84,6 @@ class _Req(BaseModel):
         if value is None:
             return None
         stops = [value] if isinstance(value, str) else list(value)
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
@@ -126,7 +121,7 @@ class ChatCompletionRequest(_Req):
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Optional[int] = Field(default=None, ge=0)  # upper bound: serve.limits
 
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":
@@ -140,7 +135,7 @@ class ChatCompletionRequest(_Req):
 class CompletionRequest(_Req):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = Field(default=None, ge=0)
-    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: Optional[int] = Field(default=None, ge=0)  # upper bound: serve.limits
     echo: bool = False
     suffix: Optional[str] = None
 

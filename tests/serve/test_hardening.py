@@ -237,3 +237,102 @@ def test_get_model_by_id(fake_server):
     assert err["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("org/nope")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4: bounds on everything a client controls
+# ---------------------------------------------------------------------------------------------------
+LIMITS = dict(max_n=4, max_choices_per_request=6, max_stop_sequences=2, max_stop_length=10, max_tokens_limit=8,
+              max_top_logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def limited_server(serve_tokenizer):
+    server, engine = start_fake_server(serve_tokenizer, **LIMITS)
+    yield server, engine
+    server.stop()
+
+
+@pytest.mark.parametrize("path, body, param, limit", [
+    ("/v1/completions", {"prompt": ["a", "b", "c", "d"], "n": 2}, "n", "serve.max_choices_per_request"),
+    ("/v1/completions", {"prompt": ["a"] * 7}, "prompt", "serve.max_choices_per_request"),
+    ("/v1/chat/completions", {"n": 5}, "n", "serve.max_n"),
+    ("/v1/chat/completions", {"stop": ["a", "b", "c"]}, "stop", "serve.max_stop_sequences"),
+    ("/v1/completions", {"stop": "x" * 11}, "stop", "serve.max_stop_length"),
+    ("/v1/chat/completions", {"max_tokens": 9}, "max_tokens", "serve.max_tokens_limit"),
+    ("/v1/chat/completions", {"max_completion_tokens": 9}, "max_completion_tokens", "serve.max_tokens_limit"),
+    ("/v1/completions", {"max_tokens": 9}, "max_tokens", "serve.max_tokens_limit"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 4}, "top_logprobs", "serve.max_top_logprobs"),
+    ("/v1/completions", {"logprobs": 4}, "logprobs", "serve.max_top_logprobs"),
+    ("/v1/chat/completions", {"seed": 2**63}, "seed", "64-bit"),
+    ("/v1/completions", {"seed": -(2**63) - 1}, "seed", "64-bit"),
+])
+def test_client_controlled_sizes_are_bounded(limited_server, path, body, param, limit):
+    server, _ = limited_server
+    base = {"model": "tiny", "max_tokens": 2}
+    base.update({"messages": MSGS} if "chat" in path else {"prompt": "hi"})
+    err = assert_openai_error(post(server, path, {**base, **body}), 400, param)
+    assert err["type"] == "invalid_request_error" and limit in err["message"]
+
+
+def test_requests_at_the_limits_are_served(limited_server):
+    server, _ = limited_server
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 8,
+                                         "stop": ["x" * 10, "zz"], "logprobs": 3, "seed": 2**63 - 1})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 6
+    r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSGS, "n": 4, "max_completion_tokens": 8,
+                                              "logprobs": True, "top_logprobs": 3, "seed": -(2**63)})
+    assert r.status_code == 200, r.text
+
+
+def _wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_admission_counts_engine_jobs_not_http_requests(serve_tokenizer):
+    # Room for 3 engine jobs (2 running + 1 queued): one request with n=2 leaves room for 1 job, not 2.
+    server, engine = start_fake_server(serve_tokenizer, token_delay=0.05, max_batch_size=2, max_ongoing_requests=2,
+                                       max_queued_requests=1)
+    state = server.config.app.state.server
+    try:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 200, "n": 2, "stream": True}
+        with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=30) as first:
+            assert first.status_code == 200
+            _wait_for(lambda: engine.stats()["running"] == 2, what="2 running jobs")
+            busy = post(server, "/v1/completions", {"model": "tiny", "prompt": "y", "max_tokens": 2, "n": 2})
+            err = assert_openai_error(busy, 429)
+            assert err["type"] == "rate_limit_error" and "engine jobs" in err["message"]
+            assert_openai_error(post(server, "/v1/completions", {"model": "tiny", "prompt": ["y", "z"],
+                                                                 "max_tokens": 2}), 429)
+        _wait_for(lambda: state.in_flight == 0, what="the cancelled stream to give back its jobs")
+        ok = post(server, "/v1/completions", {"model": "tiny", "prompt": "y", "max_tokens": 2, "n": 2})
+        assert ok.status_code == 200, ok.text
+    finally:
+        server.stop()
+
+
+def test_requests_have_a_default_deadline(serve_tokenizer):
+    from serve.section import ServeSection
+
+    assert ServeSection().request_timeout_s is not None  # on by default
+    server, engine = start_fake_server(serve_tokenizer, token_delay=0.05, request_timeout_s=0.5)
+    state = server.config.app.state.server
+    try:
+        err = assert_openai_error(post(server, "/v1/completions", {"model": "tiny", "prompt": "x",
+                                                                   "max_tokens": 200}), 504)
+        assert err["type"] == "server_error" and err["code"] == "timeout" and "serve.request_timeout_s" in err["message"]
+        _wait_for(lambda: len(engine.aborted_ids) == 1 and not engine.stats()["running"], what="the abort")
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=30,
+                          json={"model": "tiny", "messages": MSGS, "max_tokens": 200, "stream": True}) as resp:
+            events = sse_events(resp)
+        assert events[-1]["error"]["code"] == "timeout"
+        assert not any(c.get("finish_reason") for e in events for c in e.get("choices", []))  # never "finished"
+        _wait_for(lambda: len(engine.aborted_ids) == 2 and state.in_flight == 0, what="the stream's abort")
+    finally:
+        server.stop()
