@@ -28,7 +28,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.auth import APIKeyAuth, load_api_keys
-from serve.engine.types import EngineError, GenerationOutput, GenerationRequest, SamplingOptions, TokenLogprob
+from serve.engine.types import (EngineError, EngineFailure, EngineUnavailable, GenerationOutput, GenerationRequest,
+                                SamplingOptions, TokenLogprob)
 from serve.limits import check_limits, choice_seed
 from serve.metrics import ServerMetrics
 from serve.protocol import (  # noqa: F401 - re-exported (serve.app, tests)
@@ -70,6 +71,12 @@ class EngineBackend:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+    def check_health(self) -> None:
+        """Raise when the engine cannot serve (its loop thread died); ``GET /health`` then answers 503."""
+        check = getattr(self.engine, "check_health", None)
+        if check is not None:
+            check()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,12 +124,10 @@ class _Choice:
         self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
         self.completion_tokens = max(self.completion_tokens, out.completion_tokens, len(self.token_ids))
         if out.finished:
-            self.finish_reason = _finish_reason(out.finish_reason)
-
-
-def _finish_reason(reason: Optional[str]) -> str:
-    # OpenAI knows stop/length; an aborted request (server shutdown) reports as stop.
-    return reason if reason in ("stop", "length") else "stop"
+            if out.finish_reason not in ("stop", "length"):
+                # Aborted by the server (shutdown, model swap, engine reset): never report it as finished.
+                raise EngineUnavailable(f"the engine ended the request with finish_reason={out.finish_reason!r}")
+            self.finish_reason = out.finish_reason
 
 
 class _Job:
@@ -255,7 +260,7 @@ class OpenAIServer:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await self.close_jobs(jobs)
-            raise self.map_error(errors[0])
+            raise self.map_error(errors[0], jobs[0].request.request_id.rsplit("-", 1)[0])
 
     @staticmethod
     async def close_jobs(jobs: list[_Job]) -> None:
@@ -265,18 +270,28 @@ class OpenAIServer:
                     await job.stream.aclose()
 
     @staticmethod
-    def map_error(exc: BaseException) -> BaseException:
+    def map_error(exc: BaseException, rid: Optional[str] = None) -> BaseException:
+        """The HTTP error for ``exc``: 4xx for the client's mistakes, 5xx (type ``server_error``) for ours.
+        A 5xx body never carries backend exception text: that goes to the log with the request id."""
         if isinstance(exc, APIError):
             return exc
         if isinstance(exc, EngineError):
             return APIError(400, str(exc), code="invalid_request")
         if isinstance(exc, Overloaded):
-            return APIError(429, f"server overloaded: {exc or 'too many requests queued'}; retry later",
+            return APIError(429, "server overloaded: too many requests queued; retry later",
                             code="rate_limit_exceeded")
         if isinstance(exc, asyncio.CancelledError):
             return exc
-        logger.error("engine failure: %r", exc, exc_info=exc)
-        return APIError(503, f"the model backend failed: {type(exc).__name__}: {exc}", code="backend_error")
+        if isinstance(exc, EngineUnavailable):
+            logger.warning("request %s: engine unavailable: %s", rid or "-", exc)
+            return APIError(503, f"the model engine is not available; retry later (request id {rid})",
+                            code="engine_unavailable")
+        logger.error("request %s: engine failure: %r", rid or "-", exc, exc_info=exc)
+        if isinstance(exc, EngineFailure):
+            return APIError(500, f"the model engine failed while running this request (request id {rid}); "
+                            "the details are in the server log", code="engine_error")
+        return APIError(503, f"the model backend failed (request id {rid}); the details are in the server log",
+                        code="backend_error")
 
     def admit(self, jobs: int) -> None:
         """429 unless ``jobs`` more engine jobs fit (a request of n choices over p prompts is n x p jobs; one
@@ -365,11 +380,11 @@ class OpenAIServer:
         if refresh is not None:
             try:
                 await refresh()
-            except Overloaded as exc:
-                raise APIError(429, f"server overloaded: {exc}; retry later", code="rate_limit_exceeded") from None
+            except Overloaded:
+                raise APIError(429, "server overloaded; retry later", code="rate_limit_exceeded") from None
             except Exception as exc:  # noqa: BLE001 - the model deployment is not reachable
-                raise APIError(503, f"the model is not available yet: {type(exc).__name__}: {exc}",
-                               code="model_unavailable") from None
+                logger.warning("model %s is not available: %r", backend.name, exc)
+                raise APIError(503, "the model is not available yet; retry later", code="model_unavailable") from None
 
 
 def _streaming(events: Any, release: Any) -> StreamingResponse:
@@ -453,8 +468,21 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "models": sorted(server.backends)}
+    async def health() -> Response:
+        down = []
+        for name, b in server.backends.items():
+            check = getattr(b, "check_health", None)
+            if check is None:
+                continue
+            try:
+                check()
+            except Exception as exc:  # noqa: BLE001 - any failure: unhealthy (Ray Serve replaces the replica)
+                logger.error("health check: model %s is unhealthy: %r", name, exc)
+                down.append(name)
+        if down:
+            return APIError(503, f"unhealthy: the engine of {', '.join(down)} is not running",
+                            code="engine_unavailable").response()
+        return JSONResponse({"status": "ok", "models": sorted(server.backends)})
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
@@ -538,6 +566,15 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         except asyncio.CancelledError:
             status = 499  # client went away; the engine requests were aborted by the cancellation
             raise
+        except Exception as exc:  # noqa: BLE001 - engine/backend failures: mapped, never a bare 500 with text
+            err = server.map_error(exc, rid)
+            if not isinstance(err, APIError):
+                raise
+            status = err.status
+            info["error"] = f"{err.message} ({type(exc).__name__}: {exc})"
+            resp = err.response()
+            resp.headers["x-request-id"] = rid
+            return resp
         finally:
             if counted:
                 server.in_flight -= n_jobs
@@ -649,7 +686,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                     status = 499
                     raise
                 except BaseException as exc:  # noqa: BLE001 - mid-stream failure: report it in-band
-                    err = server.map_error(exc)
+                    err = server.map_error(exc, rid)
                     status = getattr(err, "status", 500)
                     info["error"] = str(exc)
                     if isinstance(err, APIError):
@@ -750,7 +787,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                     status = 499
                     raise
                 except BaseException as exc:  # noqa: BLE001 - mid-stream failure: report it in-band
-                    err = server.map_error(exc)
+                    err = server.map_error(exc, rid)
                     status = getattr(err, "status", 500)
                     info["error"] = str(exc)
                     if isinstance(err, APIError):

@@ -191,6 +191,22 @@ class LLMEngine:
         self._pending.append(GenerationOutput(request_id, [], "", finished=True, finish_reason="abort",
                                               prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output)))
 
+    def reset(self) -> list[str]:
+        """Drop every request (after a failed :meth:`step` left the state unknown); returns their ids.
+
+        No outputs are made for them: the caller tells their streams. The cache rows are all free again.
+        """
+        ids = list(self._requests)
+        self._requests.clear()
+        self._waiting.clear()
+        self._prefilling.clear()
+        self._running.clear()
+        self._pending.clear()
+        self._slots = [None] * self.max_batch_size
+        with torch.inference_mode():
+            self.cache.lengths.zero_()
+        return ids
+
     def has_unfinished(self) -> bool:
         return bool(self._requests) or bool(self._pending)
 

@@ -143,12 +143,12 @@ class ScriptedEngine:
         pass
 
 
-def start_engine_server(engine, **section_kw):
+def start_engine_server(engine, name: str = "tiny", **section_kw):
     from serve.api import EngineBackend, ServerThread, create_app
     from serve.section import ServeSection
 
     section_kw.setdefault("api_key_env", None)
-    return ServerThread(create_app(EngineBackend(engine), ServeSection(**section_kw))).start()
+    return ServerThread(create_app(EngineBackend(engine, name=name), ServeSection(**section_kw))).start()
 
 
 def strict_json(text: str):
@@ -336,3 +336,82 @@ def test_requests_have_a_default_deadline(serve_tokenizer):
         _wait_for(lambda: len(engine.aborted_ids) == 2 and state.in_flight == 0, what="the stream's abort")
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6 + 3: engine failures are 5xx server_error without backend text; a dead engine is 503 and unhealthy
+# ---------------------------------------------------------------------------------------------------
+SECRET = "secret-backend-detail-7f3a"
+
+
+@pytest.fixture
+def real_engine_server(tiny_teacher_dir):
+    """(ServerThread, AsyncEngine) on the tiny random LLaMA, private to the test (tests break its engine)."""
+    from serve.engine import AsyncEngine
+
+    engine = AsyncEngine.from_pretrained(tiny_teacher_dir, max_model_len=256, max_batch_size=4)
+    server = start_engine_server(engine)
+    yield server, engine
+    server.stop()
+    engine.shutdown()
+
+
+def test_engine_step_failure_is_a_5xx_without_backend_text_and_the_engine_recovers(real_engine_server):
+    import threading
+
+    server, engine = real_engine_server
+    core = engine.engine
+    real_step = core.step
+    fail = threading.Event()
+
+    def flaky_step():
+        if fail.is_set():
+            fail.clear()
+            raise RuntimeError(f"CUDA error: {SECRET}")
+        return real_step()
+
+    core.step = flaky_step
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
+    fail.set()
+    err = assert_openai_error(post(server, "/v1/completions", body), 500)
+    assert err["type"] == "server_error" and SECRET not in json.dumps(err) and "CUDA" not in err["message"]
+    # The loop survives: the next request is served.
+    ok = post(server, "/v1/completions", body)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+    # Mid-stream: an in-band error event of type server_error, no finish_reason, then [DONE].
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=30,
+                      json={"model": "tiny", "messages": MSGS, "max_tokens": 200, "ignore_eos": True,
+                            "stream": True}) as resp:
+        events = []
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if len(events) == 3:
+                    fail.set()
+                    break
+        rest = [ln for ln in lines if ln]
+    assert rest[-1] == "data: [DONE]"
+    tail = [json.loads(ln[6:]) for ln in rest[:-1]]
+    assert tail[-1]["error"]["type"] == "server_error" and SECRET not in json.dumps(tail[-1])
+    assert not any(c.get("finish_reason") for e in events + tail for c in e.get("choices", []))
+    assert httpx.get(server.base_url + "/health", timeout=30).status_code == 200
+
+
+def test_dead_engine_thread_means_503_and_unhealthy_not_a_hang(real_engine_server):
+    server, engine = real_engine_server
+    assert httpx.get(server.base_url + "/health", timeout=30).status_code == 200
+
+    def broken(*_a, **_k):
+        raise RuntimeError(SECRET)
+
+    engine.engine.has_unfinished = broken  # outside step(): before the outer guard this killed the thread
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+    err = assert_openai_error(post(server, "/v1/completions", body, timeout=20), 503)  # the waiting request
+    assert err["type"] == "server_error" and SECRET not in json.dumps(err)
+    _wait_for(lambda: not engine._thread.is_alive(), what="the engine thread to end")
+    health = httpx.get(server.base_url + "/health", timeout=30)
+    assert_openai_error(health, 503)
+    err = assert_openai_error(post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSGS,
+                                                                    "max_tokens": 2}, timeout=20), 503)
+    assert err["type"] == "server_error"

@@ -293,3 +293,20 @@ def test_builtin_smollm2_greedy_equals_transformers(builtin_teacher_dir):
         outs = results[f"p{i}"]
         assert tokens_of(outs) == hf_greedy(hf, prompt, 20)
         assert text_of(outs) == tok.decode(tokens_of(outs), skip_special_tokens=True)
+
+
+def test_reset_after_a_failed_step_leaves_a_working_engine(make_engine, tokenizer):
+    from serve.engine import GenerationRequest, SamplingOptions
+    from tests.serve.engine.conftest import encode, tokens_of
+
+    engine = make_engine(max_batch_size=2)
+    sampling = SamplingOptions(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = make_engine().generate([GenerationRequest("ref", encode(tokenizer, "Hello there"), sampling)])["ref"]
+    for i, text in enumerate(("a b c", "one two three four five six seven eight nine ten", "x")):
+        engine.add_request(GenerationRequest(f"old{i}", encode(tokenizer, text), sampling))
+    engine.step()
+    engine.step()  # some rows running, some prefilling, one waiting
+    assert sorted(engine.reset()) == ["old0", "old1", "old2"]
+    assert not engine.has_unfinished() and engine.stats()["free_slots"] == 2
+    got = engine.generate([GenerationRequest("new", encode(tokenizer, "Hello there"), sampling)])["new"]
+    assert tokens_of(got) == tokens_of(expected)
