@@ -387,14 +387,34 @@ class OpenAIServer:
                 raise APIError(503, "the model is not available yet; retry later", code="model_unavailable") from None
 
 
+async def _close_quietly(agen: Any) -> None:
+    with contextlib.suppress(Exception):
+        await agen.aclose()
+
+
+class _SSEResponse(StreamingResponse):
+    """Closes its body generator as soon as the response ends, however it ends: a server that reports a
+    gone client by failing ``send`` (ASGI 2.4) would otherwise leave the generator suspended at a ``yield``
+    (and its engine jobs generating) until garbage collection."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+
 def _streaming(events: Any, release: Any) -> StreamingResponse:
     """SSE response; if the body is never iterated (client gone before the first byte) the slot is still freed."""
     import weakref
 
     body = events()
     weakref.finalize(body, release)
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _SSEResponse(body, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[ServeSection] = None, *,
@@ -655,12 +675,13 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                 status = 200
                 choices = {j.index: _Choice(j.index) for j in jobs}
                 base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": backend.name}
+                outputs = server.merged(jobs, server.deadline(start))
                 try:
                     for j in jobs:
                         yield sse({**base, "choices": [{"index": j.index, "delta": {"role": "assistant",
                                                                                    "content": ""},
                                                         "logprobs": None, "finish_reason": None}]})
-                    async for job, out in server.merged(jobs, server.deadline(start)):
+                    async for job, out in outputs:
                         if "ttft" not in info and out.token_ids:
                             info["ttft"] = time.perf_counter() - start
                             server.metrics.first_token(backend.name, info["ttft"])
@@ -682,10 +703,12 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                             "total_tokens": len(prompt_ids) + completion_tokens}})
                     yield b"data: [DONE]\n\n"
                     log_prompt("".join(choices[0].text), choices[0].completion_tokens)
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, GeneratorExit):
+                    # Client gone: cancelled inside the generator, or closed at a yield (GeneratorExit must
+                    # propagate, never be answered with another yield); finally cancels the engine jobs.
                     status = 499
                     raise
-                except BaseException as exc:  # noqa: BLE001 - mid-stream failure: report it in-band
+                except Exception as exc:  # noqa: BLE001 - mid-stream failure: report it in-band
                     err = server.map_error(exc, rid)
                     status = getattr(err, "status", 500)
                     info["error"] = str(exc)
@@ -693,7 +716,8 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                         yield sse(err.body())
                         yield b"data: [DONE]\n\n"
                 finally:
-                    release()
+                    await _close_quietly(outputs)  # cancels the engine jobs now (an iterator is not closed
+                    release()                      # by leaving `async for`, only at garbage collection)
                     info["completion_tokens"] = sum(c.completion_tokens for c in choices.values())
                     server.metrics.tokens(backend.name, len(prompt_ids), info["completion_tokens"])
                     _finish_log(rid, "chat", status, start, info)
@@ -760,8 +784,9 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                 status = 200
                 choices = {j.index: _Choice(j.index) for j in jobs}
                 base = {"id": rid, "object": "text_completion", "created": created, "model": backend.name}
+                outputs = server.merged(jobs, server.deadline(start))
                 try:
-                    async for job, out in server.merged(jobs, server.deadline(start)):
+                    async for job, out in outputs:
                         if "ttft" not in info and out.token_ids:
                             info["ttft"] = time.perf_counter() - start
                             server.metrics.first_token(backend.name, info["ttft"])
@@ -783,10 +808,12 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                             "total_tokens": prompt_tokens + completion_tokens}})
                     yield b"data: [DONE]\n\n"
                     log_prompts(choices)
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, GeneratorExit):
+                    # Client gone: cancelled inside the generator, or closed at a yield (GeneratorExit must
+                    # propagate, never be answered with another yield); finally cancels the engine jobs.
                     status = 499
                     raise
-                except BaseException as exc:  # noqa: BLE001 - mid-stream failure: report it in-band
+                except Exception as exc:  # noqa: BLE001 - mid-stream failure: report it in-band
                     err = server.map_error(exc, rid)
                     status = getattr(err, "status", 500)
                     info["error"] = str(exc)
@@ -794,7 +821,8 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                         yield sse(err.body())
                         yield b"data: [DONE]\n\n"
                 finally:
-                    release()
+                    await _close_quietly(outputs)  # cancels the engine jobs now (an iterator is not closed
+                    release()                      # by leaving `async for`, only at garbage collection)
                     info["completion_tokens"] = sum(c.completion_tokens for c in choices.values())
                     server.metrics.tokens(backend.name, prompt_tokens, info["completion_tokens"])
                     _finish_log(rid, "completions", status, start, info)

@@ -6,6 +6,7 @@ engine of ``tests/serve/fake_engine.py`` (or a small variant of it) unless the r
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import httpx
@@ -326,7 +327,8 @@ def test_requests_have_a_default_deadline(serve_tokenizer):
     try:
         err = assert_openai_error(post(server, "/v1/completions", {"model": "tiny", "prompt": "x",
                                                                    "max_tokens": 200}), 504)
-        assert err["type"] == "server_error" and err["code"] == "timeout" and "serve.request_timeout_s" in err["message"]
+        assert err["type"] == "server_error" and err["code"] == "timeout"
+        assert "serve.request_timeout_s" in err["message"]
         _wait_for(lambda: len(engine.aborted_ids) == 1 and not engine.stats()["running"], what="the abort")
         with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=30,
                           json={"model": "tiny", "messages": MSGS, "max_tokens": 200, "stream": True}) as resp:
@@ -415,3 +417,130 @@ def test_dead_engine_thread_means_503_and_unhealthy_not_a_hang(real_engine_serve
     err = assert_openai_error(post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSGS,
                                                                     "max_tokens": 2}, timeout=20), 503)
     assert err["type"] == "server_error"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7: a client that stops reading and then disconnects frees its engine slot
+# ---------------------------------------------------------------------------------------------------
+class FloodEngine:
+    """Endless 8 KB text increments (a fast model meeting a slow reader); records running/aborted requests."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.model_name, self.context_length = tokenizer, "tiny", 10_000_000
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.produced = 0
+
+    async def generate(self, request):
+        import asyncio
+
+        from serve.engine.types import GenerationOutput
+
+        rid = request.request_id
+        self.running.add(rid)
+        try:
+            for i in range(request.sampling.max_tokens):
+                await asyncio.sleep(0.001)
+                self.produced += 1
+                yield GenerationOutput(rid, [1], "x" * 8192, prompt_tokens=len(request.prompt_ids),
+                                       completion_tokens=i + 1)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.aborted.append(rid)
+            raise
+        finally:
+            self.running.discard(rid)
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": 0}
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "flood"}),
+    ("/v1/chat/completions", {"messages": MSGS}),
+])
+def test_slow_reader_who_disconnects_frees_the_slot(serve_tokenizer, path, body):
+    import socket
+
+    engine = FloodEngine(serve_tokenizer)
+    server = start_engine_server(engine, max_tokens_limit=1_000_000, request_timeout_s=3600)
+    state = server.config.app.state.server
+    try:
+        payload = json.dumps({"model": "tiny", "max_tokens": 1_000_000, "stream": True, **body}).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # a small window: the server's writes block
+        sock.settimeout(30)
+        sock.connect((server.host, server.port))
+        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        # Stop reading: the server's writes back up (socket buffers fill) while the engine keeps producing.
+        start = engine.produced
+        _wait_for(lambda: engine.produced > start + 2000, what="the engine to outpace the reader")
+        assert len(engine.running) == 1 and not engine.aborted
+        sock.close()  # disconnect with unread data
+        _wait_for(lambda: not engine.running and len(engine.aborted) == 1, timeout=15,
+                  what="the engine request to be cancelled after the disconnect")
+        _wait_for(lambda: state.in_flight == 0, what="the admission slot to come back")
+        # Logged and counted as a client disconnect (499), not as a server failure (5xx).
+        endpoint = "chat" if "chat" in path else "completions"
+        _wait_for(lambda: f'raydistill_requests_total{{endpoint="{endpoint}",status="499"}} 1.0' in
+                  httpx.get(server.base_url + "/metrics", timeout=30).text, what="the 499 in /metrics")
+        metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
+        assert f'endpoint="{endpoint}",status="5' not in metrics
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "flood"}),
+    ("/v1/chat/completions", {"messages": MSGS}),
+])
+def test_sse_body_closed_at_a_yield_aborts_the_engine_request(serve_tokenizer, path, body):
+    """ASGI 2.4 servers (and proxies) report a gone client by failing ``send``: the SSE generator is then
+    left suspended at a ``yield`` and closed with GeneratorExit, which must cancel the engine request at once
+    (it was swallowed, so the request kept generating). Driven at the ASGI level to reach that exact path."""
+    import asyncio
+    import time
+
+    from serve.api import EngineBackend, create_app
+    from serve.section import ServeSection
+
+    engine = FloodEngine(serve_tokenizer)
+    app = create_app(EngineBackend(engine, name="tiny"),
+                     ServeSection(api_key_env=None, max_tokens_limit=100_000))
+    payload = json.dumps({"model": "tiny", "max_tokens": 100_000, "stream": True, **body}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]}
+
+    async def main() -> None:
+        chunks = []
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": payload, "more_body": False}
+            await asyncio.Event().wait()  # an ASGI 2.4 server need not report the disconnect here
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                chunks.append(message["body"])
+                if len(chunks) == 3:
+                    raise OSError("the client went away")
+
+        with contextlib.suppress(Exception):
+            await app(scope, receive, send)
+        assert len(chunks) == 3 and len(engine.running) <= 1
+        deadline = time.monotonic() + 10
+        while engine.running or not engine.aborted:
+            assert time.monotonic() < deadline, f"engine request not cancelled (produced {engine.produced})"
+            await asyncio.sleep(0.02)
+        assert app.state.server.in_flight == 0
+
+    asyncio.run(main())
