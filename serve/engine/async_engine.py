@@ -152,9 +152,15 @@ class AsyncEngine:
         try:
             outputs = engine.step()
         except Exception as exc:  # noqa: BLE001 - a model error must not leave streams hanging forever
-            log.exception("engine step failed; failing the %d requests in the engine", len(engine._requests))
             failure = EngineFailure(f"engine step failed: {type(exc).__name__}: {exc}")
-            for rid in engine.reset():  # the state after a failed step is unknown: start clean
+            try:  # roll back, retry the requests one at a time: the request that fails again fails alone
+                given_up = engine.recover()
+                log.exception("engine step failed; rolled back %d requests, failing %s",
+                              len(engine._requests), given_up or "none yet (isolating the culprit)")
+            except Exception:  # noqa: BLE001 - recovery failed too: start clean, fail everything in the engine
+                log.exception("engine step failed and recovery failed; failing every request in the engine")
+                given_up = engine.reset()
+            for rid in given_up:
                 self._deliver(rid, failure)
             self._stats = engine.stats()
             return

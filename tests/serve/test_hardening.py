@@ -363,16 +363,16 @@ def test_engine_step_failure_is_a_5xx_without_backend_text_and_the_engine_recove
 
     server, engine = real_engine_server
     core = engine.engine
-    real_step = core.step
+    real_sample = core._sample_and_emit
     fail = threading.Event()
 
-    def flaky_step():
+    def flaky_sample(*args):  # inside step(), as a model or sampling error would be
         if fail.is_set():
             fail.clear()
             raise RuntimeError(f"CUDA error: {SECRET}")
-        return real_step()
+        return real_sample(*args)
 
-    core.step = flaky_step
+    core._sample_and_emit = flaky_sample
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
     fail.set()
     err = assert_openai_error(post(server, "/v1/completions", body), 500)
@@ -544,3 +544,56 @@ def test_sse_body_closed_at_a_yield_aborts_the_engine_request(serve_tokenizer, p
         assert app.state.server.in_flight == 0
 
     asyncio.run(main())
+
+
+def test_a_request_that_breaks_the_engine_step_fails_alone(real_engine_server):
+    """A request whose step raises (here: while sampling, after the other rows of that step advanced) gets a
+    500; the requests running beside it are rolled back, resumed and finish with the exact same text."""
+    import threading
+    import time
+
+    server, engine = real_engine_server
+    core = engine.engine
+    poison = [7, 7, 7, 7]
+    real_step, real_advance = core.step, core._advance
+
+    def slow_step():
+        time.sleep(0.01)  # keep the innocent requests running while the bad one arrives
+        return real_step()
+
+    def advance(seq, token, logprob):
+        if seq.prompt[:4] == poison:
+            raise RuntimeError(f"device-side assert: {SECRET}")
+        return real_advance(seq, token, logprob)
+
+    good = [{"model": "tiny", "prompt": p, "max_tokens": 120, "temperature": 0, "ignore_eos": True}
+            for p in ("Once upon a time", "The capital of France is")]
+    reference = [post(server, "/v1/completions", b).json()["choices"][0]["text"] for b in good]
+    core.step, core._advance = slow_step, advance
+
+    results: dict[int, object] = {}
+
+    def stream(i: int) -> None:
+        with httpx.stream("POST", server.base_url + "/v1/completions", json={**good[i], "stream": True},
+                          timeout=60) as resp:
+            results[i] = (resp.status_code, sse_events(resp))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: engine.stats()["running"] == 2, what="both good requests running")
+    bad = post(server, "/v1/completions", {"model": "tiny", "prompt": poison, "max_tokens": 5})
+    err = assert_openai_error(bad, 500)
+    assert err["type"] == "server_error" and SECRET not in json.dumps(err)
+    stats = engine.stats()
+    assert stats["running"] + stats["prefilling"] + stats["waiting"] == 2  # the good ones were still going
+    for t in threads:
+        t.join(timeout=60)
+    for i in range(2):
+        status, events = results[i]
+        assert status == 200 and all("error" not in e for e in events), events[-1:]
+        text = "".join(c["text"] for e in events for c in e["choices"])
+        finishes = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+        assert finishes == ["length"] and text == reference[i]
+    ok = post(server, "/v1/completions", good[0])
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == reference[0]
