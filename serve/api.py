@@ -485,7 +485,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s", request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
+        return APIError(500, "internal error; the details are in the server log", code="internal_error").response()
 
     @app.get("/health")
     async def health() -> Response:
