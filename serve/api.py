@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP API (FastAPI) over one or more engine backends.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models[/{id}]``, ``GET /health``,
 ``GET /metrics`` (Prometheus text). Streaming is SSE ending with ``data: [DONE]``. Every error has
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; bad input is always a 4xx.
 
@@ -20,152 +20,25 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal, Optional, Protocol, Sequence, Union
+from typing import Any, AsyncIterator, Optional, Protocol, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.auth import APIKeyAuth, load_api_keys
-from serve.engine.types import EngineError, GenerationOutput, GenerationRequest, SamplingOptions, TokenLogprob
+from serve.engine.types import (EngineError, EngineFailure, EngineUnavailable, GenerationOutput, GenerationRequest,
+                                SamplingOptions, TokenLogprob)
+from serve.limits import check_limits, choice_seed
 from serve.metrics import ServerMetrics
+from serve.protocol import (  # noqa: F401 - re-exported (serve.app, tests)
+    APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, Overloaded,
+    StreamOptions, TokenText, _Req, chat_logprobs, completion_logprobs, parse_request, sse)
 from serve.prompt_log import PromptLog, make_record
 from serve.section import ServeSection
 
 logger = logging.getLogger("raydistill.serve")
-
-MAX_TOP_LOGPROBS = 20
-MAX_STOP = 16
-
-
-# ---------------------------------------------------------------------------------------------------
-# errors
-# ---------------------------------------------------------------------------------------------------
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
-
-    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
-                 type: Optional[str] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or self.TYPES.get(status, "invalid_request_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-class Overloaded(Exception):
-    """Raised by a backend when it cannot queue another request (maps to 429)."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# request models (OpenAI fields we honour; unknown fields are ignored like OpenAI-compatible servers do)
-# ---------------------------------------------------------------------------------------------------
-class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    n: int = Field(default=1, ge=1)
-    stream: bool = False
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0, description="extension (vLLM style): 0 = off")
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    user: Optional[str] = None
-    ignore_eos: bool = False
-    stream_options: Optional["StreamOptions"] = None
-    # Accepted for client compatibility; 0 is the only value the engine implements.
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: Any) -> Optional[list[str]]:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else list(value)
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return stops
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("presence/frequency penalties are not supported by this server; send 0 or omit them")
-        return value
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[dict[str, Any]]]] = None
-    name: Optional[str] = None
-
-    def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported ({'type': 'text', 'text': ...})")
-            parts.append(part["text"])
-        return "".join(parts)
-
-
-class ChatCompletionRequest(_Req):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-
-    @model_validator(mode="after")
-    def _check(self) -> "ChatCompletionRequest":
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
-        for m in self.messages:
-            m.text()  # validates content parts
-        return self
-
-
-class CompletionRequest(_Req):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(default=None, ge=0)
-    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
-    suffix: Optional[str] = None
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, value: Optional[str]) -> Optional[str]:
-        if value:
-            raise ValueError("suffix is not supported")
-        return value
-
-
-_Req.model_rebuild()
-ChatCompletionRequest.model_rebuild()
-CompletionRequest.model_rebuild()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,23 +72,16 @@ class EngineBackend:
     def shutdown(self) -> None:
         self.engine.shutdown()
 
+    def check_health(self) -> None:
+        """Raise when the engine cannot serve (its loop thread died); ``GET /health`` then answers 503."""
+        check = getattr(self.engine, "check_health", None)
+        if check is not None:
+            check()
+
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
-def _param_of(err: dict) -> Optional[str]:
-    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-after", "union["))]
-    return ".".join(loc) or None
-
-
-def _validation_error(exc: ValidationError) -> APIError:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    param = _param_of(first)
-    msg = "; ".join(f"{_param_of(e) or 'body'}: {e.get('msg')}" for e in errors[:5])
-    return APIError(400, f"invalid request: {msg}", param=param, code="invalid_value")
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -229,37 +95,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
                            code="request_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _parse(body: bytes, model: type[BaseModel]) -> Any:
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
-class _TokenText:
-    """Token id -> text for logprobs (decoded one token at a time, like OpenAI/vLLM)."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self.cache.get(token_id)
-        if text is None:
-            text = self.cache[token_id] = self.tokenizer.decode([token_id])
-        return text
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,6 +112,7 @@ class _Choice:
         self.finish_reason: Optional[str] = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.text_offset = 0  # streamed completion logprobs: offsets continue across chunks
 
     def add(self, out: GenerationOutput) -> None:
         self.text.append(out.text)
@@ -288,12 +124,10 @@ class _Choice:
         self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
         self.completion_tokens = max(self.completion_tokens, out.completion_tokens, len(self.token_ids))
         if out.finished:
-            self.finish_reason = _finish_reason(out.finish_reason)
-
-
-def _finish_reason(reason: Optional[str]) -> str:
-    # OpenAI knows stop/length; an aborted request (server shutdown) reports as stop.
-    return reason if reason in ("stop", "length") else "stop"
+            if out.finish_reason not in ("stop", "length"):
+                # Aborted by the server (shutdown, model swap, engine reset): never report it as finished.
+                raise EngineUnavailable(f"the engine ended the request with finish_reason={out.finish_reason!r}")
+            self.finish_reason = out.finish_reason
 
 
 class _Job:
@@ -321,7 +155,7 @@ class OpenAIServer:
         self.admission_limit = admission_limit
         self.in_flight = 0
         self.replicas_fn = replicas_fn
-        self._token_text = {b.name: _TokenText(b.tokenizer) for b in backends}
+        self._token_text = {b.name: TokenText(b.tokenizer) for b in backends}
 
     # -- lookups ------------------------------------------------------------------------------------
     def backend(self, model: str) -> Backend:
@@ -396,13 +230,17 @@ class OpenAIServer:
                            code="context_length_exceeded")
         return requested
 
-    def check_n(self, req: _Req) -> None:
-        if req.n > self.section.max_n:
-            raise APIError(400, f"n={req.n} is above this server's limit of {self.section.max_n} (serve.max_n)",
-                           param="n")
-
     # -- running engine requests -------------------------------------------------------------------------
-    async def open_jobs(self, backend: Backend, jobs: list[_Job]) -> None:
+    def deadline(self, start: float) -> Optional[float]:
+        """``time.perf_counter()`` by which a request started at ``start`` must be done (serve.request_timeout_s)."""
+        timeout = self.section.request_timeout_s
+        return None if timeout is None else start + timeout
+
+    def timeout_error(self) -> APIError:
+        return APIError(504, f"the request did not finish within {self.section.request_timeout_s:g}s "
+                        "(serve.request_timeout_s); it was cancelled", code="timeout", type="server_error")
+
+    async def open_jobs(self, backend: Backend, jobs: list[_Job], deadline: Optional[float] = None) -> None:
         """Start every job and wait for its first output, so bad requests fail before any byte is sent."""
 
         async def open_one(job: _Job) -> None:
@@ -412,11 +250,17 @@ class OpenAIServer:
             except StopAsyncIteration:
                 job.first = None
 
-        results = await asyncio.gather(*(open_one(j) for j in jobs), return_exceptions=True)
+        opening = asyncio.gather(*(open_one(j) for j in jobs), return_exceptions=True)
+        try:
+            results = await asyncio.wait_for(opening, None if deadline is None
+                                             else max(0.0, deadline - time.perf_counter()))
+        except asyncio.TimeoutError:
+            await self.close_jobs(jobs)
+            raise self.timeout_error() from None
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await self.close_jobs(jobs)
-            raise self.map_error(errors[0])
+            raise self.map_error(errors[0], jobs[0].request.request_id.rsplit("-", 1)[0])
 
     @staticmethod
     async def close_jobs(jobs: list[_Job]) -> None:
@@ -426,27 +270,41 @@ class OpenAIServer:
                     await job.stream.aclose()
 
     @staticmethod
-    def map_error(exc: BaseException) -> BaseException:
+    def map_error(exc: BaseException, rid: Optional[str] = None) -> BaseException:
+        """The HTTP error for ``exc``: 4xx for the client's mistakes, 5xx (type ``server_error``) for ours.
+        A 5xx body never carries backend exception text: that goes to the log with the request id."""
         if isinstance(exc, APIError):
             return exc
         if isinstance(exc, EngineError):
             return APIError(400, str(exc), code="invalid_request")
         if isinstance(exc, Overloaded):
-            return APIError(429, f"server overloaded: {exc or 'too many requests queued'}; retry later",
+            return APIError(429, "server overloaded: too many requests queued; retry later",
                             code="rate_limit_exceeded")
         if isinstance(exc, asyncio.CancelledError):
             return exc
-        logger.error("engine failure: %r", exc, exc_info=exc)
-        return APIError(503, f"the model backend failed: {type(exc).__name__}: {exc}", code="backend_error")
+        if isinstance(exc, EngineUnavailable):
+            logger.warning("request %s: engine unavailable: %s", rid or "-", exc)
+            return APIError(503, f"the model engine is not available; retry later (request id {rid})",
+                            code="engine_unavailable")
+        logger.error("request %s: engine failure: %r", rid or "-", exc, exc_info=exc)
+        if isinstance(exc, EngineFailure):
+            return APIError(500, f"the model engine failed while running this request (request id {rid}); "
+                            "the details are in the server log", code="engine_error")
+        return APIError(503, f"the model backend failed (request id {rid}); the details are in the server log",
+                        code="backend_error")
 
-    def admit(self) -> None:
-        if self.admission_limit is not None and self.in_flight >= self.admission_limit:
-            raise APIError(429, f"server overloaded: {self.in_flight} requests in flight (limit "
-                           f"{self.admission_limit} = serve.max_ongoing_requests + serve.max_queued_requests); "
-                           "retry later", code="rate_limit_exceeded")
+    def admit(self, jobs: int) -> None:
+        """429 unless ``jobs`` more engine jobs fit (a request of n choices over p prompts is n x p jobs; one
+        request alone on an idle server is always admitted)."""
+        if self.admission_limit is not None and self.in_flight and self.in_flight + jobs > self.admission_limit:
+            raise APIError(429, f"server overloaded: {self.in_flight} engine jobs in flight, this request needs "
+                           f"{jobs} more (limit {self.admission_limit} = serve.max_ongoing_requests + "
+                           "serve.max_queued_requests); retry later", code="rate_limit_exceeded")
 
-    async def merged(self, jobs: list[_Job]) -> AsyncIterator[tuple[_Job, GenerationOutput]]:
-        """Outputs of all jobs as they arrive (first outputs first); closing this closes every job."""
+    async def merged(self, jobs: list[_Job], deadline: Optional[float] = None,
+                     ) -> AsyncIterator[tuple[_Job, GenerationOutput]]:
+        """Outputs of all jobs as they arrive (first outputs first); closing this closes every job.
+        Past ``deadline`` (perf_counter) it raises the 504 of :meth:`timeout_error`."""
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -471,7 +329,13 @@ class OpenAIServer:
         remaining = len(jobs)
         try:
             while remaining:
-                job, item = await queue.get()
+                if deadline is None:
+                    job, item = await queue.get()
+                else:
+                    try:
+                        job, item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.perf_counter()))
+                    except asyncio.TimeoutError:
+                        raise self.timeout_error() from None
                 if item is done:
                     remaining -= 1
                     continue
@@ -484,14 +348,14 @@ class OpenAIServer:
             # Wait so the engine sees the abort before the handler returns (frees the batch slot now).
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def releaser(self) -> Any:
-        """An idempotent callable giving back one in-flight slot (streams end in several ways)."""
+    def releaser(self, jobs: int) -> Any:
+        """An idempotent callable giving back a request's in-flight jobs (streams end in several ways)."""
         done = [False]
 
         def release() -> None:
             if not done[0]:
                 done[0] = True
-                self.in_flight -= 1
+                self.in_flight -= jobs
 
         return release
 
@@ -503,10 +367,10 @@ class OpenAIServer:
         except Exception:  # noqa: BLE001 - the prompt log never fails a request
             logger.exception("prompt log append failed")
 
-    def token_text(self, backend: Backend) -> _TokenText:
+    def token_text(self, backend: Backend) -> TokenText:
         cached = self._token_text.get(backend.name)
         if cached is None or cached.tokenizer is not backend.tokenizer:  # the model (tokenizer) was swapped
-            cached = self._token_text[backend.name] = _TokenText(backend.tokenizer)
+            cached = self._token_text[backend.name] = TokenText(backend.tokenizer)
         return cached
 
     @staticmethod
@@ -516,55 +380,31 @@ class OpenAIServer:
         if refresh is not None:
             try:
                 await refresh()
-            except Overloaded as exc:
-                raise APIError(429, f"server overloaded: {exc}; retry later", code="rate_limit_exceeded") from None
+            except Overloaded:
+                raise APIError(429, "server overloaded; retry later", code="rate_limit_exceeded") from None
             except Exception as exc:  # noqa: BLE001 - the model deployment is not reachable
-                raise APIError(503, f"the model is not available yet: {type(exc).__name__}: {exc}",
-                               code="model_unavailable") from None
+                logger.warning("model %s is not available: %r", backend.name, exc)
+                raise APIError(503, "the model is not available yet; retry later", code="model_unavailable") from None
 
 
-def _chat_logprobs(lps: list[TokenLogprob], text_of: _TokenText, top_n: int) -> dict:
-    def entry(tid: int, lp: float) -> dict:
-        s = text_of(tid)
-        return {"token": s, "logprob": float(lp), "bytes": list(s.encode("utf-8"))}
-
-    content = []
-    for lp in lps:
-        e = entry(lp.token_id, lp.logprob)
-        e["top_logprobs"] = [entry(t, v) for t, v in (lp.top or [])[:top_n]]
-        content.append(e)
-    return {"content": content}
+async def _close_quietly(agen: Any) -> None:
+    with contextlib.suppress(Exception):
+        await agen.aclose()
 
 
-def _completion_logprobs(prompt_ids: Optional[list[int]], prompt_lps: Optional[list[Optional[TokenLogprob]]],
-                         lps: list[TokenLogprob], text_of: _TokenText, top_n: int, offset0: int = 0) -> dict:
-    tokens, token_lps, tops, offsets = [], [], [], []
-    pos = offset0
+class _SSEResponse(StreamingResponse):
+    """Closes its body generator as soon as the response ends, however it ends: a server that reports a
+    gone client by failing ``send`` (ASGI 2.4) would otherwise leave the generator suspended at a ``yield``
+    (and its engine jobs generating) until garbage collection."""
 
-    def add(tid: int, lp: Optional[TokenLogprob]) -> None:
-        nonlocal pos
-        s = text_of(tid)
-        tokens.append(s)
-        offsets.append(pos)
-        pos += len(s)
-        if lp is None:
-            token_lps.append(None)
-            tops.append(None)
-        else:
-            token_lps.append(float(lp.logprob))
-            top: dict[str, float] = {}
-            for t, v in (lp.top or [])[:top_n]:
-                top.setdefault(text_of(t), float(v))
-            if top_n:
-                top.setdefault(s, float(lp.logprob))  # OpenAI includes the chosen token
-            tops.append(top)
-
-    if prompt_ids is not None:
-        for i, tid in enumerate(prompt_ids):
-            add(tid, prompt_lps[i] if prompt_lps and i < len(prompt_lps) else None)
-    for lp in lps:
-        add(lp.token_id, lp)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
 
 def _streaming(events: Any, release: Any) -> StreamingResponse:
@@ -573,8 +413,8 @@ def _streaming(events: Any, release: Any) -> StreamingResponse:
 
     body = events()
     weakref.finalize(body, release)
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _SSEResponse(body, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[ServeSection] = None, *,
@@ -645,11 +485,24 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s", request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
+        return APIError(500, "internal error; the details are in the server log", code="internal_error").response()
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "models": sorted(server.backends)}
+    async def health() -> Response:
+        down = []
+        for name, b in server.backends.items():
+            check = getattr(b, "check_health", None)
+            if check is None:
+                continue
+            try:
+                check()
+            except Exception as exc:  # noqa: BLE001 - any failure: unhealthy (Ray Serve replaces the replica)
+                logger.error("health check: model %s is unhealthy: %r", name, exc)
+                down.append(name)
+        if down:
+            return APIError(503, f"unhealthy: the engine of {', '.join(down)} is not running",
+                            code="engine_unavailable").response()
+        return JSONResponse({"status": "ok", "models": sorted(server.backends)})
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
@@ -669,14 +522,23 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         data, content_type = server.metrics.render()
         return Response(content=data, media_type=content_type)
 
+    def model_card(name: str, b: Backend) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "raydistill",
+                "max_model_len": b.context_length}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         server.authorize(request)
         for b in backends:
             await server.ready(b)
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "raydistill",
-             "max_model_len": b.context_length} for name, b in server.backends.items()]}
+        return {"object": "list", "data": [model_card(name, b) for name, b in server.backends.items()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> dict:
+        server.authorize(request)
+        backend = server.backend(model)
+        await server.ready(backend)
+        return model_card(model, backend)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -696,13 +558,13 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         try:
             server.authorize(request)
             body = await _read_body(request, section.max_body_bytes)
-            req = _parse(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest)
+            req = parse_request(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest, endpoint)
             backend = server.backend(req.model)
-            server.check_n(req)
+            n_jobs = check_limits(req, section)
             await server.ready(backend)
             info["model"] = backend.name
-            server.admit()
-            server.in_flight += 1
+            server.admit(n_jobs)
+            server.in_flight += n_jobs
             counted = True
             if endpoint == "chat":
                 response = await _chat(request, rid, req, backend, start, info)
@@ -724,9 +586,18 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         except asyncio.CancelledError:
             status = 499  # client went away; the engine requests were aborted by the cancellation
             raise
+        except Exception as exc:  # noqa: BLE001 - engine/backend failures: mapped, never a bare 500 with text
+            err = server.map_error(exc, rid)
+            if not isinstance(err, APIError):
+                raise
+            status = err.status
+            info["error"] = f"{err.message} ({type(exc).__name__}: {exc})"
+            resp = err.response()
+            resp.headers["x-request-id"] = rid
+            return resp
         finally:
             if counted:
-                server.in_flight -= 1
+                server.in_flight -= n_jobs
             if not info.get("stream"):
                 _finish_log(rid, endpoint, status, start, info)
 
@@ -741,7 +612,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
 
     def _sampling(req: _Req, max_tokens: int, seed_offset: int, *, logprobs: bool, top: int,
                   prompt_logprobs: bool = False) -> SamplingOptions:
-        seed = None if req.seed is None else req.seed + seed_offset
+        seed = None if req.seed is None else choice_seed(req.seed, seed_offset)
         return SamplingOptions(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                seed=seed, stop=list(req.stop or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
                                top_logprobs=top, prompt_logprobs=prompt_logprobs)
@@ -751,7 +622,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         """Collect every job's outputs; a client disconnect cancels the jobs (uvicorn does not cancel us)."""
 
         async def collect() -> None:
-            async for job, out in server.merged(jobs):
+            async for job, out in server.merged(jobs, server.deadline(start)):
                 if "ttft" not in info and out.token_ids:
                     info["ttft"] = time.perf_counter() - start
                     server.metrics.first_token(model, info["ttft"])
@@ -786,7 +657,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         jobs = [_Job(i, 0, GenerationRequest(f"{rid}-{i}", list(prompt_ids),
                                              _sampling(req, max_tokens, i, logprobs=req.logprobs, top=top)))
                 for i in range(req.n)]
-        await server.open_jobs(backend, jobs)
+        await server.open_jobs(backend, jobs, server.deadline(start))
         created = int(time.time())
         text_of = server.token_text(backend)
         info["prompt_tokens"] = len(prompt_ids)
@@ -798,51 +669,55 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            release = server.releaser()
+            release = server.releaser(len(jobs))
 
             async def events() -> AsyncIterator[bytes]:
                 status = 200
                 choices = {j.index: _Choice(j.index) for j in jobs}
                 base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": backend.name}
+                outputs = server.merged(jobs, server.deadline(start))
                 try:
                     for j in jobs:
-                        yield _sse({**base, "choices": [{"index": j.index, "delta": {"role": "assistant",
+                        yield sse({**base, "choices": [{"index": j.index, "delta": {"role": "assistant",
                                                                                    "content": ""},
                                                         "logprobs": None, "finish_reason": None}]})
-                    async for job, out in server.merged(jobs):
+                    async for job, out in outputs:
                         if "ttft" not in info and out.token_ids:
                             info["ttft"] = time.perf_counter() - start
                             server.metrics.first_token(backend.name, info["ttft"])
                         choice = choices[job.index]
                         choice.add(out)
                         if out.text or out.logprobs:
-                            lp = (_chat_logprobs(out.logprobs, text_of, top) if req.logprobs and out.logprobs
+                            lp = (chat_logprobs(out.logprobs, text_of, top) if req.logprobs and out.logprobs
                                   else None)
-                            yield _sse({**base, "choices": [{"index": job.index, "delta": {"content": out.text},
+                            yield sse({**base, "choices": [{"index": job.index, "delta": {"content": out.text},
                                                             "logprobs": lp, "finish_reason": None}]})
                         if out.finished:
-                            yield _sse({**base, "choices": [{"index": job.index, "delta": {}, "logprobs": None,
+                            yield sse({**base, "choices": [{"index": job.index, "delta": {}, "logprobs": None,
                                                             "finish_reason": choice.finish_reason}]})
                     completion_tokens = sum(c.completion_tokens for c in choices.values())
                     info["completion_tokens"] = completion_tokens
                     if include_usage:
-                        yield _sse({**base, "choices": [], "usage": {
+                        yield sse({**base, "choices": [], "usage": {
                             "prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
                             "total_tokens": len(prompt_ids) + completion_tokens}})
                     yield b"data: [DONE]\n\n"
                     log_prompt("".join(choices[0].text), choices[0].completion_tokens)
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, GeneratorExit):
+                    # Client gone: cancelled inside the generator, or closed at a yield (GeneratorExit must
+                    # propagate, never be answered with another yield); finally cancels the engine jobs.
                     status = 499
                     raise
-                except BaseException as exc:  # noqa: BLE001 - mid-stream failure: report it in-band
-                    err = server.map_error(exc)
+                except Exception as exc:  # noqa: BLE001 - mid-stream failure: report it in-band
+                    err = server.map_error(exc, rid)
                     status = getattr(err, "status", 500)
                     info["error"] = str(exc)
                     if isinstance(err, APIError):
-                        yield _sse(err.body())
+                        yield sse(err.body())
                         yield b"data: [DONE]\n\n"
                 finally:
-                    release()
+                    await _close_quietly(outputs)  # cancels the engine jobs now (an iterator is not closed
+                    release()                      # by leaving `async for`, only at garbage collection)
                     info["completion_tokens"] = sum(c.completion_tokens for c in choices.values())
                     server.metrics.tokens(backend.name, len(prompt_ids), info["completion_tokens"])
                     _finish_log(rid, "chat", status, start, info)
@@ -858,7 +733,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": backend.name,
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-                         "logprobs": _chat_logprobs(c.logprobs, text_of, top) if req.logprobs else None,
+                         "logprobs": chat_logprobs(c.logprobs, text_of, top) if req.logprobs else None,
                          "finish_reason": c.finish_reason or "stop"} for c in choices.values()],
             "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
                       "total_tokens": len(prompt_ids) + completion_tokens}})
@@ -888,7 +763,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                     f"{rid}-{p * req.n + i}", list(ids),
                     _sampling(req, max_tokens, i, logprobs=want_lp, top=top,
                               prompt_logprobs=bool(req.echo and want_lp)))))
-        await server.open_jobs(backend, jobs)
+        await server.open_jobs(backend, jobs, server.deadline(start))
         created = int(time.time())
         text_of = server.token_text(backend)
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
@@ -903,44 +778,51 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            release = server.releaser()
+            release = server.releaser(len(jobs))
 
             async def events() -> AsyncIterator[bytes]:
                 status = 200
                 choices = {j.index: _Choice(j.index) for j in jobs}
                 base = {"id": rid, "object": "text_completion", "created": created, "model": backend.name}
+                outputs = server.merged(jobs, server.deadline(start))
                 try:
-                    async for job, out in server.merged(jobs):
+                    async for job, out in outputs:
                         if "ttft" not in info and out.token_ids:
                             info["ttft"] = time.perf_counter() - start
                             server.metrics.first_token(backend.name, info["ttft"])
                         choice = choices[job.index]
                         choice.add(out)
                         if out.text or out.logprobs or out.finished:
-                            lp = (_completion_logprobs(None, None, out.logprobs or [], text_of, top)
-                                  if want_lp else None)
-                            yield _sse({**base, "choices": [{"index": job.index, "text": out.text, "logprobs": lp,
+                            lp = None
+                            if want_lp:
+                                lp = completion_logprobs(None, None, out.logprobs or [], text_of, top,
+                                                         offset0=choice.text_offset)
+                                choice.text_offset += sum(len(t) for t in lp["tokens"])
+                            yield sse({**base, "choices": [{"index": job.index, "text": out.text, "logprobs": lp,
                                                             "finish_reason": choice.finish_reason
                                                             if out.finished else None}]})
                     completion_tokens = sum(c.completion_tokens for c in choices.values())
                     if include_usage:
-                        yield _sse({**base, "choices": [], "usage": {
+                        yield sse({**base, "choices": [], "usage": {
                             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                             "total_tokens": prompt_tokens + completion_tokens}})
                     yield b"data: [DONE]\n\n"
                     log_prompts(choices)
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, GeneratorExit):
+                    # Client gone: cancelled inside the generator, or closed at a yield (GeneratorExit must
+                    # propagate, never be answered with another yield); finally cancels the engine jobs.
                     status = 499
                     raise
-                except BaseException as exc:  # noqa: BLE001 - mid-stream failure: report it in-band
-                    err = server.map_error(exc)
+                except Exception as exc:  # noqa: BLE001 - mid-stream failure: report it in-band
+                    err = server.map_error(exc, rid)
                     status = getattr(err, "status", 500)
                     info["error"] = str(exc)
                     if isinstance(err, APIError):
-                        yield _sse(err.body())
+                        yield sse(err.body())
                         yield b"data: [DONE]\n\n"
                 finally:
-                    release()
+                    await _close_quietly(outputs)  # cancels the engine jobs now (an iterator is not closed
+                    release()                      # by leaving `async for`, only at garbage collection)
                     info["completion_tokens"] = sum(c.completion_tokens for c in choices.values())
                     server.metrics.tokens(backend.name, prompt_tokens, info["completion_tokens"])
                     _finish_log(rid, "completions", status, start, info)
@@ -964,7 +846,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
             body_text = "".join(c.text)
             lp = None
             if want_lp:
-                lp = _completion_logprobs(ids if req.echo else None, c.prompt_logprobs, c.logprobs, text_of, top)
+                lp = completion_logprobs(ids if req.echo else None, c.prompt_logprobs, c.logprobs, text_of, top)
             out_choices.append({"index": c.index, "text": (text + body_text) if req.echo else body_text,
                                 "logprobs": lp, "finish_reason": c.finish_reason or "stop"})
         return JSONResponse({

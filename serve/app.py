@@ -29,7 +29,7 @@ from ray import serve
 
 from cluster.errors import RaydistillError
 from serve.api import Overloaded, create_app, engine_kwargs, load_engine  # noqa: F401 - re-exported
-from serve.engine.types import EngineError, GenerationOutput, GenerationRequest
+from serve.engine.types import EngineError, EngineFailure, GenerationOutput, GenerationRequest
 from serve.section import ServeSection
 
 logger = logging.getLogger("raydistill.serve")
@@ -135,7 +135,12 @@ class ModelDeployment:
         return {**self.current.engine.stats(), "model_dir": self.current.model_dir, "draining": len(self._draining)}
 
     def check_health(self) -> None:
-        thread = getattr(self.current.engine, "_thread", None)
+        engine = self.current.engine
+        check = getattr(engine, "check_health", None)
+        if check is not None:
+            check()  # EngineUnavailable when the loop thread died: Ray Serve replaces the replica
+            return
+        thread = getattr(engine, "_thread", None)
         if thread is not None and not thread.is_alive():
             raise RuntimeError("the engine thread died")
 
@@ -211,6 +216,8 @@ class HandleBackend:
             cause = _cause(exc)
             if isinstance(cause, EngineError) or isinstance(exc, EngineError):
                 raise EngineError(str(cause)) from None
+            if isinstance(cause, EngineFailure):  # 5xx, same kind as in-process (503 when the engine is gone)
+                raise type(cause)(str(cause)) from None
             if isinstance(cause, BackPressureError):
                 raise Overloaded(str(cause)) from None
             raise

@@ -46,7 +46,8 @@ class ServeSection(Section):
     ingress_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.1, ge=0)
     graceful_shutdown_timeout_s: float = Field(default=30, ge=0, description="how long an old replica drains")
-    request_timeout_s: Optional[float] = Field(default=None, gt=0)
+    request_timeout_s: Optional[float] = Field(default=600, gt=0, description="deadline of one request, queueing "
+                                               "included (504 past it); null = none")
 
     # Auth and limits
     api_key_env: Optional[str] = Field(default="RAYDISTILL_API_KEYS",
@@ -55,6 +56,14 @@ class ServeSection(Section):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="larger request bodies get 413")
     max_tokens_default: int = Field(default=256, ge=1, description="max_tokens when a request names none")
     max_n: int = Field(default=8, ge=1, description="largest `n` (choices per request)")
+    max_choices_per_request: int = Field(default=64, ge=1, description="prompts x n of one request (each is one "
+                                         "engine job; admission counts jobs)")
+    max_tokens_limit: int = Field(default=4096, ge=1, description="largest max_tokens / max_completion_tokens")
+    max_stop_sequences: int = Field(default=16, ge=0, description="stop strings per request")
+    max_stop_length: int = Field(default=256, ge=1, description="characters per stop string (the stop check runs "
+                                 "on the engine thread every token)")
+    max_top_logprobs: int = Field(default=20, ge=0, le=100, description="largest top_logprobs (chat) / logprobs "
+                                  "(completions)")
 
     # Prompt log (opt-in)
     prompt_log_enabled: bool = Field(default=False, description="append requests + responses as Parquet")

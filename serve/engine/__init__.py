@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from serve.engine.types import EngineError, GenerationOutput, GenerationRequest, SamplingOptions, TokenLogprob
+from serve.engine.types import (EngineError, EngineFailure, EngineUnavailable, GenerationOutput, GenerationRequest,
+                                SamplingOptions, TokenLogprob)
 
 _LAZY = {
     "LLMEngine": "serve.engine.engine",
@@ -29,5 +30,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'serve.engine' has no attribute {name!r}")
 
 
-__all__ = ["AsyncEngine", "LLMEngine", "EngineError", "GenerationOutput", "GenerationRequest", "SamplingOptions",
-           "TokenLogprob", "load_model", "resolve_model_dir"]
+__all__ = ["AsyncEngine", "LLMEngine", "EngineError", "EngineFailure", "EngineUnavailable", "GenerationOutput",
+           "GenerationRequest", "SamplingOptions", "TokenLogprob", "load_model", "resolve_model_dir"]

@@ -13,7 +13,7 @@ import threading
 from typing import Any, AsyncIterator, Optional
 
 from serve.engine.engine import LLMEngine
-from serve.engine.types import EngineError, GenerationOutput, GenerationRequest
+from serve.engine.types import EngineError, EngineFailure, EngineUnavailable, GenerationOutput, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
         self._error: Optional[BaseException] = None
+        self._dead = False  # the loop thread ended (shutdown or an unexpected error); set under _lock
         self._stats: dict = engine.stats()
         self._thread = threading.Thread(target=self._loop, name="raydistill-engine", daemon=True)
         self._thread.start()
@@ -49,12 +50,12 @@ class AsyncEngine:
         If the consumer stops iterating (break, cancellation, client gone), the request is aborted
         and its batch slot freed.
         """
-        if self._stop:
-            raise EngineError("the engine is shut down")
         self.engine.check_request(request)
         rid = request.request_id
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if self._stop or self._dead:  # under the lock: the dying loop tells every stream registered before
+                raise EngineUnavailable("the engine is shut down" if self._stop else "the engine thread died")
             if rid in self._streams:
                 raise EngineError(f"request_id {rid!r} is already running; use a unique id")
             self._streams[rid] = (asyncio.get_running_loop(), queue)
@@ -84,6 +85,12 @@ class AsyncEngine:
     def stats(self) -> dict:
         return dict(self._stats)
 
+    def check_health(self) -> None:
+        """Raise :class:`EngineUnavailable` when the loop thread is not running (health checks, Ray Serve)."""
+        if self._dead or not self._thread.is_alive():
+            raise EngineUnavailable(f"the engine thread is not running ({'shut down' if self._stop else 'died'})"
+                                    + (f": {type(self._error).__name__}" if self._error is not None else ""))
+
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
@@ -103,41 +110,60 @@ class AsyncEngine:
             pass
 
     def _loop(self) -> None:
+        try:
+            while not self._stop:
+                self._iteration()
+            reason: EngineFailure = EngineUnavailable("the engine was shut down")
+        except BaseException as exc:  # noqa: BLE001 - the outer guard: never leave streams hanging
+            log.exception("the engine loop died; every open and later request fails with 503")
+            self._error = exc
+            reason = EngineUnavailable(f"the engine thread died: {type(exc).__name__}: {exc}")
+        # End every open stream (and refuse later ones: generate() checks _dead under the lock).
+        with self._lock:
+            self._dead = True
+            streams = list(self._streams)
+            self._adds.clear()
+        for rid in streams:
+            self._deliver(rid, reason)
+
+    def _iteration(self) -> None:
         engine = self.engine
-        while not self._stop:
-            self._wake.clear()  # before reading the inbox: a later set() is then never lost
-            with self._lock:
-                adds, self._adds = self._adds, []
-                aborts, self._aborts = self._aborts, []
-            for rid in aborts:
-                engine.abort(rid)
-            for request in adds:
-                if request.request_id in aborts:
-                    continue
-                try:
-                    engine.add_request(request)
-                except EngineError as exc:
-                    self._deliver(request.request_id, exc)
-            if not engine.has_unfinished():
-                self._stats = engine.stats()
-                self._wake.wait(timeout=0.5)
+        self._wake.clear()  # before reading the inbox: a later set() is then never lost
+        with self._lock:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, []
+        for rid in aborts:
+            engine.abort(rid)
+        for request in adds:
+            if request.request_id in aborts:
                 continue
             try:
-                outputs = engine.step()
-            except BaseException as exc:  # a model error must not leave streams hanging forever
-                log.exception("engine step failed")
-                with self._lock:
-                    streams = list(self._streams)
-                for rid in streams:
-                    engine.abort(rid)
-                    self._deliver(rid, EngineError(f"engine step failed: {type(exc).__name__}: {exc}"))
-                engine._pending.clear()  # their streams were told above
-                continue
+                engine.add_request(request)
+            except EngineError as exc:
+                self._deliver(request.request_id, exc)
+            except Exception as exc:  # noqa: BLE001 - this request alone fails (a 5xx), the loop goes on
+                log.exception("engine add_request failed for %s", request.request_id)
+                self._deliver(request.request_id, EngineFailure(
+                    f"adding the request failed: {type(exc).__name__}: {exc}"))
+        if not engine.has_unfinished():
             self._stats = engine.stats()
-            for out in outputs:
-                self._deliver(out.request_id, out)
-        # Shutdown: end every open stream.
-        with self._lock:
-            streams = list(self._streams)
-        for rid in streams:
-            self._deliver(rid, EngineError("the engine was shut down"))
+            self._wake.wait(timeout=0.5)
+            return
+        try:
+            outputs = engine.step()
+        except Exception as exc:  # noqa: BLE001 - a model error must not leave streams hanging forever
+            failure = EngineFailure(f"engine step failed: {type(exc).__name__}: {exc}")
+            try:  # roll back, retry the requests one at a time: the request that fails again fails alone
+                given_up = engine.recover()
+                log.exception("engine step failed; rolled back %d requests, failing %s",
+                              len(engine._requests), given_up or "none yet (isolating the culprit)")
+            except Exception:  # noqa: BLE001 - recovery failed too: start clean, fail everything in the engine
+                log.exception("engine step failed and recovery failed; failing every request in the engine")
+                given_up = engine.reset()
+            for rid in given_up:
+                self._deliver(rid, failure)
+            self._stats = engine.stats()
+            return
+        self._stats = engine.stats()
+        for out in outputs:
+            self._deliver(out.request_id, out)

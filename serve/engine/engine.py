@@ -47,10 +47,32 @@ class _Sequence:
     last_token: Optional[int] = None  # sampled but not yet fed to the model
     sent: int = 0  # characters of detok.text already streamed
     first_output: bool = True
+    resume: Optional[list[int]] = None  # after a failed step: prefill prompt + output instead of the prompt
+    failures: int = 0  # failed steps this request was part of
 
     @property
     def id(self) -> str:
         return self.request.request_id
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        return self.resume if self.resume is not None else self.request.prompt_ids
+
+    def snapshot(self) -> tuple:
+        """What one step may change (restored by :meth:`LLMEngine.recover` when the step fails)."""
+        d = self.detok
+        rng = self.generator.get_state() if self.generator is not None else None
+        return (self.state, len(self.output), self.last_token, self.sent, self.first_output, len(d.ids),
+                d.prefix_offset, d.read_offset, len(d.text), rng)
+
+    def restore(self, snap: tuple) -> None:
+        (_state, n_out, self.last_token, self.sent, self.first_output, n_ids, prefix, read, n_text, rng) = snap
+        del self.output[n_out:]
+        d = self.detok
+        del d.ids[n_ids:]
+        d.prefix_offset, d.read_offset, d.text = prefix, read, d.text[:n_text]
+        if rng is not None:
+            self.generator.set_state(rng)
 
     @property
     def prompt(self) -> list[int]:
@@ -93,6 +115,11 @@ class LLMEngine:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._requests: dict[str, _Sequence] = {}
         self._pending: list[GenerationOutput] = []  # outputs made outside step() (aborts)
+        self._snapshots: dict[str, tuple[_Sequence, tuple]] = {}  # before the current step (recover())
+        self._isolating = 0  # after a failed step: suspects still to re-admit one at a time
+        self._probation: Optional[_Sequence] = None  # the suspect admitted last, until it makes a token
+        self._probation_mark = 0  # its output length when admitted
+        self._failed_outputs: list[GenerationOutput] = []
         self._rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         self._steps = 0
         self._decode_steps = 0
@@ -191,6 +218,23 @@ class LLMEngine:
         self._pending.append(GenerationOutput(request_id, [], "", finished=True, finish_reason="abort",
                                               prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output)))
 
+    def reset(self) -> list[str]:
+        """Drop every request (after a failed :meth:`step` left the state unknown); returns their ids.
+
+        No outputs are made for them: the caller tells their streams. The cache rows are all free again.
+        """
+        ids = list(self._requests)
+        self._isolating, self._probation, self._snapshots = 0, None, {}
+        self._requests.clear()
+        self._waiting.clear()
+        self._prefilling.clear()
+        self._running.clear()
+        self._pending.clear()
+        self._slots = [None] * self.max_batch_size
+        with torch.inference_mode():
+            self.cache.lengths.zero_()
+        return ids
+
     def has_unfinished(self) -> bool:
         return bool(self._requests) or bool(self._pending)
 
@@ -198,6 +242,10 @@ class LLMEngine:
     def step(self) -> list[GenerationOutput]:
         """One scheduler iteration: admit, one prefill chunk, one decode step; returns this step's outputs."""
         outputs, self._pending = self._pending, []
+        # Everything the step can change, so a failed step can be rolled back (recover()); cheap next to
+        # the forward pass: a few ints per sequence, plus the RNG state of seeded ones.
+        self._snapshots = {seq.id: (seq, seq.snapshot()) for seq in [*self._running, *self._prefilling]}
+        self._failed_outputs = outputs  # finished before the failure (aborts, scoring): still delivered
         with torch.inference_mode():
             self._steps += 1
             self._admit(outputs)
@@ -216,7 +264,55 @@ class LLMEngine:
             if rows_seqs:
                 logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits_parts[0]
                 outputs.extend(self._sample_and_emit(rows_seqs, logits.float()))
+        self._snapshots, self._failed_outputs = {}, []
+        probation = self._probation
+        if probation is not None and (len(probation.output) > self._probation_mark or probation.state == "done"):
+            self._probation = None  # the suspect made a token: cleared
         return outputs
+
+    def recover(self) -> list[str]:
+        """After :meth:`step` raised: roll every request back to its state before that step, free every cache
+        row and queue them all again (running ones resume by prefilling prompt + output so far), then
+        re-admit them one at a time. A step that fails while a re-admitted request is on probation (it has
+        not made a token since) blames that request. Returns the ids of the requests given up on (blamed, or
+        part of 3 failed steps); the caller fails their streams, every other request goes on unchanged.
+        """
+        culprit = self._probation
+        self._probation = None
+        seqs: dict[str, _Sequence] = {}
+        involved: set[str] = set()
+        for rid, (seq, snap) in self._snapshots.items():  # includes requests the failed step finished
+            seq.restore(snap)
+            seqs[rid] = seq
+            involved.add(rid)
+        for rid, seq in self._requests.items():
+            seqs.setdefault(rid, seq)
+            if seq.state != "waiting":  # admitted by the failed step
+                involved.add(rid)
+        given_up = []
+        keep: list[_Sequence] = []
+        for seq in seqs.values():
+            if seq.id in involved:
+                seq.failures += 1
+            if seq is culprit or seq.failures >= 3 or (seq.id in involved and len(involved) == 1):
+                given_up.append(seq.id)
+            else:
+                keep.append(seq)
+        # Oldest first: the order they had (running rows, then prefilling, then waiting).
+        self._requests = {seq.id: seq for seq in keep}
+        for seq in keep:
+            seq.state, seq.row, seq.prefilled = "waiting", -1, 0
+            seq.resume = list(seq.prompt) + list(seq.output) if seq.output else None
+        self._waiting = collections.deque(keep)
+        self._prefilling.clear()
+        self._running.clear()
+        self._slots = [None] * self.max_batch_size
+        with torch.inference_mode():
+            self.cache.lengths.zero_()
+        self._pending = [o for o in self._failed_outputs if o.request_id not in given_up] + self._pending
+        self._snapshots = {}
+        self._isolating = len(keep)
+        return given_up
 
     def generate(self, requests: list[GenerationRequest]) -> dict[str, list[GenerationOutput]]:
         """Run requests to completion (alongside anything already queued); outputs per request id."""
@@ -259,6 +355,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ scheduling internals
     def _admit(self, outputs: list[GenerationOutput]) -> None:
         while self._waiting:
+            if self._isolating and self._probation is not None:
+                return  # after a failure: the next suspect waits until the last one made a token
             seq = self._waiting[0]
             if seq.options.max_tokens == 0:  # scoring only (echo + logprobs): no cache row needed
                 self._waiting.popleft()
@@ -278,6 +376,9 @@ class LLMEngine:
             seq.row, seq.state = row, "prefill"
             self.cache.lengths[row] = 0
             self._prefilling.append(seq)
+            if self._isolating:
+                self._isolating -= 1
+                self._probation, self._probation_mark = seq, len(seq.output)
 
     def _prefill_chunk(self) -> tuple[list[_Sequence], Optional[torch.Tensor]]:
         """Append up to ``prefill_chunk`` prompt tokens (FCFS); returns the sequences whose prompt is now
@@ -287,7 +388,7 @@ class LLMEngine:
         for seq in self._prefilling:
             if budget <= 0:
                 break
-            take = seq.prompt[seq.prefilled:seq.prefilled + budget]
+            take = seq.prefill_ids[seq.prefilled:seq.prefilled + budget]
             pieces.append((seq, take))
             budget -= len(take)
         if not pieces:
@@ -304,7 +405,7 @@ class LLMEngine:
         for i, (seq, take) in enumerate(pieces):
             seq.prefilled += len(take)
             self._prompt_tokens += len(take)
-            if seq.prefilled == len(seq.prompt):
+            if seq.prefilled == len(seq.prefill_ids):
                 done.append(seq)
                 keep.append(i)
         if not done:

@@ -69,3 +69,14 @@ class GenerationOutput:
 
 class EngineError(ValueError):
     """A request the engine cannot take (e.g. prompt longer than the context); the API maps it to 4xx."""
+
+
+class EngineFailure(RuntimeError):
+    """The engine failed while running a request (not the request's fault); the API maps it to a 5xx.
+
+    The message is for logs: it may carry backend detail that never goes into a response body.
+    """
+
+
+class EngineUnavailable(EngineFailure):
+    """The engine cannot run requests: shut down, or its loop thread died (the API answers 503)."""

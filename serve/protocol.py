@@ -1,0 +1,324 @@
+"""The OpenAI protocol layer of the HTTP API: errors, request models, request parsing, logprob formatting.
+
+No FastAPI routes here (see :mod:`serve.api`); everything is importable without a model or an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal, Optional, Union
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serve.engine.types import TokenLogprob
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 type: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or self.TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class Overloaded(Exception):
+    """Raised by a backend when it cannot queue another request (maps to 429)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# request models (OpenAI fields we honour; unknown fields are ignored like OpenAI-compatible servers do)
+# ---------------------------------------------------------------------------------------------------
+def _drop_nulls(data: Any) -> Any:
+    """Explicit ``null`` means "use the default" (LangChain and other clients send every optional field)."""
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if v is not None}
+    return data
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0, description="extension (vLLM style): 0 = off")
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    ignore_eos: bool = False
+    stream_options: Optional["StreamOptions"] = None
+    # Accepted for client compatibility; 0 is the only value the engine implements (others: see UNSUPPORTED).
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _drop_nulls(data)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Any) -> Optional[list[str]]:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else list(value)
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _drop_nulls(data)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[dict[str, Any]]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported ({'type': 'text', 'text': ...})")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Req):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0)  # upper bound: serve.limits
+
+    @model_validator(mode="after")
+    def _check(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        for m in self.messages:
+            m.text()  # validates content parts
+        return self
+
+
+class CompletionRequest(_Req):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(default=None, ge=0)
+    logprobs: Optional[int] = Field(default=None, ge=0)  # upper bound: serve.limits
+    echo: bool = False
+    suffix: Optional[str] = None
+
+
+
+_Req.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+# Fields of OpenAI's API this server does not implement: field -> "is this value a no-op?". Anything else
+# is a 400 naming the field (a silent drop would change what the client asked for).
+def _zero(value: Any) -> bool:
+    return not isinstance(value, (int, float)) or isinstance(value, bool) or value == 0  # non-numbers: 400 later
+
+
+def _empty(value: Any) -> bool:
+    return value in ([], {}, "")
+
+
+_COMMON_UNSUPPORTED = {"logit_bias": _empty, "presence_penalty": _zero, "frequency_penalty": _zero}
+UNSUPPORTED: dict[str, dict[str, Any]] = {
+    "chat": {**_COMMON_UNSUPPORTED, "tools": _empty, "functions": _empty,
+             "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
+             "response_format": lambda v: v == {"type": "text"}},
+    "completions": {**_COMMON_UNSUPPORTED, "suffix": _empty,
+                    "best_of": lambda v: v == 1},
+}
+
+
+def check_unsupported(data: dict, endpoint: str) -> None:
+    """400 ``unsupported_parameter`` for a field we would otherwise ignore; ``null`` and no-op values pass."""
+    for field, neutral in UNSUPPORTED[endpoint].items():
+        value = data.get(field)
+        if value is None or neutral(value):
+            continue
+        if field == "best_of" and value == data.get("n"):
+            continue  # best_of == n returns every candidate: plain sampling
+        raise APIError(400, f"`{field}` is not supported by this server (got {json.dumps(value)[:80]}); remove it "
+                       "or send null", param=field, code="unsupported_parameter")
+
+
+def param_of(err: dict) -> Optional[str]:
+    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-after", "union["))]
+    return ".".join(loc) or None
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    param = param_of(first)
+    msg = "; ".join(f"{param_of(e) or 'body'}: {e.get('msg')}" for e in errors[:5])
+    return APIError(400, f"invalid request: {msg}", param=param, code="invalid_value")
+
+
+def parse_request(body: bytes, model: type[BaseModel], endpoint: Optional[str] = None) -> Any:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    if endpoint is not None:
+        check_unsupported(data, endpoint)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+LOGPROB_FLOOR = -9999.0  # -inf (masked tokens) is not JSON; vLLM clamps to the same value
+
+
+def clamp_logprob(value: float) -> float:
+    value = float(value)
+    return LOGPROB_FLOOR if value != value or value < LOGPROB_FLOOR else value  # NaN too
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character standing for each byte -> the byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_DECODER = _byte_decoder()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenText:
+    """Token id -> text (decoded one token at a time, like OpenAI/vLLM) and -> the token's own bytes."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+        self.bytes_cache: dict[int, list[int]] = {}
+        decoder = repr(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None))
+        self.byte_level = "ByteLevel" in decoder
+        self.metaspace = "Metaspace" in decoder or "Replace" in decoder
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def bytes_of(self, token_id: int) -> list[int]:
+        """The token's bytes: a byte-level BPE piece or a ``<0xNN>`` byte-fallback piece may be part of a
+        multi-byte character, whose decoded text alone is U+FFFD; the bytes of a response's tokens concatenate
+        to the response's UTF-8."""
+        cached = self.bytes_cache.get(token_id)
+        if cached is not None:
+            return cached
+        raw: Optional[bytes] = None
+        try:
+            piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        except Exception:  # noqa: BLE001 - tokenizers without pieces: fall back to the decoded text
+            piece = None
+        if isinstance(piece, str) and piece:
+            fallback = _BYTE_FALLBACK.fullmatch(piece)
+            if fallback:
+                raw = bytes([int(fallback.group(1), 16)])
+            elif self.byte_level and all(ch in _BYTE_DECODER for ch in piece):
+                raw = bytes(_BYTE_DECODER[ch] for ch in piece)
+            elif self.metaspace and "\u2581" in piece:  # SentencePiece: the piece keeps its leading space
+                raw = piece.replace("\u2581", " ").encode("utf-8")
+        if raw is None:
+            raw = self(token_id).encode("utf-8")
+        out = self.bytes_cache[token_id] = list(raw)
+        return out
+
+
+def chat_logprobs(lps: list[TokenLogprob], text_of: TokenText, top_n: int) -> dict:
+    def entry(tid: int, lp: float) -> dict:
+        return {"token": text_of(tid), "logprob": clamp_logprob(lp), "bytes": text_of.bytes_of(tid)}
+
+    content = []
+    for lp in lps:
+        e = entry(lp.token_id, lp.logprob)
+        e["top_logprobs"] = [entry(t, v) for t, v in (lp.top or [])[:top_n]]
+        content.append(e)
+    return {"content": content}
+
+
+def completion_logprobs(prompt_ids: Optional[list[int]], prompt_lps: Optional[list[Optional[TokenLogprob]]],
+                         lps: list[TokenLogprob], text_of: TokenText, top_n: int, offset0: int = 0) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos = offset0
+
+    def add(tid: int, lp: Optional[TokenLogprob]) -> None:
+        nonlocal pos
+        s = text_of(tid)
+        tokens.append(s)
+        offsets.append(pos)
+        pos += len(s)
+        if lp is None:
+            token_lps.append(None)
+            tops.append(None)
+        else:
+            token_lps.append(clamp_logprob(lp.logprob))
+            top: dict[str, float] = {}
+            for t, v in (lp.top or [])[:top_n]:
+                top.setdefault(text_of(t), clamp_logprob(v))
+            if top_n:
+                top.setdefault(s, clamp_logprob(lp.logprob))  # OpenAI includes the chosen token
+            tops.append(top)
+
+    if prompt_ids is not None:
+        for i, tid in enumerate(prompt_ids):
+            add(tid, prompt_lps[i] if prompt_lps and i < len(prompt_lps) else None)
+    for lp in lps:
+        add(lp.token_id, lp)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
