@@ -22,18 +22,14 @@ def _data(seed=0, n=N, v=V, k=K, dtype=torch.float64):
 
 
 def _ref_buckets(student_logits, ids, tlp, t=1.0, tail=True):
-    """Naive reference: probabilities, tail = 1 - sum, tempering in the probability domain."""
-    q_full = torch.softmax(student_logits / t, -1)
-    q = q_full.gather(1, ids)
+    """Naive reference: T=1 probabilities, tail = 1 - sum, then both sides tempered over the buckets."""
+    q = torch.softmax(student_logits, -1).gather(1, ids)
     p = tlp.exp()
     if tail:
         p = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)
         q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
-        p = p ** (1 / t)
-    else:
-        p, q = p ** (1 / t), q
-        q = q / q.sum(-1, keepdim=True)
-    return p / p.sum(-1, keepdim=True), q
+    p, q = p ** (1 / t), q ** (1 / t)
+    return p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
 
 
 def _kl(a, b):
@@ -69,6 +65,20 @@ def test_kl_jsd_match_reference(tail, t):
         assert (b.p[:, -1] == 0).all() and (b.q[:, -1] == 0).all()
     else:
         assert (b.p[:, -1] > 0.01).all()  # K << V: the tail holds real mass
+
+
+@pytest.mark.parametrize("tail", [TailMode.bucket, TailMode.renormalize])
+@pytest.mark.parametrize("t", [0.5, 2.0, 4.0])
+def test_divergences_vanish_when_the_student_is_the_teacher_at_any_temperature(tail, t):
+    _, teacher, ids, tlp = _data(seed=8)
+    for fn in (forward_kl, reverse_kl, generalized_jsd):
+        torch.testing.assert_close(fn(teacher, ids, tlp, tail, t), torch.zeros(N, dtype=torch.float64),
+                                   atol=1e-10, rtol=0)
+    assert forward_kl(teacher + 1.0, ids, tlp, tail, t).abs().max() < 1e-10  # logits: any offset
+    lw = LossWeights(forward_kl=1.0, reverse_kl=1.0, jsd=1.0, temperature=t, tail=tail)  # the chunked loss too
+    out = distillation_loss(teacher.float(), torch.eye(V), None, ids, tlp.float(), lw, chunk_size=4)
+    assert abs(out.loss.item()) < 1e-5 and abs(out.parts["kl"].item()) < 1e-5
+    assert forward_kl(teacher.flip(-1), ids, tlp, tail, t).min() > 0.01  # not trivially 0
 
 
 def test_jsd_limits_and_symmetry():
