@@ -233,8 +233,17 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.T
            topk_ids: Optional[torch.Tensor], teacher_logprobs: Optional[torch.Tensor],
            token_weights: torch.Tensor, w: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk ``[C, H]``: returns (``[]`` weighted loss sum, ``[6]`` detached weighted sums)."""
+    # Autocast (bf16 training) would run this matmul in bf16: at logit scales of ~20 its rounding
+    # moves the KL by ~10%. The projection and everything after it stay fp32.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return _chunk_fp32(hidden, weight, targets, topk_ids, teacher_logprobs, token_weights, w)
+
+
+def _chunk_fp32(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor],
+                topk_ids: Optional[torch.Tensor], teacher_logprobs: Optional[torch.Tensor],
+                token_weights: torch.Tensor, w: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
     t = float(w.temperature)
-    logits = hidden.float() @ weight.t()  # [C, V] fp32
+    logits = hidden.float() @ weight.float().t()  # [C, V] fp32
     lp1 = torch.log_softmax(logits, dim=-1)  # [C, V]; temperature is applied in bucket space
     terms: dict[str, torch.Tensor] = {}
     if w.ce > 0:

@@ -200,3 +200,30 @@ def test_no_full_logits_saved_for_backward():
         out = distillation_loss(hidden, w, ids[:, 0], ids, tlp, LossWeights(ce=1.0), chunk_size=chunk)
     out.loss.backward()
     assert max(saved, default=0) < chunk * v and hidden.grad.abs().sum() > 0
+
+
+def test_projection_stays_fp32_under_bf16_autocast():
+    """The "fp32" logits really are: under bf16 autocast the loss and grads equal the fp32 ones."""
+    g = torch.Generator().manual_seed(9)
+    n, h, v, k = 32, 64, 256, 8
+    hidden = torch.randn(n, h, generator=g)
+    w = torch.randn(v, h, generator=g) * 0.6  # logits of std ~5, max ~20: a trained LM's scale
+    teacher = torch.log_softmax(hidden @ w.t() + torch.randn(n, v, generator=g), -1)
+    tlp, ids = teacher.topk(k, dim=-1)
+    lw = LossWeights(forward_kl=1.0, ce=0.5)
+    targets = ids[:, 0]
+
+    def run(autocast: bool):
+        hd, wd = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = distillation_loss(hd, wd, targets, ids, tlp, lw, chunk_size=8)
+        out.loss.backward()
+        return out, hd.grad, wd.grad
+
+    ref, ref_h, ref_w = run(False)
+    got, got_h, got_w = run(True)
+    assert got.loss.dtype == torch.float32
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.parts["kl"], ref.parts["kl"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-4, atol=1e-6)
