@@ -178,13 +178,24 @@ def apply_routing(model: nn.Module, stage: TrainStage, progress: float) -> dict[
     return applied
 
 
-def lr_at(section: TrainSection, stage: TrainStage, step_in_stage: int, progress: float) -> float:
+def lr_at(section: TrainSection, stage: TrainStage, step_in_stage: int, progress: float,
+          decay_from: float = 0.0) -> float:
+    """The LR of the stage's step ``step_in_stage`` (0-based): linear warmup, then the decay schedule.
+
+    Warmup steps ``0 .. W-1`` ramp up to ``peak * W / (W + 1)``; step ``W`` is at the peak and the
+    decay runs over the rest of the stage. ``progress`` in [0, 1] is the stage's progress before
+    this step; for token-length stages ``decay_from`` is the progress when warmup ended.
+    """
     peak = stage.lr or section.lr
     floor = peak * (stage.min_lr_ratio if stage.min_lr_ratio is not None else section.min_lr_ratio)
     warmup = stage.warmup_steps if stage.warmup_steps is not None else section.warmup_steps
     if warmup and step_in_stage < warmup:
         return peak * (step_in_stage + 1) / (warmup + 1)
-    p = min(max(progress, 0.0), 1.0)
+    if stage.steps is not None:
+        p = (step_in_stage - warmup) / max(stage.steps - warmup, 1)
+    else:
+        p = (progress - decay_from) / max(1.0 - decay_from, 1e-12)
+    p = min(max(p, 0.0), 1.0)
     if stage.schedule is Schedule.constant:
         return peak
     if stage.schedule is Schedule.linear:
@@ -300,7 +311,10 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             if done:
                 break
             routing = apply_routing(model, stage, progress)
-            lr = lr_at(section, stage, state["stage_step"], progress)
+            warmup = stage.warmup_steps if stage.warmup_steps is not None else section.warmup_steps
+            if state["stage_step"] <= warmup:
+                state["decay_from"] = progress  # token-length stages: the decay starts where warmup ended
+            lr = lr_at(section, stage, state["stage_step"], progress, state.get("decay_from", 0.0))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
