@@ -82,6 +82,7 @@ class LossOutput:
     parts: dict[str, torch.Tensor]  # detached [] means; "kl" = forward KL at T=1 with tail (monitor)
     top1_agreement: torch.Tensor  # [] detached share of counted positions: student argmax == teacher top-1
     tokens: int  # counted positions (token_weights > 0, or all rows)
+    loss_sum: Optional[torch.Tensor] = None  # [] sum(w * l) before the division by sum(w), differentiable
 
 
 class Buckets(NamedTuple):
@@ -339,10 +340,10 @@ def distillation_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, target
         # nothing counted: a zero that still connects to the graph so backward() works
         zero = hidden.sum().float() * 0.0 + lm_head_weight.sum().float() * 0.0
         parts = {k: zero.detach() for k in _parts_keys(weights, topk_ids is not None)}
-        return LossOutput(zero, parts, zero.detach(), 0)
+        return LossOutput(zero, parts, zero.detach(), 0, zero)
     parts = {k: sums[_METRICS.index(k)] / denom for k in _parts_keys(weights, topk_ids is not None)}
     top1 = sums[_METRICS.index("top1")] / max(tokens, 1)
-    return LossOutput(loss_sum / denom, parts, top1, tokens)
+    return LossOutput(loss_sum / denom, parts, top1, tokens, loss_sum)
 
 
 def _parts_keys(w: LossWeights, has_topk: bool) -> list[str]:

@@ -120,13 +120,82 @@ class DistillModule(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, pred_index, targets, topk_ids, topk_logprobs,
                 weights: LossWeights):
+        """Returns (:class:`LossOutput` of the KD terms, the decoder output with the MoE aux loss)."""
         out = self.student.model(input_ids, attention_mask, position_ids=position_ids, compute_aux=True)
         hidden = out.last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])[pred_index]  # [N, H]
         losses = distillation_loss(flat, self.student.lm_head.weight, targets, topk_ids, topk_logprobs, weights,
                                    chunk_size=self.chunk_size)
-        total = losses.loss + out.aux_loss if out.aux_loss is not None else losses.loss
-        return total, losses, out
+        return losses, out
+
+
+@dataclasses.dataclass
+class StepResult:
+    """One optimizer step's forward/backward, detached. ``sums`` are this rank's token-weighted sums."""
+
+    tokens: int  # this rank's target tokens
+    global_tokens: float  # all ranks' target tokens
+    global_positions: float  # all ranks' non-padding positions
+    sums: torch.Tensor  # [3 + P]: KD loss, KL, top-1 hits, then each of ``parts`` (all times tokens)
+    parts: list[str]
+    aux: torch.Tensor  # [1 + A]: weighted aux loss, then each of ``aux_names``, summed over micro-batches
+    aux_names: list[str]
+    micro_batches: int
+    out: Any  # the last micro-batch's decoder output (routing stats)
+
+
+def train_step(module: nn.Module, batches: list[PackedBatch], weights: LossWeights, world: int,
+               device: torch.device, autocast: Any = contextlib.nullcontext) -> StepResult:
+    """Forward and backward over one step's micro-batches; gradients of the step's per-token mean loss.
+
+    Each micro-batch contributes its KD loss *sum* over target tokens divided by the target tokens of
+    the whole step on all ranks (all-reduced), times ``world`` because DDP/FSDP average gradients over
+    ranks. So every target token weighs the same however tokens fall on micro-batches and ranks (a
+    per-micro-batch mean would give tokens in short micro-batches more weight). The MoE aux losses
+    are per-micro-batch means and are averaged over micro-batches (and ranks, by the gradient mean).
+    """
+    tokens = sum(b.tokens for b in batches)
+    positions = sum(int(b.attention_mask.sum()) for b in batches)
+    global_tokens, global_positions = _all_reduce([float(tokens), float(positions)], device)
+    scale = world / max(global_tokens, 1.0)
+    sums = aux = None
+    parts: list[str] = []
+    aux_names: list[str] = []
+    out = None
+    for micro, batch in enumerate(batches):
+        last = micro == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync()
+        with sync:
+            with autocast():
+                losses, out = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.pred_index,
+                                     batch.targets, batch.topk_ids, batch.topk_logprobs, weights=weights)
+            loss = losses.loss_sum * scale
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss / len(batches)
+            loss.backward()
+        with torch.no_grad():
+            n, zero = float(losses.tokens), losses.loss_sum.new_zeros((), dtype=torch.float32)
+            parts = sorted(losses.parts)
+            micro_sums = torch.stack([losses.loss_sum.detach().float(), losses.parts.get("kl", zero) * n,
+                                      losses.top1_agreement.float() * n]
+                                     + [losses.parts[k].float() * n for k in parts])
+            sums = micro_sums if sums is None else sums + micro_sums
+            aux_names = sorted(out.aux_losses)
+            micro_aux = torch.stack([(out.aux_loss if out.aux_loss is not None else loss.new_zeros(())).detach().float()]
+                                    + [out.aux_losses[k].detach().float() for k in aux_names])
+            aux = micro_aux if aux is None else aux + micro_aux
+    return StepResult(tokens, global_tokens, global_positions, sums, parts, aux, aux_names, len(batches), out)
+
+
+def step_metrics(result: StepResult, world: int, device: torch.device) -> dict[str, Any]:
+    """The step's loss / KL / top-1 / parts as token-weighted means over micro-batches and ranks (collective)."""
+    values = _all_reduce(result.sums.tolist() + result.aux.tolist() + [float(result.micro_batches)], device)
+    n = max(result.global_tokens, 1.0)
+    sums, aux, micro = values[:len(result.sums)], values[len(result.sums):-1], values[-1]
+    aux_mean = [a / max(micro, 1.0) for a in aux]
+    return {"loss": sums[0] / n + aux_mean[0], "kl": sums[1] / n, "top1": sums[2] / n,
+            "parts": {k: v / n for k, v in zip(result.parts, sums[3:])},
+            "aux": dict(zip(result.aux_names, aux_mean[1:]))}
 
 
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
@@ -318,22 +387,14 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            step_tokens, step_positions = 0, 0
-            for micro in range(section.grad_accum):
-                batch = collate(next_batch(stream.take, stream.peek, section.micro_batch_size, section.seq_len),
-                                section.seq_len, job.pad_id, weights.needs_soft_labels).to(device)
-                sync = contextlib.nullcontext() if micro == section.grad_accum - 1 or not hasattr(module, "no_sync") \
-                    else module.no_sync()
-                with sync, _autocast(device, section):
-                    total, losses, out = module(batch.input_ids, batch.attention_mask, batch.position_ids,
-                                                batch.pred_index, batch.targets, batch.topk_ids, batch.topk_logprobs,
-                                                weights=weights)
-                (total / section.grad_accum).backward()
-                step_tokens += batch.tokens
-                if job.trace_dir:
-                    with open(Path(job.trace_dir) / f"rows-rank{rank}.txt", "a") as trace:
-                        trace.write("".join(f"{state['step'] + 1} {p}\n" for p in batch.prompt_ids))
-                step_positions += int(batch.attention_mask.sum())
+            batches = [collate(next_batch(stream.take, stream.peek, section.micro_batch_size, section.seq_len),
+                               section.seq_len, job.pad_id, weights.needs_soft_labels).to(device)
+                       for _ in range(section.grad_accum)]
+            if job.trace_dir:
+                with open(Path(job.trace_dir) / f"rows-rank{rank}.txt", "a") as trace:
+                    trace.write("".join(f"{state['step'] + 1} {p}\n" for b in batches for p in b.prompt_ids))
+            result = train_step(module, batches, weights, world, device, lambda: _autocast(device, section))
+            out = result.out
             if job.fail_at_step is not None and state["step"] + 1 == job.fail_at_step and job.fail_marker \
                     and not os.path.exists(job.fail_marker):
                 Path(job.fail_marker).write_text(f"rank {rank} failed at step {state['step'] + 1}\n")
@@ -342,7 +403,7 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             if section.grad_clip:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), section.grad_clip))
             optimizer.step()
-            global_tokens, global_positions = _all_reduce([float(step_tokens), float(step_positions)], device)
+            global_tokens, global_positions = result.global_tokens, result.global_positions
             state["step"] += 1
             state["stage_step"] += 1
             state["stage_tokens"] += int(global_tokens)
@@ -356,15 +417,13 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             metrics = None
             if log_now:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                parts = {k: float(v) for k, v in losses.parts.items()}
-                reduced = _all_reduce([float(total.detach()), float(losses.top1_agreement), parts.get("kl", 0.0)],
-                                      device)
+                means = step_metrics(result, world, device)
                 metrics = {"step": state["step"], "stage": stage_index, "stage_name": stage.name, "lr": lr,
-                           "loss": reduced[0] / world, "parts": parts, "top1": reduced[1] / world,
-                           "kl": reduced[2] / world, "tokens": state["tokens"],
+                           "loss": means["loss"], "parts": means["parts"], "top1": means["top1"],
+                           "kl": means["kl"], "tokens": state["tokens"],
                            "completion_tokens_per_s": window_tokens / elapsed,
                            "tokens_per_s": window_positions / elapsed, "grad_norm": grad_norm,
-                           "aux": {k: float(v.detach()) for k, v in out.aux_losses.items()}, "routing": routing,
+                           "aux": means["aux"], "routing": routing,
                            "experts_per_token": [round(float(s.experts_per_token), 4) for s in out.routing],
                            "expert_load": [[round(float(x), 4) for x in s.expert_load] for s in out.routing],
                            "world_size": world}
@@ -439,7 +498,7 @@ def evaluate_heldout(module: nn.Module, runtime: Runtime, section: TrainSection,
         length = min(section.seq_len, max(len(r["input_ids"]) for r in group))
         batch = collate([[r] for r in group], length, job.pad_id).to(device)
         with _autocast(device, section):
-            _, losses, _ = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.pred_index,
+            losses, _ = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.pred_index,
                                   batch.targets, batch.topk_ids, batch.topk_logprobs, weights=weights)
         if real:
             n = float(batch.tokens)
