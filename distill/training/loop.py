@@ -82,7 +82,7 @@ class LocalRuntime(Runtime):
 
     def __init__(self, job: TrainJob, section: TrainSection):
         self.table = read_table(job.data_files)
-        held = heldout_mask(self.table["prompt_id"].to_pylist(), section.heldout_fraction, section.seed)
+        held = heldout_mask(self.table, section.heldout_fraction, section.seed)
         import pyarrow as pa
 
         self.train_table = self.table.filter(pa.array(~held))

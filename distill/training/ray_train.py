@@ -21,7 +21,7 @@ from distill.training.section import Strategy, TrainSection
 
 
 def _select(table: pa.Table, fraction: float, seed: int, heldout: bool, component: Any = None) -> pa.Table:
-    held = heldout_mask(table["prompt_id"].to_pylist(), fraction, seed)
+    held = heldout_mask(table, fraction, seed)
     mask = held if heldout else ~held
     if component is not None:
         mask &= component_mask(table, component)
