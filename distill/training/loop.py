@@ -30,7 +30,7 @@ from distill.losses import LossWeights, TailMode, distillation_loss
 from distill.training import checkpoint as ckpt
 from distill.training.data import (MixtureStream, PackedBatch, RowSource, TableSource, collate, component_mask,
                                    heldout_mask, next_batch, read_table)
-from distill.training.section import Precision, Schedule, TrainSection, TrainStage
+from distill.training.section import Precision, Schedule, Strategy, TrainSection, TrainStage
 
 
 @dataclasses.dataclass
@@ -67,8 +67,8 @@ class Runtime:
     def heldout(self, seed: int) -> Optional[RowSource]:
         raise NotImplementedError
 
-    def wrap(self, module: nn.Module, section: TrainSection) -> nn.Module:
-        return module
+    def wrap(self, module: "DistillModule", section: TrainSection) -> nn.Module:
+        return wrap_model(module, section.strategy, self.device)
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[Optional[Path]]:
         raise NotImplementedError
@@ -165,6 +165,8 @@ def train_step(module: nn.Module, batches: list[PackedBatch], weights: LossWeigh
     for micro, batch in enumerate(batches):
         last = micro == len(batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync()
+        if hasattr(module, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
+            module.set_requires_gradient_sync(last)
         with sync:
             with autocast():
                 losses, out = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.pred_index,
@@ -196,6 +198,59 @@ def step_metrics(result: StepResult, world: int, device: torch.device) -> dict[s
     return {"loss": sums[0] / n + aux_mean[0], "kl": sums[1] / n, "top1": sums[2] / n,
             "parts": {k: v / n for k, v in zip(result.parts, sums[3:])},
             "aux": dict(zip(result.aux_names, aux_mean[1:]))}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap_model(module: DistillModule, strategy: Strategy, device: torch.device) -> nn.Module:
+    """DDP or FSDP around the :class:`DistillModule` when this process is one of several ranks.
+
+    FSDP is FSDP2 (``fully_shard``): each decoder layer is one unit, the root holds the embeddings,
+    final norm and LM head; parameters become DTensor shards *in place* (build the optimizer after
+    this). Works on CPU (gloo) and GPU (NCCL).
+    """
+    if not _distributed():
+        return module
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if strategy is Strategy.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in module.student.model.layers:
+            fully_shard(layer)
+        fully_shard(module)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def build_optimizer(module: nn.Module, section: TrainSection) -> torch.optim.Optimizer:
+    """AdamW over the (wrapped) module's parameters: weight decay on matrices except the embeddings.
+
+    Built after :func:`wrap_model`, so under FSDP it holds the sharded parameters it will step.
+    """
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": section.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=section.lr, betas=section.betas)
+
+
+def clip_and_step(module: nn.Module, optimizer: torch.optim.Optimizer, frozen: list[nn.Parameter],
+                  grad_clip: Optional[float]) -> Optional[float]:
+    """Drop the frozen parameters' gradients, clip the rest (DDP or FSDP2 DTensors), step; returns the norm."""
+    for p in frozen:
+        p.grad = None  # left out of the clip and the optimizer step (AdamW skips parameters without a grad)
+    grad_norm = None
+    if grad_clip:
+        params = [p for p in module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # FSDP2: the norm over all shards (a DTensor)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    optimizer.step()
+    return grad_norm
 
 
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
@@ -242,9 +297,17 @@ def apply_routing(model: nn.Module, stage: TrainStage, progress: float) -> dict[
         if value is not None:
             setattr(config, name, float(value))
             applied[name] = value
-    for router in _routers(model):
-        router.weight.requires_grad_(not r.freeze_router)
     return applied
+
+
+def frozen_parameters(model: nn.Module, stage: TrainStage) -> list[nn.Parameter]:
+    """Parameters the stage does not train (the routers with ``freeze_router``).
+
+    They keep ``requires_grad`` (DDP/FSDP fixed the set of parameters they reduce when wrapping; toggling
+    it later breaks the next step's reduction): their gradients are dropped before clipping and the
+    optimizer step instead (:func:`clip_and_step`), so AdamW neither moves them nor decays them.
+    """
+    return [router.weight for router in _routers(model)] if stage.routing.freeze_router else []
 
 
 def lr_at(section: TrainSection, stage: TrainStage, step_in_stage: int, progress: float,
@@ -344,25 +407,23 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
     torch.manual_seed(section.seed)
 
     model = _load_student(job.init_dir).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": section.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=section.lr, betas=section.betas)
     state: dict[str, Any] = {"stage": 0, "stage_step": 0, "stage_tokens": 0, "step": 0, "tokens": 0,
                              "data": None, "world_size": world, "history": [], "wall_seconds": 0.0}
     resumed_from = None
     with runtime.latest_checkpoint() as path:
-        if path is not None:
-            state = ckpt.load(path, model=model, optimizer=optimizer)
+        if path is not None:  # full weights into the plain model; wrapping then shards / broadcasts them
+            state = ckpt.load(path, model=model, optimizer=None)
             resumed_from = state["step"]
+        module = runtime.wrap(DistillModule(model, section.loss_chunk_size), section)
+        optimizer = build_optimizer(module, section)  # after wrapping: FSDP's parameters are the shards
+        if path is not None:
+            ckpt.load_optimizer(path, model=model, module=module, optimizer=optimizer)
     if resumed_from is not None and state.get("world_size") != world:
         state["data"] = None  # data positions are per rank; with another world size the stage's epoch restarts
     np_rng = np.random.default_rng([section.seed, rank])
     metrics_log = MetricsLog(job.metrics_uri, resumed_from if resumed_from is not None else -1) if rank == 0 else None
     if rank == 0 and resumed_from is not None:
         metrics_log.write({"event": "resumed", "step": state["step"], "stage": state["stage"]})
-    module = runtime.wrap(DistillModule(model, section.loss_chunk_size), section)
     stages = section.stages
     started = time.perf_counter()
     wall_before = float(state.get("wall_seconds", 0.0))
@@ -399,10 +460,7 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
                     and not os.path.exists(job.fail_marker):
                 Path(job.fail_marker).write_text(f"rank {rank} failed at step {state['step'] + 1}\n")
                 raise RuntimeError(f"injected failure at step {job.fail_at_step}")
-            grad_norm = None
-            if section.grad_clip:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), section.grad_clip))
-            optimizer.step()
+            grad_norm = clip_and_step(module, optimizer, frozen_parameters(model, stage), section.grad_clip)
             global_tokens, global_positions = result.global_tokens, result.global_positions
             state["step"] += 1
             state["stage_step"] += 1
@@ -449,8 +507,10 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
                     state["world_size"] = world
                     state["wall_seconds"] = wall_before + time.perf_counter() - started
                     state["np_rng"] = np_rng.bit_generator.state
+                    sharded = ckpt.gather_sharded(module, optimizer)  # FSDP: collective, full state on rank 0
                     if rank == 0:
-                        staged = ckpt.save(_staging_dir(runtime), model=model, optimizer=optimizer, state=state)
+                        staged = ckpt.save(_staging_dir(runtime), model=model, optimizer=optimizer, state=state,
+                                           sharded=sharded)
                 runtime.report(metrics or {"step": state["step"]}, staged, state["step"])
             if done:
                 break
