@@ -6,7 +6,9 @@ metrics go. :class:`LocalRuntime` runs it in-process (tests, ``--workers 0``); t
 runtime in :mod:`distill.training.ray_train` is a handful of lines around ``ray.train``.
 
 Per optimizer step: ``grad_accum`` packed micro-batches, loss = weighted KD/CE terms on completion
-positions + the MoE aux losses, gradient clipping, AdamW with warmup + cosine per stage.
+positions (averaged over the step's target tokens on all micro-batches and ranks) + the MoE aux
+losses, gradient clipping, AdamW with warmup + cosine per stage. DDP or FSDP2 wrap the model
+(:func:`wrap_model`) before the optimizer is built.
 """
 
 from __future__ import annotations
