@@ -94,7 +94,7 @@ def main() -> None:
     from distill.data.shards import shard_uris
 
     table = read_table(shard_uris(data_dir_for(source_run)))
-    held = heldout_mask(table["prompt_id"].to_pylist(), cfg.train.heldout_fraction, cfg.train.seed)
+    held = heldout_mask(table, cfg.train.heldout_fraction, cfg.train.seed)
     rows = [r for r in rows_from_table(table.filter(held)) if r["topk_ids"] is not None
             and len(r["input_ids"]) > r["prompt_len"]]
     from transformers import AutoTokenizer

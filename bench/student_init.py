@@ -37,7 +37,8 @@ def main() -> None:
 
     from distill.data.calibration import calibration_sequences
     from distill.data.shards import data_dir_for, read_dir
-    from distill.data.split import is_heldout
+    from distill.data.split import row_is_heldout
+    from distill.training.data import heldout_mask
     from distill.eval import corpora
     from distill.eval import metrics as M
     from distill.student import calibrate
@@ -55,11 +56,11 @@ def main() -> None:
     train = cfg.train
     calib = cfg.student.calibration
     fit = calibration_sequences(["run"], run_dir=run, tokenizer=tokenizer,
-                                keep=lambda pid: not is_heldout(pid, train.heldout_fraction, train.seed))
-    table = read_dir(data_dir_for(run), columns=["prompt_id", "input_ids", "prompt_len"])
-    held = [(ids, plen) for pid, ids, plen in zip(table["prompt_id"].to_pylist(), table["input_ids"].to_pylist(),
-                                                   table["prompt_len"].to_pylist())
-            if is_heldout(pid, train.heldout_fraction, train.seed)][:64]
+                                keep=lambda row: not row_is_heldout(row, train.heldout_fraction, train.seed))
+    table = read_dir(data_dir_for(run))
+    mask = heldout_mask(table, train.heldout_fraction, train.seed)
+    held = [(ids, plen) for ids, plen, out in zip(table["input_ids"].to_pylist(), table["prompt_len"].to_pylist(),
+                                                  mask) if out][:64]
     human = corpora.builtin_corpus("fortunes", 32_000) if corpora.builtin_available("fortunes") else []
     print(f"run {run}: {len(fit)} calibration rows, {len(held)} held-out rows, {len(human)} fortunes")
 

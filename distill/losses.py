@@ -5,6 +5,8 @@ temperature-1 log-probs. Divergences are computed over ``K + 1`` *buckets*: the 
 plus one tail bucket holding all remaining mass (``TailMode.bucket``), or over the ``K`` ids with
 both distributions renormalised (``TailMode.renormalize``, the tail bucket then has zero mass).
 With ``K == V`` the tail is empty and the bucket KL is the full-vocabulary KL.
+A temperature ``T`` tempers both distributions over the buckets (``softmax(log_mass / T)``), so
+a student equal to the teacher has zero divergence at any ``T``.
 
 Conventions (all functions): ``p`` is the teacher, ``q`` the student; rows are flattened completion
 positions ``[N, ...]``; padding entries of the top-k (id ``-1`` or log-prob ``-inf``/NaN) carry
@@ -80,6 +82,7 @@ class LossOutput:
     parts: dict[str, torch.Tensor]  # detached [] means; "kl" = forward KL at T=1 with tail (monitor)
     top1_agreement: torch.Tensor  # [] detached share of counted positions: student argmax == teacher top-1
     tokens: int  # counted positions (token_weights > 0, or all rows)
+    loss_sum: Optional[torch.Tensor] = None  # [] sum(w * l) before the division by sum(w), differentiable
 
 
 class Buckets(NamedTuple):
@@ -106,53 +109,61 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -_LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _buckets(student_logprobs_t: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+def _buckets(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
              tail: TailMode, temperature: float) -> Buckets:
-    """Buckets from student log-probs *already at temperature* ``[N, V]`` and raw teacher top-k."""
+    """Buckets from T=1 student log-probs ``[N, V]`` and the raw (T=1) teacher top-k, then tempered.
+
+    Both sides are tempered the same way, *in bucket space*: the ``K + 1`` T=1 bucket log-masses
+    are divided by ``T`` and re-normalised (the tail bucket is tempered as if it were one token).
+    The teacher's tail is only known as one number, so this is the only tempering both sides can
+    share; it keeps ``KL(p || p) = 0`` at any ``T``. (Tempering the student over the full vocabulary
+    and the teacher per bucket would compare different things: KL = 1.2 at T = 2 for equal models.)
+    In ``renormalize`` mode this equals softmax(logits / T) over the K ids for either side.
+    """
     tail = TailMode(getattr(tail, "value", tail))
-    dtype = student_logprobs_t.dtype
+    dtype = student_logprobs.dtype
     valid = valid_topk(topk_ids, teacher_logprobs)
-    s_k = student_logprobs_t.gather(1, topk_ids.clamp(min=0).long())  # [N, K]
+    s_k = student_logprobs.gather(1, topk_ids.clamp(min=0).long())  # [N, K]
     s_k = torch.where(valid, s_k, LOG_FLOOR)
     t_k = torch.where(valid, teacher_logprobs.to(dtype), LOG_FLOOR)  # [N, K], raw T=1 log-probs
     n = t_k.shape[0]
     if tail is TailMode.bucket:
-        # tail mass = 1 - top-k mass, in log space; the teacher's is tempered as if it were one token
-        t_tail = _log1mexp(torch.logsumexp(t_k, dim=-1, keepdim=True))
-        s_tail = _log1mexp(torch.logsumexp(s_k, dim=-1, keepdim=True))
-        mask = torch.cat([valid, valid.new_ones(n, 1)], dim=-1)
+        # tail mass = 1 - top-k mass, in log space
+        t_tail = _log1mexp(torch.logsumexp(t_k, dim=-1, keepdim=True))  # [N, 1]
+        s_tail = _log1mexp(torch.logsumexp(s_k, dim=-1, keepdim=True))  # [N, 1]
+        mask = torch.cat([valid, valid.new_ones(n, 1)], dim=-1)  # [N, K + 1]
         t_all = torch.cat([t_k, t_tail], dim=-1)
-        s_all = torch.cat([s_k, s_tail], dim=-1)  # already sums to 1: student tempered over full V
-        if temperature != 1.0:
-            t_all = torch.where(mask, t_all / temperature, LOG_FLOOR)
-        log_p = torch.log_softmax(t_all, dim=-1)  # renormalises (stored top-k may sum to 1 + rounding)
-        log_q = s_all
+        s_all = torch.cat([s_k, s_tail], dim=-1)
     else:
         mask = torch.cat([valid, valid.new_zeros(n, 1)], dim=-1)
-        t_all = torch.cat([t_k / temperature if temperature != 1.0 else t_k, t_k.new_zeros(n, 1)], dim=-1)
-        log_p = torch.log_softmax(torch.where(mask, t_all, LOG_FLOOR), dim=-1)
-        log_q = torch.log_softmax(torch.where(mask, torch.cat([s_k, s_k.new_zeros(n, 1)], dim=-1), LOG_FLOOR), dim=-1)
+        t_all = torch.cat([t_k, t_k.new_zeros(n, 1)], dim=-1)
+        s_all = torch.cat([s_k, s_k.new_zeros(n, 1)], dim=-1)
+    if temperature != 1.0:
+        t_all, s_all = t_all / temperature, s_all / temperature
+    # log_softmax re-normalises: the stored top-k may sum to 1 + rounding, tempered buckets do not sum to 1
+    log_p = torch.log_softmax(torch.where(mask, t_all, LOG_FLOOR), dim=-1)
+    log_q = torch.log_softmax(torch.where(mask, s_all, LOG_FLOOR), dim=-1)
     log_p = torch.where(mask, log_p, LOG_FLOOR)
     log_q = torch.where(mask, log_q, LOG_FLOOR)
     zero = log_p.new_zeros(())
     return Buckets(torch.where(mask, log_p.exp(), zero), log_p, torch.where(mask, log_q.exp(), zero), log_q)
 
 
-def _temper(student_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+def _log_softmax32(student_logprobs: torch.Tensor) -> torch.Tensor:
     x = student_logprobs if student_logprobs.dtype in (torch.float32, torch.float64) else student_logprobs.float()
-    return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+    return torch.log_softmax(x, dim=-1)
 
 
 def topk_buckets(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
                  tail: TailMode = TailMode.bucket, temperature: float = 1.0) -> Buckets:
-    """Teacher/student distributions over the ``K + 1`` buckets.
+    """Teacher/student distributions over the ``K + 1`` buckets, tempered in bucket space.
 
-    student_logprobs: ``[N, V]`` log-probs (or logits: they are log-softmaxed at ``temperature``);
+    student_logprobs: ``[N, V]`` T=1 log-probs (or logits: they are log-softmaxed);
     topk_ids ``[N, K]`` long, teacher_logprobs ``[N, K]`` raw T=1 teacher log-probs.
     Returns ``Buckets(p, log_p, q, log_q)``, each ``[N, K + 1]``; the tail bucket is last (zero mass
     in ``renormalize`` mode); masked buckets have zero mass and log value ``LOG_FLOOR``.
     """
-    return _buckets(_temper(student_logprobs, temperature), topk_ids, teacher_logprobs, tail, temperature)
+    return _buckets(_log_softmax32(student_logprobs), topk_ids, teacher_logprobs, tail, temperature)
 
 
 def _kl(log_a: torch.Tensor, a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -223,17 +234,25 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.T
            topk_ids: Optional[torch.Tensor], teacher_logprobs: Optional[torch.Tensor],
            token_weights: torch.Tensor, w: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk ``[C, H]``: returns (``[]`` weighted loss sum, ``[6]`` detached weighted sums)."""
+    # Autocast (bf16 training) would run this matmul in bf16: at logit scales of ~20 its rounding
+    # moves the KL by ~10%. The projection and everything after it stay fp32.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return _chunk_fp32(hidden, weight, targets, topk_ids, teacher_logprobs, token_weights, w)
+
+
+def _chunk_fp32(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor],
+                topk_ids: Optional[torch.Tensor], teacher_logprobs: Optional[torch.Tensor],
+                token_weights: torch.Tensor, w: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
     t = float(w.temperature)
-    logits = hidden.float() @ weight.t()  # [C, V] fp32
-    lp1 = torch.log_softmax(logits, dim=-1)
-    lpt = lp1 if t == 1.0 else torch.log_softmax(logits / t, dim=-1)
+    logits = hidden.float() @ weight.float().t()  # [C, V] fp32
+    lp1 = torch.log_softmax(logits, dim=-1)  # [C, V]; temperature is applied in bucket space
     terms: dict[str, torch.Tensor] = {}
     if w.ce > 0:
         terms["ce"] = token_ce(lp1, targets)  # CE on the sampled tokens is always at T = 1
     b = None
     if topk_ids is not None:
         if w.needs_soft_labels:
-            b = _buckets(lpt, topk_ids, teacher_logprobs, w.tail, t)
+            b = _buckets(lp1, topk_ids, teacher_logprobs, w.tail, t)
         if w.forward_kl > 0:
             terms["forward_kl"] = _forward(b, t)
         if w.reverse_kl > 0:
@@ -321,10 +340,10 @@ def distillation_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, target
         # nothing counted: a zero that still connects to the graph so backward() works
         zero = hidden.sum().float() * 0.0 + lm_head_weight.sum().float() * 0.0
         parts = {k: zero.detach() for k in _parts_keys(weights, topk_ids is not None)}
-        return LossOutput(zero, parts, zero.detach(), 0)
+        return LossOutput(zero, parts, zero.detach(), 0, zero)
     parts = {k: sums[_METRICS.index(k)] / denom for k in _parts_keys(weights, topk_ids is not None)}
     top1 = sums[_METRICS.index("top1")] / max(tokens, 1)
-    return LossOutput(loss_sum / denom, parts, top1, tokens)
+    return LossOutput(loss_sum / denom, parts, top1, tokens, loss_sum)
 
 
 def _parts_keys(w: LossWeights, has_topk: bool) -> list[str]:

@@ -13,17 +13,20 @@ from typing import Any, Callable, Optional, Sequence
 from cluster import storage
 from cluster.errors import ConfigError
 from distill.data.shards import SHARD_SUFFIX, data_dir_for, read_dir
+from distill.data.split import SPLIT_COLUMNS
 from distill.data.texts import read_texts
 
 FIELD = "student.calibration.data"
 
 
-def _parquet_sequences(data_dir: str, keep: Callable[[str], bool]) -> list[list[int]]:
-    table = read_dir(data_dir, columns=["prompt_id", "input_ids"])
+def _parquet_sequences(data_dir: str, keep: Callable[[dict[str, Any]], bool]) -> list[list[int]]:
+    table = read_dir(data_dir)
     if table is None:
         return []
-    return [list(ids) for pid, ids in zip(table["prompt_id"].to_pylist(), table["input_ids"].to_pylist())
-            if keep(pid)]
+    columns = {c: (table[c].to_pylist() if c in table.column_names else [None] * table.num_rows)
+               for c in (*SPLIT_COLUMNS, "input_ids")}
+    rows = ({c: columns[c][i] for c in columns} for i in range(table.num_rows))
+    return [list(row["input_ids"]) for row in rows if keep(row)]
 
 
 def check_sources(sources: Sequence[str], run_dir: Optional[str]) -> None:
@@ -33,12 +36,13 @@ def check_sources(sources: Sequence[str], run_dir: Optional[str]) -> None:
 
 
 def calibration_sequences(sources: Sequence[str], *, run_dir: Optional[str], tokenizer: Any,
-                          keep: Callable[[str], bool] = lambda prompt_id: True, seed: int = 0
+                          keep: Callable[[dict[str, Any]], bool] = lambda row: True, seed: int = 0
                           ) -> list[list[int]]:
     """Token-id sequences from ``sources`` (``"run"`` or URIs), shuffled with ``seed``.
 
-    ``keep(prompt_id)`` filters teacher-data rows (the train stage passes "not held out", so the
-    held-out evaluation never sees text the initialisation was fitted on).
+    ``keep(row)`` filters teacher-data rows (a dict with :data:`~distill.data.split.SPLIT_COLUMNS`
+    and ``input_ids``; the train stage passes "not held out", so the held-out evaluation never sees
+    text the initialisation was fitted on).
     """
     check_sources(sources, run_dir)
     sequences: list[list[int]] = []

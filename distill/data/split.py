@@ -1,11 +1,30 @@
-"""The held-out split, decided by ``prompt_id`` alone so training and evaluation agree without a file.
+"""The held-out split, decided by the prompt's id alone so training and evaluation agree without a file.
 
-All samples of one prompt fall on the same side, so a held-out prompt is never seen in training.
+A row's ``prompt_id`` also hashes its sample index (``samples_per_prompt > 1`` gives each sample
+its own id), so the split hashes :func:`split_id`: the id of the prompt's sample 0. All samples of
+one prompt fall on the same side, so a held-out prompt is never seen in training. With one sample
+per prompt ``split_id == prompt_id``.
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import Any, Optional
+
+SPLIT_COLUMNS = ["prompt_id", "source", "prompt", "messages"]  # what split_id reads from a row
+
+
+def split_id(prompt_id: str, source: Optional[str] = None, prompt: Optional[str] = None,
+             messages: Optional[list[dict[str, Any]]] = None) -> str:
+    """The id the split hashes: ``prompt_id(source, messages or prompt, 0)``, or ``prompt_id`` without a prompt."""
+    from distill.data.schema import prompt_id as make_id
+
+    body = messages or prompt
+    if body is None:
+        return prompt_id
+    if messages:  # Parquet gives the structs back as dicts; the id hashes role/content only
+        body = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return make_id(source or "", body, 0)
 
 
 def heldout_score(prompt_id: str, seed: int = 0) -> float:
@@ -15,4 +34,11 @@ def heldout_score(prompt_id: str, seed: int = 0) -> float:
 
 
 def is_heldout(prompt_id: str, fraction: float, seed: int = 0) -> bool:
+    """``prompt_id`` here is a :func:`split_id` (the row's own id is one only with one sample per prompt)."""
     return fraction > 0 and heldout_score(prompt_id, seed) < fraction
+
+
+def row_is_heldout(row: dict[str, Any], fraction: float, seed: int = 0) -> bool:
+    """A row (a dict with :data:`SPLIT_COLUMNS`; missing ones count as None) is held out."""
+    return is_heldout(split_id(row["prompt_id"], row.get("source"), row.get("prompt"), row.get("messages")),
+                      fraction, seed)

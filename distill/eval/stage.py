@@ -78,9 +78,9 @@ def same_vocabulary(a: Any, b: Any) -> bool:
 
 
 def heldout_rows(cfg: Any, run_dir: str) -> tuple[list[dict], dict[str, Any]]:
-    """Held-out teacher rows (``is_heldout`` on prompt_id), at most ``eval.max_heldout_rows``, by prompt_id."""
+    """Held-out teacher rows (the training split, by prompt), at most ``eval.max_heldout_rows``, by prompt_id."""
     from distill.data.shards import read_dir
-    from distill.data.split import is_heldout
+    from distill.data.split import SPLIT_COLUMNS, row_is_heldout
 
     filtered = storage.join(run_dir, "data", "filtered")
     source = filtered if storage.exists(storage.join(filtered, "manifest.json")) else \
@@ -88,10 +88,10 @@ def heldout_rows(cfg: Any, run_dir: str) -> tuple[list[dict], dict[str, Any]]:
     fraction = float(getattr(cfg.train, "heldout_fraction", 0.1))
     seed = int(getattr(cfg.train, "seed", 0))
     info = {"source": source, "fraction": fraction, "seed": seed, "rows": 0}
-    table = read_dir(source, ["prompt_id", "completion", "input_ids", "prompt_len", "topk_ids", "topk_logprobs"])
+    table = read_dir(source, ["completion", "input_ids", "prompt_len", "topk_ids", "topk_logprobs", *SPLIT_COLUMNS])
     if table is None:
         return [], info
-    rows = [r for r in table.to_pylist() if is_heldout(r["prompt_id"], fraction, seed)]
+    rows = [r for r in table.to_pylist() if row_is_heldout(r, fraction, seed)]
     rows.sort(key=lambda r: r["prompt_id"])
     info["available"] = len(rows)
     rows = rows[:cfg.eval.max_heldout_rows]

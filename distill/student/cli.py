@@ -117,7 +117,7 @@ def _calibration_text(cfg: Any, teacher_dir: Path, run_dir: str | None, seed: in
     from transformers import AutoTokenizer
 
     from distill.data.calibration import calibration_sequences, check_sources
-    from distill.data.split import is_heldout
+    from distill.data.split import row_is_heldout
 
     calib = cfg.student.calibration
     if not calib.sources():
@@ -127,7 +127,7 @@ def _calibration_text(cfg: Any, teacher_dir: Path, run_dir: str | None, seed: in
     train = cfg.train
     sequences = calibration_sequences(
         calib.sources(), run_dir=run_dir, tokenizer=tokenizer, seed=seed,
-        keep=lambda prompt_id: not is_heldout(prompt_id, train.heldout_fraction, train.seed))
+        keep=lambda row: not row_is_heldout(row, train.heldout_fraction, train.seed))
     heldout, count = [], 0
     while sequences and count < calib.heldout_tokens and len(sequences) > 1:
         heldout.append(sequences.pop())

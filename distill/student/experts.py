@@ -76,4 +76,13 @@ class Experts(nn.ModuleList):
             start = end
         if grad:
             out = torch.cat(pieces) if pieces else routed.new_zeros(0, x.shape[1])
-        return torch.zeros_like(x).index_add_(0, tokens, out)
+        y = torch.zeros_like(x).index_add_(0, tokens, out)  # [N, H]
+        if grad and not all(counts):
+            # An expert with no tokens still joins the graph, with a zero contribution: every parameter
+            # then gets a gradient (0) in every step, so DDP's reducer sees the same parameters each step
+            # (else: "Expected to have finished reduction in the prior iteration" on the next step).
+            # Cheaper and stricter than find_unused_parameters=True (no graph walk per step); static_graph
+            # would be wrong, since which experts get tokens changes from step to step.
+            idle = [p for expert, count in zip(self, counts) if not count for p in expert.parameters()]
+            y = y + sum(p.sum() for p in idle).to(y.dtype) * 0.0
+        return y

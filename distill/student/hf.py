@@ -105,7 +105,7 @@ class RaydistillMoePreTrainedModel(PreTrainedModel):
     config: RaydistillMoeConfig
     config_class = RaydistillMoeConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # StudentModel checkpoints each decoder layer (non-reentrant)
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
 

@@ -69,7 +69,17 @@ class DecoderOutput:
 
 
 class StudentModel(nn.Module):
-    """Embeddings, decoder layers, final norm (``model.*`` tensor names)."""
+    """Embeddings, decoder layers, final norm (``model.*`` tensor names).
+
+    Activation checkpointing: with ``gradient_checkpointing`` set (Hugging Face's
+    ``gradient_checkpointing_enable()`` sets it and ``_gradient_checkpointing_func``, a
+    ``torch.utils.checkpoint.checkpoint`` partial) each decoder layer's activations are recomputed
+    in backward when training with gradients and no KV cache. The layer returns the MoE aux
+    losses inside a dataclass, so the checkpoint must be non-reentrant (the transformers default).
+    """
+
+    gradient_checkpointing = False
+    _gradient_checkpointing_func = None
 
     def __init__(self, config: StudentConfig):
         super().__init__()
@@ -165,8 +175,15 @@ class StudentModel(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
 
         auxes: list[MoEAux] = []
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        if checkpointed and getattr(self._gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
+            raise ValueError("the student's decoder layers need non-reentrant activation checkpointing "
+                             "(gradient_checkpointing_kwargs={'use_reentrant': False}, the default)")
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, cos, sin, batch, cache.layers[i] if cache is not None else None, compute_aux)
+            if checkpointed:
+                x, aux = self._gradient_checkpointing_func(layer, x, cos, sin, batch, None, compute_aux)
+            else:
+                x, aux = layer(x, cos, sin, batch, cache.layers[i] if cache is not None else None, compute_aux)
             if aux is not None:
                 auxes.append(aux)
         if cache is not None:

@@ -4,6 +4,10 @@ A checkpoint directory holds ``model.safetensors`` (the unwrapped student's stat
 ``optimizer.safetensors`` + the JSON param groups, ``rng.safetensors`` (torch RNG), and
 ``state.json`` (stage index, steps, tokens, every rank's data position, NumPy RNG states).
 Where it is stored (Ray Train's storage or a local folder) is the reporter's business.
+
+Under FSDP2 the parameters and optimizer state are DTensor shards: :func:`gather_sharded` (a
+collective, every rank calls it) assembles the full state on rank 0's CPU with the
+``torch.distributed.checkpoint.state_dict`` API, and the files are the same as without FSDP.
 """
 
 from __future__ import annotations
@@ -19,13 +23,43 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
+STUDENT_PREFIX = "student."  # the training wrapper's name for the student (DistillModule.student)
 
 
-def _named_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, list]:
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _strip(name: str) -> str:
+    return name[len(STUDENT_PREFIX):] if name.startswith(STUDENT_PREFIX) else name
+
+
+def gather_sharded(module: torch.nn.Module, optimizer: torch.optim.Optimizer
+                   ) -> Optional[tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]]:
+    """Collective under FSDP2: (full weights, optimizer state by parameter name) on rank 0's CPU.
+
+    Other ranks get empty dicts; None when ``module`` is not sharded (``save`` reads the model then).
+    """
+    if not is_sharded(module):
+        return None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(module, options=options)
+    optim = get_optimizer_state_dict(module, optimizer, options=options)
+    return ({_strip(k): v for k, v in weights.items()},
+            {_strip(k): v for k, v in optim.get("state", {}).items()})
+
+
+def _named_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str],
+                           by_name: Optional[dict[str, dict[str, Any]]] = None) -> tuple[dict, list]:
     tensors: dict[str, torch.Tensor] = {}
     steps: dict[str, float] = {}
-    for param, state in optimizer.state.items():
-        name = names[id(param)]
+    states = by_name if by_name is not None else {names[id(p)]: s for p, s in optimizer.state.items()}
+    for name, state in states.items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 tensors[f"{name}::{key}"] = value.detach().to("cpu").contiguous()
@@ -36,16 +70,17 @@ def _named_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, st
 
 
 def save(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         state: dict[str, Any], model_state: Optional[dict[str, torch.Tensor]] = None) -> Path:
-    """Write a checkpoint folder (callers pass a fresh temp dir)."""
+         state: dict[str, Any], model_state: Optional[dict[str, torch.Tensor]] = None,
+         sharded: Optional[tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]] = None) -> Path:
+    """Write a checkpoint folder (callers pass a fresh temp dir); ``sharded`` is :func:`gather_sharded`'s."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    weights = model_state if model_state is not None else model.state_dict()
+    weights = sharded[0] if sharded is not None else model_state if model_state is not None else model.state_dict()
     # Tied embeddings share storage; safetensors refuses shared tensors, so clone them apart.
     save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in weights.items()},
               str(out / "model.safetensors"))
     names = {id(p): n for n, p in model.named_parameters()}
-    tensors, (groups, scalars) = _named_optimizer_state(optimizer, names)
+    tensors, (groups, scalars) = _named_optimizer_state(optimizer, names, sharded[1] if sharded else None)
     save_file(tensors, str(out / "optimizer.safetensors"))
     save_file({"torch_rng": torch.get_rng_state()}, str(out / "rng.safetensors"))
     payload = dict(state, optimizer_groups=groups, optimizer_scalars=scalars)
@@ -71,21 +106,43 @@ def load(path: str | Path, *, model: torch.nn.Module, optimizer: Optional[torch.
     if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
         raise RuntimeError(f"checkpoint {src} does not match the model: missing {missing}, unexpected {unexpected}")
     if optimizer is not None:
-        tensors = load_file(str(src / "optimizer.safetensors"))
-        scalars = state.get("optimizer_scalars", {})
-        by_name = dict(model.named_parameters())
-        for key, value in tensors.items():
-            name, field = key.split("::", 1)
-            optimizer.state[by_name[name]][field] = value.to(by_name[name].device)
-        for key, value in scalars.items():
-            name, field = key.split("::", 1)
-            optimizer.state[by_name[name]][field] = torch.tensor(value)
-        for group, saved in zip(optimizer.param_groups, state.get("optimizer_groups", [])):
-            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
+        load_optimizer(src, model=model, module=model, optimizer=optimizer, state=state)
     rng = src / "rng.safetensors"
     if rng.exists():
         torch.set_rng_state(load_file(str(rng))["torch_rng"])
     return state
+
+
+def load_optimizer(path: str | Path, *, model: torch.nn.Module, module: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer, state: Optional[dict[str, Any]] = None) -> None:
+    """Restore the optimizer built over ``module`` (``model`` wrapped, maybe FSDP2-sharded) in place."""
+    src = Path(path)
+    state = state if state is not None else json.loads((src / STATE_FILE).read_text())
+    per_param: dict[str, dict[str, Any]] = {}
+    for key, value in load_file(str(src / "optimizer.safetensors")).items():
+        name, field = key.split("::", 1)
+        per_param.setdefault(name, {})[field] = value
+    for key, value in state.get("optimizer_scalars", {}).items():
+        name, field = key.split("::", 1)
+        per_param.setdefault(name, {})[field] = torch.tensor(value)
+    saved_groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
+                    for g in state.get("optimizer_groups", [])]
+    if is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        fqn = {id(p): n for n, p in module.named_parameters()}
+        groups = [{**saved, "params": [fqn[id(p)] for p in group["params"]]}
+                  for group, saved in zip(optimizer.param_groups, saved_groups)]
+        set_optimizer_state_dict(module, optimizer, {"state": {STUDENT_PREFIX + n: s for n, s in per_param.items()},
+                                                     "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
+        return
+    by_name = dict(model.named_parameters())
+    for name, fields in per_param.items():
+        for field, value in fields.items():
+            optimizer.state[by_name[name]][field] = value.to(by_name[name].device) if value.dim() else value
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        group.update(saved)
 
 
 class LocalCheckpoints:

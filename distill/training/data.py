@@ -24,10 +24,12 @@ import torch
 from cluster import storage
 from cluster.errors import ConfigError, RaydistillError
 from distill.data.shards import FILTERED_DIR, GENERATED_DIR, data_dir_for  # noqa: F401 (re-exported)
-from distill.data.split import is_heldout
+from distill.data.split import SPLIT_COLUMNS, row_is_heldout
 
 TRAIN_COLUMNS = ["prompt_id", "input_ids", "prompt_len", "completion_len", "topk_ids", "topk_logprobs",
-                 "source", "quality", "finish_reason"]
+                 "source", "quality", "finish_reason", "prompt", "messages"]
+
+
 def rank_of(prompt_id: str, world_size: int) -> int:
     """The rank that trains on a prompt's rows: disjoint across ranks, the same on every restart."""
     if world_size == 1:
@@ -51,8 +53,14 @@ def component_mask(table: pa.Table, component: Any) -> np.ndarray:
     return mask
 
 
-def heldout_mask(prompt_ids: list[str], fraction: float, seed: int) -> np.ndarray:
-    return np.array([is_heldout(p, fraction, seed) for p in prompt_ids], dtype=bool)
+def heldout_mask(table: pa.Table, fraction: float, seed: int) -> np.ndarray:
+    """``[rows]`` bool: held-out rows, chosen by prompt (all samples of a prompt on the same side)."""
+    if fraction <= 0:
+        return np.zeros(table.num_rows, dtype=bool)
+    columns = {c: (table[c].to_pylist() if c in table.column_names else [None] * table.num_rows)
+               for c in SPLIT_COLUMNS}
+    return np.array([row_is_heldout({c: columns[c][i] for c in SPLIT_COLUMNS}, fraction, seed)
+                     for i in range(table.num_rows)], dtype=bool)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -297,7 +305,8 @@ def scan(data_dir: str, section: Any, vocab_size: int) -> DataSummary:
     files = shard_uris(data_dir)
     if not files:
         raise RaydistillError(f"{data_dir} has no .parquet shards; run the generate stage first")
-    columns = ["prompt_id", "input_ids", "completion_len", "topk_ids", "source", "quality", "finish_reason"]
+    columns = ["prompt_id", "input_ids", "completion_len", "topk_ids", "source", "quality", "finish_reason",
+               "prompt", "messages"]
     tables = []
     for uri in files:
         t = read_shards([uri], columns)
@@ -305,7 +314,7 @@ def scan(data_dir: str, section: Any, vocab_size: int) -> DataSummary:
     table = pa.concat_tables(tables, promote_options="permissive")
     if table.num_rows == 0:
         raise RaydistillError(f"{data_dir} holds no rows; check the generate/filter manifests")
-    held = heldout_mask(table["prompt_id"].to_pylist(), section.heldout_fraction, section.seed)
+    held = heldout_mask(table, section.heldout_fraction, section.seed)
     train = table.filter(pa.array(~held))
     if train.num_rows == 0:
         raise ConfigError(f"train.heldout_fraction={section.heldout_fraction} leaves no training rows out of "

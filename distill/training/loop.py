@@ -6,7 +6,9 @@ metrics go. :class:`LocalRuntime` runs it in-process (tests, ``--workers 0``); t
 runtime in :mod:`distill.training.ray_train` is a handful of lines around ``ray.train``.
 
 Per optimizer step: ``grad_accum`` packed micro-batches, loss = weighted KD/CE terms on completion
-positions + the MoE aux losses, gradient clipping, AdamW with warmup + cosine per stage.
+positions (averaged over the step's target tokens on all micro-batches and ranks) + the MoE aux
+losses, gradient clipping, AdamW with warmup + cosine per stage. DDP or FSDP2 wrap the model
+(:func:`wrap_model`) before the optimizer is built.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from distill.losses import LossWeights, TailMode, distillation_loss
 from distill.training import checkpoint as ckpt
 from distill.training.data import (MixtureStream, PackedBatch, RowSource, TableSource, collate, component_mask,
                                    heldout_mask, next_batch, read_table)
-from distill.training.section import Precision, Schedule, TrainSection, TrainStage
+from distill.training.section import Precision, Schedule, Strategy, TrainSection, TrainStage
 
 
 @dataclasses.dataclass
@@ -67,8 +69,8 @@ class Runtime:
     def heldout(self, seed: int) -> Optional[RowSource]:
         raise NotImplementedError
 
-    def wrap(self, module: nn.Module, section: TrainSection) -> nn.Module:
-        return module
+    def wrap(self, module: "DistillModule", section: TrainSection) -> nn.Module:
+        return wrap_model(module, section.strategy, self.device)
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[Optional[Path]]:
         raise NotImplementedError
@@ -82,7 +84,7 @@ class LocalRuntime(Runtime):
 
     def __init__(self, job: TrainJob, section: TrainSection):
         self.table = read_table(job.data_files)
-        held = heldout_mask(self.table["prompt_id"].to_pylist(), section.heldout_fraction, section.seed)
+        held = heldout_mask(self.table, section.heldout_fraction, section.seed)
         import pyarrow as pa
 
         self.train_table = self.table.filter(pa.array(~held))
@@ -120,13 +122,137 @@ class DistillModule(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, pred_index, targets, topk_ids, topk_logprobs,
                 weights: LossWeights):
+        """Returns (:class:`LossOutput` of the KD terms, the decoder output with the MoE aux loss)."""
         out = self.student.model(input_ids, attention_mask, position_ids=position_ids, compute_aux=True)
         hidden = out.last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])[pred_index]  # [N, H]
         losses = distillation_loss(flat, self.student.lm_head.weight, targets, topk_ids, topk_logprobs, weights,
                                    chunk_size=self.chunk_size)
-        total = losses.loss + out.aux_loss if out.aux_loss is not None else losses.loss
-        return total, losses, out
+        return losses, out
+
+
+@dataclasses.dataclass
+class StepResult:
+    """One optimizer step's forward/backward, detached. ``sums`` are this rank's token-weighted sums."""
+
+    tokens: int  # this rank's target tokens
+    global_tokens: float  # all ranks' target tokens
+    global_positions: float  # all ranks' non-padding positions
+    sums: torch.Tensor  # [3 + P]: KD loss, KL, top-1 hits, then each of ``parts`` (all times tokens)
+    parts: list[str]
+    aux: torch.Tensor  # [1 + A]: weighted aux loss, then each of ``aux_names``, summed over micro-batches
+    aux_names: list[str]
+    micro_batches: int
+    out: Any  # the last micro-batch's decoder output (routing stats)
+
+
+def train_step(module: nn.Module, batches: list[PackedBatch], weights: LossWeights, world: int,
+               device: torch.device, autocast: Any = contextlib.nullcontext) -> StepResult:
+    """Forward and backward over one step's micro-batches; gradients of the step's per-token mean loss.
+
+    Each micro-batch contributes its KD loss *sum* over target tokens divided by the target tokens of
+    the whole step on all ranks (all-reduced), times ``world`` because DDP/FSDP average gradients over
+    ranks. So every target token weighs the same however tokens fall on micro-batches and ranks (a
+    per-micro-batch mean would give tokens in short micro-batches more weight). The MoE aux losses
+    are per-micro-batch means and are averaged over micro-batches (and ranks, by the gradient mean).
+    """
+    tokens = sum(b.tokens for b in batches)
+    positions = sum(int(b.attention_mask.sum()) for b in batches)
+    global_tokens, global_positions = _all_reduce([float(tokens), float(positions)], device)
+    scale = world / max(global_tokens, 1.0)
+    sums = aux = None
+    parts: list[str] = []
+    aux_names: list[str] = []
+    out = None
+    for micro, batch in enumerate(batches):
+        last = micro == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync()
+        if hasattr(module, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
+            module.set_requires_gradient_sync(last)
+        with sync:
+            with autocast():
+                losses, out = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.pred_index,
+                                     batch.targets, batch.topk_ids, batch.topk_logprobs, weights=weights)
+            loss = losses.loss_sum * scale
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss / len(batches)
+            loss.backward()
+        with torch.no_grad():
+            n, zero = float(losses.tokens), losses.loss_sum.new_zeros((), dtype=torch.float32)
+            parts = sorted(losses.parts)
+            micro_sums = torch.stack([losses.loss_sum.detach().float(), losses.parts.get("kl", zero) * n,
+                                      losses.top1_agreement.float() * n]
+                                     + [losses.parts[k].float() * n for k in parts])
+            sums = micro_sums if sums is None else sums + micro_sums
+            aux_names = sorted(out.aux_losses)
+            micro_aux = torch.stack([(out.aux_loss if out.aux_loss is not None else loss.new_zeros(())).detach().float()]
+                                    + [out.aux_losses[k].detach().float() for k in aux_names])
+            aux = micro_aux if aux is None else aux + micro_aux
+    return StepResult(tokens, global_tokens, global_positions, sums, parts, aux, aux_names, len(batches), out)
+
+
+def step_metrics(result: StepResult, world: int, device: torch.device) -> dict[str, Any]:
+    """The step's loss / KL / top-1 / parts as token-weighted means over micro-batches and ranks (collective)."""
+    values = _all_reduce(result.sums.tolist() + result.aux.tolist() + [float(result.micro_batches)], device)
+    n = max(result.global_tokens, 1.0)
+    sums, aux, micro = values[:len(result.sums)], values[len(result.sums):-1], values[-1]
+    aux_mean = [a / max(micro, 1.0) for a in aux]
+    return {"loss": sums[0] / n + aux_mean[0], "kl": sums[1] / n, "top1": sums[2] / n,
+            "parts": {k: v / n for k, v in zip(result.parts, sums[3:])},
+            "aux": dict(zip(result.aux_names, aux_mean[1:]))}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap_model(module: DistillModule, strategy: Strategy, device: torch.device) -> nn.Module:
+    """DDP or FSDP around the :class:`DistillModule` when this process is one of several ranks.
+
+    FSDP is FSDP2 (``fully_shard``): each decoder layer is one unit, the root holds the embeddings,
+    final norm and LM head; parameters become DTensor shards *in place* (build the optimizer after
+    this). Works on CPU (gloo) and GPU (NCCL).
+    """
+    if not _distributed():
+        return module
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if strategy is Strategy.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in module.student.model.layers:
+            fully_shard(layer)
+        fully_shard(module)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def build_optimizer(module: nn.Module, section: TrainSection) -> torch.optim.Optimizer:
+    """AdamW over the (wrapped) module's parameters: weight decay on matrices except the embeddings.
+
+    Built after :func:`wrap_model`, so under FSDP it holds the sharded parameters it will step.
+    """
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": section.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=section.lr, betas=section.betas)
+
+
+def clip_and_step(module: nn.Module, optimizer: torch.optim.Optimizer, frozen: list[nn.Parameter],
+                  grad_clip: Optional[float]) -> Optional[float]:
+    """Drop the frozen parameters' gradients, clip the rest (DDP or FSDP2 DTensors), step; returns the norm."""
+    for p in frozen:
+        p.grad = None  # left out of the clip and the optimizer step (AdamW skips parameters without a grad)
+    grad_norm = None
+    if grad_clip:
+        params = [p for p in module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # FSDP2: the norm over all shards (a DTensor)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    optimizer.step()
+    return grad_norm
 
 
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
@@ -173,18 +299,37 @@ def apply_routing(model: nn.Module, stage: TrainStage, progress: float) -> dict[
         if value is not None:
             setattr(config, name, float(value))
             applied[name] = value
-    for router in _routers(model):
-        router.weight.requires_grad_(not r.freeze_router)
     return applied
 
 
-def lr_at(section: TrainSection, stage: TrainStage, step_in_stage: int, progress: float) -> float:
+def frozen_parameters(model: nn.Module, stage: TrainStage) -> list[nn.Parameter]:
+    """Parameters the stage does not train (the routers with ``freeze_router``).
+
+    They keep ``requires_grad`` (DDP/FSDP fixed the set of parameters they reduce when wrapping; toggling
+    it later breaks the next step's reduction): their gradients are dropped before clipping and the
+    optimizer step instead (:func:`clip_and_step`), so AdamW neither moves them nor decays them.
+    """
+    return [router.weight for router in _routers(model)] if stage.routing.freeze_router else []
+
+
+def lr_at(section: TrainSection, stage: TrainStage, step_in_stage: int, progress: float,
+          decay_from: float = 0.0) -> float:
+    """The LR of the stage's step ``step_in_stage`` (0-based): linear warmup, then the decay schedule.
+
+    Warmup steps ``0 .. W-1`` ramp up to ``peak * W / (W + 1)``; step ``W`` is at the peak and the
+    decay runs over the rest of the stage. ``progress`` in [0, 1] is the stage's progress before
+    this step; for token-length stages ``decay_from`` is the progress when warmup ended.
+    """
     peak = stage.lr or section.lr
     floor = peak * (stage.min_lr_ratio if stage.min_lr_ratio is not None else section.min_lr_ratio)
     warmup = stage.warmup_steps if stage.warmup_steps is not None else section.warmup_steps
     if warmup and step_in_stage < warmup:
         return peak * (step_in_stage + 1) / (warmup + 1)
-    p = min(max(progress, 0.0), 1.0)
+    if stage.steps is not None:
+        p = (step_in_stage - warmup) / max(stage.steps - warmup, 1)
+    else:
+        p = (progress - decay_from) / max(1.0 - decay_from, 1e-12)
+    p = min(max(p, 0.0), 1.0)
     if stage.schedule is Schedule.constant:
         return peak
     if stage.schedule is Schedule.linear:
@@ -264,25 +409,23 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
     torch.manual_seed(section.seed)
 
     model = _load_student(job.init_dir).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": section.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=section.lr, betas=section.betas)
     state: dict[str, Any] = {"stage": 0, "stage_step": 0, "stage_tokens": 0, "step": 0, "tokens": 0,
                              "data": None, "world_size": world, "history": [], "wall_seconds": 0.0}
     resumed_from = None
     with runtime.latest_checkpoint() as path:
-        if path is not None:
-            state = ckpt.load(path, model=model, optimizer=optimizer)
+        if path is not None:  # full weights into the plain model; wrapping then shards / broadcasts them
+            state = ckpt.load(path, model=model, optimizer=None)
             resumed_from = state["step"]
+        module = runtime.wrap(DistillModule(model, section.loss_chunk_size), section)
+        optimizer = build_optimizer(module, section)  # after wrapping: FSDP's parameters are the shards
+        if path is not None:
+            ckpt.load_optimizer(path, model=model, module=module, optimizer=optimizer)
     if resumed_from is not None and state.get("world_size") != world:
         state["data"] = None  # data positions are per rank; with another world size the stage's epoch restarts
     np_rng = np.random.default_rng([section.seed, rank])
     metrics_log = MetricsLog(job.metrics_uri, resumed_from if resumed_from is not None else -1) if rank == 0 else None
     if rank == 0 and resumed_from is not None:
         metrics_log.write({"event": "resumed", "step": state["step"], "stage": state["stage"]})
-    module = runtime.wrap(DistillModule(model, section.loss_chunk_size), section)
     stages = section.stages
     started = time.perf_counter()
     wall_before = float(state.get("wall_seconds", 0.0))
@@ -300,35 +443,27 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             if done:
                 break
             routing = apply_routing(model, stage, progress)
-            lr = lr_at(section, stage, state["stage_step"], progress)
+            warmup = stage.warmup_steps if stage.warmup_steps is not None else section.warmup_steps
+            if state["stage_step"] <= warmup:
+                state["decay_from"] = progress  # token-length stages: the decay starts where warmup ended
+            lr = lr_at(section, stage, state["stage_step"], progress, state.get("decay_from", 0.0))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            step_tokens, step_positions = 0, 0
-            for micro in range(section.grad_accum):
-                batch = collate(next_batch(stream.take, stream.peek, section.micro_batch_size, section.seq_len),
-                                section.seq_len, job.pad_id, weights.needs_soft_labels).to(device)
-                sync = contextlib.nullcontext() if micro == section.grad_accum - 1 or not hasattr(module, "no_sync") \
-                    else module.no_sync()
-                with sync, _autocast(device, section):
-                    total, losses, out = module(batch.input_ids, batch.attention_mask, batch.position_ids,
-                                                batch.pred_index, batch.targets, batch.topk_ids, batch.topk_logprobs,
-                                                weights=weights)
-                (total / section.grad_accum).backward()
-                step_tokens += batch.tokens
-                if job.trace_dir:
-                    with open(Path(job.trace_dir) / f"rows-rank{rank}.txt", "a") as trace:
-                        trace.write("".join(f"{state['step'] + 1} {p}\n" for p in batch.prompt_ids))
-                step_positions += int(batch.attention_mask.sum())
+            batches = [collate(next_batch(stream.take, stream.peek, section.micro_batch_size, section.seq_len),
+                               section.seq_len, job.pad_id, weights.needs_soft_labels).to(device)
+                       for _ in range(section.grad_accum)]
+            if job.trace_dir:
+                with open(Path(job.trace_dir) / f"rows-rank{rank}.txt", "a") as trace:
+                    trace.write("".join(f"{state['step'] + 1} {p}\n" for b in batches for p in b.prompt_ids))
+            result = train_step(module, batches, weights, world, device, lambda: _autocast(device, section))
+            out = result.out
             if job.fail_at_step is not None and state["step"] + 1 == job.fail_at_step and job.fail_marker \
                     and not os.path.exists(job.fail_marker):
                 Path(job.fail_marker).write_text(f"rank {rank} failed at step {state['step'] + 1}\n")
                 raise RuntimeError(f"injected failure at step {job.fail_at_step}")
-            grad_norm = None
-            if section.grad_clip:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), section.grad_clip))
-            optimizer.step()
-            global_tokens, global_positions = _all_reduce([float(step_tokens), float(step_positions)], device)
+            grad_norm = clip_and_step(module, optimizer, frozen_parameters(model, stage), section.grad_clip)
+            global_tokens, global_positions = result.global_tokens, result.global_positions
             state["step"] += 1
             state["stage_step"] += 1
             state["stage_tokens"] += int(global_tokens)
@@ -342,15 +477,13 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             metrics = None
             if log_now:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                parts = {k: float(v) for k, v in losses.parts.items()}
-                reduced = _all_reduce([float(total.detach()), float(losses.top1_agreement), parts.get("kl", 0.0)],
-                                      device)
+                means = step_metrics(result, world, device)
                 metrics = {"step": state["step"], "stage": stage_index, "stage_name": stage.name, "lr": lr,
-                           "loss": reduced[0] / world, "parts": parts, "top1": reduced[1] / world,
-                           "kl": reduced[2] / world, "tokens": state["tokens"],
+                           "loss": means["loss"], "parts": means["parts"], "top1": means["top1"],
+                           "kl": means["kl"], "tokens": state["tokens"],
                            "completion_tokens_per_s": window_tokens / elapsed,
                            "tokens_per_s": window_positions / elapsed, "grad_norm": grad_norm,
-                           "aux": {k: float(v.detach()) for k, v in out.aux_losses.items()}, "routing": routing,
+                           "aux": means["aux"], "routing": routing,
                            "experts_per_token": [round(float(s.experts_per_token), 4) for s in out.routing],
                            "expert_load": [[round(float(x), 4) for x in s.expert_load] for s in out.routing],
                            "world_size": world}
@@ -376,8 +509,10 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
                     state["world_size"] = world
                     state["wall_seconds"] = wall_before + time.perf_counter() - started
                     state["np_rng"] = np_rng.bit_generator.state
+                    sharded = ckpt.gather_sharded(module, optimizer)  # FSDP: collective, full state on rank 0
                     if rank == 0:
-                        staged = ckpt.save(_staging_dir(runtime), model=model, optimizer=optimizer, state=state)
+                        staged = ckpt.save(_staging_dir(runtime), model=model, optimizer=optimizer, state=state,
+                                           sharded=sharded)
                 runtime.report(metrics or {"step": state["step"]}, staged, state["step"])
             if done:
                 break
@@ -425,7 +560,7 @@ def evaluate_heldout(module: nn.Module, runtime: Runtime, section: TrainSection,
         length = min(section.seq_len, max(len(r["input_ids"]) for r in group))
         batch = collate([[r] for r in group], length, job.pad_id).to(device)
         with _autocast(device, section):
-            _, losses, _ = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.pred_index,
+            losses, _ = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.pred_index,
                                   batch.targets, batch.topk_ids, batch.topk_logprobs, weights=weights)
         if real:
             n = float(batch.tokens)

@@ -17,11 +17,11 @@ import pyarrow as pa
 
 from distill.training.data import TRAIN_COLUMNS, component_mask, heldout_mask, rank_of, rows_from_table
 from distill.training.loop import Runtime, TrainJob, train_loop
-from distill.training.section import Strategy, TrainSection
+from distill.training.section import TrainSection
 
 
 def _select(table: pa.Table, fraction: float, seed: int, heldout: bool, component: Any = None) -> pa.Table:
-    held = heldout_mask(table["prompt_id"].to_pylist(), fraction, seed)
+    held = heldout_mask(table, fraction, seed)
     mask = held if heldout else ~held
     if component is not None:
         mask &= component_mask(table, component)
@@ -80,12 +80,6 @@ class RayRuntime(Runtime):
         import ray.train
 
         return RayShardSource(ray.train.get_dataset_shard("heldout"), seed, self.rank, self.world_size, 1)
-
-    def wrap(self, module, section):
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(
-            module, parallel_strategy="fsdp" if section.strategy is Strategy.fsdp else "ddp")
 
     @contextlib.contextmanager
     def latest_checkpoint(self):

@@ -22,18 +22,14 @@ def _data(seed=0, n=N, v=V, k=K, dtype=torch.float64):
 
 
 def _ref_buckets(student_logits, ids, tlp, t=1.0, tail=True):
-    """Naive reference: probabilities, tail = 1 - sum, tempering in the probability domain."""
-    q_full = torch.softmax(student_logits / t, -1)
-    q = q_full.gather(1, ids)
+    """Naive reference: T=1 probabilities, tail = 1 - sum, then both sides tempered over the buckets."""
+    q = torch.softmax(student_logits, -1).gather(1, ids)
     p = tlp.exp()
     if tail:
         p = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)
         q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
-        p = p ** (1 / t)
-    else:
-        p, q = p ** (1 / t), q
-        q = q / q.sum(-1, keepdim=True)
-    return p / p.sum(-1, keepdim=True), q
+    p, q = p ** (1 / t), q ** (1 / t)
+    return p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
 
 
 def _kl(a, b):
@@ -69,6 +65,20 @@ def test_kl_jsd_match_reference(tail, t):
         assert (b.p[:, -1] == 0).all() and (b.q[:, -1] == 0).all()
     else:
         assert (b.p[:, -1] > 0.01).all()  # K << V: the tail holds real mass
+
+
+@pytest.mark.parametrize("tail", [TailMode.bucket, TailMode.renormalize])
+@pytest.mark.parametrize("t", [0.5, 2.0, 4.0])
+def test_divergences_vanish_when_the_student_is_the_teacher_at_any_temperature(tail, t):
+    _, teacher, ids, tlp = _data(seed=8)
+    for fn in (forward_kl, reverse_kl, generalized_jsd):
+        torch.testing.assert_close(fn(teacher, ids, tlp, tail, t), torch.zeros(N, dtype=torch.float64),
+                                   atol=1e-10, rtol=0)
+    assert forward_kl(teacher + 1.0, ids, tlp, tail, t).abs().max() < 1e-10  # logits: any offset
+    lw = LossWeights(forward_kl=1.0, reverse_kl=1.0, jsd=1.0, temperature=t, tail=tail)  # the chunked loss too
+    out = distillation_loss(teacher.float(), torch.eye(V), None, ids, tlp.float(), lw, chunk_size=4)
+    assert abs(out.loss.item()) < 1e-5 and abs(out.parts["kl"].item()) < 1e-5
+    assert forward_kl(teacher.flip(-1), ids, tlp, tail, t).min() > 0.01  # not trivially 0
 
 
 def test_jsd_limits_and_symmetry():
@@ -190,3 +200,30 @@ def test_no_full_logits_saved_for_backward():
         out = distillation_loss(hidden, w, ids[:, 0], ids, tlp, LossWeights(ce=1.0), chunk_size=chunk)
     out.loss.backward()
     assert max(saved, default=0) < chunk * v and hidden.grad.abs().sum() > 0
+
+
+def test_projection_stays_fp32_under_bf16_autocast():
+    """The "fp32" logits really are: under bf16 autocast the loss and grads equal the fp32 ones."""
+    g = torch.Generator().manual_seed(9)
+    n, h, v, k = 32, 64, 256, 8
+    hidden = torch.randn(n, h, generator=g)
+    w = torch.randn(v, h, generator=g) * 0.6  # logits of std ~5, max ~20: a trained LM's scale
+    teacher = torch.log_softmax(hidden @ w.t() + torch.randn(n, v, generator=g), -1)
+    tlp, ids = teacher.topk(k, dim=-1)
+    lw = LossWeights(forward_kl=1.0, ce=0.5)
+    targets = ids[:, 0]
+
+    def run(autocast: bool):
+        hd, wd = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = distillation_loss(hd, wd, targets, ids, tlp, lw, chunk_size=8)
+        out.loss.backward()
+        return out, hd.grad, wd.grad
+
+    ref, ref_h, ref_w = run(False)
+    got, got_h, got_w = run(True)
+    assert got.loss.dtype == torch.float32
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.parts["kl"], ref.parts["kl"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-4, atol=1e-6)

@@ -67,11 +67,10 @@ def save(model, tokenizer, out: Path, with_tokenizer: bool = True) -> str:
 def teacher_rows(teacher, tokenizer, prompt_ids: list[str], k: int = 5, seed: int = 0) -> list[dict]:
     """Rows in the Parquet schema whose soft labels are the teacher's real top-k over its own text."""
     rng = np.random.default_rng(seed)
-    words = ["the", "cat", "sat", "on", "a", "warm", "mat", "and", "slept", "well", "today"]
     rows = []
     for pid in prompt_ids:
-        prompt = "Tell me: " + " ".join(rng.choice(words, 3))
-        completion = " ".join(rng.choice(words, int(rng.integers(4, 9)))) + "."
+        prompt = prompt_text(pid)
+        completion = " ".join(rng.choice(WORDS, int(rng.integers(4, 9)))) + "."
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
         ids = [1] + p_ids + c_ids
@@ -87,14 +86,24 @@ def teacher_rows(teacher, tokenizer, prompt_ids: list[str], k: int = 5, seed: in
     return rows
 
 
+WORDS = ["the", "cat", "sat", "on", "a", "warm", "mat", "and", "slept", "well", "today"]
+
+
+def prompt_text(pid: str) -> str:
+    """The prompt of a fake row: a function of its id (the held-out split hashes the prompt)."""
+    rng = np.random.default_rng(int(pid.rsplit("-", 1)[-1]))
+    return "Tell me: " + " ".join(rng.choice(WORDS, 3))
+
+
 def heldout_ids(n_held: int, n_train: int, fraction: float = 0.1, seed: int = 0) -> tuple[list[str], list[str]]:
-    from distill.data.split import is_heldout
+    from distill.data.split import row_is_heldout
 
     held, train = [], []
     i = 0
     while len(held) < n_held or len(train) < n_train:
         pid = f"prompt-{i}"
-        (held if is_heldout(pid, fraction, seed) else train).append(pid)
+        row = {"prompt_id": pid, "source": "test", "prompt": prompt_text(pid), "messages": None}
+        (held if row_is_heldout(row, fraction, seed) else train).append(pid)
         i += 1
     return held[:n_held], train[:n_train]
 

@@ -152,3 +152,36 @@ def test_export_refuses_top_p_students(tmp_path):
     with pytest.raises(ConfigError, match="cannot export a routing: topp student to qwen2_moe"):
         export_qwen2_moe(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6:FutureWarning")  # transformers 5.x renames
+@pytest.mark.parametrize("overrides", [dict(), dict(routing="topp", top_p=0.6, max_k=3, shared_expert_intermediate_size=16)])
+def test_gradient_checkpointing_gives_the_same_gradients(overrides):
+    """``gradient_checkpointing_enable()`` (TRL / HF Trainer) works and recomputes each layer in backward."""
+    ids = torch.randint(3, 96, (2, 20), generator=torch.Generator().manual_seed(0))
+
+    def grads(model):
+        calls = []
+        hook = model.model.layers[1].register_forward_pre_hook(lambda *_: calls.append(1))
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        hook.remove()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+    model = tiny_student(seed=3, **overrides).train()
+    loss, ref, calls = grads(model)
+    assert calls == 1
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    loss_ckpt, got, calls = grads(model)
+    assert calls == 2  # forward + the recompute in backward
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert got.keys() == ref.keys() and any("mlp.gate.weight" in n for n in got)  # router grads via the aux loss
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    model.eval()
+    with torch.no_grad():  # inference and generate() are unaffected
+        assert model.generate(ids[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
+    model.gradient_checkpointing_disable()
+    assert grads(model.train())[2] == 1

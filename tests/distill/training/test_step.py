@@ -1,0 +1,59 @@
+"""One optimizer step's forward/backward (``train_step``) and its logged metrics, in one process."""
+
+from __future__ import annotations
+
+import torch
+
+from distill.losses import LossWeights
+from distill.training.loop import DistillModule, step_metrics, train_step
+from tests.distill.training.tiny import batch, grads, row, tiny_model
+
+NO_AUX = dict(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)  # the KD terms alone decide the gradient
+
+
+def test_micro_batches_weigh_every_target_token_the_same():
+    """A short and a long micro-batch give the gradient of one batch holding both: the step's token mean."""
+    torch.manual_seed(0)
+    short, long = row(1, prompt_len=4, completion_len=3), row(2, prompt_len=3, completion_len=24)
+    weights = LossWeights(forward_kl=1.0, ce=0.3)
+    device = torch.device("cpu")
+
+    model = tiny_model(**NO_AUX)
+    module = DistillModule(model, chunk_size=16)
+    result = train_step(module, [batch([[short]]), batch([[long]])], weights, world=1, device=device)
+    got = grads(model)
+    metrics = step_metrics(result, 1, device)
+
+    model.zero_grad(set_to_none=True)
+    both = batch([[short], [long]])
+    losses, _ = module(both.input_ids, both.attention_mask, both.position_ids, both.pred_index, both.targets,
+                       both.topk_ids, both.topk_logprobs, weights=weights)
+    losses.loss.backward()
+    ref = grads(model)
+
+    assert result.global_tokens == both.tokens == 3 + 24
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    # the logged values are the step's token-weighted means, not the last micro-batch's
+    assert abs(metrics["loss"] - float(losses.loss.detach())) < 1e-5
+    assert abs(metrics["kl"] - float(losses.parts["kl"])) < 1e-5
+    assert abs(metrics["parts"]["ce"] - float(losses.parts["ce"])) < 1e-5
+    assert abs(metrics["top1"] - float(losses.top1_agreement)) < 1e-6
+
+
+def test_aux_losses_are_averaged_over_micro_batches():
+    model = tiny_model(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
+    module = DistillModule(model, chunk_size=16)
+    a, b = batch([[row(3, 2, 5)]]), batch([[row(4, 2, 9)]])
+    result = train_step(module, [a, b], LossWeights(), world=1, device=torch.device("cpu"))
+    metrics = step_metrics(result, 1, torch.device("cpu"))
+    with torch.no_grad():
+        auxes = [module(x.input_ids, x.attention_mask, x.position_ids, x.pred_index, x.targets, x.topk_ids,
+                        x.topk_logprobs, weights=LossWeights())[1] for x in (a, b)]
+    expected = {k: sum(float(o.aux_losses[k]) for o in auxes) / 2 for k in auxes[0].aux_losses}
+    assert metrics["aux"].keys() == expected.keys()
+    for k in expected:
+        assert abs(metrics["aux"][k] - expected[k]) < 1e-6
+    kd = metrics["parts"]["forward_kl"]
+    assert abs(metrics["loss"] - kd - sum(float(o.aux_loss) for o in auxes) / 2) < 1e-5
