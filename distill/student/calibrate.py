@@ -36,34 +36,30 @@ from distill.student.router import select_topk, select_topp
 
 
 # ----------------------------------------------------------------------------- scoring
-def batches(sequences: Sequence[Sequence[int]], seq_len: int, max_tokens: int) -> list[torch.Tensor]:
-    """Token-id sequences -> chunks [1, <=seq_len] totalling at most ``max_tokens``.
+def batches(sequences: Sequence[Sequence[int]], seq_len: int, max_tokens: int, rows: int = 4) -> list[torch.Tensor]:
+    """Token-id sequences -> packed windows, ``rows`` per tensor [rows, seq_len], at most ``max_tokens`` in all.
 
-    Each sequence is cut into windows of ``seq_len`` (no padding: every chunk is a real prefix of
-    text), so scoring needs no attention mask.
+    The sequences are concatenated (each keeps its own BOS/prompt tokens, which separate them)
+    and cut into full windows, as pretraining does: no padding, and matmuls large enough to run
+    near the machine's peak. A stream shorter than one window gives one shorter window.
     """
-    out, total = [], 0
-    for seq in sequences:
-        for start in range(0, len(seq), seq_len):
-            chunk = list(seq[start:start + seq_len])
-            if len(chunk) < 2 or total >= max_tokens:
-                continue
-            chunk = chunk[:max_tokens - total] if total + len(chunk) > max_tokens else chunk
-            if len(chunk) < 2:
-                continue
-            out.append(torch.tensor([chunk], dtype=torch.long))
-            total += len(chunk)
-    return out
+    stream = [t for seq in sequences for t in seq][:max_tokens]
+    if len(stream) < 2:
+        return []
+    if len(stream) < seq_len:
+        return [torch.tensor([stream], dtype=torch.long)]
+    windows = [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    return [torch.tensor(windows[i:i + rows], dtype=torch.long) for i in range(0, len(windows), rows)]
 
 
 @torch.no_grad()
 def total_nll(model: nn.Module, chunks: Sequence[torch.Tensor]) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood (nats) over the chunks [1, T], and the tokens scored."""
+    """Summed next-token negative log-likelihood (nats) over the chunks [B, T], and the tokens scored."""
     nll, count = 0.0, 0
     for ids in chunks:
-        logits = model(input_ids=ids).logits[0, :-1].float()  # [T-1, V]
-        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+        count += ids[:, 1:].numel()
     return nll, count
 
 
@@ -74,9 +70,9 @@ def mean_nll(model: nn.Module, chunks: Sequence[torch.Tensor]) -> float:
 
 
 def bits_per_byte(model: nn.Module, chunks: Sequence[torch.Tensor], decode: Callable[[list[int]], str]) -> float:
-    """Bits per UTF-8 byte of the scored tokens (each chunk's first token is context, not scored)."""
+    """Bits per UTF-8 byte of the scored tokens (each window's first token is context, not scored)."""
     nll, _ = total_nll(model, chunks)
-    nbytes = sum(len(decode(ids[0, 1:].tolist()).encode()) for ids in chunks)
+    nbytes = sum(len(decode(row[1:].tolist()).encode()) for ids in chunks for row in ids)
     return nll / math.log(2) / max(nbytes, 1)
 
 
@@ -88,33 +84,72 @@ class LayerChoice:
     base_nll: float  # the full teacher's calibration loss
 
 
+@torch.no_grad()
+def drop_one_nll(model: nn.Module, chunks: Sequence[torch.Tensor]) -> tuple[float, list[float]]:
+    """Mean NLL (nats/token) of a Llama-family ``model`` and of the model with each layer removed alone.
+
+    One full forward per chunk records every decoder layer's input (and the keyword arguments the
+    model passes it: masks, rotary embeddings); removing layer i then re-runs only layers i+1..L-1
+    from layer i's input, the final norm and the head, about half the cost of L full forwards.
+    """
+    layers = model.model.layers
+    total, dropped, count = 0.0, [0.0] * len(layers), 0
+    for ids in chunks:
+        inputs: list[tuple[torch.Tensor, dict]] = []
+        hooks = [layer.register_forward_pre_hook(lambda m, args, kwargs: inputs.append((args[0], kwargs)),
+                                                 with_kwargs=True) for layer in layers]
+        try:
+            logits = model(input_ids=ids, use_cache=False).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        targets = ids[:, 1:].reshape(-1)
+
+        def nll(logits: torch.Tensor) -> float:
+            flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            return F.cross_entropy(flat, targets, reduction="sum").item()
+
+        total += nll(logits)
+        count += targets.numel()
+        for i in range(len(layers)):
+            h = inputs[i][0]
+            for j in range(i + 1, len(layers)):
+                out = layers[j](h, **inputs[j][1])
+                h = out[0] if isinstance(out, tuple) else out
+            dropped[i] += nll(model.lm_head(model.model.norm(h)))
+    count = max(count, 1)
+    return total / count, [d / count for d in dropped]
+
+
 def layer_importance(teacher: nn.Module, chunks: Sequence[torch.Tensor], keep: int, rounds: int = 1,
                      prune: Optional[Callable[[nn.Module, Sequence[int]], nn.Module]] = None,
                      progress: Optional[Callable[[str], None]] = None) -> LayerChoice:
     """Choose ``keep`` of the teacher's layers by drop-one loss increase (see module docstring).
 
     ``prune(teacher, layers)`` builds the teacher restricted to ``layers`` (default:
-    :func:`distill.student.init.prune_teacher`). Costs ``sum over rounds of remaining layers``
-    forward passes over the chunks.
+    :func:`distill.student.init.prune_teacher`); each round scores the current model with
+    :func:`drop_one_nll`.
     """
     if prune is None:
         from distill.student.init import prune_teacher as prune
     total = teacher.config.num_hidden_layers
     if not 1 <= keep <= total:
         raise ValueError(f"keep={keep} must be in [1, {total}]")
-    base = mean_nll(teacher, chunks)
     current = list(range(total))
     to_drop = total - keep
     importance: dict[int, float] = {}
     rounds = max(1, min(rounds, to_drop)) if to_drop else 1
+    base = None
     for r in range(rounds):
+        model = teacher if len(current) == total else prune(teacher, current)
+        ref, nlls = drop_one_nll(model, chunks)
+        base = ref if base is None else base
+        for i, value in zip(current, nlls):
+            importance[i] = value - ref
+        if progress:
+            progress(f"layer importance: round {r + 1}/{rounds} scored {len(current)} layers")
         if not to_drop:
             break
-        ref = base if len(current) == total else mean_nll(prune(teacher, current), chunks)
-        for i in current:
-            importance[i] = mean_nll(prune(teacher, [j for j in current if j != i]), chunks) - ref
-            if progress:
-                progress(f"layer importance: round {r + 1}/{rounds}, layer {i} +{importance[i]:.3f} nats")
         # Drop an equal share of what remains to be dropped in each round.
         n = math.ceil(to_drop / (rounds - r))
         dropped = sorted(current, key=lambda i: importance[i])[:n]
@@ -145,7 +180,7 @@ def capture_ffn(model: nn.Module, chunks: Sequence[torch.Tensor], max_tokens: Op
         handles.append(layer.mlp.register_forward_pre_hook(hook))
     try:
         for ids in chunks:
-            model(input_ids=ids)
+            model(input_ids=ids, use_cache=False)
     finally:
         for h in handles:
             h.remove()

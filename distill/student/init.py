@@ -170,7 +170,7 @@ class CalibrationOptions:
     """How :func:`build_from_teacher` uses calibration text (see :mod:`distill.student.calibrate`)."""
 
     tokens: int = 8192  # calibration tokens for the FFN statistics and router fit
-    importance_tokens: int = 2048  # of those, scored by every drop-one pass (the costly part)
+    importance_tokens: int = 1024  # of those, scored by the drop-one passes (the costly part)
     seq_len: int = 256
     rounds: int = 1  # layer-importance rounds (1 = one-shot drop-one; more = iterative)
     active_fraction: float = 0.25  # a neuron is active for a token when among its top 25% contributors

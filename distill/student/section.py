@@ -37,7 +37,7 @@ class CalibrationSection(BaseModel):
         default="run", description="run: the run's teacher data (training rows); a list of URIs (run dirs, "
                                    "Parquet shard folders, .txt/.jsonl files); none: the data-free init")
     tokens: int = Field(default=8192, ge=64, description="calibration tokens for FFN statistics and router fits")
-    importance_tokens: int = Field(default=2048, ge=64,
+    importance_tokens: int = Field(default=1024, ge=64,
                                    description="tokens scored by each drop-one layer pass (cost: layers x this)")
     heldout_tokens: int = Field(default=2048, ge=0,
                                 description="calibration text kept out of the fit, scored for the init report")

@@ -169,3 +169,28 @@ def test_fit_expert_scales_recovers_known_scales():
     target = (weights[:, :, None] * truth[None, :, None] * outputs).sum(1)
     torch.testing.assert_close(calibrate.fit_expert_scales(weights, outputs, target, ridge=1e-8), truth,
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("routing", [{"routing": "topp", "top_p": 0.5, "max_k": 3}, {"routing": "topk"}])
+def test_dense_small_batch_dispatch_equals_the_sparse_path(routing):
+    from distill.student.moe import MoEBlock
+
+    from .conftest import tiny_config
+
+    torch.manual_seed(0)
+    block = MoEBlock(tiny_config(initializer_range=0.2, **routing), 0).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(1, 12, 64)
+    with torch.no_grad():
+        block.experts.dense_max_tokens = 0
+        sparse, _ = block(x, compute_aux=False)
+        block.experts.dense_max_tokens = 32
+        dense, _ = block(x, compute_aux=False)
+        torch.testing.assert_close(dense, sparse, rtol=1e-5, atol=1e-5)
+        block.experts[1].down_proj.weight.mul_(2.0)  # in-place weight change: the stacked copy is rebuilt
+        block.experts.dense_max_tokens = 0
+        sparse2, _ = block(x, compute_aux=False)
+        block.experts.dense_max_tokens = 32
+        torch.testing.assert_close(block(x, compute_aux=False)[0], sparse2, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(sparse, sparse2)

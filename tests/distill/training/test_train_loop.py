@@ -34,3 +34,34 @@ def test_local_loop_trains_three_stages_and_publishes_the_student(tiny_run):
     assert (student / "model.safetensors").exists() and (student / "tokenizer.json").exists()
     assert json.loads((student / "stages.json").read_text())["steps"] == 14
     assert (Path(run) / "student-qwen2moe" / "config.json").exists()
+
+
+def test_from_teacher_init_is_calibrated_on_the_runs_training_rows(tiny_run, capsys, monkeypatch):
+    from distill.data import calibration
+    from distill.training.data import heldout_mask, read_table
+
+    cfg, run = tiny_run
+    cfg = cfg.model_copy(update={
+        "student": cfg.student.model_validate({**cfg.student.model_dump(), "init": "from_teacher",
+                                               "num_experts": 4, "num_experts_per_tok": None,
+                                               "moe_intermediate_size": None, "routing": "topp", "top_p": 0.6,
+                                               "max_k": 3, "calibration": {"heldout_tokens": 64}}),
+        "train": cfg.train.model_validate({**cfg.train.model_dump(), "stages": [
+            {"name": "kd", "steps": 2, "loss": {"forward_kl": 1.0}}]})})
+    seen = []
+    real = calibration._parquet_sequences
+    monkeypatch.setattr(calibration, "_parquet_sequences",
+                        lambda d, keep: seen.extend(real(d, keep)) or real(d, keep))
+    manifest = run_train_stage(cfg, run, use_ray=False, show_progress=False)
+    assert manifest["status"] == "done"
+    record = json.loads((Path(run) / "train" / "init" / "student_init.json").read_text())
+    assert len(record["teacher_layers"]) == 2 and len(record["layer_importance"]) == 2  # the tiny teacher's 2 layers
+    assert record["calibration_tokens"] > 0 and record["heldout"]["tokens"] > 0
+    printed = capsys.readouterr().out
+    assert "student init: teacher layers kept (by measured importance)" in printed
+    assert "student init: held-out calibration text" in printed
+    # Calibration read only training rows: none of the held-out prompts' token ids.
+    table = read_table(sorted(str(p) for p in (Path(run) / "data" / "generate").glob("*.parquet")))
+    held = {tuple(ids) for ids, out in zip(table["input_ids"].to_pylist(),
+                                          heldout_mask(table, cfg.train.heldout_fraction, cfg.train.seed)) if out}
+    assert held and seen and not held & {tuple(s) for s in seen}
