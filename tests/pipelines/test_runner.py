@@ -209,3 +209,35 @@ def test_refusal_after_a_promotion_does_not_report_the_old_deploy(tmp_path):
     assert out.status == "refused" and out.base_url is None
     by = {s["name"]: s for s in read_manifest(out.run_dir)["stages"]}
     assert by["deploy"]["status"] == "skipped" and by["deploy"]["outcome"] is None
+
+
+def test_summary_holds_each_ratio_against_its_target_and_shows_the_sample():
+    import io
+
+    from rich.console import Console
+
+    from pipelines.runner import print_summary, target_rows
+    from pipelines.section import TargetsSection
+
+    summary = {"student_bpb_human": 2.4, "teacher_bpb_human": 2.0, "student_bpb_heldout": 1.0,
+               "teacher_bpb_heldout": 0.8, "init_bpb_human": 3.2, "student_decode_tokens_per_s": 190.0,
+               "teacher_decode_tokens_per_s": 100.0, "student_ttft_s": 0.3, "teacher_ttft_s": 1.0,
+               "student_experts_per_token": 2.0, "student_max_k": 4, "student_hard_minus_easy": -0.1}
+    rows = {name.split(" (")[0]: (value, target, ok) for name, value, target, ok in target_rows(summary, None)}
+    assert rows["bits/byte human text, student / teacher"] == ("1.200", "<= 1.25", True)
+    assert rows["bits/byte held-out teacher text, student / teacher"] == ("1.250", "<= 1.6", True)
+    assert rows["bits/byte human text, init / teacher"] == ("1.600", "<= 1.5", False)
+    assert rows["decode tokens/s, student / teacher"] == ("1.900", ">= 1.8", True)
+    assert rows["time to first token, student / teacher"] == ("0.300", "<= 0.6", True)
+    assert rows["experts per token / max_k"] == ("0.500", "<= 0.7", True)
+    assert rows["difficulty curve: hard - easy"] == ("-0.100", "> 0", False)
+    strict = TargetsSection(bpb_human_ratio=1.1, decode_speedup=None)
+    rows = {name: (target, ok) for name, _, target, ok in target_rows(summary, strict)}
+    assert rows["bits/byte human text, student / teacher"] == ("<= 1.1", False)
+    assert rows["decode tokens/s, student / teacher"] == ("-", None)
+    assert len(target_rows({"student_bpb_human": 2.0}, None)) == 0  # no teacher figure: no ratio row
+    text = io.StringIO()
+    print_summary({**summary, "stages": []}, Console(file=text, width=200), sample=("Hi?", "Hello there."))
+    printed = text.getvalue()
+    assert "MISSED" in printed and "1.200" in printed
+    assert "sample answer" in printed and "'Hi?'" in printed and "Hello there." in printed
