@@ -161,16 +161,24 @@ def layer_importance(teacher: nn.Module, chunks: Sequence[torch.Tensor], keep: i
 # ----------------------------------------------------------------------------- 2. experts
 @dataclasses.dataclass
 class FFNSample:
-    """One kept layer's FFN on the calibration tokens."""
+    """One kept layer's FFN on the calibration tokens. ``act`` is computed on access, not stored, so
+    only the [N, H] inputs of all layers are held at once (a big teacher's [N, J] activations of every
+    layer would not fit)."""
 
     x: torch.Tensor  # [N, H] the FFN input (after post_attention_layernorm) = the router's input
-    act: torch.Tensor  # [N, J] silu(gate x) * up x
+    gate: torch.Tensor  # [J, H]
+    up: torch.Tensor  # [J, H]
+
+    @property
+    def act(self) -> torch.Tensor:
+        """[N, J] silu(gate x) * up x."""
+        return F.silu(F.linear(self.x, self.gate)) * F.linear(self.x, self.up)
 
 
 @torch.no_grad()
 def capture_ffn(model: nn.Module, chunks: Sequence[torch.Tensor], max_tokens: Optional[int] = None
                 ) -> list[FFNSample]:
-    """Run a Llama-family ``model`` over the chunks and record every layer's FFN input and activations."""
+    """Run a Llama-family ``model`` over the chunks and record every layer's FFN input."""
     layers = model.model.layers
     xs: list[list[torch.Tensor]] = [[] for _ in layers]
     handles = []
@@ -184,13 +192,9 @@ def capture_ffn(model: nn.Module, chunks: Sequence[torch.Tensor], max_tokens: Op
     finally:
         for h in handles:
             h.remove()
-    out = []
-    for layer, pieces in zip(layers, xs):
-        x = torch.cat(pieces)[:max_tokens]  # [N, H]
-        mlp = layer.mlp
-        act = F.silu(F.linear(x, mlp.gate_proj.weight.float())) * F.linear(x, mlp.up_proj.weight.float())  # [N, J]
-        out.append(FFNSample(x=x, act=act))
-    return out
+    return [FFNSample(x=torch.cat(pieces)[:max_tokens], gate=layer.mlp.gate_proj.weight.detach().float(),
+                      up=layer.mlp.up_proj.weight.detach().float())
+            for layer, pieces in zip(layers, xs)]
 
 
 def neuron_contributions(act: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -266,17 +266,18 @@ def build_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
             router = torch.randn(num_experts, hidden, generator=generator) * (router_logit_std / math.sqrt(hidden))
         else:
             sample = samples[i]
-            shared, experts = calibrate.cluster_neurons(calibrate.neuron_contributions(sample.act, down), num_experts,
+            act = sample.act  # [N, J]
+            shared, experts = calibrate.cluster_neurons(calibrate.neuron_contributions(act, down), num_experts,
                                                         expert_size, shared_size, options.active_fraction,
                                                         seed=seed + i)
-            outputs = calibrate.expert_outputs(sample.act, down, experts)  # [N, E, H]
+            outputs = calibrate.expert_outputs(act, down, experts)  # [N, E, H]
             router = calibrate.fit_router(sample.x, outputs, options.sharpness, seed=seed + i)
             weights = calibrate.route(sample.x @ router.t(), student_config.routing.value,
                                       student_config.num_experts_per_tok, student_config.top_p, student_config.min_k,
                                       int(student_config.max_k), student_config.norm_topk_prob)
-            target = sample.act @ down.t()  # [N, H] the dense FFN
+            target = act @ down.t()  # [N, H] the dense FFN
             if shared.numel():
-                target = target - sample.act[:, shared] @ down[:, shared].t()
+                target = target - act[:, shared] @ down[:, shared].t()
             scales = calibrate.fit_expert_scales(weights, outputs, target)
         for e, idx in enumerate(experts):
             put(f"{s_pre}mlp.experts.{e}.gate_proj.weight", gate[idx])
