@@ -142,7 +142,6 @@ def test_two_ranks_with_idle_experts_and_a_frozen_router(strategy, tmp_path):
 
 def _loop_worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
     """``train_loop`` itself on two ranks: one stage, then a resume into a second, router-frozen stage."""
-    import contextlib
     import json
 
     import torch.distributed as dist
@@ -150,9 +149,11 @@ def _loop_worker(rank: int, world: int, port: int, strategy: str, out: str) -> N
     from distill.data.schema import to_table
     from distill.training import checkpoint as ckpt
     from distill.training.data import TableSource
-    from distill.training.loop import Runtime, TrainJob, train_loop
+    from distill.training.loop import LocalRuntime, TrainJob, train_loop
 
-    class SpawnRuntime(Runtime):
+    class SpawnRuntime(LocalRuntime):
+        """LocalRuntime's checkpoints and reporting; this rank's share of one table, no held-out rows."""
+
         def __init__(self, table):
             self.rank, self.world_size, self.device = rank, world, torch.device("cpu")
             self.table, self.checkpoints = table, ckpt.LocalCheckpoints(Path(out) / "checkpoints")
@@ -162,14 +163,6 @@ def _loop_worker(rank: int, world: int, port: int, strategy: str, out: str) -> N
 
         def heldout(self, seed):
             return None
-
-        @contextlib.contextmanager
-        def latest_checkpoint(self):
-            yield self.checkpoints.latest()
-
-        def report(self, metrics, checkpoint_dir, step):
-            if checkpoint_dir is not None:
-                self.checkpoints.commit(checkpoint_dir, step)
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
