@@ -21,6 +21,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from cluster import storage
+from cluster.ray_init import quiet_ray_data
 from cluster.config import PipelineConfig, TeacherSection
 from distill.data import prompts as prompt_sources
 from distill.data.schema import schema, to_table
@@ -126,6 +127,7 @@ def run_teacher(cfg: PipelineConfig, requests: list[dict[str, Any]], sampling: S
     # One input block per teacher batch: a block is Ray Data's unit of work, so this is what lets
     # replicas share the work and what a crash loses at most (finished batches are already written).
     size = cfg.teacher.batch_size
+    quiet_ray_data()
     ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, max(table.num_rows, 1), size)])
     ds = teacher_stage(cfg, sampling)(ds)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

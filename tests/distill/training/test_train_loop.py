@@ -65,3 +65,19 @@ def test_from_teacher_init_is_calibrated_on_the_runs_training_rows(tiny_run, cap
     held = {tuple(ids) for ids, out in zip(table["input_ids"].to_pylist(),
                                           heldout_mask(table, cfg.train.heldout_fraction, cfg.train.seed)) if out}
     assert held and seen and not held & {tuple(s) for s in seen}
+
+
+def test_heldout_every_scores_the_budget_curve_with_the_teachers_nll_on_the_same_tokens(tiny_run):
+    from distill.eval.report import plot_budget
+
+    cfg, run = tiny_run
+    cfg = cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), "heldout_every": 2,
+                                                                   "stages": [{"name": "kd", "steps": 6}]})})
+    run_train_stage(cfg, run, use_ray=False, show_progress=False)
+    held = [m for m in metrics(run) if m.get("event") == "heldout"]
+    assert [h["step"] for h in held] == [2, 4, 6]  # every 2 steps, the stage end once
+    tokens = [h["train_tokens"] for h in held]
+    assert tokens == sorted(tokens) and tokens[0] > 0 and len(set(tokens)) == 3
+    assert all(h["teacher_ce"] > 0 and h["ce"] > 0 and h["tokens"] == held[0]["tokens"] for h in held)
+    assert plot_budget(metrics(run))[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_budget(held[:1]) is None  # one point is no curve
