@@ -105,12 +105,14 @@ def teacher_stage(cfg: PipelineConfig, sampling: SamplingParams) -> Callable[[An
     t = cfg.teacher
 
     def apply(ds: Any) -> Any:
+        import ray.data
+
         return ds.map_batches(
             TeacherWorker,
             fn_constructor_kwargs=dict(teacher=t.model_dump(mode="json"), sampling=sampling.to_json(),
                                        logprob_dtype=cfg.generate.logprob_dtype,
                                        max_retries=cfg.generate.max_retries),
-            batch_size=t.batch_size, batch_format="pyarrow", concurrency=t.replicas,
+            batch_size=t.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=t.replicas),
             # Ray Data's actor pools default to max_restarts=-1 / max_task_retries=-1: a dead
             # replica is restarted and its in-flight batches are retried (tested).
             num_cpus=t.num_cpus, num_gpus=t.num_gpus or None)
