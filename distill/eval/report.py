@@ -35,6 +35,16 @@ def _models(report: dict) -> list[str]:
     return [m for m in MODEL_ORDER if m in report.get("models", {})]
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
+    """Labels, grid and legend of a one-axis line plot, as PNG bytes."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def plot_training_loss(metrics: list[dict]) -> Optional[bytes]:
     """Loss vs step, one line per training stage (``stage_name`` or ``stage``), held-out KL as markers."""
     steps = [m for m in metrics if "loss" in m and "step" in m and m.get("event") is None]
@@ -51,12 +61,7 @@ def plot_training_loss(metrics: list[dict]) -> Optional[bytes]:
     held = [m for m in metrics if m.get("event") == "heldout" and m.get("kl") is not None]
     if held:
         ax.plot([m["step"] for m in held], [m["kl"] for m in held], "o--", color="black", label="held-out KL")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Training loss by stage")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _finish(fig, ax, "step", "loss", "Training loss by stage")
 
 
 def plot_budget(metrics: list[dict]) -> Optional[bytes]:
@@ -75,12 +80,8 @@ def plot_budget(metrics: list[dict]) -> Optional[bytes]:
             label="student / teacher, held-out teacher text")
     ax.axhline(1.0, color="gray", linestyle=":", label="teacher")
     ax.set_xscale("log")
-    ax.set_xlabel("training tokens (completion targets)")
-    ax.set_ylabel("bits/byte ratio")
-    ax.set_title("Student vs teacher as the training budget grows")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _finish(fig, ax, "training tokens (completion targets)", "bits/byte ratio",
+                   "Student vs teacher as the training budget grows")
 
 
 def plot_bits_per_byte(report: dict) -> Optional[bytes]:
