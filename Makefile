@@ -41,7 +41,7 @@ DEMO_KEEP_SERVING ?= 1
 demo: install corpus
 	$(VENV)/bin/raydistill run pipelines/configs/quickstart.yaml $(if $(filter 0,$(DEMO_KEEP_SERVING)),,--keep-serving)
 
-# The quality recipe (about an hour on 2 cores): the quickstart's student with 4x the text and 8x the steps.
+# The quality recipe (about 45 min on 2 cores): the quickstart's student with 4x the text and 4x the steps.
 quality: install corpus
 	$(VENV)/bin/raydistill run pipelines/configs/quality.yaml
 
