@@ -252,6 +252,36 @@ def job_server_address(cfg: Any, address: Optional[str] = None) -> str:
     return address
 
 
+def ray_auth_token() -> Optional[str]:
+    """This machine's Ray cluster token, found where ``ray get-auth-token`` finds it: ``$RAY_AUTH_TOKEN``,
+    the file ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``. None when there is none."""
+    import os
+
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    try:
+        with open(path) as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def job_server_headers() -> dict[str, str]:
+    """``Authorization: Bearer <token>`` for the Ray job server when this machine has a cluster token.
+
+    Ray's own client sends the token only when ``RAY_AUTH_MODE=token`` is set in the client's
+    environment; a laptop that copied the head's token (README: "Cluster access") should not need that.
+    ``RAY_AUTH_MODE=disabled`` sends nothing."""
+    import os
+
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+        return {}
+    token = ray_auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _is_local_address(address: str) -> bool:
     return any(h in address for h in ("127.0.0.1", "localhost", "[::1]"))
 
@@ -310,11 +340,13 @@ class RayJobSubmitter:
             from ray.job_submission import JobSubmissionClient
 
             try:
-                self._client = JobSubmissionClient(self.address)
+                self._client = JobSubmissionClient(self.address, headers=job_server_headers() or None)
             except Exception as exc:  # noqa: BLE001 - connection / auth problems, with the fix
                 raise RaydistillError(f"cannot reach the Ray job server at {self.address} ({exc}); pass "
-                                      "--address http://HEAD:8265 or set schedule.address (and the cluster's auth "
-                                      "token in RAY_AUTH_TOKEN when token auth is on)") from exc
+                                      "--address http://HEAD:8265 or set schedule.address. A cluster with token auth "
+                                      "(the default of `ray start` since Ray 2.60) needs its token here: copy the "
+                                      "head's ~/.ray/auth_token (`ray get-auth-token` on the head) to this machine's "
+                                      "~/.ray/auth_token, or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH") from exc
         return self._client
 
     def submit(self, run_id: Optional[str] = None, extra_args: Optional[list[str]] = None) -> str:

@@ -418,12 +418,14 @@ def _streaming(events: Any, release: Any) -> StreamingResponse:
 
 
 def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[ServeSection] = None, *,
-               api_keys: Optional[list[str]] = None, metrics: Optional[ServerMetrics] = None,
+               api_keys: Optional[list[str]] = None, auth: Optional[APIKeyAuth] = None,
+               metrics: Optional[ServerMetrics] = None,
                prompt_log: Optional[PromptLog] = None, admission_limit: Union[int, None, str] = "auto",
                replicas_fn: Optional[Any] = None, close_backends: bool = False) -> FastAPI:
     """The FastAPI app serving ``backends`` (one per model id).
 
-    ``api_keys``: overrides ``section.api_key_env`` / ``api_key_file``. ``admission_limit``: requests
+    ``api_keys``: overrides ``section.api_key_env`` / ``api_key_file``; ``auth`` (e.g. built from key hashes
+    the deploying driver read) overrides both. ``admission_limit``: requests
     in flight beyond which new ones get 429 (``"auto"`` = ``max_ongoing_requests + max_queued_requests``
     of the section, ``None`` = no limit, used inside Ray Serve where the handle enforces it).
     ``prompt_log``: defaults to one built from the section when ``serve.prompt_log_enabled``.
@@ -433,8 +435,9 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
     backends = [backends] if not isinstance(backends, (list, tuple)) else list(backends)
     if not backends:
         raise ValueError("create_app needs at least one backend")
-    keys = api_keys if api_keys is not None else load_api_keys(section.api_key_env, section.api_key_file)
-    auth = APIKeyAuth(keys)
+    if auth is None:
+        keys = api_keys if api_keys is not None else load_api_keys(section.api_key_env, section.api_key_file)
+        auth = APIKeyAuth(keys)
     if prompt_log is None and section.prompt_log_uri:
         prompt_log = PromptLog(section.prompt_log_uri, redact=section.prompt_log_redact,
                                flush_rows=section.prompt_log_flush_rows, flush_s=section.prompt_log_flush_s)

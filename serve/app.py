@@ -256,16 +256,23 @@ def _count_replicas(app_name: str) -> Optional[int]:
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(self, model_handle: Any, model_dir: str, section: dict, name: str, app_name: str):
+    """The OpenAI FastAPI app in a Serve replica. ``api_key_hashes``: SHA-256 digests of the keys the
+    deploying driver read (the replica's own environment is never consulted: on a cluster it lacks them)."""
+
+    def __init__(self, model_handle: Any, model_dir: str, section: dict, name: str, app_name: str,
+                 api_key_hashes: Optional[list[str]] = None):
         _request_logging()
         self.section = ServeSection(**section)
         self.app_name = app_name
+        self.api_key_hashes = list(api_key_hashes or [])
         self.backend = HandleBackend(model_handle, model_dir, name)
 
     def __serve_build_asgi_app__(self) -> Any:
+        from serve.auth import APIKeyAuth
         from serve.metrics import ServerMetrics
 
-        app = create_app(self.backend, self.section, admission_limit=None, metrics=ServerMetrics(ray_metrics=True),
+        app = create_app(self.backend, self.section, auth=APIKeyAuth.from_hashes(self.api_key_hashes),
+                         admission_limit=None, metrics=ServerMetrics(ray_metrics=True),
                          replicas_fn=lambda: _count_replicas(self.app_name))
         self.server = app.state.server
         return app
@@ -292,10 +299,24 @@ def _options(deployment: Any, **options: Any) -> Any:
         return deployment.options(**options)
 
 
+def driver_key_hashes(section: ServeSection) -> list[str]:
+    """SHA-256 digests of the API keys in *this* process's environment / key file (``serve.api_key_env``,
+    ``serve.api_key_file``): what the ingress replicas check against."""
+    from serve.auth import hash_key, load_api_keys
+
+    return [hash_key(k) for k in load_api_keys(section.api_key_env, section.api_key_file)]
+
+
 def build_app(model_dir: str, section: Optional[ServeSection] = None, *, name: Optional[str] = None,
-              engine_factory: Optional[str] = None, engine_options: Optional[dict] = None) -> Any:
-    """The bound Serve application (ingress -> model) for ``model_dir``; run it with ``serve.run``."""
+              engine_factory: Optional[str] = None, engine_options: Optional[dict] = None,
+              api_key_hashes: Optional[list[str]] = None) -> Any:
+    """The bound Serve application (ingress -> model) for ``model_dir``; run it with ``serve.run``.
+
+    The API keys are read here, in the driver (``api_key_hashes`` overrides), and handed to the ingress
+    as hashes."""
     section = section or ServeSection()
+    if api_key_hashes is None:
+        api_key_hashes = driver_key_hashes(section)
     model_dir = _abs_model(model_dir)
     app_name = name or section.app_name
     user_config = {"model_dir": model_dir}
@@ -324,7 +345,7 @@ def build_app(model_dir: str, section: Optional[ServeSection] = None, *, name: O
         Ingress, name=INGRESS_DEPLOYMENT, num_replicas=section.ingress_replicas,
         ray_actor_options={"num_cpus": section.ingress_num_cpus}, max_ongoing_requests=ingress_limit,
         user_config=user_config,
-    ).bind(model, model_dir, section.model_dump(mode="json"), served_name(section, name), app_name)
+    ).bind(model, model_dir, section.model_dump(mode="json"), served_name(section, name), app_name, api_key_hashes)
 
 
 def _start_serve(section: ServeSection) -> None:
@@ -335,6 +356,23 @@ def _start_serve(section: ServeSection) -> None:
     if section.request_timeout_s:
         http["request_timeout_s"] = section.request_timeout_s
     serve.start(http_options=http)
+
+
+def _http_host(section: ServeSection) -> str:
+    """The address Serve's HTTP proxies listen on: the running Serve's (it may have been started earlier
+    with other options), else ``serve.host``."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return str(_get_global_client().get_serve_details().get("http_options", {}).get("host") or section.host)
+    except Exception:  # noqa: BLE001 - Serve not started here
+        return section.host
+
+
+def _check_exposure(section: ServeSection, hashes: list[str]) -> None:
+    from serve.auth import check_exposure
+
+    check_exposure(_http_host(section), bool(hashes), section.allow_unauthenticated)
 
 
 def _base_url(section: ServeSection) -> str:
@@ -357,11 +395,16 @@ def deploy(model_dir: str, section: Optional[ServeSection] = None, *, name: Opti
     """Deploy (or redeploy) the app on Ray Serve and wait until it is ready; returns its base URL.
 
     ``blocking=True`` then serves until Ctrl-C. Starts an embedded local Ray when none is connected.
+    API keys come from this process (see :func:`build_app`); without any, a non-loopback Serve address
+    is refused (ConfigError) unless ``serve.allow_unauthenticated``.
     """
     section = section or ServeSection()
     app_name = name or section.app_name
+    hashes = driver_key_hashes(section)
     _start_serve(section)
-    app = build_app(model_dir, section, name=name, engine_factory=engine_factory, engine_options=engine_options)
+    _check_exposure(section, hashes)
+    app = build_app(model_dir, section, name=name, engine_factory=engine_factory, engine_options=engine_options,
+                    api_key_hashes=hashes)
     try:
         serve.run(app, name=app_name, route_prefix=section.route_prefix, blocking=False)
     except Exception as exc:  # noqa: BLE001 - replica constructors failing surface here
@@ -390,7 +433,9 @@ def update_model(model_dir: str, section: Optional[ServeSection] = None, *, name
     if status(app_name) is None:
         raise RaydistillError(f"no serving app named {app_name!r} is running; deploy it first "
                               "(serve.app.deploy or `raydistill serve`)")
-    app = build_app(model_dir, section, name=name)
+    hashes = driver_key_hashes(section)
+    _check_exposure(section, hashes)
+    app = build_app(model_dir, section, name=name, api_key_hashes=hashes)
     serve.run(app, name=app_name, route_prefix=section.route_prefix, blocking=False)
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
     target = _abs_model(model_dir)

@@ -53,6 +53,9 @@ class ServeSection(Section):
     api_key_env: Optional[str] = Field(default="RAYDISTILL_API_KEYS",
                                        description="env var holding API keys (comma separated)")
     api_key_file: Optional[str] = Field(default=None, description="file (URI) with one API key per line")
+    allow_unauthenticated: bool = Field(default=False, description="serve without API keys on a non-loopback "
+                                        "host (refused otherwise). Keys are read where `raydistill serve` / the "
+                                        "deploy stage runs, and replicas get only their hashes")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="larger request bodies get 413")
     max_tokens_default: int = Field(default=256, ge=1, description="max_tokens when a request names none")
     max_n: int = Field(default=8, ge=1, description="largest `n` (choices per request)")
