@@ -310,11 +310,16 @@ class OpenAIServer:
 
         async def pump(job: _Job) -> None:
             try:
+                finished = False
                 if job.first is not None:
                     await queue.put((job, job.first))
+                    finished = job.first.finished
                     # Iterate to the natural end (not break) so the engine sees a finished, not aborted, request.
                     async for out in job.stream:  # type: ignore[union-attr]
                         await queue.put((job, out))
+                        finished = finished or out.finished
+                if not finished:  # the stream stopped without a finish_reason: never report that as done
+                    raise EngineUnavailable(f"engine request {job.request.request_id} ended without finishing")
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
@@ -440,7 +445,8 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         auth = APIKeyAuth(keys)
     if prompt_log is None and section.prompt_log_uri:
         prompt_log = PromptLog(section.prompt_log_uri, redact=section.prompt_log_redact,
-                               flush_rows=section.prompt_log_flush_rows, flush_s=section.prompt_log_flush_s)
+                               flush_rows=section.prompt_log_flush_rows, flush_s=section.prompt_log_flush_s,
+                               max_buffer_rows=section.prompt_log_max_buffer_rows)
     if admission_limit == "auto":
         admission_limit = (None if section.max_queued_requests < 0
                            else section.max_ongoing_requests + section.max_queued_requests)
@@ -450,21 +456,9 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         auth.warn_if_open()
-        flusher = None
-        if server.prompt_log is not None:
-            async def flush_loop() -> None:
-                while True:
-                    await asyncio.sleep(min(1.0, server.prompt_log.flush_s))
-                    await asyncio.to_thread(server.prompt_log.maybe_flush)
-
-            flusher = asyncio.ensure_future(flush_loop())
         try:
-            yield
+            yield  # the prompt log flushes from its own thread, never on this event loop
         finally:
-            if flusher is not None:
-                flusher.cancel()
-                with contextlib.suppress(BaseException):
-                    await flusher
             if server.prompt_log is not None:
                 await asyncio.to_thread(server.prompt_log.close)
             if close_backends:
@@ -522,6 +516,10 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                 server.metrics.engine_state(b.name, running=int(stats.get("running", 0)),
                                             waiting=int(stats.get("waiting", 0)), replicas=replicas)
         server.metrics.in_flight.set(server.in_flight)
+        if server.prompt_log is not None:
+            server.metrics.prompt_log_state(pending=server.prompt_log.pending(),
+                                            dropped=server.prompt_log.dropped_rows,
+                                            files=server.prompt_log.files_written)
         data, content_type = server.metrics.render()
         return Response(content=data, media_type=content_type)
 

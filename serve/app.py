@@ -29,7 +29,7 @@ from ray import serve
 
 from cluster.errors import RaydistillError
 from serve.api import Overloaded, create_app, engine_kwargs, load_engine  # noqa: F401 - re-exported
-from serve.engine.types import EngineError, EngineFailure, GenerationOutput, GenerationRequest
+from serve.engine.types import EngineError, EngineFailure, EngineUnavailable, GenerationOutput, GenerationRequest
 from serve.section import ServeSection
 
 logger = logging.getLogger("raydistill.serve")
@@ -66,6 +66,7 @@ class _Counted:
         self.engine = engine
         self.model_dir = model_dir
         self.active = 0
+        self.closed = False  # shut down after a swap: requests still on it did not finish
 
 
 @serve.deployment
@@ -108,19 +109,38 @@ class ModelDeployment:
             asyncio.get_running_loop().create_task(self._drain(old))
 
     async def _drain(self, old: _Counted) -> None:
-        deadline = time.monotonic() + max(self.section.graceful_shutdown_timeout_s, 1.0)
+        """Shut the swapped-out engine down once its in-flight requests have finished, or after
+        ``serve.swap_drain_timeout_s``; requests cut off then end with EngineUnavailable (a 503)."""
+        deadline = time.monotonic() + self.section.swap_drain_timeout_s
         while old.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if old.active:
+            logger.warning("old engine %s: %d requests still running after swap_drain_timeout_s=%gs; they end "
+                           "with an error", old.model_dir, old.active, self.section.swap_drain_timeout_s)
+        old.closed = True
         await asyncio.to_thread(old.engine.shutdown)
         self._draining.remove(old)
         logger.info("old engine %s shut down", old.model_dir)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """The engine's outputs for ``request``. A request that does not end with ``stop`` / ``length``
+        (aborted by a shutdown, or a stream that just stops) raises EngineUnavailable: it is never
+        reported as finished."""
         slot = self.current  # a request finishes on the engine it started on, even across a swap
         slot.active += 1
+        finished = False
         try:
             async for out in slot.engine.generate(request):
+                if out.finished and out.finish_reason not in ("stop", "length"):
+                    raise EngineUnavailable(f"request {request.request_id} was aborted by the engine "
+                                            f"({'shut down after a model swap' if slot.closed else out.finish_reason})")
                 yield out
+                if out.finished:
+                    finished = True
+                    break
+            if not finished:
+                raise EngineUnavailable(f"request {request.request_id} ended without finishing"
+                                        + (" (its engine was shut down after a model swap)" if slot.closed else ""))
         finally:
             slot.active -= 1
             if self._gauges is not None:

@@ -46,6 +46,9 @@ class ServeSection(Section):
     ingress_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.1, ge=0)
     graceful_shutdown_timeout_s: float = Field(default=30, ge=0, description="how long an old replica drains")
+    swap_drain_timeout_s: float = Field(default=600, gt=0, description="after a model swap (update_model, "
+                                        "rollback) the old engine finishes its in-flight requests for up to this "
+                                        "long; any still running then end with an error (503), never as finished")
     request_timeout_s: Optional[float] = Field(default=600, gt=0, description="deadline of one request, queueing "
                                                "included (504 past it); null = none")
 
@@ -74,6 +77,8 @@ class ServeSection(Section):
     prompt_log_redact: Optional[str] = Field(default=None, description="'module:function' taking and returning a record dict")
     prompt_log_flush_rows: int = Field(default=64, ge=1)
     prompt_log_flush_s: float = Field(default=10, gt=0)
+    prompt_log_max_buffer_rows: int = Field(default=10_000, ge=1, description="records held while writes fail; "
+                                            "beyond it the oldest are dropped (counted on /metrics)")
 
     @field_validator("route_prefix")
     @classmethod
