@@ -471,6 +471,20 @@ def update_model(model_dir: str, section: Optional[ServeSection] = None, *, name
     raise RaydistillError(f"model update of app {app_name!r} to {model_dir} did not finish in {timeout_s:.0f}s")
 
 
+def served_model_dir(name: Optional[str] = None) -> Optional[str]:
+    """The model dir the app's model replicas serve now (asked from a replica), or None when the app
+    is not running or does not answer."""
+    app_name = name or ServeSection().app_name
+    if status(app_name) is None:
+        return None
+    try:
+        handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
+        return str(handle.info.remote().result(timeout_s=60)["model_dir"])
+    except Exception as exc:  # noqa: BLE001 - unknown: the caller treats it as "not served"
+        logger.warning("cannot ask app %s which model it serves: %r", app_name, exc)
+        return None
+
+
 def status(name: Optional[str] = None) -> Optional[dict]:
     """``{"status", "message", "deployments": {name: {"status", "replicas", "replica_states"}}}`` or None."""
     import ray
