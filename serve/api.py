@@ -614,9 +614,10 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
     def _sampling(req: _Req, max_tokens: int, seed_offset: int, *, logprobs: bool, top: int,
                   prompt_logprobs: bool = False) -> SamplingOptions:
         seed = None if req.seed is None else choice_seed(req.seed, seed_offset)
+        schema = req.response_format.output_schema() if req.response_format is not None else None
         return SamplingOptions(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                seed=seed, stop=list(req.stop or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
-                               top_logprobs=top, prompt_logprobs=prompt_logprobs)
+                               top_logprobs=top, prompt_logprobs=prompt_logprobs, json_schema=schema)
 
     async def _run_to_end(request: Request, jobs: list[_Job], choices: dict[int, _Choice], model: str,
                           start: float, info: dict) -> None:

@@ -368,6 +368,52 @@ def build_app(model_dir: str, section: Optional[ServeSection] = None, *, name: O
     ).bind(model, model_dir, section.model_dump(mode="json"), served_name(section, name), app_name, api_key_hashes)
 
 
+def capacity_report(section: ServeSection, resources: dict[str, float]) -> tuple[int, Optional[str]]:
+    """How many model replicas the cluster's ``resources`` (``ray.cluster_resources()``) can ever hold beside
+    the ingress, and a warning when that is below ``serve.max_replicas`` (None when it fits).
+
+    Ray Serve would otherwise decide to upscale and the new replica would wait forever, the only sign
+    being Serve's "has taken more than 30s to be scheduled" log line.
+    """
+    cpus = float(resources.get("CPU", 0.0))
+    gpus = float(resources.get("GPU", 0.0))
+    ingress = section.ingress_replicas * section.ingress_num_cpus
+    limits = [int((cpus - ingress + 1e-9) // section.num_cpus)] if section.num_cpus > 0 else []
+    if section.num_gpus > 0:
+        limits.append(int((gpus + 1e-9) // section.num_gpus))
+    fits = max(0, min(limits)) if limits else section.max_replicas
+    if fits >= section.max_replicas:
+        return fits, None
+    need = (f"{section.max_replicas} x {section.num_cpus:g} CPU"
+            + (f" + {section.max_replicas} x {section.num_gpus:g} GPU" if section.num_gpus else "")
+            + f" + {ingress:g} CPU for the ingress")
+    have = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if section.num_gpus else "")
+    return fits, (f"serve.max_replicas={section.max_replicas} needs {need}, but the cluster has {have}: at most "
+                  f"{fits} model replica{'s' if fits != 1 else ''} can ever run, and Ray Serve would wait forever "
+                  "for the others (\"taken more than 30s to be scheduled\"). Lower serve.max_replicas or "
+                  "serve.num_cpus / num_gpus, add nodes, set serve.capacity_check: fit to size max_replicas to "
+                  "the cluster, or serve.nodes_autoscale: true if the cluster adds nodes on demand")
+
+
+def fit_to_cluster(section: ServeSection) -> ServeSection:
+    """Apply ``serve.capacity_check`` against the connected cluster: log the :func:`capacity_report`
+    warning, and with ``fit`` return the section with ``max_replicas`` (and min/initial) lowered to fit."""
+    import ray
+
+    if section.capacity_check == "off" or section.nodes_autoscale or not ray.is_initialized():
+        return section
+    fits, warning = capacity_report(section, ray.cluster_resources())
+    if warning is None:
+        return section
+    if section.capacity_check == "fit" and fits >= 1:
+        logger.warning("%s; serve.capacity_check=fit: serving with max_replicas=%d", warning, fits)
+        initial = section.initial_replicas
+        return section.model_copy(update={"max_replicas": fits, "min_replicas": min(section.min_replicas, fits),
+                                          "initial_replicas": None if initial is None else min(initial, fits)})
+    logger.warning(warning)
+    return section
+
+
 def _start_serve(section: ServeSection) -> None:
     from cluster.ray_init import connect
 
@@ -423,6 +469,7 @@ def deploy(model_dir: str, section: Optional[ServeSection] = None, *, name: Opti
     hashes = driver_key_hashes(section)
     _start_serve(section)
     _check_exposure(section, hashes)
+    section = fit_to_cluster(section)
     app = build_app(model_dir, section, name=name, engine_factory=engine_factory, engine_options=engine_options,
                     api_key_hashes=hashes)
     try:
@@ -455,6 +502,7 @@ def update_model(model_dir: str, section: Optional[ServeSection] = None, *, name
                               "(serve.app.deploy or `raydistill serve`)")
     hashes = driver_key_hashes(section)
     _check_exposure(section, hashes)
+    section = fit_to_cluster(section)
     app = build_app(model_dir, section, name=name, api_key_hashes=hashes)
     serve.run(app, name=app_name, route_prefix=section.route_prefix, blocking=False)
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)

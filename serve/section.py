@@ -43,6 +43,12 @@ class ServeSection(Section):
     max_ongoing_requests: int = Field(default=32, ge=1, description="requests one model replica takes at once")
     max_queued_requests: int = Field(default=64, ge=-1, description="waiting requests per caller beyond which "
                                      "the server answers 429 (-1 = unbounded, not recommended)")
+    capacity_check: Literal["warn", "fit", "off"] = Field(
+        default="warn", description="at deploy, compare what max_replicas needs (num_cpus / num_gpus per model "
+        "replica + the ingress) with the cluster's CPUs/GPUs: warn = log what can never start, fit = also lower "
+        "max_replicas to what fits, off = no check. Skipped when nodes_autoscale")
+    nodes_autoscale: bool = Field(default=False, description="the cluster adds nodes on demand (ray_cluster.yaml, "
+                                  "KubeRay autoscaling): replicas beyond today's nodes are expected to fit later")
     ingress_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.1, ge=0)
     graceful_shutdown_timeout_s: float = Field(default=30, ge=0, description="how long an old replica drains")
