@@ -468,6 +468,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
 
     app = FastAPI(title="raydistill", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -858,6 +859,47 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                       "total_tokens": prompt_tokens + completion_tokens}})
 
     return app
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The served OpenAPI document, with what FastAPI cannot see in routes that read the raw body: the
+    request bodies of both generation routes (the pydantic models), bearer auth, and the error shape."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version="1", routes=app.routes)
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas["Error"] = ERROR_SCHEMA
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    bodies = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+    error = {"description": "OpenAI-style error", "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"}}}}
+    for path, model in bodies.items():
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(js.pop("$defs", {}))
+        schemas[model.__name__] = js
+        op = doc["paths"][path]["post"]
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        op["responses"] = {"200": {"description": "the completion (JSON, or SSE with stream: true)",
+                                   "content": {"application/json": {"schema": {"type": "object"}},
+                                               "text/event-stream": {"schema": {"type": "string"}}}},
+                           **{code: error for code in ("400", "401", "404", "413", "429", "500", "503", "504")}}
+    for path, item in doc["paths"].items():
+        for op in item.values():
+            if path.startswith("/v1/"):
+                op["security"] = [{"bearer": []}]
+                op.setdefault("responses", {}).update({"401": error, "404": error})
+    app.openapi_schema = doc
+    return doc
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,13 @@ without downtime: :func:`update_model` changes only the deployments' ``user_conf
 ``reconfigure`` on the running replicas in place; each loads the new engine beside the old one,
 switches, lets the old one drain its in-flight requests and then shuts it down.
 
+On vLLM (GPU) a second engine does not fit beside the first (vLLM takes ``gpu_memory_utilization`` of
+the GPU), so the model swap is a **rolling replacement** instead: the model dir is part of the model
+deployment's version (:func:`model_version`), not of its ``user_config``, so a new model makes Serve
+start new replicas first (``max_surge_percent=100``), route to them once healthy, and stop the old
+replicas after they drained (``graceful_shutdown_timeout_s``). That needs room for one more replica per
+replica replaced (a spare GPU, or a node type the cluster autoscaler can add).
+
 Public API (used by the pipeline's deploy stage): :func:`build_app`, :func:`deploy`,
 :func:`update_model`, :func:`status`, :func:`shutdown`.
 """
@@ -33,6 +40,21 @@ from serve.engine.types import EngineError, EngineFailure, EngineUnavailable, Ge
 from serve.section import ServeSection
 
 logger = logging.getLogger("raydistill.serve")
+
+def uses_vllm(section: ServeSection) -> bool:
+    """True when the model replicas run vLLM (``serve.backend``)."""
+    return section.backend == "vllm" or (section.backend == "auto" and section.num_gpus > 0)
+
+
+def model_version(section: ServeSection, model_dir: str) -> str:
+    """The model deployment's version: fixed for our engine (swaps are in-place reconfigures); on vLLM it
+    includes the model dir, so a new model is a rolling replacement of the replicas."""
+    if not uses_vllm(section):
+        return CODE_VERSION
+    import hashlib
+
+    return f"{CODE_VERSION}-{hashlib.sha256(model_dir.encode()).hexdigest()[:12]}"
+
 
 # A fixed code version: redeploying the same code with a new user_config (a new model dir) is then a
 # light in-place reconfigure of the running replicas instead of a restart. (Serve keeps `version` for
@@ -94,8 +116,14 @@ class ModelDeployment:
         logger.info("model replica loaded %s in %.1fs", model_dir, time.perf_counter() - t0)
 
     async def reconfigure(self, user_config: dict) -> None:
+        """Swap to ``user_config["model_dir"]``: load the new engine beside the old one, switch, drain the old.
+        Never on vLLM (no room for two engines on the GPU): there a new model is a rolling replacement."""
         model_dir = (user_config or {}).get("model_dir")
         if not model_dir or model_dir == self.current.model_dir:
+            return
+        if uses_vllm(self.section) and self.engine_factory is None:
+            logger.warning("model replica on vLLM asked to swap to %s in place; refused (a second vLLM engine "
+                           "does not fit on the GPU): update_model replaces vLLM replicas instead", model_dir)
             return
         async with self._swap_lock:
             t0 = time.perf_counter()
@@ -312,9 +340,9 @@ def _abs_model(model_dir: str) -> str:
     return os.path.abspath(expanded) if os.path.exists(expanded) else model_dir
 
 
-def _options(deployment: Any, **options: Any) -> Any:
+def _options(deployment: Any, version: str = CODE_VERSION, **options: Any) -> Any:
     try:
-        return deployment.options(version=CODE_VERSION, _internal=True, **options)
+        return deployment.options(version=version, _internal=True, **options)
     except (TypeError, ValueError):  # a Ray without internal versions: updates become surge restarts
         return deployment.options(**options)
 
@@ -353,11 +381,15 @@ def build_app(model_dir: str, section: Optional[ServeSection] = None, *, name: O
         actor_options["num_gpus"] = section.num_gpus
     if section.threads:
         actor_options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(section.threads)}}
+    # Our engine swaps in place (model_dir in user_config -> reconfigure); vLLM by rolling replacement
+    # (model_dir in the version and the init args only).
+    model_user_config = {} if uses_vllm(section) else user_config
     model = _options(
-        ModelDeployment, name=MODEL_DEPLOYMENT, max_surge_percent=100, autoscaling_config=autoscaling, ray_actor_options=actor_options,
+        ModelDeployment, version=model_version(section, model_dir), name=MODEL_DEPLOYMENT, max_surge_percent=100,
+        autoscaling_config=autoscaling, ray_actor_options=actor_options,
         max_ongoing_requests=section.max_ongoing_requests, max_queued_requests=section.max_queued_requests,
         graceful_shutdown_timeout_s=section.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5,
-        health_check_period_s=5, user_config=user_config,
+        health_check_period_s=5, user_config=model_user_config,
     ).bind(model_dir, section.model_dump(mode="json"), engine_factory, engine_options)
     # The ingress never queues work itself: its limit is far above what the model replicas accept.
     ingress_limit = max(100, 4 * section.max_replicas * (section.max_ongoing_requests + max(section.max_queued_requests, 0)))
