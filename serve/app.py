@@ -162,10 +162,8 @@ class ModelDeployment:
                 if out.finished and out.finish_reason not in ("stop", "length"):
                     raise EngineUnavailable(f"request {request.request_id} was aborted by the engine "
                                             f"({'shut down after a model swap' if slot.closed else out.finish_reason})")
-                yield out
-                if out.finished:
-                    finished = True
-                    break
+                finished = finished or out.finished
+                yield out  # iterated to the engine's natural end: the request is finished, not aborted
             if not finished:
                 raise EngineUnavailable(f"request {request.request_id} ended without finishing"
                                         + (" (its engine was shut down after a model swap)" if slot.closed else ""))
