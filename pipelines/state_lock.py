@@ -43,9 +43,8 @@ class StateLock:
         if storage.is_local(state_uri):
             from filelock import FileLock
 
-            path = self.uri[len("file://"):] if self.uri.startswith("file://") else self.uri
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._file_lock = FileLock(path, thread_local=False)
+            self._path = os.path.abspath(self.uri[len("file://"):] if self.uri.startswith("file://") else self.uri)
+            self._file_lock = FileLock(self._path, thread_local=False)
 
     # -------------------------------------------------------------------------------------- public
     def acquire(self, timeout: Optional[float] = None) -> "StateLock":
@@ -56,6 +55,7 @@ class StateLock:
                 if self._file_lock is not None:
                     from filelock import Timeout
 
+                    os.makedirs(os.path.dirname(self._path), exist_ok=True)  # first use of a new state dir
                     try:
                         self._file_lock.acquire(timeout=timeout)
                     except Timeout:
