@@ -466,9 +466,19 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                     if hasattr(b, "shutdown"):
                         b.shutdown()
 
-    app = FastAPI(title="raydistill", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="raydistill", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+
+    def authorize_open(request: Request) -> None:
+        """``/health``, ``/metrics``, ``/openapi.json`` need the key unless listed in ``serve.open_paths``."""
+        if request.url.path not in section.open_paths:
+            server.authorize(request)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_route(request: Request) -> JSONResponse:
+        authorize_open(request)
+        return JSONResponse(app.openapi())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -486,7 +496,8 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         return APIError(500, "internal error; the details are in the server log", code="internal_error").response()
 
     @app.get("/health")
-    async def health() -> Response:
+    async def health(request: Request) -> Response:
+        authorize_open(request)
         down = []
         for name, b in server.backends.items():
             check = getattr(b, "check_health", None)
@@ -503,7 +514,8 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         return JSONResponse({"status": "ok", "models": sorted(server.backends)})
 
     @app.get("/metrics")
-    async def metrics_route() -> Response:
+    async def metrics_route(request: Request) -> Response:
+        authorize_open(request)
         for b in backends:
             with contextlib.suppress(Exception):
                 stats = await asyncio.wait_for(b.stats(), timeout=2.0)

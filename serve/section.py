@@ -62,6 +62,9 @@ class ServeSection(Section):
     api_key_env: Optional[str] = Field(default="RAYDISTILL_API_KEYS",
                                        description="env var holding API keys (comma separated)")
     api_key_file: Optional[str] = Field(default=None, description="file (URI) with one API key per line")
+    open_paths: list[str] = Field(default_factory=lambda: ["/health", "/metrics", "/openapi.json"],
+                                  description="of /health, /metrics, /openapi.json: the ones answered without an "
+                                  "API key (Prometheus often scrapes without one); [] = the key everywhere")
     allow_unauthenticated: bool = Field(default=False, description="serve without API keys on a non-loopback "
                                         "host (refused otherwise). Keys are read where `raydistill serve` / the "
                                         "deploy stage runs, and replicas get only their hashes")

@@ -58,3 +58,26 @@ def test_no_ray_server_refuses_to_listen_openly_on_every_interface(monkeypatch, 
     # Refused before any model is loaded (the model dir does not even exist).
     assert main(["serve", str(tmp_path / "no-model-needed"), "--no-ray", "--host", "0.0.0.0"]) != 0
     assert "refusing to serve on 0.0.0.0 without an API key" in capsys.readouterr().err
+
+
+def test_health_metrics_and_openapi_need_the_key_unless_open(serve_tokenizer, monkeypatch):
+    import httpx
+
+    from tests.serve.conftest import start_fake_server
+
+    monkeypatch.setenv("OPEN_PATH_KEYS", "k1")
+    paths = ("/health", "/metrics", "/openapi.json")
+    for open_paths, expect_without in (([], 401), (["/health", "/metrics", "/openapi.json"], 200)):
+        server, _ = start_fake_server(serve_tokenizer, api_key_env="OPEN_PATH_KEYS", open_paths=open_paths)
+        try:
+            for path in paths:
+                r = httpx.get(server.base_url + path, timeout=30)
+                assert r.status_code == expect_without, (path, r.text)
+                if expect_without == 401:
+                    assert r.json()["error"]["code"] == "invalid_api_key"
+                ok = httpx.get(server.base_url + path, headers={"Authorization": "Bearer k1"}, timeout=30)
+                assert ok.status_code == 200, (path, ok.text)
+            assert "/v1/chat/completions" in httpx.get(server.base_url + "/openapi.json",
+                                                       headers={"Authorization": "Bearer k1"}).json()["paths"]
+        finally:
+            server.stop()
