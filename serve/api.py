@@ -472,7 +472,10 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
 
     def authorize_open(request: Request) -> None:
         """``/health``, ``/metrics``, ``/openapi.json`` need the key unless listed in ``serve.open_paths``."""
-        if request.url.path not in section.open_paths:
+        path, root = request.url.path, request.scope.get("root_path") or ""
+        if root and path.startswith(root):  # behind a route prefix (Ray Serve's route_prefix)
+            path = path[len(root):] or "/"
+        if path not in section.open_paths:
             server.authorize(request)
 
     @app.get("/openapi.json", include_in_schema=False)
