@@ -56,7 +56,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-examples", type=int, default=60, help="examples per operation and phase")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--max-time", type=float, default=600, help="time budget of the schemathesis run (s)")
+    ap.add_argument("--max-time", type=int, default=600, help="time budget of the schemathesis run (s)")
     args = ap.parse_args()
 
     import httpx
