@@ -574,6 +574,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         info: dict[str, Any] = {}
         try:
             server.authorize(request)
+            server.admit(1)  # full: 429 before reading or parsing anything (cheap under a burst)
             body = await _read_body(request, section.max_body_bytes)
             req = parse_request(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest, endpoint)
             backend = server.backend(req.model)
