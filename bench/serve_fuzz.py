@@ -83,7 +83,7 @@ def main() -> int:
                "--request-timeout", "60", "--max-time", str(args.max_time), "--continue-on-failure",
                "--warnings", "off"]
         print("$", " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, text=True, capture_output=True)
+        proc = subprocess.run(cmd, text=True, capture_output=True, cwd=tmp)  # its report folder goes there
         print(proc.stdout[-6000:])
         if proc.stderr.strip():
             print(proc.stderr[-2000:], file=sys.stderr)
