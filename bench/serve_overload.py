@@ -155,6 +155,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--idle", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", help="model dir or alias for --engine tiny (default: a tiny random LLaMA); e.g. "
+                                    "smollm2-135m-instruct")
     ap.add_argument("--serve", nargs=3, metavar=("PORT", "MODEL_DIR", "LOG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -165,7 +167,8 @@ def main() -> int:
     from tests.conftest import make_tiny_llama
 
     tmp = Path(tempfile.mkdtemp(prefix="rd-overload-"))
-    model_dir = make_tiny_llama(tmp / "tiny", resolve_model("smollm2-135m-instruct"))
+    model_dir = (resolve_model(args.model) if args.model
+                 else make_tiny_llama(tmp / "tiny", resolve_model("smollm2-135m-instruct")))
     log_path = str(tmp / "server.log")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -215,7 +218,8 @@ def main() -> int:
                                                for ln in server_lines) if m]
     n_idle = 2 + args.idle
     s_idle, s_load = server_ttft[2:n_idle], server_ttft[n_idle:]
-    print(f"engine {args.engine}, slots {args.slots} (batch = max_ongoing_requests), max_queued_requests "
+    engine = "fake engine (20 ms/token)" if args.engine == "fake" else f"our engine on {args.model or 'a tiny random LLaMA'}"
+    print(f"{engine}, slots {args.slots} (batch = max_ongoing_requests), max_queued_requests "
           f"{args.queued}; {run['concurrent']} concurrent streams x {args.rounds} rounds, {args.tokens} tokens each, "
           f"{run['wall']:.1f}s")
     print(f"responses by status: {dict(sorted(by_status.items()))}; non-200 not 429/503: {len(bad_status)}; "
