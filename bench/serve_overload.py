@@ -218,7 +218,8 @@ def main() -> int:
                                                for ln in server_lines) if m]
     n_idle = 2 + args.idle
     s_idle, s_load = server_ttft[2:n_idle], server_ttft[n_idle:]
-    engine = "fake engine (20 ms/token)" if args.engine == "fake" else f"our engine on {args.model or 'a tiny random LLaMA'}"
+    engine = ("fake engine (20 ms/token)" if args.engine == "fake"
+              else f"our engine on {args.model or 'a tiny random LLaMA'}")
     print(f"{engine}, slots {args.slots} (batch = max_ongoing_requests), max_queued_requests "
           f"{args.queued}; {run['concurrent']} concurrent streams x {args.rounds} rounds, {args.tokens} tokens each, "
           f"{run['wall']:.1f}s")
