@@ -266,7 +266,7 @@ def test_difficulty_routing_loss_lowers_routing_entropy_of_easy_tokens_and_raise
     assert bool((end[2:] > start[2:] + 0.01).all())  # hard tokens: flatter routing (more experts)
     # zero-mean weights: a batch where every token is equally hard contributes nothing
     flat = difficulty_routing_loss(torch.rand(5, requires_grad=True), torch.full((5,), 1.3))
-    assert float(flat) == 0.0
+    assert float(flat.detach()) == 0.0
     with pytest.raises(RaydistillError, match="must both be"):
         difficulty_routing_loss(torch.rand(5), torch.rand(4))
 
