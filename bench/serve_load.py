@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._serving import free_port, wait_healthy  # noqa: E402
+
 PROMPTS = ["Explain why the sky is blue in two sentences.", "Write a haiku about the sea.",
            "What is the capital of France?", "List three uses of a paperclip.", "Describe a cat to a child.",
            "Give me a short recipe for pancakes.", "Why do leaves change colour in autumn?",
@@ -147,10 +149,6 @@ def main() -> None:
         run_server(int(port), teacher, student, args.threads, max(levels))
         return
 
-    import socket
-
-    import httpx
-
     from distill.teacher.sources import resolve_model
 
     teacher_dir = resolve_model("smollm2-135m-instruct")
@@ -158,24 +156,13 @@ def main() -> None:
         student_dir = args.student or build_student(teacher_dir, tmp)
         port = args.port
         if not port:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
+            port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
         server = subprocess.Popen([sys.executable, __file__, "--_server", str(port), teacher_dir, student_dir,
                                    "--threads", str(args.threads), "--concurrency", args.concurrency], env=env)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the server did not start")
-                time.sleep(0.5)
+            wait_healthy(url, server, timeout_s=300)
             rows: dict[str, dict[int, dict]] = {}
             for model in ("teacher", "student"):
                 asyncio.run(load_level(url, model, 2, 2, 8))  # warm-up

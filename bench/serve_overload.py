@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._serving import free_port, wait_healthy  # noqa: E402
+
 MSGS = [{"role": "user", "content": "Tell me a long story about the sea."}]
 
 
@@ -170,27 +172,14 @@ def main() -> int:
     model_dir = (resolve_model(args.model) if args.model
                  else make_tiny_llama(tmp / "tiny", resolve_model("smollm2-135m-instruct")))
     log_path = str(tmp / "server.log")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen([sys.executable, __file__, "--engine", args.engine, "--slots", str(args.slots),
                              "--queued", str(args.queued), "--threads", str(args.threads), "--serve", str(port),
                              model_dir, log_path], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        import httpx
-
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or proc.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
+        wait_healthy(url, proc, timeout_s=180)
         run = asyncio.run(drive(url, args))
         with open(log_path) as handle:
             server_lines = handle.read().splitlines()

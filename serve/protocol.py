@@ -48,14 +48,18 @@ class Overloaded(Exception):
 # ---------------------------------------------------------------------------------------------------
 # request models (OpenAI fields we honour; unknown fields are ignored like OpenAI-compatible servers do)
 # ---------------------------------------------------------------------------------------------------
-def _drop_nulls(data: Any) -> Any:
+class _NullMeansDefault(BaseModel):
     """Explicit ``null`` means "use the default" (LangChain and other clients send every optional field)."""
-    if isinstance(data, dict):
-        return {k: v for k, v in data.items() if v is not None}
-    return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
-class JSONSchemaFormat(BaseModel):
+class JSONSchemaFormat(_NullMeansDefault):
     """``response_format.json_schema``: the schema the output must validate against (``strict`` is implied:
     the grammar enforces the schema)."""
 
@@ -64,11 +68,6 @@ class JSONSchemaFormat(BaseModel):
     description: Optional[str] = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: Optional[bool] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls(cls, data: Any) -> Any:
-        return _drop_nulls(data)
 
 
 class ResponseFormat(BaseModel):
@@ -93,7 +92,7 @@ class ResponseFormat(BaseModel):
         return None
 
 
-class _Req(BaseModel):
+class _Req(_NullMeansDefault):
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -112,11 +111,6 @@ class _Req(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     response_format: Optional[ResponseFormat] = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls(cls, data: Any) -> Any:
-        return _drop_nulls(data)
-
     @field_validator("stop")
     @classmethod
     def _stop(cls, value: Any) -> Optional[list[str]]:
@@ -128,14 +122,9 @@ class _Req(BaseModel):
         return stops
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_NullMeansDefault):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls(cls, data: Any) -> Any:
-        return _drop_nulls(data)
 
 
 class ChatMessage(BaseModel):
