@@ -226,17 +226,24 @@ def teacher_top1(topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torc
     return torch.where(valid.any(dim=-1), ids, -1)
 
 
+def _teacher_masses(topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stored top-k as fp32 log-masses: valid [N, K] bool, log-probs [N, K] (-inf where not
+    valid), and the log of the tail bucket's mass [N] (1 - top-k mass)."""
+    valid = valid_topk(topk_ids, teacher_logprobs)
+    logp = torch.where(valid, teacher_logprobs.float(), float("-inf"))
+    return valid, logp, _log1mexp(torch.logsumexp(logp, dim=-1))
+
+
 def teacher_entropy(topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
     """``[N]`` the teacher's next-token entropy (nats) from its stored top-k ``[N, K]``.
 
     The mass outside the top-k counts as one bucket (``-m log m``), so this is a lower bound of the
     full entropy that keeps the order of easy and hard positions. No gradient (teacher data).
     """
-    valid = valid_topk(topk_ids, teacher_logprobs)
-    logp = torch.where(valid, teacher_logprobs.float(), float("-inf"))  # [N, K]
+    valid, logp, log_tail = _teacher_masses(topk_ids, teacher_logprobs)
     top = -(logp.exp() * torch.where(valid, logp, 0.0)).sum(dim=-1)  # [N]
-    log_tail = _log1mexp(torch.logsumexp(logp, dim=-1))  # [N]; all-invalid rows: tail = 1, entropy 0
-    return top - log_tail.exp() * log_tail
+    return top - log_tail.exp() * log_tail  # all-invalid rows: tail = 1, entropy 0
 
 
 def teacher_token_nll(targets: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
@@ -245,12 +252,10 @@ def teacher_token_nll(targets: torch.Tensor, topk_ids: torch.Tensor, teacher_log
     A target outside the stored top-k gets the NLL of the whole tail bucket, a lower bound of its own
     (for sampled tokens at the usual temperatures the target is nearly always in the top-k).
     """
-    valid = valid_topk(topk_ids, teacher_logprobs)
-    logp = torch.where(valid, teacher_logprobs.float(), float("-inf"))  # [N, K]
+    valid, logp, log_tail = _teacher_masses(topk_ids, teacher_logprobs)
     hit = valid & (topk_ids == targets.long().unsqueeze(1))  # [N, K]
     in_top = torch.where(hit, logp, float("-inf")).logsumexp(dim=-1)  # [N]; -inf when not stored
-    tail = _log1mexp(torch.logsumexp(logp, dim=-1))  # [N]
-    return -torch.where(hit.any(dim=-1), in_top, tail)
+    return -torch.where(hit.any(dim=-1), in_top, log_tail)
 
 
 def difficulty_routing_loss(router_entropy: torch.Tensor, difficulty: torch.Tensor) -> torch.Tensor:
