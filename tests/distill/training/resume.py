@@ -54,7 +54,8 @@ def assert_tensors_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 def assert_same_training(straight: dict[str, Any], resumed: dict[str, Any], straight_run: str | Path,
                          resumed_run: str | Path, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     """``straight``/``resumed`` are the two runs' train manifests."""
-    assert straight["steps"] == resumed["steps"] and straight["tokens"] == resumed["tokens"]
+    assert straight["steps"] == resumed["steps"], "steps"
+    assert straight["tokens"] == resumed["tokens"], "tokens trained on"
     a, b = comparable(metric_lines(straight_run)), comparable(metric_lines(resumed_run))
     assert [m.get("step") for m in a] == [m.get("step") for m in b], "metric lines: different steps"
     assert_close_values(a, b, "metrics", rtol, atol)
