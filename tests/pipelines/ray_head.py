@@ -1,6 +1,7 @@
 """A short-lived local Ray with the job server (dashboard) for the Ray Jobs API test.
 
-Run as ``python ray_head.py DASHBOARD_PORT AGENT_PORT TEMP_DIR [NUM_CPUS]`` (default 1 CPU); prints READY when the job server is up
+Run as ``python ray_head.py DASHBOARD_PORT AGENT_PORT TEMP_DIR [NUM_CPUS]`` (default 1 CPU); prints
+``READY <gcs address>`` when the job server is up
 and shuts Ray down on SIGTERM. Its own temp dir keeps ``ray_current_cluster`` out of /tmp/ray, so other
 processes' ``ray.init()`` never join this cluster by accident. ``ray.init`` has no option for the
 dashboard agent's port (default 52365, taken when another Ray with a dashboard runs on the machine),
@@ -26,7 +27,7 @@ def main() -> None:
         original(self, *args, **kwargs)
 
     parameter.RayParams.__init__ = params
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+    context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              object_store_memory=200 * 1024**2, _temp_dir=temp_dir, logging_level="WARNING")
 
     def stop(*_):
@@ -34,7 +35,7 @@ def main() -> None:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    print("READY", flush=True)
+    print("READY", context.address_info["gcs_address"], flush=True)
     while True:
         time.sleep(1)
 
