@@ -15,6 +15,14 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """``integration`` is what a test does, not where it lives: every test that uses the session's Ray or
+    the builtin teacher model gets it (pure unit tests beside them stay unmarked)."""
+    for item in items:
+        if {"ray_session", "builtin_teacher_model"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """``torch.set_num_threads(n)`` for a block, then the previous number again."""

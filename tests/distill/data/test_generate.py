@@ -16,7 +16,6 @@ from distill.data.generate import GENERATE_DIR, run_generate_stage
 from distill.data.shards import read_dir as read_shards
 from distill.data.inspect import inspect_data
 
-pytestmark = pytest.mark.integration
 FLAKY = "tests.distill.data.flaky_teacher:FlakyTeacher"
 SCRIPTED = "tests.distill.data.scripted_teacher:ScriptedTeacher"
 

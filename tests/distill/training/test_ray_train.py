@@ -18,7 +18,7 @@ from distill.training.stage import run_train_stage
 from tests.distill.training.conftest import tiny_cfg
 from tests.distill.training.resume import assert_same_training, metric_lines
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.integration  # (every test here uses the session's Ray)
 
 
 def two_stage(cfg, *extra):
@@ -66,6 +66,7 @@ def test_two_workers_train_on_disjoint_rows_and_checkpoint_to_storage(straight):
     assert json.loads((Path(run) / "train" / "manifest.json").read_text())["status"] == "done"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_mode", ["raise", "exit"])
 def test_worker_failure_resumes_from_the_last_checkpoint_and_ends_like_a_straight_run(
         straight, tmp_path, tiny_data_template, sharp_teacher_dir, fail_mode):
@@ -77,6 +78,7 @@ def test_worker_failure_resumes_from_the_last_checkpoint_and_ends_like_a_straigh
     assert_same_training(straight[0], manifest, straight[1], run)
 
 
+@pytest.mark.slow
 def test_failed_run_resumes_when_rerun_and_ends_like_a_straight_run(straight, tmp_path, tiny_data_template,
                                                                   sharp_teacher_dir):
     cfg, run = new_run(tmp_path, tiny_data_template, sharp_teacher_dir, ("max_failures", 0))
