@@ -15,6 +15,14 @@ import time
 import ray
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     port, agent_port, temp_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     num_cpus = int(sys.argv[4]) if len(sys.argv) > 4 else 1
@@ -24,6 +32,9 @@ def main() -> None:
 
     def params(self, *args, **kwargs):
         kwargs.setdefault("dashboard_agent_listen_port", agent_port)
+        # A GCS port of its own: on a shared machine a default one can be one that another user's Ray binds
+        # with SO_REUSEPORT too, and the job drivers then reach that (token-auth) GCS (InvalidAuthToken).
+        kwargs.setdefault("gcs_server_port", _free_port())
         original(self, *args, **kwargs)
 
     parameter.RayParams.__init__ = params
