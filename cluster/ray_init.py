@@ -103,6 +103,24 @@ def connect(
     return ray.cluster_resources()
 
 
+def quiet_ray_data() -> None:
+    """Turn off Ray Data's own progress output (bars, or on a non-TTY a block of INFO lines every few
+    seconds): our stage runner shows the progress. Call before building a dataset; datasets carry
+    the context to the workers that execute them."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    notice = logging.getLogger("ray.data._internal.progress")  # "Progress bars disabled. To enable, ..."
+    if not any(isinstance(f, _ProgressNotice) for f in notice.filters):
+        notice.addFilter(_ProgressNotice())
+
+
+class _ProgressNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Progress bars disabled" not in record.getMessage()
+
+
 def shutdown() -> None:
     import ray
 

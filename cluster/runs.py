@@ -8,7 +8,7 @@ import time
 from cluster import storage
 from cluster.errors import RaydistillError
 
-NOT_RUNS = frozenset({"serving.json", "schedule"})
+NOT_RUNS = frozenset({"serving.json", "serving.json.lock", "schedule"})
 
 
 def runs_root(cfg) -> str:

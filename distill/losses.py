@@ -226,6 +226,57 @@ def teacher_top1(topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torc
     return torch.where(valid.any(dim=-1), ids, -1)
 
 
+def teacher_entropy(topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """``[N]`` the teacher's next-token entropy (nats) from its stored top-k ``[N, K]``.
+
+    The mass outside the top-k counts as one bucket (``-m log m``), so this is a lower bound of the
+    full entropy that keeps the order of easy and hard positions. No gradient (teacher data).
+    """
+    valid = valid_topk(topk_ids, teacher_logprobs)
+    logp = torch.where(valid, teacher_logprobs.float(), float("-inf"))  # [N, K]
+    top = -(logp.exp() * torch.where(valid, logp, 0.0)).sum(dim=-1)  # [N]
+    log_tail = _log1mexp(torch.logsumexp(logp, dim=-1))  # [N]; all-invalid rows: tail = 1, entropy 0
+    return top - log_tail.exp() * log_tail
+
+
+def teacher_token_nll(targets: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """``[N]`` the teacher's NLL (nats) of ``targets [N]`` from its stored top-k ``[N, K]``, no gradient.
+
+    A target outside the stored top-k gets the NLL of the whole tail bucket, a lower bound of its own
+    (for sampled tokens at the usual temperatures the target is nearly always in the top-k).
+    """
+    valid = valid_topk(topk_ids, teacher_logprobs)
+    logp = torch.where(valid, teacher_logprobs.float(), float("-inf"))  # [N, K]
+    hit = valid & (topk_ids == targets.long().unsqueeze(1))  # [N, K]
+    in_top = torch.where(hit, logp, float("-inf")).logsumexp(dim=-1)  # [N]; -inf when not stored
+    tail = _log1mexp(torch.logsumexp(logp, dim=-1))  # [N]
+    return -torch.where(hit.any(dim=-1), in_top, tail)
+
+
+def difficulty_routing_loss(router_entropy: torch.Tensor, difficulty: torch.Tensor) -> torch.Tensor:
+    """Routing entropy weighted by how easy each token is: ``mean(z * router_entropy)``, a scalar.
+
+    router_entropy ``[N]`` (nats, with gradient to the routers; the mean over MoE layers of each
+    token's routing entropy); difficulty ``[N]`` (e.g. :func:`teacher_entropy`, no gradient).
+    ``z = (mean(d) - d) / std(d)``: positive for tokens easier than the batch's mean, negative for
+    harder ones. Minimising it lowers routing entropy where the teacher is confident (fewer experts
+    reach top-p) and raises it where the teacher is unsure (more experts), so compute follows
+    difficulty. ``z`` has mean 0, so the term does not move the average routing entropy; that is
+    ``router_entropy_loss_coef``'s job. 0 (still in the graph) for fewer than 2 tokens or constant d.
+    """
+    if router_entropy.shape != difficulty.shape or router_entropy.dim() != 1:
+        raise RaydistillError(f"difficulty_routing_loss: router_entropy {tuple(router_entropy.shape)} and "
+                              f"difficulty {tuple(difficulty.shape)} must both be [N]")
+    d = difficulty.detach().float()
+    if d.numel() < 2:
+        return router_entropy.sum() * 0.0
+    std = d.std()
+    if not bool(std > 1e-6):
+        return router_entropy.sum() * 0.0
+    z = (d.mean() - d) / std  # [N]
+    return (z * router_entropy.float()).mean()
+
+
 # indices of the detached per-chunk sums returned next to the differentiable loss sum
 _METRICS = ("ce", "forward_kl", "reverse_kl", "jsd", "kl", "top1")
 

@@ -193,22 +193,28 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from pipelines.registry import Registry
     from pipelines.runner import ensure_ray, sample_completion
-    from pipelines.stages import serve_model
+    from pipelines.stages import serve_model, served_model_dir
 
     cfg = _load_cfg(args, [f"name={args.name}"])
     registry = Registry.for_config(cfg)
-    previous = registry.previous()
-    if not previous:
-        registry.rollback()  # raises with the reason
-    target = previous[-1]
     console = _console()
     base_url = None
-    if not args.registry_only:
-        ensure_ray(cfg)
-        base_url = serve_model(cfg, target["model_dir"])
-    entry = registry.rollback()
-    if base_url:
-        registry.set_base_url(base_url)
+    with registry.lock:  # serialised with deploys and other rollbacks of this pipeline
+        served = None
+        if not args.registry_only:
+            ensure_ray(cfg)
+            served = served_model_dir(cfg)
+        registry.recover(served)
+        previous = registry.previous()
+        if not previous:
+            registry.rollback()  # raises with the reason
+        target = previous[-1]
+        with registry.change("rollback", target["model_dir"], run_id=target.get("run_id"), served=served):
+            if not args.registry_only:
+                base_url = serve_model(cfg, target["model_dir"])
+            entry = registry.rollback()
+            if base_url:
+                registry.set_base_url(base_url)
     console.print(f"{args.name}: rolled back to {entry['model_dir']} (run {entry.get('run_id')})"
                   + (f", serving at {base_url}/v1" if base_url else "; registry only, redeploy with the next run"))
     if base_url:

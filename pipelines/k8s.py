@@ -11,6 +11,12 @@
   ``catchup: false`` maps to ``startingDeadlineSeconds = misfire_grace_s`` (Kubernetes then starts
   at most the latest missed tick, like the built-in scheduler).
 * ``rbac.yaml``: the ServiceAccount, Role and RoleBinding the kubectl pod needs.
+
+Cluster access: the Ray head listens on ``dashboard-host: 0.0.0.0`` (KubeRay reaches it through a
+ClusterIP service), so token auth stays on: head, workers and the job submitter get
+``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` from the Secret ``schedule.k8s.auth_token_secret``.
+Secrets are only ever ``secretKeyRef`` (``schedule.k8s.secret_env``); a secret-looking name in
+``schedule.env_vars`` (which would land inline in the manifest) is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +30,29 @@ import yaml
 from cluster.errors import ConfigError
 
 LABEL = "raydistill.io/pipeline"
+TERMINAL_RAYJOB_STATES = ("Complete", "Failed", "ValidationFailed")
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+
+
+def _secret_env(cfg: Any) -> list[dict[str, Any]]:
+    """Container env from Secrets: the Ray auth token (always) and ``schedule.k8s.secret_env``."""
+    k8s = cfg.schedule.k8s
+    env: list[dict[str, Any]] = [
+        {"name": "RAY_AUTH_MODE", "value": "token"},
+        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": k8s.auth_token_secret,
+                                                                  "key": "auth_token"}}}]
+    for name, ref in sorted(k8s.secret_env.items()):
+        secret, _, key = ref.partition("/")
+        env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    return env
+
+
+def _check_no_inline_secrets(cfg: Any) -> None:
+    inline = [n for n in cfg.schedule.env_vars if any(w in n.upper() for w in SECRET_WORDS)]
+    if inline:
+        raise ConfigError(f"schedule.env_vars {inline} look like secrets and would be written inline into the "
+                          "Kubernetes manifests; move them to schedule.k8s.secret_env as NAME: 'secret-name/key' "
+                          "(a secretKeyRef)")
 
 
 def _ray_version(k8s: Any) -> str:
@@ -48,6 +77,8 @@ def _config_in_image(config_path: str, project_dir: str) -> str:
 
 def rayjob(cfg: Any, config_path: str, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     k8s = cfg.schedule.k8s
+    _check_no_inline_secrets(cfg)
+    env = _secret_env(cfg)
     config_arg = _config_in_image(config_path, k8s.project_dir)
     args = ["python", "-m", "pipelines.run", config_arg]
     for item in overrides or []:
@@ -70,7 +101,12 @@ def rayjob(cfg: Any, config_path: str, overrides: Optional[list[str]] = None) ->
         spec["activeDeadlineSeconds"] = k8s.active_deadline_seconds
     if cfg.schedule.entrypoint_num_cpus is not None:
         spec["entrypointNumCpus"] = cfg.schedule.entrypoint_num_cpus
+    # The submitter pod runs `ray job submit` against the token-auth head: it needs the token too. (KubeRay
+    # fills in the submit command of the first container when it has none.)
+    spec["submitterPodTemplate"] = {"spec": {"restartPolicy": "Never", "containers": [{
+        "name": "ray-job-submitter", "image": k8s.image, "env": env}]}}
     if k8s.cluster_name:
+        # An existing RayCluster: its own manifest must enable token auth with the same Secret.
         spec["clusterSelector"] = {"ray.io/cluster": k8s.cluster_name}
     else:
         spec["shutdownAfterJobFinishes"] = True
@@ -80,9 +116,11 @@ def rayjob(cfg: Any, config_path: str, overrides: Optional[list[str]] = None) ->
         spec["rayClusterSpec"] = {
             "rayVersion": _ray_version(k8s),
             "headGroupSpec": {
+                # 0.0.0.0: KubeRay and the submitter reach the dashboard through a ClusterIP service;
+                # the token (env) is what protects it.
                 "rayStartParams": {"dashboard-host": "0.0.0.0"},
                 "template": {"spec": {"containers": [{
-                    "name": "ray-head", "image": k8s.image,
+                    "name": "ray-head", "image": k8s.image, "env": env,
                     "ports": [{"containerPort": 6379, "name": "gcs-server"},
                               {"containerPort": 8265, "name": "dashboard"},
                               {"containerPort": 10001, "name": "client"},
@@ -96,7 +134,7 @@ def rayjob(cfg: Any, config_path: str, overrides: Optional[list[str]] = None) ->
                 "maxReplicas": max(k8s.worker_max_replicas or k8s.worker_replicas, k8s.worker_replicas),
                 "rayStartParams": {},
                 "template": {"spec": {"containers": [{
-                    "name": "ray-worker", "image": k8s.image,
+                    "name": "ray-worker", "image": k8s.image, "env": env,
                     "resources": {"requests": dict(worker_limits), "limits": worker_limits},
                 }]}},
             }],
@@ -112,9 +150,15 @@ def rayjob(cfg: Any, config_path: str, overrides: Optional[list[str]] = None) ->
 
 def _create_script(cfg: Any) -> str:
     ns, selector = cfg.schedule.k8s.namespace, f"{LABEL}={cfg.name}"
-    running = (f"kubectl get rayjobs -n {shlex.quote(ns)} -l {shlex.quote(selector)} -o jsonpath="
-               "'{range .items[?(@.status.jobDeploymentStatus==\"Running\")]}{.metadata.name}{\" \"}{end}'")
-    lines = ["set -eu", f"running=$({running})"]
+    # Every RayJob that is not finished counts as running: New (no status yet), Initializing, Waiting,
+    # Running, Retrying, Suspending... Only Complete, Failed and ValidationFailed ones have ended.
+    listing = (f"kubectl get rayjobs -n {shlex.quote(ns)} -l {shlex.quote(selector)} -o jsonpath="
+               "'{range .items[*]}{.metadata.name}={.status.jobDeploymentStatus}{\"\\n\"}{end}'")
+    terminal = "|".join(TERMINAL_RAYJOB_STATES)
+    lines = ["set -eu", f"jobs=$({listing})",
+             f"running=$(printf '%s\\n' \"$jobs\" | grep -v -E '=({terminal})$' | grep -v '^$' "
+             "| sed 's/=.*//' | tr '\\n' ' ' || true)",
+             'running="${running% }"']
     if cfg.schedule.concurrency == "forbid":
         lines.append('if [ -n "$running" ]; then echo "skipping this tick: RayJob(s) $running still running '
                      '(concurrency: forbid)"; exit 0; fi')

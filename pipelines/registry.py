@@ -5,25 +5,39 @@
 
 An entry is ``{"model_dir", "run_id", "promoted_at", "base_url", "metrics", "report"}``. ``promote``
 pushes the current entry onto ``previous``; ``rollback`` pops it back (so rolling back twice goes
-two promotions back). Every change is one atomic rewrite of the file.
+two promotions back). Every change is one atomic rewrite of the file, made under a lock
+(``serving.json.lock``, :mod:`pipelines.state_lock`), so two pipelines never lose each other's update.
+
+Changing what is served is crash-safe: :meth:`Registry.change` takes the lock for the whole change,
+records the intent (``"pending": {"action", "model_dir", ...}``) *before* serving changes, and the
+caller commits with :meth:`promote` / :meth:`rollback` (which clear it). A change interrupted between
+serving and recording leaves ``pending``; the next change first calls :meth:`recover` with the model
+actually served, which completes the interrupted change if serving did switch, else drops it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+import logging
+from typing import Any, Iterator, Optional
 
 from cluster import storage
 from cluster.errors import RaydistillError
 from pipelines.manifest import utcnow
+from pipelines.state_lock import StateLock
+
+log = logging.getLogger(__name__)
 
 REGISTRY_FILE = "serving.json"
 MAX_EVENTS = 200
 
 
 class Registry:
-    def __init__(self, root: str, name: str):
+    def __init__(self, root: str, name: str, *, lock_timeout: float = 1800.0):
         self.root = root
         self.name = name
+        self.lock = StateLock(self.uri, timeout=lock_timeout, lease_s=3600.0,
+                              what=f"the serving registry of {name}")
 
     @classmethod
     def for_config(cls, cfg) -> "Registry":
@@ -44,6 +58,51 @@ class Registry:
         data["events"] = data["events"][-MAX_EVENTS:]
         storage.atomic_write_json(self.uri, data)
 
+    def pending(self) -> Optional[dict[str, Any]]:
+        """The change recorded as begun but not committed (an interrupted promote/rollback), if any."""
+        return self.load().get("pending")
+
+    @contextlib.contextmanager
+    def change(self, action: str, model_dir: str, *, run_id: Optional[str] = None,
+               served: Optional[str] = None) -> Iterator[None]:
+        """Hold the registry lock for a whole change of the served model and record the intent first.
+
+        ``served``: the model dir serving now (None = unknown / nothing served), used to resolve an earlier
+        interrupted change (:meth:`recover`). Inside the block the caller changes serving, then commits
+        with :meth:`promote` or :meth:`rollback`. If the block raises, the intent stays recorded: the next
+        change finds out from what is actually served whether it happened.
+        """
+        with self.lock:
+            self.recover(served)
+            data = self.load()
+            data["pending"] = {"action": action, "model_dir": model_dir, "run_id": run_id, "at": utcnow()}
+            self._save(data)
+            yield
+
+    def recover(self, served: Optional[str]) -> Optional[str]:
+        """Resolve an interrupted change: ``"completed"`` when ``served`` is its model (serving switched
+        before the crash: the change is recorded now), ``"abandoned"`` otherwise; None if there was none."""
+        with self.lock:
+            data = self.load()
+            pending = data.get("pending")
+            if not pending:
+                return None
+            if served is not None and served == pending["model_dir"]:
+                log.warning("serving.json: completing the interrupted %s of %s (it is being served)",
+                            pending["action"], pending["model_dir"])
+                if pending["action"] == "rollback" and data["previous"] and \
+                        data["previous"][-1].get("model_dir") == pending["model_dir"]:
+                    self.rollback(recovered=True)
+                else:
+                    self.promote(pending["model_dir"], run_id=pending.get("run_id") or "", recovered=True)
+                return "completed"
+            log.warning("serving.json: the interrupted %s of %s did not take effect (serving %s); dropping it",
+                        pending["action"], pending["model_dir"], served)
+            data.pop("pending", None)
+            data["events"].append({"action": "abandoned", "intent": pending, "served": served, "at": utcnow()})
+            self._save(data)
+            return "abandoned"
+
     def current(self) -> Optional[dict[str, Any]]:
         return self.load()["current"]
 
@@ -60,9 +119,17 @@ class Registry:
         return None
 
     def promote(self, model_dir: str, *, run_id: str, base_url: Optional[str] = None,
-                metrics: Optional[dict[str, Any]] = None, report: Optional[str] = None) -> dict[str, Any]:
+                metrics: Optional[dict[str, Any]] = None, report: Optional[str] = None,
+                recovered: bool = False) -> dict[str, Any]:
         """Record ``model_dir`` as served; the old current model becomes the rollback target."""
+        with self.lock:
+            return self._promote(model_dir, run_id=run_id, base_url=base_url, metrics=metrics, report=report,
+                                 recovered=recovered)
+
+    def _promote(self, model_dir: str, *, run_id: str, base_url: Optional[str], metrics: Optional[dict[str, Any]],
+                 report: Optional[str], recovered: bool) -> dict[str, Any]:
         data = self.load()
+        data.pop("pending", None)
         entry = {"model_dir": model_dir, "run_id": run_id, "promoted_at": utcnow(), "base_url": base_url,
                  "metrics": metrics or {}, "report": report}
         current = data["current"]
@@ -74,12 +141,19 @@ class Registry:
         if current:
             data["previous"].append(current)
         data["current"] = entry
-        data["events"].append({"action": "promote", "model_dir": model_dir, "run_id": run_id, "at": entry["promoted_at"]})
+        event = {"action": "promote", "model_dir": model_dir, "run_id": run_id, "at": entry["promoted_at"]}
+        if recovered:
+            event["recovered"] = True
+        data["events"].append(event)
         self._save(data)
         return entry
 
-    def rollback(self) -> dict[str, Any]:
+    def rollback(self, *, recovered: bool = False) -> dict[str, Any]:
         """Make the previously served model current again; returns its entry."""
+        with self.lock:
+            return self._rollback(recovered)
+
+    def _rollback(self, recovered: bool) -> dict[str, Any]:
         data = self.load()
         if not data["previous"]:
             raise RaydistillError(f"nothing to roll back to: {self.uri} has no previous model "
@@ -88,13 +162,18 @@ class Registry:
         entry = data["previous"].pop()
         entry = {**entry, "restored_at": utcnow()}
         data["current"] = entry
-        data["events"].append({"action": "rollback", "model_dir": entry["model_dir"], "run_id": entry.get("run_id"),
-                               "from_model_dir": (old or {}).get("model_dir"), "at": entry["restored_at"]})
+        data.pop("pending", None)
+        event = {"action": "rollback", "model_dir": entry["model_dir"], "run_id": entry.get("run_id"),
+                 "from_model_dir": (old or {}).get("model_dir"), "at": entry["restored_at"]}
+        if recovered:
+            event["recovered"] = True
+        data["events"].append(event)
         self._save(data)
         return entry
 
     def set_base_url(self, base_url: str) -> None:
-        data = self.load()
-        if data["current"]:
-            data["current"]["base_url"] = base_url
-            self._save(data)
+        with self.lock:
+            data = self.load()
+            if data["current"]:
+                data["current"]["base_url"] = base_url
+                self._save(data)

@@ -10,11 +10,19 @@ the most recent of them. Rules:
   With ``catchup: false`` a tick later than ``misfire_grace_s`` is recorded as missed too;
 * a fresh state starts at "now" (no firing for cron times before the scheduler first ran);
 * every decision rewrites ``state.json`` atomically, so a restarted scheduler continues: it polls
-  the job it had submitted and resumes from the last handled tick.
+  the job it had submitted and resumes from the last handled tick;
+* a run's job id is deterministic (:func:`submission_id_for`) and saved, with the tick, *before* the
+  submit: a crash between submit and save never fires the tick twice; the restarted scheduler asks
+  the job server for that id and submits only if the server does not know it;
+* only "no such job" (:class:`JobNotFound`) counts as a lost job; any other status error (job server
+  restarting, network) leaves the job running and is asked again at the next poll;
+* one scheduler per state: it holds a lock beside ``state.json`` (:mod:`pipelines.state_lock`)
+  while it runs, so a second scheduler process of the same pipeline refuses to start.
 
 Time and jobs are injected: ``clock`` (``now()`` aware datetime, ``sleep(seconds)``) and
-``submitter`` (``submit(run_id) -> job_id``, ``status(job_id) -> str``, ``stop(job_id)``), so tests
-drive it with a fake clock and a fake submitter; production uses :class:`RayJobSubmitter`.
+``submitter`` (``submit(run_id, submission_id) -> job_id``, ``status(job_id) -> str``,
+``stop(job_id)``), so tests drive it with a fake clock and a fake submitter; production uses
+:class:`RayJobSubmitter`.
 """
 
 from __future__ import annotations
@@ -52,12 +60,27 @@ class SystemClock:
         time.sleep(max(0.0, seconds))
 
 
-class JobSubmitter(Protocol):
-    def submit(self, run_id: str) -> str: ...
+class JobNotFound(RaydistillError):
+    """The job server does not know the job (``status`` of an unknown id)."""
 
-    def status(self, job_id: str) -> str: ...  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
+
+class JobExists(RaydistillError):
+    """A job with this submission id was submitted already."""
+
+
+class JobSubmitter(Protocol):
+    def submit(self, run_id: str, submission_id: Optional[str] = None) -> str: ...
+
+    # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED; JobNotFound for an unknown id
+    def status(self, job_id: str) -> str: ...
 
     def stop(self, job_id: str) -> None: ...
+
+
+def submission_id_for(name: str, run_id: str) -> str:
+    """The Ray job id of a scheduled run: the same for the same pipeline and tick, so re-firing a tick
+    after a crash finds (or is refused with) the job already submitted."""
+    return f"raydistill-{name}-{run_id}"
 
 
 def _iso(value: Optional[dt.datetime]) -> Optional[str]:
@@ -89,6 +112,10 @@ class Scheduler:
         self.submitter = submitter
         self.clock = clock or SystemClock()
         self.uri = uri or state_uri(cfg)
+        from pipelines.state_lock import StateLock
+
+        self.lock = StateLock(self.uri, timeout=0.0, lease_s=max(300.0, 3 * self.section.poll_s),
+                              what=f"the scheduler state of {cfg.name} (another `raydistill schedule` runs)")
         self.state = self._load()
 
     # ---------------------------------------------------------------------------------- state
@@ -146,9 +173,16 @@ class Scheduler:
         try:
             raw = self.submitter.status(active["job_id"])
             status = str(getattr(raw, "value", raw))
-        except Exception as exc:  # noqa: BLE001 - the job server forgot the job (cluster restarted)
-            log.warning("cannot get status of job %s: %s", active["job_id"], exc)
+        except JobNotFound as exc:
+            if active.get("state") == "submitting":  # saved, then the process died before the submit
+                return self._submit(active)
+            log.warning("job %s is unknown to the job server (cluster restarted?): %s", active["job_id"], exc)
             status = "LOST"
+        except Exception as exc:  # noqa: BLE001 - job server unreachable, restarting...: ask again later
+            log.warning("cannot get status of job %s (asking again at the next poll): %s", active["job_id"], exc)
+            return None
+        if active.get("state") == "submitting":  # the submit went through before the crash
+            self._mark_submitted(active)
         outcome = TERMINAL.get(status) or ("lost" if status == "LOST" else None)
         if outcome is None:
             return None
@@ -180,20 +214,53 @@ class Scheduler:
                 log.warning("stopping job %s: %s", active["job_id"], exc)
             self._finish(active["job_id"], "replaced")
         run_id = run_id_for(tick)
+        job_id = submission_id_for(self.cfg.name, run_id)
+        # Saved before the submit: a crash after it never re-fires this tick (see poll()).
         self.state["last_tick"] = _iso(tick)
-        try:
-            job_id = self.submitter.submit(run_id)
-        except Exception as exc:  # noqa: BLE001 - recorded; the next tick tries again
-            entry = self._record(tick=_iso(tick), run_id=run_id, outcome="submit_failed", at=_iso(now), reason=str(exc))
-            self.save()
-            return entry
-        self.state["active"] = {"job_id": job_id, "run_id": run_id, "tick": _iso(tick), "submitted_at": _iso(now)}
-        entry = self._record(tick=_iso(tick), run_id=run_id, job_id=job_id, submitted_at=_iso(now), outcome="running")
+        active = {"job_id": job_id, "run_id": run_id, "tick": _iso(tick), "submitted_at": None,
+                  "state": "submitting"}
+        self.state["active"] = active
+        self._record(tick=_iso(tick), run_id=run_id, job_id=job_id, outcome="submitting", at=_iso(now))
         self.save()
-        return entry
+        self._submit(active)
+        return next(e for e in reversed(self.state["history"]) if e.get("job_id") == job_id)
+
+    def _submit(self, active: dict[str, Any]) -> Optional[str]:
+        """Submit the saved ``active`` job; returns its outcome when the submit failed."""
+        try:
+            self.submitter.submit(active["run_id"], active["job_id"])
+        except JobExists:
+            pass  # submitted before a crash: it runs already
+        except Exception as exc:  # noqa: BLE001 - recorded; the next tick tries again
+            for entry in reversed(self.state["history"]):
+                if entry.get("job_id") == active["job_id"]:
+                    entry.update(outcome="submit_failed", reason=str(exc))
+                    break
+            self.state["active"] = None
+            self.save()
+            return "submit_failed"
+        self._mark_submitted(active)
+        return None
+
+    def _mark_submitted(self, active: dict[str, Any]) -> None:
+        now = _iso(self.clock.now())
+        active.pop("state", None)
+        active["submitted_at"] = active.get("submitted_at") or now
+        for entry in reversed(self.state["history"]):
+            if entry.get("job_id") == active["job_id"]:
+                if entry.get("outcome") == "submitting":
+                    entry.update(outcome="running", submitted_at=active["submitted_at"])
+                break
+        self.save()
 
     def tick(self) -> Optional[dict[str, Any]]:
-        """One scheduling decision at ``clock.now()``; returns the history entry of a fired tick, if any."""
+        """One scheduling decision at ``clock.now()``; returns the history entry of a fired tick, if any.
+        Holds the scheduler lock (LockHeld when another scheduler of this state runs)."""
+        with self.lock:
+            self.lock.renew()
+            return self._tick()
+
+    def _tick(self) -> Optional[dict[str, Any]]:
         self.poll()
         now = self.clock.now()
         due = self.due_ticks(now)
@@ -219,6 +286,11 @@ class Scheduler:
         """Loop: tick, then sleep until the next cron time or ``poll_s``. ``once``: return after one fired
         run has ended (its history entry); ``max_iterations`` bounds the loop (tests); ``notify`` gets
         each new history entry."""
+        with self.lock:  # for the scheduler's whole life: a second scheduler of this state refuses to start
+            return self._run(once=once, max_iterations=max_iterations, notify=notify)
+
+    def _run(self, *, once: bool, max_iterations: Optional[int],
+             notify: Optional[Callable[[dict[str, Any]], None]]) -> Optional[dict[str, Any]]:
         fired: Optional[dict[str, Any]] = None
         iterations = 0
         while max_iterations is None or iterations < max_iterations:
@@ -250,6 +322,36 @@ def job_server_address(cfg: Any, address: Optional[str] = None) -> str:
         host = address.split(":")[0]
         address = f"http://{host}:8265"  # a GCS address (host:6379): the job server is the dashboard port
     return address
+
+
+def ray_auth_token() -> Optional[str]:
+    """This machine's Ray cluster token, found where ``ray get-auth-token`` finds it: ``$RAY_AUTH_TOKEN``,
+    the file ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``. None when there is none."""
+    import os
+
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    try:
+        with open(path) as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def job_server_headers() -> dict[str, str]:
+    """``Authorization: Bearer <token>`` for the Ray job server when this machine has a cluster token.
+
+    Ray's own client sends the token only when ``RAY_AUTH_MODE=token`` is set in the client's
+    environment; a laptop that copied the head's token (README: "Cluster access") should not need that.
+    ``RAY_AUTH_MODE=disabled`` sends nothing."""
+    import os
+
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+        return {}
+    token = ray_auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _is_local_address(address: str) -> bool:
@@ -310,21 +412,26 @@ class RayJobSubmitter:
             from ray.job_submission import JobSubmissionClient
 
             try:
-                self._client = JobSubmissionClient(self.address)
+                self._client = JobSubmissionClient(self.address, headers=job_server_headers() or None)
             except Exception as exc:  # noqa: BLE001 - connection / auth problems, with the fix
                 raise RaydistillError(f"cannot reach the Ray job server at {self.address} ({exc}); pass "
-                                      "--address http://HEAD:8265 or set schedule.address (and the cluster's auth "
-                                      "token in RAY_AUTH_TOKEN when token auth is on)") from exc
+                                      "--address http://HEAD:8265 or set schedule.address. A cluster with token auth "
+                                      "(the default of `ray start` since Ray 2.60) needs its token here: copy the "
+                                      "head's ~/.ray/auth_token (`ray get-auth-token` on the head) to this machine's "
+                                      "~/.ray/auth_token, or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH") from exc
         return self._client
 
-    def submit(self, run_id: Optional[str] = None, extra_args: Optional[list[str]] = None) -> str:
+    def submit(self, run_id: Optional[str] = None, submission_id: Optional[str] = None,
+               extra_args: Optional[list[str]] = None) -> str:
+        """Submit ``python -m pipelines.run`` as a Ray job; ``submission_id`` (default: a fresh random one)
+        is the job id. JobExists when the job server has a job of that id already."""
         import secrets
 
         args = list(extra_args or [])
         if run_id:
             args = ["--run", run_id, *args]
         entrypoint = job_entrypoint(self.cfg, self.config_path, self.overrides, args, self.address)
-        submission_id = f"raydistill-{self.cfg.name}-{run_id or 'run'}-{secrets.token_hex(3)}"
+        submission_id = submission_id or f"raydistill-{self.cfg.name}-{run_id or 'run'}-{secrets.token_hex(3)}"
         kwargs: dict[str, Any] = {}
         if self.cfg.schedule.entrypoint_num_cpus is not None:
             kwargs["entrypoint_num_cpus"] = self.cfg.schedule.entrypoint_num_cpus
@@ -336,13 +443,21 @@ class RayJobSubmitter:
                                               metadata={"raydistill_pipeline": self.cfg.name, "run_id": run_id or ""},
                                               **kwargs)
             except RuntimeError as exc:
+                if "already exists" in str(exc):
+                    raise JobExists(str(exc)) from None
                 # A cluster that just started answers 500 until its job agent has registered.
                 if "No available agent" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
 
     def status(self, job_id: str) -> str:
-        status = self.client.get_job_status(job_id)
+        """The job's status; JobNotFound when the job server answers 404 (it does not know the id)."""
+        try:
+            status = self.client.get_job_status(job_id)
+        except RuntimeError as exc:
+            if "status code 404" in str(exc) or "does not exist" in str(exc):
+                raise JobNotFound(str(exc)) from None
+            raise
         return str(getattr(status, "value", status))
 
     def stop(self, job_id: str) -> None:

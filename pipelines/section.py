@@ -85,6 +85,24 @@ class K8sSection(Section):
     kubectl_image: str = "bitnami/kubectl:latest"
     ttl_seconds_after_finished: int = Field(default=3600, ge=0)
     active_deadline_seconds: Optional[int] = Field(default=None, ge=1)
+    auth_token_secret: str = Field(
+        default="raydistill-ray-auth", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Secret (key `auth_token`) with the Ray cluster token: head, workers and the job submitter get "
+                    "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from it (secretKeyRef). Make it with `kubectl create "
+                    "secret generic raydistill-ray-auth --from-literal=auth_token=$(ray get-auth-token --generate)`; "
+                    "token auth cannot be turned off here")
+    secret_env: dict[str, str] = Field(
+        default_factory=dict, description="ENV_NAME: 'secret-name/key' - environment set from Secrets (secretKeyRef) "
+                                          "in the head, worker and submitter containers; secrets never go inline")
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_refs(cls, value: dict[str, str]) -> dict[str, str]:
+        for env, ref in value.items():
+            name, _, key = ref.partition("/")
+            if not name or not key or "/" in key:
+                raise ValueError(f"schedule.k8s.secret_env.{env}: {ref!r} must be 'secret-name/key'")
+        return value
 
 
 class ScheduleSection(Section):

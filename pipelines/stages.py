@@ -277,17 +277,26 @@ def serve_model(cfg: Any, model_dir: str) -> str:
     return base_url(cfg.serve) if base_url else f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
+def served_model_dir(cfg: Any) -> Optional[str]:
+    """The model dir app ``cfg.name`` serves now (None: not running)."""
+    from serve import app as serve_app
+
+    return serve_app.served_model_dir(cfg.name)
+
+
 def _run_deploy(ctx: StageContext) -> StageResult:
     model_dir = deploy_model_dir(ctx.cfg, ctx.run_dir)
-    base_url = serve_model(ctx.cfg, model_dir)
     metrics: dict[str, Any] = {}
     eval_uri = _run_path(ctx.run_dir, "eval", "report.json")
     report_path = None
     if storage.exists(eval_uri):
         metrics = eval_metrics(storage.read_json(eval_uri))
         report_path = metrics.get("report")
-    entry = ctx.registry.promote(model_dir, run_id=ctx.run_id, base_url=base_url, report=report_path,
-                                 metrics={k: v for k, v in metrics.items() if k.startswith("student_")})
+    # Serialised with other promotes/rollbacks of this pipeline; the intent is recorded before serving changes.
+    with ctx.registry.change("promote", model_dir, run_id=ctx.run_id, served=served_model_dir(ctx.cfg)):
+        base_url = serve_model(ctx.cfg, model_dir)
+        entry = ctx.registry.promote(model_dir, run_id=ctx.run_id, base_url=base_url, report=report_path,
+                                     metrics={k: v for k, v in metrics.items() if k.startswith("student_")})
     storage.atomic_write_json(_run_path(ctx.run_dir, "deploy", MANIFEST),
                               {"stage": "deploy", "model_dir": model_dir, "base_url": base_url, "app": ctx.cfg.name,
                                "registry": ctx.registry.uri, "promoted_at": entry.get("promoted_at"),

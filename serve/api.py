@@ -310,11 +310,16 @@ class OpenAIServer:
 
         async def pump(job: _Job) -> None:
             try:
+                finished = False
                 if job.first is not None:
                     await queue.put((job, job.first))
+                    finished = job.first.finished
                     # Iterate to the natural end (not break) so the engine sees a finished, not aborted, request.
                     async for out in job.stream:  # type: ignore[union-attr]
                         await queue.put((job, out))
+                        finished = finished or out.finished
+                if not finished:  # the stream stopped without a finish_reason: never report that as done
+                    raise EngineUnavailable(f"engine request {job.request.request_id} ended without finishing")
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
@@ -418,12 +423,14 @@ def _streaming(events: Any, release: Any) -> StreamingResponse:
 
 
 def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[ServeSection] = None, *,
-               api_keys: Optional[list[str]] = None, metrics: Optional[ServerMetrics] = None,
+               api_keys: Optional[list[str]] = None, auth: Optional[APIKeyAuth] = None,
+               metrics: Optional[ServerMetrics] = None,
                prompt_log: Optional[PromptLog] = None, admission_limit: Union[int, None, str] = "auto",
                replicas_fn: Optional[Any] = None, close_backends: bool = False) -> FastAPI:
     """The FastAPI app serving ``backends`` (one per model id).
 
-    ``api_keys``: overrides ``section.api_key_env`` / ``api_key_file``. ``admission_limit``: requests
+    ``api_keys``: overrides ``section.api_key_env`` / ``api_key_file``; ``auth`` (e.g. built from key hashes
+    the deploying driver read) overrides both. ``admission_limit``: requests
     in flight beyond which new ones get 429 (``"auto"`` = ``max_ongoing_requests + max_queued_requests``
     of the section, ``None`` = no limit, used inside Ray Serve where the handle enforces it).
     ``prompt_log``: defaults to one built from the section when ``serve.prompt_log_enabled``.
@@ -433,11 +440,13 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
     backends = [backends] if not isinstance(backends, (list, tuple)) else list(backends)
     if not backends:
         raise ValueError("create_app needs at least one backend")
-    keys = api_keys if api_keys is not None else load_api_keys(section.api_key_env, section.api_key_file)
-    auth = APIKeyAuth(keys)
+    if auth is None:
+        keys = api_keys if api_keys is not None else load_api_keys(section.api_key_env, section.api_key_file)
+        auth = APIKeyAuth(keys)
     if prompt_log is None and section.prompt_log_uri:
         prompt_log = PromptLog(section.prompt_log_uri, redact=section.prompt_log_redact,
-                               flush_rows=section.prompt_log_flush_rows, flush_s=section.prompt_log_flush_s)
+                               flush_rows=section.prompt_log_flush_rows, flush_s=section.prompt_log_flush_s,
+                               max_buffer_rows=section.prompt_log_max_buffer_rows)
     if admission_limit == "auto":
         admission_limit = (None if section.max_queued_requests < 0
                            else section.max_ongoing_requests + section.max_queued_requests)
@@ -447,21 +456,9 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         auth.warn_if_open()
-        flusher = None
-        if server.prompt_log is not None:
-            async def flush_loop() -> None:
-                while True:
-                    await asyncio.sleep(min(1.0, server.prompt_log.flush_s))
-                    await asyncio.to_thread(server.prompt_log.maybe_flush)
-
-            flusher = asyncio.ensure_future(flush_loop())
         try:
-            yield
+            yield  # the prompt log flushes from its own thread, never on this event loop
         finally:
-            if flusher is not None:
-                flusher.cancel()
-                with contextlib.suppress(BaseException):
-                    await flusher
             if server.prompt_log is not None:
                 await asyncio.to_thread(server.prompt_log.close)
             if close_backends:
@@ -469,8 +466,22 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                     if hasattr(b, "shutdown"):
                         b.shutdown()
 
-    app = FastAPI(title="raydistill", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="raydistill", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+
+    def authorize_open(request: Request) -> None:
+        """``/health``, ``/metrics``, ``/openapi.json`` need the key unless listed in ``serve.open_paths``."""
+        path, root = request.url.path, request.scope.get("root_path") or ""
+        if root and path.startswith(root):  # behind a route prefix (Ray Serve's route_prefix)
+            path = path[len(root):] or "/"
+        if path not in section.open_paths:
+            server.authorize(request)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_route(request: Request) -> JSONResponse:
+        authorize_open(request)
+        return JSONResponse(app.openapi())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -488,7 +499,8 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         return APIError(500, "internal error; the details are in the server log", code="internal_error").response()
 
     @app.get("/health")
-    async def health() -> Response:
+    async def health(request: Request) -> Response:
+        authorize_open(request)
         down = []
         for name, b in server.backends.items():
             check = getattr(b, "check_health", None)
@@ -505,7 +517,8 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         return JSONResponse({"status": "ok", "models": sorted(server.backends)})
 
     @app.get("/metrics")
-    async def metrics_route() -> Response:
+    async def metrics_route(request: Request) -> Response:
+        authorize_open(request)
         for b in backends:
             with contextlib.suppress(Exception):
                 stats = await asyncio.wait_for(b.stats(), timeout=2.0)
@@ -519,6 +532,10 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                 server.metrics.engine_state(b.name, running=int(stats.get("running", 0)),
                                             waiting=int(stats.get("waiting", 0)), replicas=replicas)
         server.metrics.in_flight.set(server.in_flight)
+        if server.prompt_log is not None:
+            server.metrics.prompt_log_state(pending=server.prompt_log.pending(),
+                                            dropped=server.prompt_log.dropped_rows,
+                                            files=server.prompt_log.files_written)
         data, content_type = server.metrics.render()
         return Response(content=data, media_type=content_type)
 
@@ -557,6 +574,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         info: dict[str, Any] = {}
         try:
             server.authorize(request)
+            server.admit(1)  # full: 429 before reading or parsing anything (cheap under a burst)
             body = await _read_body(request, section.max_body_bytes)
             req = parse_request(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest, endpoint)
             backend = server.backend(req.model)
@@ -613,9 +631,10 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
     def _sampling(req: _Req, max_tokens: int, seed_offset: int, *, logprobs: bool, top: int,
                   prompt_logprobs: bool = False) -> SamplingOptions:
         seed = None if req.seed is None else choice_seed(req.seed, seed_offset)
+        schema = req.response_format.output_schema() if req.response_format is not None else None
         return SamplingOptions(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                seed=seed, stop=list(req.stop or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
-                               top_logprobs=top, prompt_logprobs=prompt_logprobs)
+                               top_logprobs=top, prompt_logprobs=prompt_logprobs, json_schema=schema)
 
     async def _run_to_end(request: Request, jobs: list[_Job], choices: dict[int, _Choice], model: str,
                           start: float, info: dict) -> None:
@@ -856,6 +875,47 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                       "total_tokens": prompt_tokens + completion_tokens}})
 
     return app
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The served OpenAPI document, with what FastAPI cannot see in routes that read the raw body: the
+    request bodies of both generation routes (the pydantic models), bearer auth, and the error shape."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version="1", routes=app.routes)
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas["Error"] = ERROR_SCHEMA
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    bodies = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+    error = {"description": "OpenAI-style error", "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"}}}}
+    for path, model in bodies.items():
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(js.pop("$defs", {}))
+        schemas[model.__name__] = js
+        op = doc["paths"][path]["post"]
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        op["responses"] = {"200": {"description": "the completion (JSON, or SSE with stream: true)",
+                                   "content": {"application/json": {"schema": {"type": "object"}},
+                                               "text/event-stream": {"schema": {"type": "string"}}}},
+                           **{code: error for code in ("400", "401", "404", "413", "429", "500", "503", "504")}}
+    for path, item in doc["paths"].items():
+        for op in item.values():
+            if path.startswith("/v1/"):
+                op["security"] = [{"bearer": []}]
+                op.setdefault("responses", {}).update({"401": error, "404": error})
+    app.openapi_schema = doc
+    return doc
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,13 @@ without downtime: :func:`update_model` changes only the deployments' ``user_conf
 ``reconfigure`` on the running replicas in place; each loads the new engine beside the old one,
 switches, lets the old one drain its in-flight requests and then shuts it down.
 
+On vLLM (GPU) a second engine does not fit beside the first (vLLM takes ``gpu_memory_utilization`` of
+the GPU), so the model swap is a **rolling replacement** instead: the model dir is part of the model
+deployment's version (:func:`model_version`), not of its ``user_config``, so a new model makes Serve
+start new replicas first (``max_surge_percent=100``), route to them once healthy, and stop the old
+replicas after they drained (``graceful_shutdown_timeout_s``). That needs room for one more replica per
+replica replaced (a spare GPU, or a node type the cluster autoscaler can add).
+
 Public API (used by the pipeline's deploy stage): :func:`build_app`, :func:`deploy`,
 :func:`update_model`, :func:`status`, :func:`shutdown`.
 """
@@ -29,10 +36,25 @@ from ray import serve
 
 from cluster.errors import RaydistillError
 from serve.api import Overloaded, create_app, engine_kwargs, load_engine  # noqa: F401 - re-exported
-from serve.engine.types import EngineError, EngineFailure, GenerationOutput, GenerationRequest
+from serve.engine.types import EngineError, EngineFailure, EngineUnavailable, GenerationOutput, GenerationRequest
 from serve.section import ServeSection
 
 logger = logging.getLogger("raydistill.serve")
+
+def uses_vllm(section: ServeSection) -> bool:
+    """True when the model replicas run vLLM (``serve.backend``)."""
+    return section.backend == "vllm" or (section.backend == "auto" and section.num_gpus > 0)
+
+
+def model_version(section: ServeSection, model_dir: str) -> str:
+    """The model deployment's version: fixed for our engine (swaps are in-place reconfigures); on vLLM it
+    includes the model dir, so a new model is a rolling replacement of the replicas."""
+    if not uses_vllm(section):
+        return CODE_VERSION
+    import hashlib
+
+    return f"{CODE_VERSION}-{hashlib.sha256(model_dir.encode()).hexdigest()[:12]}"
+
 
 # A fixed code version: redeploying the same code with a new user_config (a new model dir) is then a
 # light in-place reconfigure of the running replicas instead of a restart. (Serve keeps `version` for
@@ -66,6 +88,7 @@ class _Counted:
         self.engine = engine
         self.model_dir = model_dir
         self.active = 0
+        self.closed = False  # shut down after a swap: requests still on it did not finish
 
 
 @serve.deployment
@@ -93,8 +116,14 @@ class ModelDeployment:
         logger.info("model replica loaded %s in %.1fs", model_dir, time.perf_counter() - t0)
 
     async def reconfigure(self, user_config: dict) -> None:
+        """Swap to ``user_config["model_dir"]``: load the new engine beside the old one, switch, drain the old.
+        Never on vLLM (no room for two engines on the GPU): there a new model is a rolling replacement."""
         model_dir = (user_config or {}).get("model_dir")
         if not model_dir or model_dir == self.current.model_dir:
+            return
+        if uses_vllm(self.section) and self.engine_factory is None:
+            logger.warning("model replica on vLLM asked to swap to %s in place; refused (a second vLLM engine "
+                           "does not fit on the GPU): update_model replaces vLLM replicas instead", model_dir)
             return
         async with self._swap_lock:
             t0 = time.perf_counter()
@@ -108,19 +137,36 @@ class ModelDeployment:
             asyncio.get_running_loop().create_task(self._drain(old))
 
     async def _drain(self, old: _Counted) -> None:
-        deadline = time.monotonic() + max(self.section.graceful_shutdown_timeout_s, 1.0)
+        """Shut the swapped-out engine down once its in-flight requests have finished, or after
+        ``serve.swap_drain_timeout_s``; requests cut off then end with EngineUnavailable (a 503)."""
+        deadline = time.monotonic() + self.section.swap_drain_timeout_s
         while old.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if old.active:
+            logger.warning("old engine %s: %d requests still running after swap_drain_timeout_s=%gs; they end "
+                           "with an error", old.model_dir, old.active, self.section.swap_drain_timeout_s)
+        old.closed = True
         await asyncio.to_thread(old.engine.shutdown)
         self._draining.remove(old)
         logger.info("old engine %s shut down", old.model_dir)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """The engine's outputs for ``request``. A request that does not end with ``stop`` / ``length``
+        (aborted by a shutdown, or a stream that just stops) raises EngineUnavailable: it is never
+        reported as finished."""
         slot = self.current  # a request finishes on the engine it started on, even across a swap
         slot.active += 1
+        finished = False
         try:
             async for out in slot.engine.generate(request):
-                yield out
+                if out.finished and out.finish_reason not in ("stop", "length"):
+                    raise EngineUnavailable(f"request {request.request_id} was aborted by the engine "
+                                            f"({'shut down after a model swap' if slot.closed else out.finish_reason})")
+                finished = finished or out.finished
+                yield out  # iterated to the engine's natural end: the request is finished, not aborted
+            if not finished:
+                raise EngineUnavailable(f"request {request.request_id} ended without finishing"
+                                        + (" (its engine was shut down after a model swap)" if slot.closed else ""))
         finally:
             slot.active -= 1
             if self._gauges is not None:
@@ -256,16 +302,23 @@ def _count_replicas(app_name: str) -> Optional[int]:
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(self, model_handle: Any, model_dir: str, section: dict, name: str, app_name: str):
+    """The OpenAI FastAPI app in a Serve replica. ``api_key_hashes``: SHA-256 digests of the keys the
+    deploying driver read (the replica's own environment is never consulted: on a cluster it lacks them)."""
+
+    def __init__(self, model_handle: Any, model_dir: str, section: dict, name: str, app_name: str,
+                 api_key_hashes: Optional[list[str]] = None):
         _request_logging()
         self.section = ServeSection(**section)
         self.app_name = app_name
+        self.api_key_hashes = list(api_key_hashes or [])
         self.backend = HandleBackend(model_handle, model_dir, name)
 
     def __serve_build_asgi_app__(self) -> Any:
+        from serve.auth import APIKeyAuth
         from serve.metrics import ServerMetrics
 
-        app = create_app(self.backend, self.section, admission_limit=None, metrics=ServerMetrics(ray_metrics=True),
+        app = create_app(self.backend, self.section, auth=APIKeyAuth.from_hashes(self.api_key_hashes),
+                         admission_limit=None, metrics=ServerMetrics(ray_metrics=True),
                          replicas_fn=lambda: _count_replicas(self.app_name))
         self.server = app.state.server
         return app
@@ -285,17 +338,31 @@ def _abs_model(model_dir: str) -> str:
     return os.path.abspath(expanded) if os.path.exists(expanded) else model_dir
 
 
-def _options(deployment: Any, **options: Any) -> Any:
+def _options(deployment: Any, version: str = CODE_VERSION, **options: Any) -> Any:
     try:
-        return deployment.options(version=CODE_VERSION, _internal=True, **options)
+        return deployment.options(version=version, _internal=True, **options)
     except (TypeError, ValueError):  # a Ray without internal versions: updates become surge restarts
         return deployment.options(**options)
 
 
+def driver_key_hashes(section: ServeSection) -> list[str]:
+    """SHA-256 digests of the API keys in *this* process's environment / key file (``serve.api_key_env``,
+    ``serve.api_key_file``): what the ingress replicas check against."""
+    from serve.auth import hash_key, load_api_keys
+
+    return [hash_key(k) for k in load_api_keys(section.api_key_env, section.api_key_file)]
+
+
 def build_app(model_dir: str, section: Optional[ServeSection] = None, *, name: Optional[str] = None,
-              engine_factory: Optional[str] = None, engine_options: Optional[dict] = None) -> Any:
-    """The bound Serve application (ingress -> model) for ``model_dir``; run it with ``serve.run``."""
+              engine_factory: Optional[str] = None, engine_options: Optional[dict] = None,
+              api_key_hashes: Optional[list[str]] = None) -> Any:
+    """The bound Serve application (ingress -> model) for ``model_dir``; run it with ``serve.run``.
+
+    The API keys are read here, in the driver (``api_key_hashes`` overrides), and handed to the ingress
+    as hashes."""
     section = section or ServeSection()
+    if api_key_hashes is None:
+        api_key_hashes = driver_key_hashes(section)
     model_dir = _abs_model(model_dir)
     app_name = name or section.app_name
     user_config = {"model_dir": model_dir}
@@ -312,11 +379,15 @@ def build_app(model_dir: str, section: Optional[ServeSection] = None, *, name: O
         actor_options["num_gpus"] = section.num_gpus
     if section.threads:
         actor_options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(section.threads)}}
+    # Our engine swaps in place (model_dir in user_config -> reconfigure); vLLM by rolling replacement
+    # (model_dir in the version and the init args only).
+    model_user_config = {} if uses_vllm(section) else user_config
     model = _options(
-        ModelDeployment, name=MODEL_DEPLOYMENT, max_surge_percent=100, autoscaling_config=autoscaling, ray_actor_options=actor_options,
+        ModelDeployment, version=model_version(section, model_dir), name=MODEL_DEPLOYMENT, max_surge_percent=100,
+        autoscaling_config=autoscaling, ray_actor_options=actor_options,
         max_ongoing_requests=section.max_ongoing_requests, max_queued_requests=section.max_queued_requests,
         graceful_shutdown_timeout_s=section.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5,
-        health_check_period_s=5, user_config=user_config,
+        health_check_period_s=5, user_config=model_user_config,
     ).bind(model_dir, section.model_dump(mode="json"), engine_factory, engine_options)
     # The ingress never queues work itself: its limit is far above what the model replicas accept.
     ingress_limit = max(100, 4 * section.max_replicas * (section.max_ongoing_requests + max(section.max_queued_requests, 0)))
@@ -324,7 +395,53 @@ def build_app(model_dir: str, section: Optional[ServeSection] = None, *, name: O
         Ingress, name=INGRESS_DEPLOYMENT, num_replicas=section.ingress_replicas,
         ray_actor_options={"num_cpus": section.ingress_num_cpus}, max_ongoing_requests=ingress_limit,
         user_config=user_config,
-    ).bind(model, model_dir, section.model_dump(mode="json"), served_name(section, name), app_name)
+    ).bind(model, model_dir, section.model_dump(mode="json"), served_name(section, name), app_name, api_key_hashes)
+
+
+def capacity_report(section: ServeSection, resources: dict[str, float]) -> tuple[int, Optional[str]]:
+    """How many model replicas the cluster's ``resources`` (``ray.cluster_resources()``) can ever hold beside
+    the ingress, and a warning when that is below ``serve.max_replicas`` (None when it fits).
+
+    Ray Serve would otherwise decide to upscale and the new replica would wait forever, the only sign
+    being Serve's "has taken more than 30s to be scheduled" log line.
+    """
+    cpus = float(resources.get("CPU", 0.0))
+    gpus = float(resources.get("GPU", 0.0))
+    ingress = section.ingress_replicas * section.ingress_num_cpus
+    limits = [int((cpus - ingress + 1e-9) // section.num_cpus)] if section.num_cpus > 0 else []
+    if section.num_gpus > 0:
+        limits.append(int((gpus + 1e-9) // section.num_gpus))
+    fits = max(0, min(limits)) if limits else section.max_replicas
+    if fits >= section.max_replicas:
+        return fits, None
+    need = (f"{section.max_replicas} x {section.num_cpus:g} CPU"
+            + (f" + {section.max_replicas} x {section.num_gpus:g} GPU" if section.num_gpus else "")
+            + f" + {ingress:g} CPU for the ingress")
+    have = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if section.num_gpus else "")
+    return fits, (f"serve.max_replicas={section.max_replicas} needs {need}, but the cluster has {have}: at most "
+                  f"{fits} model replica{'s' if fits != 1 else ''} can ever run, and Ray Serve would wait forever "
+                  "for the others (\"taken more than 30s to be scheduled\"). Lower serve.max_replicas or "
+                  "serve.num_cpus / num_gpus, add nodes, set serve.capacity_check: fit to size max_replicas to "
+                  "the cluster, or serve.nodes_autoscale: true if the cluster adds nodes on demand")
+
+
+def fit_to_cluster(section: ServeSection) -> ServeSection:
+    """Apply ``serve.capacity_check`` against the connected cluster: log the :func:`capacity_report`
+    warning, and with ``fit`` return the section with ``max_replicas`` (and min/initial) lowered to fit."""
+    import ray
+
+    if section.capacity_check == "off" or section.nodes_autoscale or not ray.is_initialized():
+        return section
+    fits, warning = capacity_report(section, ray.cluster_resources())
+    if warning is None:
+        return section
+    if section.capacity_check == "fit" and fits >= 1:
+        logger.warning("%s; serve.capacity_check=fit: serving with max_replicas=%d", warning, fits)
+        initial = section.initial_replicas
+        return section.model_copy(update={"max_replicas": fits, "min_replicas": min(section.min_replicas, fits),
+                                          "initial_replicas": None if initial is None else min(initial, fits)})
+    logger.warning(warning)
+    return section
 
 
 def _start_serve(section: ServeSection) -> None:
@@ -335,6 +452,23 @@ def _start_serve(section: ServeSection) -> None:
     if section.request_timeout_s:
         http["request_timeout_s"] = section.request_timeout_s
     serve.start(http_options=http)
+
+
+def _http_host(section: ServeSection) -> str:
+    """The address Serve's HTTP proxies listen on: the running Serve's (it may have been started earlier
+    with other options), else ``serve.host``."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return str(_get_global_client().get_serve_details().get("http_options", {}).get("host") or section.host)
+    except Exception:  # noqa: BLE001 - Serve not started here
+        return section.host
+
+
+def _check_exposure(section: ServeSection, hashes: list[str]) -> None:
+    from serve.auth import check_exposure
+
+    check_exposure(_http_host(section), bool(hashes), section.allow_unauthenticated)
 
 
 def _base_url(section: ServeSection) -> str:
@@ -357,11 +491,17 @@ def deploy(model_dir: str, section: Optional[ServeSection] = None, *, name: Opti
     """Deploy (or redeploy) the app on Ray Serve and wait until it is ready; returns its base URL.
 
     ``blocking=True`` then serves until Ctrl-C. Starts an embedded local Ray when none is connected.
+    API keys come from this process (see :func:`build_app`); without any, a non-loopback Serve address
+    is refused (ConfigError) unless ``serve.allow_unauthenticated``.
     """
     section = section or ServeSection()
     app_name = name or section.app_name
+    hashes = driver_key_hashes(section)
     _start_serve(section)
-    app = build_app(model_dir, section, name=name, engine_factory=engine_factory, engine_options=engine_options)
+    _check_exposure(section, hashes)
+    section = fit_to_cluster(section)
+    app = build_app(model_dir, section, name=name, engine_factory=engine_factory, engine_options=engine_options,
+                    api_key_hashes=hashes)
     try:
         serve.run(app, name=app_name, route_prefix=section.route_prefix, blocking=False)
     except Exception as exc:  # noqa: BLE001 - replica constructors failing surface here
@@ -390,7 +530,10 @@ def update_model(model_dir: str, section: Optional[ServeSection] = None, *, name
     if status(app_name) is None:
         raise RaydistillError(f"no serving app named {app_name!r} is running; deploy it first "
                               "(serve.app.deploy or `raydistill serve`)")
-    app = build_app(model_dir, section, name=name)
+    hashes = driver_key_hashes(section)
+    _check_exposure(section, hashes)
+    section = fit_to_cluster(section)
+    app = build_app(model_dir, section, name=name, api_key_hashes=hashes)
     serve.run(app, name=app_name, route_prefix=section.route_prefix, blocking=False)
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
     target = _abs_model(model_dir)
@@ -404,6 +547,20 @@ def update_model(model_dir: str, section: Optional[ServeSection] = None, *, name
                 return
         time.sleep(0.25)
     raise RaydistillError(f"model update of app {app_name!r} to {model_dir} did not finish in {timeout_s:.0f}s")
+
+
+def served_model_dir(name: Optional[str] = None) -> Optional[str]:
+    """The model dir the app's model replicas serve now (asked from a replica), or None when the app
+    is not running or does not answer."""
+    app_name = name or ServeSection().app_name
+    if status(app_name) is None:
+        return None
+    try:
+        handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
+        return str(handle.info.remote().result(timeout_s=60)["model_dir"])
+    except Exception as exc:  # noqa: BLE001 - unknown: the caller treats it as "not served"
+        logger.warning("cannot ask app %s which model it serves: %r", app_name, exc)
+        return None
 
 
 def status(name: Optional[str] = None) -> Optional[dict]:

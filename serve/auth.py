@@ -1,8 +1,17 @@
-"""API keys: ``Authorization: Bearer <key>`` checked in constant time against keys from an env var or a file."""
+"""API keys: ``Authorization: Bearer <key>`` checked in constant time against SHA-256 hashes of the keys.
+
+Keys come from an env var or a key file, read by the process that deploys (the driver): on a Ray
+cluster the ingress replicas run in worker processes that do not see the driver's environment, so
+:func:`serve.app.build_app` reads the keys there and hands the replicas only their hashes.
+:func:`check_exposure` refuses an open (keyless) server on a non-loopback address unless the
+operator says so (``serve.allow_unauthenticated``).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 from typing import Iterable, Optional
@@ -43,31 +52,65 @@ def load_api_keys(env_var: Optional[str] = None, key_file: Optional[str] = None)
     return list(dict.fromkeys(keys))
 
 
-class APIKeyAuth:
-    """Checks bearer tokens. With no keys every request passes (and :meth:`warn_if_open` says so once)."""
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest of ``key``: what replicas hold instead of the key itself."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
-    def __init__(self, keys: Iterable[str]):
-        self._keys = [k.encode("utf-8") for k in keys]
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, ``localhost``)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_exposure(host: str, has_keys: bool, allow_unauthenticated: bool) -> None:
+    """Raise ConfigError for a server without API keys bound to a non-loopback ``host``, unless
+    ``allow_unauthenticated`` (``serve.allow_unauthenticated: true``) says that is intended."""
+    if has_keys or allow_unauthenticated or is_loopback(host):
+        return
+    raise ConfigError(f"refusing to serve on {host} without an API key: anyone who can reach it could use it. Set "
+                      "keys (serve.api_key_env, default $RAYDISTILL_API_KEYS, or serve.api_key_file / --api-key-file) "
+                      "in the environment of the process that deploys, bind to 127.0.0.1, or set "
+                      "serve.allow_unauthenticated: true to serve openly on purpose")
+
+
+class APIKeyAuth:
+    """Checks bearer tokens against key hashes. With no keys every request passes (and
+    :meth:`warn_if_open` says so once)."""
+
+    def __init__(self, keys: Iterable[str] = (), *, hashes: Iterable[str] = ()):
+        digests = [hash_key(k) for k in keys] + [h.lower() for h in hashes]
+        self._hashes = [bytes.fromhex(h) for h in dict.fromkeys(digests)]
+
+    @classmethod
+    def from_hashes(cls, hashes: Iterable[str]) -> "APIKeyAuth":
+        """An auth object from SHA-256 hex digests (:func:`hash_key`) of the keys."""
+        return cls(hashes=hashes)
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return bool(self._hashes)
 
     def warn_if_open(self) -> None:
-        if not self._keys:
+        if not self._hashes:
             logger.warning(OPEN_WARNING)
 
     def check(self, authorization: Optional[str]) -> bool:
         """True when the header carries a configured key (or no key is configured)."""
-        if not self._keys:
+        if not self._hashes:
             return True
         if not authorization:
             return False
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return False
-        given = token.strip().encode("utf-8")
+        given = hashlib.sha256(token.strip().encode("utf-8")).digest()
         ok = False
-        for key in self._keys:  # compare against every key: timing does not reveal which one matched
-            ok |= hmac.compare_digest(given, key)
+        for digest in self._hashes:  # compare against every key: timing does not reveal which one matched
+            ok |= hmac.compare_digest(given, digest)
         return ok

@@ -99,9 +99,13 @@ def _serve_uvicorn(model_dir: str, section: ServeSection) -> int:
     import uvicorn
 
     from serve.api import EngineBackend, create_app, load_engine
+    from serve.auth import APIKeyAuth, check_exposure, load_api_keys
 
+    keys = load_api_keys(section.api_key_env, section.api_key_file)
+    check_exposure(section.host, bool(keys), section.allow_unauthenticated)
     engine = load_engine(model_dir, section)
-    app = create_app(EngineBackend(engine, name=section.model_name), section, close_backends=True)
+    app = create_app(EngineBackend(engine, name=section.model_name), section, auth=APIKeyAuth(keys),
+                     close_backends=True)
     print(f"OpenAI base URL: http://{section.host}:{section.port}/v1 (model {section.model_name!r}); "
           "Ctrl-C stops", flush=True)
     uvicorn.run(app, host=section.host, port=section.port, log_level="warning", timeout_graceful_shutdown=10)

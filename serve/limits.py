@@ -60,7 +60,24 @@ def check_limits(req: Union[ChatCompletionRequest, CompletionRequest], section: 
                      "(serve.max_top_logprobs)")
     if req.seed is not None and not INT64_MIN <= req.seed <= INT64_MAX:
         raise _limit("seed", f"seed must be a 64-bit signed integer in [{INT64_MIN}, {INT64_MAX}]")
+    check_response_format(req)
     return jobs
+
+
+def check_response_format(req: Union[ChatCompletionRequest, CompletionRequest]) -> None:
+    """400 for a ``response_format`` schema the grammar compiler cannot use (or a server without it)."""
+    schema = req.response_format.output_schema() if req.response_format is not None else None
+    if schema is None:
+        return
+    from serve.structured import StructuredOutputUnavailable, grammar_for
+
+    try:
+        grammar_for(schema)
+    except StructuredOutputUnavailable as exc:
+        raise APIError(400, str(exc), param="response_format", code="unsupported_parameter") from None
+    except ValueError as exc:
+        raise APIError(400, f"response_format: this JSON schema cannot be enforced: {exc}",
+                       param="response_format.json_schema.schema", code="invalid_value") from None
 
 
 def choice_seed(seed: int, offset: int) -> int:

@@ -38,6 +38,12 @@ class ServerMetrics:
         self.running = Gauge("raydistill_running_batch_size", "sequences in the running batch", ["model"], registry=r)
         self.in_flight = Gauge("raydistill_in_flight_requests", "requests being served by this server", registry=r)
         self.replicas = Gauge("raydistill_replicas", "running model replicas", ["model"], registry=r)
+        self.prompt_log_pending = Gauge("raydistill_prompt_log_pending_rows", "prompt log records not yet "
+                                        "written", registry=r)
+        self.prompt_log_dropped = Gauge("raydistill_prompt_log_dropped_rows", "prompt log records dropped since "
+                                        "start (buffer full while writes failed)", registry=r)
+        self.prompt_log_files = Gauge("raydistill_prompt_log_files_written", "prompt log files written since start",
+                                      registry=r)
         self._ray: dict[str, Any] = {}
         if ray_metrics:
             self._ray = _ray_metrics()
@@ -68,6 +74,11 @@ class ServerMetrics:
         self.queue_depth.labels(model=model).set(waiting)
         if replicas is not None:
             self.replicas.labels(model=model).set(replicas)
+
+    def prompt_log_state(self, *, pending: int, dropped: int, files: int) -> None:
+        self.prompt_log_pending.set(pending)
+        self.prompt_log_dropped.set(dropped)
+        self.prompt_log_files.set(files)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -69,25 +69,42 @@ def make_record(*, request_id: str, model: str, endpoint: str, completion: str, 
 
 
 class PromptLog:
-    """Buffers records in memory and flushes them to ``uri`` as Parquet (thread-safe).
+    """Buffers records in memory and flushes them to ``uri`` as Parquet from a background thread.
 
-    Flushes happen when ``flush_rows`` records are buffered, when :meth:`maybe_flush` finds the oldest
-    record older than ``flush_s`` (the server calls it periodically), and at :meth:`close`.
+    :meth:`append` never does I/O (it runs on the server's event loop): it adds the record and wakes the
+    flusher when ``flush_rows`` records are buffered. The flusher thread (started with the log,
+    ``start=False`` for a log flushed by hand) also flushes when the oldest record is older than
+    ``flush_s``, and :meth:`close` flushes what is left. A failed write puts its rows back and is
+    retried with exponential backoff (1 s doubling to 60 s); the buffer never holds more than
+    ``max_buffer_rows`` records: beyond that the oldest are dropped, counted in :attr:`dropped_rows`
+    (and ``raydistill_prompt_log_dropped_rows`` on ``/metrics``) and logged.
     """
 
     def __init__(self, uri: str, *, redact: Optional[Redactor | str] = None, flush_rows: int = 64,
-                 flush_s: float = 10.0):
+                 flush_s: float = 10.0, max_buffer_rows: int = 10_000, start: bool = True):
         self.uri = storage.absolute(uri)
         self.redact = load_redactor(redact) if isinstance(redact, str) or redact is None else redact
         self.flush_rows = flush_rows
         self.flush_s = flush_s
+        self.max_buffer_rows = max(max_buffer_rows, flush_rows)
         self._rows: list[dict] = []
         self._first_at: Optional[float] = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the buffer and the counters
+        self._write_lock = threading.Lock()  # one write at a time
         self.files_written = 0
+        self.dropped_rows = 0
+        self.failed_writes = 0
+        self._retry_at = 0.0
+        self._wake = threading.Event()
+        self._closed = False
         storage.makedirs(self.uri)
+        self._thread: Optional[threading.Thread] = None
+        if start:
+            self._thread = threading.Thread(target=self._run, name="raydistill-prompt-log", daemon=True)
+            self._thread.start()
 
     def append(self, record: dict) -> None:
+        """Buffer one record (no I/O). Drops the oldest buffered record when the buffer is full."""
         if self.redact is not None:
             try:
                 record = self.redact(dict(record))
@@ -100,45 +117,94 @@ class PromptLog:
             self._rows.append(record)
             if self._first_at is None:
                 self._first_at = time.monotonic()
+            self._trim()
             full = len(self._rows) >= self.flush_rows
         if full:
-            self.flush()
+            self._wake.set()
+
+    def _trim(self) -> None:
+        # under self._lock
+        over = len(self._rows) - self.max_buffer_rows
+        if over > 0:
+            del self._rows[:over]
+            self.dropped_rows += over
+            logger.warning("prompt log: buffer full (%d rows, writes to %s failing); dropped the %d oldest rows "
+                           "(%d dropped so far)", self.max_buffer_rows, self.uri, over, self.dropped_rows)
 
     def pending(self) -> int:
         with self._lock:
             return len(self._rows)
 
-    def maybe_flush(self) -> None:
+    def _due(self) -> bool:
         with self._lock:
-            due = self._first_at is not None and time.monotonic() - self._first_at >= self.flush_s
-        if due:
+            if not self._rows or time.monotonic() < self._retry_at:
+                return False
+            return len(self._rows) >= self.flush_rows or time.monotonic() - self._first_at >= self.flush_s
+
+    def maybe_flush(self) -> None:
+        """Flush when a flush is due (enough rows, or the oldest is older than ``flush_s``) and no failed
+        write is waiting out its backoff."""
+        if self._due():
             self.flush()
 
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(timeout=min(1.0, self.flush_s))
+            self._wake.clear()
+            if self._closed:
+                break
+            try:
+                self.maybe_flush()
+            except Exception:  # noqa: BLE001 - the flusher never dies
+                logger.exception("prompt log flusher failed")
+
     def flush(self) -> Optional[str]:
-        """Write buffered records as one Parquet file; returns its URI (None when nothing was buffered)."""
-        with self._lock:
-            rows, self._rows, self._first_at = self._rows, [], None
-        if not rows:
-            return None
-        table = pa.Table.from_pylist([{name: row.get(name) for name in PROMPT_LOG_SCHEMA.names} for row in rows],
-                                     schema=PROMPT_LOG_SCHEMA)
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        uri = storage.join(self.uri, f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet")
-        try:
-            storage.atomic_write_bytes(uri, buf.getvalue())
-        except Exception:  # noqa: BLE001 - keep serving; put the rows back for the next flush
-            logger.exception("prompt log: writing %s failed; will retry", uri)
+        """Write buffered records as one Parquet file; returns its URI (None when nothing was written)."""
+        with self._write_lock:
             with self._lock:
-                self._rows = rows + self._rows
-                self._first_at = self._first_at or time.monotonic()
-            return None
-        self.files_written += 1
-        return uri
+                rows, self._rows, self._first_at = self._rows, [], None
+            if not rows:
+                return None
+            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+            uri = storage.join(self.uri, f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet")
+            try:
+                table = pa.Table.from_pylist([{name: row.get(name) for name in PROMPT_LOG_SCHEMA.names}
+                                              for row in rows], schema=PROMPT_LOG_SCHEMA)
+                buf = io.BytesIO()
+                pq.write_table(table, buf, compression="zstd")
+                storage.atomic_write_bytes(uri, buf.getvalue())
+            except Exception:  # noqa: BLE001 - keep serving; put the rows back, retry after a backoff
+                with self._lock:
+                    self.failed_writes += 1
+                    delay = min(60.0, 2.0 ** min(self.failed_writes - 1, 6))
+                    self._retry_at = time.monotonic() + delay
+                    self._rows = rows + self._rows
+                    self._first_at = time.monotonic()
+                    self._trim()
+                logger.exception("prompt log: writing %s failed (%d failures); retrying in %.0fs", uri,
+                                 self.failed_writes, delay)
+                return None
+            with self._lock:
+                self.failed_writes = 0
+                self._retry_at = 0.0
+            self.files_written += 1
+            return uri
 
     def close(self) -> None:
+        """Stop the flusher and write what is buffered (one try; rows that cannot be written are counted
+        as dropped)."""
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+        with self._lock:
+            self._retry_at = 0.0
         self.flush()
+        with self._lock:
+            lost, self._rows = len(self._rows), []
+            self.dropped_rows += lost
+        if lost:
+            logger.error("prompt log: %d rows could not be written to %s at close and are lost", lost, self.uri)
 
 
 def read_prompt_log(uri: str, since: Optional[dt.datetime] = None) -> pa.Table:

@@ -55,6 +55,44 @@ def _drop_nulls(data: Any) -> Any:
     return data
 
 
+class JSONSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the output must validate against (``strict`` is implied:
+    the grammar enforces the schema)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(default="response", max_length=64)
+    description: Optional[str] = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: Optional[bool] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _drop_nulls(data)
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: ``text`` (free), ``json_object`` (any JSON object) or ``json_schema``."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object: {'name': ..., 'schema': {...}}")
+        return self
+
+    def output_schema(self) -> Optional[dict[str, Any]]:
+        """The JSON schema the output must follow (None: free text)."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            return self.json_schema.schema_ or {}  # type: ignore[union-attr]
+        return None
+
+
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -72,6 +110,7 @@ class _Req(BaseModel):
     # Accepted for client compatibility; 0 is the only value the engine implements (others: see UNSUPPORTED).
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    response_format: Optional[ResponseFormat] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -162,8 +201,7 @@ def _empty(value: Any) -> bool:
 _COMMON_UNSUPPORTED = {"logit_bias": _empty, "presence_penalty": _zero, "frequency_penalty": _zero}
 UNSUPPORTED: dict[str, dict[str, Any]] = {
     "chat": {**_COMMON_UNSUPPORTED, "tools": _empty, "functions": _empty,
-             "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
-             "response_format": lambda v: v == {"type": "text"}},
+             "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none"},
     "completions": {**_COMMON_UNSUPPORTED, "suffix": _empty,
                     "best_of": lambda v: v == 1},
 }

@@ -43,9 +43,18 @@ class ServeSection(Section):
     max_ongoing_requests: int = Field(default=32, ge=1, description="requests one model replica takes at once")
     max_queued_requests: int = Field(default=64, ge=-1, description="waiting requests per caller beyond which "
                                      "the server answers 429 (-1 = unbounded, not recommended)")
+    capacity_check: Literal["warn", "fit", "off"] = Field(
+        default="warn", description="at deploy, compare what max_replicas needs (num_cpus / num_gpus per model "
+        "replica + the ingress) with the cluster's CPUs/GPUs: warn = log what can never start, fit = also lower "
+        "max_replicas to what fits, off = no check. Skipped when nodes_autoscale")
+    nodes_autoscale: bool = Field(default=False, description="the cluster adds nodes on demand (ray_cluster.yaml, "
+                                  "KubeRay autoscaling): replicas beyond today's nodes are expected to fit later")
     ingress_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.1, ge=0)
     graceful_shutdown_timeout_s: float = Field(default=30, ge=0, description="how long an old replica drains")
+    swap_drain_timeout_s: float = Field(default=600, gt=0, description="after a model swap (update_model, "
+                                        "rollback) the old engine finishes its in-flight requests for up to this "
+                                        "long; any still running then end with an error (503), never as finished")
     request_timeout_s: Optional[float] = Field(default=600, gt=0, description="deadline of one request, queueing "
                                                "included (504 past it); null = none")
 
@@ -53,6 +62,12 @@ class ServeSection(Section):
     api_key_env: Optional[str] = Field(default="RAYDISTILL_API_KEYS",
                                        description="env var holding API keys (comma separated)")
     api_key_file: Optional[str] = Field(default=None, description="file (URI) with one API key per line")
+    open_paths: list[str] = Field(default_factory=lambda: ["/health", "/metrics", "/openapi.json"],
+                                  description="of /health, /metrics, /openapi.json: the ones answered without an "
+                                  "API key (Prometheus often scrapes without one); [] = the key everywhere")
+    allow_unauthenticated: bool = Field(default=False, description="serve without API keys on a non-loopback "
+                                        "host (refused otherwise). Keys are read where `raydistill serve` / the "
+                                        "deploy stage runs, and replicas get only their hashes")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="larger request bodies get 413")
     max_tokens_default: int = Field(default=256, ge=1, description="max_tokens when a request names none")
     max_n: int = Field(default=8, ge=1, description="largest `n` (choices per request)")
@@ -71,6 +86,8 @@ class ServeSection(Section):
     prompt_log_redact: Optional[str] = Field(default=None, description="'module:function' taking and returning a record dict")
     prompt_log_flush_rows: int = Field(default=64, ge=1)
     prompt_log_flush_s: float = Field(default=10, gt=0)
+    prompt_log_max_buffer_rows: int = Field(default=10_000, ge=1, description="records held while writes fail; "
+                                            "beyond it the oldest are dropped (counted on /metrics)")
 
     @field_validator("route_prefix")
     @classmethod

@@ -36,6 +36,18 @@ def sampling_kwargs(options: SamplingOptions) -> dict[str, Any]:
     }
 
 
+def structured_kwargs(options: SamplingOptions) -> dict[str, Any]:
+    """``response_format`` -> vLLM's structured output parameters (``structured_outputs`` in current vLLM,
+    ``guided_decoding`` before it); ``{}`` for free text. Imports vLLM only when a schema is given."""
+    if options.json_schema is None:
+        return {}
+    import vllm.sampling_params as sp
+
+    if hasattr(sp, "StructuredOutputsParams"):
+        return {"structured_outputs": sp.StructuredOutputsParams(json=options.json_schema)}
+    return {"guided_decoding": sp.GuidedDecodingParams(json=options.json_schema)}
+
+
 def _token_logprob(token_id: int, entries: Optional[dict], k: int) -> Optional[TokenLogprob]:
     """vLLM's ``{token_id: Logprob(logprob, rank, decoded_token)}`` at one position -> TokenLogprob."""
     if not entries:
@@ -126,7 +138,8 @@ class VLLMAsyncEngine:
 
         self._check(request)
         opts = request.sampling
-        params = SamplingParams(**sampling_kwargs(opts), output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(**sampling_kwargs(opts), **structured_kwargs(opts),
+                                output_kind=RequestOutputKind.DELTA)
         rid = request.request_id
         self._running.add(rid)
         produced, first, finished = 0, True, False

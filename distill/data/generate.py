@@ -21,6 +21,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from cluster import storage
+from cluster.ray_init import quiet_ray_data
 from cluster.config import PipelineConfig, TeacherSection
 from distill.data import prompts as prompt_sources
 from distill.data.schema import schema, to_table
@@ -104,12 +105,14 @@ def teacher_stage(cfg: PipelineConfig, sampling: SamplingParams) -> Callable[[An
     t = cfg.teacher
 
     def apply(ds: Any) -> Any:
+        import ray.data
+
         return ds.map_batches(
             TeacherWorker,
             fn_constructor_kwargs=dict(teacher=t.model_dump(mode="json"), sampling=sampling.to_json(),
                                        logprob_dtype=cfg.generate.logprob_dtype,
                                        max_retries=cfg.generate.max_retries),
-            batch_size=t.batch_size, batch_format="pyarrow", concurrency=t.replicas,
+            batch_size=t.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=t.replicas),
             # Ray Data's actor pools default to max_restarts=-1 / max_task_retries=-1: a dead
             # replica is restarted and its in-flight batches are retried (tested).
             num_cpus=t.num_cpus, num_gpus=t.num_gpus or None)
@@ -126,6 +129,7 @@ def run_teacher(cfg: PipelineConfig, requests: list[dict[str, Any]], sampling: S
     # One input block per teacher batch: a block is Ray Data's unit of work, so this is what lets
     # replicas share the work and what a crash loses at most (finished batches are already written).
     size = cfg.teacher.batch_size
+    quiet_ray_data()
     ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, max(table.num_rows, 1), size)])
     ds = teacher_stage(cfg, sampling)(ds)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

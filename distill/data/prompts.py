@@ -311,22 +311,22 @@ def prompt_log_files(uri: str) -> list[str]:
                   and not os.path.basename(f).startswith(storage.TMP_PREFIX))
 
 
-def read_served_log(uri: str, since: dt.datetime | None = None) -> pa.Table:
-    """Rows of the prompt log with ``ts > since`` (all when None), sorted by ``ts``."""
+def read_served_log(uri: str, since: dt.datetime | None = None, files: list[str] | None = None) -> pa.Table:
+    """Rows of the prompt log with ``ts > since`` (all when None), sorted by ``ts``, from ``files`` (default:
+    every :func:`prompt_log_files` file). A ``_file`` column names each row's file."""
     import pyarrow.compute as pc
 
     columns = ["ts", "endpoint", "prompt", "messages"]
     tables = []
-    for f in prompt_log_files(uri):
+    for f in prompt_log_files(uri) if files is None else files:
         fs, path = storage.filesystem(f)
         with fs.open(path, "rb") as handle:
             table = pq.read_table(handle, columns=columns)
         if since is not None and table.num_rows:
             table = table.filter(pc.greater(table["ts"], pa.scalar(since, type=table.schema.field("ts").type)))
-        if table.num_rows:
-            tables.append(table)
+        tables.append(table.append_column("_file", pa.array([f] * table.num_rows, pa.string())))
     if not tables:
-        return pa.table({c: [] for c in columns})
+        return pa.table({**{c: [] for c in columns}, "_file": pa.array([], pa.string())})
     return pa.concat_tables(tables, promote_options="default").sort_by("ts")
 
 
@@ -338,12 +338,21 @@ def _earlier_runs(cfg: PipelineConfig, run_dir: str) -> list[str]:
     return [storage.join(root, r) for r in list_runs(cfg) if r != this]
 
 
-def served_log_since(cfg: PipelineConfig, run_dir: str) -> dt.datetime | None:
-    """Where the log is read from: the end of what the last successful run read (its stored window),
-    else that run's start; else the currently served model's promotion time; None = from the start."""
+def served_log_position(cfg: PipelineConfig, run_dir: str) -> tuple[dt.datetime | None, set[str]]:
+    """Where the log is read from: ``(since, consumed files)``.
+
+    The log is consumed by file: a file is immutable once written (one atomic flush), so the files the
+    successful earlier runs read completely are skipped and every other file is read whole, whatever
+    the timestamps of its rows (a row still in an ingress buffer while a run read the log lands in a
+    later file and is read by the next run). ``since`` only comes from runs that predate file
+    tracking (their window's ``until``, else their start), or, with no earlier run at all, from the
+    currently served model's promotion time; None = no time filter.
+    """
     from cluster.runs import runs_root
 
     marks = []
+    consumed: set[str] = set()
+    any_run = False
     for run in _earlier_runs(cfg, run_dir):
         manifest_uri = storage.join(run, "manifest.json")
         if not storage.exists(manifest_uri):
@@ -351,17 +360,28 @@ def served_log_since(cfg: PipelineConfig, run_dir: str) -> dt.datetime | None:
         manifest = storage.read_json(manifest_uri)
         if manifest.get("status") not in _SUCCESSFUL_RUN:
             continue
+        any_run = True
         window_uri = storage.join(run, "data", "prompts", "served_prompts.json")
         window = storage.read_json(window_uri) if storage.exists(window_uri) else {}
+        if "consumed" in window:
+            consumed.update(window["consumed"])
+            continue
         mark = _parse_time(window.get("until")) or _parse_time(manifest.get("created_at"))
         if mark:
             marks.append(mark)
     if marks:
-        return max(marks)
+        return max(marks), consumed
+    if any_run:
+        return None, consumed
     registry_uri = storage.join(runs_root(cfg), "serving.json")
     if storage.exists(registry_uri):
-        return _parse_time((storage.read_json(registry_uri).get("current") or {}).get("promoted_at"))
-    return None
+        return _parse_time((storage.read_json(registry_uri).get("current") or {}).get("promoted_at")), consumed
+    return None, consumed
+
+
+def served_log_since(cfg: PipelineConfig, run_dir: str) -> dt.datetime | None:
+    """The time filter of :func:`served_log_position` (kept for callers that only need it)."""
+    return served_log_position(cfg, run_dir)[0]
 
 
 def used_prompt_ids(cfg: PipelineConfig, run_dir: str) -> set[str]:
@@ -397,14 +417,21 @@ def served_prompt_requests(cfg: PipelineConfig, run_dir: str) -> list[dict[str, 
                           "to the folder the server logs prompts to (serve.prompt_log_enabled: true)")
     log_uri = cfg.resolve_path(log_uri)
     read_at = dt.datetime.now(dt.timezone.utc)
-    since = served_log_since(cfg, run_dir)
-    table = read_served_log(log_uri, since)
+    since, consumed = served_log_position(cfg, run_dir)
+    read_files = [f for f in prompt_log_files(log_uri) if f not in consumed]  # listed once: files added
+    table = read_served_log(log_uri, since, files=read_files)                 # later wait for the next run
     used = used_prompt_ids(cfg, run_dir)
     requests: list[dict[str, Any]] = []
     seen: set[str] = set()
     counts = {"rows": table.num_rows, "already_used": 0, "duplicate": 0, "empty": 0}
     until = read_at
-    for row in table.to_pylist():
+    rows = table.to_pylist()
+    per_file: dict[str, int] = {}
+    for row in rows:
+        per_file[row["_file"]] = per_file.get(row["_file"], 0) + 1
+    considered: dict[str, int] = {}
+    for row in rows:
+        considered[row["_file"]] = considered.get(row["_file"], 0) + 1
         messages = row.get("messages")
         text = row.get("prompt")
         endpoint = str(row.get("endpoint") or "")
@@ -429,12 +456,16 @@ def served_prompt_requests(cfg: PipelineConfig, run_dir: str) -> list[dict[str, 
         if pc.count is not None and len(requests) >= pc.count:
             until = row["ts"] if row["ts"].tzinfo else row["ts"].replace(tzinfo=dt.timezone.utc)
             break
+    # Consumed: the files whose every row was looked at (a file cut by prompts.count is read again next
+    # round; the prompts taken from it then count as already used).
+    consumed_now = {f for f in read_files if considered.get(f, 0) == per_file.get(f, 0)}
     if not requests:
         raise RaydistillError(f"prompts.source=served_prompts: no new prompts in {log_uri} since "
                               f"{since.isoformat() if since else 'the start'} ({counts}); serve more traffic "
                               "with serve.prompt_log_enabled: true, or skip this round")
     window = {"log": log_uri, "since": since.isoformat() if since else None, "until": until.isoformat(),
-              "read_at": read_at.isoformat(), "selected": len(requests), **counts}
+              "read_at": read_at.isoformat(), "selected": len(requests), **counts,
+              "consumed": sorted(consumed | consumed_now)}
     storage.atomic_write_json(storage.join(run_dir, "data", "prompts", "served_prompts.json"), window)
     storage.atomic_write_text(stored, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in requests))
     return requests

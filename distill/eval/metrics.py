@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.errors import RaydistillError
+from distill.losses import teacher_entropy
 
 LN2 = math.log(2.0)
 
@@ -183,14 +184,6 @@ def forward_kl_topk(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teac
     return forward_kl(student_logprobs, topk_ids, teacher_logprobs, tail=TailMode.bucket, temperature=1.0)
 
 
-def teacher_entropy(teacher_logprobs: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of the stored top-k plus the tail as one bucket, per position: [N, K] -> [N]."""
-    lp = teacher_logprobs.float()
-    p = lp.exp()
-    tail = (1.0 - p.sum(-1)).clamp(min=0.0)
-    return -(p * lp).sum(-1) - torch.where(tail > 0, tail * torch.log(tail.clamp(min=1e-12)), torch.zeros_like(tail))
-
-
 @contextlib.contextmanager
 def record_routing(model: Any) -> Iterator[list[list[torch.Tensor]]]:
     """Collect experts used per token in every MoE layer of a raydistill student during the block.
@@ -263,7 +256,7 @@ def score_rows(student: Any, rows: Sequence[dict], *, batch_tokens: int = 2048, 
                 kls.append(forward_kl_topk(lp, tk_ids, tk_lp).cpu())
                 teacher_top1 = tk_ids.gather(-1, tk_lp.argmax(-1, keepdim=True))[:, 0]  # stored order not trusted
                 agrees.append((lp.argmax(-1) == teacher_top1).float().cpu())
-                ents.append(teacher_entropy(tk_lp).cpu())
+                ents.append(teacher_entropy(tk_ids, tk_lp).cpu())
                 targets = torch.tensor(seqs[i][plen:plen + clen], dtype=torch.long, device=device)
                 nlls.append(-lp.gather(-1, targets[:, None])[:, 0].cpu())
                 if per_layer:

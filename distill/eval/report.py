@@ -35,6 +35,16 @@ def _models(report: dict) -> list[str]:
     return [m for m in MODEL_ORDER if m in report.get("models", {})]
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
+    """Labels, grid and legend of a one-axis line plot, as PNG bytes."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def plot_training_loss(metrics: list[dict]) -> Optional[bytes]:
     """Loss vs step, one line per training stage (``stage_name`` or ``stage``), held-out KL as markers."""
     steps = [m for m in metrics if "loss" in m and "step" in m and m.get("event") is None]
@@ -51,12 +61,27 @@ def plot_training_loss(metrics: list[dict]) -> Optional[bytes]:
     held = [m for m in metrics if m.get("event") == "heldout" and m.get("kl") is not None]
     if held:
         ax.plot([m["step"] for m in held], [m["kl"] for m in held], "o--", color="black", label="held-out KL")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Training loss by stage")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _finish(fig, ax, "step", "loss", "Training loss by stage")
+
+
+def plot_budget(metrics: list[dict]) -> Optional[bytes]:
+    """Student/teacher NLL ratio on held-out teacher text vs training tokens (``train.heldout_every`` points).
+
+    Both NLLs are over the same held-out tokens, so their ratio is the bits-per-byte ratio there.
+    None with fewer than two scored points.
+    """
+    held = [m for m in metrics if m.get("event") == "heldout" and m.get("teacher_ce") and m.get("ce") is not None
+            and m.get("train_tokens") is not None]
+    if len(held) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot([m["train_tokens"] for m in held], [m["ce"] / m["teacher_ce"] for m in held], "o-",
+            label="student / teacher, held-out teacher text")
+    ax.axhline(1.0, color="gray", linestyle=":", label="teacher")
+    ax.set_xscale("log")
+    return _finish(fig, ax, "training tokens (completion targets)", "bits/byte ratio",
+                   "Student vs teacher as the training budget grows")
 
 
 def plot_bits_per_byte(report: dict) -> Optional[bytes]:
@@ -139,7 +164,8 @@ def plot_speed(report: dict) -> Optional[bytes]:
 
 def make_plots(report: dict, training_metrics: list[dict]) -> dict[str, bytes]:
     """``{file stem: PNG bytes}`` for every plot there is data for."""
-    plots = {"training_loss": plot_training_loss(training_metrics), "bits_per_byte": plot_bits_per_byte(report),
+    plots = {"training_loss": plot_training_loss(training_metrics), "budget": plot_budget(training_metrics),
+             "bits_per_byte": plot_bits_per_byte(report),
              "routing": plot_routing(report), "speed": plot_speed(report)}
     return {k: v for k, v in plots.items() if v}
 
@@ -168,6 +194,8 @@ SUMMARY_ROWS = [
 
 CAPTIONS = {
     "training_loss": "Training loss by stage (held-out KL as points).",
+    "budget": "Student/teacher bits-per-byte ratio on held-out teacher text as training tokens grow "
+              "(train.heldout_every).",
     "bits_per_byte": "Bits per byte by model and corpus: lower means the model predicts (compresses) the text better.",
     "routing": "Left: experts each token used per MoE layer. Right: entropy bucket (the teacher's on held-out rows, "
                "else the model's own on human text) vs experts used (rising = harder tokens get more experts).",

@@ -159,6 +159,16 @@ def layer_importance(teacher: nn.Module, chunks: Sequence[torch.Tensor], keep: i
 
 
 # ----------------------------------------------------------------------------- 2. experts
+@torch.no_grad()
+def next_token_entropy(model: nn.Module, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[N] the model's next-token entropy (nats) at every calibration position, in ``capture_ffn`` order."""
+    out = []
+    for ids in chunks:
+        logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)  # [rows, T, V]
+        out.append(-(logp.exp() * logp).sum(-1).reshape(-1))
+    return torch.cat(out)
+
+
 @dataclasses.dataclass
 class FFNSample:
     """One kept layer's FFN on the calibration tokens. ``act`` is computed on access, not stored, so
@@ -265,16 +275,32 @@ def expert_outputs(act: torch.Tensor, down: torch.Tensor, experts: Sequence[torc
     return torch.stack([act[:, idx] @ down[:, idx].t() for idx in experts], dim=1)
 
 
-def fit_router(x: torch.Tensor, outputs: torch.Tensor, sharpness: float = 1.0, steps: int = 200,
+def difficulty_sharpness(sharpness: float, difficulty: Optional[torch.Tensor], scale: float) -> torch.Tensor | float:
+    """Per-token router-target sharpness [N]: ``sharpness * exp(-scale * z)``, z = standardised difficulty.
+
+    difficulty [N] (the teacher's next-token entropy at each calibration token). Tokens harder than
+    average (z > 0) get a flatter target, so top-p keeps more experts for them; easier ones a sharper
+    target (fewer experts). ``scale`` 0 or no difficulty: the plain ``sharpness``.
+    """
+    if difficulty is None or scale == 0 or difficulty.numel() < 2:
+        return sharpness
+    d = difficulty.detach().float()
+    z = ((d - d.mean()) / d.std().clamp(min=1e-6)).clamp(-3.0, 3.0)  # [N]
+    return sharpness * torch.exp(-scale * z)
+
+
+def fit_router(x: torch.Tensor, outputs: torch.Tensor, sharpness: float | torch.Tensor = 1.0, steps: int = 200,
                weight_decay: float = 1e-4, seed: int = 0) -> torch.Tensor:
     """Router weights [E, H] whose softmax(x W^T) matches each token's expert shares.
 
     x [N, H] the router's input; outputs [N, E, H] the experts' outputs. Target for token n:
-    ``share_e = |out_ne|^sharpness / sum_f |out_nf|^sharpness``. Fitted by L-BFGS on the soft-label
-    cross-entropy (a convex problem) with a small L2 penalty.
+    ``share_e = |out_ne|^s_n / sum_f |out_nf|^s_n`` with ``s_n`` the sharpness (one number, or [N]
+    per token from :func:`difficulty_sharpness`). Fitted by L-BFGS on the soft-label cross-entropy
+    (a convex problem) with a small L2 penalty.
     """
     norms = outputs.detach().norm(dim=-1).clamp(min=1e-12)  # [N, E]
-    target = F.normalize(norms.pow(sharpness), p=1, dim=1)  # [N, E]
+    power = sharpness.reshape(-1, 1).float() if isinstance(sharpness, torch.Tensor) else sharpness  # [N, 1] or float
+    target = F.softmax(power * norms.log(), dim=1)  # [N, E] = norms**s / sum(norms**s), stable for big s
     x = x.detach().float()
     scale = x.norm(dim=1).mean().clamp(min=1e-6)  # condition the problem; folded back below
     xs = x / scale

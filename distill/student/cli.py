@@ -94,6 +94,7 @@ def create_student(cfg: Any, out: str | Path, seed: int = 0, run_dir: str | None
                                     options=CalibrationOptions(
                                         tokens=calib.tokens, importance_tokens=calib.importance_tokens,
                                         seq_len=calib.seq_len, rounds=calib.rounds, sharpness=calib.sharpness,
+                                        difficulty=calib.difficulty,
                                         active_fraction=calib.active_fraction),
                                     seed=seed, progress=progress)
         model = result.model

@@ -175,6 +175,7 @@ class CalibrationOptions:
     rounds: int = 1  # layer-importance rounds (1 = one-shot drop-one; more = iterative)
     active_fraction: float = 0.25  # a neuron is active for a token when among its top 25% contributors
     sharpness: float = 1.0  # router target = expert output-norm shares ** sharpness, renormalised
+    difficulty: float = 0.0  # per-token sharpness * exp(-difficulty * z(teacher entropy)): hard tokens, more experts
 
 
 @dataclasses.dataclass
@@ -223,6 +224,9 @@ def build_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
     else:
         layers = resolve_teacher_layers(tfields["num_hidden_layers"], student_config, teacher_layers)
     samples = calibrate.capture_ffn(prune_teacher(teacher, layers), chunks) if chunks else None
+    sharpness = (calibrate.difficulty_sharpness(options.sharpness, calibrate.next_token_entropy(teacher, chunks),
+                                                options.difficulty)
+                 if chunks and options.difficulty else options.sharpness)  # float, or [N] per calibration token
 
     student = init_random(student_config, seed=seed).float()
     src = {k: v.detach().float() for k, v in teacher.state_dict().items()}
@@ -271,7 +275,7 @@ def build_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
                                                         expert_size, shared_size, options.active_fraction,
                                                         seed=seed + i)
             outputs = calibrate.expert_outputs(act, down, experts)  # [N, E, H]
-            router = calibrate.fit_router(sample.x, outputs, options.sharpness, seed=seed + i)
+            router = calibrate.fit_router(sample.x, outputs, sharpness, seed=seed + i)
             weights = calibrate.route(sample.x @ router.t(), student_config.routing.value,
                                       student_config.num_experts_per_tok, student_config.top_p, student_config.min_k,
                                       int(student_config.max_k), student_config.norm_topk_prob)

@@ -66,6 +66,7 @@ class DecoderOutput:
     aux_loss: Optional[torch.Tensor]  # [] weighted sum of the aux losses, averaged over MoE layers
     aux_losses: dict[str, torch.Tensor]  # un-weighted means over MoE layers: load_balance, z, entropy
     routing: list[RoutingStats]  # one per MoE layer
+    router_entropy: Optional[torch.Tensor] = None  # [B, T] routing entropy per position, mean over MoE layers
 
 
 class StudentModel(nn.Module):
@@ -195,7 +196,10 @@ class StudentModel(nn.Module):
                 cache.lengths[cache_rows] = valid.sum(-1)
         if not compute_aux:
             return DecoderOutput(self.norm(x), None, {}, [a.stats for a in auxes])
-        return DecoderOutput(self.norm(x), *self._combine_aux(auxes, x))
+        total, losses, stats = self._combine_aux(auxes, x)
+        entropy = (torch.stack([a.token_entropy for a in auxes]).mean(0).reshape(x.shape[:2])
+                   if auxes else None)  # [B, T]
+        return DecoderOutput(self.norm(x), total, losses, stats, entropy)
 
     def _combine_aux(self, auxes: list[MoEAux], like: torch.Tensor):
         cfg = self.config

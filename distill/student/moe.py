@@ -17,7 +17,7 @@ from torch import nn
 
 from distill.student.config import StudentConfig
 from distill.student.experts import Experts, SwiGLU
-from distill.student.router import Router, entropy_loss, expert_counts, load_balance_loss, z_loss
+from distill.student.router import Router, entropy_loss, expert_counts, load_balance_loss, token_entropy, z_loss
 
 
 @dataclasses.dataclass
@@ -43,6 +43,7 @@ class MoEAux:
     z: Optional[torch.Tensor]
     entropy: Optional[torch.Tensor]
     stats: RoutingStats
+    token_entropy: Optional[torch.Tensor] = None  # [N] each token's routing entropy (grad to the router)
 
 
 class MoEBlock(nn.Module):
@@ -84,8 +85,9 @@ class MoEBlock(nn.Module):
                                  counts / counts.sum().clamp(min=1.0))
         if not compute_aux:
             return out.reshape(shape), MoEAux(None, None, None, stats)
+        entropy = token_entropy(routing)  # [N]
         aux = MoEAux(load_balance_loss(routing, flat_mask, counts), z_loss(routing, flat_mask),
-                     entropy_loss(routing, flat_mask), stats)
+                     entropy_loss(routing, flat_mask, entropy), stats, entropy)
         return out.reshape(shape), aux
 
 

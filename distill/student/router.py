@@ -131,10 +131,19 @@ def z_loss(routing: Routing, token_mask: Optional[torch.Tensor] = None) -> torch
     return _masked_mean(torch.logsumexp(routing.logits, dim=-1) ** 2, token_mask)
 
 
-def entropy_loss(routing: Routing, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean routing entropy (the "dynamic" loss of top-p MoE): lower entropy -> fewer experts reach p."""
+def token_entropy(routing: Routing) -> torch.Tensor:
+    """Routing entropy of each token [N] (nats, fp32, with gradient to the router)."""
     log_probs = F.log_softmax(routing.logits, dim=-1)
-    return _masked_mean(-(routing.probs * log_probs).sum(dim=-1), token_mask)
+    return -(routing.probs * log_probs).sum(dim=-1)
+
+
+def entropy_loss(routing: Routing, token_mask: Optional[torch.Tensor] = None,
+                 entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean routing entropy (the "dynamic" loss of top-p MoE): lower entropy -> fewer experts reach p.
+
+    ``entropy`` [N]: :func:`token_entropy` when the caller has it already.
+    """
+    return _masked_mean(token_entropy(routing) if entropy is None else entropy, token_mask)
 
 
 # ----------------------------------------------------------------------------- vLLM

@@ -45,6 +45,8 @@ class CalibrationSection(BaseModel):
     rounds: int = Field(default=1, ge=1, description="layer-importance rounds: 1 = one-shot drop-one, more = "
                                                      "iterative (re-score after each round of removals)")
     sharpness: float = Field(default=1.0, gt=0, description="router target = expert output-norm shares ** this")
+    difficulty: float = Field(default=0.0, ge=0, description="per-token sharpness * exp(-difficulty * z), z = the "
+                              "teacher's standardised next-token entropy: harder tokens get more experts (0 = off)")
     active_fraction: float = Field(default=0.25, gt=0, le=1,
                                    description="a neuron is active for a token when among its top contributors")
 

@@ -28,7 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 from cluster import storage
-from distill.losses import LossWeights, TailMode, distillation_loss
+from cluster.errors import ConfigError
+from distill.losses import (LossWeights, TailMode, difficulty_routing_loss, distillation_loss,
+                             teacher_entropy, teacher_token_nll)
 from distill.training import checkpoint as ckpt
 from distill.training.data import (MixtureStream, PackedBatch, RowSource, TableSource, collate, component_mask,
                                    heldout_mask, next_batch, read_table)
@@ -122,13 +124,25 @@ class DistillModule(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, input_ids, attention_mask, position_ids, pred_index, targets, topk_ids, topk_logprobs,
-                weights: LossWeights):
-        """Returns (:class:`LossOutput` of the KD terms, the decoder output with the MoE aux loss)."""
+                weights: LossWeights, difficulty_coef: float = 0.0):
+        """Returns (:class:`LossOutput` of the KD terms, the decoder output with the MoE aux loss).
+
+        ``difficulty_coef > 0`` adds :func:`~distill.losses.difficulty_routing_loss` (routing entropy
+        against the teacher's entropy at each target position) to the aux loss, as ``aux_losses["difficulty"]``.
+        """
         out = self.student.model(input_ids, attention_mask, position_ids=position_ids, compute_aux=True)
         hidden = out.last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])[pred_index]  # [N, H]
         losses = distillation_loss(flat, self.student.lm_head.weight, targets, topk_ids, topk_logprobs, weights,
                                    chunk_size=self.chunk_size)
+        if difficulty_coef > 0 and out.router_entropy is not None:
+            if topk_ids is None:
+                raise ConfigError("routing.router_difficulty_loss_coef needs the teacher's top-k log-probs in the "
+                                  "training data; set it to 0 for data without soft labels")
+            term = difficulty_routing_loss(out.router_entropy.reshape(-1)[pred_index],
+                                           teacher_entropy(topk_ids, topk_logprobs))
+            out.aux_loss = out.aux_loss + difficulty_coef * term
+            out.aux_losses = {**out.aux_losses, "difficulty": term}
         return losses, out
 
 
@@ -148,7 +162,8 @@ class StepResult:
 
 
 def train_step(module: nn.Module, batches: list[PackedBatch], weights: LossWeights, world: int,
-               device: torch.device, autocast: Any = contextlib.nullcontext) -> StepResult:
+               device: torch.device, autocast: Any = contextlib.nullcontext, difficulty_coef: float = 0.0
+               ) -> StepResult:
     """Forward and backward over one step's micro-batches; gradients of the step's per-token mean loss.
 
     Each micro-batch contributes its KD loss *sum* over target tokens divided by the target tokens of
@@ -173,7 +188,8 @@ def train_step(module: nn.Module, batches: list[PackedBatch], weights: LossWeigh
         with sync:
             with autocast():
                 losses, out = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.pred_index,
-                                     batch.targets, batch.topk_ids, batch.topk_logprobs, weights=weights)
+                                     batch.targets, batch.topk_ids, batch.topk_logprobs, weights=weights,
+                                     difficulty_coef=difficulty_coef)
             loss = losses.loss_sum * scale
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss / len(batches)
@@ -300,6 +316,8 @@ def apply_routing(model: nn.Module, stage: TrainStage, progress: float) -> dict[
         if value is not None:
             setattr(config, name, float(value))
             applied[name] = value
+    if r.router_difficulty_loss_coef is not None:  # a training term (needs teacher labels), not a model setting
+        applied["router_difficulty_loss_coef"] = r.router_difficulty_loss_coef
     return applied
 
 
@@ -457,7 +475,8 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             if job.trace_dir:
                 with open(Path(job.trace_dir) / f"rows-rank{rank}.txt", "a") as trace:
                     trace.write("".join(f"{state['step'] + 1} {p}\n" for b in batches for p in b.prompt_ids))
-            result = train_step(module, batches, weights, world, device, lambda: _autocast(device, section))
+            result = train_step(module, batches, weights, world, device, lambda: _autocast(device, section),
+                                difficulty_coef=stage.routing.router_difficulty_loss_coef or 0.0)
             out = result.out
             if job.fail_at_step is not None and state["step"] + 1 == job.fail_at_step and job.fail_marker \
                     and not os.path.exists(job.fail_marker):
@@ -491,6 +510,11 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
                            "expert_load": [[round(float(x), 4) for x in s.expert_load] for s in out.routing],
                            "world_size": world}
                 window_start, window_tokens, window_positions = time.perf_counter(), 0, 0
+            if not done and section.heldout_every and state["step"] % section.heldout_every == 0:
+                held = evaluate_heldout(module, runtime, section, job, device)  # the budget curve's points
+                if rank == 0:
+                    metrics_log.write({"event": "heldout", "stage": stage_index, "stage_name": stage.name,
+                                       "step": state["step"], "train_tokens": state["tokens"], **held})
             if done:
                 held = evaluate_heldout(module, runtime, section, job, device)
                 state["history"].append({"stage": stage_index, "name": stage.name, "steps": state["stage_step"],
@@ -498,7 +522,7 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
                                          "routing": routing, "heldout": held})
                 if rank == 0:
                     metrics_log.write({"event": "heldout", "stage": stage_index, "stage_name": stage.name,
-                                       "step": state["step"], **held})
+                                       "step": state["step"], "train_tokens": state["tokens"], **held})
                 state["stage"] += 1
                 state["stage_step"] = state["stage_tokens"] = 0
                 state["data"] = None
@@ -536,7 +560,7 @@ def evaluate_heldout(module: nn.Module, runtime: Runtime, section: TrainSection,
                      device: torch.device) -> dict[str, float]:
     """KL to the teacher (top-k + tail), top-1 agreement and CE on this rank's share of held-out rows, summed over ranks."""
     source = runtime.heldout(section.seed)
-    sums = [0.0, 0.0, 0.0, 0.0]  # kl * n, top1 * n, ce * n, n
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # kl * n, top1 * n, ce * n, n, teacher ce * n
     rows = []
     if source is not None:
         limit = max(1, section.heldout_max_rows // runtime.world_size)
@@ -571,8 +595,10 @@ def evaluate_heldout(module: nn.Module, runtime: Runtime, section: TrainSection,
             sums[1] += float(losses.top1_agreement) * n
             sums[2] += float(losses.parts["ce"]) * n
             sums[3] += n
+            sums[4] += float(teacher_token_nll(batch.targets, batch.topk_ids, batch.topk_logprobs).sum())
     module.train(was_training)
-    kl, top1, ce, n = _all_reduce(sums, device)
+    kl, top1, ce, n, teacher_ce = _all_reduce(sums, device)
     if n == 0:
-        return {"kl": float("nan"), "top1": float("nan"), "ce": float("nan"), "tokens": 0}
-    return {"kl": kl / n, "top1": top1 / n, "ce": ce / n, "tokens": int(n)}
+        return {"kl": float("nan"), "top1": float("nan"), "ce": float("nan"), "teacher_ce": float("nan"), "tokens": 0}
+    # ce / teacher_ce on the same tokens = the student/teacher bits-per-byte ratio on them (same bytes)
+    return {"kl": kl / n, "top1": top1 / n, "ce": ce / n, "teacher_ce": teacher_ce / n, "tokens": int(n)}

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 
+from cluster.ray_init import quiet_ray_data
 from distill.training.data import TRAIN_COLUMNS, component_mask, heldout_mask, rank_of, rows_from_table
 from distill.training.loop import Runtime, TrainJob, train_loop
 from distill.training.section import TrainSection
@@ -32,6 +33,7 @@ def build_datasets(files: list[str], section: TrainSection) -> dict[str, Any]:
     """Ray datasets per stage component (training rows only) and the held-out rows, materialised once."""
     import ray.data
 
+    quiet_ray_data()
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same order every epoch/restart
     base = ray.data.read_parquet(files, columns=TRAIN_COLUMNS, include_paths=True).materialize()
     datasets = {"heldout": base.map_batches(_select, batch_format="pyarrow",

@@ -75,6 +75,9 @@ class RoutingSchedule(Section):
     router_aux_loss_coef: Optional[float] = Field(default=None, ge=0)
     router_z_loss_coef: Optional[float] = Field(default=None, ge=0)
     router_entropy_loss_coef: Optional[float] = Field(default=None, ge=0)
+    router_difficulty_loss_coef: Optional[float] = Field(
+        default=None, ge=0, description="top-p: routing entropy against the teacher's entropy per token (lower "
+        "where the teacher is confident, higher where it is unsure), so harder tokens take more experts")
     freeze_router: bool = False
 
     @field_validator("top_p")
@@ -136,6 +139,8 @@ class TrainSection(Section):
     # data
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1, description="prompts kept out of training for eval")
     heldout_max_rows: int = Field(default=64, ge=1, description="held-out rows scored at each stage end")
+    heldout_every: Optional[int] = Field(default=None, ge=1, description="also score them every N steps: the "
+                                         "report's student/teacher ratio vs training budget (None = stage ends)")
     shuffle_buffer: int = Field(default=256, ge=1)
     seed: int = 0
     # checkpoints and logging

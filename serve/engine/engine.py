@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 import os
 from typing import Any, Optional
@@ -33,6 +34,8 @@ from serve.engine.sampling import IncrementalDetokenizer, find_stop, sample_toke
 from serve.engine.types import EngineError, GenerationOutput, GenerationRequest, SamplingOptions, TokenLogprob
 
 MAX_TOP_LOGPROBS = 100
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(eq=False)
@@ -49,6 +52,7 @@ class _Sequence:
     first_output: bool = True
     resume: Optional[list[int]] = None  # after a failed step: prefill prompt + output instead of the prompt
     failures: int = 0  # failed steps this request was part of
+    matcher: Optional[Any] = None  # llguidance matcher of a response_format request (serve.structured)
 
     @property
     def id(self) -> str:
@@ -67,6 +71,8 @@ class _Sequence:
 
     def restore(self, snap: tuple) -> None:
         (_state, n_out, self.last_token, self.sent, self.first_output, n_ids, prefix, read, n_text, rng) = snap
+        if self.matcher is not None and len(self.output) > n_out:
+            self.matcher.rollback(len(self.output) - n_out)
         del self.output[n_out:]
         d = self.detok
         del d.ids[n_ids:]
@@ -121,6 +127,7 @@ class LLMEngine:
         self._probation_mark = 0  # its output length when admitted
         self._failed_outputs: list[GenerationOutput] = []
         self._rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        self._grammars: Optional[Any] = None  # serve.structured.GrammarFactory, built on first use
         self._steps = 0
         self._decode_steps = 0
         self._generated = 0
@@ -193,6 +200,15 @@ class LLMEngine:
             raise EngineError(f"request {rid}: stop strings must be non-empty strings")
         if any(isinstance(t, bool) or not isinstance(t, int) for t in s.stop_token_ids):
             raise EngineError(f"request {rid}: stop_token_ids must be integers")
+        if s.json_schema is not None:
+            from serve.structured import StructuredOutputUnavailable, grammar_for
+
+            if not isinstance(s.json_schema, dict):
+                raise EngineError(f"request {rid}: json_schema must be a JSON object")
+            try:
+                grammar_for(s.json_schema)
+            except (ValueError, StructuredOutputUnavailable) as exc:
+                raise EngineError(f"request {rid}: response_format: {exc}") from None
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request; :class:`EngineError` (a ValueError) for a bad one."""
@@ -205,6 +221,15 @@ class LLMEngine:
             generator = torch.Generator().manual_seed(int(s.seed) & 0x7FFF_FFFF_FFFF_FFFF)
         seq = _Sequence(request=request, detok=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
                         generator=generator)
+        if s.json_schema is not None:
+            if self._grammars is None:
+                from serve.structured import GrammarFactory
+
+                self._grammars = GrammarFactory(self.tokenizer, self.vocab_size)
+            try:
+                seq.matcher = self._grammars.matcher(s.json_schema)
+            except ValueError as exc:
+                raise EngineError(f"request {request.request_id}: response_format: {exc}") from None
         self._requests[request.request_id] = seq
         self._waiting.append(seq)
 
@@ -427,9 +452,9 @@ class LLMEngine:
                     uniforms[i] = torch.rand((), generator=seqs[i].generator)
             top_k = torch.tensor([o.top_k for o in opts], dtype=torch.long)
             top_p = torch.tensor([float(o.top_p) for o in opts], dtype=torch.float)
-            tokens = sample_tokens(logits, temperature, top_k, top_p, uniforms)
+            tokens = sample_tokens(self._constrained(seqs, logits), temperature, top_k, top_p, uniforms)
         else:
-            tokens = logits.argmax(dim=-1)
+            tokens = self._constrained(seqs, logits).argmax(dim=-1)
         token_list = tokens.tolist()
 
         want_lp = [i for i, o in enumerate(opts) if o.logprobs]
@@ -458,6 +483,17 @@ class LLMEngine:
             self._promote(seq)
         return outputs
 
+    @staticmethod
+    def _constrained(seqs: list[_Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` with each structured-output row masked to the tokens its grammar allows (a copy, so
+        logprobs stay the raw distribution); the other rows of the batch are untouched."""
+        rows = [i for i, seq in enumerate(seqs) if seq.matcher is not None]
+        if not rows:
+            return logits
+        from serve.structured import mask_logits
+
+        return mask_logits(logits, rows, [seqs[i].matcher for i in rows])
+
     def _advance(self, seq: _Sequence, token: int, logprob: Optional[TokenLogprob]) -> GenerationOutput:
         """Append a sampled token to ``seq``; the stream increment (text delta, finish) it produces."""
         opts = seq.options
@@ -466,8 +502,19 @@ class LLMEngine:
         self._generated += 1
         finish = None
         stop_at = None
-        if token in opts.stop_token_ids or (not opts.ignore_eos and token in self._eos):
+        grammar_done = False
+        if seq.matcher is not None:
+            if not seq.matcher.consume_token(token) or seq.matcher.is_error():
+                log.error("request %s: the grammar rejected token %d: %s", seq.id, token, seq.matcher.get_error())
+                finish = "abort"  # never reported as finished: the API answers 5xx
+            grammar_done = seq.matcher.is_stopped()
+        if finish is not None:
+            pass
+        elif token in opts.stop_token_ids or (not opts.ignore_eos and token in self._eos):
             finish = "stop"  # the stop token is in token_ids, not in the text
+        elif grammar_done:
+            seq.detok.add(token)
+            finish = "stop"  # the JSON is complete and the grammar allows nothing more
         else:
             seq.detok.add(token)
             if opts.stop:

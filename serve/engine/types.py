@@ -13,8 +13,9 @@ from typing import Optional
 class SamplingOptions:
     """Per-request sampling. ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` are off.
 
-    ``logprobs``: return the sampled token's log-probability per generated token, plus the
-    ``top_logprobs`` most likely alternatives. ``prompt_logprobs``: also score the prompt tokens
+    ``json_schema``: constrain the output to JSON valid against this schema (``response_format``;
+    :mod:`serve.structured`). ``logprobs``: return the sampled token's log-probability per generated
+    token, plus the ``top_logprobs`` most likely alternatives. ``prompt_logprobs``: also score the prompt tokens
     (for ``echo`` + ``logprobs`` loglikelihood clients). Log-probabilities are the model's raw
     distribution (temperature 1, before top-k/top-p), as vLLM returns by default.
     """
@@ -30,6 +31,7 @@ class SamplingOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    json_schema: Optional[dict] = None
 
 
 @dataclasses.dataclass

@@ -30,3 +30,28 @@ def test_connect_reuses_a_running_ray(ray_session):
     resources = connect(None)
     assert resources["CPU"] == 2
     assert connect("auto") == resources  # already initialised: no second init, no error
+
+
+def test_quiet_ray_data_turns_off_its_progress_output_and_its_notice():
+    import logging
+
+    import ray.data
+
+    from cluster.ray_init import quiet_ray_data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.enable_progress_bars
+    try:
+        quiet_ray_data()
+        quiet_ray_data()  # idempotent: one filter, not two
+        assert ctx.enable_progress_bars is False
+        assert logging.getLogger("ray.data").getEffectiveLevel() >= logging.WARNING
+        notice = logging.getLogger("ray.data._internal.progress")
+        assert len(notice.filters) == 1
+        record = logging.LogRecord("ray.data._internal.progress", logging.WARNING, __file__, 1,
+                                   "Progress bars disabled. To enable, set ...", None, None)
+        assert not notice.filters[0].filter(record)
+        other = logging.LogRecord("ray.data._internal.progress", logging.WARNING, __file__, 1, "other", None, None)
+        assert notice.filters[0].filter(other)
+    finally:
+        ctx.enable_progress_bars = before

@@ -227,3 +227,66 @@ def test_projection_stays_fp32_under_bf16_autocast():
     torch.testing.assert_close(got.parts["kl"], ref.parts["kl"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_h, ref_h, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got_w, ref_w, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_entropy_is_exact_with_the_whole_vocabulary_and_a_lower_bound_from_the_top_k():
+    from distill.losses import teacher_entropy
+
+    torch.manual_seed(0)
+    logp = F.log_softmax(torch.randn(6, 10) * 2, dim=-1)  # [N, V]
+    full = -(logp.exp() * logp).sum(-1)
+    ids = torch.arange(10).expand(6, 10)
+    torch.testing.assert_close(teacher_entropy(ids, logp), full, rtol=1e-5, atol=1e-5)
+    top, top_ids = logp.topk(4, dim=-1)
+    partial = teacher_entropy(top_ids, top)
+    assert bool((partial <= full + 1e-6).all()) and bool((partial > 0).all())
+    more = teacher_entropy(*reversed(logp.topk(8, dim=-1)))
+    assert bool((partial <= more + 1e-6).all()) and bool((more <= full + 1e-6).all())  # tighter with more of k
+    padded_ids = torch.cat([top_ids, torch.full((6, 2), -1)], dim=1)  # padding entries carry no mass
+    padded = torch.cat([top, torch.full((6, 2), float("-inf"))], dim=1)
+    torch.testing.assert_close(teacher_entropy(padded_ids, padded), partial)
+
+
+def test_difficulty_routing_loss_lowers_routing_entropy_of_easy_tokens_and_raises_it_for_hard_ones():
+    from distill.losses import difficulty_routing_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 8).requires_grad_()  # 4 tokens, 8 experts
+    difficulty = torch.tensor([0.1, 0.5, 2.0, 3.0])  # teacher entropy: two easy tokens, two hard ones
+    opt = torch.optim.SGD([logits], lr=0.5)
+    start = None
+    for _ in range(20):
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [N]
+        start = entropy.detach() if start is None else start
+        opt.zero_grad()
+        difficulty_routing_loss(entropy, difficulty).backward()
+        opt.step()
+    end = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).detach()
+    assert bool((end[:2] < start[:2] - 0.1).all())  # easy tokens: sharper routing (fewer experts reach p)
+    assert bool((end[2:] > start[2:] + 0.01).all())  # hard tokens: flatter routing (more experts)
+    # zero-mean weights: a batch where every token is equally hard contributes nothing
+    flat = difficulty_routing_loss(torch.rand(5, requires_grad=True), torch.full((5,), 1.3))
+    assert float(flat) == 0.0
+    with pytest.raises(RaydistillError, match="must both be"):
+        difficulty_routing_loss(torch.rand(5), torch.rand(4))
+
+
+def test_difficulty_routing_loss_raises_routing_entropy_of_hard_tokens():
+    from distill.losses import difficulty_routing_loss
+
+    logits = torch.tensor([[3.0, 0, 0, 0]] * 4, requires_grad=True)  # every token confidently routed
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    difficulty_routing_loss(entropy, torch.tensor([0.1, 0.2, 2.0, 3.0])).backward()
+    # gradient descent moves along -grad: hard tokens' top logit goes down (flatter routing), easy ones' up
+    assert bool((logits.grad[2:, 0] > 0).all()) and bool((logits.grad[:2, 0] < 0).all())
+
+
+def test_teacher_token_nll_reads_the_stored_log_prob_and_falls_back_to_the_tail():
+    from distill.losses import teacher_token_nll
+
+    ids = torch.tensor([[4, 9, -1], [4, 9, 2]])
+    logp = torch.log(torch.tensor([[0.5, 0.3, 1.0], [0.6, 0.2, 0.1]]))
+    logp[0, 2] = float("-inf")  # padding entry
+    nll = teacher_token_nll(torch.tensor([9, 7]), ids, logp)
+    # row 0: the target is stored (p = 0.3); row 1: it is not, so the tail bucket (1 - 0.9) stands in
+    torch.testing.assert_close(nll, torch.tensor([-math.log(0.3), -math.log(0.1)]), rtol=1e-5, atol=1e-5)

@@ -46,6 +46,7 @@ def main() -> None:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
+    print(f"ADDRESS={ray.get_runtime_context().gcs_address}", flush=True)
     print("READY", context.address_info["gcs_address"], flush=True)
     while True:
         time.sleep(1)

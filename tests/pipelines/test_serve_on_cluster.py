@@ -22,9 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.own_cluster
 FAKE = "tests.serve.fake_engine:FakeAsyncEngine.from_pretrained"
 
 
-@pytest.mark.xfail(strict=True, reason="keys from serve.api_key_env in the deploying process never reach the Serve "
-                   "replicas (they read their own environment; this endpoint is open); fixed on the issue-16 serve "
-                   "branch (the driver hands the ingress its key hashes): drop this mark when merging it")
 def test_api_keys_reach_the_replicas_on_a_separately_started_head(own_cluster, job_server, tiny_teacher_dir):
     port = free_port()
     driver = f"""

@@ -90,7 +90,8 @@ def test_reads_since_last_successful_run_and_dedups(tmp_path):
     second, _ = build_requests(cfg, r2)
     assert texts(second) == ["how do MoE routers work?"]
     window = storage.read_json(storage.join(r2, "data", "prompts", "served_prompts.json"))
-    assert window["since"] == storage.read_json(storage.join(r1, "data", "prompts", "served_prompts.json"))["until"]
+    # the log is consumed by file: r1 read part-1 and part-2 whole, r2 reads only what came after
+    assert window["since"] is None and len(window["consumed"]) == 3
     assert window["already_used"] == 1 and window["rows"] == 2
 
     # a rerun of r2 sees the same prompts however the log grows
@@ -164,3 +165,32 @@ def test_prompts_logged_by_the_real_server_are_read_back_by_the_source(tmp_path,
     assert all(r["source"] == "served_prompts" for r in requests)
     window = storage.read_json(storage.join(_run(tmp_path, "r1"), "data", "prompts", "served_prompts.json"))
     assert window["rows"] == 4 and window["duplicate"] == 1
+
+
+def test_a_prompt_logged_during_a_read_is_used_by_the_next_run(tmp_path):
+    """A row still in an ingress buffer while run 1 read the log (its ts is before the read) is flushed to a
+    new file afterwards: run 2 must use it (issue #16 point 11)."""
+    log = tmp_path / "log"
+    before = dt.datetime.now(UTC) - dt.timedelta(minutes=5)
+    write_log(log, "part-a.parquet", [chat("first prompt", before)])
+    cfg = _cfg(tmp_path)
+    r1 = _run(tmp_path, "r1")
+    buffered_at = dt.datetime.now(UTC)  # logged (timestamped) while r1 reads...
+    first, _ = build_requests(cfg, r1)
+    assert texts(first) == ["first prompt"]
+    finish_run(r1, first)
+    write_log(log / "replica-2", "part-b.parquet", [chat("buffered prompt", buffered_at)])  # ...flushed after
+    second, _ = build_requests(cfg, _run(tmp_path, "r2"))
+    assert texts(second) == ["buffered prompt"]
+
+
+def test_runs_from_before_file_tracking_still_mark_where_to_start(tmp_path):
+    now = dt.datetime.now(UTC)
+    write_log(tmp_path / "log", "old.parquet", [chat("old", now - dt.timedelta(hours=2))])
+    write_log(tmp_path / "log", "new.parquet", [chat("new", now)])
+    cfg = _cfg(tmp_path)
+    legacy = _run(tmp_path, "r0")
+    finish_run(legacy, [])
+    storage.atomic_write_json(storage.join(legacy, "data", "prompts", "served_prompts.json"),
+                              {"until": (now - dt.timedelta(hours=1)).isoformat()})  # no "consumed"
+    assert texts(build_requests(cfg, _run(tmp_path, "r1"))[0]) == ["new"]

@@ -108,6 +108,9 @@ class FakeServe(types.SimpleNamespace):
     def _base_url(self, section):
         return "http://127.0.0.1:8000"
 
+    def served_model_dir(self, name=None):
+        return getattr(self, "running", None)
+
 
 @pytest.fixture
 def fake_serve(monkeypatch):

@@ -6,7 +6,8 @@ It implements the AsyncEngine interface of ``serve.engine`` (``from_pretrained``
 * greedy (temperature 0): a fixed word sequence, starting at an offset given by the prompt ids;
 * sampling: words drawn by ``random.Random(seed)`` (a fresh RNG per request without a seed);
 * every token sleeps ``token_delay`` seconds, and at most ``max_batch_size`` requests run at once
-  (the rest wait), so concurrency, cancellation and overload are observable from the outside.
+  (the rest wait), so concurrency, cancellation and overload are observable from the outside;
+* ``shutdown()`` aborts the running requests (``finish_reason="abort"``), as the real engine does.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class FakeAsyncEngine:
                     prompt_lp = [None] + [self._logprob(t, s.top_logprobs, i) for i, t in
                                           enumerate(request.prompt_ids[1:])]
                 for step in range(s.max_tokens):
-                    if rid in self._aborted:
+                    if rid in self._aborted or self.is_shut_down:  # shutdown aborts what runs, like the engine
                         break
                     if self.token_delay:
                         await asyncio.sleep(self.token_delay)

@@ -173,9 +173,6 @@ def _auth_codes(url: str, key: str) -> dict[str, int]:
                 "models_none": http.get(url + "/v1/models").status_code}
 
 
-@pytest.mark.xfail(strict=True, reason="keys from serve.api_key_env in the deploying process never reach the Serve "
-                   "replicas (they read their own environment); fixed on the issue-16 serve branch (the driver "
-                   "hands the ingress its key hashes): drop this mark when merging it")
 def test_api_keys_are_enforced_through_serve(serve_port, tiny_teacher_dir, tmp_path, monkeypatch):
     """Keys set in the deploying process (env var; file) reach the Serve replicas: 401 without, 200 with.
 

@@ -80,7 +80,6 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
     ("/v1/chat/completions", "functions", [TOOL["function"]]),
     ("/v1/chat/completions", "function_call", "auto"),
     ("/v1/chat/completions", "logit_bias", {"50256": -100}),
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
     ("/v1/chat/completions", "presence_penalty", 0.5),
     ("/v1/chat/completions", "frequency_penalty", -1.0),
     ("/v1/completions", "logit_bias", {"50256": -100}),

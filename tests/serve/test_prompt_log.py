@@ -49,7 +49,8 @@ def test_server_logs_requests_with_redaction(serve_tokenizer, tmp_path):
     finally:
         server.stop()  # flushes the rest
     files = sorted(p.name for p in (tmp_path / "plog").iterdir())
-    assert len(files) == 2 and all(f.startswith("part-") and f.endswith(".parquet") for f in files)
+    # flushed by the background thread (2 rows due) and at close: how rows split over files is timing
+    assert 1 <= len(files) <= 3 and all(f.startswith("part-") and f.endswith(".parquet") for f in files)
     table = read_prompt_log(uri)
     assert table.schema == PROMPT_LOG_SCHEMA and table.num_rows == 3  # the 'secret' one was dropped
     rows = {r["endpoint"] + ":" + (r["prompt"] or "chat"): r for r in table.to_pylist()}
@@ -84,3 +85,78 @@ def test_off_by_default_and_bad_hook():
         ServeSection(prompt_log_enabled=True)
     with pytest.raises(ConfigError, match="prompt_log_redact"):
         PromptLog("memory://plog-bad", redact="tests.serve.test_prompt_log:nope")
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue #16 point 5: flushes never run on the event loop; failed writes are bounded and counted
+# ---------------------------------------------------------------------------------------------------
+def test_a_slow_prompt_log_write_never_stalls_requests(serve_tokenizer, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from cluster import storage
+
+    release = threading.Event()
+    writing = threading.Event()
+    real_write = storage.atomic_write_bytes
+
+    def slow_write(uri, data):  # an object store that hangs (S3 timeout)
+        writing.set()
+        release.wait(timeout=30)
+        return real_write(uri, data)
+
+    monkeypatch.setattr(storage, "atomic_write_bytes", slow_write)
+    uri = str(tmp_path / "plog")
+    server, _ = start_fake_server(serve_tokenizer, prompt_log_enabled=True, prompt_log=uri, prompt_log_flush_rows=1)
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+    try:
+        assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=30).status_code == 200
+        assert writing.wait(timeout=10), "the first flush never started"
+        # The write hangs; requests (and the streams of others) go on at full speed meanwhile.
+        t0 = time.perf_counter()
+        for _ in range(3):
+            assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=30).status_code == 200
+        with httpx.stream("POST", server.base_url + "/v1/completions", json={**body, "stream": True}) as resp:
+            assert resp.status_code == 200 and list(resp.iter_lines())[-2] == "data: [DONE]"
+        assert httpx.get(server.base_url + "/health", timeout=30).status_code == 200
+        assert time.perf_counter() - t0 < 2.0
+        assert release.is_set() is False
+    finally:
+        release.set()
+        server.stop()
+    assert read_prompt_log(uri).num_rows == 5  # nothing lost once the store answers
+
+
+def test_failed_writes_keep_a_bounded_buffer_and_count_dropped_rows(serve_tokenizer, tmp_path, monkeypatch):
+    from cluster import storage
+
+    def broken_write(uri, data):
+        raise OSError("bucket unreachable")
+
+    monkeypatch.setattr(storage, "atomic_write_bytes", broken_write)
+    log = PromptLog(str(tmp_path / "plog"), flush_rows=2, max_buffer_rows=5, start=False)
+    for i in range(4):
+        log.append(make_record(request_id=f"r{i}", model="m", endpoint="completions", completion="c",
+                               prompt_tokens=1, completion_tokens=1, prompt=f"p{i}"))
+    assert log.flush() is None and log.failed_writes == 1 and log.pending() == 4
+    log.maybe_flush()  # backoff: no retry right away
+    assert log.failed_writes == 1
+    for i in range(4, 20):
+        log.append(make_record(request_id=f"r{i}", model="m", endpoint="completions", completion="c",
+                               prompt_tokens=1, completion_tokens=1, prompt=f"p{i}"))
+    assert log.pending() == 5 and log.dropped_rows == 15
+    assert [r["request_id"] for r in log._rows] == [f"r{i}" for i in range(15, 20)]  # the newest are kept
+    log.close()
+    assert log.dropped_rows == 20 and log.pending() == 0
+
+    # The server reports them.
+    server, _ = start_fake_server(serve_tokenizer, prompt_log_enabled=True, prompt_log=str(tmp_path / "p2"),
+                                  prompt_log_flush_rows=1, prompt_log_max_buffer_rows=2)
+    try:
+        for _ in range(4):
+            httpx.post(server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+        text = httpx.get(server.base_url + "/metrics").text
+    finally:
+        server.stop()
+    dropped = [ln for ln in text.splitlines() if ln.startswith("raydistill_prompt_log_dropped_rows ")]
+    assert dropped and float(dropped[0].split()[1]) >= 2, text

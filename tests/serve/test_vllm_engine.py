@@ -58,3 +58,45 @@ def test_engine_args_and_missing_vllm(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # every `import vllm...` raises ImportError, installed or not
     with pytest.raises(RaydistillError, match=r"raydistill\[gpu\]"):
         VLLMAsyncEngine.from_pretrained("/m")
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue #16 point 9: on vLLM a model swap is a rolling replacement, never a second engine beside the first
+# ---------------------------------------------------------------------------------------------------
+def _model_deployment(app):
+    return app._bound_deployment.init_args[0]._bound_deployment
+
+
+def test_vllm_swaps_by_rolling_replacement_our_engine_in_place():
+    from serve.app import build_app
+    from serve.section import ServeSection
+
+    vllm = ServeSection(api_key_env=None, backend="vllm", num_gpus=1)
+    a, b = (_model_deployment(build_app(d, vllm)) for d in ("/models/a", "/models/b"))
+    assert a.version != b.version  # a new model = a new version: Serve starts new replicas, then drains the old
+    assert a.user_config in ({}, None) and b.user_config in ({}, None)  # no in-place reconfigure
+    assert a.init_args[0] == "/models/a" and b.init_args[0] == "/models/b"
+    assert _model_deployment(build_app("/models/a", vllm)).version == a.version  # same model: no restart
+    ours = ServeSection(api_key_env=None)
+    c, d = (_model_deployment(build_app(m, ours)) for m in ("/models/a", "/models/b"))
+    assert c.version == d.version and d.user_config == {"model_dir": "/models/b"}  # light reconfigure
+
+
+def test_a_vllm_replica_never_loads_a_second_engine(tiny_teacher_dir, tmp_path, monkeypatch):
+    import asyncio
+
+    import serve.app as app
+    from serve.section import ServeSection
+
+    loads = []
+    real = app.load_engine
+
+    def counting(model_dir, section, factory=None, options=None):
+        loads.append(model_dir)
+        return real(model_dir, section, "tests.serve.fake_engine:FakeAsyncEngine.from_pretrained", options)
+
+    monkeypatch.setattr(app, "load_engine", counting)
+    section = ServeSection(api_key_env=None, backend="vllm", num_gpus=1)
+    replica = app.ModelDeployment.func_or_class(tiny_teacher_dir, section.model_dump(mode="json"))
+    asyncio.run(replica.reconfigure({"model_dir": str(tmp_path)}))
+    assert loads == [tiny_teacher_dir] and replica.current.model_dir == tiny_teacher_dir

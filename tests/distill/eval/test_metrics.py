@@ -161,7 +161,8 @@ def test_teacher_entropy_includes_the_tail_bucket():
     lp = torch.log(torch.tensor([[0.5, 0.25], [0.9, 0.1]]))
     expected = [-(0.5 * math.log(0.5) + 0.25 * math.log(0.25) + 0.25 * math.log(0.25)),
                 -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))]
-    assert M.teacher_entropy(lp).tolist() == pytest.approx(expected, rel=1e-5)
+    ids = torch.tensor([[3, 7], [1, 2]])
+    assert M.teacher_entropy(ids, lp).tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_routing_records_experts_per_token_and_difficulty_curve():

@@ -172,7 +172,7 @@ def test_fit_expert_scales_recovers_known_scales():
 
 
 @pytest.mark.parametrize("routing", [{"routing": "topp", "top_p": 0.5, "max_k": 3}, {"routing": "topk"}])
-def test_dense_small_batch_dispatch_equals_the_sparse_path(routing):
+def test_grouped_small_batch_dispatch_equals_the_sparse_path(routing):
     from distill.student.moe import MoEBlock
 
     from .conftest import tiny_config
@@ -183,14 +183,47 @@ def test_dense_small_batch_dispatch_equals_the_sparse_path(routing):
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(1, 12, 64)
     with torch.no_grad():
-        block.experts.dense_max_tokens = 0
+        block.experts.grouped_max_tokens = 0
         sparse, _ = block(x, compute_aux=False)
-        block.experts.dense_max_tokens = 32
-        dense, _ = block(x, compute_aux=False)
-        torch.testing.assert_close(dense, sparse, rtol=1e-5, atol=1e-5)
+        block.experts.grouped_max_tokens = 32
+        grouped, _ = block(x, compute_aux=False)
+        torch.testing.assert_close(grouped, sparse, rtol=1e-5, atol=1e-5)
         block.experts[1].down_proj.weight.mul_(2.0)  # in-place weight change: the stacked copy is rebuilt
-        block.experts.dense_max_tokens = 0
+        block.experts.grouped_max_tokens = 0
         sparse2, _ = block(x, compute_aux=False)
-        block.experts.dense_max_tokens = 32
+        block.experts.grouped_max_tokens = 32
         torch.testing.assert_close(block(x, compute_aux=False)[0], sparse2, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(sparse, sparse2)
+
+
+def test_difficulty_sharpness_is_flatter_for_harder_tokens():
+    d = torch.tensor([0.1, 0.5, 1.0, 2.0, 4.0])
+    s = calibrate.difficulty_sharpness(3.0, d, 1.0)
+    assert s.shape == (5,) and bool((s[1:] < s[:-1]).all())  # harder -> lower sharpness -> flatter target
+    assert float(s[0]) > 3.0 > float(s[-1])
+    assert calibrate.difficulty_sharpness(3.0, d, 0.0) == 3.0 and calibrate.difficulty_sharpness(3.0, None, 1.0) == 3.0
+
+
+def test_router_fitted_with_difficulty_routes_harder_tokens_to_more_experts():
+    """Difficulty readable from the router input (here its norm): harder tokens end up with more experts."""
+    torch.manual_seed(0)
+    n, h, e = 2000, 16, 8
+    direction = F.normalize(torch.randn(n, h), dim=1) * h ** 0.5  # which experts contribute
+    magnitude = torch.rand(n, 1) + 0.5
+    x = direction * magnitude  # [N, H]
+    shares = (direction @ torch.randn(h, e) * 0.5).exp()  # [N, E] expert output norms, set by the direction
+    outputs = shares.unsqueeze(-1) * torch.ones(n, e, h) / h ** 0.5  # [N, E, H]
+    difficulty = -magnitude.squeeze(1)  # small inputs are the "hard" tokens
+    hard, easy = difficulty > difficulty.quantile(0.8), difficulty < difficulty.quantile(0.2)
+
+    def experts_used(scale: float) -> torch.Tensor:
+        sharp = calibrate.difficulty_sharpness(3.0, difficulty, scale)
+        router = calibrate.fit_router(x, outputs, sharp, steps=100)
+        return (calibrate.route(x @ router.t(), "topp", 2, 0.4, 1, 4, True) > 0).sum(1).float()
+
+    gaps = []
+    for scale in (0.0, 1.0, 2.0):
+        used = experts_used(scale)
+        gaps.append(float(used[hard].mean() - used[easy].mean()))
+    # measured: 0.16, 0.21, 0.42 (seed 0); 0.17, 0.26, 0.48 (seed 1)
+    assert gaps[0] < gaps[1] < gaps[2] and gaps[2] > gaps[0] + 0.15

@@ -57,3 +57,27 @@ def test_aux_losses_are_averaged_over_micro_batches():
         assert abs(metrics["aux"][k] - expected[k]) < 1e-6
     kd = metrics["parts"]["forward_kl"]
     assert abs(metrics["loss"] - kd - sum(float(o.aux_loss) for o in auxes) / 2) < 1e-5
+
+
+def test_difficulty_routing_term_joins_the_aux_loss_with_its_coefficient():
+    from distill.losses import difficulty_routing_loss, teacher_entropy
+
+    model = tiny_model(routing="topp", top_p=0.5, **NO_AUX)
+    module = DistillModule(model, chunk_size=16)
+    b = batch([[row(5, 3, 12)], [row(6, 2, 10)]])
+    args = (b.input_ids, b.attention_mask, b.position_ids, b.pred_index, b.targets, b.topk_ids, b.topk_logprobs)
+    _, plain = module(*args, weights=LossWeights())
+    _, with_term = module(*args, weights=LossWeights(), difficulty_coef=0.5)
+    assert "difficulty" not in plain.aux_losses
+    expected = difficulty_routing_loss(with_term.router_entropy.reshape(-1)[b.pred_index],
+                                       teacher_entropy(b.topk_ids, b.topk_logprobs))
+    got, total, base = (float(t.detach()) for t in (with_term.aux_losses["difficulty"], with_term.aux_loss,
+                                                    plain.aux_loss))
+    assert abs(got - float(expected.detach())) < 1e-6 and got != 0.0
+    assert abs(total - base - 0.5 * got) < 1e-6
+    # its gradient reaches every router, and nothing computed after the last router (last experts, head)
+    model.zero_grad(set_to_none=True)
+    with_term.aux_losses["difficulty"].backward()
+    touched = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"} <= touched
+    assert not any(n.startswith(("model.layers.1.mlp.experts", "lm_head", "model.norm")) for n in touched)

@@ -104,3 +104,19 @@ def test_local_loop_resumed_after_a_failure_ends_where_a_straight_run_ends(tmp_p
     events = [m for m in metric_lines(run) if m.get("event") == "resumed"]
     assert [(e["step"], e["stage"]) for e in events] == [(6, 1)]  # mid-"kd", from the step-6 checkpoint
     assert_same_training(straight, resumed, runs["straight"][1], run)
+
+
+def test_heldout_every_scores_the_budget_curve_with_the_teachers_nll_on_the_same_tokens(tiny_run):
+    from distill.eval.report import plot_budget
+
+    cfg, run = tiny_run
+    cfg = cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), "heldout_every": 2,
+                                                                   "stages": [{"name": "kd", "steps": 6}]})})
+    run_train_stage(cfg, run, use_ray=False, show_progress=False)
+    held = [m for m in metrics(run) if m.get("event") == "heldout"]
+    assert [h["step"] for h in held] == [2, 4, 6]  # every 2 steps, the stage end once
+    tokens = [h["train_tokens"] for h in held]
+    assert tokens == sorted(tokens) and tokens[0] > 0 and len(set(tokens)) == 3
+    assert all(h["teacher_ce"] > 0 and h["ce"] > 0 and h["tokens"] == held[0]["tokens"] for h in held)
+    assert plot_budget(metrics(run))[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_budget(held[:1]) is None  # one point is no curve
