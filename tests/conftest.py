@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,35 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    """``integration`` is what a test does, not where it lives: every test that uses the session's Ray or
+    the builtin teacher model gets it (pure unit tests beside them stay unmarked)."""
+    for item in items:
+        if {"ray_session", "builtin_teacher_model"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """``torch.set_num_threads(n)`` for a block, then the previous number again."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def missing_dependency(reason: str) -> None:
+    """Skip a test whose system dependency is absent, except under CI (``CI`` set), where it fails:
+    CI installs every dependency, so a skip there would hide a broken install."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +66,15 @@ def builtin_teacher_dir() -> str:
     from distill.teacher.sources import resolve_model
 
     return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def builtin_teacher_model(builtin_teacher_dir):
+    """The builtin teacher as a transformers model (fp32, eval), loaded once per session; tests only read it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(builtin_teacher_dir, dtype=torch.float32).eval()
 
 
 def make_tiny_llama(out_dir: Path, tokenizer_dir: str, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> str:

@@ -49,6 +49,7 @@ class TrainJob:
     pad_id: int = 0
     fail_at_step: Optional[int] = None  # fault-injection for tests: raise once when reaching this step
     fail_marker: Optional[str] = None  # a file that records that the injected failure happened
+    fail_mode: str = "raise"  # "raise": the step raises; "exit": the worker process dies (os._exit)
     trace_dir: Optional[str] = None  # tests: each rank appends the prompt ids it trains on to rows-rank{R}.txt
 
     def to_dict(self) -> dict[str, Any]:
@@ -480,6 +481,8 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             if job.fail_at_step is not None and state["step"] + 1 == job.fail_at_step and job.fail_marker \
                     and not os.path.exists(job.fail_marker):
                 Path(job.fail_marker).write_text(f"rank {rank} failed at step {state['step'] + 1}\n")
+                if job.fail_mode == "exit":
+                    os._exit(17)  # the process dies: no exception, no cleanup (an OOM kill or a lost node)
                 raise RuntimeError(f"injected failure at step {job.fail_at_step}")
             grad_norm = clip_and_step(module, optimizer, frozen_parameters(model, stage), section.grad_clip)
             global_tokens, global_positions = result.global_tokens, result.global_positions

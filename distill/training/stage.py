@@ -136,13 +136,15 @@ class _Progress:
 def run_train_stage(cfg: Any, run_dir: str, *, workers: Optional[int] = None,
                     gpus_per_worker: Optional[float] = None, resume: bool = True, restart: bool = False,
                     use_ray: bool = True, show_progress: bool = True,
-                    fail_at_step: Optional[int] = None, trace_dir: Optional[str] = None) -> dict[str, Any]:
+                    fail_at_step: Optional[int] = None, trace_dir: Optional[str] = None,
+                    fail_mode: str = "raise") -> dict[str, Any]:
     """Distil the run's data into the student; returns (and writes) ``{run}/train/manifest.json``.
 
     ``resume``: continue from the last checkpoint if there is one (else a run with checkpoints is an
     error, so nothing is overwritten by accident). ``restart``: discard earlier training state.
     ``use_ray=False`` runs the same loop in this process (one worker). ``fail_at_step`` injects one
-    worker failure (tests of fault tolerance).
+    worker failure (tests of fault tolerance): the step raises, or with ``fail_mode="exit"`` the worker
+    process dies.
     """
     section = _section(cfg, workers, gpus_per_worker)
     run = Path(_local(storage.absolute(run_dir)))
@@ -174,7 +176,7 @@ def run_train_stage(cfg: Any, run_dir: str, *, workers: Optional[int] = None,
     job = TrainJob(section=section.model_dump(mode="json"), init_dir=str(init_dir),
                    metrics_uri=str(train_dir / "metrics.jsonl"), data_files=summary.files,
                    checkpoint_dir=str(train_dir / "local"), pad_id=pad_id, fail_at_step=fail_at_step,
-                   fail_marker=str(train_dir / ".injected-failure") if fail_at_step else None,
+                   fail_marker=str(train_dir / ".injected-failure") if fail_at_step else None, fail_mode=fail_mode,
                    trace_dir=trace_dir)
     total_steps = sum(s.steps for s in section.stages) if all(s.steps for s in section.stages) else None
     started = time.time()

@@ -1,6 +1,7 @@
 """A short-lived local Ray with the job server (dashboard) for the Ray Jobs API test.
 
-Run as ``python ray_head.py DASHBOARD_PORT AGENT_PORT TEMP_DIR [NUM_CPUS]`` (default 1 CPU); prints READY when the job server is up
+Run as ``python ray_head.py DASHBOARD_PORT AGENT_PORT TEMP_DIR [NUM_CPUS]`` (default 1 CPU); prints
+``READY <gcs address>`` when the job server is up
 and shuts Ray down on SIGTERM. Its own temp dir keeps ``ray_current_cluster`` out of /tmp/ray, so other
 processes' ``ray.init()`` never join this cluster by accident. ``ray.init`` has no option for the
 dashboard agent's port (default 52365, taken when another Ray with a dashboard runs on the machine),
@@ -14,6 +15,14 @@ import time
 import ray
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     port, agent_port, temp_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     num_cpus = int(sys.argv[4]) if len(sys.argv) > 4 else 1
@@ -23,10 +32,13 @@ def main() -> None:
 
     def params(self, *args, **kwargs):
         kwargs.setdefault("dashboard_agent_listen_port", agent_port)
+        # A GCS port of its own: on a shared machine a default one can be one that another user's Ray binds
+        # with SO_REUSEPORT too, and the job drivers then reach that (token-auth) GCS (InvalidAuthToken).
+        kwargs.setdefault("gcs_server_port", _free_port())
         original(self, *args, **kwargs)
 
     parameter.RayParams.__init__ = params
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+    context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              object_store_memory=200 * 1024**2, _temp_dir=temp_dir, logging_level="WARNING")
 
     def stop(*_):
@@ -35,7 +47,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     print(f"ADDRESS={ray.get_runtime_context().gcs_address}", flush=True)
-    print("READY", flush=True)
+    print("READY", context.address_info["gcs_address"], flush=True)
     while True:
         time.sleep(1)
 

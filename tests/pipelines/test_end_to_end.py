@@ -1,8 +1,8 @@
 """Issue 7 acceptance at tiny scale, with the real stages (no fakes).
 
-1. End to end through the Ray Jobs API on a short-lived local cluster: tiny random teacher, tiny
-   student, generate -> filter -> train -> eval -> gate -> export -> deploy; the job succeeds, the
-   manifest lists every stage with its outputs, and the deployed app answers until the cluster stops.
+1. End to end through the Ray Jobs API on a local cluster (the session's shared own cluster): tiny
+   random teacher, tiny student, generate -> filter -> train -> eval -> gate -> export -> deploy; the
+   job succeeds, the manifest lists every stage with its outputs, and the deployed app answers.
 2. Resume: SIGKILL the pipeline during ``train``; the rerun skips ``generate`` (shards untouched),
    training resumes from its checkpoint, and the run completes.
 3. Gate: a worse student is refused and the old model keeps answering; a better one is promoted
@@ -33,18 +33,15 @@ import yaml
 
 from cluster import storage
 from tests.conftest import REPO_ROOT
+from tests.pipelines.cluster_harness import free_port as _free_port
+from tests.pipelines.cluster_harness import kill_leftovers as _kill_leftovers
+from tests.pipelines.cluster_harness import shutdown_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 ALL_STAGES = ["generate", "filter", "train", "eval", "gate", "export", "deploy"]
 TINY_STUDENT = {"init": "random", "num_hidden_layers": 2, "num_experts": 4, "moe_intermediate_size": 16,
                 "num_experts_per_tok": 2, "sliding_window": 8}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -99,98 +96,33 @@ def _stages(manifest: dict) -> dict[str, dict]:
     return {s["name"]: s for s in manifest["stages"]}
 
 
-def _ray_processes(marker: str) -> list[int]:
-    """Pids of processes whose command line mentions ``marker`` (a temp dir only our Ray uses)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _kill_leftovers(marker: str) -> None:
-    """SIGKILL each process of ours that mentions ``marker``; wait (bounded) until they are gone."""
-    for pid in _ray_processes(marker):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while _ray_processes(marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
-@contextlib.contextmanager
-def job_cluster(num_cpus: int = 2) -> Iterator[str]:
-    """A local Ray with the job server (tests/pipelines/ray_head.py), stopped on exit with all it runs."""
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rde-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
-           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    log_path = os.path.join(temp_dir, "head.log")
-    log = open(log_path, "w")  # a file, not a pipe: nobody drains a pipe once the cluster is up
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "pipelines" / "ray_head.py"), str(port),
-                             str(_free_port()), temp_dir, str(num_cpus)], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, text=True, start_new_session=True)
-    saved = os.environ.get("RAY_AUTH_MODE")
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if "READY" in Path(log_path).read_text():
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("local Ray with job server did not start:\n" + Path(log_path).read_text()[-4000:])
-        os.environ["RAY_AUTH_MODE"] = "disabled"  # the client side of the same cluster
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        _kill_leftovers(temp_dir)  # Serve replicas, job drivers: nothing of this cluster may outlive the test
-        log.close()
-        time.sleep(0.5)  # exiting Ray processes may still write a file into the temp dir
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------ 1. end to end
 @pytest.mark.own_cluster
-def test_pipeline_job_end_to_end(tiny_teacher_dir, tmp_path, capsys):
+def test_pipeline_job_end_to_end(job_server, tiny_teacher_dir, tmp_path, capsys):
     from pipelines.cli import main
 
     serve_port = _free_port()
     config = tiny_pipeline_config(tmp_path, tiny_teacher_dir, serve_port=serve_port, train_stages=[
         {"name": "warm", "steps": 2, "loss": {"ce": 1.0, "forward_kl": 1.0}},
         {"name": "kd", "steps": 3, "loss": {"forward_kl": 1.0}}])
-    for attempt in (1, 2):
-        run_id = f"r{attempt}"
-        run = tmp_path / "runs" / "e2e" / run_id
-        with job_cluster(num_cpus=2) as address:
+    try:
+        for attempt in (1, 2):
+            run_id = f"r{attempt}"
+            run = tmp_path / "runs" / "e2e" / run_id
             # The config is outside the shipped working_dir: a file:// URI reaches the job unchanged.
-            rc = main(["submit", config.as_uri(), "--address", address, "--run", run_id])
+            rc = main(["submit", config.as_uri(), "--address", job_server, "--run", run_id])
             out = capsys.readouterr()
             logs = out.out + out.err
             if rc != 0 and attempt == 1 and "InvalidAuthToken" in logs:
                 # Seen on the shared machine: the job driver's connection to this cluster's GCS port
                 # reached another engineer's (token-auth) Ray (gRPC binds with SO_REUSEPORT). Not
-                # the pipeline's doing; start a fresh cluster once.
+                # the pipeline's doing; submit once more.
                 continue
-            _check_end_to_end(address, rc, logs, out.out, run, run_id, tmp_path, serve_port)
+            _check_end_to_end(job_server, rc, logs, out.out, run, run_id, tmp_path, serve_port)
             break
-    # The Serve app died with the cluster.
-    _wait_for(lambda: not _port_open(serve_port), 30, f"port {serve_port} to close after the cluster stopped")
+    finally:
+        shutdown_serve(job_server)  # the cluster is shared with later tests
+    _wait_for(lambda: not _port_open(serve_port), 30, f"port {serve_port} to close after Serve shut down")
 
 
 def _check_end_to_end(address: str, rc: int, logs: str, stdout: str, run: Path, run_id: str, tmp_path: Path,
@@ -322,6 +254,79 @@ def test_killed_run_resumes_without_regenerating(tiny_teacher_dir, tmp_path):
     assert train["status"] == "done" and train["steps"] == 26
     assert (run / "student" / "config.json").exists()
     assert len(manifest["invocations"]) == 2 and manifest["invocations"][0]["status"] == "running"
+
+
+def _shard_bytes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
+
+
+@pytest.mark.own_cluster
+def test_killed_generate_resumes_with_written_shards_untouched_and_every_prompt_once(tiny_teacher_copy, tmp_path):
+    """SIGKILL the driver while generate hangs on its third teacher batch (after at least one shard was
+    written); the rerun keeps those shards byte for byte and writes every other prompt exactly once."""
+    control = {"mode": "hang", "fail_on_call": 3, "times": 1, "state": str(tmp_path / "teacher-calls")}
+    Path(tiny_teacher_copy, "flaky.json").write_text(json.dumps(control))
+    config = tiny_pipeline_config(tmp_path, tiny_teacher_copy, serve_port=_free_port(), stages=["generate"],
+                                  train_stages=[{"name": "kd", "steps": 1}], prompts=32)
+    raw = yaml.safe_load(config.read_text())
+    raw["teacher"].update(backend="tests.distill.data.flaky_teacher:FlakyTeacher", batch_size=8)
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run = tmp_path / "runs" / "e2e" / "r1"
+    shards = run / "data" / "generate"
+    ray_tmp = tempfile.mkdtemp(prefix="rdg-", dir="/tmp")  # this run's own Ray: never joins another cluster
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "pipelines.run", str(config), "--run", "r1", "--no-live", "--no-sample"]
+    log_path = tmp_path / "first.log"
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+            def hanging_after_a_shard() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"the run ended (rc {proc.returncode}) before it could be killed:\n"
+                                         + log_path.read_text()[-4000:])
+                calls = json.loads((tmp_path / "teacher-calls").read_text() or "{}") \
+                    if (tmp_path / "teacher-calls").exists() else {}
+                return calls.get("failures") == 1 and len(list(shards.glob("*.parquet"))) >= 1
+
+            try:
+                _wait_for(hanging_after_a_shard, 240, "a shard and the hanging third batch", interval=0.05)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+                proc.wait(timeout=30)
+        _kill_leftovers(ray_tmp)
+
+        first = json.loads((run / "manifest.json").read_text())
+        assert first["status"] == "running" and _stages(first)["generate"]["status"] == "running"
+        assert not (shards / "manifest.json").exists()
+        written = _shard_bytes(shards)
+        assert 1 <= len(written) <= 2  # batches 1 and 2 at most: batch 3 never returned
+
+        result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    finally:
+        _kill_leftovers(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    after = _shard_bytes(shards)
+    assert {name: after.get(name) for name in written} == written  # the shards written before the kill, byte for byte
+    import pyarrow.parquet as pq
+
+    rows = [r for name in after for r in pq.read_table(str(shards / name), columns=["prompt_id", "prompt"]).to_pylist()]
+    prompts = sorted(r["prompt"] for r in rows)
+    topics = ["cats", "rivers", "stars", "trees", "bread", "music"]
+    assert prompts == sorted(f"Tell me fact {i} about {topics[i % 6]}." for i in range(32))  # every prompt, once
+    assert len({r["prompt_id"] for r in rows}) == 32
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["rows"] == 32 and manifest["resumed_rows"] == 8 * len(written)
+    assert manifest["new_rows"] == 32 - 8 * len(written)
+    stages = _stages(json.loads((run / "manifest.json").read_text()))
+    assert stages["generate"]["status"] == "done" and stages["generate"]["attempts"] == 2
 
 
 # -------------------------------------------------------------------------------------------- 3. gate

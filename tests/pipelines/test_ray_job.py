@@ -1,13 +1,8 @@
-"""`raydistill submit` / `python -m pipelines.run` through Ray's JobSubmissionClient on a local cluster."""
+"""`raydistill submit` / `python -m pipelines.run` through Ray's JobSubmissionClient on a local cluster
+(the session's shared own cluster: ``job_server`` in tests/pipelines/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
@@ -17,49 +12,6 @@ from tests.conftest import REPO_ROOT
 from tests.pipelines.fakes import make_generated_run, read_manifest
 
 QUICKSTART = str(REPO_ROOT / "pipelines" / "configs" / "quickstart.yaml")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def job_server():
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rdj-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
-           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    log_path = os.path.join(temp_dir, "head.log")
-    log = open(log_path, "w")  # a file, not a pipe: nobody drains a pipe once the cluster is up
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "pipelines" / "ray_head.py"), str(port),
-                             str(_free_port()), temp_dir], stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        with open(log_path) as handle:
-            if "READY" in handle.read():
-                break
-        time.sleep(0.5)
-    else:
-        proc.terminate()
-        with open(log_path) as handle:
-            pytest.fail("local Ray with job server did not start:\n" + handle.read()[-4000:])
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # the client side of the same cluster
-    yield f"http://127.0.0.1:{port}"
-    if saved is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = saved
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -128,6 +128,45 @@ def test_errors_name_the_fix(tmp_path):
         build_requests(cfg, _run(tmp_path, "r1"))
 
 
+def test_prompts_logged_by_the_real_server_are_read_back_by_the_source(tmp_path, tiny_teacher_dir):
+    """Both flywheel halves: the API server writes its prompt log, served_prompts reads it (no hand-written log)."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from tests.serve.conftest import start_fake_server
+
+    log = tmp_path / "log"
+    server, _ = start_fake_server(AutoTokenizer.from_pretrained(tiny_teacher_dir), prompt_log_enabled=True,
+                                  prompt_log=str(log), prompt_log_flush_rows=1)
+    try:
+        url = server.base_url
+        assert httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": "what is ray?"}],
+            "max_tokens": 2}).status_code == 200
+        assert httpx.post(url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "Once upon a time", "max_tokens": 2}).status_code == 200
+        with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+                "model": "tiny", "prompt": "streamed prompt", "max_tokens": 2, "stream": True}) as response:
+            assert response.status_code == 200
+            list(response.iter_lines())
+        assert httpx.post(url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "Once upon a time", "max_tokens": 2}).status_code == 200  # a repeat
+    finally:
+        server.stop()  # flushes what is buffered
+
+    requests, _ = build_requests(_cfg(tmp_path), _run(tmp_path, "r1"))
+    by_text = {r["prompt"]: r for r in requests}
+    assert sorted(by_text) == ["Once upon a time", "streamed prompt", "what is ray?"]
+    assert by_text["Once upon a time"]["messages"] is None  # /v1/completions: fed to the teacher verbatim
+    assert by_text["streamed prompt"]["messages"] is None
+    assert by_text["what is ray?"]["messages"] == [{"role": "system", "content": "be brief"},
+                                                   {"role": "user", "content": "what is ray?"}]
+    assert all(r["source"] == "served_prompts" for r in requests)
+    window = storage.read_json(storage.join(_run(tmp_path, "r1"), "data", "prompts", "served_prompts.json"))
+    assert window["rows"] == 4 and window["duplicate"] == 1
+
+
 def test_a_prompt_logged_during_a_read_is_used_by_the_next_run(tmp_path):
     """A row still in an ingress buffer while run 1 read the log (its ts is before the read) is flushed to a
     new file afterwards: run 2 must use it (issue #16 point 11)."""

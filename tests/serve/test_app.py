@@ -160,3 +160,34 @@ def test_model_update_during_traffic_loses_nothing(serve_port, tiny_teacher_dir,
         assert status("swap")["deployments"]["model"]["replicas"] == 1
     finally:
         shutdown("swap")
+
+
+def _auth_codes(url: str, key: str) -> dict[str, int]:
+    body = {"model": "auth", "prompt": "hi", "max_tokens": 2, "temperature": 0}
+    with httpx.Client(timeout=60) as http:
+        return {"none": http.post(url + "/v1/completions", json=body).status_code,
+                "wrong": http.post(url + "/v1/completions", json=body,
+                                   headers={"Authorization": "Bearer not-the-key"}).status_code,
+                "key": http.post(url + "/v1/completions", json=body,
+                                 headers={"Authorization": f"Bearer {key}"}).status_code,
+                "models_none": http.get(url + "/v1/models").status_code}
+
+
+def test_api_keys_are_enforced_through_serve(serve_port, tiny_teacher_dir, tmp_path, monkeypatch):
+    """Keys set in the deploying process (env var; file) reach the Serve replicas: 401 without, 200 with.
+
+    The session's Ray started before the variable was set, as a cluster started elsewhere would."""
+    from serve.app import deploy, shutdown
+    from serve.section import ServeSection
+
+    monkeypatch.setenv("RD_TEST_SERVE_KEYS", "k-env-1,k-env-2")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("k-file-1\n")
+    section = ServeSection(port=serve_port, route_prefix="/auth", api_key_env="RD_TEST_SERVE_KEYS",
+                           api_key_file=str(keys), num_cpus=0.25, max_batch_size=2)
+    url = deploy(tiny_teacher_dir, section, name="auth", engine_factory=FAKE)
+    try:
+        assert _auth_codes(url, "k-env-2") == {"none": 401, "wrong": 401, "key": 200, "models_none": 401}
+        assert _auth_codes(url, "k-file-1")["key"] == 200
+    finally:
+        shutdown("auth")

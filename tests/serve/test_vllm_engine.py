@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -50,13 +50,14 @@ def test_convert_output_delta_with_logprobs():
     assert convert_output("r", aborted, 3, 3, SamplingOptions(), first=False).finish_reason == "abort"
 
 
-def test_engine_args_and_missing_vllm():
+def test_engine_args_and_missing_vllm(monkeypatch):
     args = engine_args("/m", dtype="bfloat16", max_batch_size=8, max_model_len=1024)
     assert args["model"] == "/m" and args["max_num_seqs"] == 8 and args["max_model_len"] == 1024
     assert args["dtype"] == "bfloat16"
-    if importlib.util.find_spec("vllm") is None:
-        with pytest.raises(RaydistillError, match=r"raydistill\[gpu\]"):
-            VLLMAsyncEngine.from_pretrained("/m")
+    for name in ("vllm", "vllm.v1", "vllm.v1.engine", "vllm.v1.engine.async_llm"):
+        monkeypatch.setitem(sys.modules, name, None)  # every `import vllm...` raises ImportError, installed or not
+    with pytest.raises(RaydistillError, match=r"raydistill\[gpu\]"):
+        VLLMAsyncEngine.from_pretrained("/m")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """A test-only teacher backend that fails on purpose, steered by ``flaky.json`` in its model dir.
 
-``{"mode": "raise" | "exit", "fail_on_call": N, "times": M, "state": "/path/counter", "delay_s": S}``: the N-th
-``generate`` call across all processes (counted in the state file) raises, or kills the actor
-process outright, M times in total.
+``{"mode": "raise" | "exit" | "hang", "fail_on_call": N, "times": M, "state": "/path/counter", "delay_s": S}``:
+the N-th ``generate`` call across all processes (counted in the state file) raises, kills the actor
+process outright, or never returns (until its process is killed), M times in total.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class FlakyTeacher(HFTeacher):
         if fail:
             # A real crash comes after some progress: give the driver time to write earlier shards.
             time.sleep(self.control.get("delay_s", 0))
+            if self.control["mode"] == "hang":
+                time.sleep(3600)  # a stuck batch: the test kills the driver while this call is open
             if self.control["mode"] == "exit":
                 os._exit(1)  # the actor dies mid-batch, as on a node loss or OOM kill
             raise RuntimeError(f"planned teacher failure on call {call}")

@@ -16,7 +16,6 @@ from distill.data.generate import GENERATE_DIR, run_generate_stage
 from distill.data.shards import read_dir as read_shards
 from distill.data.inspect import inspect_data
 
-pytestmark = pytest.mark.integration
 FLAKY = "tests.distill.data.flaky_teacher:FlakyTeacher"
 SCRIPTED = "tests.distill.data.scripted_teacher:ScriptedTeacher"
 
@@ -39,16 +38,14 @@ def all_prompt_ids(run_dir: str) -> list[str]:
     return read_shards(f"{run_dir}/{GENERATE_DIR}", columns=["prompt_id"]).column("prompt_id").to_pylist()
 
 
-def test_greedy_tokens_are_top1_and_logprobs_match_a_forward_pass(ray_session, tmp_path, builtin_teacher_dir):
-    from transformers import AutoModelForCausalLM
-
+def test_greedy_tokens_are_top1_and_logprobs_match_a_forward_pass(ray_session, tmp_path, builtin_teacher_model):
     prompts = write_prompts(tmp_path / "p.jsonl", 5)
     cfg = make_cfg(tmp_path, "smollm2-135m-instruct", prompts, "generate.max_new_tokens=12", "generate.logprobs=20")
     run = str(tmp_path / "run")
     manifest = run_generate_stage(cfg, run, show_progress=False)
     assert manifest["rows"] == 5 and manifest["skipped"] == {}
     table = read_shards(f"{run}/{GENERATE_DIR}")
-    model = AutoModelForCausalLM.from_pretrained(builtin_teacher_dir, dtype=torch.float32).eval()
+    model = builtin_teacher_model
     for row in table.to_pylist():
         ids = row["input_ids"]
         completion = ids[row["prompt_len"]:]
@@ -253,15 +250,18 @@ def test_magpie_prefix_is_the_chat_template_up_to_the_user_turn(builtin_teacher_
     assert prefix.endswith("<|im_start|>user\n") and "<|im_start|>system" in prefix
 
 
-def test_judge_scores_land_in_quality(ray_session, tmp_path, builtin_teacher_dir):
-    prompts = write_prompts(tmp_path / "p.jsonl", 2)
-    cfg = make_cfg(tmp_path, "smollm2-135m-instruct", prompts, "generate.judge=true", "generate.max_new_tokens=8")
+def test_judge_scores_land_in_quality(ray_session, tmp_path, tiny_teacher_copy):
+    """The judge's verdicts (scripted per prompt) land in each row's quality; an unparsable verdict is null."""
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    Path(tiny_teacher_copy, "scripted.json").write_text(json.dumps({"state": str(tmp_path / "written"), "judge": {
+        "Question number 0:": "Score: 7/10", "Question number 1:": "3", "Question number 2:": "I cannot rate this"}}))
+    cfg = make_cfg(tmp_path, tiny_teacher_copy, prompts, f"teacher.backend={SCRIPTED}", "generate.judge=true")
     run = str(tmp_path / "run")
     manifest = run_generate_stage(cfg, run, show_progress=False)
-    quality = read_shards(f"{run}/{GENERATE_DIR}", columns=["quality"]).column("quality").to_pylist()
-    assert manifest["judge"]["judged"] + manifest["judge"]["unparsable"] == 2
-    assert all(q is None or 1 <= q <= 10 for q in quality)
-    assert sum(q is not None for q in quality) == manifest["judge"]["judged"]
+    table = read_shards(f"{run}/{GENERATE_DIR}", columns=["prompt", "quality"]).to_pylist()
+    quality = {r["prompt"].split(":")[0]: r["quality"] for r in table}
+    assert quality == {"Question number 0": 7.0, "Question number 1": 3.0, "Question number 2": None}
+    assert manifest["judge"] == {"judged": 2, "unparsable": 1}
 
 
 def test_judge_score_parser():

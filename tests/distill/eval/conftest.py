@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine
 
 
 def byte_tokenizer():
@@ -155,3 +154,13 @@ eval:
 """)
     return {"config": str(config), "run": str(run), "teacher": teacher_dir, "student": student_dir,
             "init": init_dir, "root": root, "heldout": held}
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread for this package's tests only (set at
+    import, it would change every later test of the session)."""
+    from tests.conftest import torch_threads
+
+    with torch_threads(1):
+        yield

@@ -56,9 +56,11 @@ def test_missing_builtin_corpus_is_a_note_with_the_install_command(monkeypatch, 
         corpora.builtin_corpus("fortunes")
 
 
-@pytest.mark.skipif(not corpora.builtin_available("fortunes"),
-                    reason="Debian fortunes-min not installed (apt-get install fortunes-min; CI installs it)")
 def test_builtin_fortunes_corpus_is_english_text():
+    if not corpora.builtin_available("fortunes"):
+        from tests.conftest import missing_dependency
+
+        missing_dependency("Debian fortunes-min is not installed (apt-get install fortunes-min; .ci/run installs it)")
     texts = corpora.builtin_corpus("fortunes", max_bytes=20_000)
     assert len(texts) > 50
     assert 15_000 < sum(len(t.encode()) for t in texts) <= 20_000

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cluster.config import load_config
 from cluster.errors import RaydistillError
 from distill.eval.stage import load_model, run_eval_stage
+from tests.conftest import missing_dependency
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,30 @@ def test_report_has_every_number_and_is_written(report, fake_run):
     assert 1 <= s["metrics"]["experts_per_token"] <= 3
     assert len(s["routing"]["experts_per_token_by_layer"]) == 2 and s["routing"]["difficulty_curve"]
     assert len(s["load_balance"]["by_layer"]) == 2
+
+
+def test_report_bits_per_byte_recomputed_from_the_models_and_texts(report, fake_run):
+    """Each model's bpb numbers equal a fresh bits_per_byte over the held-out rows' completions and the corpus."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import distill.student.hf  # noqa: F401 - registers the student model type
+    from distill.eval import metrics as M
+    from distill.eval.corpora import read_corpus
+
+    table = pq.read_table(str(Path(fake_run["run"]) / "data" / "generate" / "part-0.parquet")).to_pylist()
+    held = set(fake_run["heldout"])
+    heldout_texts = [r["completion"] for r in sorted(table, key=lambda r: r["prompt_id"]) if r["prompt_id"] in held]
+    assert len(heldout_texts) == 6
+    human = read_corpus(str(Path(fake_run["root"]) / "human.txt"))
+    for name in ("teacher", "student", "init"):
+        model = AutoModelForCausalLM.from_pretrained(fake_run[name], dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(fake_run[name])
+        m = report["models"][name]["metrics"]
+        want_held = M.bits_per_byte(model, tokenizer, heldout_texts, window=64)
+        want_human = M.bits_per_byte(model, tokenizer, human, window=64)
+        assert m["bpb_heldout"] == pytest.approx(want_held["bits_per_byte"], rel=1e-4), name
+        assert m["bpb_human"] == pytest.approx(want_human["bits_per_byte"], rel=1e-4), name
 
 
 def test_speed_and_cost(report):
@@ -88,8 +114,9 @@ def _colored_share(img: np.ndarray) -> float:
     return float(((img.max(-1) - img.min(-1)) > 0.25).mean())
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Chromium is missing (apt-get install chromium; .ci/run installs it)")
 def test_html_renders_in_headless_chromium_with_plots(report, tmp_path):
+    if _chromium() is None:
+        missing_dependency("Chromium is missing (apt-get install chromium; .ci/run installs it)")
     html = Path(report["paths"]["html"])
     img = _screenshot(html, tmp_path / "report.png")
     assert img.shape[:2] == (2600, 1200)

@@ -7,8 +7,6 @@ import torch
 
 from distill.student.config import StudentConfig
 
-# Tiny matmuls on a shared 2-core machine: one thread avoids oversubscription stalls.
-torch.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> StudentConfig:
@@ -45,3 +43,13 @@ def tiny_teacher_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("teacher")
     model.save_pretrained(str(out))
     return str(out)
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread for this package's tests only (set at
+    import, it would change every later test of the session)."""
+    from tests.conftest import torch_threads
+
+    with torch_threads(1):
+        yield

@@ -103,7 +103,7 @@ def test_cli_errors_are_clear(tmp_path, tiny_teacher_dir):
 
 
 def test_top_level_cli_wires_the_subcommands(tmp_path, tiny_teacher_dir, capsys):
-    cli = pytest.importorskip("pipelines.cli")
+    from pipelines import cli
     model = tiny_student()
     model.save_pretrained(str(tmp_path / "m"))
     assert cli.main(["student", "info", str(tmp_path / "m")]) == 0

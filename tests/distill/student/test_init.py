@@ -112,12 +112,12 @@ def test_incompatible_student_config_is_explained(tiny_teacher_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_student_first_greedy_tokens_match_pruned_teacher(builtin_teacher_dir):
+def test_smollm2_student_first_greedy_tokens_match_pruned_teacher(builtin_teacher_dir, builtin_teacher_model):
     from transformers import AutoTokenizer
 
     model_dir = builtin_teacher_dir
 
-    teacher = load_teacher(model_dir)
+    teacher = load_teacher(builtin_teacher_model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = StudentSection(num_experts=8, num_hidden_layers=10).to_student_config(teacher.config)
     assert config.moe_intermediate_size == 192

@@ -8,7 +8,14 @@ import torch
 
 from distill.teacher.base import SamplingParams, backend_class
 
-torch.set_num_threads(1)
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    from tests.conftest import torch_threads
+
+    with torch_threads(1):
+        yield
+
 
 PROMPTS = ["Hello there, how are you", "The capital of France is", [{"role": "user", "content": "Name a colour."}]]
 
@@ -45,16 +52,26 @@ def test_greedy_completions_and_soft_labels_equal_hf(teachers):
         np.testing.assert_allclose(have.topk_logprobs, want.topk_logprobs, atol=1e-4)
 
 
-def test_sampled_soft_labels_are_raw_and_seeds_separate_samples(teachers):
+def test_sampled_soft_labels_are_raw_and_seeds_separate_samples(teachers, tiny_teacher_dir):
     _, engine = teachers
     sampling = SamplingParams(max_new_tokens=6, temperature=1.3, top_k=20, logprobs=3, seed=11)
     a, b = engine.generate(["Once upon a time", "Once upon a time"], sampling)
     assert a.completion_ids != b.completion_ids  # samples_per_prompt duplicates must differ
     again = engine.generate(["Once upon a time", "Once upon a time"], sampling)
     assert again[0].completion_ids == a.completion_ids  # but the call is reproducible
-    # Raw distribution: log-probs of the top-3 are a sorted slice of a log_softmax (not renormalised to top_k).
-    assert np.all(np.diff(a.topk_logprobs, axis=1) <= 0)
-    assert np.all(np.exp(a.topk_logprobs).sum(axis=1) < 1.0)
+    # Raw distribution: the top-3 of log_softmax of a temperature-1 forward over the sampled sequence
+    # (not divided by the sampling temperature, not renormalised to top_k).
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
+    for c in (a, b):
+        ids = torch.tensor([c.prompt_ids + c.completion_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(c.prompt_ids) - 1:-1].float()
+        want_lp, want_ids = torch.topk(torch.log_softmax(logits, dim=-1), 3, dim=-1)
+        assert c.topk_logprobs.shape == (len(c.completion_ids), 3)
+        np.testing.assert_array_equal(c.topk_ids, want_ids.numpy())
+        np.testing.assert_allclose(c.topk_logprobs, want_lp.numpy(), atol=1e-4)
 
 
 def test_score_equals_hf(teachers):

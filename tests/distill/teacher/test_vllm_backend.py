@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
+import sys
 import json
 
 import numpy as np
@@ -23,7 +23,6 @@ from distill.teacher.vllm_backend import (PAD_LOGPROB, VLLMTeacher, chosen_logpr
                                           vllm_stage_spec)
 from tests.distill.teacher.fake_openai_server import TinyLM, build_tokenizer
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 @dataclasses.dataclass
@@ -115,8 +114,7 @@ def test_processor_kwargs_make_a_valid_ray_config(tmp_path):
 
     cfg = TeacherSection(backend="vllm", model="Qwen/Qwen2.5-7B-Instruct", revision="abc123", replicas=4,
                          tensor_parallel_size=2, max_model_len=4096, dtype="bfloat16", batch_size=32)
-    if "accelerator_type" in TeacherSection.model_fields:
-        cfg = cfg.model_copy(update={"accelerator_type": "H100"})
+    cfg = cfg.model_copy(update={"accelerator_type": "H100"})
     kwargs = vllm_processor_kwargs(cfg, 20, "Qwen/Qwen2.5-7B-Instruct")
     assert kwargs["engine_kwargs"] == {"tensor_parallel_size": 2, "max_logprobs": 20, "logprobs_mode": "raw_logprobs",
                                        "dtype": "bfloat16", "enable_prefix_caching": True, "max_model_len": 4096,
@@ -124,7 +122,7 @@ def test_processor_kwargs_make_a_valid_ray_config(tmp_path):
     assert kwargs["concurrency"] == 4 and kwargs["batch_size"] == 32 and kwargs["should_continue_on_error"] is True
     assert kwargs["chat_template_stage"] is False and kwargs["tokenize_stage"] is False
     assert kwargs["detokenize_stage"] is False
-    assert kwargs.get("accelerator_type") == ("H100" if "accelerator_type" in TeacherSection.model_fields else None)
+    assert kwargs["accelerator_type"] == "H100"
     config = vLLMEngineProcessorConfig(**kwargs)  # validates without vLLM installed
     assert config.model_source == "Qwen/Qwen2.5-7B-Instruct" and config.concurrency == 4
     assert config.engine_kwargs["logprobs_mode"] == "raw_logprobs" and config.engine_kwargs["task_type"] == "generate"
@@ -134,8 +132,8 @@ def test_processor_kwargs_make_a_valid_ray_config(tmp_path):
     assert "revision" not in engine and "max_model_len" not in engine and engine["max_logprobs"] == 5
 
 
-@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
-def test_without_vllm_a_clear_error(tmp_path):
+def test_without_vllm_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError, installed or not
     cfg = TeacherSection(backend="vllm", model=str(tmp_path))
     cls = backend_class("vllm")  # the module imports fine without vLLM
     assert cls is VLLMTeacher

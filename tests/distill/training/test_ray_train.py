@@ -1,45 +1,63 @@
-"""Ray Train integration: 2 CPU workers, disjoint rows, checkpoints in storage, failure recovery, resume."""
+"""Ray Train integration: 2 CPU workers, disjoint rows, checkpoints in storage, failure recovery, resume.
+
+The failure tests compare against one straight run of the same config: a run that lost a worker
+(an exception, or the process dying) or the whole driver and resumed from its last checkpoint must
+end with the same weights, optimizer state and metric lines.
+"""
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import shutil
 from pathlib import Path
 
 import pytest
 
 from cluster.errors import RaydistillError
 from distill.training.stage import run_train_stage
+from tests.distill.training.conftest import tiny_cfg
+from tests.distill.training.resume import assert_same_training, metric_lines
 
-pytestmark = pytest.mark.integration
-
-
-def metrics(run: str) -> list[dict]:
-    return [json.loads(l) for l in (Path(run) / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+pytestmark = pytest.mark.integration  # (every test here uses the session's Ray)
 
 
 def two_stage(cfg, *extra):
+    # "kd" mixes sources a and b; checkpoints at steps 3, 4 (stage end), 6, 9, 10.
     stages = [{"name": "warm", "steps": 4, "loss": {"ce": 1.0, "forward_kl": 1.0}},
-              {"name": "kd", "steps": 6, "loss": {"forward_kl": 1.0}}]
-    train = cfg.train.model_validate({**cfg.train.model_dump(), "workers": 2, "stages": stages, **dict(extra)})
+              {"name": "kd", "steps": 6, "loss": {"forward_kl": 1.0},
+               "mixture": [{"source": "a", "weight": 2}, {"source": "b"}]}]
+    train = cfg.train.model_validate({**cfg.train.model_dump(), "workers": 2, "stages": stages, "checkpoint_every": 3,
+                                      "export_qwen2_moe": False, **dict(extra)})
     return cfg.model_copy(update={"train": train})
 
 
-def test_two_workers_train_on_disjoint_rows_and_checkpoint_to_storage(ray_session, tiny_run, tmp_path):
-    cfg, run = tiny_run
-    cfg = two_stage(cfg)
-    trace = tmp_path / "trace"
+def new_run(root: Path, data_template: Path, teacher: str, *extra):
+    cfg = two_stage(tiny_cfg(root / "runs", teacher), *extra)
+    run = root / "runs" / "tiny" / "r1"
+    shutil.copytree(data_template / "data", run / "data")
+    return cfg, str(run)
+
+
+@pytest.fixture(scope="module")
+def straight(ray_session, tmp_path_factory, tiny_data_template, sharp_teacher_dir):
+    """(manifest, run dir, trace dir) of the straight-through run every failure test compares with."""
+    root = tmp_path_factory.mktemp("straight")
+    cfg, run = new_run(root, tiny_data_template, sharp_teacher_dir)
+    trace = root / "trace"
     trace.mkdir()
     manifest = run_train_stage(cfg, run, show_progress=False, trace_dir=str(trace))
+    return manifest, run, trace
+
+
+def test_two_workers_train_on_disjoint_rows_and_checkpoint_to_storage(straight):
+    manifest, run, trace = straight
     assert manifest["steps"] == 10 and manifest["workers"] == 2
     seen = {}
     for rank in (0, 1):
         seen[rank] = {line.split()[1] for line in (trace / f"rows-rank{rank}.txt").read_text().splitlines()}
     assert seen[0] and seen[1] and not (seen[0] & seen[1])
-    lines = [m for m in metrics(run) if "loss" in m]
-    assert all(m["world_size"] == 2 for m in lines)
-    held = [m for m in metrics(run) if m.get("event") == "heldout"]
-    assert held[-1]["kl"] < held[0]["kl"] or lines[-1]["loss"] < lines[0]["loss"]
+    lines = [m for m in metric_lines(run) if "loss" in m]
+    assert [m["step"] for m in lines] == [2, 4, 6, 8, 10] and all(m["world_size"] == 2 for m in lines)
     assert lines[-1]["kl"] < lines[0]["kl"]
     checkpoints = sorted(p.name for p in (Path(run) / "train" / "ray").glob("checkpoint_*") if p.is_dir())
     assert checkpoints and checkpoints[-1] == "checkpoint_0000010"
@@ -48,27 +66,27 @@ def test_two_workers_train_on_disjoint_rows_and_checkpoint_to_storage(ray_sessio
     assert json.loads((Path(run) / "train" / "manifest.json").read_text())["status"] == "done"
 
 
-def test_worker_failure_resumes_from_the_last_checkpoint(ray_session, tiny_run):
-    cfg, run = tiny_run
-    cfg = two_stage(cfg, ("checkpoint_every", 3), ("max_failures", 1))
-    manifest = run_train_stage(cfg, run, show_progress=False, fail_at_step=5)
-    assert (Path(run) / "train" / ".injected-failure").exists()
-    assert manifest["steps"] == 10
-    events = metrics(run)
-    resumed = [m for m in events if m.get("event") == "resumed"]
-    assert resumed and resumed[0]["step"] == 4  # the stage-end checkpoint of "warm", not a restart from scratch
-    steps = [m["step"] for m in events if "loss" in m]
-    assert steps == sorted(set(steps)) and steps[-1] == 10  # no duplicated lines after the resume
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_mode", ["raise", "exit"])
+def test_worker_failure_resumes_from_the_last_checkpoint_and_ends_like_a_straight_run(
+        straight, tmp_path, tiny_data_template, sharp_teacher_dir, fail_mode):
+    cfg, run = new_run(tmp_path, tiny_data_template, sharp_teacher_dir, ("max_failures", 1))
+    manifest = run_train_stage(cfg, run, show_progress=False, fail_at_step=9, fail_mode=fail_mode)
+    assert "failed at step 9" in (Path(run) / "train" / ".injected-failure").read_text()
+    resumed = [m for m in metric_lines(run) if m.get("event") == "resumed"]
+    assert [(m["step"], m["stage"]) for m in resumed] == [(6, 1)]  # mid-"kd", not a restart from scratch
+    assert_same_training(straight[0], manifest, straight[1], run)
 
 
-def test_failed_run_resumes_when_rerun(ray_session, tiny_run):
-    cfg, run = tiny_run
-    cfg = two_stage(cfg, ("checkpoint_every", 3), ("max_failures", 0))
+@pytest.mark.slow
+def test_failed_run_resumes_when_rerun_and_ends_like_a_straight_run(straight, tmp_path, tiny_data_template,
+                                                                  sharp_teacher_dir):
+    cfg, run = new_run(tmp_path, tiny_data_template, sharp_teacher_dir, ("max_failures", 0))
     with pytest.raises(RaydistillError, match="training failed"):
-        run_train_stage(cfg, run, show_progress=False, fail_at_step=8)
+        run_train_stage(cfg, run, show_progress=False, fail_at_step=9)
     with pytest.raises(Exception, match="--resume"):
         run_train_stage(cfg, run, show_progress=False, resume=False)
     manifest = run_train_stage(cfg, run, show_progress=False, resume=True)
-    assert manifest["steps"] == 10
-    resumed = [m for m in metrics(run) if m.get("event") == "resumed"]
-    assert resumed and resumed[-1]["step"] == 6
+    resumed = [m for m in metric_lines(run) if m.get("event") == "resumed"]
+    assert [(m["step"], m["stage"]) for m in resumed] == [(6, 1)]
+    assert_same_training(straight[0], manifest, straight[1], run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,44 @@ def test_from_teacher_init_is_calibrated_on_the_runs_training_rows(tiny_run, cap
     held = {tuple(ids) for ids, out in zip(table["input_ids"].to_pylist(),
                                           heldout_mask(table, cfg.train.heldout_fraction, cfg.train.seed)) if out}
     assert held and seen and not held & {tuple(s) for s in seen}
+
+
+# Two stages; the second mixes sources a and b (the mixture's RNG and both components' positions are
+# part of the data state). Checkpoints every 3 steps: the failure at step 9 resumes from step 6, in
+# the middle of "kd", after step 8's metric line was written.
+RESUME_STAGES = [{"name": "warm", "steps": 4, "loss": {"ce": 1.0, "forward_kl": 1.0}},
+                 {"name": "kd", "steps": 6, "loss": {"forward_kl": 1.0},
+                  "mixture": [{"source": "a", "weight": 2}, {"source": "b"}]}]
+
+
+def resume_cfg(cfg):
+    train = cfg.train.model_validate({**cfg.train.model_dump(), "stages": RESUME_STAGES, "checkpoint_every": 3,
+                                      "export_qwen2_moe": False})
+    return cfg.model_copy(update={"train": train})
+
+
+def test_local_loop_resumed_after_a_failure_ends_where_a_straight_run_ends(tmp_path, tiny_data_template,
+                                                                             sharp_teacher_dir):
+    from tests.distill.training.resume import assert_same_training, metric_lines
+
+    runs = {}
+    for name in ("straight", "failed"):
+        cfg = resume_cfg(tiny_cfg(tmp_path / name, sharp_teacher_dir))
+        run = tmp_path / name / "tiny" / "r1"
+        shutil.copytree(tiny_data_template / "data", run / "data")
+        runs[name] = (cfg, str(run))
+    cfg, run = runs["straight"]
+    straight = run_train_stage(cfg, run, use_ray=False, show_progress=False)
+    assert straight["steps"] == 10
+
+    cfg, run = runs["failed"]
+    with pytest.raises(RuntimeError, match="injected failure at step 9"):
+        run_train_stage(cfg, run, use_ray=False, show_progress=False, fail_at_step=9)
+    assert [m["step"] for m in metric_lines(run) if "loss" in m] == [2, 4, 6, 8]  # step 8 was logged, then lost
+    resumed = run_train_stage(cfg, run, use_ray=False, show_progress=False, resume=True)
+    events = [m for m in metric_lines(run) if m.get("event") == "resumed"]
+    assert [(e["step"], e["stage"]) for e in events] == [(6, 1)]  # mid-"kd", from the step-6 checkpoint
+    assert_same_training(straight, resumed, runs["straight"][1], run)
 
 
 def test_heldout_every_scores_the_budget_curve_with_the_teachers_nll_on_the_same_tokens(tiny_run):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +56,13 @@ def tokens_of(outputs) -> list[int]:
 
 def text_of(outputs) -> str:
     return "".join(o.text for o in outputs)
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread for this package's tests only (set at
+    import, it would change every later test of the session)."""
+    from tests.conftest import torch_threads
+
+    with torch_threads(1):
+        yield

@@ -52,6 +52,15 @@ def test_async_bad_request_raises_before_first_output(async_engine, tokenizer):
 def test_async_cancellation_aborts_and_frees_the_slot(async_engine, tokenizer):
     prompt = encode(tokenizer, "Once upon a time")
     long = SamplingOptions(max_tokens=400, temperature=0, ignore_eos=True)
+    engine = async_engine.engine
+    aborted = {}  # request id -> tokens the engine had generated in total when it aborted that request
+    real_abort = engine.abort
+
+    def spy_abort(request_id):  # runs on the engine thread, between steps
+        aborted[request_id] = engine.stats()["generated_tokens"]
+        real_abort(request_id)
+
+    engine.abort = spy_abort
 
     async def stop_early():  # the consumer breaks out of the stream
         got = []
@@ -62,12 +71,14 @@ def test_async_cancellation_aborts_and_frees_the_slot(async_engine, tokenizer):
         return got
 
     async def cancelled():  # the consuming task is cancelled (client went away)
+        started = asyncio.Event()
+
         async def consume():
             async for _ in async_engine.generate(GenerationRequest("cnc", prompt, long)):
-                pass
+                started.set()
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(started.wait(), timeout=30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -75,17 +86,20 @@ def test_async_cancellation_aborts_and_frees_the_slot(async_engine, tokenizer):
     async def main():
         assert len(await stop_early()) == 2
         await cancelled()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             stats = async_engine.stats()
-            if stats["free_slots"] == 2 and stats["running"] == 0 and stats["generated_tokens"] > 2:
+            if "cnc" in aborted and stats["free_slots"] == 2 and stats["running"] == 0:
                 break
             await asyncio.sleep(0.05)
         return async_engine.stats()
 
     stats = asyncio.run(main())
+    assert sorted(aborted) == ["brk", "cnc"]  # both streams were aborted in the engine
     assert stats["free_slots"] == 2 and stats["running"] == 0
-    assert stats["generated_tokens"] < 2 * 400  # neither stream ran to completion
+    # Not one token after the second abort, and neither stream ran to its 400 tokens.
+    assert stats["generated_tokens"] == aborted["cnc"]
+    assert aborted["brk"] < 400 and aborted["cnc"] - aborted["brk"] < 400
 
 
 def test_resolve_model_dir(tmp_path, tiny_teacher_dir):

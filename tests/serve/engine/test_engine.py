@@ -279,11 +279,9 @@ def test_prompt_logprobs(make_engine, tiny_llama, tokenizer):
 
 
 @pytest.mark.slow
-def test_builtin_smollm2_greedy_equals_transformers(builtin_teacher_dir):
-    from transformers import AutoModelForCausalLM
-
+def test_builtin_smollm2_greedy_equals_transformers(builtin_teacher_model):
     engine = LLMEngine.from_pretrained("smollm2-135m-instruct", max_batch_size=2, prefill_chunk=16)
-    hf = AutoModelForCausalLM.from_pretrained(builtin_teacher_dir, dtype=torch.float32).eval()
+    hf = builtin_teacher_model
     tok = engine.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                        return_dict=True)["input_ids"]
