@@ -101,8 +101,10 @@ test-vllm: vllm-cpu
 	$(VPY) -m pytest -q -p no:cacheprovider -m vllm tests
 
 # Re-resolve requirements-vllm.lock from requirements-vllm.in + pyproject.toml (torch stays $(TORCH)).
+# Pins already in the lock are kept; `make lock-vllm UPGRADE=--upgrade` moves them forward (then test).
+UPGRADE ?=
 lock-vllm: install
-	$(PY) -m uv pip compile pyproject.toml requirements-vllm.in --extra dev --upgrade --quiet \
+	$(PY) -m uv pip compile pyproject.toml requirements-vllm.in --extra dev $(UPGRADE) --quiet \
 		--no-emit-package torch --no-emit-package torchvision --no-emit-package torchaudio \
 		--no-emit-package torchcodec $(if $(wildcard /opt/wheels),--find-links /opt/wheels) \
 		--constraint <(echo "$(TORCH)" | cut -d' ' -f1) -o $(VLLM_LOCK)
