@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install corpus demo quality test test-fast test-oldest lock clean vllm-cpu test-vllm lock-vllm
+.PHONY: install corpus demo quality lint test test-fast test-oldest lock clean vllm-cpu test-vllm lock-vllm
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +45,15 @@ demo: install corpus
 quality: install corpus
 	$(VENV)/bin/raydistill run pipelines/configs/quality.yaml
 
+# The layer contract (pyproject.toml [tool.importlinter]: imports point down only) and ruff's lint + format.
+lint: install
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # Tests that start their own Ray cluster (job server) run in a second pytest process, so the
 # first process's embedded session Ray never shares a machine-wide state with them mid-test.
-test: install
+test: install lint
 	$(PY) -m pytest -q -m "not own_cluster" tests
 	$(PY) -m pytest -q -m own_cluster tests
 

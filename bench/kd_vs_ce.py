@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.config import load_config
+from pipelines.config import load_config
 from distill.losses import forward_kl
 from distill.training.data import data_dir_for, heldout_mask, read_table, rows_from_table
 from distill.training.stage import run_train_stage

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.config import load_config
+from pipelines.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster.config import load_config  # noqa: E402
+from pipelines.config import load_config  # noqa: E402
 from cluster.ray_init import connect  # noqa: E402
 from distill.data.generate import run_generate_stage, sampling_from_config  # noqa: E402
 from distill.data.prompts import read_prompt_files  # noqa: E402

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.config import load_config
+from pipelines.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,11 +7,12 @@ import time
 
 from cluster import storage
 from cluster.errors import RaydistillError
+from cluster.section import RunConfig
 
 NOT_RUNS = frozenset({"serving.json", "serving.json.lock", "schedule"})
 
 
-def runs_root(cfg) -> str:
+def runs_root(cfg: RunConfig) -> str:
     return storage.join(storage.absolute(cfg.workdir), cfg.name)
 
 
@@ -19,7 +20,7 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def list_runs(cfg) -> list[str]:
+def list_runs(cfg: RunConfig) -> list[str]:
     """Run ids of this config's name, oldest first."""
     root = runs_root(cfg)
     names = (uri.rstrip("/").rsplit("/", 1)[-1] for uri in storage.listdir(root))
@@ -27,7 +28,7 @@ def list_runs(cfg) -> list[str]:
     return [n for n in names if not n.startswith(".") and n not in NOT_RUNS]
 
 
-def run_dir(cfg, run_id: str | None = None, *, create: bool = False) -> str:
+def run_dir(cfg: RunConfig, run_id: str | None = None, *, create: bool = False) -> str:
     """The run to work on: ``run_id`` if given, a new run if ``create``, else the newest run."""
     root = runs_root(cfg)
     if run_id:

@@ -1,13 +1,15 @@
-"""Base class of the pipeline config's sections.
+"""Base class of the pipeline config's sections, and the ``ray:`` section.
 
-Sections live beside the code that reads them (``distill/training/section.py``, ``serve/section.py``, ...)
-and import only pydantic and this module, so ``cluster.config`` can import them without pulling in
-torch, Ray or each other.
+Sections live beside the code that reads them (``distill/training/section.py``, ``serve/section.py``, ...);
+the root config that composes them is ``pipelines.config.PipelineConfig``. Lower packages receive their
+typed sections, never the root config.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Optional, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
@@ -16,3 +18,27 @@ class Section(BaseModel):
     # coerce_numbers_to_str: YAML and --set read `name: 2024` or `revision: 1234567` as numbers.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False,
                               coerce_numbers_to_str=True)
+
+
+class RaySection(Section):
+    address: Optional[str] = None  # null = start a local Ray (embedded default)
+    num_cpus: Optional[int] = Field(default=None, ge=1)
+    dashboard: bool = False
+    extras: list[str] = Field(default_factory=list, description="pip extras installed on cluster nodes")
+
+
+class RunConfig(Protocol):
+    """What a stage reads of the root config besides its own sections: where runs live, how a relative
+    path in the YAML resolves, a hash of named sections (manifests, resume checks).
+    ``pipelines.config.PipelineConfig`` is the implementation; lower packages name only this."""
+
+    name: str
+    workdir: str
+
+    def section_hash(self, *sections: str) -> str: ...
+
+    def resolve_path(self, path: str) -> str: ...
+
+
+class RayConfigHolder(Protocol):
+    ray: RaySection

@@ -34,7 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- submit
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cluster.config import load_config
+    from pipelines.config import load_config
     from pipelines.scheduler import RayJobSubmitter
 
     cfg = load_config(args.config, args.overrides)
@@ -80,7 +80,7 @@ def follow_job(client: Any, job_id: str) -> int:
 
 # ------------------------------------------------------------------------------------------- runs
 def _load_cfg(args: argparse.Namespace, extra: list[str] | None = None):
-    from cluster.config import load_config
+    from pipelines.config import load_config
 
     return load_config(args.config, list(args.overrides) + list(extra or []))
 
@@ -143,7 +143,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- schedule
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from cluster.config import load_config
+    from pipelines.config import load_config
     from pipelines.scheduler import RayJobSubmitter, Scheduler
 
     cfg = load_config(args.config, args.overrides)
@@ -233,7 +233,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- register
 def register(subparsers: Any) -> None:
-    from pipelines.cli import add_config_args
+    from pipelines.cli.common import add_config_args, add_set_arg
     from pipelines.run import add_run_args
     from pipelines.section import STAGE_ORDER
 
@@ -247,7 +247,7 @@ def register(subparsers: Any) -> None:
     sub.add_argument("--address", help="Ray job server, e.g. http://HEAD:8265 (default: schedule.address, "
                                        "RAY_ADDRESS or http://127.0.0.1:8265)")
     sub.add_argument("--no-follow", action="store_true", help="print the job id and return")
-    sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_arg(sub)
     sub.add_argument("--run", dest="run_id", metavar="ID")
     sub.add_argument("--from", dest="from_stage", choices=STAGE_ORDER, metavar="STAGE")
     sub.add_argument("--only", choices=STAGE_ORDER, metavar="STAGE")
@@ -268,7 +268,7 @@ def register(subparsers: Any) -> None:
 
     sch = subparsers.add_parser("schedule", help="run the pipeline as Ray jobs on schedule.cron")
     sch.add_argument("config", metavar="FILE")
-    sch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_arg(sch)
     sch.add_argument("--address", help="Ray job server (default: schedule.address)")
     mode = sch.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="run the next due tick, wait for it, exit")

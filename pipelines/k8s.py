@@ -28,13 +28,14 @@ from typing import Any, Optional
 import yaml
 
 from cluster.errors import ConfigError
+from pipelines.config import PipelineConfig
 
 LABEL = "raydistill.io/pipeline"
 TERMINAL_RAYJOB_STATES = ("Complete", "Failed", "ValidationFailed")
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 
 
-def _secret_env(cfg: Any) -> list[dict[str, Any]]:
+def _secret_env(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """Container env from Secrets: the Ray auth token (always) and ``schedule.k8s.secret_env``."""
     k8s = cfg.schedule.k8s
     env: list[dict[str, Any]] = [
@@ -47,7 +48,7 @@ def _secret_env(cfg: Any) -> list[dict[str, Any]]:
     return env
 
 
-def _check_no_inline_secrets(cfg: Any) -> None:
+def _check_no_inline_secrets(cfg: PipelineConfig) -> None:
     inline = [n for n in cfg.schedule.env_vars if any(w in n.upper() for w in SECRET_WORDS)]
     if inline:
         raise ConfigError(f"schedule.env_vars {inline} look like secrets and would be written inline into the "
@@ -75,7 +76,7 @@ def _config_in_image(config_path: str, project_dir: str) -> str:
                           f"{project_dir}; move it into the project or use a shared URI") from None
 
 
-def rayjob(cfg: Any, config_path: str, overrides: Optional[list[str]] = None) -> dict[str, Any]:
+def rayjob(cfg: PipelineConfig, config_path: str, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     k8s = cfg.schedule.k8s
     _check_no_inline_secrets(cfg)
     env = _secret_env(cfg)
@@ -148,7 +149,7 @@ def rayjob(cfg: Any, config_path: str, overrides: Optional[list[str]] = None) ->
     }
 
 
-def _create_script(cfg: Any) -> str:
+def _create_script(cfg: PipelineConfig) -> str:
     ns, selector = cfg.schedule.k8s.namespace, f"{LABEL}={cfg.name}"
     # Every RayJob that is not finished counts as running: New (no status yet), Initializing, Waiting,
     # Running, Retrying, Suspending... Only Complete, Failed and ValidationFailed ones have ended.
@@ -168,7 +169,7 @@ def _create_script(cfg: Any) -> str:
     return "\n".join(lines)
 
 
-def cronjob(cfg: Any, job: dict[str, Any]) -> dict[str, Any]:
+def cronjob(cfg: PipelineConfig, job: dict[str, Any]) -> dict[str, Any]:
     s, k8s = cfg.schedule, cfg.schedule.k8s
     if not s.cron:
         raise ConfigError("schedule.cron: not set; --emit-k8s needs a cron expression, e.g. '0 3 * * *'")
@@ -199,7 +200,7 @@ def cronjob(cfg: Any, job: dict[str, Any]) -> dict[str, Any]:
             "spec": spec}
 
 
-def rbac(cfg: Any) -> list[dict[str, Any]]:
+def rbac(cfg: PipelineConfig) -> list[dict[str, Any]]:
     k8s = cfg.schedule.k8s
     meta = {"namespace": k8s.namespace, "labels": {LABEL: cfg.name}}
     return [
@@ -215,7 +216,7 @@ def rbac(cfg: Any) -> list[dict[str, Any]]:
     ]
 
 
-def emit(cfg: Any, config_path: str, out_dir: str, overrides: Optional[list[str]] = None) -> list[str]:
+def emit(cfg: PipelineConfig, config_path: str, out_dir: str, overrides: Optional[list[str]] = None) -> list[str]:
     """Write rayjob.yaml, cronjob.yaml and rbac.yaml under ``out_dir``; returns their paths."""
     from cluster import storage
 

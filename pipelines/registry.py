@@ -25,6 +25,7 @@ from cluster import storage
 from cluster.errors import RaydistillError
 from pipelines.manifest import utcnow
 from pipelines.state_lock import StateLock
+from pipelines.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Registry:
                               what=f"the serving registry of {name}")
 
     @classmethod
-    def for_config(cls, cfg) -> "Registry":
+    def for_config(cls, cfg: PipelineConfig) -> "Registry":
         from cluster.runs import runs_root
 
         return cls(runs_root(cfg), cfg.name)

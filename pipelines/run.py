@@ -10,13 +10,12 @@ The run directory is the last line on stdout.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 from typing import Optional
 
-from cluster.errors import RaydistillError
+from pipelines.cli.common import add_set_arg, run_command
 from pipelines.section import STAGE_ORDER
 
 
@@ -25,8 +24,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_stage", choices=STAGE_ORDER, metavar="STAGE",
                         help="rerun this stage and every later one (on the newest run unless --run)")
     parser.add_argument("--only", choices=STAGE_ORDER, metavar="STAGE", help="run just this stage")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set prompts.count=8 (repeatable)")
+    add_set_arg(parser)
     parser.add_argument("--run", dest="run_id", metavar="ID",
                         help="run id to create or continue (default: resume the newest unfinished run, else a new one)")
     parser.add_argument("--new", action="store_true", help="always start a new run")
@@ -35,7 +33,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def execute(args: argparse.Namespace, *, keep_serving: bool = False, argv: Optional[list[str]] = None) -> int:
-    from cluster.config import load_config
+    from pipelines.config import load_config
     from pipelines.runner import print_summary, run_pipeline, sample_completion, wide_console
 
     console = wide_console()
@@ -72,17 +70,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--keep-serving", action="store_true", help="after deploy, block until Ctrl-C")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return execute(args, keep_serving=args.keep_serving, argv=list(argv if argv is not None else sys.argv[1:]))
-    except RaydistillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume at the interrupted stage", file=sys.stderr)
-        return 130
-
+    argv = list(argv if argv is not None else sys.argv[1:])
+    return run_command(lambda a: execute(a, keep_serving=a.keep_serving, argv=argv), args,
+                       interrupted="interrupted; rerun the same command to resume at the interrupted stage")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,6 +30,7 @@ from cluster.errors import ConfigError, RaydistillError
 from pipelines.manifest import COMPLETED, RunManifest, fingerprints, utcnow
 from pipelines.registry import Registry
 from pipelines.stages import STAGES, Stage, StageContext, StageResult
+from pipelines.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 INCOMPLETE = ("pending", "running", "failed", "interrupted", "partial")
@@ -53,7 +54,7 @@ class PipelineOutcome:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def select_run(cfg: Any, run_id: Optional[str] = None, *, new: bool = False, need_existing: bool = False) -> tuple[str, str]:
+def select_run(cfg: PipelineConfig, run_id: Optional[str] = None, *, new: bool = False, need_existing: bool = False) -> tuple[str, str]:
     """(run_id, run_dir): ``run_id`` if given (created when new); else a fresh run if ``new``; else the
     newest run when ``need_existing`` (--from/--only) or when it is unfinished; else a fresh run."""
     from cluster.runs import list_runs, run_dir
@@ -76,7 +77,7 @@ def select_run(cfg: Any, run_id: Optional[str] = None, *, new: bool = False, nee
     return uri.rstrip("/").rsplit("/", 1)[-1], uri
 
 
-def ensure_ray(cfg: Any) -> None:
+def ensure_ray(cfg: PipelineConfig) -> None:
     """Connect to Ray once: inside `ray job submit` keep the job's runtime_env; else ``ray.address``."""
     import ray
 
@@ -117,7 +118,7 @@ def _check_not_running(run_dir: str) -> None:
                           "or start another run with --new")
 
 
-def _price_per_hour(cfg: Any) -> Optional[float]:
+def _price_per_hour(cfg: PipelineConfig) -> Optional[float]:
     if cfg.pipeline.cost_per_hour is not None:
         return cfg.pipeline.cost_per_hour
     return getattr(cfg.eval, "hardware_cost_per_hour", None)
@@ -140,7 +141,7 @@ def _overall_status(manifest: RunManifest, selected: list[str]) -> str:
     return "partial"
 
 
-def run_pipeline(cfg: Any, *, run_id: Optional[str] = None, new: bool = False, from_stage: Optional[str] = None,
+def run_pipeline(cfg: PipelineConfig, *, run_id: Optional[str] = None, new: bool = False, from_stage: Optional[str] = None,
                  only: Optional[str] = None, stages: Optional[Mapping[str, Stage]] = None,
                  show_progress: Optional[bool] = None, live: Optional[bool] = None, console: Any = None,
                  argv: Optional[list[str]] = None) -> PipelineOutcome:
@@ -436,7 +437,7 @@ def target_rows(summary: Mapping[str, Any], targets: Any) -> list[tuple[str, str
 
 
 # ------------------------------------------------------------------------------------ after deploy
-def sample_completion(base_url: str, cfg: Any, *, timeout: float = 120.0) -> str:
+def sample_completion(base_url: str, cfg: PipelineConfig, *, timeout: float = 120.0) -> str:
     """One chat completion from the served model (OpenAI API), to show the endpoint works."""
     import httpx
 

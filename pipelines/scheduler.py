@@ -40,6 +40,7 @@ from croniter import croniter
 
 from cluster import storage
 from cluster.errors import ConfigError, RaydistillError
+from pipelines.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 TERMINAL = {"SUCCEEDED": "succeeded", "FAILED": "failed", "STOPPED": "stopped"}
@@ -91,7 +92,7 @@ def _parse(value: Optional[str]) -> Optional[dt.datetime]:
     return dt.datetime.fromisoformat(value) if value else None
 
 
-def state_uri(cfg: Any) -> str:
+def state_uri(cfg: PipelineConfig) -> str:
     from cluster.runs import runs_root
 
     return storage.join(runs_root(cfg), "schedule", "state.json")
@@ -103,7 +104,7 @@ def run_id_for(tick: dt.datetime) -> str:
 
 
 class Scheduler:
-    def __init__(self, cfg: Any, submitter: JobSubmitter, clock: Optional[Clock] = None, uri: Optional[str] = None):
+    def __init__(self, cfg: PipelineConfig, submitter: JobSubmitter, clock: Optional[Clock] = None, uri: Optional[str] = None):
         if not cfg.schedule.cron:
             raise ConfigError("schedule.cron: not set; add e.g. `schedule: {cron: '0 3 * * *', timezone: UTC}`")
         self.cfg = cfg
@@ -314,7 +315,7 @@ class Scheduler:
 
 
 # --------------------------------------------------------------------------------- Ray job submit
-def job_server_address(cfg: Any, address: Optional[str] = None) -> str:
+def job_server_address(cfg: PipelineConfig, address: Optional[str] = None) -> str:
     import os
 
     address = address or cfg.schedule.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
@@ -358,7 +359,7 @@ def _is_local_address(address: str) -> bool:
     return any(h in address for h in ("127.0.0.1", "localhost", "[::1]"))
 
 
-def job_entrypoint(cfg: Any, config_path: str, overrides: list[str], extra_args: list[str],
+def job_entrypoint(cfg: PipelineConfig, config_path: str, overrides: list[str], extra_args: list[str],
                    address: str) -> str:
     """``python -m pipelines.run CONFIG --set ... EXTRA``, with CONFIG relative to the shipped working_dir."""
     from cluster.ray_init import PROJECT_ROOT
@@ -386,7 +387,7 @@ def job_entrypoint(cfg: Any, config_path: str, overrides: list[str], extra_args:
     return " ".join(shlex.quote(p) for p in parts + list(extra_args))
 
 
-def job_runtime_env(cfg: Any) -> dict[str, Any]:
+def job_runtime_env(cfg: PipelineConfig) -> dict[str, Any]:
     from cluster.ray_init import build_runtime_env
 
     extras = list(dict.fromkeys([*cfg.ray.extras, *cfg.schedule.extras]))
@@ -397,7 +398,7 @@ def job_runtime_env(cfg: Any) -> dict[str, Any]:
 class RayJobSubmitter:
     """Submits ``python -m pipelines.run`` through Ray's ``JobSubmissionClient``."""
 
-    def __init__(self, cfg: Any, config_path: str, overrides: Optional[list[str]] = None,
+    def __init__(self, cfg: PipelineConfig, config_path: str, overrides: Optional[list[str]] = None,
                  address: Optional[str] = None, client: Any = None):
         self.cfg = cfg
         self.address = job_server_address(cfg, address)

@@ -22,11 +22,12 @@ from typing import Any, Callable, Optional
 from cluster import storage
 from cluster.errors import RaydistillError
 from pipelines.manifest import MANIFEST, utcnow
+from pipelines.config import PipelineConfig
 
 
 @dataclasses.dataclass
 class StageContext:
-    cfg: Any
+    cfg: PipelineConfig
     run_dir: str
     run_id: str
     # True when the previous attempt of this stage ran with the same config hash and inputs, so the
@@ -74,7 +75,7 @@ def _local(uri: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------- generate
-def _generate_inputs(cfg: Any, run_dir: str) -> list[str]:
+def _generate_inputs(cfg: PipelineConfig, run_dir: str) -> list[str]:
     pc = cfg.prompts
     source = pc.source.value
     if source == "file" and pc.path:
@@ -105,7 +106,7 @@ def _run_generate(ctx: StageContext) -> StageResult:
 
 
 # ------------------------------------------------------------------------------------------- filter
-def _filter_inputs(cfg: Any, run_dir: str) -> list[str]:
+def _filter_inputs(cfg: PipelineConfig, run_dir: str) -> list[str]:
     return [_run_path(run_dir, "data", "generate")] + [cfg.resolve_path(u) for u in cfg.filter.decontaminate]
 
 
@@ -139,7 +140,7 @@ def _run_train(ctx: StageContext) -> StageResult:
 
 
 # --------------------------------------------------------------------------------------------- eval
-def _baseline_input(cfg: Any, run_dir: str, registry: Any) -> dict[str, str]:
+def _baseline_input(cfg: PipelineConfig, run_dir: str, registry: Any) -> dict[str, str]:
     entry = registry.baseline_for(run_dir.rstrip("/").rsplit("/", 1)[-1]) if registry else None
     if not entry:
         return {"baseline": "none"}
@@ -255,7 +256,7 @@ def _run_export(ctx: StageContext) -> StageResult:
 
 
 # ------------------------------------------------------------------------------------------- deploy
-def deploy_model_dir(cfg: Any, run_dir: str) -> str:
+def deploy_model_dir(cfg: PipelineConfig, run_dir: str) -> str:
     if cfg.pipeline.deploy_model == "qwen2_moe":
         out = _run_path(run_dir, "student-qwen2moe")
         if not storage.exists(storage.join(out, "config.json")):
@@ -265,7 +266,7 @@ def deploy_model_dir(cfg: Any, run_dir: str) -> str:
     return _run_path(run_dir, "student")
 
 
-def serve_model(cfg: Any, model_dir: str) -> str:
+def serve_model(cfg: PipelineConfig, model_dir: str) -> str:
     """Serve ``model_dir`` as app ``cfg.name``: deploy when nothing is served, else a zero-downtime update."""
     from serve import app as serve_app
 
@@ -277,7 +278,7 @@ def serve_model(cfg: Any, model_dir: str) -> str:
     return base_url(cfg.serve) if base_url else f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
-def served_model_dir(cfg: Any) -> Optional[str]:
+def served_model_dir(cfg: PipelineConfig) -> Optional[str]:
     """The model dir app ``cfg.name`` serves now (None: not running)."""
     from serve import app as serve_app
 

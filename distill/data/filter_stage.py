@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from cluster import storage
-from cluster.config import PipelineConfig
+from distill.data.section import DataConfig
 from cluster.errors import RaydistillError
 from distill.data.filters import apply_filters, build_decontamination_index
 from distill.data.shards import read_shards, token_counts, write_parquet
@@ -61,7 +61,7 @@ def write_shards(table: pa.Table, out_dir: str, target_bytes: int | None = None)
             return names
 
 
-def run_filter_stage(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
+def run_filter_stage(cfg: DataConfig, run_dir: str) -> dict[str, Any]:
     """Filter a run's generated data into ``data/filtered/``; returns the manifest written."""
     start = time.time()
     gen_dir = storage.join(run_dir, GENERATE_DIR)

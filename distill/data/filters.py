@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cluster import storage
-from cluster.config import DedupMode, FilterSection
+from distill.data.section import DedupMode, FilterSection
 from cluster.errors import RaydistillError
 from distill.data.dedup import NearDuplicateIndex, exact_key, words
 

@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from cluster import storage
 from cluster.ray_init import quiet_ray_data
-from cluster.config import PipelineConfig, TeacherSection
+from distill.data.section import DataConfig
+from distill.teacher.section import TeacherSection
 from distill.data import prompts as prompt_sources
 from distill.data.schema import schema, to_table
 from distill.data.shards import SHARD_SUFFIX, read_dir, read_shards, shard_uris, token_counts, write_parquet
@@ -38,7 +39,7 @@ JUDGE_TEMPLATE = (
 REQUEST_COLUMNS = ["prompt_id", "prompt", "messages", "source"]
 
 
-def sampling_from_config(cfg: PipelineConfig) -> SamplingParams:
+def sampling_from_config(cfg: DataConfig) -> SamplingParams:
     g = cfg.generate
     return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                           top_k=g.top_k, logprobs=g.logprobs, seed=g.seed)
@@ -97,7 +98,7 @@ def rows_to_table(rows: list[dict[str, Any]], logprob_dtype: str = "float32") ->
     return table.append_column("skip_reason", pa.array([r.get("skip_reason") for r in rows], pa.string()))
 
 
-def teacher_stage(cfg: PipelineConfig, sampling: SamplingParams) -> Callable[[Any], Any]:
+def teacher_stage(cfg: DataConfig, sampling: SamplingParams) -> Callable[[Any], Any]:
     """ds -> ds of teacher rows: the backend's own Ray Data stage, or an actor pool of replicas."""
     cls = backend_class(cfg.teacher.backend)
     if hasattr(cls, "build_dataset_stage"):
@@ -120,7 +121,7 @@ def teacher_stage(cfg: PipelineConfig, sampling: SamplingParams) -> Callable[[An
     return apply
 
 
-def run_teacher(cfg: PipelineConfig, requests: list[dict[str, Any]], sampling: SamplingParams):
+def run_teacher(cfg: DataConfig, requests: list[dict[str, Any]], sampling: SamplingParams):
     """Yield pyarrow tables of teacher rows for ``requests`` as batches finish (Ray Data, streaming)."""
     import ray
 
@@ -160,7 +161,7 @@ def parse_judge_score(text: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def judge_shards(cfg: PipelineConfig, data_dir: str, progress: Callable[[int], None] | None = None) -> dict[str, int]:
+def judge_shards(cfg: DataConfig, data_dir: str, progress: Callable[[int], None] | None = None) -> dict[str, int]:
     """Teacher-as-judge: fill ``quality`` (1-10) in every shard that lacks it, rewriting shards atomically."""
     judge_sampling = SamplingParams(max_new_tokens=8, temperature=0.0, logprobs=1)
     counts = {"judged": 0, "unparsable": 0}
@@ -186,7 +187,7 @@ def judge_shards(cfg: PipelineConfig, data_dir: str, progress: Callable[[int], N
     return counts
 
 
-def run_generate_stage(cfg: PipelineConfig, run_dir: str, show_progress: bool = True) -> dict[str, Any]:
+def run_generate_stage(cfg: DataConfig, run_dir: str, show_progress: bool = True) -> dict[str, Any]:
     """Generate (or finish generating) this run's data set; returns the manifest written beside it."""
     from tqdm import tqdm
 
@@ -262,7 +263,7 @@ def _read_manifest(data_dir: str) -> dict[str, Any] | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def _driver_tokenizer(cfg: PipelineConfig) -> Any:
+def _driver_tokenizer(cfg: DataConfig) -> Any:
     from transformers import AutoTokenizer
 
     from distill.teacher.sources import resolve_model

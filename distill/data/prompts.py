@@ -31,7 +31,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from cluster import storage
-from cluster.config import PipelineConfig, PromptSource
+from distill.data.section import DataConfig, PromptSource
 from cluster.errors import ConfigError, RaydistillError
 from distill.data.instructions import InstructionFilter
 from distill.data.schema import prompt_id
@@ -84,7 +84,7 @@ def _normalise_messages(value: Any, where: str) -> list[dict[str, str]]:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
 
 
-def read_prompt_files(cfg: PipelineConfig) -> list[dict[str, Any]]:
+def read_prompt_files(cfg: DataConfig) -> list[dict[str, Any]]:
     """Requests from ``prompts.path`` (one or more URIs/globs); rows without text are skipped."""
     pc = cfg.prompts
     if not pc.path:
@@ -151,7 +151,7 @@ def expand_samples(requests: list[dict[str, Any]], samples: int, count: int | No
     return rows, dropped
 
 
-def _load_topics(cfg: PipelineConfig) -> list[str]:
+def _load_topics(cfg: DataConfig) -> list[str]:
     uri = cfg.resolve_path(cfg.prompts.topics_path) if cfg.prompts.topics_path else DEFAULT_TOPICS
     lines = [ln.strip() for ln in storage.read_text(uri).splitlines()]
     topics = [ln for ln in lines if ln and not ln.startswith("#")]
@@ -226,7 +226,7 @@ def write_instructions(pc: Any, teacher: TeacherRunner, count: int, seeds_for_ro
     return kept, stats
 
 
-def build_requests(cfg: PipelineConfig, run_dir: str, teacher: TeacherRunner | None = None,
+def build_requests(cfg: DataConfig, run_dir: str, teacher: TeacherRunner | None = None,
                    tokenizer: Any = None, cleaning: dict[str, Any] | None = None
                    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """All requests of this run (before resume filtering) and counts of prompts dropped, by reason.
@@ -330,7 +330,7 @@ def read_served_log(uri: str, since: dt.datetime | None = None, files: list[str]
     return pa.concat_tables(tables, promote_options="default").sort_by("ts")
 
 
-def _earlier_runs(cfg: PipelineConfig, run_dir: str) -> list[str]:
+def _earlier_runs(cfg: DataConfig, run_dir: str) -> list[str]:
     from cluster.runs import list_runs, runs_root
 
     root = runs_root(cfg)
@@ -338,7 +338,7 @@ def _earlier_runs(cfg: PipelineConfig, run_dir: str) -> list[str]:
     return [storage.join(root, r) for r in list_runs(cfg) if r != this]
 
 
-def served_log_position(cfg: PipelineConfig, run_dir: str) -> tuple[dt.datetime | None, set[str]]:
+def served_log_position(cfg: DataConfig, run_dir: str) -> tuple[dt.datetime | None, set[str]]:
     """Where the log is read from: ``(since, consumed files)``.
 
     The log is consumed by file: a file is immutable once written (one atomic flush), so the files the
@@ -379,12 +379,12 @@ def served_log_position(cfg: PipelineConfig, run_dir: str) -> tuple[dt.datetime 
     return None, consumed
 
 
-def served_log_since(cfg: PipelineConfig, run_dir: str) -> dt.datetime | None:
+def served_log_since(cfg: DataConfig, run_dir: str) -> dt.datetime | None:
     """The time filter of :func:`served_log_position` (kept for callers that only need it)."""
     return served_log_position(cfg, run_dir)[0]
 
 
-def used_prompt_ids(cfg: PipelineConfig, run_dir: str) -> set[str]:
+def used_prompt_ids(cfg: DataConfig, run_dir: str) -> set[str]:
     """Prompt ids already in earlier runs' ``data/generate`` shards."""
     used: set[str] = set()
     for run in _earlier_runs(cfg, run_dir):
@@ -395,7 +395,7 @@ def used_prompt_ids(cfg: PipelineConfig, run_dir: str) -> set[str]:
     return used
 
 
-def served_prompt_requests(cfg: PipelineConfig, run_dir: str) -> list[dict[str, Any]]:
+def served_prompt_requests(cfg: DataConfig, run_dir: str) -> list[dict[str, Any]]:
     """Requests from the serving prompt log since the last successful run, minus prompts already used.
 
     The selection is stored in ``data/prompts/served_prompts.jsonl`` (+ ``.json`` with the window) on

@@ -6,6 +6,7 @@ import math
 from typing import Any, Optional
 
 from distill.eval.section import GATE_METRICS
+from distill.eval.section import GateSection
 
 
 def choose_reference(against: str, available: dict[str, dict]) -> Optional[str]:
@@ -49,7 +50,7 @@ def verdict(metric: str, direction: str, margin: float, value: Optional[float], 
     return {**out, "passed": bool(passed), "reason": reason}
 
 
-def evaluate_gate(gate_cfg: Any, metrics_by_model: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def evaluate_gate(gate_cfg: GateSection, metrics_by_model: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Apply ``eval.gate`` to ``{model name: metrics}`` (the student must be present)."""
     available = {k: v for k, v in metrics_by_model.items() if k != "student"}
     against = choose_reference(gate_cfg.against, available)

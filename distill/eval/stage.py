@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
@@ -24,7 +24,19 @@ from distill.eval import corpora as corpora_mod
 from distill.eval import metrics as M
 from distill.eval import report as report_mod
 from distill.eval import speed as speed_mod
+from cluster.section import RunConfig
 from distill.eval.gate import evaluate_gate
+from distill.eval.section import EvalSection
+from distill.teacher.section import TeacherSection
+from distill.training.section import TrainSection
+
+
+class EvalConfig(RunConfig, Protocol):
+    """The sections the eval stage reads (``train`` for the held-out split)."""
+
+    teacher: TeacherSection
+    train: TrainSection
+    eval: EvalSection
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -77,7 +89,7 @@ def same_vocabulary(a: Any, b: Any) -> bool:
     return len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
 
-def heldout_rows(cfg: Any, run_dir: str) -> tuple[list[dict], dict[str, Any]]:
+def heldout_rows(cfg: EvalConfig, run_dir: str) -> tuple[list[dict], dict[str, Any]]:
     """Held-out teacher rows (the training split, by prompt), at most ``eval.max_heldout_rows``, by prompt_id."""
     from distill.data.shards import read_dir
     from distill.data.split import SPLIT_COLUMNS, row_is_heldout
@@ -134,7 +146,7 @@ def _combine_bpb(results: list[dict]) -> Optional[float]:
     return nats / math.log(2) / nbytes if nbytes else None
 
 
-def evaluate_model(name: str, model: Any, tokenizer: Any, *, cfg: Any, texts: dict[str, list[str]],
+def evaluate_model(name: str, model: Any, tokenizer: Any, *, cfg: EvalConfig, texts: dict[str, list[str]],
                    rows: list[dict], fidelity_ok: bool, timed: bool, notes: list[str], say) -> dict[str, Any]:
     ecfg = cfg.eval
     out: dict[str, Any] = {"vocab_size": len(tokenizer), "bits_per_byte": {}}
@@ -208,7 +220,7 @@ def summary_metrics(result: dict, cost_per_hour: Optional[float]) -> dict[str, A
 
 
 # ----------------------------------------------------------------------------- the stage
-def run_eval_stage(cfg: Any, run_dir: str, *, model_dir: Optional[str] = None, baseline_dir: Optional[str] = None,
+def run_eval_stage(cfg: EvalConfig, run_dir: str, *, model_dir: Optional[str] = None, baseline_dir: Optional[str] = None,
                    show_progress: bool = True) -> dict:
     """Evaluate the run's models, apply the gate, write ``{run}/eval/report.{json,html}`` and plots.
 
@@ -305,7 +317,7 @@ def _model_or_alias(value: str, flag: str) -> str:
                           f"({', '.join(BUILTIN_ALIASES)})")
 
 
-def run_standalone_eval(cfg: Any, model: str, *, teacher: Optional[str] = None, out_dir: Optional[str] = None,
+def run_standalone_eval(cfg: EvalConfig, model: str, *, teacher: Optional[str] = None, out_dir: Optional[str] = None,
                         show_progress: bool = True) -> dict:
     """Evaluate one model with no pipeline run: bits per byte on the human corpora, speed, routing (MoE).
 
@@ -363,7 +375,7 @@ def _sayer(show_progress: bool):
     return say
 
 
-def _evaluate_models(cfg: Any, order: list[str], paths: dict[str, Any], rows: list[dict],
+def _evaluate_models(cfg: EvalConfig, order: list[str], paths: dict[str, Any], rows: list[dict],
                      texts: dict[str, list[str]], notes: list[str], say) -> dict[str, dict]:
     """Load and score each model in ``order``, one at a time."""
     ecfg = cfg.eval

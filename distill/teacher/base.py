@@ -18,6 +18,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from cluster.errors import ConfigError
+from distill.teacher.section import TeacherSection
 
 Messages = list[dict[str, str]]
 PromptInput = Union[str, Messages]
@@ -113,7 +114,7 @@ BUILTIN_BACKENDS = {
     "hf": "distill.teacher.hf:HFTeacher",
     "vllm": "distill.teacher.vllm_backend:VLLMTeacher",
     "openai": "distill.teacher.openai_backend:OpenAITeacher",
-    "engine": "distill.teacher.engine_backend:EngineTeacher",
+    "engine": "serve.engine.teacher:EngineTeacher",  # a plugin from the layer above, named, never imported here
 }
 
 
@@ -131,7 +132,7 @@ def backend_class(backend: str) -> type:
         raise ConfigError(f"teacher.backend: cannot import {target!r} ({exc})") from exc
 
 
-def load_backend(teacher_cfg: Any) -> TeacherBackend:
+def load_backend(teacher_cfg: TeacherSection) -> TeacherBackend:
     """Build the backend named by a ``teacher:`` config section (loads the model)."""
     return backend_class(teacher_cfg.backend).from_config(teacher_cfg)
 

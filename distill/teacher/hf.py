@@ -15,6 +15,7 @@ from cluster.errors import ConfigError
 from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, TeacherBackend,
                                   encode_with_tokenizer, topk_from_logits)
 from distill.teacher.sources import model_revision, resolve_model
+from distill.teacher.section import TeacherSection
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,7 +46,7 @@ class HFTeacher(TeacherBackend):
         self.name = name or f"{os.path.basename(os.path.normpath(model_dir))}@{model_revision(model_dir)}"
 
     @classmethod
-    def from_config(cls, teacher_cfg: Any) -> "HFTeacher":
+    def from_config(cls, teacher_cfg: TeacherSection) -> "HFTeacher":
         if teacher_cfg.threads:
             torch.set_num_threads(teacher_cfg.threads)
         device = "cuda" if teacher_cfg.num_gpus and torch.cuda.is_available() else "cpu"

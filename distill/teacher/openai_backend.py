@@ -49,6 +49,7 @@ from distill.teacher.base import (Completion, PromptInput, SamplingParams, Score
                                   completion_row)
 from distill.teacher.vllm_backend import (TOKEN_ID_PREFIX, cached_tokenizer, context_of, encode_for_teacher,
                                           flatten_logprob_dicts, padded_skip, plain_messages, request_of, to_plain)
+from distill.teacher.section import TeacherSection
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +428,7 @@ class OpenAITeacher(TeacherBackend):
         self._client = httpx.Client(headers=self.headers, timeout=timeout_s)
 
     @classmethod
-    def from_config(cls, teacher_cfg: Any) -> "OpenAITeacher":
+    def from_config(cls, teacher_cfg: TeacherSection) -> "OpenAITeacher":
         return cls(teacher_cfg.base_url, teacher_cfg.model, tokenizer=teacher_cfg.tokenizer,
                    api_key=read_api_key(teacher_cfg.api_key_env), api_key_env=teacher_cfg.api_key_env,
                    revision=teacher_cfg.revision, max_model_len=teacher_cfg.max_model_len, qps=teacher_cfg.qps,
@@ -517,7 +518,7 @@ class OpenAITeacher(TeacherBackend):
         self._client.close()
 
     @classmethod
-    def build_dataset_stage(cls, teacher_cfg: Any, sampling: SamplingParams,
+    def build_dataset_stage(cls, teacher_cfg: TeacherSection, sampling: SamplingParams,
                             logprob_dtype: str) -> Callable[[Any], Any]:
         """ds -> ds of teacher rows through ``ray.data.llm``'s ``HttpRequestProcessorConfig``.
 
@@ -553,7 +554,7 @@ class HttpStageSpec(StageSpec):
     vllm: bool
 
 
-def http_processor_kwargs(teacher_cfg: Any, base_url: str, headers: Mapping[str, str]) -> dict[str, Any]:
+def http_processor_kwargs(teacher_cfg: TeacherSection, base_url: str, headers: Mapping[str, str]) -> dict[str, Any]:
     """Keyword arguments of ``ray.data.llm.HttpRequestProcessorConfig`` for a teacher stage.
 
     ``qps`` in ray.data.llm is per actor (and per batch), so the configured total is split across

@@ -30,6 +30,7 @@ import numpy as np
 from cluster.errors import ConfigError, RaydistillError
 from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, StageSpec, TeacherBackend,
                                   completion_row, skipped_row)
+from distill.teacher.section import TeacherSection
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def vllm_sampling_kwargs(sampling: SamplingParams, max_tokens: int, k: int) -> d
     return kwargs
 
 
-def vllm_engine_kwargs(teacher_cfg: Any, k: int) -> dict[str, Any]:
+def vllm_engine_kwargs(teacher_cfg: TeacherSection, k: int) -> dict[str, Any]:
     """Engine kwargs shared by the in-process engine and the Ray Data processor."""
     engine: dict[str, Any] = dict(
         tensor_parallel_size=int(teacher_cfg.tensor_parallel_size),
@@ -265,13 +266,13 @@ def vllm_engine_kwargs(teacher_cfg: Any, k: int) -> dict[str, Any]:
     return engine
 
 
-def vllm_model_source(teacher_cfg: Any) -> str:
+def vllm_model_source(teacher_cfg: TeacherSection) -> str:
     """What vLLM loads: an HF id as is (each GPU node downloads it), an alias or local dir resolved
     to a local directory (on a multi-node cluster that path must exist on every GPU node)."""
     return local_or_hub(teacher_cfg.model, teacher_cfg.revision)
 
 
-def vllm_processor_kwargs(teacher_cfg: Any, k: int, model_source: str) -> dict[str, Any]:
+def vllm_processor_kwargs(teacher_cfg: TeacherSection, k: int, model_source: str) -> dict[str, Any]:
     """Keyword arguments of ``ray.data.llm.vLLMEngineProcessorConfig`` for a teacher stage.
 
     Chat templating and tokenisation happen in our preprocess (so prompt ids are exactly what the
@@ -294,7 +295,7 @@ def vllm_processor_kwargs(teacher_cfg: Any, k: int, model_source: str) -> dict[s
     return kwargs
 
 
-def teacher_name(teacher_cfg: Any) -> str:
+def teacher_name(teacher_cfg: TeacherSection) -> str:
     return f"{teacher_cfg.model}@{teacher_cfg.revision or 'main'}"
 
 
@@ -427,7 +428,7 @@ class VLLMTeacher(TeacherBackend):
             self._context_length = int(engine.get("max_model_len") or context_of(self.tokenizer, None) or 2048)
 
     @classmethod
-    def from_config(cls, teacher_cfg: Any) -> "VLLMTeacher":
+    def from_config(cls, teacher_cfg: TeacherSection) -> "VLLMTeacher":
         _import_vllm()  # fail fast, before resolving (and maybe converting) the model
         return cls(vllm_model_source(teacher_cfg), engine_kwargs=vllm_engine_kwargs(teacher_cfg, DEFAULT_MAX_LOGPROBS),
                    name=teacher_name(teacher_cfg))
@@ -477,7 +478,7 @@ class VLLMTeacher(TeacherBackend):
             engine.shutdown()
 
     @classmethod
-    def build_dataset_stage(cls, teacher_cfg: Any, sampling: SamplingParams,
+    def build_dataset_stage(cls, teacher_cfg: TeacherSection, sampling: SamplingParams,
                             logprob_dtype: str) -> Callable[[Any], Any]:
         """ds -> ds of teacher rows through ``ray.data.llm``'s vLLM engine processor (GPU workers)."""
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -495,7 +496,7 @@ class VLLMTeacher(TeacherBackend):
         return apply
 
 
-def vllm_stage_spec(teacher_cfg: Any, sampling: SamplingParams, logprob_dtype: str,
+def vllm_stage_spec(teacher_cfg: TeacherSection, sampling: SamplingParams, logprob_dtype: str,
                     model_source: str) -> VLLMStageSpec:
     """The row functions' settings; the context is ``teacher.max_model_len`` or, when unset, the
     tokenizer's ``model_max_length`` looked up on the worker (vLLM rejects the rest: skip rows)."""

@@ -1,6 +1,6 @@
 """The pipeline config's ``train:`` section: workers, optimiser, and the multi-stage curriculum.
 
-Imports only pydantic and cluster modules (``cluster.config`` imports this file).
+Imports only pydantic and cluster modules (``pipelines.config`` composes it into the root config).
 
 A stage says what data it reads (``mixture``), for how long (``steps`` or ``tokens``), with what
 learning rate schedule, loss weights and routing. The default is one stage over all the data with

@@ -19,13 +19,24 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from cluster import storage
 from cluster.errors import ConfigError, RaydistillError
 from distill.training.data import DataSummary, data_dir_for, scan
 from distill.training.loop import LocalRuntime, TrainJob, train_loop
+from cluster.section import RayConfigHolder, RunConfig
+from distill.student.section import StudentSection
+from distill.teacher.section import TeacherSection
 from distill.training.section import TrainSection
+
+
+class TrainConfig(RunConfig, RayConfigHolder, Protocol):
+    """The sections the train stage reads."""
+
+    teacher: TeacherSection
+    student: StudentSection
+    train: TrainSection
 
 TRAIN_DIR = "train"
 STUDENT_DIR = "student"
@@ -51,12 +62,12 @@ def _publish_dir(staged: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def ensure_init_student(cfg: Any, train_dir: Path, seed: int) -> Path:
+def ensure_init_student(cfg: TrainConfig, train_dir: Path, seed: int) -> Path:
     """``{run}/train/init``: built once from the config's student section (from the teacher or random).
 
     A from-teacher init is calibrated on the run's teacher data (training rows) by default.
     """
-    from distill.student.cli import create_student, init_summary
+    from distill.training.student_init import create_student, init_summary
 
     init_dir = train_dir / "init"
     if (init_dir / "config.json").exists():
@@ -65,7 +76,7 @@ def ensure_init_student(cfg: Any, train_dir: Path, seed: int) -> Path:
     staged = Path(tempfile.mkdtemp(prefix=".tmp-init-", dir=train_dir))
     print("student init: building from the teacher" if cfg.student.init == "from_teacher" else
           "student init: random", flush=True)
-    _, record = create_student(cfg, staged, seed=seed, run_dir=str(train_dir.parent))
+    _, record = create_student(cfg.teacher, cfg.student, cfg.train, staged, seed=seed, run_dir=str(train_dir.parent))
     for line in init_summary(record):
         print(f"student init: {line}", flush=True)
     _publish_dir(staged, init_dir)
@@ -81,7 +92,7 @@ def _vocab_and_pad(init_dir: Path) -> tuple[int, int]:
     return int(config["vocab_size"]), int(pad or 0)
 
 
-def _section(cfg: Any, workers: Optional[int], gpus_per_worker: Optional[float]) -> TrainSection:
+def _section(cfg: TrainConfig, workers: Optional[int], gpus_per_worker: Optional[float]) -> TrainSection:
     update: dict[str, Any] = {}
     if workers is not None:
         update["workers"] = workers
@@ -133,7 +144,7 @@ class _Progress:
             self._thread.join(timeout=5)
 
 
-def run_train_stage(cfg: Any, run_dir: str, *, workers: Optional[int] = None,
+def run_train_stage(cfg: TrainConfig, run_dir: str, *, workers: Optional[int] = None,
                     gpus_per_worker: Optional[float] = None, resume: bool = True, restart: bool = False,
                     use_ray: bool = True, show_progress: bool = True,
                     fail_at_step: Optional[int] = None, trace_dir: Optional[str] = None,
@@ -234,7 +245,7 @@ def _last_metrics(path: Path) -> dict[str, Any]:
     return {"tokens_per_s": round(sum(rates) / len(rates), 1)}
 
 
-def publish_student(cfg: Any, init_dir: Path, checkpoint: Path, run: Path, state: dict[str, Any],
+def publish_student(cfg: TrainConfig, init_dir: Path, checkpoint: Path, run: Path, state: dict[str, Any],
                     section: TrainSection) -> tuple[Path, Optional[Path]]:
     """Write the final weights as an HF student dir (and the Qwen2-MoE export for top-k routing)."""
     from safetensors.torch import load_file

@@ -359,10 +359,10 @@ def serve_cleanup(ray_session):
 
 def test_gate_refuses_worse_and_promotes_better_without_downtime(ray_session, serve_cleanup, tiny_teacher_dir,
                                                                   tmp_path):
-    from cluster.config import load_config
+    from pipelines.config import load_config
     from cluster.runs import run_dir
     from distill.eval.gate import evaluate_gate
-    from distill.student.cli import create_student
+    from distill.training.student_init import create_student
     from pipelines.registry import Registry
     from pipelines.runner import run_pipeline
 
@@ -378,7 +378,7 @@ def test_gate_refuses_worse_and_promotes_better_without_downtime(ray_session, se
         verdict of the real gate (eval.gate of this config) for ``bpb`` against the served baseline's 2.0."""
         cfg = load_config(None, base + list(extra))
         uri = run_dir(cfg, run_id, create=True)
-        create_student(cfg, Path(uri) / "student", seed=seed)
+        create_student(cfg.teacher, cfg.student, cfg.train, Path(uri) / "student", seed=seed)
         gate = evaluate_gate(cfg.eval.gate, {"student": {"bpb_heldout": bpb}, "baseline": {"bpb_heldout": 2.0}})
         storage.atomic_write_json(storage.join(uri, "eval", "report.json"), {
             "gate": gate, "models": {"student": {"metrics": {"bpb_heldout": bpb}},

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from cluster.config import load_config
+from pipelines.config import load_config
 from cluster.errors import ConfigError
 from pipelines import k8s
 from tests.conftest import REPO_ROOT

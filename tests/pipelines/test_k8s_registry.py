@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from cluster.config import load_config
+from pipelines.config import load_config
 from cluster.errors import ConfigError, RaydistillError
 from pipelines import k8s
 from pipelines.registry import Registry

@@ -71,7 +71,7 @@ class _StartedClock:
 def test_scheduler_submits_ray_jobs(job_server, tmp_path):
     import datetime as dt
 
-    from cluster.config import load_config
+    from pipelines.config import load_config
     from pipelines.scheduler import RayJobSubmitter, Scheduler, run_id_for
 
     workdir = str(tmp_path / "runs")
@@ -99,7 +99,7 @@ def test_job_driver_keeps_the_jobs_runtime_env(job_server):
 
     from cluster.ray_init import build_runtime_env
 
-    code = ("import os, ray; from cluster.config import load_config; from pipelines.runner import ensure_ray; "
+    code = ("import os, ray; from pipelines.config import load_config; from pipelines.runner import ensure_ray; "
             "ensure_ray(load_config(None)); f = ray.remote(num_cpus=0)(lambda: os.environ.get('RD_MARK')); "
             "print('MARK=' + str(ray.get(f.remote())))")
     client = JobSubmissionClient(job_server)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster import storage
-from cluster.config import load_config
+from pipelines.config import load_config
 from cluster.errors import ConfigError
 from pipelines.manifest import fingerprint
 from pipelines.runner import run_pipeline

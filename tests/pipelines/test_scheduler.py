@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from cluster import storage
-from cluster.config import load_config
+from pipelines.config import load_config
 from cluster.errors import ConfigError
 from pipelines.scheduler import JobExists, JobNotFound, Scheduler, state_uri
 

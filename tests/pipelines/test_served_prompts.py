@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster import storage
-from cluster.config import load_config
+from pipelines.config import load_config
 from cluster.errors import ConfigError, RaydistillError
 from distill.data.prompts import build_requests
 from distill.data.schema import prompt_id, to_table

@@ -8,7 +8,7 @@ import types
 import pytest
 
 from cluster import storage
-from cluster.config import load_config
+from pipelines.config import load_config
 from pipelines import runner, stages
 from pipelines.registry import Registry
 from pipelines.runner import run_pipeline

@@ -22,7 +22,7 @@ QUICKSTART = str(REPO_ROOT / "pipelines" / "configs" / "quickstart.yaml")
 @pytest.mark.integration
 @pytest.mark.own_cluster
 def test_submit_and_schedule_status_against_a_token_auth_head(tmp_path, monkeypatch, capsys):
-    from cluster.config import load_config
+    from pipelines.config import load_config
     from pipelines.cli import main
     from pipelines.scheduler import RayJobSubmitter
 

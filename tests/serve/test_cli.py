@@ -14,7 +14,7 @@ import pytest
 
 from cluster.errors import ConfigError
 from pipelines.cli import build_parser
-from serve.cli import section_from_args
+from pipelines.cli.serve import section_from_args
 from serve.section import ServeSection
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

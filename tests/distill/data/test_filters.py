@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster import storage
-from cluster.config import FilterSection, load_config
+from distill.data.section import FilterSection
+from pipelines.config import load_config
 from cluster.errors import RaydistillError
 from distill.data import filter_stage
 from distill.data.filter_stage import run_filter_stage

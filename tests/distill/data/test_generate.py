@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import load_config
+from pipelines.config import load_config
 from cluster.errors import ConfigError, RaydistillError
 from distill.data.generate import GENERATE_DIR, run_generate_stage
 from distill.data.shards import read_dir as read_shards

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
+from pipelines.config import load_config
 from cluster.errors import RaydistillError
 from distill.data.prompts import INSTRUCTION_TEMPLATE, MAX_INSTRUCTION_ROUNDS, build_requests
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import load_config
+from pipelines.config import load_config
 from cluster.errors import ConfigError
 from distill.eval.gate import choose_reference, evaluate_gate, verdict
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.config import load_config
+from pipelines.config import load_config
 from tests.distill.eval.conftest import save, student_config
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import load_config
+from pipelines.config import load_config
 from cluster.errors import RaydistillError
 from distill.eval.stage import load_model, run_eval_stage
 from tests.conftest import missing_dependency

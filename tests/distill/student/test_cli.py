@@ -14,7 +14,7 @@ import torch
 
 from cluster.errors import ConfigError
 from distill.student import accounting
-from distill.student.cli import register
+from pipelines.cli.student import register
 
 from .conftest import tiny_config, tiny_student
 

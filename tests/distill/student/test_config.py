@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.config import load_config
+from pipelines.config import load_config
 from cluster.errors import ConfigError
 from distill.student.config import RoutingMode, StudentConfig, default_layer_types, evenly_spaced_layers
 from distill.student.section import StudentSection

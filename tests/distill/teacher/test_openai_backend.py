@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import TeacherSection
+from distill.teacher.section import TeacherSection
 from cluster.errors import ConfigError, RaydistillError
 from distill.teacher.base import SamplingParams, backend_class
 from distill.teacher.openai_backend import (OPENAI_TOP_LOGPROBS_CAP, OpenAITeacher, RateLimiter, RoutingSession,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import TeacherSection
+from distill.teacher.section import TeacherSection
 from cluster.errors import RaydistillError
 from distill.teacher.base import SamplingParams, backend_class
 from distill.teacher.vllm_backend import (PAD_LOGPROB, VLLMTeacher, chosen_logprobs, classify_engine_error,

@@ -27,7 +27,7 @@ K = 8
 @pytest.fixture(scope="module")
 def completions(builtin_teacher_dir):
     import tests.vllm_util  # noqa: F401 - vLLM settings for this process
-    from distill.teacher.engine_backend import EngineTeacher
+    from serve.engine.teacher import EngineTeacher
     from distill.teacher.vllm_backend import VLLMTeacher
 
     sampling = SamplingParams(max_new_tokens=STEPS, temperature=0.0, logprobs=K)

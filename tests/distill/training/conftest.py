@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
+from pipelines.config import load_config
 
 TINY_STUDENT = ["student.init=random", "student.num_hidden_layers=2", "student.num_experts=4", "student.moe_intermediate_size=16",
                 "student.num_experts_per_tok=2", "student.sliding_window=8"]

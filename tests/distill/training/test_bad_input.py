@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.config import load_config
+from pipelines.config import load_config
 from cluster.errors import ConfigError, RaydistillError
 from distill.training.data import MixtureStream, TableSource, collate, next_batch, read_table
 from distill.training.stage import run_train_stage

@@ -3,48 +3,20 @@
     raydistill generate --config FILE [--set a.b=v ...] [--run ID]
     raydistill filter   --config FILE [--set ...] [--run ID]
     raydistill data inspect URI [--json]
-    raydistill student init|info ...   raydistill export ...   (student issue)
+    raydistill student init|info ...   raydistill export ...   raydistill train|eval|serve|run|submit|schedule ...
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
-from typing import Any, Callable
 
-from cluster.errors import RaydistillError
-
-
-def add_config_args(parser: argparse.ArgumentParser, run: bool = True) -> None:
-    parser.add_argument("--config", "-c", metavar="FILE", help="pipeline YAML (defaults apply when omitted)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set prompts.count=8 (repeatable)")
-    if run:
-        parser.add_argument("--run", metavar="ID", help="work on this run id (default: the newest run)")
-
-
-def load(args: argparse.Namespace):
-    from cluster.config import load_config
-
-    return load_config(args.config, args.overrides)
-
-
-def connect_ray(cfg) -> None:
-    from cluster.ray_init import connect
-
-    connect(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
-
-
-def _print_table(title: str, rows: list[tuple[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False)
-    for key, value in rows:
-        table.add_row(key, str(value))
-    Console(stderr=True).print(table)
+from pipelines import commands
+from pipelines.cli import eval as eval_cli
+from pipelines.cli import serve as serve_cli
+from pipelines.cli import student as student_cli
+from pipelines.cli import train as train_cli
+from pipelines.cli.common import add_config_args, connect_ray, load, print_table, run_command
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -55,7 +27,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run = run_dir(cfg, args.run, create=True)
     connect_ray(cfg)
     manifest = run_generate_stage(cfg, run, show_progress=not args.quiet)
-    _print_table("generate", [("rows", manifest["rows"]), ("new rows", manifest["new_rows"]),
+    print_table("generate", [("rows", manifest["rows"]), ("new rows", manifest["new_rows"]),
                               ("resumed rows", manifest["resumed_rows"]),
                               ("completion tokens", manifest["completion_tokens"]),
                               ("teacher tokens/s", manifest["teacher_tokens_per_s"]),
@@ -76,7 +48,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
     manifest = run_filter_stage(cfg, run)
     rows = [("input rows", manifest.get("input_rows")), ("output rows", manifest.get("output_rows"))]
     rows += [(f"dropped: {name}", count) for name, count in (manifest.get("dropped") or {}).items()]
-    _print_table("filter", rows)
+    print_table("filter", rows)
     print(run)
     return 0
 
@@ -89,7 +61,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=str))
         return 0
     sample = report.get("sample", {})
-    _print_table(f"data: {args.uri}", [
+    print_table(f"data: {args.uri}", [
         ("rows", report["rows"]), ("unique prompt ids", report["unique_prompt_ids"]),
         ("prompt tokens", f"{report['prompt_tokens']}  {report['prompt_len']}"),
         ("completion tokens", f"{report['completion_tokens']}  {report['completion_len']}"),
@@ -123,42 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", action="store_true", help="machine-readable output")
     insp.set_defaults(func=cmd_data_inspect)
 
-    for register in _plugin_registrars():
-        register(sub)
+    for module in (student_cli, train_cli, serve_cli, eval_cli, commands):
+        module.register(sub)
     return parser
 
 
-def _plugin_registrars() -> list[Callable[[Any], None]]:
-    """Subcommands owned by other packages (student, train, serve, eval, pipelines)."""
-    import importlib
-
-    out = []
-    for module_name in ("distill.student.cli", "distill.training.cli", "serve.cli", "distill.eval.cli",
-                        "pipelines.commands"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # that package is not part of this checkout yet
-            raise
-        out.append(module.register)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except RaydistillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command with --run to resume", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args, interrupted="interrupted; rerun the same command with --run to resume")

@@ -56,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cluster.errors import RaydistillError
     from cluster.runs import run_dir
     from distill.eval.stage import run_eval_stage, run_standalone_eval
-    from pipelines.cli import load
+    from pipelines.cli.common import load
 
     cfg = load(args)
     if args.corpus:
@@ -85,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from pipelines.cli import add_config_args
+    from pipelines.cli.common import add_config_args
 
     parser = subparsers.add_parser("eval", help="bits per byte, fidelity, routing, speed, cost, gate -> eval/report.html")
     add_config_args(parser)

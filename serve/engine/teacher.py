@@ -1,4 +1,4 @@
-"""The ``engine`` teacher: our continuous-batching engine (``serve.engine``) as a fast CPU teacher backend.
+"""The ``engine`` teacher: our continuous-batching engine as a fast CPU teacher backend (``teacher.backend: engine``).
 
 Same contract as ``hf``: soft labels are the raw (temperature 1, unfiltered) top-k of every
 completion position, taken from the engine's per-token ``top_logprobs``. Unlike ``hf``'s padded
@@ -17,12 +17,13 @@ from cluster.errors import ConfigError
 from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, TeacherBackend,
                                   encode_with_tokenizer, topk_from_logits)
 from distill.teacher.sources import model_revision, resolve_model
+from distill.teacher.section import TeacherSection
 
 
 class EngineTeacher(TeacherBackend):
     def __init__(self, model_dir: str, *, dtype: str = "float32", batch_size: int = 16,
                  max_model_len: int | None = None, name: str | None = None, threads: int | None = None):
-        from serve.engine import LLMEngine
+        from serve.engine.engine import LLMEngine
 
         self.engine = LLMEngine.from_pretrained(model_dir, dtype=dtype, max_batch_size=batch_size,
                                                 max_model_len=max_model_len, threads=threads)
@@ -31,7 +32,7 @@ class EngineTeacher(TeacherBackend):
         self._calls = 0
 
     @classmethod
-    def from_config(cls, teacher_cfg: Any) -> "EngineTeacher":
+    def from_config(cls, teacher_cfg: TeacherSection) -> "EngineTeacher":
         if teacher_cfg.num_gpus:
             raise ConfigError("teacher.backend: engine runs on CPU; use backend: vllm (or hf) with num_gpus > 0")
         model_dir = resolve_model(teacher_cfg.model, teacher_cfg.revision)

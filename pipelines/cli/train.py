@@ -7,7 +7,7 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    from pipelines.cli import add_config_args
+    from pipelines.cli.common import add_config_args
 
     train = subparsers.add_parser("train", help="distil the teacher data into the MoE student with Ray Train")
     add_config_args(train)
@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.runs import run_dir
     from distill.training.stage import run_train_stage
-    from pipelines.cli import _print_table, load
+    from pipelines.cli.common import load, print_table
 
     cfg = load(args)
     run = run_dir(cfg, args.run)
@@ -40,6 +40,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         rows.append((f"stage {stage['name']}", f"{stage['steps']} steps, held-out KL {held.get('kl', float('nan')):.4f}, "
                                                f"top-1 {held.get('top1', float('nan')):.3f}"))
     rows += [("student", manifest["student_dir"]), ("qwen2-moe export", manifest["export_dir"] or "-")]
-    _print_table("train", rows)
+    print_table("train", rows)
     print(manifest["student_dir"])
     return 0

@@ -1,127 +1,31 @@
-"""The one YAML config for the whole pipeline, validated by pydantic.
+"""The one YAML config for the whole pipeline, validated by pydantic: the root of the sections.
 
 Every subcommand takes ``--config FILE`` plus repeatable ``--set a.b=value`` overrides. Unknown
 keys and bad values raise :class:`ConfigError` naming the dotted field path and the allowed values.
-Later stages (student, train, eval, serve, schedule) own their sections; each is a model here.
+Each section's model lives beside the code it configures; this module only composes them, and the
+pipeline layer hands each stage its own typed sections.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
+from cluster import storage
 from cluster.errors import ConfigError
-from cluster.section import Section
+from cluster.section import RaySection, Section
+from distill.data.section import FilterSection, GenerateSection, PromptsSection
 from distill.eval.section import EvalSection
 from distill.student.section import StudentSection
+from distill.teacher.section import TeacherSection
 from distill.training.section import TrainSection
 from pipelines.section import PipelineSection, ScheduleSection
 from serve.section import ServeSection
-
-
-class TeacherBackend(str, enum.Enum):
-    hf = "hf"
-    vllm = "vllm"
-    openai = "openai"
-    engine = "engine"
-
-
-class PromptSource(str, enum.Enum):
-    file = "file"
-    self_instruct = "self_instruct"
-    magpie = "magpie"
-    served_prompts = "served_prompts"
-
-
-class DedupMode(str, enum.Enum):
-    none = "none"
-    exact = "exact"
-    minhash = "minhash"
-
-
-class RaySection(Section):
-    address: Optional[str] = None  # null = start a local Ray (embedded default)
-    num_cpus: Optional[int] = Field(default=None, ge=1)
-    dashboard: bool = False
-    extras: list[str] = Field(default_factory=list, description="pip extras installed on cluster nodes")
-
-
-class TeacherSection(Section):
-    model: str = "smollm2-135m-instruct"
-    backend: str = Field(default="hf", description="hf | vllm | openai | engine, or 'package.module:Class'")
-    revision: Optional[str] = None
-    replicas: int = Field(default=1, ge=1)
-    num_gpus: float = Field(default=0, ge=0)
-    num_cpus: float = Field(default=1, gt=0, description="Ray CPUs reserved per teacher replica")
-    threads: Optional[int] = Field(default=None, ge=1, description="torch threads per replica (default: cores / replicas)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(default=16, ge=1, description="prompts per teacher batch")
-    max_model_len: Optional[int] = Field(default=None, ge=16)
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    accelerator_type: Optional[str] = Field(default=None, description="vllm backend: Ray accelerator type of the "
-                                            "engine's GPUs, e.g. H100 (default: any GPU)")
-    base_url: Optional[str] = None
-    api_key_env: Optional[str] = None
-    tokenizer: Optional[str] = Field(default=None, description="tokenizer for the openai backend (maps token strings to ids)")
-    qps: Optional[int] = Field(default=None, ge=1)
-    max_retries: int = Field(default=2, ge=0)
-
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        if value in {b.value for b in TeacherBackend} or ":" in value:
-            return value
-        raise ValueError(f"unknown teacher backend {value!r}; allowed: hf, vllm, openai, engine, or 'module:Class'")
-
-
-class PromptsSection(Section):
-    source: PromptSource = PromptSource.file
-    path: Optional[str | list[str]] = Field(default=None, description="file URI(s) or globs (source: file)")
-    count: Optional[int] = Field(default=256, ge=1, description="number of prompts (null = all in the files)")
-    samples_per_prompt: int = Field(default=1, ge=1)
-    prompt_column: str = "prompt"
-    messages_column: str = "messages"
-    system_prompt: Optional[str] = None
-    topics_path: Optional[str] = Field(default=None, description="seed topics for self_instruct (default: shipped list)")
-    seed: int = 0
-
-
-class GenerateSection(Section):
-    max_new_tokens: int = Field(default=128, ge=1)
-    temperature: float = Field(default=0.7, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0, description="0 = off")
-    logprobs: int = Field(default=20, ge=1, le=1000, description="top-k soft labels stored per position")
-    logprob_dtype: Literal["float32", "float16"] = "float32"
-    judge: bool = False
-    seed: int = 0
-    max_retries: int = Field(default=2, ge=0, description="retries of a failed teacher batch inside its actor")
-
-
-class FilterSection(Section):
-    dedup: DedupMode = DedupMode.minhash
-    minhash_threshold: float = Field(default=0.85, gt=0, le=1)
-    num_perm: int = Field(default=128, ge=16)
-    min_quality: Optional[float] = Field(default=None, ge=1, le=10)
-    decontaminate: list[str] = Field(default_factory=list, description="eval-set URIs whose n-grams must not appear")
-    ngram: int = Field(default=13, ge=1, description="decontamination n-gram size in normalised words")
-    decontaminate_min_tokens: int = Field(
-        default=8, ge=1, description="eval items shorter than ngram but at least this long must match whole")
-    drop_truncated: bool = True
-    min_completion_tokens: int = Field(default=1, ge=0)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    max_repetition: float = Field(default=0.5, gt=0, le=1, description="max share of repeated 4-grams")
-
-    @field_validator("decontaminate", mode="before")
-    @classmethod
-    def _one_uri_is_a_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value  # --set filter.decontaminate=evals/*.jsonl
 
 
 class PipelineConfig(Section):
@@ -225,8 +129,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     source_dir = None
     if path is not None:
-        from cluster import storage
-
         try:
             text = storage.read_text(str(path))
         except Exception as exc:  # noqa: BLE001 - reported with the path

@@ -1,4 +1,4 @@
-"""cluster.config: YAML + --set overrides, validation errors with dotted paths and allowed values."""
+"""pipelines.config: YAML + --set overrides, validation errors with dotted paths and allowed values."""
 
 from __future__ import annotations
 
@@ -7,14 +7,8 @@ import uuid
 import pytest
 
 from cluster import storage
-from cluster.config import (
-    DedupMode,
-    PipelineConfig,
-    PromptSource,
-    apply_overrides,
-    load_config,
-    parse_override,
-)
+from distill.data.section import DedupMode, PromptSource
+from pipelines.config import PipelineConfig, apply_overrides, load_config, parse_override
 from cluster.errors import ConfigError, RaydistillError
 
 ISSUE_SHAPE = """\

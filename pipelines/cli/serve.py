@@ -18,7 +18,7 @@ from serve.section import ServeSection
 
 
 def register(subparsers: Any) -> None:
-    from pipelines.cli import add_config_args
+    from pipelines.cli.common import add_config_args
 
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible API (Ray Serve or --no-ray)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +62,7 @@ def section_from_args(base: ServeSection, args: argparse.Namespace) -> ServeSect
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pipelines.cli import load
+    from pipelines.cli.common import load
 
     cfg = load(args)
     section = section_from_args(cfg.serve, args)
@@ -75,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.propagate = False
     if args.no_ray:
         return _serve_uvicorn(args.model_dir, section)
-    from pipelines.cli import connect_ray
+    from pipelines.cli.common import connect_ray
     from serve.app import deploy
 
     connect_ray(cfg)

@@ -22,15 +22,15 @@ PROMPTS = ["Hello there, how are you", "The capital of France is", [{"role": "us
 
 @pytest.fixture(scope="module")
 def teachers(tiny_teacher_dir):
-    from distill.teacher.engine_backend import EngineTeacher
+    from serve.engine.teacher import EngineTeacher
     from distill.teacher.hf import HFTeacher
 
     return HFTeacher(tiny_teacher_dir, dtype="float32", batch_size=4), EngineTeacher(tiny_teacher_dir, batch_size=2)
 
 
 def test_registered_backend_and_config_enum():
-    from cluster.config import TeacherBackend
-    from distill.teacher.engine_backend import EngineTeacher
+    from distill.teacher.section import TeacherBackendName as TeacherBackend
+    from serve.engine.teacher import EngineTeacher
 
     assert backend_class("engine") is EngineTeacher
     assert TeacherBackend("engine").value == "engine"

@@ -1,0 +1,45 @@
+"""The ``teacher:`` section of the pipeline config: which model teaches, through which backend."""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+
+from cluster.section import Section
+
+
+class TeacherBackendName(str, enum.Enum):
+    hf = "hf"
+    vllm = "vllm"
+    openai = "openai"
+    engine = "engine"
+
+
+class TeacherSection(Section):
+    model: str = "smollm2-135m-instruct"
+    backend: str = Field(default="hf", description="hf | vllm | openai | engine, or 'package.module:Class'")
+    revision: Optional[str] = None
+    replicas: int = Field(default=1, ge=1)
+    num_gpus: float = Field(default=0, ge=0)
+    num_cpus: float = Field(default=1, gt=0, description="Ray CPUs reserved per teacher replica")
+    threads: Optional[int] = Field(default=None, ge=1, description="torch threads per replica (default: cores / replicas)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(default=16, ge=1, description="prompts per teacher batch")
+    max_model_len: Optional[int] = Field(default=None, ge=16)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    accelerator_type: Optional[str] = Field(default=None, description="vllm backend: Ray accelerator type of the "
+                                            "engine's GPUs, e.g. H100 (default: any GPU)")
+    base_url: Optional[str] = None
+    api_key_env: Optional[str] = None
+    tokenizer: Optional[str] = Field(default=None, description="tokenizer for the openai backend (maps token strings to ids)")
+    qps: Optional[int] = Field(default=None, ge=1)
+    max_retries: int = Field(default=2, ge=0)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value in {b.value for b in TeacherBackendName} or ":" in value:
+            return value
+        raise ValueError(f"unknown teacher backend {value!r}; allowed: hf, vllm, openai, engine, or 'module:Class'")
