@@ -25,13 +25,13 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
     args = parser.parse_args()
 
-    from distill.teacher.base import encode_with_tokenizer
+    from distill.teacher.sources import encode_prompt
     from distill.teacher.sources import resolve_model
     from serve.engine import GenerationRequest, LLMEngine, SamplingOptions
 
     model_dir = resolve_model("smollm2-135m-instruct")
     engine = LLMEngine.from_pretrained(model_dir, dtype="float32", max_batch_size=max(args.streams))
-    prompts = [encode_with_tokenizer(engine.tokenizer, [{"role": "user", "content": f"Write about {t}."}])
+    prompts = [encode_prompt(engine.tokenizer, [{"role": "user", "content": f"Write about {t}."}])
                for t in TOPICS]
     results: dict[tuple[str, int], float] = {}
     for n in args.streams:

@@ -9,10 +9,14 @@ rerun never sees a half-written one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
@@ -36,6 +40,40 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str, why: str = "this stage writes model folders") -> str:
+    """The local path of a local (or ``file://``) URI; a clear error for remote storage."""
+    if not is_local(uri):
+        raise RaydistillError(f"{uri}: {why} and needs a local or shared-filesystem path; set workdir to a "
+                              "local folder or a mount of your bucket")
+    return uri.removeprefix("file://")
+
+
+def local_copy(uri: str) -> str:
+    """A local directory holding the folder at ``uri``: local paths in place, remote ones downloaded once
+    (under the temp dir, keyed by the URI) and reused while their ``config.json`` is there."""
+    if is_local(uri):
+        return uri.removeprefix("file://")
+    fs, path = filesystem(uri)
+    local = Path(tempfile.gettempdir()) / "raydistill-models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (local / "config.json").exists():
+        fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
+    return str(local)
+
+
+def publish_dir(staged: str | Path, final: str | Path) -> Path:
+    """Put the local folder ``staged`` at ``final`` by renames, replacing what was there: readers see the old
+    folder or the new one, never half of one. ``staged`` should be a sibling (same filesystem)."""
+    staged, final = Path(staged), Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def join(base: str, *parts: str) -> str:

@@ -67,13 +67,6 @@ def _run_path(run_dir: str, *parts: str) -> str:
     return storage.join(run_dir, *parts)
 
 
-def _local(uri: str) -> str:
-    if not storage.is_local(uri):
-        raise RaydistillError(f"{uri}: this stage needs a local (or mounted) path; set workdir to a local folder "
-                              "or a mount of your bucket")
-    return uri[len("file://"):] if uri.startswith("file://") else uri
-
-
 # ----------------------------------------------------------------------------------------- generate
 def _generate_inputs(cfg: PipelineConfig, run_dir: str) -> list[str]:
     pc = cfg.prompts
@@ -238,13 +231,11 @@ def _run_export(ctx: StageContext) -> StageResult:
     else:
         from distill.student.export import export_qwen2_moe
 
-        local_out = Path(_local(out))
+        local_out = Path(storage.local_path(out))
         staged = Path(tempfile.mkdtemp(prefix=storage.TMP_PREFIX + "export-", dir=local_out.parent))
         try:
-            export_qwen2_moe(_local(student), staged)
-            if local_out.exists():
-                shutil.rmtree(local_out)
-            os.replace(staged, local_out)  # the folder appears complete or not at all
+            export_qwen2_moe(storage.local_path(student), staged)
+            storage.publish_dir(staged, local_out)  # the folder appears complete or not at all
         finally:
             if staged.exists():
                 shutil.rmtree(staged, ignore_errors=True)

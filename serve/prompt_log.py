@@ -11,7 +11,7 @@ the dict to store, or None to drop the record.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
+import pkgutil
 import io
 import logging
 import threading
@@ -47,10 +47,9 @@ def load_redactor(spec: Optional[str]) -> Optional[Redactor]:
     """``'package.module:function'`` -> the function (ConfigError naming the field when it cannot be imported)."""
     if not spec:
         return None
-    module_name, _, attr = spec.partition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+        fn = pkgutil.resolve_name(spec)
+    except (ImportError, AttributeError, ValueError) as exc:
         raise ConfigError(f"serve.prompt_log_redact: cannot import {spec!r} ({exc}); give 'module:function' of an "
                           "importable function taking and returning a record dict") from exc
     if not callable(fn):

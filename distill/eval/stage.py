@@ -44,16 +44,6 @@ HELDOUT = "heldout"
 
 
 # ----------------------------------------------------------------------------- loading
-def _local_dir(uri: str) -> str:
-    """A local copy of a model dir URI (local paths are used in place)."""
-    if storage.is_local(uri):
-        return uri[len("file://"):] if uri.startswith("file://") else uri
-    fs, path = storage.filesystem(uri)
-    dst = tempfile.mkdtemp(prefix="raydistill-eval-")
-    fs.get(path.rstrip("/") + "/", dst, recursive=True)
-    return dst
-
-
 def load_model(path_or_alias: str, *, role: str) -> tuple[Any, Any, str]:
     """``(model, tokenizer, local dir)``; RaydistillError when the dir, its weights or its tokenizer are missing."""
     import torch
@@ -69,7 +59,7 @@ def load_model(path_or_alias: str, *, role: str) -> tuple[Any, Any, str]:
         if not storage.exists(path_or_alias):
             raise RaydistillError(f"{role} model {path_or_alias} does not exist; train the run first or pass "
                                   f"--model DIR")
-        local = _local_dir(path_or_alias)
+        local = storage.local_copy(path_or_alias)
     if not os.path.exists(os.path.join(local, "config.json")):
         raise RaydistillError(f"{role} model {path_or_alias} is not an HF model dir (no config.json); pass the "
                               "directory written by training/export")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import importlib
+import pkgutil
 from typing import Any, Sequence, Union
 
 import numpy as np
@@ -124,32 +124,15 @@ def backend_class(backend: str) -> type:
     if ":" not in target:
         raise ConfigError(f"teacher.backend: unknown backend {backend!r}; allowed: {sorted(BUILTIN_BACKENDS)} "
                           "or 'package.module:Class'")
-    module_name, _, attr = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
-        return getattr(module, attr)
-    except (ImportError, AttributeError) as exc:
+        return pkgutil.resolve_name(target)
+    except (ImportError, AttributeError, ValueError) as exc:
         raise ConfigError(f"teacher.backend: cannot import {target!r} ({exc})") from exc
 
 
 def load_backend(teacher_cfg: TeacherSection) -> TeacherBackend:
     """Build the backend named by a ``teacher:`` config section (loads the model)."""
     return backend_class(teacher_cfg.backend).from_config(teacher_cfg)
-
-
-def encode_with_tokenizer(tokenizer: Any, prompt: PromptInput) -> list[int]:
-    """Token ids of a plain prompt (no special tokens added) or of chat messages (template + generation prompt)."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if not tokenizer.chat_template:
-        from cluster.errors import ConfigError
-
-        raise ConfigError("this teacher's tokenizer has no chat template; give plain `prompt` text "
-                          "instead of `messages`")
-    encoded = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-    if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding
-        encoded = encoded["input_ids"]
-    return list(encoded)
 
 
 def topk_from_logits(logits: "torch.Tensor", k: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: F821

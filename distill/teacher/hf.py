@@ -13,12 +13,10 @@ import torch
 
 from cluster.errors import ConfigError
 from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, TeacherBackend,
-                                  encode_with_tokenizer, topk_from_logits)
-from distill.teacher.sources import model_revision, resolve_model
+                                  topk_from_logits)
+from distill.teacher import sources
+from distill.teacher.sources import encode_prompt, model_revision, resolve_model
 from distill.teacher.section import TeacherSection
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class HFTeacher(TeacherBackend):
     def __init__(self, model_dir: str, *, device: str | None = None, dtype: str = "auto",
@@ -30,7 +28,7 @@ class HFTeacher(TeacherBackend):
             # bf16 halves memory traffic on GPU; on CPU fp32 matmuls are faster and exact.
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
-            torch_dtype = DTYPES[dtype]
+            torch_dtype = sources.torch_dtype(dtype, "teacher.dtype")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -60,7 +58,7 @@ class HFTeacher(TeacherBackend):
         return self._context_length
 
     def encode_prompt(self, prompt: PromptInput) -> list[int]:
-        return encode_with_tokenizer(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[PromptInput], sampling: SamplingParams) -> list[Completion]:

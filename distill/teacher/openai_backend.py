@@ -47,9 +47,10 @@ import numpy as np
 from cluster.errors import ConfigError, RaydistillError
 from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, StageSpec, TeacherBackend,
                                   completion_row)
-from distill.teacher.vllm_backend import (TOKEN_ID_PREFIX, cached_tokenizer, context_of, encode_for_teacher,
+from distill.teacher.vllm_backend import (TOKEN_ID_PREFIX, cached_tokenizer, context_of, 
                                           flatten_logprob_dicts, padded_skip, plain_messages, request_of, to_plain)
 from distill.teacher.section import TeacherSection
+from distill.teacher.sources import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +441,7 @@ class OpenAITeacher(TeacherBackend):
         return self._context or (1 << 30)
 
     def encode_prompt(self, prompt: PromptInput) -> list[int]:
-        return encode_for_teacher(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def max_tokens_for(self, prompt_len: int, wanted: int) -> int:
         return wanted if self._context is None else min(wanted, self._context - prompt_len)
@@ -581,7 +582,7 @@ def http_preprocess_row(spec: HttpStageSpec, row: dict[str, Any]) -> dict[str, A
     tokenizer = cached_tokenizer(spec.tokenizer)
     messages = plain_messages(row.get("messages"))
     prompt: PromptInput = messages or row.get("prompt") or ""
-    prompt_ids = encode_for_teacher(tokenizer, prompt)
+    prompt_ids = encode_prompt(tokenizer, prompt)
     params = spec.params
     max_tokens = params.max_new_tokens if spec.context is None else min(params.max_new_tokens,
                                                                            spec.context - len(prompt_ids))

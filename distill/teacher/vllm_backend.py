@@ -31,6 +31,7 @@ from cluster.errors import ConfigError, RaydistillError
 from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, StageSpec, TeacherBackend,
                                   completion_row, skipped_row)
 from distill.teacher.section import TeacherSection
+from distill.teacher.sources import encode_prompt, eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -163,31 +164,6 @@ def request_of(row: Mapping[str, Any]) -> dict[str, Any]:
             "messages": plain_messages(row.get("messages")), "source": row.get("source") or ""}
 
 
-def encode_for_teacher(tokenizer: Any, prompt: PromptInput) -> list[int]:
-    """Prompt ids exactly as the ``hf`` backend makes them: plain text without special tokens,
-    chat messages through the tokenizer's chat template with the generation prompt."""
-    if isinstance(prompt, str):
-        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("the teacher's tokenizer has no chat template; give plain `prompt` text instead of "
-                          "`messages` (or set teacher.tokenizer to one that has a template)")
-    encoded = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-    if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding
-        encoded = encoded["input_ids"]
-    return [int(t) for t in encoded]
-
-
-def eos_ids_of(tokenizer: Any, model_dir: str | None = None) -> set[int]:
-    ids: set[int] = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    if model_dir and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
-        with open(os.path.join(model_dir, "generation_config.json")) as handle:
-            eos = json.load(handle).get("eos_token_id")
-        ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
-    return ids
-
-
 @functools.lru_cache(maxsize=8)
 def cached_tokenizer(source: str, revision: str | None = None) -> Any:
     """A tokenizer per process (Ray workers load it once): a local dir, an alias or an HF id."""
@@ -203,7 +179,7 @@ def cached_tokenizer(source: str, revision: str | None = None) -> Any:
 @functools.lru_cache(maxsize=8)
 def cached_eos_ids(source: str, revision: str | None = None) -> frozenset[int]:
     tokenizer = cached_tokenizer(source, revision)
-    return frozenset(eos_ids_of(tokenizer, getattr(tokenizer, "name_or_path", None) or source))
+    return frozenset(eos_token_ids(tokenizer, getattr(tokenizer, "name_or_path", None) or source))
 
 
 def _is_alias(name: str) -> bool:
@@ -318,7 +294,7 @@ def vllm_preprocess_row(spec: VLLMStageSpec, row: dict[str, Any]) -> dict[str, A
     """
     tokenizer = cached_tokenizer(spec.tokenizer, spec.revision)
     messages = plain_messages(row.get("messages"))
-    prompt_ids = encode_for_teacher(tokenizer, messages or row.get("prompt") or "")
+    prompt_ids = encode_prompt(tokenizer, messages or row.get("prompt") or "")
     params = spec.params
     max_tokens = params.max_new_tokens
     skip = ""
@@ -420,7 +396,7 @@ class VLLMTeacher(TeacherBackend):
         self.llm = vllm.LLM(model=model_source, **engine)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_logprobs = int(engine["max_logprobs"])
-        self.eos_ids = eos_ids_of(self.tokenizer, model_source if os.path.isdir(model_source) else None)
+        self.eos_ids = set(eos_token_ids(self.tokenizer, model_source if os.path.isdir(model_source) else None))
         self.name = name or f"{model_source}@main"
         try:
             self._context_length = int(self.llm.llm_engine.model_config.max_model_len)
@@ -438,7 +414,7 @@ class VLLMTeacher(TeacherBackend):
         return self._context_length
 
     def encode_prompt(self, prompt: PromptInput) -> list[int]:
-        return encode_for_teacher(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def _check_k(self, k: int) -> None:
         if k > self.max_logprobs:

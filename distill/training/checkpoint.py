@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from cluster import storage
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
@@ -160,10 +162,7 @@ class LocalCheckpoints:
 
     def commit(self, staged: Path, step: int) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"checkpoint_{step:07d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staged, final)
+        final = storage.publish_dir(staged, self.root / f"checkpoint_{step:07d}")
         found = sorted(p for p in self.root.iterdir() if p.name.startswith("checkpoint_"))
         for old in found[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)

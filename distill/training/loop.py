@@ -395,21 +395,7 @@ def _load_student(init_dir: str):
     import distill.student.hf  # noqa: F401 - registers the model type
     from distill.student.export import load_student
 
-    return load_student(_local_dir(init_dir)).train()
-
-
-def _local_dir(uri: str) -> str:
-    """A local path for a model dir URI (downloaded once for remote storage)."""
-    fs, path = storage.filesystem(uri)
-    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or "://" not in uri:
-        return path
-    import hashlib
-    import tempfile
-
-    local = Path(tempfile.gettempdir()) / "raydistill-models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (local / "config.json").exists():
-        fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
-    return str(local)
+    return load_student(storage.local_copy(init_dir)).train()
 
 
 def _stage_length_done(stage: TrainStage, steps: int, tokens: int) -> tuple[bool, float]:

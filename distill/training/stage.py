@@ -44,24 +44,6 @@ EXPORT_DIR = "student-qwen2moe"
 RAY_RUN_NAME = "ray"
 
 
-def _local(uri: str) -> str:
-    if "://" in uri and not uri.startswith("file://"):
-        raise RaydistillError(f"{uri}: the train stage writes model folders with transformers and needs a local or "
-                              "shared-filesystem run dir; set workdir to a mounted path")
-    return uri.removeprefix("file://")
-
-
-def _publish_dir(staged: Path, final: Path) -> None:
-    """Replace ``final`` with ``staged`` by renames, so readers never see half a model."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(staged, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def ensure_init_student(cfg: TrainConfig, train_dir: Path, seed: int) -> Path:
     """``{run}/train/init``: built once from the config's student section (from the teacher or random).
 
@@ -79,7 +61,7 @@ def ensure_init_student(cfg: TrainConfig, train_dir: Path, seed: int) -> Path:
     _, record = create_student(cfg.teacher, cfg.student, cfg.train, staged, seed=seed, run_dir=str(train_dir.parent))
     for line in init_summary(record):
         print(f"student init: {line}", flush=True)
-    _publish_dir(staged, init_dir)
+    storage.publish_dir(staged, init_dir)
     return init_dir
 
 
@@ -158,7 +140,7 @@ def run_train_stage(cfg: TrainConfig, run_dir: str, *, workers: Optional[int] = 
     process dies.
     """
     section = _section(cfg, workers, gpus_per_worker)
-    run = Path(_local(storage.absolute(run_dir)))
+    run = Path(storage.local_path(storage.absolute(run_dir)))
     train_dir = run / TRAIN_DIR
     manifest_path = train_dir / "manifest.json"
     ray_dir = train_dir / (RAY_RUN_NAME if use_ray else "local")
@@ -270,11 +252,11 @@ def publish_student(cfg: TrainConfig, init_dir: Path, checkpoint: Path, run: Pat
         "stages": state["history"], "steps": state["step"], "tokens": state["tokens"],
         "config": section.model_dump(mode="json"), "teacher": cfg.teacher.model}, indent=2) + "\n")
     student_dir = run / STUDENT_DIR
-    _publish_dir(staged, student_dir)
+    storage.publish_dir(staged, student_dir)
     export_dir = None
     if section.export_qwen2_moe and model.student_config.routing is RoutingMode.topk:
         staged = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=run))
         export_qwen2_moe(str(student_dir), staged)
         export_dir = run / EXPORT_DIR
-        _publish_dir(staged, export_dir)
+        storage.publish_dir(staged, export_dir)
     return student_dir, export_dir

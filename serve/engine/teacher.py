@@ -15,9 +15,10 @@ import torch
 
 from cluster.errors import ConfigError
 from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, TeacherBackend,
-                                  encode_with_tokenizer, topk_from_logits)
+                                  topk_from_logits)
 from distill.teacher.sources import model_revision, resolve_model
 from distill.teacher.section import TeacherSection
+from distill.teacher.sources import encode_prompt
 
 
 class EngineTeacher(TeacherBackend):
@@ -46,7 +47,7 @@ class EngineTeacher(TeacherBackend):
         return self.engine.context_length
 
     def encode_prompt(self, prompt: PromptInput) -> list[int]:
-        return encode_with_tokenizer(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def generate(self, prompts: Sequence[PromptInput], sampling: SamplingParams) -> list[Completion]:
         from serve.engine import GenerationRequest, SamplingOptions
