@@ -12,7 +12,6 @@ module fails only that stage.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import shutil
 import tempfile
@@ -118,12 +117,8 @@ def _run_filter(ctx: StageContext) -> StageResult:
 def _run_train(ctx: StageContext) -> StageResult:
     from distill.training.stage import run_train_stage
 
-    kwargs: dict[str, Any] = {"workers": None, "gpus_per_worker": None, "resume": True,
-                              "show_progress": ctx.show_progress}
-    if "restart" in inspect.signature(run_train_stage).parameters:
-        # Changed config/data or --from/--only: discard the old training state instead of resuming it.
-        kwargs["restart"] = not ctx.resume
-    m = run_train_stage(ctx.cfg, ctx.run_dir, **kwargs)
+    # Changed config/data or --from/--only (ctx.resume False): discard the old training state.
+    m = run_train_stage(ctx.cfg, ctx.run_dir, resume=True, restart=not ctx.resume, show_progress=ctx.show_progress)
     if m.get("status") not in (None, "done"):
         raise RaydistillError(f"training ended with status {m.get('status')!r}; see {ctx.run_dir}/train")
     return StageResult(tokens=m.get("tokens"), tokens_per_s=m.get("tokens_per_s"), rows=m.get("train_rows") or m.get("rows"),

@@ -160,27 +160,11 @@ def _device_of(model: Any) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- fidelity
-def _reference_forward_kl(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor
-                          ) -> torch.Tensor:
-    """KL(teacher || student) over k ids + one tail bucket, per row [N] (used until distill.losses lands)."""
-    p_log = teacher_logprobs.float()  # [N, K]
-    q_log = student_logprobs.float().gather(-1, topk_ids.long())  # [N, K]
-    p = p_log.exp()
-    kl = (p * (p_log - q_log)).sum(-1)
-    p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)
-    q_tail = (1.0 - q_log.exp().sum(-1)).clamp(min=1e-12)
-    tail = torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp(min=1e-12)) - torch.log(q_tail)),
-                       torch.zeros_like(p_tail))
-    return kl + tail
-
-
 def forward_kl_topk(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor
                     ) -> torch.Tensor:
-    """KL(teacher || student) per position [N] with the tail bucket; the training loss's definition when present."""
-    try:
-        from distill.losses import TailMode, forward_kl
-    except ImportError:
-        return _reference_forward_kl(student_logprobs, topk_ids, teacher_logprobs)
+    """KL(teacher || student) per position [N] with the tail bucket: the training loss's definition at T=1."""
+    from distill.losses import TailMode, forward_kl
+
     return forward_kl(student_logprobs, topk_ids, teacher_logprobs, tail=TailMode.bucket, temperature=1.0)
 
 

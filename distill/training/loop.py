@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import pkgutil
 import os
 import time
 from pathlib import Path
@@ -47,10 +48,9 @@ class TrainJob:
     data_files: list[str] = dataclasses.field(default_factory=list)  # no-Ray path reads these
     checkpoint_dir: Optional[str] = None  # no-Ray path keeps checkpoints here
     pad_id: int = 0
-    fail_at_step: Optional[int] = None  # fault-injection for tests: raise once when reaching this step
-    fail_marker: Optional[str] = None  # a file that records that the injected failure happened
-    fail_mode: str = "raise"  # "raise": the step raises; "exit": the worker process dies (os._exit)
-    trace_dir: Optional[str] = None  # tests: each rank appends the prompt ids it trains on to rows-rank{R}.txt
+    # Step callbacks, each {"target": "module:Class", "kwargs": {...}}: built once on every worker, their
+    # ``before_step(rank, step, batches)`` runs before each optimizer step (row tracing, fault injection, ...).
+    callbacks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -365,23 +365,30 @@ def loss_weights(stage: TrainStage) -> LossWeights:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` kept whole in memory and rewritten atomically, so a resume never duplicates lines."""
+    """``metrics.jsonl``: cut back to the resumed step once, atomically (a resume never duplicates lines), then
+    one appended line per record (object stores cannot append: there the file is rewritten whole)."""
 
     def __init__(self, uri: str, resume_step: Optional[int]):
         self.uri = uri
         self.lines: list[str] = []
         if resume_step is not None and storage.exists(uri):
             for line in storage.read_text(uri).splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash mid-append
+                if record.get("step", 0) <= resume_step:
                     self.lines.append(line)
-        self.flush()
+        storage.atomic_write_text(uri, "".join(line + "\n" for line in self.lines))
 
     def write(self, record: dict[str, Any]) -> None:
-        self.lines.append(json.dumps(record, default=float))
-        self.flush()
-
-    def flush(self) -> None:
-        storage.atomic_write_text(self.uri, "".join(line + "\n" for line in self.lines))
+        line = json.dumps(record, default=float)
+        self.lines.append(line)
+        if storage.is_local(self.uri):
+            with open(storage.local_path(self.uri, "metrics.jsonl is appended"), "a") as handle:
+                handle.write(line + "\n")
+        else:
+            storage.atomic_write_text(self.uri, "".join(x + "\n" for x in self.lines))
 
 
 def _autocast(device: torch.device, section: TrainSection):
@@ -429,6 +436,7 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
         state["data"] = None  # data positions are per rank; with another world size the stage's epoch restarts
     np_rng = np.random.default_rng([section.seed, rank])
     metrics_log = MetricsLog(job.metrics_uri, resumed_from if resumed_from is not None else -1) if rank == 0 else None
+    callbacks = [pkgutil.resolve_name(c["target"])(**c.get("kwargs", {})) for c in job.callbacks]
     if rank == 0 and resumed_from is not None:
         metrics_log.write({"event": "resumed", "step": state["step"], "stage": state["stage"]})
     stages = section.stages
@@ -458,18 +466,11 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             batches = [collate(next_batch(stream.take, stream.peek, section.micro_batch_size, section.seq_len),
                                section.seq_len, job.pad_id, weights.needs_soft_labels).to(device)
                        for _ in range(section.grad_accum)]
-            if job.trace_dir:
-                with open(Path(job.trace_dir) / f"rows-rank{rank}.txt", "a") as trace:
-                    trace.write("".join(f"{state['step'] + 1} {p}\n" for b in batches for p in b.prompt_ids))
+            for callback in callbacks:
+                callback.before_step(rank, state["step"] + 1, batches)
             result = train_step(module, batches, weights, world, device, lambda: _autocast(device, section),
                                 difficulty_coef=stage.routing.router_difficulty_loss_coef or 0.0)
             out = result.out
-            if job.fail_at_step is not None and state["step"] + 1 == job.fail_at_step and job.fail_marker \
-                    and not os.path.exists(job.fail_marker):
-                Path(job.fail_marker).write_text(f"rank {rank} failed at step {state['step'] + 1}\n")
-                if job.fail_mode == "exit":
-                    os._exit(17)  # the process dies: no exception, no cleanup (an OOM kill or a lost node)
-                raise RuntimeError(f"injected failure at step {job.fail_at_step}")
             grad_norm = clip_and_step(module, optimizer, frozen_parameters(model, stage), section.grad_clip)
             global_tokens, global_positions = result.global_tokens, result.global_positions
             state["step"] += 1

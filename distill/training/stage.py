@@ -90,6 +90,7 @@ class _Progress:
         self.metrics, self.total, self.enabled = metrics, total_steps, enabled
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._offset = 0  # bytes of metrics.jsonl already read
 
     def __enter__(self):
         if self.enabled:
@@ -108,11 +109,17 @@ class _Progress:
 
     def _update(self, bar) -> None:
         try:
-            lines = self.metrics.read_text().splitlines()
+            with open(self.metrics, "rb") as handle:
+                if handle.seek(0, os.SEEK_END) < self._offset:
+                    self._offset = 0  # cut back by a resume
+                handle.seek(self._offset)
+                chunk = handle.read()
         except OSError:
             return
-        steps = [json.loads(l) for l in lines if l.strip()]
-        steps = [m for m in steps if "loss" in m]
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next tick
+        self._offset += len(complete)
+        lines = complete.decode().splitlines()
+        steps = [m for m in (json.loads(line) for line in lines if line.strip()) if "loss" in m]
         if steps and steps[-1]["step"] != bar.n:  # redraw only on progress (logs stay readable)
             last = steps[-1]
             bar.n = last["step"]
@@ -129,15 +136,13 @@ class _Progress:
 def run_train_stage(cfg: TrainConfig, run_dir: str, *, workers: Optional[int] = None,
                     gpus_per_worker: Optional[float] = None, resume: bool = True, restart: bool = False,
                     use_ray: bool = True, show_progress: bool = True,
-                    fail_at_step: Optional[int] = None, trace_dir: Optional[str] = None,
-                    fail_mode: str = "raise") -> dict[str, Any]:
+                    callbacks: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
     """Distil the run's data into the student; returns (and writes) ``{run}/train/manifest.json``.
 
     ``resume``: continue from the last checkpoint if there is one (else a run with checkpoints is an
     error, so nothing is overwritten by accident). ``restart``: discard earlier training state.
-    ``use_ray=False`` runs the same loop in this process (one worker). ``fail_at_step`` injects one
-    worker failure (tests of fault tolerance): the step raises, or with ``fail_mode="exit"`` the worker
-    process dies.
+    ``use_ray=False`` runs the same loop in this process (one worker). ``callbacks``: step callbacks
+    (``TrainJob.callbacks``), e.g. to trace the rows each worker trains on or to inject a failure.
     """
     section = _section(cfg, workers, gpus_per_worker)
     run = Path(storage.local_path(storage.absolute(run_dir)))
@@ -168,9 +173,7 @@ def run_train_stage(cfg: TrainConfig, run_dir: str, *, workers: Optional[int] = 
     summary = scan(data_dir, section, vocab_size)  # bad data and bad stages fail here, before any worker
     job = TrainJob(section=section.model_dump(mode="json"), init_dir=str(init_dir),
                    metrics_uri=str(train_dir / "metrics.jsonl"), data_files=summary.files,
-                   checkpoint_dir=str(train_dir / "local"), pad_id=pad_id, fail_at_step=fail_at_step,
-                   fail_marker=str(train_dir / ".injected-failure") if fail_at_step else None, fail_mode=fail_mode,
-                   trace_dir=trace_dir)
+                   checkpoint_dir=str(train_dir / "local"), pad_id=pad_id, callbacks=list(callbacks or []))
     total_steps = sum(s.steps for s in section.stages) if all(s.steps for s in section.stages) else None
     started = time.time()
     with _Progress(train_dir / "metrics.jsonl", total_steps, show_progress):

@@ -15,6 +15,7 @@ import pytest
 
 from cluster.errors import RaydistillError
 from distill.training.stage import run_train_stage
+from tests.distill.training.callbacks import fail_once, trace_rows
 from tests.distill.training.conftest import tiny_cfg
 from tests.distill.training.resume import assert_same_training, metric_lines
 
@@ -45,7 +46,7 @@ def straight(ray_session, tmp_path_factory, tiny_data_template, sharp_teacher_di
     cfg, run = new_run(root, tiny_data_template, sharp_teacher_dir)
     trace = root / "trace"
     trace.mkdir()
-    manifest = run_train_stage(cfg, run, show_progress=False, trace_dir=str(trace))
+    manifest = run_train_stage(cfg, run, show_progress=False, callbacks=trace_rows(trace))
     return manifest, run, trace
 
 
@@ -71,7 +72,7 @@ def test_two_workers_train_on_disjoint_rows_and_checkpoint_to_storage(straight):
 def test_worker_failure_resumes_from_the_last_checkpoint_and_ends_like_a_straight_run(
         straight, tmp_path, tiny_data_template, sharp_teacher_dir, fail_mode):
     cfg, run = new_run(tmp_path, tiny_data_template, sharp_teacher_dir, ("max_failures", 1))
-    manifest = run_train_stage(cfg, run, show_progress=False, fail_at_step=9, fail_mode=fail_mode)
+    manifest = run_train_stage(cfg, run, show_progress=False, callbacks=fail_once(run, 9, fail_mode))
     assert "failed at step 9" in (Path(run) / "train" / ".injected-failure").read_text()
     resumed = [m for m in metric_lines(run) if m.get("event") == "resumed"]
     assert [(m["step"], m["stage"]) for m in resumed] == [(6, 1)]  # mid-"kd", not a restart from scratch
@@ -83,7 +84,7 @@ def test_failed_run_resumes_when_rerun_and_ends_like_a_straight_run(straight, tm
                                                                   sharp_teacher_dir):
     cfg, run = new_run(tmp_path, tiny_data_template, sharp_teacher_dir, ("max_failures", 0))
     with pytest.raises(RaydistillError, match="training failed"):
-        run_train_stage(cfg, run, show_progress=False, fail_at_step=9)
+        run_train_stage(cfg, run, show_progress=False, callbacks=fail_once(run, 9))
     with pytest.raises(Exception, match="--resume"):
         run_train_stage(cfg, run, show_progress=False, resume=False)
     manifest = run_train_stage(cfg, run, show_progress=False, resume=True)

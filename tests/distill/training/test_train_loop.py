@@ -10,6 +10,7 @@ import pytest
 
 from distill.training.stage import run_train_stage
 from tests.distill.training.conftest import tiny_cfg
+from tests.distill.training.callbacks import fail_once
 
 
 def metrics(run: str) -> list[dict]:
@@ -98,7 +99,7 @@ def test_local_loop_resumed_after_a_failure_ends_where_a_straight_run_ends(tmp_p
 
     cfg, run = runs["failed"]
     with pytest.raises(RuntimeError, match="injected failure at step 9"):
-        run_train_stage(cfg, run, use_ray=False, show_progress=False, fail_at_step=9)
+        run_train_stage(cfg, run, use_ray=False, show_progress=False, callbacks=fail_once(run, 9))
     assert [m["step"] for m in metric_lines(run) if "loss" in m] == [2, 4, 6, 8]  # step 8 was logged, then lost
     resumed = run_train_stage(cfg, run, use_ray=False, show_progress=False, resume=True)
     events = [m for m in metric_lines(run) if m.get("event") == "resumed"]
