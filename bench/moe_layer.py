@@ -100,13 +100,13 @@ def main() -> None:
         for tokens in args.tokens:
             x = torch.randn(1, tokens, config.hidden_size, device=args.device, dtype=dtype)
 
-            def run_theirs(impl):
-                def fn(inp):
+            def run_theirs(impl, qcfg=qcfg, theirs=theirs):
+                def forward(inp):
                     qcfg._experts_implementation = impl
                     return theirs(inp)
-                return fn
+                return forward
 
-            impls = {"ours": lambda inp: ours(inp, compute_aux=False)[0], "eager": run_theirs("eager"),
+            impls = {"ours": lambda inp, ours=ours: ours(inp, compute_aux=False)[0], "eager": run_theirs("eager"),
                      "grouped": run_theirs("grouped_mm"), "dense": dense}
             with torch.no_grad():
                 diff = max((ours(x)[0] - run_theirs(impl)(x)).abs().max().item() for impl in ("eager", "grouped_mm"))

@@ -60,7 +60,7 @@ def measure(cfg, run: Path, workers: int, use_ray: bool, gpus: float = 0) -> dic
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     started = time.time()
     run_train_stage(cfg, str(run), workers=workers, gpus_per_worker=gpus, use_ray=use_ray, show_progress=False)
-    lines = [json.loads(l) for l in (run / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    lines = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rates = [m["tokens_per_s"] for m in lines if "tokens_per_s" in m][1:]
     return {"tokens_per_s": float(np.mean(rates)) if rates else float("nan"), "wall_s": time.time() - started}
 

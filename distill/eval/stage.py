@@ -199,7 +199,7 @@ def summary_metrics(result: dict, cost_per_hour: Optional[float]) -> dict[str, A
         metrics["decode_tokens_per_s"] = by[largest]["decode_tokens_per_s"]
         metrics["cost_per_million_tokens"] = speed_mod.cost_per_million_tokens(
             by[largest]["decode_tokens_per_s"], cost_per_hour)
-        for b, m in by.items():
+        for m in by.values():
             m["cost_per_million_tokens"] = speed_mod.cost_per_million_tokens(m["decode_tokens_per_s"], cost_per_hour)
     else:
         metrics.update({"ttft_s": None, "decode_tokens_per_s": None, "cost_per_million_tokens": None})

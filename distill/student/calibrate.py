@@ -96,7 +96,7 @@ def drop_one_nll(model: nn.Module, chunks: Sequence[torch.Tensor]) -> tuple[floa
     total, dropped, count = 0.0, [0.0] * len(layers), 0
     for ids in chunks:
         inputs: list[tuple[torch.Tensor, dict]] = []
-        hooks = [layer.register_forward_pre_hook(lambda m, args, kwargs: inputs.append((args[0], kwargs)),
+        hooks = [layer.register_forward_pre_hook(lambda m, args, kwargs, inputs=inputs: inputs.append((args[0], kwargs)),
                                                  with_kwargs=True) for layer in layers]
         try:
             logits = model(input_ids=ids, use_cache=False).logits
@@ -105,7 +105,7 @@ def drop_one_nll(model: nn.Module, chunks: Sequence[torch.Tensor]) -> tuple[floa
                 h.remove()
         targets = ids[:, 1:].reshape(-1)
 
-        def nll(logits: torch.Tensor) -> float:
+        def nll(logits: torch.Tensor, targets: torch.Tensor = targets) -> float:
             flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             return F.cross_entropy(flat, targets, reduction="sum").item()
 

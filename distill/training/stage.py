@@ -148,7 +148,6 @@ def run_train_stage(cfg: TrainConfig, run_dir: str, *, workers: Optional[int] = 
     run = Path(storage.local_path(storage.absolute(run_dir)))
     train_dir = run / TRAIN_DIR
     manifest_path = train_dir / "manifest.json"
-    ray_dir = train_dir / (RAY_RUN_NAME if use_ray else "local")
     config_hash = cfg.section_hash("student", "train")
     if restart:
         for path in (train_dir / RAY_RUN_NAME, train_dir / "local", manifest_path, train_dir / "metrics.jsonl",
@@ -222,7 +221,7 @@ def run_train_stage(cfg: TrainConfig, run_dir: str, *, workers: Optional[int] = 
 def _last_metrics(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
-    lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     steps = [m for m in lines if "tokens_per_s" in m]
     if not steps:
         return {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from pydantic import ValidationError
 
 from cluster import storage
 from distill.data.section import DedupMode, PromptSource
@@ -187,5 +188,5 @@ def test_resolve_path(tmp_path, cfg_file):
 
 def test_assignment_is_validated():
     cfg = load_config(None)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="replicas"):
         cfg.teacher.replicas = 0

@@ -48,7 +48,7 @@ def assert_tensors_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
                          rtol: float, atol: float) -> None:
     assert sorted(a) == sorted(b), f"{what}: different tensor names"
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m: f"{what} {name}: {m}")
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m, name=name: f"{what} {name}: {m}")
 
 
 def assert_same_training(straight: dict[str, Any], resumed: dict[str, Any], straight_run: str | Path,

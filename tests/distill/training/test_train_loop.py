@@ -14,7 +14,7 @@ from tests.distill.training.callbacks import fail_once
 
 
 def metrics(run: str) -> list[dict]:
-    return [json.loads(l) for l in (Path(run) / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return [json.loads(line) for line in (Path(run) / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def test_local_loop_trains_three_stages_and_publishes_the_student(tiny_run):
