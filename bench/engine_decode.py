@@ -70,7 +70,7 @@ def hf_sequential(model, tokenizer, prompts: list[str], tokens: int) -> float:
 
 def engine_throughput(engine, prompts: list[list[int]], tokens: int) -> float:
     """All prompts at once (concurrent streams), greedy, ``tokens`` each: generated tokens/s, prefill included."""
-    from serve.engine import GenerationRequest, SamplingOptions
+    from serve.engine.types import GenerationRequest, SamplingOptions
 
     sampling = SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
@@ -82,7 +82,7 @@ def engine_throughput(engine, prompts: list[list[int]], tokens: int) -> float:
 
 def engine_decode_b1(engine, prompt: list[int], tokens: int) -> float:
     """Batch-1 decode steps only (after the prompt is prefilled): tokens/s."""
-    from serve.engine import GenerationRequest, SamplingOptions
+    from serve.engine.types import GenerationRequest, SamplingOptions
 
     engine.add_request(GenerationRequest(f"d{time.perf_counter_ns()}", prompt,
                                          SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)))
@@ -100,7 +100,7 @@ def bench_model(label: str, model_dir: str, args, bandwidth: float) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import distill.student  # noqa: F401 - registers the student with AutoModelForCausalLM
-    from serve.engine import LLMEngine
+    from serve.engine.engine import LLMEngine
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -62,8 +62,12 @@ def main() -> int:
     import httpx
     import torch
 
-    from serve.api import EngineBackend, ServerThread, create_app
-    from serve.engine import AsyncEngine
+    from serve.backends import EngineBackend
+
+    from serve.server_thread import ServerThread
+
+    from serve.api import create_app
+    from serve.engine.async_engine import AsyncEngine
     from serve.section import ServeSection
 
     torch.set_num_threads(1)

@@ -41,8 +41,10 @@ PROMPTS = ["Explain why the sky is blue in two sentences.", "Write a haiku about
 def run_server(port: int, teacher_dir: str, student_dir: str, threads: int, max_batch: int) -> None:
     import torch
 
-    from serve.api import EngineBackend, create_app
-    from serve.engine import AsyncEngine
+    from serve.backends import EngineBackend
+
+    from serve.api import create_app
+    from serve.engine.async_engine import AsyncEngine
     from serve.section import ServeSection
 
     torch.set_num_threads(threads)

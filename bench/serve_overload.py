@@ -55,7 +55,9 @@ def serve(port: int, engine_kind: str, slots: int, queued: int, threads: int, mo
     log.addHandler(logging.FileHandler(log_path))
     log.propagate = False
 
-    from serve.api import EngineBackend, create_app
+    from serve.backends import EngineBackend
+
+    from serve.api import create_app
     from serve.section import ServeSection
 
     torch.set_num_threads(threads)
@@ -65,7 +67,7 @@ def serve(port: int, engine_kind: str, slots: int, queued: int, threads: int, mo
         engine = FakeAsyncEngine.from_pretrained(model_dir, max_batch_size=slots, token_delay=0.02,
                                                  max_model_len=512)
     else:
-        from serve.engine import AsyncEngine
+        from serve.engine.async_engine import AsyncEngine
 
         engine = AsyncEngine.from_pretrained(model_dir, max_model_len=512, max_batch_size=slots)
     section = ServeSection(api_key_env=None, max_batch_size=slots, max_ongoing_requests=slots,

@@ -27,7 +27,8 @@ def main() -> None:
 
     from distill.teacher.sources import encode_prompt
     from distill.teacher.sources import resolve_model
-    from serve.engine import GenerationRequest, LLMEngine, SamplingOptions
+    from serve.engine.types import GenerationRequest, SamplingOptions
+    from serve.engine.engine import LLMEngine
 
     model_dir = resolve_model("smollm2-135m-instruct")
     engine = LLMEngine.from_pretrained(model_dir, dtype="float32", max_batch_size=max(args.streams))

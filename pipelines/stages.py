@@ -260,8 +260,7 @@ def serve_model(cfg: PipelineConfig, model_dir: str) -> str:
     if serve_app.status(name) is None:
         return serve_app.deploy(model_dir, cfg.serve, name=name)
     serve_app.update_model(model_dir, cfg.serve, name=name)
-    base_url = getattr(serve_app, "_base_url", None)
-    return base_url(cfg.serve) if base_url else f"http://{cfg.serve.host}:{cfg.serve.port}"
+    return serve_app.base_url(cfg.serve)
 
 
 def served_model_dir(cfg: PipelineConfig) -> Optional[str]:

@@ -35,7 +35,9 @@ from typing import Any, AsyncIterator, Optional
 from ray import serve
 
 from cluster.errors import RaydistillError
-from serve.api import Overloaded, create_app, engine_kwargs, load_engine  # noqa: F401 - re-exported
+from serve.errors import Overloaded
+from serve.api import create_app
+from serve.engine.factory import engine_kwargs, load_engine
 from serve.engine.types import EngineError, EngineFailure, EngineUnavailable, GenerationOutput, GenerationRequest
 from serve.section import ServeSection
 
@@ -471,7 +473,7 @@ def _check_exposure(section: ServeSection, hashes: list[str]) -> None:
     check_exposure(_http_host(section), bool(hashes), section.allow_unauthenticated)
 
 
-def _base_url(section: ServeSection) -> str:
+def base_url(section: ServeSection) -> str:
     host = "127.0.0.1" if section.host in ("0.0.0.0", "::") else section.host
     port = section.port
     try:  # Serve may already run on another port (started earlier in this cluster)
@@ -506,7 +508,7 @@ def deploy(model_dir: str, section: Optional[ServeSection] = None, *, name: Opti
         serve.run(app, name=app_name, route_prefix=section.route_prefix, blocking=False)
     except Exception as exc:  # noqa: BLE001 - replica constructors failing surface here
         raise RaydistillError(f"serving {model_dir} failed: {exc}") from exc
-    url = _base_url(section)
+    url = base_url(section)
     logger.warning("serving %s as model %r at %s/v1 (app %s)", model_dir, served_name(section, name), url, app_name)
     if blocking:
         try:

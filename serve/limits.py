@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Union
 
-from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from serve.errors import APIError
+from serve.protocol import ChatCompletionRequest, CompletionRequest
 from serve.section import ServeSection
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -1,6 +1,7 @@
-"""The OpenAI protocol layer of the HTTP API: errors, request models, request parsing, logprob formatting.
+"""The OpenAI protocol layer of the HTTP API: request models, request parsing, SSE framing, logprob formatting.
 
-No FastAPI routes here (see :mod:`serve.api`); everything is importable without a model or an engine.
+No routes here (:mod:`serve.api`), no serving logic (:mod:`serve.serving`); errors are :mod:`serve.errors`.
+Everything is importable without a model or an engine.
 """
 
 from __future__ import annotations
@@ -9,40 +10,10 @@ import json
 import re
 from typing import Any, Literal, Optional, Union
 
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serve.engine.types import TokenLogprob
-
-
-# ---------------------------------------------------------------------------------------------------
-# errors
-# ---------------------------------------------------------------------------------------------------
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
-
-    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
-                 type: Optional[str] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or self.TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-class Overloaded(Exception):
-    """Raised by a backend when it cannot queue another request (maps to 429)."""
+from serve.errors import APIError
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from cluster.section import Section
+from serve.engine.types import MAX_TOP_LOGPROBS
 
 
 class ServeSection(Section):
@@ -77,8 +78,8 @@ class ServeSection(Section):
     max_stop_sequences: int = Field(default=16, ge=0, description="stop strings per request")
     max_stop_length: int = Field(default=256, ge=1, description="characters per stop string (the stop check runs "
                                  "on the engine thread every token)")
-    max_top_logprobs: int = Field(default=20, ge=0, le=100, description="largest top_logprobs (chat) / logprobs "
-                                  "(completions)")
+    max_top_logprobs: int = Field(default=20, ge=0, le=MAX_TOP_LOGPROBS, description="largest top_logprobs (chat) "
+                                  "/ logprobs (completions); the engine returns at most MAX_TOP_LOGPROBS")
 
     # Prompt log (opt-in)
     prompt_log_enabled: bool = Field(default=False, description="append requests + responses as Parquet")

@@ -30,7 +30,7 @@ def _random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[
 
 def _engine_class():
     try:
-        from serve.engine import LLMEngine
+        from serve.engine.engine import LLMEngine
     except ImportError:
         return None
     return LLMEngine

@@ -98,7 +98,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve_uvicorn(model_dir: str, section: ServeSection) -> int:
     import uvicorn
 
-    from serve.api import EngineBackend, create_app, load_engine
+    from serve.backends import EngineBackend
+
+    from serve.api import create_app
+
+    from serve.engine.factory import load_engine
     from serve.auth import APIKeyAuth, check_exposure, load_api_keys
 
     keys = load_api_keys(section.api_key_env, section.api_key_file)

@@ -31,9 +31,8 @@ import torch
 
 from serve.engine.loader import DTYPES, load_model, resolve_model_dir
 from serve.engine.sampling import IncrementalDetokenizer, find_stop, sample_tokens, stop_holdback
-from serve.engine.types import EngineError, GenerationOutput, GenerationRequest, SamplingOptions, TokenLogprob
-
-MAX_TOP_LOGPROBS = 100
+from serve.engine.types import (MAX_TOP_LOGPROBS, EngineError, GenerationOutput, GenerationRequest, SamplingOptions,
+                                TokenLogprob)
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ class EngineTeacher(TeacherBackend):
         return encode_prompt(self.tokenizer, prompt)
 
     def generate(self, prompts: Sequence[PromptInput], sampling: SamplingParams) -> list[Completion]:
-        from serve.engine import GenerationRequest, SamplingOptions
+        from serve.engine.types import GenerationRequest, SamplingOptions
 
         encoded = [self.encode_prompt(p) for p in prompts]
         self._calls += 1

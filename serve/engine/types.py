@@ -8,6 +8,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+# The most top log-probs per position the engine returns; the API's limit (serve.max_top_logprobs, 20 by
+# default as in OpenAI's API) may be set up to this.
+MAX_TOP_LOGPROBS = 100
+
 
 @dataclasses.dataclass
 class SamplingOptions:

@@ -105,7 +105,7 @@ class FakeServe(types.SimpleNamespace):
         self.calls.append(("update", model_dir, name))
         self.running = model_dir
 
-    def _base_url(self, section):
+    def base_url(self, section):
         return "http://127.0.0.1:8000"
 
     def served_model_dir(self, name=None):

@@ -16,7 +16,9 @@ def serve_tokenizer(tiny_teacher_dir):
 def start_fake_server(tokenizer, *, name: str = "tiny", token_delay: float = 0.0, max_batch_size: int = 16,
                       context_length: int = 256, **section_kw):
     """(ServerThread, FakeAsyncEngine) for one app; caller stops the server."""
-    from serve.api import EngineBackend, ServerThread, create_app
+    from serve.backends import EngineBackend
+    from serve.server_thread import ServerThread
+    from serve.api import create_app
     from serve.section import ServeSection
     from tests.serve.fake_engine import FakeAsyncEngine
 
@@ -30,8 +32,10 @@ def start_fake_server(tokenizer, *, name: str = "tiny", token_delay: float = 0.0
 @pytest.fixture(scope="module")
 def api_server(tiny_teacher_dir):
     """(ServerThread, AsyncEngine): the real engine on the tiny random LLaMA, served as model 'tiny' (context 256)."""
-    from serve.api import EngineBackend, ServerThread, create_app
-    from serve.engine import AsyncEngine
+    from serve.backends import EngineBackend
+    from serve.server_thread import ServerThread
+    from serve.api import create_app
+    from serve.engine.async_engine import AsyncEngine
     from serve.section import ServeSection
 
     engine = AsyncEngine.from_pretrained(tiny_teacher_dir, max_model_len=256, max_batch_size=8)

@@ -40,7 +40,7 @@ def test_models_health_and_chat(api_server):
     assert r.usage.prompt_tokens == len(prompt_ids) and r.usage.completion_tokens == 6
     assert r.usage.total_tokens == len(prompt_ids) + 6
     # Same answer as the engine given those token ids directly (greedy).
-    from serve.engine import GenerationRequest, SamplingOptions
+    from serve.engine.types import GenerationRequest, SamplingOptions
 
     async def direct() -> str:
         parts = []

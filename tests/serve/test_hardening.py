@@ -144,7 +144,9 @@ class ScriptedEngine:
 
 
 def start_engine_server(engine, name: str = "tiny", **section_kw):
-    from serve.api import EngineBackend, ServerThread, create_app
+    from serve.backends import EngineBackend
+    from serve.server_thread import ServerThread
+    from serve.api import create_app
     from serve.section import ServeSection
 
     section_kw.setdefault("api_key_env", None)
@@ -348,7 +350,7 @@ SECRET = "secret-backend-detail-7f3a"
 @pytest.fixture
 def real_engine_server(tiny_teacher_dir):
     """(ServerThread, AsyncEngine) on the tiny random LLaMA, private to the test (tests break its engine)."""
-    from serve.engine import AsyncEngine
+    from serve.engine.async_engine import AsyncEngine
 
     engine = AsyncEngine.from_pretrained(tiny_teacher_dir, max_model_len=256, max_batch_size=4)
     server = start_engine_server(engine)
@@ -504,7 +506,9 @@ def test_sse_body_closed_at_a_yield_aborts_the_engine_request(serve_tokenizer, p
     import asyncio
     import time
 
-    from serve.api import EngineBackend, create_app
+    from serve.backends import EngineBackend
+
+    from serve.api import create_app
     from serve.section import ServeSection
 
     engine = FloodEngine(serve_tokenizer)

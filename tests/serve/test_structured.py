@@ -24,8 +24,10 @@ MSGS = [{"role": "user", "content": "Describe a person as JSON."}]
 
 @pytest.fixture(scope="module")
 def engine_server(tiny_teacher_dir):
-    from serve.api import EngineBackend, ServerThread, create_app
-    from serve.engine import AsyncEngine
+    from serve.backends import EngineBackend
+    from serve.server_thread import ServerThread
+    from serve.api import create_app
+    from serve.engine.async_engine import AsyncEngine
     from serve.section import ServeSection
 
     engine = AsyncEngine.from_pretrained(tiny_teacher_dir, max_model_len=512, max_batch_size=8)
@@ -74,7 +76,7 @@ def test_json_object_streams_valid_json(engine_server):
 
 
 def test_constrained_and_free_requests_share_the_batch(tiny_teacher_dir):
-    from serve.engine import LLMEngine
+    from serve.engine.engine import LLMEngine
     from serve.engine.types import GenerationRequest, SamplingOptions
 
     engine = LLMEngine.from_pretrained(tiny_teacher_dir, max_model_len=512, max_batch_size=4)

@@ -42,7 +42,8 @@ class DeploymentBackend:
 def swap_setup(tiny_teacher_dir, tmp_path):
     """start(**section) -> (server, deployment, swap(model_dir)); reconfigure runs on a long-lived loop of
     its own (as on a replica, the drain task it starts outlives the call)."""
-    from serve.api import ServerThread, create_app
+    from serve.server_thread import ServerThread
+    from serve.api import create_app
     from serve.app import ModelDeployment
     from serve.section import ServeSection
 

@@ -36,7 +36,7 @@ def tiny_moe_student(tokenizer):
 
 @pytest.fixture
 def make_engine(tiny_teacher_dir):
-    from serve.engine import LLMEngine
+    from serve.engine.engine import LLMEngine
 
     def make(**kwargs):
         kwargs.setdefault("max_batch_size", 4)

@@ -9,7 +9,9 @@ import time
 import pytest
 
 from cluster.errors import RaydistillError
-from serve.engine import AsyncEngine, EngineError, GenerationRequest, SamplingOptions, resolve_model_dir
+from serve.engine.async_engine import AsyncEngine
+from serve.engine.types import EngineError, GenerationRequest, SamplingOptions
+from serve.engine.loader import resolve_model_dir
 from tests.serve.engine.conftest import encode, text_of, tokens_of
 
 

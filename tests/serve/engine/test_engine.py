@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.engine import EngineError, GenerationRequest, LLMEngine, SamplingOptions
+from serve.engine.types import EngineError, GenerationRequest, SamplingOptions
+
+from serve.engine.engine import LLMEngine
 from tests.serve.engine.conftest import encode, text_of, tokens_of
 
 PROMPTS = ["Hello there, how are you", "The capital of France is a city named", "1 2 3",
@@ -294,7 +296,7 @@ def test_builtin_smollm2_greedy_equals_transformers(builtin_teacher_model):
 
 
 def test_reset_after_a_failed_step_leaves_a_working_engine(make_engine, tokenizer):
-    from serve.engine import GenerationRequest, SamplingOptions
+    from serve.engine.types import GenerationRequest, SamplingOptions
     from tests.serve.engine.conftest import encode, tokens_of
 
     engine = make_engine(max_batch_size=2)
@@ -313,7 +315,7 @@ def test_reset_after_a_failed_step_leaves_a_working_engine(make_engine, tokenize
 def test_recover_after_a_failed_step_resumes_every_request_exactly(make_engine, tokenizer):
     """A step that fails half-way (one row advanced, the next raises) is rolled back: after recover() the
     requests resume (re-prefilling prompt + output) and produce the same tokens, seeded sampling included."""
-    from serve.engine import GenerationRequest, SamplingOptions
+    from serve.engine.types import GenerationRequest, SamplingOptions
     from tests.serve.engine.conftest import encode, text_of, tokens_of
 
     def requests():
