@@ -11,6 +11,7 @@ import os
 from typing import Any, AsyncIterator, Optional
 
 from cluster.errors import RaydistillError
+from distill.teacher.sources import eos_token_ids
 from serve.engine.types import EngineError, GenerationOutput, GenerationRequest, SamplingOptions, TokenLogprob
 
 
@@ -102,7 +103,7 @@ class VLLMAsyncEngine:
         self.tokenizer = tokenizer
         self.model_name = name
         self.context_length = context_length
-        self.eos_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.eos_token_ids = eos_token_ids(tokenizer)
         self._running: set[str] = set()
 
     @classmethod

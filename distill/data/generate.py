@@ -264,12 +264,9 @@ def _read_manifest(data_dir: str) -> dict[str, Any] | None:
 
 
 def _driver_tokenizer(cfg: DataConfig) -> Any:
-    from transformers import AutoTokenizer
+    from distill.teacher.sources import load_tokenizer
 
-    from distill.teacher.sources import resolve_model
-
-    source = cfg.teacher.tokenizer or cfg.teacher.model
-    return AutoTokenizer.from_pretrained(resolve_model(source, cfg.teacher.revision))
+    return load_tokenizer(cfg.teacher.tokenizer or cfg.teacher.model, cfg.teacher.revision)
 
 
 def cleaning_summary(cleaning: dict[str, Any] | None) -> str | None:

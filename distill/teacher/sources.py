@@ -141,6 +141,14 @@ def model_revision(model_dir: str) -> str:
     return digest.hexdigest()[:12]
 
 
+def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
+    """The tokenizer of an alias, a local dir (a tokenizer alone is enough) or a Hugging Face id."""
+    from transformers import AutoTokenizer
+
+    local = os.path.expanduser(name_or_path)
+    return AutoTokenizer.from_pretrained(local if os.path.isdir(local) else resolve_model(name_or_path, revision))
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 def torch_dtype(name: str, field: str = "dtype") -> Any:

@@ -167,13 +167,9 @@ def request_of(row: Mapping[str, Any]) -> dict[str, Any]:
 @functools.lru_cache(maxsize=8)
 def cached_tokenizer(source: str, revision: str | None = None) -> Any:
     """A tokenizer per process (Ray workers load it once): a local dir, an alias or an HF id."""
-    from transformers import AutoTokenizer
+    from distill.teacher.sources import load_tokenizer  # lazy: converts the builtin alias once
 
-    if not os.path.isdir(source):
-        from distill.teacher.sources import resolve_model  # lazy: converts the builtin alias once
-
-        source = resolve_model(source, revision)
-    return AutoTokenizer.from_pretrained(source)
+    return load_tokenizer(source, revision)
 
 
 @functools.lru_cache(maxsize=8)

@@ -11,7 +11,7 @@ from typing import Any
 
 from distill.student.section import StudentSection
 from distill.teacher.section import TeacherSection
-from distill.teacher.sources import resolve_model
+from distill.teacher.sources import load_tokenizer, resolve_model
 from distill.training.section import TrainSection
 
 INIT_RECORD = "student_init.json"
@@ -67,15 +67,13 @@ def create_student(teacher_section: TeacherSection, section: StudentSection, tra
 def _calibration_text(calib: Any, train: TrainSection, teacher_dir: Path, run_dir: str | None, seed: int
                       ) -> tuple[list[list[int]], list[list[int]], Any]:
     """(fit sequences, held-out sequences, tokenizer); both empty for ``calibration.data: none``."""
-    from transformers import AutoTokenizer
-
     from distill.data.calibration import calibration_sequences, check_sources
     from distill.data.split import row_is_heldout
 
     if not calib.sources():
         return [], [], None
     check_sources(calib.sources(), run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    tokenizer = load_tokenizer(str(teacher_dir))
     sequences = calibration_sequences(
         calib.sources(), run_dir=run_dir, tokenizer=tokenizer, seed=seed,
         keep=lambda row: not row_is_heldout(row, train.heldout_fraction, train.seed))

@@ -29,7 +29,8 @@ from typing import Any, Optional
 
 import torch
 
-from serve.engine.loader import DTYPES, load_model, resolve_model_dir
+from distill.teacher.sources import eos_token_ids as eos_token_ids_of
+from serve.engine.loader import load_model, resolve_model_dir
 from serve.engine.sampling import IncrementalDetokenizer, find_stop, sample_tokens, stop_holdback
 from serve.engine.types import (MAX_TOP_LOGPROBS, EngineError, GenerationOutput, GenerationRequest, SamplingOptions,
                                 TokenLogprob)
@@ -110,7 +111,9 @@ class LLMEngine:
         self.vocab_size = int(config.vocab_size)
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
-        self.eos_token_ids = sorted(set(eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer)))
+        self.eos_token_ids = sorted(set(eos_token_ids if eos_token_ids is not None else
+                                        eos_token_ids_of(tokenizer, None, getattr(model, "generation_config", None),
+                                                         getattr(model, "config", None))))
         self._eos = set(self.eos_token_ids)
         with torch.inference_mode():
             self.cache = self.model.new_cache(max_batch_size, max_seq_len=min(self.context_length, 128))
@@ -145,18 +148,10 @@ class LLMEngine:
         model_dir = resolve_model_dir(model)
         module, raw = load_model(model_dir, dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        eos = set(_as_list(raw.get("eos_token_id")))
-        gen_path = os.path.join(model_dir, "generation_config.json")
-        if os.path.exists(gen_path):
-            import json
-
-            with open(gen_path) as handle:
-                eos |= set(_as_list(json.load(handle).get("eos_token_id")))
-        if tokenizer.eos_token_id is not None:
-            eos.add(int(tokenizer.eos_token_id))
+        eos = eos_token_ids_of(tokenizer, model_dir, raw)
         name = model if not os.path.isdir(os.path.expanduser(model)) else os.path.basename(os.path.normpath(model))
         return cls(module, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len,
-                   prefill_chunk=prefill_chunk, name=name, eos_token_ids=sorted(eos))
+                   prefill_chunk=prefill_chunk, name=name, eos_token_ids=eos)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: Any, *, max_batch_size: int = 16,
@@ -644,19 +639,4 @@ def to_engine_model(model: torch.nn.Module) -> torch.nn.Module:
     return engine_model.to(dtype).eval()
 
 
-def _as_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        ids |= set(_as_list(getattr(source, "eos_token_id", None)))
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)
-
-
-__all__ = ["LLMEngine", "DTYPES", "to_engine_model"]
+__all__ = ["LLMEngine", "to_engine_model"]

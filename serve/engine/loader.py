@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from cluster.errors import ConfigError, RaydistillError
+from distill.teacher import sources
 
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 STUDENT_MODEL_TYPE = "raydistill_moe"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -90,9 +90,7 @@ def load_model(model_dir: str, dtype: str = "float32") -> tuple[torch.nn.Module,
 
     Returns the model (eval mode, ``dtype``) and its config.json dict.
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = sources.torch_dtype(dtype)
     raw = read_config(model_dir)
     model_type = raw.get("model_type")
     if model_type == STUDENT_MODEL_TYPE:
