@@ -7,9 +7,11 @@ typed sections, never the root config.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cluster.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -18,6 +20,21 @@ class Section(BaseModel):
     # coerce_numbers_to_str: YAML and --set read `name: 2024` or `revision: 1234567` as numbers.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False,
                               coerce_numbers_to_str=True)
+
+
+class BuiltInCode(BaseModel):
+    """A model that code also builds directly: a bad value raises :class:`ConfigError` naming the field.
+
+    (Inside the pipeline config, pydantic validates it as a nested model and ``pipelines.config``
+    reports the error with its dotted path.)
+    """
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']} "
+                                        f"(got {e.get('input')!r})" for e in exc.errors())) from None
 
 
 class RaySection(Section):

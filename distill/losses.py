@@ -26,9 +26,11 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch.utils.checkpoint import checkpoint
 
-from cluster.errors import ConfigError, RaydistillError
+from cluster.errors import RaydistillError
+from cluster.section import BuiltInCode, Section
 
 LOG_FLOOR = -1.0e4  # log-value of masked buckets: exp() is exactly 0 in fp32/fp64, yet finite
 _LN2 = math.log(2.0)
@@ -39,37 +41,28 @@ class TailMode(str, enum.Enum):
     renormalize = "renormalize"  # both distributions renormalised over the K ids, no tail
 
 
-@dataclasses.dataclass
-class LossWeights:
-    """Weights of the summed per-token loss terms (mirrors ``train.stages[].loss`` in the config)."""
+class LossWeights(BuiltInCode, Section):
+    """Weights of the summed per-token loss terms: ``train.stages[].loss`` in the pipeline config."""
 
-    ce: float = 0.0  # cross-entropy on the teacher's sampled tokens (sequence-level KD)
-    forward_kl: float = 1.0  # KL(teacher || student) on the stored top-k (+ tail)
-    reverse_kl: float = 0.0  # KL(student || teacher)
-    jsd: float = 0.0  # generalised JSD
-    jsd_beta: float = 0.5
-    temperature: float = 1.0
+    ce: float = Field(default=0.0, ge=0, allow_inf_nan=False,
+                      description="cross-entropy on the teacher's tokens (sequence-level KD)")
+    forward_kl: float = Field(default=1.0, ge=0, allow_inf_nan=False,
+                              description="KL(teacher || student) on the stored top-k + tail")
+    reverse_kl: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="KL(student || teacher)")
+    jsd: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="generalised Jensen-Shannon divergence")
+    jsd_beta: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     tail: TailMode = TailMode.bucket
 
-    def validate(self, prefix: str = "") -> None:
-        """Raise ConfigError naming the field (``prefix`` + name, e.g. ``train.stages.0.loss.``)."""
-        for name in ("ce", "forward_kl", "reverse_kl", "jsd"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{prefix}{name}: loss weight must be a finite number >= 0, got {value!r}")
+    @model_validator(mode="after")
+    def _some_weight(self) -> "LossWeights":
         if self.ce + self.forward_kl + self.reverse_kl + self.jsd <= 0:
-            raise ConfigError(f"{prefix}ce/forward_kl/reverse_kl/jsd: all loss weights are 0; "
-                              "give at least one of them a positive weight")
-        if not (isinstance(self.jsd_beta, (int, float)) and 0.0 <= self.jsd_beta <= 1.0):
-            raise ConfigError(f"{prefix}jsd_beta: must be in [0, 1], got {self.jsd_beta!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature > 0):
-            raise ConfigError(f"{prefix}temperature: must be a finite number > 0, got {self.temperature!r}")
-        try:
-            self.tail = TailMode(getattr(self.tail, "value", self.tail))
-        except ValueError:
-            raise ConfigError(f"{prefix}tail: must be one of {[m.value for m in TailMode]}, "
-                              f"got {self.tail!r}") from None
+            raise ValueError("all loss weights are 0; give ce, forward_kl, reverse_kl or jsd a positive weight")
+        return self
+
+    def validate(self) -> None:
+        """Re-check the values (construction and assignment already do): ConfigError naming the field."""
+        LossWeights(**self.model_dump())
 
     @property
     def needs_soft_labels(self) -> bool:
@@ -324,7 +317,7 @@ def _chunk_fp32(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[to
             sums[_METRICS.index(name)] = (per_tok * token_weights).sum()
         counted = token_weights > 0
         if topk_ids is not None:
-            if "forward_kl" in terms and t == 1.0 and TailMode(w.tail) is TailMode.bucket:
+            if "forward_kl" in terms and t == 1.0 and w.tail is TailMode.bucket:
                 kl = terms["forward_kl"]
             else:
                 kl = _forward(_buckets(lp1, topk_ids, teacher_logprobs, TailMode.bucket, 1.0), 1.0)
@@ -348,7 +341,6 @@ def distillation_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, target
     token_weights ``[N]`` optional per-token weights (loss = sum(w * l) / sum(w)).
     Each chunk's logits ``[C, V]`` are fp32 and recomputed in backward (checkpointing).
     """
-    weights.validate()
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
         raise RaydistillError(f"distillation_loss: hidden {tuple(hidden.shape)} must be [N, H] and "
                               f"lm_head_weight {tuple(lm_head_weight.shape)} [V, H] with the same H")

@@ -1,4 +1,4 @@
-"""The student's architecture: one typed, validated dataclass with Hugging Face field names.
+"""The student's architecture: one typed, validated pydantic model with Hugging Face field names.
 
 Dimension legend used across ``distill/student``:
 
@@ -8,19 +8,21 @@ Dimension legend used across ``distill/student``:
     E  num_experts                K  expert slots per token (k, or max_k for top-p)
     I  moe_intermediate_size      V  vocab_size
 
-No torch here: the pipeline config (``cluster.config``) validates ``student:`` through
-:mod:`distill.student.section`, which builds this class without importing the model code.
+No torch here: the pipeline config's ``student:`` section (:mod:`distill.student.section`) takes
+its fields from this class and checks them with :func:`check_fields`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
 import math
 from typing import Any, Optional
 
+from pydantic import ConfigDict, field_validator, model_validator
+
 from cluster.errors import ConfigError
+from cluster.section import BuiltInCode
 
 
 class RoutingMode(str, enum.Enum):
@@ -47,14 +49,18 @@ def default_layer_types(num_hidden_layers: int) -> list[str]:
     ]
 
 
-@dataclasses.dataclass
-class StudentConfig:
+class StudentConfig(BuiltInCode):
     """Architecture of the MoE student. Field names follow Hugging Face (Qwen2-MoE / Llama).
 
     ``routing`` selects how ``num_experts_per_tok`` (top-k) or ``top_p``/``min_k``/``max_k``
     (top-p) are used. ``max_k=None`` means ``num_experts``. Layers listed in ``mlp_only_layers``
     get a dense SwiGLU FFN of ``intermediate_size`` instead of experts.
+
+    The one definition of these fields: the pipeline config's ``student:`` section
+    (:mod:`distill.student.section`) and the HF ``config.json`` (:mod:`distill.student.hf`) are built from it.
     """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     vocab_size: int = 49152
     hidden_size: int = 576
@@ -73,7 +79,7 @@ class StudentConfig:
     num_experts: int = 8
     moe_intermediate_size: int = 192
     shared_expert_intermediate_size: int = 0  # 0 = no shared expert
-    mlp_only_layers: list[int] = dataclasses.field(default_factory=list)
+    mlp_only_layers: list[int] = []
     intermediate_size: int = 1536  # dense FFN width, used by mlp_only_layers
     routing: RoutingMode = RoutingMode.topk
     num_experts_per_tok: int = 2
@@ -90,94 +96,28 @@ class StudentConfig:
     eos_token_id: Optional[int | list[int]] = None
     pad_token_id: Optional[int] = None
 
-    def __post_init__(self) -> None:
+    @field_validator("routing", mode="before")
+    @classmethod
+    def _routing(cls, value: Any) -> RoutingMode:
         try:
-            self.routing = RoutingMode(self.routing)
+            return RoutingMode(value)
         except ValueError:
-            raise ConfigError(
-                f"routing: invalid value {self.routing!r}; allowed: {', '.join(m.value for m in RoutingMode)}"
-            ) from None
+            raise ConfigError(f"routing: invalid value {value!r}; allowed: {', '.join(m.value for m in RoutingMode)}"
+                              ) from None
+
+    @field_validator("layer_types", "mlp_only_layers", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        return None if value is None else [getattr(v, "value", v) for v in value]
+
+    @model_validator(mode="after")
+    def _complete_and_check(self) -> "StudentConfig":
         if self.layer_types is None:
             self.layer_types = default_layer_types(self.num_hidden_layers)
-        else:
-            self.layer_types = [getattr(t, "value", t) for t in self.layer_types]
-        self.mlp_only_layers = list(self.mlp_only_layers or [])
         if self.max_k is None:
             self.max_k = self.num_experts
-        for name in ("rope_theta", "rms_norm_eps", "top_p", "router_aux_loss_coef", "router_z_loss_coef",
-                     "router_entropy_loss_coef", "initializer_range"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{name}: expected a number, got {value!r}")
-            setattr(self, name, float(value))
-        self.validate()
-
-    # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the field and the fix for any bad value or combination."""
-
-        def fail(field: str, problem: str, fix: str) -> None:
-            raise ConfigError(f"{field}: {problem}; {fix}")
-
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "head_dim", "max_position_embeddings", "sliding_window", "num_experts", "moe_intermediate_size",
-                     "intermediate_size", "num_experts_per_tok", "min_k", "max_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(name, f"must be a positive integer, got {value!r}", f"set {name} to an integer >= 1")
-        if (not isinstance(self.shared_expert_intermediate_size, int)
-                or isinstance(self.shared_expert_intermediate_size, bool) or self.shared_expert_intermediate_size < 0):
-            fail("shared_expert_intermediate_size",
-                 f"must be an integer >= 0, got {self.shared_expert_intermediate_size!r}",
-                 "use 0 for no shared expert")
-        if self.num_attention_heads % self.num_key_value_heads:
-            divisors = [d for d in range(1, self.num_attention_heads + 1) if self.num_attention_heads % d == 0]
-            fail("num_key_value_heads", f"{self.num_key_value_heads} does not divide num_attention_heads="
-                 f"{self.num_attention_heads} (grouped-query attention shares each KV head by a whole group)",
-                 f"pick one of {divisors}")
-        if self.head_dim % 2:
-            fail("head_dim", f"{self.head_dim} is odd but RoPE rotates pairs of dimensions", "use an even head_dim")
-        if self.rope_theta <= 0:
-            fail("rope_theta", f"must be > 0, got {self.rope_theta}", "the usual values are 10000 to 1000000")
-        if self.rms_norm_eps <= 0:
-            fail("rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}", "use e.g. 1e-5 or 1e-6")
-        if len(self.layer_types) != self.num_hidden_layers:
-            fail("layer_types", f"has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}",
-                 "give one entry per layer, or omit layer_types for the default 3 sliding : 1 full pattern")
-        allowed = {m.value for m in LayerType}
-        for i, kind in enumerate(self.layer_types):
-            if kind not in allowed:
-                fail(f"layer_types[{i}]", f"invalid value {kind!r}", f"allowed: {', '.join(sorted(allowed))}")
-        for i in self.mlp_only_layers:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_hidden_layers:
-                fail("mlp_only_layers", f"entry {i!r} is not a layer index in [0, {self.num_hidden_layers - 1}]",
-                     "list 0-based layer indices")
-        if len(set(self.mlp_only_layers)) != len(self.mlp_only_layers):
-            fail("mlp_only_layers", f"{self.mlp_only_layers} lists a layer twice", "list each layer once")
-        if self.routing is RoutingMode.topk:
-            if self.num_experts_per_tok > self.num_experts:
-                fail("num_experts_per_tok", f"{self.num_experts_per_tok} > num_experts={self.num_experts}",
-                     f"use at most {self.num_experts} (or raise num_experts)")
-            if self.router_entropy_loss_coef:
-                fail("router_entropy_loss_coef", "the routing-entropy (dynamic) loss only applies to routing: topp",
-                     "set it to 0 or use routing: topp")
-        else:
-            if not 0.0 < self.top_p <= 1.0:
-                fail("top_p", f"must be in (0, 1], got {self.top_p}", "e.g. 0.4 keeps the experts covering 40% "
-                     "of the router mass")
-            if self.max_k > self.num_experts:
-                fail("max_k", f"{self.max_k} > num_experts={self.num_experts}",
-                     f"use at most {self.num_experts}, or leave it unset (= num_experts)")
-            if self.min_k > self.max_k:
-                fail("min_k", f"{self.min_k} > max_k={self.max_k}", "min_k must be <= max_k")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_entropy_loss_coef"):
-            if getattr(self, name) < 0:
-                fail(name, f"must be >= 0, got {getattr(self, name)}", "use 0 to switch the loss off")
-        if self.initializer_range <= 0:
-            fail("initializer_range", f"must be > 0, got {self.initializer_range}", "the usual value is 0.02")
-        for name in ("attention_bias", "tie_word_embeddings", "norm_topk_prob"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, f"expected true or false, got {getattr(self, name)!r}", f"set {name} to a boolean")
+        check_fields(self.__dict__)
+        return self
 
     # ------------------------------------------------------------------ derived
     @property
@@ -202,38 +142,94 @@ class StudentConfig:
         return float(self.num_experts_per_tok) if self.routing is RoutingMode.topk else None
 
     # ------------------------------------------------------------------ serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (enums as strings); ``from_dict(to_dict())`` round-trips exactly."""
-        out = dataclasses.asdict(self)
-        out["routing"] = self.routing.value
-        return out
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, ignore_unknown: bool = False) -> "StudentConfig":
-        known = set(cls.field_names())
+        known = set(cls.model_fields)
         unknown = sorted(set(data) - known)
         if unknown and not ignore_unknown:
             raise ConfigError(f"unknown student config key(s) {unknown}; allowed: {', '.join(sorted(known))}")
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "StudentConfig":
-        return cls.from_dict(json.loads(text))
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
 
     def replace(self, **changes: Any) -> "StudentConfig":
         """A validated copy with some fields changed (``max_k`` follows ``num_experts`` when unset)."""
-        data = self.to_dict()
+        data = self.model_dump()
         if "num_experts" in changes and "max_k" not in changes and self.max_k == self.num_experts:
             data["max_k"] = None
         data.update(changes)
         return StudentConfig.from_dict(data)
+
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "max_position_embeddings", "sliding_window", "num_experts", "moe_intermediate_size",
+                  "intermediate_size", "num_experts_per_tok", "min_k", "max_k")
+
+
+def check_fields(values: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming the field and the fix for any bad value or combination.
+
+    Checks what ``values`` sets (None = unset; types are already checked by pydantic): a
+    :class:`StudentConfig` passes all its fields, the ``student:`` section the ones it gives.
+    """
+    v = {k: x for k, x in values.items() if x is not None}
+
+    def fail(field: str, problem: str, fix: str) -> None:
+        raise ConfigError(f"{field}: {problem}; {fix}")
+
+    for name in _POSITIVE_INTS:
+        if v.get(name, 1) < 1:
+            fail(name, f"must be a positive integer, got {v[name]!r}", f"set {name} to an integer >= 1")
+    if v.get("shared_expert_intermediate_size", 0) < 0:
+        fail("shared_expert_intermediate_size", f"must be an integer >= 0, got {v['shared_expert_intermediate_size']!r}",
+             "use 0 for no shared expert")
+    heads, kv_heads = v.get("num_attention_heads"), v.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        fail("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads={heads} (grouped-query "
+             "attention shares each KV head by a whole group)", f"pick one of {divisors}")
+    if v.get("head_dim", 2) % 2:
+        fail("head_dim", f"{v['head_dim']} is odd but RoPE rotates pairs of dimensions", "use an even head_dim")
+    if v.get("rope_theta", 1) <= 0:
+        fail("rope_theta", f"must be > 0, got {v['rope_theta']}", "the usual values are 10000 to 1000000")
+    if v.get("rms_norm_eps", 1) <= 0:
+        fail("rms_norm_eps", f"must be > 0, got {v['rms_norm_eps']}", "use e.g. 1e-5 or 1e-6")
+    layers, layer_types, mlp_only = v.get("num_hidden_layers"), v.get("layer_types", []), v.get("mlp_only_layers", [])
+    if layers and "layer_types" in v and len(layer_types) != layers:
+        fail("layer_types", f"has {len(layer_types)} entries but num_hidden_layers={layers}",
+             "give one entry per layer, or omit layer_types for the default 3 sliding : 1 full pattern")
+    allowed = {m.value for m in LayerType}
+    for i, kind in enumerate(layer_types):
+        if kind not in allowed:
+            fail(f"layer_types[{i}]", f"invalid value {kind!r}", f"allowed: {', '.join(sorted(allowed))}")
+    for i in mlp_only:
+        if layers and not 0 <= i < layers:
+            fail("mlp_only_layers", f"entry {i!r} is not a layer index in [0, {layers - 1}]", "list 0-based layer indices")
+    if len(set(mlp_only)) != len(mlp_only):
+        fail("mlp_only_layers", f"{mlp_only} lists a layer twice", "list each layer once")
+    experts = v.get("num_experts")
+    if v.get("routing", RoutingMode.topk) == RoutingMode.topk:
+        if experts and v.get("num_experts_per_tok", 0) > experts:
+            fail("num_experts_per_tok", f"{v['num_experts_per_tok']} > num_experts={experts}",
+                 f"use at most {experts} (or raise num_experts)")
+        if v.get("router_entropy_loss_coef"):
+            fail("router_entropy_loss_coef", "the routing-entropy (dynamic) loss only applies to routing: topp",
+                 "set it to 0 or use routing: topp")
+    else:
+        if not 0.0 < v.get("top_p", 1.0) <= 1.0:
+            fail("top_p", f"must be in (0, 1], got {v['top_p']}", "e.g. 0.4 keeps the experts covering 40% "
+                 "of the router mass")
+        if experts and v.get("max_k", 0) > experts:
+            fail("max_k", f"{v['max_k']} > num_experts={experts}",
+                 f"use at most {experts}, or leave it unset (= num_experts)")
+        if v.get("min_k", 0) > v.get("max_k", experts or float("inf")):
+            fail("min_k", f"{v['min_k']} > max_k={v.get('max_k', experts)}", "min_k must be <= max_k")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_entropy_loss_coef"):
+        if v.get(name, 0) < 0:
+            fail(name, f"must be >= 0, got {v[name]}", "use 0 to switch the loss off")
+    if v.get("initializer_range", 1) <= 0:
+        fail("initializer_range", f"must be > 0, got {v['initializer_range']}", "the usual value is 0.02")
 
 
 def evenly_spaced_layers(num_teacher_layers: int, num_student_layers: int) -> list[int]:

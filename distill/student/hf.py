@@ -43,62 +43,33 @@ class StudentCausalLMOutput(MoeCausalLMOutputWithPast):
 
     aux_losses: Optional[dict[str, torch.Tensor]] = None
     routing_stats: Optional[list] = None
-_DEFAULTS = StudentConfig()
 
 
 class RaydistillMoeConfig(PretrainedConfig):
-    """config.json form of :class:`StudentConfig` (same fields, validated the same way)."""
+    """config.json form of :class:`StudentConfig`: its fields as attributes, validated by it.
+
+    ``RaydistillMoeConfig(**student_config.model_dump())`` and ``.to_student_config()`` convert.
+    """
 
     model_type = MODEL_TYPE
     keys_to_ignore_at_inference = ["past_key_values"]
-
-    vocab_size: int = _DEFAULTS.vocab_size
-    hidden_size: int = _DEFAULTS.hidden_size
-    num_hidden_layers: int = _DEFAULTS.num_hidden_layers
-    num_attention_heads: int = _DEFAULTS.num_attention_heads
-    num_key_value_heads: int = _DEFAULTS.num_key_value_heads
-    head_dim: int = _DEFAULTS.head_dim
-    rope_theta: float | int = _DEFAULTS.rope_theta
-    rms_norm_eps: float | int = _DEFAULTS.rms_norm_eps
-    max_position_embeddings: int = _DEFAULTS.max_position_embeddings
-    layer_types: list[str] | None = None
-    sliding_window: int = _DEFAULTS.sliding_window
-    attention_bias: bool = _DEFAULTS.attention_bias
-    tie_word_embeddings: bool = _DEFAULTS.tie_word_embeddings
-    num_experts: int = _DEFAULTS.num_experts
-    moe_intermediate_size: int = _DEFAULTS.moe_intermediate_size
-    shared_expert_intermediate_size: int = _DEFAULTS.shared_expert_intermediate_size
-    mlp_only_layers: list[int] | None = None
-    intermediate_size: int = _DEFAULTS.intermediate_size
-    routing: str = _DEFAULTS.routing.value
-    num_experts_per_tok: int = _DEFAULTS.num_experts_per_tok
-    norm_topk_prob: bool = _DEFAULTS.norm_topk_prob
-    top_p: float | int = _DEFAULTS.top_p
-    min_k: int = _DEFAULTS.min_k
-    max_k: int | None = None
-    router_aux_loss_coef: float | int = _DEFAULTS.router_aux_loss_coef
-    router_z_loss_coef: float | int = _DEFAULTS.router_z_loss_coef
-    router_entropy_loss_coef: float | int = _DEFAULTS.router_entropy_loss_coef
-    initializer_range: float | int = _DEFAULTS.initializer_range
     hidden_act: str = "silu"  # fixed; present for tools that read it (vLLM, converters)
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
+    # A declared field, or transformers would take the router's top_p for a sampling parameter.
+    top_p: float | int = StudentConfig.model_fields["top_p"].default
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # StudentConfig raises ConfigError on a bad value or combination
+        fields = {k: kwargs.pop(k) for k in list(kwargs) if k in StudentConfig.model_fields}
+        student = StudentConfig(**{"top_p": self.top_p, **fields})
+        self.__dict__.update(student.model_dump(mode="json"))
         super().__post_init__(**kwargs)
-        student = self.to_student_config()  # raises ConfigError on a bad combination
-        self.layer_types = list(student.layer_types)
-        self.mlp_only_layers = list(student.mlp_only_layers)
-        self.max_k = student.max_k
-        self.routing = student.routing.value
 
     def to_student_config(self) -> StudentConfig:
-        return StudentConfig.from_dict({name: getattr(self, name) for name in StudentConfig.field_names()})
+        return StudentConfig(**{name: getattr(self, name) for name in StudentConfig.model_fields})
 
     @classmethod
     def from_student_config(cls, config: StudentConfig, **kwargs: Any) -> "RaydistillMoeConfig":
-        return cls(**config.to_dict(), **kwargs)
+        return cls(**config.model_dump(), **kwargs)
 
 
 class RaydistillMoePreTrainedModel(PreTrainedModel):
@@ -130,7 +101,9 @@ class RaydistillMoeForCausalLM(CausalLMMixin, RaydistillMoePreTrainedModel, Gene
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: RaydistillMoeConfig):
+    def __init__(self, config: RaydistillMoeConfig | StudentConfig):
+        if isinstance(config, StudentConfig):
+            config = RaydistillMoeConfig.from_student_config(config)
         # The base class derives a generation config from ours, sees the router's ``top_p`` and
         # warns that it is an unused sampling flag; that config is replaced below, so mute it.
         gen_logger = logging.getLogger("transformers.generation.configuration_utils")

@@ -1,22 +1,21 @@
 """The pipeline config's ``student:`` section.
 
-It accepts every :class:`~distill.student.config.StudentConfig` field (same names), each optional:
-a field left out is taken from the teacher (shapes, vocabulary, RoPE) when the student is built
-from it, else from the StudentConfig default. Two extra keys say how to initialise:
-``init: from_teacher | random``, ``teacher_layers`` (which teacher layers to keep) and
+It accepts every :class:`~distill.student.config.StudentConfig` field (same names, taken from that
+class), each optional: a field left out is taken from the teacher (shapes, vocabulary, RoPE) when
+the student is built from it, else from the StudentConfig default. Three extra keys say how to
+initialise: ``init: from_teacher | random``, ``teacher_layers`` (which teacher layers to keep) and
 ``calibration`` (the text a from-teacher init measures).
-
-Only pydantic and :mod:`cluster.errors` are imported at module level: ``cluster.config`` imports
-this file, so it must not pull in torch, transformers or ``cluster.config`` itself.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, create_model, model_validator
 
 from cluster.errors import ConfigError
+from cluster.section import Section
+from distill.student.config import StudentConfig, check_fields
 
 # Fields copied from the teacher's config when the section leaves them out.
 _TEACHER_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -28,10 +27,16 @@ def _fail(field: str, problem: str, fix: str) -> None:
     raise ConfigError(f"invalid config:\n  student.{field}: {problem}; {fix}")
 
 
-class CalibrationSection(BaseModel):
-    """``student.calibration``: the text a from-teacher init measures (:mod:`distill.student.calibrate`)."""
+def _student_errors(check: Any, *args: Any) -> Any:
+    """``check(*args)`` with its ConfigError reported under ``student.`` in the pipeline config."""
+    try:
+        return check(*args)
+    except ConfigError as exc:
+        raise ConfigError(f"invalid config:\n  student.{exc}") from None
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class CalibrationSection(Section):
+    """``student.calibration``: the text a from-teacher init measures (:mod:`distill.student.calibrate`)."""
 
     data: Union[Literal["run", "none"], list[str]] = Field(
         default="run", description="run: the run's teacher data (training rows); a list of URIs (run dirs, "
@@ -54,10 +59,13 @@ class CalibrationSection(BaseModel):
         return [] if self.data == "none" else (["run"] if self.data == "run" else list(self.data))
 
 
-class StudentSection(BaseModel):
-    """``student:`` in the pipeline YAML. Unknown keys are errors."""
+# Every StudentConfig field, optional (None = not set).
+_StudentFields = create_model("_StudentFields", __base__=Section, **{
+    name: (Optional[field.annotation], None) for name, field in StudentConfig.model_fields.items()})
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class StudentSection(_StudentFields):
+    """``student:`` in the pipeline YAML. Unknown keys are errors."""
 
     init: Literal["from_teacher", "random"] = Field(
         default="from_teacher", description="from_teacher: copy and split the teacher's layers; random: from scratch")
@@ -66,59 +74,17 @@ class StudentSection(BaseModel):
                                   "calibration text; evenly spaced when calibration.data is none)")
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
 
-    vocab_size: Optional[int] = Field(default=None, ge=1)
-    hidden_size: Optional[int] = Field(default=None, ge=1)
-    num_hidden_layers: Optional[int] = Field(default=None, ge=1)
-    num_attention_heads: Optional[int] = Field(default=None, ge=1)
-    num_key_value_heads: Optional[int] = Field(default=None, ge=1)
-    head_dim: Optional[int] = Field(default=None, ge=2)
-    rope_theta: Optional[float] = Field(default=None, gt=0)
-    rms_norm_eps: Optional[float] = Field(default=None, gt=0)
-    max_position_embeddings: Optional[int] = Field(default=None, ge=1)
-    layer_types: Optional[list[Literal["sliding_attention", "full_attention"]]] = None
-    sliding_window: Optional[int] = Field(default=None, ge=1)
-    attention_bias: Optional[bool] = None
-    tie_word_embeddings: Optional[bool] = None
-    num_experts: Optional[int] = Field(default=None, ge=1)
-    moe_intermediate_size: Optional[int] = Field(default=None, ge=1)
-    shared_expert_intermediate_size: Optional[int] = Field(default=None, ge=0)
-    mlp_only_layers: Optional[list[int]] = None
-    intermediate_size: Optional[int] = Field(default=None, ge=1)
-    routing: Optional[Literal["topk", "topp"]] = None
-    num_experts_per_tok: Optional[int] = Field(default=None, ge=1)
-    norm_topk_prob: Optional[bool] = None
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    min_k: Optional[int] = Field(default=None, ge=1)
-    max_k: Optional[int] = Field(default=None, ge=1)
-    router_aux_loss_coef: Optional[float] = Field(default=None, ge=0)
-    router_z_loss_coef: Optional[float] = Field(default=None, ge=0)
-    router_entropy_loss_coef: Optional[float] = Field(default=None, ge=0)
-    initializer_range: Optional[float] = Field(default=None, gt=0)
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[Union[int, list[int]]] = None
-    pad_token_id: Optional[int] = None
-
     @model_validator(mode="after")
     def _check_combinations(self) -> "StudentSection":
-        # Only combinations of values given here; the rest is checked once the teacher is known.
+        # Only values given here; the rest is checked once the teacher is known.
         # ConfigError (not ValueError) escapes pydantic untouched, so the message stays as written.
-        routing = self.routing or "topk"
-        if routing == "topk":
+        if (self.routing or "topk") == "topk":
             for name in ("top_p", "min_k", "max_k"):
                 if getattr(self, name) is not None:
                     _fail(name, "only used with routing: topp", "remove it, or set student.routing: topp")
-            if self.router_entropy_loss_coef:
-                _fail("router_entropy_loss_coef", "the routing-entropy (dynamic) loss only applies to routing: topp",
-                      "set it to 0 or remove it, or set student.routing: topp")
         elif self.num_experts_per_tok is not None:
             _fail("num_experts_per_tok", "only used with routing: topk",
                   "remove it; with routing: topp the number of experts is set by top_p, min_k and max_k")
-        if self.min_k is not None and self.max_k is not None and self.min_k > self.max_k:
-            _fail("min_k", f"{self.min_k} > max_k={self.max_k}", "min_k must be <= max_k")
-        for name in ("num_experts_per_tok", "max_k", "min_k"):
-            value = getattr(self, name)
-            if value is not None and self.num_experts is not None and value > self.num_experts:
-                _fail(name, f"{value} > num_experts={self.num_experts}", f"use at most {self.num_experts}")
         if self.teacher_layers is not None:
             if self.init == "random":
                 _fail("teacher_layers", "only used with init: from_teacher",
@@ -132,21 +98,14 @@ class StudentSection(BaseModel):
                       f"{self.num_hidden_layers} != len(teacher_layers)={len(self.teacher_layers)}",
                       "drop num_hidden_layers (it follows teacher_layers) or list that many teacher layers")
         layers = self.num_hidden_layers or (len(self.teacher_layers) if self.teacher_layers else None)
-        if layers is not None and self.layer_types is not None and len(self.layer_types) != layers:
-            _fail("layer_types", f"has {len(self.layer_types)} entries for {layers} layers",
-                  "give one entry per layer, or omit layer_types for the default 3 sliding : 1 full pattern")
-        if layers is not None:
-            bad = [i for i in self.mlp_only_layers or [] if not 0 <= i < layers]
-            if bad:
-                _fail("mlp_only_layers", f"{bad} are not layer indices in [0, {layers - 1}]", "list 0-based indices")
+        _student_errors(check_fields, {**self.explicit_fields(), "num_hidden_layers": layers})
         return self
 
     def explicit_fields(self) -> dict[str, Any]:
         """The StudentConfig fields this section sets (None = not set)."""
-        skip = {"init", "teacher_layers", "calibration"}
-        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+        return {k: getattr(self, k) for k in StudentConfig.model_fields if getattr(self, k) is not None}
 
-    def to_student_config(self, teacher_config: Any = None):
+    def to_student_config(self, teacher_config: Any = None) -> StudentConfig:
         """Build the validated :class:`StudentConfig`; ``teacher_config`` (an HF config or dict) fills gaps.
 
         With a teacher: shapes, vocabulary, RoPE, norms and special tokens default to the teacher's;
@@ -154,8 +113,6 @@ class StudentSection(BaseModel):
         ``moe_intermediate_size`` defaults to the teacher's FFN width minus the shared expert, split
         evenly over ``num_experts`` (so that the experts partition the teacher's neurons exactly).
         """
-        from distill.student.config import StudentConfig
-
         values = self.explicit_fields()
         if teacher_config is not None:
             teacher = teacher_fields(teacher_config)
@@ -166,7 +123,7 @@ class StudentSection(BaseModel):
                 values["num_hidden_layers"] = (len(self.teacher_layers) if self.teacher_layers
                                                else max(1, teacher["num_hidden_layers"] // 2))
             if "moe_intermediate_size" not in values and teacher.get("intermediate_size"):
-                num_experts = values.get("num_experts", StudentConfig.num_experts)
+                num_experts = values.get("num_experts", StudentConfig.model_fields["num_experts"].default)
                 free = teacher["intermediate_size"] - values.get("shared_expert_intermediate_size", 0)
                 if free <= 0 or free % num_experts:
                     _fail("moe_intermediate_size",
@@ -178,10 +135,7 @@ class StudentSection(BaseModel):
                 values["moe_intermediate_size"] = free // num_experts
         elif self.teacher_layers and "num_hidden_layers" not in values:
             values["num_hidden_layers"] = len(self.teacher_layers)
-        try:
-            return StudentConfig.from_dict(values)
-        except ConfigError as exc:
-            raise ConfigError(f"invalid config:\n  student.{exc}") from None
+        return _student_errors(StudentConfig.from_dict, values)
 
 
 def teacher_fields(teacher_config: Any) -> dict[str, Any]:

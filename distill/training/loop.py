@@ -30,7 +30,7 @@ from torch import nn
 
 from cluster import storage
 from cluster.errors import ConfigError
-from distill.losses import (LossWeights, TailMode, difficulty_routing_loss, distillation_loss,
+from distill.losses import (LossWeights, difficulty_routing_loss, distillation_loss,
                              teacher_entropy, teacher_token_nll)
 from distill.training import checkpoint as ckpt
 from distill.training.data import (MixtureStream, PackedBatch, RowSource, TableSource, collate, component_mask,
@@ -356,14 +356,6 @@ def lr_at(section: TrainSection, stage: TrainStage, step_in_stage: int, progress
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * p))
 
 
-def loss_weights(stage: TrainStage) -> LossWeights:
-    loss = stage.loss
-    weights = LossWeights(ce=loss.ce, forward_kl=loss.forward_kl, reverse_kl=loss.reverse_kl, jsd=loss.jsd,
-                          jsd_beta=loss.jsd_beta, temperature=loss.temperature, tail=TailMode(loss.tail.value))
-    weights.validate()
-    return weights
-
-
 class MetricsLog:
     """``metrics.jsonl``: cut back to the resumed step once, atomically (a resume never duplicates lines), then
     one appended line per record (object stores cannot append: there the file is rewritten whole)."""
@@ -446,7 +438,7 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
     while state["stage"] < len(stages):
         stage_index = state["stage"]
         stage = stages[stage_index]
-        weights = loss_weights(stage)
+        weights = stage.loss
         stream = MixtureStream(runtime.sources(stage_index, stage, section.seed * 1000 + stage_index * 10),
                                [c.weight for c in stage.mixture], seed=section.seed * 7919 + stage_index * 31 + rank,
                                state=(state["data"] or [None] * world)[rank] if state["data"] else None)

@@ -1,6 +1,6 @@
 """The pipeline config's ``train:`` section: workers, optimiser, and the multi-stage curriculum.
 
-Imports only pydantic and cluster modules (``pipelines.config`` composes it into the root config).
+``pipelines.config`` composes it into the root config. A stage's ``loss`` is :class:`distill.losses.LossWeights`.
 
 A stage says what data it reads (``mixture``), for how long (``steps`` or ``tokens``), with what
 learning rate schedule, loss weights and routing. The default is one stage over all the data with
@@ -15,6 +15,7 @@ from typing import Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from cluster.section import Section
+from distill.losses import LossWeights
 
 
 class Schedule(str, enum.Enum):
@@ -34,11 +35,6 @@ class Precision(str, enum.Enum):
     bf16 = "bf16"
 
 
-class Tail(str, enum.Enum):
-    bucket = "bucket"
-    renormalize = "renormalize"
-
-
 class MixtureComponent(Section):
     """Rows a stage reads: all conditions given must hold. ``weight`` is the share of sampled rows."""
 
@@ -47,24 +43,6 @@ class MixtureComponent(Section):
     files: Optional[str] = Field(default=None, description="glob on the shard file name, e.g. 'part-0000*'")
     finish_reason: Optional[str] = Field(default=None, description="stop = complete answers, length = truncated")
     weight: float = Field(default=1.0, gt=0)
-
-
-class LossSection(Section):
-    """Weights of the summed loss terms (see distill/losses.py)."""
-
-    ce: float = Field(default=0.0, ge=0, description="cross-entropy on the teacher's tokens (sequence-level KD)")
-    forward_kl: float = Field(default=1.0, ge=0, description="KL(teacher || student) on the stored top-k + tail")
-    reverse_kl: float = Field(default=0.0, ge=0)
-    jsd: float = Field(default=0.0, ge=0, description="generalised Jensen-Shannon divergence")
-    jsd_beta: float = Field(default=0.5, ge=0, le=1)
-    temperature: float = Field(default=1.0, gt=0)
-    tail: Tail = Tail.bucket
-
-    @model_validator(mode="after")
-    def _some_weight(self) -> "LossSection":
-        if self.ce + self.forward_kl + self.reverse_kl + self.jsd <= 0:
-            raise ValueError("all loss weights are 0; give ce, forward_kl, reverse_kl or jsd a positive weight")
-        return self
 
 
 class RoutingSchedule(Section):
@@ -100,7 +78,7 @@ class TrainStage(Section):
     min_lr_ratio: Optional[float] = Field(default=None, ge=0, le=1)
     schedule: Schedule = Schedule.cosine
     warmup_steps: Optional[int] = Field(default=None, ge=0)
-    loss: LossSection = Field(default_factory=LossSection)
+    loss: LossWeights = Field(default_factory=LossWeights)
     routing: RoutingSchedule = Field(default_factory=RoutingSchedule)
 
     @model_validator(mode="after")

@@ -242,7 +242,6 @@ def publish_student(cfg: TrainConfig, init_dir: Path, checkpoint: Path, run: Pat
     final_routing = (state["history"][-1].get("routing") or {}) if state["history"] else {}
     for key, value in final_routing.items():
         setattr(model.config, key, value)
-        setattr(model.student_config, key, value)
     staged = Path(tempfile.mkdtemp(prefix=".tmp-student-", dir=run))
     model.save_pretrained(str(staged))
     for name in TOKENIZER_FILES:

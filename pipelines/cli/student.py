@@ -105,7 +105,7 @@ def cmd_student_info(args: argparse.Namespace) -> int:
             "kv_bytes_per_token_per_layer": accounting.kv_bytes_per_token(config),
             "kv_cache_bytes": accounting.kv_cache_bytes(config, args.context),
             "context": args.context,
-            "config": config.to_dict(),
+            "config": config.model_dump(mode="json"),
         }, indent=2))
         return 0
     print(f"student {args.model_dir}")
