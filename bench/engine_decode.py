@@ -26,10 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PROMPTS = ["Explain why the sky is blue in two sentences.", "Write a haiku about the sea.",
-           "What is the capital of France?", "List three uses of a paperclip.", "Describe a cat to a child.",
-           "Give me a short recipe for pancakes.", "Why do leaves change colour in autumn?",
-           "What is 17 times 23?"]
+PROMPTS = [
+    "Explain why the sky is blue in two sentences.",
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "List three uses of a paperclip.",
+    "Describe a cat to a child.",
+    "Give me a short recipe for pancakes.",
+    "Why do leaves change colour in autumn?",
+    "What is 17 times 23?",
+]
 
 
 def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
@@ -59,11 +65,13 @@ def hf_sequential(model, tokenizer, prompts: list[str], tokens: int) -> float:
     """Greedy HF generate, batch 1, one prompt after another: generated tokens/s."""
     generated, start = 0, time.perf_counter()
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                                 do_sample=False)
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
+            )
         generated += out.shape[1] - ids.shape[1]
     return generated / (time.perf_counter() - start)
 
@@ -74,8 +82,9 @@ def engine_throughput(engine, prompts: list[list[int]], tokens: int) -> float:
 
     sampling = SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
-    results = engine.generate([GenerationRequest(f"b{time.perf_counter_ns()}-{i}", p, sampling)
-                               for i, p in enumerate(prompts)])
+    results = engine.generate(
+        [GenerationRequest(f"b{time.perf_counter_ns()}-{i}", p, sampling) for i, p in enumerate(prompts)]
+    )
     elapsed = time.perf_counter() - start
     return sum(o.completion_tokens for outs in results.values() for o in outs[-1:]) / elapsed
 
@@ -84,8 +93,11 @@ def engine_decode_b1(engine, prompt: list[int], tokens: int) -> float:
     """Batch-1 decode steps only (after the prompt is prefilled): tokens/s."""
     from serve.engine.types import GenerationRequest, SamplingOptions
 
-    engine.add_request(GenerationRequest(f"d{time.perf_counter_ns()}", prompt,
-                                         SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)))
+    engine.add_request(
+        GenerationRequest(
+            f"d{time.perf_counter_ns()}", prompt, SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        )
+    )
     while not any(o.token_ids for o in engine.step()):
         pass
     times = []
@@ -105,11 +117,15 @@ def bench_model(label: str, model_dir: str, args, bandwidth: float) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     engine = LLMEngine.from_pretrained(model_dir, max_batch_size=max(args.concurrency), prefill_chunk=256)
-    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             return_dict=True)["input_ids"] for p in PROMPTS]
+    encoded = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+        for p in PROMPTS
+    ]
     engine_throughput(engine, encoded[:2], 4)  # warm-up
     row = {"model": label, "weights_mb": weight_bytes(engine.model) / 2**20}
-    row["hf_seq"] = hf_sequential(hf, tokenizer, PROMPTS[:args.hf_prompts], args.tokens)
+    row["hf_seq"] = hf_sequential(hf, tokenizer, PROMPTS[: args.hf_prompts], args.tokens)
     for c in args.concurrency:
         prompts = [encoded[i % len(encoded)] for i in range(c)]
         row[f"engine_{c}"] = engine_throughput(engine, prompts, args.tokens)
@@ -146,22 +162,34 @@ def main() -> None:
 
     teacher_dir = resolve_model("smollm2-135m-instruct")
     bandwidth = copy_bandwidth()
-    print(f"threads={args.threads} tokens/stream={args.tokens} copy bandwidth={bandwidth / 1e9:.2f} GB/s "
-          f"(read+write; {bandwidth / 2e9:.2f} GB/s counting copied bytes once)", flush=True)
+    print(
+        f"threads={args.threads} tokens/stream={args.tokens} copy bandwidth={bandwidth / 1e9:.2f} GB/s "
+        f"(read+write; {bandwidth / 2e9:.2f} GB/s counting copied bytes once)",
+        flush=True,
+    )
     cols = ["hf_seq"] + [f"engine_{c}" for c in args.concurrency]
-    print(f"{'model':<24}{'weights MB':>11}" + "".join(f"{c:>11}" for c in cols)
-          + f"{'x' + str(max(args.concurrency)) + '/seq':>9}{'b1 decode':>11}{'roofline':>10}{'% roof':>8}", flush=True)
+    print(
+        f"{'model':<24}{'weights MB':>11}"
+        + "".join(f"{c:>11}" for c in cols)
+        + f"{'x' + str(max(args.concurrency)) + '/seq':>9}{'b1 decode':>11}{'roofline':>10}{'% roof':>8}",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label in args.models.split(","):
             model_dir = teacher_dir if label == "teacher" else build_student(teacher_dir, tmp)
-            r = bench_model("SmolLM2-135M" if label == "teacher" else "student (from SmolLM2)", model_dir, args,
-                            bandwidth)
+            r = bench_model(
+                "SmolLM2-135M" if label == "teacher" else "student (from SmolLM2)", model_dir, args, bandwidth
+            )
             rows.append(r)
             ratio = r[f"engine_{max(args.concurrency)}"] / r["hf_seq"]
-            print(f"{r['model']:<24}{r['weights_mb']:>11.0f}" + "".join(f"{r[c]:>11.1f}" for c in cols)
-                  + f"{ratio:>8.1f}x{r['decode_b1']:>11.1f}{r['roofline']:>10.1f}"
-                  f"{100 * r['decode_b1'] / r['roofline']:>7.0f}%", flush=True)
+            print(
+                f"{r['model']:<24}{r['weights_mb']:>11.0f}"
+                + "".join(f"{r[c]:>11.1f}" for c in cols)
+                + f"{ratio:>8.1f}x{r['decode_b1']:>11.1f}{r['roofline']:>10.1f}"
+                f"{100 * r['decode_b1'] / r['roofline']:>7.0f}%",
+                flush=True,
+            )
     if len(rows) == 2:
         t, s = rows
         print("student / teacher: " + ", ".join(f"{c} {s[c] / t[c]:.2f}x" for c in cols + ["decode_b1"]))

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from pipelines.config import load_config
 from distill.losses import forward_kl
 from distill.training.data import data_dir_for, heldout_mask, read_table, rows_from_table
 from distill.training.stage import run_train_stage
+from pipelines.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def score(student_dir: Path, rows: list[dict], tokenizer) -> dict[str, float]:
         ids = torch.as_tensor(row["input_ids"])[None]
         start = row["prompt_len"]
         logits, _ = model.model(ids), None
-        hidden = logits.last_hidden_state[0, start - 1:-1]  # positions predicting the completion
+        hidden = logits.last_hidden_state[0, start - 1 : -1]  # positions predicting the completion
         logprobs = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)  # [C, V]
         targets = ids[0, start:]
         topk_ids = torch.as_tensor(row["topk_ids"])
@@ -62,8 +62,13 @@ def score(student_dir: Path, rows: list[dict], tokenizer) -> dict[str, float]:
         agree += float((logprobs.argmax(-1) == topk_ids[:, 0]).sum())
         tokens += targets.numel()
         nbytes += len(tokenizer.decode(targets.tolist()).encode("utf-8"))
-    return {"kl": kl_sum / tokens, "top1": agree / tokens, "bits_per_byte": ce_sum / math.log(2) / nbytes,
-            "tokens": int(tokens), "bytes": nbytes}
+    return {
+        "kl": kl_sum / tokens,
+        "top1": agree / tokens,
+        "bits_per_byte": ce_sum / math.log(2) / nbytes,
+        "tokens": int(tokens),
+        "bytes": nbytes,
+    }
 
 
 def main() -> None:
@@ -84,8 +89,13 @@ def main() -> None:
         shutil.copytree(Path(source_run) / "data", run / "data")
         cfg = load_config(args.config, [f"workdir={work}", *args.overrides])
         stages = [{"name": name, "steps": args.steps, "loss": loss, "routing": {}}]
-        cfg = cfg.model_copy(update={"train": cfg.train.model_validate(
-            {**cfg.train.model_dump(), "workers": 1, "stages": stages, "export_qwen2_moe": False})})
+        cfg = cfg.model_copy(
+            update={
+                "train": cfg.train.model_validate(
+                    {**cfg.train.model_dump(), "workers": 1, "stages": stages, "export_qwen2_moe": False}
+                )
+            }
+        )
         started = time.time()
         manifest = run_train_stage(cfg, str(run), use_ray=False, show_progress=True)
         results[name] = {"run": run, "seconds": time.time() - started, "tokens": manifest["tokens"], "cfg": cfg}
@@ -95,8 +105,11 @@ def main() -> None:
 
     table = read_table(shard_uris(data_dir_for(source_run)))
     held = heldout_mask(table, cfg.train.heldout_fraction, cfg.train.seed)
-    rows = [r for r in rows_from_table(table.filter(held)) if r["topk_ids"] is not None
-            and len(r["input_ids"]) > r["prompt_len"]]
+    rows = [
+        r
+        for r in rows_from_table(table.filter(held))
+        if r["topk_ids"] is not None and len(r["input_ids"]) > r["prompt_len"]
+    ]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(results["logit-kd"]["run"] / "student"))
@@ -104,15 +117,19 @@ def main() -> None:
     for name in ("logit-kd", "ce-only"):
         scores[name] = score(results[name]["run"] / "student", rows, tokenizer)
 
-    print(f"\nheld-out rows: {len(rows)} ({scores['init']['tokens']} completion tokens, {scores['init']['bytes']} bytes); "
-          f"{args.steps} steps each, {results['logit-kd']['tokens']} training completion tokens")
+    print(
+        f"\nheld-out rows: {len(rows)} ({scores['init']['tokens']} completion tokens, {scores['init']['bytes']} bytes); "
+        f"{args.steps} steps each, {results['logit-kd']['tokens']} training completion tokens"
+    )
     print(f"{'model':<10} {'KL(teacher||student)':>22} {'top-1 agree':>12} {'bits/byte':>10} {'train s':>8}")
     for name in ("init", "logit-kd", "ce-only"):
         s = scores[name]
         secs = results.get(name, {}).get("seconds", float("nan"))
         print(f"{name:<10} {s['kl']:>22.4f} {s['top1']:>12.3f} {s['bits_per_byte']:>10.4f} {secs:>8.1f}")
     kd, ce = scores["logit-kd"], scores["ce-only"]
-    print(f"\nKD/CE ratios (lower is better): KL {kd['kl'] / ce['kl']:.3f}, bits/byte {kd['bits_per_byte'] / ce['bits_per_byte']:.3f}")
+    print(
+        f"\nKD/CE ratios (lower is better): KL {kd['kl'] / ce['kl']:.3f}, bits/byte {kd['bits_per_byte'] / ce['bits_per_byte']:.3f}"
+    )
     print(f"logit KD better on both: {kd['kl'] < ce['kl'] and kd['bits_per_byte'] < ce['bits_per_byte']}")
     print(json.dumps({k: {m: round(v, 5) for m, v in s.items()} for k, s in scores.items()}))
 

@@ -29,11 +29,21 @@ from distill.student.moe import MoEBlock  # noqa: E402
 
 SHAPES = {
     # SmolLM2-135M FFN (576 x 1536) split into 8 experts of 192, 2 active
-    "smollm2-8x192-k2": dict(hidden_size=576, num_experts=8, moe_intermediate_size=192, num_experts_per_tok=2,
-                             shared_expert_intermediate_size=0),
+    "smollm2-8x192-k2": dict(
+        hidden_size=576,
+        num_experts=8,
+        moe_intermediate_size=192,
+        num_experts_per_tok=2,
+        shared_expert_intermediate_size=0,
+    ),
     # finer experts with a shared one: 16 x 96, 4 active, shared 384
-    "16x96-k4+shared384": dict(hidden_size=576, num_experts=16, moe_intermediate_size=96, num_experts_per_tok=4,
-                               shared_expert_intermediate_size=384),
+    "16x96-k4+shared384": dict(
+        hidden_size=576,
+        num_experts=16,
+        moe_intermediate_size=96,
+        num_experts_per_tok=4,
+        shared_expert_intermediate_size=384,
+    ),
 }
 
 
@@ -41,16 +51,27 @@ def build(shape: dict, device: str, dtype: torch.dtype):
     from transformers import Qwen2MoeConfig
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-    config = StudentConfig(vocab_size=32, num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3,
-                           head_dim=64, norm_topk_prob=True, **shape)
+    config = StudentConfig(
+        vocab_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        norm_topk_prob=True,
+        **shape,
+    )
     torch.manual_seed(0)
     ours = MoEBlock(config, 0)
     for p in ours.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    qcfg = Qwen2MoeConfig(hidden_size=config.hidden_size, num_experts=config.num_experts,
-                          moe_intermediate_size=config.moe_intermediate_size,
-                          num_experts_per_tok=config.num_experts_per_tok, norm_topk_prob=True,
-                          shared_expert_intermediate_size=config.shared_expert_intermediate_size)
+    qcfg = Qwen2MoeConfig(
+        hidden_size=config.hidden_size,
+        num_experts=config.num_experts,
+        moe_intermediate_size=config.moe_intermediate_size,
+        num_experts_per_tok=config.num_experts_per_tok,
+        norm_topk_prob=True,
+        shared_expert_intermediate_size=config.shared_expert_intermediate_size,
+    )
     theirs = Qwen2MoeSparseMoeBlock(qcfg)
     with torch.no_grad():
         theirs.gate.weight.copy_(ours.gate.weight)
@@ -64,8 +85,13 @@ def build(shape: dict, device: str, dtype: torch.dtype):
             theirs.shared_expert_gate.weight.zero_()
     active = config.num_experts_per_tok * config.moe_intermediate_size + config.shared_expert_intermediate_size
     dense = SwiGLU(config.hidden_size, active)
-    return (ours.to(device, dtype).eval(), theirs.to(device, dtype).eval(), qcfg,
-            dense.to(device, dtype).eval(), config)
+    return (
+        ours.to(device, dtype).eval(),
+        theirs.to(device, dtype).eval(),
+        qcfg,
+        dense.to(device, dtype).eval(),
+        config,
+    )
 
 
 def timed(fn, x, min_seconds: float) -> float:
@@ -82,8 +108,12 @@ def timed(fn, x, min_seconds: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 256, 1024])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 is steadier on a shared CPU; oversubscribed threads stall)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is steadier on a shared CPU; oversubscribed threads stall)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=5)
@@ -92,8 +122,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     print(f"device={args.device} dtype={args.dtype} threads={args.threads} torch={torch.__version__}")
-    header = (f"{'shape':<20} {'tokens':>6} {'ours tok/s':>11} {'hf eager':>10} {'hf grouped':>10} {'dense':>10} "
-              f"{'ours/eager':>10} {'ours/grouped':>12} {'ours/dense':>10} {'max|diff|':>9}")
+    header = (
+        f"{'shape':<20} {'tokens':>6} {'ours tok/s':>11} {'hf eager':>10} {'hf grouped':>10} {'dense':>10} "
+        f"{'ours/eager':>10} {'ours/grouped':>12} {'ours/dense':>10} {'max|diff|':>9}"
+    )
     print(header)
     for name, shape in SHAPES.items():
         ours, theirs, qcfg, dense, config = build(shape, args.device, dtype)
@@ -104,10 +136,15 @@ def main() -> None:
                 def forward(inp):
                     qcfg._experts_implementation = impl
                     return theirs(inp)
+
                 return forward
 
-            impls = {"ours": lambda inp, ours=ours: ours(inp, compute_aux=False)[0], "eager": run_theirs("eager"),
-                     "grouped": run_theirs("grouped_mm"), "dense": dense}
+            impls = {
+                "ours": lambda inp, ours=ours: ours(inp, compute_aux=False)[0],
+                "eager": run_theirs("eager"),
+                "grouped": run_theirs("grouped_mm"),
+                "dense": dense,
+            }
             with torch.no_grad():
                 diff = max((ours(x)[0] - run_theirs(impl)(x)).abs().max().item() for impl in ("eager", "grouped_mm"))
                 samples = {k: [] for k in impls}
@@ -115,10 +152,12 @@ def main() -> None:
                     for key, fn in impls.items():
                         samples[key].append(timed(fn, x, args.seconds))
             rate = {k: tokens / statistics.median(v) for k, v in samples.items()}
-            print(f"{name:<20} {tokens:>6} {rate['ours']:>11,.0f} {rate['eager']:>10,.0f} {rate['grouped']:>10,.0f} "
-                  f"{rate['dense']:>10,.0f} {rate['ours'] / rate['eager']:>9.2f}x "
-                  f"{rate['ours'] / rate['grouped']:>11.2f}x "
-                  f"{rate['ours'] / rate['dense']:>9.2f}x {diff:>9.1e}")
+            print(
+                f"{name:<20} {tokens:>6} {rate['ours']:>11,.0f} {rate['eager']:>10,.0f} {rate['grouped']:>10,.0f} "
+                f"{rate['dense']:>10,.0f} {rate['ours'] / rate['eager']:>9.2f}x "
+                f"{rate['ours'] / rate['grouped']:>11.2f}x "
+                f"{rate['ours'] / rate['dense']:>9.2f}x {diff:>9.1e}"
+            )
 
 
 if __name__ == "__main__":

@@ -62,38 +62,63 @@ def main() -> int:
     import httpx
     import torch
 
-    from serve.backends import EngineBackend
-
-    from serve.server_thread import ServerThread
-
     from serve.api import create_app
+    from serve.backends import EngineBackend
     from serve.engine.async_engine import AsyncEngine
     from serve.section import ServeSection
+    from serve.server_thread import ServerThread
 
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp(prefix="rd-fuzz-")
     engine = AsyncEngine.from_pretrained(tiny_model(os.path.join(tmp, "tiny")), max_model_len=256, max_batch_size=8)
     # A server configured for exposure: a key, and small per-request limits so generated requests stay cheap.
-    section = ServeSection(api_key_env=None, max_tokens_limit=32, max_tokens_default=16, max_n=2,
-                           max_choices_per_request=4, request_timeout_s=60)
+    section = ServeSection(
+        api_key_env=None,
+        max_tokens_limit=32,
+        max_tokens_default=16,
+        max_n=2,
+        max_choices_per_request=4,
+        request_timeout_s=60,
+    )
     app = create_app(EngineBackend(engine, name="tiny"), section, api_keys=[KEY], close_backends=True)
     counter = StatusCounter(app)
     server = ServerThread(counter).start()
     url = server.base_url
     try:
-        cmd = [os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run", f"{url}/openapi.json",
-               "-H", f"Authorization: Bearer {KEY}", "--checks", "not_a_server_error",
-               "--max-examples", str(args.max_examples), "--seed", str(args.seed), "--workers", "1",
-               "--request-timeout", "60", "--max-time", str(args.max_time), "--continue-on-failure",
-               "--warnings", "off"]
+        cmd = [
+            os.path.join(os.path.dirname(sys.executable), "schemathesis"),
+            "run",
+            f"{url}/openapi.json",
+            "-H",
+            f"Authorization: Bearer {KEY}",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            str(args.max_examples),
+            "--seed",
+            str(args.seed),
+            "--workers",
+            "1",
+            "--request-timeout",
+            "60",
+            "--max-time",
+            str(args.max_time),
+            "--continue-on-failure",
+            "--warnings",
+            "off",
+        ]
         print("$", " ".join(cmd), flush=True)
         proc = subprocess.run(cmd, text=True, capture_output=True, cwd=tmp)  # its report folder goes there
         print(proc.stdout[-6000:])
         if proc.stderr.strip():
             print(proc.stderr[-2000:], file=sys.stderr)
         health = httpx.get(url + "/health", timeout=30).status_code
-        chat = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                          json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        chat = httpx.post(
+            url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=60,
+            json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )
         unauth = httpx.get(url + "/v1/models", timeout=30).status_code
     finally:
         server.stop()
@@ -104,8 +129,10 @@ def main() -> int:
     total = sum(by_status.values())
     print(f"fuzz: {total} HTTP responses, by status {dict(sorted(by_status.items()))}")
     print(f"fuzz: 5xx responses: {sum(server_errors.values())} {server_errors or ''}")
-    print(f"after the fuzz: GET /health {health}, chat completion {chat.status_code}, "
-          f"GET /v1/models without a key {unauth}; schemathesis exit code {proc.returncode}")
+    print(
+        f"after the fuzz: GET /health {health}, chat completion {chat.status_code}, "
+        f"GET /v1/models without a key {unauth}; schemathesis exit code {proc.returncode}"
+    )
     ok = not server_errors and health == 200 and chat.status_code == 200 and unauth == 401 and proc.returncode == 0
     print("fuzz: PASS" if ok else "fuzz: FAIL")
     return 0 if ok else 1

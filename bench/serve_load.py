@@ -31,25 +31,32 @@ sys.path.insert(0, str(ROOT))
 
 from bench._serving import free_port, wait_healthy  # noqa: E402
 
-PROMPTS = ["Explain why the sky is blue in two sentences.", "Write a haiku about the sea.",
-           "What is the capital of France?", "List three uses of a paperclip.", "Describe a cat to a child.",
-           "Give me a short recipe for pancakes.", "Why do leaves change colour in autumn?",
-           "What is 17 times 23?"]
+PROMPTS = [
+    "Explain why the sky is blue in two sentences.",
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "List three uses of a paperclip.",
+    "Describe a cat to a child.",
+    "Give me a short recipe for pancakes.",
+    "Why do leaves change colour in autumn?",
+    "What is 17 times 23?",
+]
 
 
 # ------------------------------------------------------------------------------------------ server side
 def run_server(port: int, teacher_dir: str, student_dir: str, threads: int, max_batch: int) -> None:
     import torch
 
-    from serve.backends import EngineBackend
-
     from serve.api import create_app
+    from serve.backends import EngineBackend
     from serve.engine.async_engine import AsyncEngine
     from serve.section import ServeSection
 
     torch.set_num_threads(threads)
-    backends = [EngineBackend(AsyncEngine.from_pretrained(d, max_batch_size=max_batch), name=n)
-                for n, d in (("teacher", teacher_dir), ("student", student_dir))]
+    backends = [
+        EngineBackend(AsyncEngine.from_pretrained(d, max_batch_size=max_batch), name=n)
+        for n, d in (("teacher", teacher_dir), ("student", student_dir))
+    ]
     section = ServeSection(port=port, api_key_env=None, max_ongoing_requests=256, max_queued_requests=256)
     import uvicorn
 
@@ -71,8 +78,15 @@ def build_student(teacher_dir: str, out_dir: str) -> str:
 # ------------------------------------------------------------------------------------------ client side
 async def one_stream(http, url: str, model: str, prompt: str, tokens: int) -> tuple[float, int]:
     """(seconds to the first content chunk, completion tokens) of one streaming chat completion."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     ttft, completion = None, 0
     async with http.stream("POST", url + "/v1/chat/completions", json=body) as resp:
@@ -107,8 +121,12 @@ async def load_level(url: str, model: str, concurrency: int, requests: int, toke
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     ttfts = sorted(r[0] for r in results)
-    return {"ttft_p50": statistics.median(ttfts), "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
-            "tok_s": sum(r[1] for r in results) / wall, "requests": len(results)}
+    return {
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+        "tok_s": sum(r[1] for r in results) / wall,
+        "requests": len(results),
+    }
 
 
 def hf_sequential(model_dir: str, tokens: int, prompts: int, threads: int) -> float:
@@ -121,12 +139,14 @@ def hf_sequential(model_dir: str, tokens: int, prompts: int, threads: int) -> fl
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     generated, start = 0, None
-    for i, prompt in enumerate(PROMPTS[:prompts + 1]):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+    for i, prompt in enumerate(PROMPTS[: prompts + 1]):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                                 min_new_tokens=tokens, do_sample=False)
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
+            )
         if i == 0:  # warm-up
             start = time.perf_counter()
             continue
@@ -160,8 +180,21 @@ def main() -> None:
         if not port:
             port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-        server = subprocess.Popen([sys.executable, __file__, "--_server", str(port), teacher_dir, student_dir,
-                                   "--threads", str(args.threads), "--concurrency", args.concurrency], env=env)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--_server",
+                str(port),
+                teacher_dir,
+                student_dir,
+                "--threads",
+                str(args.threads),
+                "--concurrency",
+                args.concurrency,
+            ],
+            env=env,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(url, server, timeout_s=300)
@@ -175,23 +208,29 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=60)
-        hf = {m: hf_sequential(d, args.tokens, args.hf_prompts, args.threads)
-              for m, d in (("teacher", teacher_dir), ("student", student_dir))}
+        hf = {
+            m: hf_sequential(d, args.tokens, args.hf_prompts, args.threads)
+            for m, d in (("teacher", teacher_dir), ("student", student_dir))
+        }
 
     print(f"server threads={args.threads}, {args.tokens} completion tokens per request, greedy, streaming chat")
     print(f"{'model':<9}{'conc':>5}{'reqs':>6}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'out tok/s':>11}")
     for model, by_c in rows.items():
         for c, r in by_c.items():
-            print(f"{model:<9}{c:>5}{r['requests']:>6}{1000 * r['ttft_p50']:>13.0f}{1000 * r['ttft_p99']:>13.0f}"
-                  f"{r['tok_s']:>11.1f}")
+            print(
+                f"{model:<9}{c:>5}{r['requests']:>6}{1000 * r['ttft_p50']:>13.0f}{1000 * r['ttft_p99']:>13.0f}"
+                f"{r['tok_s']:>11.1f}"
+            )
     print("student / teacher:")
     for c in levels:
         s, t = rows["student"][c], rows["teacher"][c]
         print(f"  c={c:<3} tokens/s {s['tok_s'] / t['tok_s']:.2f}x   TTFT p50 {s['ttft_p50'] / t['ttft_p50']:.2f}x")
     top = max(levels)
     for model in ("teacher", "student"):
-        print(f"{model}: sequential transformers.generate {hf[model]:.1f} tok/s; server at c={top} "
-              f"{rows[model][top]['tok_s']:.1f} tok/s = {rows[model][top]['tok_s'] / hf[model]:.1f}x")
+        print(
+            f"{model}: sequential transformers.generate {hf[model]:.1f} tok/s; server at c={top} "
+            f"{rows[model][top]['tok_s']:.1f} tok/s = {rows[model][top]['tok_s'] / hf[model]:.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -55,25 +55,29 @@ def serve(port: int, engine_kind: str, slots: int, queued: int, threads: int, mo
     log.addHandler(logging.FileHandler(log_path))
     log.propagate = False
 
-    from serve.backends import EngineBackend
-
     from serve.api import create_app
+    from serve.backends import EngineBackend
     from serve.section import ServeSection
 
     torch.set_num_threads(threads)
     if engine_kind == "fake":
         from tests.serve.fake_engine import FakeAsyncEngine
 
-        engine = FakeAsyncEngine.from_pretrained(model_dir, max_batch_size=slots, token_delay=0.02,
-                                                 max_model_len=512)
+        engine = FakeAsyncEngine.from_pretrained(model_dir, max_batch_size=slots, token_delay=0.02, max_model_len=512)
     else:
         from serve.engine.async_engine import AsyncEngine
 
         engine = AsyncEngine.from_pretrained(model_dir, max_model_len=512, max_batch_size=slots)
-    section = ServeSection(api_key_env=None, max_batch_size=slots, max_ongoing_requests=slots,
-                           max_queued_requests=queued)
-    uvicorn.run(create_app(EngineBackend(engine, name="m"), section, close_backends=True), host="127.0.0.1",
-                port=port, log_level="error", backlog=4096)
+    section = ServeSection(
+        api_key_env=None, max_batch_size=slots, max_ongoing_requests=slots, max_queued_requests=queued
+    )
+    uvicorn.run(
+        create_app(EngineBackend(engine, name="m"), section, close_backends=True),
+        host="127.0.0.1",
+        port=port,
+        log_level="error",
+        backlog=4096,
+    )
 
 
 # ------------------------------------------------------------------------------------------ client side
@@ -84,8 +88,7 @@ def is_openai_error(body: Any) -> bool:
 
 async def one(http: Any, url: str, tokens: int) -> dict:
     t0 = time.perf_counter()
-    body = {"model": "m", "messages": MSGS, "max_tokens": tokens, "stream": True, "temperature": 0,
-            "ignore_eos": True}
+    body = {"model": "m", "messages": MSGS, "max_tokens": tokens, "stream": True, "temperature": 0, "ignore_eos": True}
     out: dict = {"ttft": None, "finish": None, "error_shape": None}
     async with http.stream("POST", url + "/v1/chat/completions", json=body) as resp:
         out["status"] = resp.status_code
@@ -159,8 +162,10 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--idle", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", help="model dir or alias for --engine tiny (default: a tiny random LLaMA); e.g. "
-                                    "smollm2-135m-instruct")
+    ap.add_argument(
+        "--model",
+        help="model dir or alias for --engine tiny (default: a tiny random LLaMA); e.g. smollm2-135m-instruct",
+    )
     ap.add_argument("--serve", nargs=3, metavar=("PORT", "MODEL_DIR", "LOG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -171,14 +176,33 @@ def main() -> int:
     from tests.conftest import make_tiny_llama
 
     tmp = Path(tempfile.mkdtemp(prefix="rd-overload-"))
-    model_dir = (resolve_model(args.model) if args.model
-                 else make_tiny_llama(tmp / "tiny", resolve_model("smollm2-135m-instruct")))
+    model_dir = (
+        resolve_model(args.model)
+        if args.model
+        else make_tiny_llama(tmp / "tiny", resolve_model("smollm2-135m-instruct"))
+    )
     log_path = str(tmp / "server.log")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.Popen([sys.executable, __file__, "--engine", args.engine, "--slots", str(args.slots),
-                             "--queued", str(args.queued), "--threads", str(args.threads), "--serve", str(port),
-                             model_dir, log_path], env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--engine",
+            args.engine,
+            "--slots",
+            str(args.slots),
+            "--queued",
+            str(args.queued),
+            "--threads",
+            str(args.threads),
+            "--serve",
+            str(port),
+            model_dir,
+            log_path,
+        ],
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, timeout_s=180)
@@ -205,31 +229,50 @@ def main() -> int:
     p50 = statistics.median(ttft)
     # Server-side TTFT of the streams (handler start -> first token): the idle ones are the first
     # 2 + --idle lines (warm-up + idle phase), the rest are the overload's admitted requests.
-    server_ttft = [float(m.group(1)) for m in (re.search(r"status=200 .*ttft=([0-9.]+)s", ln)
-                                               for ln in server_lines) if m]
+    server_ttft = [
+        float(m.group(1)) for m in (re.search(r"status=200 .*ttft=([0-9.]+)s", ln) for ln in server_lines) if m
+    ]
     n_idle = 2 + args.idle
     s_idle, s_load = server_ttft[2:n_idle], server_ttft[n_idle:]
-    engine = ("fake engine (20 ms/token)" if args.engine == "fake"
-              else f"our engine on {args.model or 'a tiny random LLaMA'}")
-    print(f"{engine}, slots {args.slots} (batch = max_ongoing_requests), max_queued_requests "
-          f"{args.queued}; {run['concurrent']} concurrent streams x {args.rounds} rounds, {args.tokens} tokens each, "
-          f"{run['wall']:.1f}s")
-    print(f"responses by status: {dict(sorted(by_status.items()))}; non-200 not 429/503: {len(bad_status)}; "
-          f"non-200 not in OpenAI's error shape: {len(bad_shape)}; admitted streams without a finish reason: "
-          f"{len(unfinished)}")
-    print(f"/health during the overload: {len(health_codes)} polls, {health_codes.count(200)} x 200, "
-          f"latency p50 {statistics.median(health_lat) * 1000:.1f} ms, max {max(health_lat) * 1000:.1f} ms")
-    print(f"TTFT seen by the client: idle p50 {idle_p50 * 1000:.1f} ms; admitted under overload p50 "
-          f"{p50 * 1000:.1f} ms, p90 {pct(ttft, 90) * 1000:.1f} ms -> p50 ratio {p50 / idle_p50:.2f}x")
+    engine = (
+        "fake engine (20 ms/token)" if args.engine == "fake" else f"our engine on {args.model or 'a tiny random LLaMA'}"
+    )
+    print(
+        f"{engine}, slots {args.slots} (batch = max_ongoing_requests), max_queued_requests "
+        f"{args.queued}; {run['concurrent']} concurrent streams x {args.rounds} rounds, {args.tokens} tokens each, "
+        f"{run['wall']:.1f}s"
+    )
+    print(
+        f"responses by status: {dict(sorted(by_status.items()))}; non-200 not 429/503: {len(bad_status)}; "
+        f"non-200 not in OpenAI's error shape: {len(bad_shape)}; admitted streams without a finish reason: "
+        f"{len(unfinished)}"
+    )
+    print(
+        f"/health during the overload: {len(health_codes)} polls, {health_codes.count(200)} x 200, "
+        f"latency p50 {statistics.median(health_lat) * 1000:.1f} ms, max {max(health_lat) * 1000:.1f} ms"
+    )
+    print(
+        f"TTFT seen by the client: idle p50 {idle_p50 * 1000:.1f} ms; admitted under overload p50 "
+        f"{p50 * 1000:.1f} ms, p90 {pct(ttft, 90) * 1000:.1f} ms -> p50 ratio {p50 / idle_p50:.2f}x"
+    )
     server_ratio = float("inf")
     if s_idle and s_load:
         server_ratio = statistics.median(s_load) / statistics.median(s_idle)
-        print(f"TTFT in the server (request handler start -> first token): idle p50 "
-              f"{statistics.median(s_idle) * 1000:.1f} ms; admitted under overload p50 "
-              f"{statistics.median(s_load) * 1000:.1f} ms, p90 {pct(s_load, 90) * 1000:.1f} ms -> p50 ratio "
-              f"{server_ratio:.2f}x (limit 2x)")
-    ok = (not bad_status and not bad_shape and not unfinished and health_codes and
-          all(c == 200 for c in health_codes) and server_ratio <= 2 and by_status.get(429, 0) > 0)
+        print(
+            f"TTFT in the server (request handler start -> first token): idle p50 "
+            f"{statistics.median(s_idle) * 1000:.1f} ms; admitted under overload p50 "
+            f"{statistics.median(s_load) * 1000:.1f} ms, p90 {pct(s_load, 90) * 1000:.1f} ms -> p50 ratio "
+            f"{server_ratio:.2f}x (limit 2x)"
+        )
+    ok = (
+        not bad_status
+        and not bad_shape
+        and not unfinished
+        and health_codes
+        and all(c == 200 for c in health_codes)
+        and server_ratio <= 2
+        and by_status.get(429, 0) > 0
+    )
     print("overload: PASS" if ok else "overload: FAIL")
     return 0 if ok else 1
 

@@ -32,16 +32,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 is steadier on a shared CPU; oversubscribed threads stall)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is steadier on a shared CPU; oversubscribed threads stall)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
-    hybrid_cfg = StudentConfig(num_hidden_layers=8, sliding_window=args.window,
-                               max_position_embeddings=args.context + args.steps + 8)
+    hybrid_cfg = StudentConfig(
+        num_hidden_layers=8, sliding_window=args.window, max_position_embeddings=args.context + args.steps + 8
+    )
     full_cfg = hybrid_cfg.replace(layer_types=["full_attention"] * 8)
     torch.manual_seed(0)
     hybrid = StudentLM(hybrid_cfg).to(args.device, dtype).eval()
@@ -49,10 +54,14 @@ def main() -> None:
     full.load_state_dict(hybrid.state_dict())
     prompt = torch.randint(0, hybrid_cfg.vocab_size, (args.batch, args.context), device=args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    print(f"device={args.device} dtype={args.dtype} threads={args.threads} batch={args.batch} "
-          f"context={args.context} steps={args.steps} window={args.window}")
-    print(f"layers: hybrid {' '.join('F' if t == 'full_attention' else 'S' for t in hybrid_cfg.layer_types)}"
-          f" | full {' '.join('F' for _ in full_cfg.layer_types)}")
+    print(
+        f"device={args.device} dtype={args.dtype} threads={args.threads} batch={args.batch} "
+        f"context={args.context} steps={args.steps} window={args.window}"
+    )
+    print(
+        f"layers: hybrid {' '.join('F' if t == 'full_attention' else 'S' for t in hybrid_cfg.layer_types)}"
+        f" | full {' '.join('F' for _ in full_cfg.layer_types)}"
+    )
 
     results = {}
     with torch.no_grad():
@@ -61,8 +70,13 @@ def main() -> None:
             cache = model.new_cache(args.batch, max_seq_len=args.context + args.steps + 1)
             logits, cache = model.prefill(prompt, cache=cache)
             sync()
-            results[name] = {"prefill_s": time.perf_counter() - start, "cache": cache, "logits": logits,
-                             "bytes": cache.nbytes(), "decode": []}
+            results[name] = {
+                "prefill_s": time.perf_counter() - start,
+                "cache": cache,
+                "logits": logits,
+                "bytes": cache.nbytes(),
+                "decode": [],
+            }
         # Decode in interleaved rounds from copies of the prefilled caches.
         per_round = max(1, args.steps // args.rounds)
         for _ in range(args.rounds):
@@ -83,8 +97,10 @@ def main() -> None:
     at_ctx_f = kv_cache_bytes(full_cfg, args.context, args.batch, dtype_bytes=2)["total"]
     print(f"{'':<28} {'hybrid 3:1':>14} {'all-full':>14} {'ratio':>8}")
     print(f"{'decode tokens/s':<28} {rate_h:>14,.1f} {rate_f:>14,.1f} {rate_h / rate_f:>7.2f}x")
-    print(f"{'prefill seconds':<28} {h['prefill_s']:>14.2f} {f['prefill_s']:>14.2f} "
-          f"{h['prefill_s'] / f['prefill_s']:>7.2f}x")
+    print(
+        f"{'prefill seconds':<28} {h['prefill_s']:>14.2f} {f['prefill_s']:>14.2f} "
+        f"{h['prefill_s'] / f['prefill_s']:>7.2f}x"
+    )
     print(f"{'KV cache bytes (measured)':<28} {h['bytes']:>14,} {f['bytes']:>14,} {h['bytes'] / f['bytes']:>7.2f}x")
     print(f"{'KV bytes at ctx, bf16 (calc)':<28} {at_ctx_h:>14,} {at_ctx_f:>14,} {at_ctx_h / at_ctx_f:>7.2f}x")
     print(f"positions after decode: {h['cache'].lengths.tolist()} (sliding rings hold {args.window} slots)")

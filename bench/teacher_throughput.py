@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.config import load_config  # noqa: E402
 from cluster.ray_init import connect  # noqa: E402
 from distill.data.generate import run_generate_stage, sampling_from_config  # noqa: E402
 from distill.data.prompts import read_prompt_files  # noqa: E402
 from distill.teacher import load_backend  # noqa: E402
+from pipelines.config import load_config  # noqa: E402
 
 TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bicycles", "music", "rain"]
 
@@ -32,8 +32,10 @@ def write_prompts(path: Path, n: int) -> None:
 
     with open(path, "w") as handle:
         for i in range(n):
-            handle.write(json.dumps({"prompt": f"Tell me something interesting about {TOPICS[i % len(TOPICS)]} "
-                                               f"(fact #{i})."}) + "\n")
+            handle.write(
+                json.dumps({"prompt": f"Tell me something interesting about {TOPICS[i % len(TOPICS)]} (fact #{i})."})
+                + "\n"
+            )
 
 
 def main() -> None:
@@ -48,10 +50,21 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-teacher-"))
     prompts = tmp / "prompts.jsonl"
     write_prompts(prompts, args.prompts)
-    cfg = load_config(None, [f"workdir={tmp}", f"teacher.model={args.model}", "prompts.source=file",
-                             f"prompts.path={prompts}", "prompts.count=null", f"teacher.replicas={args.replicas}",
-                             f"teacher.batch_size={args.batch_size}", f"generate.max_new_tokens={args.new_tokens}",
-                             "generate.temperature=0", "generate.logprobs=20"])
+    cfg = load_config(
+        None,
+        [
+            f"workdir={tmp}",
+            f"teacher.model={args.model}",
+            "prompts.source=file",
+            f"prompts.path={prompts}",
+            "prompts.count=null",
+            f"teacher.replicas={args.replicas}",
+            f"teacher.batch_size={args.batch_size}",
+            f"generate.max_new_tokens={args.new_tokens}",
+            "generate.temperature=0",
+            "generate.logprobs=20",
+        ],
+    )
     load_backend(cfg.teacher)  # warm the converted-weights cache so neither side pays the one-off conversion
 
     import torch
@@ -74,15 +87,18 @@ def main() -> None:
     ray_tokens = manifest["completion_tokens"]
 
     direct_tps, ray_tps = direct_tokens / direct_s, ray_tokens / ray_s
-    print(f"\nteacher={args.model} prompts={args.prompts} new_tokens={args.new_tokens} top-k=20 "
-          f"batch={args.batch_size} replicas={args.replicas} cores={os.cpu_count()}")
+    print(
+        f"\nteacher={args.model} prompts={args.prompts} new_tokens={args.new_tokens} top-k=20 "
+        f"batch={args.batch_size} replicas={args.replicas} cores={os.cpu_count()}"
+    )
     print(f"{'':34}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}")
     print(f"{'direct, one process (incl. load)':34}{direct_tokens:>8}{direct_s:>10.1f}{direct_tps:>10.1f}")
     print(f"{'direct, generation only':34}{direct_tokens:>8}{direct_gen_s:>10.1f}{direct_tokens / direct_gen_s:>10.1f}")
     print(f"{'raydistill generate (Ray Data)':34}{ray_tokens:>8}{ray_s:>10.1f}{ray_tps:>10.1f}")
     print(f"ratio ray/direct (end to end): {ray_tps / direct_tps:.2f}   (target >= 0.85)")
-    print(f"{args.prompts} prompts x {args.new_tokens} new tokens with top-20 log-probs: {ray_s:.1f} s "
-          f"(target < 120 s)")
+    print(
+        f"{args.prompts} prompts x {args.new_tokens} new tokens with top-20 log-probs: {ray_s:.1f} s (target < 120 s)"
+    )
 
 
 if __name__ == "__main__":

@@ -38,10 +38,22 @@ def synthetic_run(workdir: Path, rows: int, length: int, vocab: int, k: int = 20
         comp = length - prompt_len
         topk = rng.integers(0, vocab, size=(comp, k))
         lp = np.sort(np.log(rng.dirichlet(np.ones(k + 1), size=comp)[:, :k]), axis=-1)[:, ::-1]
-        table_rows.append({"prompt_id": prompt_id("bench", str(i), 0), "prompt": str(i), "completion": "",
-                           "input_ids": ids, "prompt_len": prompt_len, "completion_len": comp,
-                           "topk_ids": topk.tolist(), "topk_logprobs": lp.astype(np.float32).tolist(),
-                           "teacher": "synthetic", "sampling": "{}", "finish_reason": "length", "source": "bench"})
+        table_rows.append(
+            {
+                "prompt_id": prompt_id("bench", str(i), 0),
+                "prompt": str(i),
+                "completion": "",
+                "input_ids": ids,
+                "prompt_len": prompt_len,
+                "completion_len": comp,
+                "topk_ids": topk.tolist(),
+                "topk_logprobs": lp.astype(np.float32).tolist(),
+                "teacher": "synthetic",
+                "sampling": "{}",
+                "finish_reason": "length",
+                "source": "bench",
+            }
+        )
     write_parquet(str(out / "part-0.parquet"), to_table(table_rows))
     return run
 
@@ -75,11 +87,20 @@ def main() -> None:
     import torch
 
     work = Path(tempfile.mkdtemp(prefix="train-bench-"))
-    overrides = [f"workdir={work}", "name=bench", "student.init=random", f"student.num_hidden_layers={args.layers}",
-                 f"train.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}", "train.log_every=3",
-                 "train.checkpoint_every=1000", "train.heldout_fraction=0.05", "train.heldout_max_rows=2",
-                 "train.export_qwen2_moe=false",
-                 f"train.stages=[{{name: bench, steps: {args.steps}, loss: {{forward_kl: 1.0, ce: 0.5}}}}]"]
+    overrides = [
+        f"workdir={work}",
+        "name=bench",
+        "student.init=random",
+        f"student.num_hidden_layers={args.layers}",
+        f"train.seq_len={args.seq_len}",
+        f"train.micro_batch_size={args.micro_batch}",
+        "train.log_every=3",
+        "train.checkpoint_every=1000",
+        "train.heldout_fraction=0.05",
+        "train.heldout_max_rows=2",
+        "train.export_qwen2_moe=false",
+        f"train.stages=[{{name: bench, steps: {args.steps}, loss: {{forward_kl: 1.0, ce: 0.5}}}}]",
+    ]
     cfg = load_config(ROOT / "pipelines/configs/quickstart.yaml", overrides)
     from distill.teacher.sources import resolve_model
 
@@ -94,17 +115,21 @@ def main() -> None:
     results["cpu, 1 worker (no Ray)"] = measure(cfg, run, 1, use_ray=False)
     connect(None, num_cpus=2)
     results["cpu, 1 Ray worker"] = measure(cfg, run, 1, use_ray=True)
-    results["cpu, 2 Ray workers"] = measure(cfg.model_copy(update={"train": cfg.train.model_copy(
-        update={"threads_per_worker": 1})}), run, 2, use_ray=True)
+    results["cpu, 2 Ray workers"] = measure(
+        cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads_per_worker": 1})}), run, 2, use_ray=True
+    )
 
     from distill.student.accounting import flops_per_token
     from distill.student.config import StudentConfig
 
-    student = StudentConfig.from_dict(json.loads((run / "train" / "init" / "config.json").read_text()),
-                                      ignore_unknown=True)
+    student = StudentConfig.from_dict(
+        json.loads((run / "train" / "init" / "config.json").read_text()), ignore_unknown=True
+    )
     train_flops = 3 * flops_per_token(student, args.seq_len)  # forward + backward ~ 3x forward
-    print(f"\nstudent: {args.layers} layers, seq_len {args.seq_len}, micro-batch {args.micro_batch}, "
-          f"~{train_flops / 1e9:.2f} GFLOP per trained token")
+    print(
+        f"\nstudent: {args.layers} layers, seq_len {args.seq_len}, micro-batch {args.micro_batch}, "
+        f"~{train_flops / 1e9:.2f} GFLOP per trained token"
+    )
     base = results["cpu, 1 worker (no Ray)"]["tokens_per_s"]
     for name, r in results.items():
         line = f"{name:<32} {r['tokens_per_s']:>9.1f} tokens/s   x{r['tokens_per_s'] / base:.2f} vs 1 CPU worker"

@@ -15,8 +15,24 @@ import time
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-TOPICS = ["the sea", "mountains", "coffee", "trains", "rain", "music", "bread", "the moon", "cats", "rivers",
-          "winter", "books", "gardens", "bridges", "clocks", "birds"]
+TOPICS = [
+    "the sea",
+    "mountains",
+    "coffee",
+    "trains",
+    "rain",
+    "music",
+    "bread",
+    "the moon",
+    "cats",
+    "rivers",
+    "winter",
+    "books",
+    "gardens",
+    "bridges",
+    "clocks",
+    "birds",
+]
 
 
 def main() -> None:
@@ -25,20 +41,23 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
     args = parser.parse_args()
 
-    from distill.teacher.sources import encode_prompt
-    from distill.teacher.sources import resolve_model
-    from serve.engine.types import GenerationRequest, SamplingOptions
+    from distill.teacher.sources import encode_prompt, resolve_model
     from serve.engine.engine import LLMEngine
+    from serve.engine.types import GenerationRequest, SamplingOptions
 
     model_dir = resolve_model("smollm2-135m-instruct")
     engine = LLMEngine.from_pretrained(model_dir, dtype="float32", max_batch_size=max(args.streams))
-    prompts = [encode_prompt(engine.tokenizer, [{"role": "user", "content": f"Write about {t}."}])
-               for t in TOPICS]
+    prompts = [encode_prompt(engine.tokenizer, [{"role": "user", "content": f"Write about {t}."}]) for t in TOPICS]
     results: dict[tuple[str, int], float] = {}
     for n in args.streams:
-        reqs = [GenerationRequest(f"b{n}-{i}", prompts[i % len(prompts)],
-                                  SamplingOptions(max_tokens=args.tokens, temperature=0.0, ignore_eos=True))
-                for i in range(n)]
+        reqs = [
+            GenerationRequest(
+                f"b{n}-{i}",
+                prompts[i % len(prompts)],
+                SamplingOptions(max_tokens=args.tokens, temperature=0.0, ignore_eos=True),
+            )
+            for i in range(n)
+        ]
         t0 = time.perf_counter()
         out = engine.generate(reqs)
         wall = time.perf_counter() - t0
@@ -48,8 +67,9 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1, max_model_len=512,
-              seed=0)
+    llm = LLM(
+        model=model_dir, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1, max_model_len=512, seed=0
+    )
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
     llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)  # warm-up
     for n in args.streams:

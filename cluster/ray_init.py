@@ -17,8 +17,17 @@ from cluster.errors import RaydistillError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Kept out of the working_dir upload: environments, run outputs and caches.
-RUNTIME_ENV_EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", ".pytest_cache/", "*.egg-info/",
-                        "bench/out/", "*.safetensors", "*.gguf"]
+RUNTIME_ENV_EXCLUDES = [
+    ".venv/",
+    "runs/",
+    ".git/",
+    "**/__pycache__/",
+    ".pytest_cache/",
+    "*.egg-info/",
+    "bench/out/",
+    "*.safetensors",
+    "*.gguf",
+]
 
 
 def build_runtime_env(
@@ -32,10 +41,7 @@ def build_runtime_env(
     ``extras`` (e.g. ``["gpu"]``) become ``raydistill[gpu]``-style requirements resolved from the
     working_dir, so cluster nodes get the same optional dependencies as the driver asked for.
     """
-    env: dict[str, Any] = {
-        "working_dir": str(working_dir or PROJECT_ROOT),
-        "excludes": list(RUNTIME_ENV_EXCLUDES),
-    }
+    env: dict[str, Any] = {"working_dir": str(working_dir or PROJECT_ROOT), "excludes": list(RUNTIME_ENV_EXCLUDES)}
     packages = list(pip or [])
     if extras:
         packages.extend(_extra_requirements(extras))
@@ -81,17 +87,23 @@ def connect(
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # Ray Train V2 is the default in recent Ray; make it explicit so older 2.x behave the same.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    common: dict[str, Any] = dict(namespace=namespace, logging_level=log_level,
-                                  ignore_reinit_error=True, log_to_driver=True)
+    common: dict[str, Any] = dict(
+        namespace=namespace, logging_level=log_level, ignore_reinit_error=True, log_to_driver=True
+    )
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]  # set by `ray job submit` and by users
     if address is None:
         cpus = num_cpus or os.cpu_count() or 1
         # Cap the object store: the default (30% of RAM) starves a laptop's torch workers.
         object_store = min(2 * 1024**3, int(_total_memory() * 0.15))
-        ray.init(num_cpus=cpus, num_gpus=num_gpus if num_gpus is not None else _local_gpus(),
-                 include_dashboard=dashboard, object_store_memory=object_store,
-                 runtime_env=runtime_env, **common)
+        ray.init(
+            num_cpus=cpus,
+            num_gpus=num_gpus if num_gpus is not None else _local_gpus(),
+            include_dashboard=dashboard,
+            object_store_memory=object_store,
+            runtime_env=runtime_env,
+            **common,
+        )
     else:
         try:
             ray.init(address=address, runtime_env=runtime_env or build_runtime_env(), **common)
@@ -99,7 +111,8 @@ def connect(
             raise RaydistillError(
                 f"cannot reach Ray at ray.address={address!r} ({exc}); start a cluster "
                 "(`ray start --head` or `ray up ray_cluster.yaml`) or set ray.address: null "
-                "for the embedded local Ray") from exc
+                "for the embedded local Ray"
+            ) from exc
     return ray.cluster_resources()
 
 

@@ -43,5 +43,7 @@ def run_dir(cfg: RunConfig, run_id: str | None = None, *, create: bool = False) 
         return uri
     runs = list_runs(cfg)
     if not runs:
-        raise RaydistillError(f"no runs of {cfg.name!r} under {root}; start one with `raydistill generate --config FILE`")
+        raise RaydistillError(
+            f"no runs of {cfg.name!r} under {root}; start one with `raydistill generate --config FILE`"
+        )
     return storage.join(root, runs[-1])

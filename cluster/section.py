@@ -7,7 +7,7 @@ typed sections, never the root config.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -18,8 +18,9 @@ class Section(BaseModel):
     """Unknown keys are errors, assignment is validated."""
 
     # coerce_numbers_to_str: YAML and --set read `name: 2024` or `revision: 1234567` as numbers.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False,
-                              coerce_numbers_to_str=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_enum_values=False, coerce_numbers_to_str=True
+    )
 
 
 class BuiltInCode(BaseModel):
@@ -33,13 +34,17 @@ class BuiltInCode(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']} "
-                                        f"(got {e.get('input')!r})" for e in exc.errors())) from None
+            raise ConfigError(
+                "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']} (got {e.get('input')!r})"
+                    for e in exc.errors()
+                )
+            ) from None
 
 
 class RaySection(Section):
-    address: Optional[str] = None  # null = start a local Ray (embedded default)
-    num_cpus: Optional[int] = Field(default=None, ge=1)
+    address: str | None = None  # null = start a local Ray (embedded default)
+    num_cpus: int | None = Field(default=None, ge=1)
     dashboard: bool = False
     extras: list[str] = Field(default_factory=list, description="pip extras installed on cluster nodes")
 

@@ -16,8 +16,9 @@ import posixpath
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -33,8 +34,11 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return url_to_fs(uri)
     except (ImportError, ValueError) as exc:
         scheme = uri.split("://", 1)[0] if "://" in uri else "file"
-        hint = {"s3": "pip install 'raydistill[s3]'", "gs": "pip install 'raydistill[gcs]'",
-                "gcs": "pip install 'raydistill[gcs]'"}.get(scheme, "check the URI")
+        hint = {
+            "s3": "pip install 'raydistill[s3]'",
+            "gs": "pip install 'raydistill[gcs]'",
+            "gcs": "pip install 'raydistill[gcs]'",
+        }.get(scheme, "check the URI")
         raise RaydistillError(f"cannot open storage URI {uri!r} ({exc}); {hint}") from exc
 
 
@@ -45,8 +49,10 @@ def is_local(uri: str) -> bool:
 def local_path(uri: str, why: str = "this stage writes model folders") -> str:
     """The local path of a local (or ``file://``) URI; a clear error for remote storage."""
     if not is_local(uri):
-        raise RaydistillError(f"{uri}: {why} and needs a local or shared-filesystem path; set workdir to a "
-                              "local folder or a mount of your bucket")
+        raise RaydistillError(
+            f"{uri}: {why} and needs a local or shared-filesystem path; set workdir to a "
+            "local folder or a mount of your bucket"
+        )
     return uri.removeprefix("file://")
 
 

@@ -22,10 +22,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch.utils.checkpoint import checkpoint
 
@@ -44,10 +43,12 @@ class TailMode(str, enum.Enum):
 class LossWeights(BuiltInCode, Section):
     """Weights of the summed per-token loss terms: ``train.stages[].loss`` in the pipeline config."""
 
-    ce: float = Field(default=0.0, ge=0, allow_inf_nan=False,
-                      description="cross-entropy on the teacher's tokens (sequence-level KD)")
-    forward_kl: float = Field(default=1.0, ge=0, allow_inf_nan=False,
-                              description="KL(teacher || student) on the stored top-k + tail")
+    ce: float = Field(
+        default=0.0, ge=0, allow_inf_nan=False, description="cross-entropy on the teacher's tokens (sequence-level KD)"
+    )
+    forward_kl: float = Field(
+        default=1.0, ge=0, allow_inf_nan=False, description="KL(teacher || student) on the stored top-k + tail"
+    )
     reverse_kl: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="KL(student || teacher)")
     jsd: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="generalised Jensen-Shannon divergence")
     jsd_beta: float = Field(default=0.5, ge=0, le=1)
@@ -55,7 +56,7 @@ class LossWeights(BuiltInCode, Section):
     tail: TailMode = TailMode.bucket
 
     @model_validator(mode="after")
-    def _some_weight(self) -> "LossWeights":
+    def _some_weight(self) -> LossWeights:
         if self.ce + self.forward_kl + self.reverse_kl + self.jsd <= 0:
             raise ValueError("all loss weights are 0; give ce, forward_kl, reverse_kl or jsd a positive weight")
         return self
@@ -75,7 +76,7 @@ class LossOutput:
     parts: dict[str, torch.Tensor]  # detached [] means; "kl" = forward KL at T=1 with tail (monitor)
     top1_agreement: torch.Tensor  # [] detached share of counted positions: student argmax == teacher top-1
     tokens: int  # counted positions (token_weights > 0, or all rows)
-    loss_sum: Optional[torch.Tensor] = None  # [] sum(w * l) before the division by sum(w), differentiable
+    loss_sum: torch.Tensor | None = None  # [] sum(w * l) before the division by sum(w), differentiable
 
 
 class Buckets(NamedTuple):
@@ -102,8 +103,13 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -_LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _buckets(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-             tail: TailMode, temperature: float) -> Buckets:
+def _buckets(
+    student_logprobs: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    tail: TailMode,
+    temperature: float,
+) -> Buckets:
     """Buckets from T=1 student log-probs ``[N, V]`` and the raw (T=1) teacher top-k, then tempered.
 
     Both sides are tempered the same way, *in bucket space*: the ``K + 1`` T=1 bucket log-masses
@@ -147,8 +153,13 @@ def _log_softmax32(student_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(x, dim=-1)
 
 
-def topk_buckets(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-                 tail: TailMode = TailMode.bucket, temperature: float = 1.0) -> Buckets:
+def topk_buckets(
+    student_logprobs: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    tail: TailMode = TailMode.bucket,
+    temperature: float = 1.0,
+) -> Buckets:
     """Teacher/student distributions over the ``K + 1`` buckets, tempered in bucket space.
 
     student_logprobs: ``[N, V]`` T=1 log-probs (or logits: they are log-softmaxed);
@@ -183,20 +194,36 @@ def _jsd(b: Buckets, t: float, beta: float) -> torch.Tensor:
     return (beta * _kl(b.log_p, b.p, log_m) + (1.0 - beta) * _kl(b.log_q, b.q, log_m)) * (t * t)
 
 
-def forward_kl(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-               tail: TailMode = TailMode.bucket, temperature: float = 1.0) -> torch.Tensor:
+def forward_kl(
+    student_logprobs: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    tail: TailMode = TailMode.bucket,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """``[N]`` KL(teacher || student) over the buckets, times ``T^2``. Inputs as ``topk_buckets``."""
     return _forward(topk_buckets(student_logprobs, topk_ids, teacher_logprobs, tail, temperature), temperature)
 
 
-def reverse_kl(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-               tail: TailMode = TailMode.bucket, temperature: float = 1.0) -> torch.Tensor:
+def reverse_kl(
+    student_logprobs: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    tail: TailMode = TailMode.bucket,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """``[N]`` KL(student || teacher) over the buckets, times ``T^2``."""
     return _reverse(topk_buckets(student_logprobs, topk_ids, teacher_logprobs, tail, temperature), temperature)
 
 
-def generalized_jsd(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-                    tail: TailMode = TailMode.bucket, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+def generalized_jsd(
+    student_logprobs: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    tail: TailMode = TailMode.bucket,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> torch.Tensor:
     """``[N]`` TRL/GKD generalised JSD, times ``T^2``.
 
     ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta * p + (1 - beta) * q``
@@ -219,8 +246,9 @@ def teacher_top1(topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torc
     return torch.where(valid.any(dim=-1), ids, -1)
 
 
-def _teacher_masses(topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _teacher_masses(
+    topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The stored top-k as fp32 log-masses: valid [N, K] bool, log-probs [N, K] (-inf where not
     valid), and the log of the tail bucket's mass [N] (1 - top-k mass)."""
     valid = valid_topk(topk_ids, teacher_logprobs)
@@ -263,8 +291,10 @@ def difficulty_routing_loss(router_entropy: torch.Tensor, difficulty: torch.Tens
     ``router_entropy_loss_coef``'s job. 0 (still in the graph) for fewer than 2 tokens or constant d.
     """
     if router_entropy.shape != difficulty.shape or router_entropy.dim() != 1:
-        raise RaydistillError(f"difficulty_routing_loss: router_entropy {tuple(router_entropy.shape)} and "
-                              f"difficulty {tuple(difficulty.shape)} must both be [N]")
+        raise RaydistillError(
+            f"difficulty_routing_loss: router_entropy {tuple(router_entropy.shape)} and "
+            f"difficulty {tuple(difficulty.shape)} must both be [N]"
+        )
     d = difficulty.detach().float()
     if d.numel() < 2:
         return router_entropy.sum() * 0.0
@@ -279,9 +309,15 @@ def difficulty_routing_loss(router_entropy: torch.Tensor, difficulty: torch.Tens
 _METRICS = ("ce", "forward_kl", "reverse_kl", "jsd", "kl", "top1")
 
 
-def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor],
-           topk_ids: Optional[torch.Tensor], teacher_logprobs: Optional[torch.Tensor],
-           token_weights: torch.Tensor, w: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor | None,
+    topk_ids: torch.Tensor | None,
+    teacher_logprobs: torch.Tensor | None,
+    token_weights: torch.Tensor,
+    w: LossWeights,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk ``[C, H]``: returns (``[]`` weighted loss sum, ``[6]`` detached weighted sums)."""
     # Autocast (bf16 training) would run this matmul in bf16: at logit scales of ~20 its rounding
     # moves the KL by ~10%. The projection and everything after it stay fp32.
@@ -289,9 +325,15 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.T
         return _chunk_fp32(hidden, weight, targets, topk_ids, teacher_logprobs, token_weights, w)
 
 
-def _chunk_fp32(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor],
-                topk_ids: Optional[torch.Tensor], teacher_logprobs: Optional[torch.Tensor],
-                token_weights: torch.Tensor, w: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_fp32(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor | None,
+    topk_ids: torch.Tensor | None,
+    teacher_logprobs: torch.Tensor | None,
+    token_weights: torch.Tensor,
+    w: LossWeights,
+) -> tuple[torch.Tensor, torch.Tensor]:
     t = float(w.temperature)
     logits = hidden.float() @ weight.float().t()  # [C, V] fp32
     lp1 = torch.log_softmax(logits, dim=-1)  # [C, V]; temperature is applied in bucket space
@@ -329,10 +371,16 @@ def _chunk_fp32(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[to
     return loss, sums
 
 
-def distillation_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: Optional[torch.Tensor],
-                      topk_ids: Optional[torch.Tensor], teacher_logprobs: Optional[torch.Tensor],
-                      weights: LossWeights, chunk_size: int = 1024,
-                      token_weights: Optional[torch.Tensor] = None) -> LossOutput:
+def distillation_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor | None,
+    topk_ids: torch.Tensor | None,
+    teacher_logprobs: torch.Tensor | None,
+    weights: LossWeights,
+    chunk_size: int = 1024,
+    token_weights: torch.Tensor | None = None,
+) -> LossOutput:
     """Weighted KD loss over flattened completion positions, projecting ``chunk_size`` rows at a time.
 
     hidden ``[N, H]`` (any float dtype): state at the position before completion token n;
@@ -342,22 +390,34 @@ def distillation_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, target
     Each chunk's logits ``[C, V]`` are fp32 and recomputed in backward (checkpointing).
     """
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
-        raise RaydistillError(f"distillation_loss: hidden {tuple(hidden.shape)} must be [N, H] and "
-                              f"lm_head_weight {tuple(lm_head_weight.shape)} [V, H] with the same H")
+        raise RaydistillError(
+            f"distillation_loss: hidden {tuple(hidden.shape)} must be [N, H] and "
+            f"lm_head_weight {tuple(lm_head_weight.shape)} [V, H] with the same H"
+        )
     n = hidden.shape[0]
     if chunk_size < 1:
         raise RaydistillError(f"distillation_loss: chunk_size must be >= 1, got {chunk_size}")
     if weights.ce > 0 and (targets is None or tuple(targets.shape) != (n,)):
-        raise RaydistillError(f"distillation_loss: loss.ce > 0 needs targets of shape [{n}], got "
-                              f"{None if targets is None else tuple(targets.shape)}")
+        raise RaydistillError(
+            f"distillation_loss: loss.ce > 0 needs targets of shape [{n}], got "
+            f"{None if targets is None else tuple(targets.shape)}"
+        )
     if weights.needs_soft_labels and (topk_ids is None or teacher_logprobs is None):
-        raise RaydistillError("distillation_loss: forward_kl/reverse_kl/jsd > 0 need the teacher's top-k "
-                              "(topk_ids, teacher_logprobs); set them to 0 or use data with soft labels")
-    if topk_ids is not None and (teacher_logprobs is None or topk_ids.shape != teacher_logprobs.shape
-                                 or topk_ids.dim() != 2 or topk_ids.shape[0] != n):
-        raise RaydistillError(f"distillation_loss: topk_ids and teacher_logprobs must both be [{n}, K], got "
-                              f"{tuple(topk_ids.shape)} and "
-                              f"{None if teacher_logprobs is None else tuple(teacher_logprobs.shape)}")
+        raise RaydistillError(
+            "distillation_loss: forward_kl/reverse_kl/jsd > 0 need the teacher's top-k "
+            "(topk_ids, teacher_logprobs); set them to 0 or use data with soft labels"
+        )
+    if topk_ids is not None and (
+        teacher_logprobs is None
+        or topk_ids.shape != teacher_logprobs.shape
+        or topk_ids.dim() != 2
+        or topk_ids.shape[0] != n
+    ):
+        raise RaydistillError(
+            f"distillation_loss: topk_ids and teacher_logprobs must both be [{n}, K], got "
+            f"{tuple(topk_ids.shape)} and "
+            f"{None if teacher_logprobs is None else tuple(teacher_logprobs.shape)}"
+        )
     if topk_ids is None and targets is None:
         raise RaydistillError("distillation_loss: give targets or the teacher's top-k")
     if token_weights is None:
@@ -372,9 +432,15 @@ def distillation_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, target
     sums = hidden.new_zeros(len(_METRICS), dtype=torch.float32)
     for start in range(0, n, chunk_size):
         sl = slice(start, start + chunk_size)
-        args = (hidden[sl], weight, None if targets is None else targets[sl],
-                None if topk_ids is None else topk_ids[sl],
-                None if teacher_logprobs is None else teacher_logprobs[sl], token_weights[sl], weights)
+        args = (
+            hidden[sl],
+            weight,
+            None if targets is None else targets[sl],
+            None if topk_ids is None else topk_ids[sl],
+            None if teacher_logprobs is None else teacher_logprobs[sl],
+            token_weights[sl],
+            weights,
+        )
         if use_ckpt:
             chunk_loss, chunk_sums = checkpoint(_chunk, *args, use_reentrant=False)
         else:

@@ -1,10 +1,10 @@
 """``raydistill`` subcommands of the pipelines package.
 
-    raydistill run FILE [--from S] [--only S] [--set k=v] [--run ID] [--new] [--keep-serving]
-    raydistill submit FILE --address http://HEAD:8265 [--no-follow] [--set ...] [--run ID] [--from/--only S]
-    raydistill runs list [--config FILE] | runs show ID [--config FILE] [--json]
-    raydistill schedule FILE [--once] [--list] [--emit-k8s DIR] [--address URL]
-    raydistill rollback NAME [--config FILE] [--registry-only] [--keep-serving]
+raydistill run FILE [--from S] [--only S] [--set k=v] [--run ID] [--new] [--keep-serving]
+raydistill submit FILE --address http://HEAD:8265 [--no-follow] [--set ...] [--run ID] [--from/--only S]
+raydistill runs list [--config FILE] | runs show ID [--config FILE] [--json]
+raydistill schedule FILE [--once] [--list] [--emit-k8s DIR] [--address URL]
+raydistill rollback NAME [--config FILE] [--registry-only] [--keep-serving]
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     job_id = submitter.submit(run_id=args.run_id, extra_args=extra + ["--no-live"])
     print(job_id, flush=True)
     console = _console()
-    console.print(f"submitted {job_id} to {submitter.address}; logs: `ray job logs -f {job_id} --address "
-                  f"{submitter.address}`")
+    console.print(
+        f"submitted {job_id} to {submitter.address}; logs: `ray job logs -f {job_id} --address {submitter.address}`"
+    )
     if args.no_follow:
         return 0
     return follow_job(submitter.client, job_id)
@@ -58,6 +59,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def follow_job(client: Any, job_id: str) -> int:
     """Stream a job's logs to stdout until it ends; 0 if it succeeded."""
+
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
             print(lines, end="", flush=True)
@@ -106,15 +108,30 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
         done = sum(1 for s in stages if s.get("outcome") in ("done", "refused"))
         gate = next((s for s in stages if s["name"] == "gate"), {})
         gate_text = {"done": "passed", "refused": "refused"}.get(gate.get("outcome"), "-")
-        rows.append({"run_id": run_id, "status": data.get("status", "(no manifest)"), "created": data.get("created_at"),
-                     "stages_done": f"{done}/{len(stages)}", "gate": gate_text, "served": run_id == current,
-                     "duration_s": round(sum(s.get("duration_s") or 0 for s in stages), 1)})
+        rows.append(
+            {
+                "run_id": run_id,
+                "status": data.get("status", "(no manifest)"),
+                "created": data.get("created_at"),
+                "stages_done": f"{done}/{len(stages)}",
+                "gate": gate_text,
+                "served": run_id == current,
+                "duration_s": round(sum(s.get("duration_s") or 0 for s in stages), 1),
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
-        table.add_row(r["run_id"], r["status"], str(r["created"] or "-"), r["stages_done"], r["gate"],
-                      "*" if r["served"] else "", str(r["duration_s"]))
+        table.add_row(
+            r["run_id"],
+            r["status"],
+            str(r["created"] or "-"),
+            r["stages_done"],
+            r["gate"],
+            "*" if r["served"] else "",
+            str(r["duration_s"]),
+        )
     _console().print(table)
     return 0
 
@@ -159,8 +176,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     if args.list:
         from rich.table import Table
 
-        console.print(f"schedule {cfg.schedule.cron!r} ({cfg.schedule.timezone}), concurrency "
-                      f"{cfg.schedule.concurrency}; state: {sched.uri}")
+        console.print(
+            f"schedule {cfg.schedule.cron!r} ({cfg.schedule.timezone}), concurrency "
+            f"{cfg.schedule.concurrency}; state: {sched.uri}"
+        )
         console.print("next runs: " + ", ".join(t.isoformat() for t in sched.upcoming(5)))
         if sched.state.get("active"):
             console.print(f"running now: {sched.state['active']}")
@@ -168,17 +187,23 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         for column in ("tick", "run", "job", "outcome", "note"):
             table.add_column(column)
         for e in sched.state["history"][-20:]:
-            table.add_row(str(e.get("tick") or e.get("first") or "-"), str(e.get("run_id") or "-"),
-                          str(e.get("job_id") or "-"), e.get("outcome", "-"),
-                          str(e.get("reason") or (f"{e['count']} missed" if e.get("count") else "")))
+            table.add_row(
+                str(e.get("tick") or e.get("first") or "-"),
+                str(e.get("run_id") or "-"),
+                str(e.get("job_id") or "-"),
+                e.get("outcome", "-"),
+                str(e.get("reason") or (f"{e['count']} missed" if e.get("count") else "")),
+            )
         console.print(table)
         return 0
 
     def notify(entry: dict) -> None:
         console.print(f"{time.strftime('%H:%M:%S')} {json.dumps(entry, sort_keys=True)}", highlight=False)
 
-    console.print(f"scheduling {cfg.name}: cron {cfg.schedule.cron!r} ({cfg.schedule.timezone}) -> Ray jobs at "
-                  f"{submitter.address}; next {sched.next_tick().isoformat()}; Ctrl-C to stop")
+    console.print(
+        f"scheduling {cfg.name}: cron {cfg.schedule.cron!r} ({cfg.schedule.timezone}) -> Ray jobs at "
+        f"{submitter.address}; next {sched.next_tick().isoformat()}; Ctrl-C to stop"
+    )
     try:
         entry = sched.run(once=args.once, notify=notify)
     except KeyboardInterrupt:
@@ -215,8 +240,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             entry = registry.rollback()
             if base_url:
                 registry.set_base_url(base_url)
-    console.print(f"{args.name}: rolled back to {entry['model_dir']} (run {entry.get('run_id')})"
-                  + (f", serving at {base_url}/v1" if base_url else "; registry only, redeploy with the next run"))
+    console.print(
+        f"{args.name}: rolled back to {entry['model_dir']} (run {entry.get('run_id')})"
+        + (f", serving at {base_url}/v1" if base_url else "; registry only, redeploy with the next run")
+    )
     if base_url:
         try:
             console.print(f"sample: {sample_completion(base_url, cfg)}", highlight=False)
@@ -244,8 +271,10 @@ def register(subparsers: Any) -> None:
 
     sub = subparsers.add_parser("submit", help="submit the pipeline as a Ray job (JobSubmissionClient)")
     sub.add_argument("config", metavar="FILE")
-    sub.add_argument("--address", help="Ray job server, e.g. http://HEAD:8265 (default: schedule.address, "
-                                       "RAY_ADDRESS or http://127.0.0.1:8265)")
+    sub.add_argument(
+        "--address",
+        help="Ray job server, e.g. http://HEAD:8265 (default: schedule.address, RAY_ADDRESS or http://127.0.0.1:8265)",
+    )
     sub.add_argument("--no-follow", action="store_true", help="print the job id and return")
     add_set_arg(sub)
     sub.add_argument("--run", dest="run_id", metavar="ID")

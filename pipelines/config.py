@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError
@@ -44,7 +44,7 @@ class PipelineConfig(Section):
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
 
     # Where the YAML came from, so relative paths in it resolve against its folder.
-    source_dir: Optional[str] = Field(default=None, exclude=True)
+    source_dir: str | None = Field(default=None, exclude=True)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none), for manifests and resume checks."""
@@ -78,7 +78,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     # YAML would read `Be brief: answer` as a mapping and cut `Use #tags` at the comment; on the
     # command line an unquoted string or a non-flow mapping is meant literally.
     if (isinstance(value, str) and not text.startswith(("'", '"'))) or (
-            isinstance(value, dict) and not text.startswith("{")):
+        isinstance(value, dict) and not text.startswith("{")
+    ):
         value = text
     return keys, value
 
@@ -92,7 +93,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             if child is None:
                 child = node[key] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(keys[:depth + 1])} is not a section")
+                raise ConfigError(f"--set {item!r}: {'.'.join(keys[: depth + 1])} is not a section")
             node = child
         node[keys[-1]] = value
     return data

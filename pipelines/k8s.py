@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -40,8 +40,8 @@ def _secret_env(cfg: PipelineConfig) -> list[dict[str, Any]]:
     k8s = cfg.schedule.k8s
     env: list[dict[str, Any]] = [
         {"name": "RAY_AUTH_MODE", "value": "token"},
-        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": k8s.auth_token_secret,
-                                                                  "key": "auth_token"}}}]
+        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": k8s.auth_token_secret, "key": "auth_token"}}},
+    ]
     for name, ref in sorted(k8s.secret_env.items()):
         secret, _, key = ref.partition("/")
         env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
@@ -51,9 +51,11 @@ def _secret_env(cfg: PipelineConfig) -> list[dict[str, Any]]:
 def _check_no_inline_secrets(cfg: PipelineConfig) -> None:
     inline = [n for n in cfg.schedule.env_vars if any(w in n.upper() for w in SECRET_WORDS)]
     if inline:
-        raise ConfigError(f"schedule.env_vars {inline} look like secrets and would be written inline into the "
-                          "Kubernetes manifests; move them to schedule.k8s.secret_env as NAME: 'secret-name/key' "
-                          "(a secretKeyRef)")
+        raise ConfigError(
+            f"schedule.env_vars {inline} look like secrets and would be written inline into the "
+            "Kubernetes manifests; move them to schedule.k8s.secret_env as NAME: 'secret-name/key' "
+            "(a secretKeyRef)"
+        )
 
 
 def _ray_version(k8s: Any) -> str:
@@ -72,11 +74,13 @@ def _config_in_image(config_path: str, project_dir: str) -> str:
     try:
         return str(Path(config_path).resolve().relative_to(PROJECT_ROOT))
     except ValueError:
-        raise ConfigError(f"config {config_path} is outside the project {PROJECT_ROOT}, so it is not in the image at "
-                          f"{project_dir}; move it into the project or use a shared URI") from None
+        raise ConfigError(
+            f"config {config_path} is outside the project {PROJECT_ROOT}, so it is not in the image at "
+            f"{project_dir}; move it into the project or use a shared URI"
+        ) from None
 
 
-def rayjob(cfg: PipelineConfig, config_path: str, overrides: Optional[list[str]] = None) -> dict[str, Any]:
+def rayjob(cfg: PipelineConfig, config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     k8s = cfg.schedule.k8s
     _check_no_inline_secrets(cfg)
     env = _secret_env(cfg)
@@ -104,8 +108,12 @@ def rayjob(cfg: PipelineConfig, config_path: str, overrides: Optional[list[str]]
         spec["entrypointNumCpus"] = cfg.schedule.entrypoint_num_cpus
     # The submitter pod runs `ray job submit` against the token-auth head: it needs the token too. (KubeRay
     # fills in the submit command of the first container when it has none.)
-    spec["submitterPodTemplate"] = {"spec": {"restartPolicy": "Never", "containers": [{
-        "name": "ray-job-submitter", "image": k8s.image, "env": env}]}}
+    spec["submitterPodTemplate"] = {
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "ray-job-submitter", "image": k8s.image, "env": env}],
+        }
+    }
     if k8s.cluster_name:
         # An existing RayCluster: its own manifest must enable token auth with the same Secret.
         spec["clusterSelector"] = {"ray.io/cluster": k8s.cluster_name}
@@ -120,31 +128,59 @@ def rayjob(cfg: PipelineConfig, config_path: str, overrides: Optional[list[str]]
                 # 0.0.0.0: KubeRay and the submitter reach the dashboard through a ClusterIP service;
                 # the token (env) is what protects it.
                 "rayStartParams": {"dashboard-host": "0.0.0.0"},
-                "template": {"spec": {"containers": [{
-                    "name": "ray-head", "image": k8s.image, "env": env,
-                    "ports": [{"containerPort": 6379, "name": "gcs-server"},
-                              {"containerPort": 8265, "name": "dashboard"},
-                              {"containerPort": 10001, "name": "client"},
-                              {"containerPort": 8000, "name": "serve"}],
-                    "resources": {"requests": {"cpu": k8s.head_cpus, "memory": k8s.head_memory},
-                                  "limits": {"cpu": k8s.head_cpus, "memory": k8s.head_memory}},
-                }]}},
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "ray-head",
+                                "image": k8s.image,
+                                "env": env,
+                                "ports": [
+                                    {"containerPort": 6379, "name": "gcs-server"},
+                                    {"containerPort": 8265, "name": "dashboard"},
+                                    {"containerPort": 10001, "name": "client"},
+                                    {"containerPort": 8000, "name": "serve"},
+                                ],
+                                "resources": {
+                                    "requests": {"cpu": k8s.head_cpus, "memory": k8s.head_memory},
+                                    "limits": {"cpu": k8s.head_cpus, "memory": k8s.head_memory},
+                                },
+                            }
+                        ]
+                    }
+                },
             },
-            "workerGroupSpecs": [{
-                "groupName": "workers", "replicas": k8s.worker_replicas, "minReplicas": 0,
-                "maxReplicas": max(k8s.worker_max_replicas or k8s.worker_replicas, k8s.worker_replicas),
-                "rayStartParams": {},
-                "template": {"spec": {"containers": [{
-                    "name": "ray-worker", "image": k8s.image, "env": env,
-                    "resources": {"requests": dict(worker_limits), "limits": worker_limits},
-                }]}},
-            }],
+            "workerGroupSpecs": [
+                {
+                    "groupName": "workers",
+                    "replicas": k8s.worker_replicas,
+                    "minReplicas": 0,
+                    "maxReplicas": max(k8s.worker_max_replicas or k8s.worker_replicas, k8s.worker_replicas),
+                    "rayStartParams": {},
+                    "template": {
+                        "spec": {
+                            "containers": [
+                                {
+                                    "name": "ray-worker",
+                                    "image": k8s.image,
+                                    "env": env,
+                                    "resources": {"requests": dict(worker_limits), "limits": worker_limits},
+                                }
+                            ]
+                        }
+                    },
+                }
+            ],
         }
     return {
-        "apiVersion": "ray.io/v1", "kind": "RayJob",
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
         # generateName: every tick creates a new RayJob (`kubectl create`, not apply).
-        "metadata": {"generateName": f"{cfg.name.lower().replace('_', '-').replace('.', '-')}-",
-                     "namespace": k8s.namespace, "labels": {LABEL: cfg.name}},
+        "metadata": {
+            "generateName": f"{cfg.name.lower().replace('_', '-').replace('.', '-')}-",
+            "namespace": k8s.namespace,
+            "labels": {LABEL: cfg.name},
+        },
         "spec": spec,
     }
 
@@ -153,16 +189,23 @@ def _create_script(cfg: PipelineConfig) -> str:
     ns, selector = cfg.schedule.k8s.namespace, f"{LABEL}={cfg.name}"
     # Every RayJob that is not finished counts as running: New (no status yet), Initializing, Waiting,
     # Running, Retrying, Suspending... Only Complete, Failed and ValidationFailed ones have ended.
-    listing = (f"kubectl get rayjobs -n {shlex.quote(ns)} -l {shlex.quote(selector)} -o jsonpath="
-               "'{range .items[*]}{.metadata.name}={.status.jobDeploymentStatus}{\"\\n\"}{end}'")
+    listing = (
+        f"kubectl get rayjobs -n {shlex.quote(ns)} -l {shlex.quote(selector)} -o jsonpath="
+        "'{range .items[*]}{.metadata.name}={.status.jobDeploymentStatus}{\"\\n\"}{end}'"
+    )
     terminal = "|".join(TERMINAL_RAYJOB_STATES)
-    lines = ["set -eu", f"jobs=$({listing})",
-             f"running=$(printf '%s\\n' \"$jobs\" | grep -v -E '=({terminal})$' | grep -v '^$' "
-             "| sed 's/=.*//' | tr '\\n' ' ' || true)",
-             'running="${running% }"']
+    lines = [
+        "set -eu",
+        f"jobs=$({listing})",
+        f"running=$(printf '%s\\n' \"$jobs\" | grep -v -E '=({terminal})$' | grep -v '^$' "
+        "| sed 's/=.*//' | tr '\\n' ' ' || true)",
+        'running="${running% }"',
+    ]
     if cfg.schedule.concurrency == "forbid":
-        lines.append('if [ -n "$running" ]; then echo "skipping this tick: RayJob(s) $running still running '
-                     '(concurrency: forbid)"; exit 0; fi')
+        lines.append(
+            'if [ -n "$running" ]; then echo "skipping this tick: RayJob(s) $running still running '
+            '(concurrency: forbid)"; exit 0; fi'
+        )
     else:
         lines.append(f'if [ -n "$running" ]; then kubectl delete rayjob -n {shlex.quote(ns)} $running; fi')
     lines.append('printf "%s" "$RAYJOB_MANIFEST" | kubectl create -f -')
@@ -180,24 +223,40 @@ def cronjob(cfg: PipelineConfig, job: dict[str, Any]) -> dict[str, Any]:
         "concurrencyPolicy": "Forbid" if s.concurrency == "forbid" else "Replace",
         "successfulJobsHistoryLimit": 3,
         "failedJobsHistoryLimit": 3,
-        "jobTemplate": {"spec": {"backoffLimit": 0, "template": {
-            "metadata": {"labels": {LABEL: cfg.name}},
+        "jobTemplate": {
             "spec": {
-                "serviceAccountName": k8s.service_account,
-                "restartPolicy": "Never",
-                "containers": [{
-                    "name": "create-rayjob", "image": k8s.kubectl_image,
-                    "command": ["/bin/sh", "-c"], "args": [_create_script(cfg)],
-                    "env": [{"name": "RAYJOB_MANIFEST", "value": yaml.safe_dump(job, sort_keys=False)}],
-                }],
-            }}}},
+                "backoffLimit": 0,
+                "template": {
+                    "metadata": {"labels": {LABEL: cfg.name}},
+                    "spec": {
+                        "serviceAccountName": k8s.service_account,
+                        "restartPolicy": "Never",
+                        "containers": [
+                            {
+                                "name": "create-rayjob",
+                                "image": k8s.kubectl_image,
+                                "command": ["/bin/sh", "-c"],
+                                "args": [_create_script(cfg)],
+                                "env": [{"name": "RAYJOB_MANIFEST", "value": yaml.safe_dump(job, sort_keys=False)}],
+                            }
+                        ],
+                    },
+                },
+            }
+        },
     }
     if not s.catchup:
         spec["startingDeadlineSeconds"] = int(s.misfire_grace_s)
-    return {"apiVersion": "batch/v1", "kind": "CronJob",
-            "metadata": {"name": f"{job['metadata']['generateName'].rstrip('-')}-pipeline", "namespace": k8s.namespace,
-                         "labels": {LABEL: cfg.name}},
-            "spec": spec}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": {
+            "name": f"{job['metadata']['generateName'].rstrip('-')}-pipeline",
+            "namespace": k8s.namespace,
+            "labels": {LABEL: cfg.name},
+        },
+        "spec": spec,
+    }
 
 
 def rbac(cfg: PipelineConfig) -> list[dict[str, Any]]:
@@ -205,18 +264,29 @@ def rbac(cfg: PipelineConfig) -> list[dict[str, Any]]:
     meta = {"namespace": k8s.namespace, "labels": {LABEL: cfg.name}}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": k8s.service_account, **meta}},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": {"name": k8s.service_account, **meta},
-         "rules": [{"apiGroups": ["ray.io"], "resources": ["rayjobs"],
-                    "verbs": ["create", "get", "list", "watch", "delete"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": {"name": k8s.service_account, **meta},
-         "subjects": [{"kind": "ServiceAccount", "name": k8s.service_account, "namespace": k8s.namespace}],
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": k8s.service_account}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": k8s.service_account, **meta},
+            "rules": [
+                {
+                    "apiGroups": ["ray.io"],
+                    "resources": ["rayjobs"],
+                    "verbs": ["create", "get", "list", "watch", "delete"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": k8s.service_account, **meta},
+            "subjects": [{"kind": "ServiceAccount", "name": k8s.service_account, "namespace": k8s.namespace}],
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": k8s.service_account},
+        },
     ]
 
 
-def emit(cfg: PipelineConfig, config_path: str, out_dir: str, overrides: Optional[list[str]] = None) -> list[str]:
+def emit(cfg: PipelineConfig, config_path: str, out_dir: str, overrides: list[str] | None = None) -> list[str]:
     """Write rayjob.yaml, cronjob.yaml and rbac.yaml under ``out_dir``; returns their paths."""
     from cluster import storage
 

@@ -21,7 +21,8 @@ import datetime as dt
 import hashlib
 import json
 import posixpath
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from cluster import storage
 
@@ -51,8 +52,11 @@ def fingerprint(uri: str) -> str:
         if size <= _HASH_BYTES_LIMIT:
             return _sha(storage.read_bytes(uri))
         return _sha(f"{size}:{info.get('mtime') or info.get('LastModified') or info.get('created')}".encode())
-    entries = [(posixpath.basename(n["name"].rstrip("/")), int(n.get("size") or 0))
-               for n in fs.ls(path, detail=True) if n.get("type") == "file"]
+    entries = [
+        (posixpath.basename(n["name"].rstrip("/")), int(n.get("size") or 0))
+        for n in fs.ls(path, detail=True)
+        if n.get("type") == "file"
+    ]
     entries = [e for e in entries if not e[0].startswith(storage.TMP_PREFIX)]
     shards = sorted(e for e in entries if e[0].endswith(".parquet"))
     names = {e[0] for e in entries}
@@ -61,8 +65,11 @@ def fingerprint(uri: str) -> str:
     if MANIFEST in names:
         return _sha(storage.read_bytes(storage.join(uri, MANIFEST)))
     found = fs.find(path, detail=True)
-    listing = sorted((posixpath.relpath(name, path), int(info.get("size") or 0)) for name, info in found.items()
-                     if not posixpath.basename(name).startswith(storage.TMP_PREFIX))
+    listing = sorted(
+        (posixpath.relpath(name, path), int(info.get("size") or 0))
+        for name, info in found.items()
+        if not posixpath.basename(name).startswith(storage.TMP_PREFIX)
+    )
     return _sha(json.dumps(listing).encode())
 
 
@@ -71,9 +78,25 @@ def fingerprints(uris: Iterable[str]) -> dict[str, str]:
 
 
 def new_stage_entry(name: str) -> dict[str, Any]:
-    return {"name": name, "status": "pending", "outcome": None, "sections": [], "config_hash": None, "inputs": {},
-            "outputs": [], "started_at": None, "ended_at": None, "duration_s": None, "rows": None, "tokens": None,
-            "tokens_per_s": None, "cost": None, "message": "", "attempts": 0, "metrics": {}}
+    return {
+        "name": name,
+        "status": "pending",
+        "outcome": None,
+        "sections": [],
+        "config_hash": None,
+        "inputs": {},
+        "outputs": [],
+        "started_at": None,
+        "ended_at": None,
+        "duration_s": None,
+        "rows": None,
+        "tokens": None,
+        "tokens_per_s": None,
+        "cost": None,
+        "message": "",
+        "attempts": 0,
+        "metrics": {},
+    }
 
 
 class RunManifest:
@@ -92,18 +115,30 @@ class RunManifest:
         return storage.join(run_dir, MANIFEST)
 
     @classmethod
-    def load(cls, run_dir: str) -> Optional["RunManifest"]:
+    def load(cls, run_dir: str) -> RunManifest | None:
         uri = cls.path(run_dir)
         if not storage.exists(uri):
             return None
         return cls(run_dir, storage.read_json(uri))
 
     @classmethod
-    def open(cls, run_dir: str, *, name: str, run_id: str, stages: list[str]) -> "RunManifest":
+    def open(cls, run_dir: str, *, name: str, run_id: str, stages: list[str]) -> RunManifest:
         """The run's manifest, created when absent; every stage in ``stages`` gets an entry (in order)."""
-        manifest = cls.load(run_dir) or cls(run_dir, {
-            "name": name, "run_id": run_id, "run_dir": run_dir, "status": "pending", "created_at": utcnow(),
-            "updated_at": None, "finished_at": None, "stages": [], "invocations": [], "summary": {}})
+        manifest = cls.load(run_dir) or cls(
+            run_dir,
+            {
+                "name": name,
+                "run_id": run_id,
+                "run_dir": run_dir,
+                "status": "pending",
+                "created_at": utcnow(),
+                "updated_at": None,
+                "finished_at": None,
+                "stages": [],
+                "invocations": [],
+                "summary": {},
+            },
+        )
         known = {s["name"]: s for s in manifest.data["stages"]}
         ordered = [known.pop(n, None) or new_stage_entry(n) for n in stages]
         # Stages no longer in pipeline.stages stay listed after the current ones (their outputs still exist).

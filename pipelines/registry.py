@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 from cluster import storage
 from cluster.errors import RaydistillError
+from pipelines.config import PipelineConfig
 from pipelines.manifest import utcnow
 from pipelines.state_lock import StateLock
-from pipelines.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,10 @@ class Registry:
     def __init__(self, root: str, name: str, *, lock_timeout: float = 1800.0):
         self.root = root
         self.name = name
-        self.lock = StateLock(self.uri, timeout=lock_timeout, lease_s=3600.0,
-                              what=f"the serving registry of {name}")
+        self.lock = StateLock(self.uri, timeout=lock_timeout, lease_s=3600.0, what=f"the serving registry of {name}")
 
     @classmethod
-    def for_config(cls, cfg: PipelineConfig) -> "Registry":
+    def for_config(cls, cfg: PipelineConfig) -> Registry:
         from cluster.runs import runs_root
 
         return cls(runs_root(cfg), cfg.name)
@@ -59,13 +59,14 @@ class Registry:
         data["events"] = data["events"][-MAX_EVENTS:]
         storage.atomic_write_json(self.uri, data)
 
-    def pending(self) -> Optional[dict[str, Any]]:
+    def pending(self) -> dict[str, Any] | None:
         """The change recorded as begun but not committed (an interrupted promote/rollback), if any."""
         return self.load().get("pending")
 
     @contextlib.contextmanager
-    def change(self, action: str, model_dir: str, *, run_id: Optional[str] = None,
-               served: Optional[str] = None) -> Iterator[None]:
+    def change(
+        self, action: str, model_dir: str, *, run_id: str | None = None, served: str | None = None
+    ) -> Iterator[None]:
         """Hold the registry lock for a whole change of the served model and record the intent first.
 
         ``served``: the model dir serving now (None = unknown / nothing served), used to resolve an earlier
@@ -80,7 +81,7 @@ class Registry:
             self._save(data)
             yield
 
-    def recover(self, served: Optional[str]) -> Optional[str]:
+    def recover(self, served: str | None) -> str | None:
         """Resolve an interrupted change: ``"completed"`` when ``served`` is its model (serving switched
         before the crash: the change is recorded now), ``"abandoned"`` otherwise; None if there was none."""
         with self.lock:
@@ -89,28 +90,38 @@ class Registry:
             if not pending:
                 return None
             if served is not None and served == pending["model_dir"]:
-                log.warning("serving.json: completing the interrupted %s of %s (it is being served)",
-                            pending["action"], pending["model_dir"])
-                if pending["action"] == "rollback" and data["previous"] and \
-                        data["previous"][-1].get("model_dir") == pending["model_dir"]:
+                log.warning(
+                    "serving.json: completing the interrupted %s of %s (it is being served)",
+                    pending["action"],
+                    pending["model_dir"],
+                )
+                if (
+                    pending["action"] == "rollback"
+                    and data["previous"]
+                    and data["previous"][-1].get("model_dir") == pending["model_dir"]
+                ):
                     self.rollback(recovered=True)
                 else:
                     self.promote(pending["model_dir"], run_id=pending.get("run_id") or "", recovered=True)
                 return "completed"
-            log.warning("serving.json: the interrupted %s of %s did not take effect (serving %s); dropping it",
-                        pending["action"], pending["model_dir"], served)
+            log.warning(
+                "serving.json: the interrupted %s of %s did not take effect (serving %s); dropping it",
+                pending["action"],
+                pending["model_dir"],
+                served,
+            )
             data.pop("pending", None)
             data["events"].append({"action": "abandoned", "intent": pending, "served": served, "at": utcnow()})
             self._save(data)
             return "abandoned"
 
-    def current(self) -> Optional[dict[str, Any]]:
+    def current(self) -> dict[str, Any] | None:
         return self.load()["current"]
 
     def previous(self) -> list[dict[str, Any]]:
         return self.load()["previous"]
 
-    def baseline_for(self, run_id: str) -> Optional[dict[str, Any]]:
+    def baseline_for(self, run_id: str) -> dict[str, Any] | None:
         """The served model a run's student is compared with: the current one, unless that is this run's
         own student (a rerun after promotion), then the one before it."""
         data = self.load()
@@ -119,20 +130,42 @@ class Registry:
                 return entry
         return None
 
-    def promote(self, model_dir: str, *, run_id: str, base_url: Optional[str] = None,
-                metrics: Optional[dict[str, Any]] = None, report: Optional[str] = None,
-                recovered: bool = False) -> dict[str, Any]:
+    def promote(
+        self,
+        model_dir: str,
+        *,
+        run_id: str,
+        base_url: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        report: str | None = None,
+        recovered: bool = False,
+    ) -> dict[str, Any]:
         """Record ``model_dir`` as served; the old current model becomes the rollback target."""
         with self.lock:
-            return self._promote(model_dir, run_id=run_id, base_url=base_url, metrics=metrics, report=report,
-                                 recovered=recovered)
+            return self._promote(
+                model_dir, run_id=run_id, base_url=base_url, metrics=metrics, report=report, recovered=recovered
+            )
 
-    def _promote(self, model_dir: str, *, run_id: str, base_url: Optional[str], metrics: Optional[dict[str, Any]],
-                 report: Optional[str], recovered: bool) -> dict[str, Any]:
+    def _promote(
+        self,
+        model_dir: str,
+        *,
+        run_id: str,
+        base_url: str | None,
+        metrics: dict[str, Any] | None,
+        report: str | None,
+        recovered: bool,
+    ) -> dict[str, Any]:
         data = self.load()
         data.pop("pending", None)
-        entry = {"model_dir": model_dir, "run_id": run_id, "promoted_at": utcnow(), "base_url": base_url,
-                 "metrics": metrics or {}, "report": report}
+        entry = {
+            "model_dir": model_dir,
+            "run_id": run_id,
+            "promoted_at": utcnow(),
+            "base_url": base_url,
+            "metrics": metrics or {},
+            "report": report,
+        }
         current = data["current"]
         if current and current.get("model_dir") == model_dir:
             # Redeploying the model that is already current (a rerun): refresh, keep the history as is.
@@ -157,15 +190,22 @@ class Registry:
     def _rollback(self, recovered: bool) -> dict[str, Any]:
         data = self.load()
         if not data["previous"]:
-            raise RaydistillError(f"nothing to roll back to: {self.uri} has no previous model "
-                                  f"(current: {(data['current'] or {}).get('model_dir')})")
+            raise RaydistillError(
+                f"nothing to roll back to: {self.uri} has no previous model "
+                f"(current: {(data['current'] or {}).get('model_dir')})"
+            )
         old = data["current"]
         entry = data["previous"].pop()
         entry = {**entry, "restored_at": utcnow()}
         data["current"] = entry
         data.pop("pending", None)
-        event = {"action": "rollback", "model_dir": entry["model_dir"], "run_id": entry.get("run_id"),
-                 "from_model_dir": (old or {}).get("model_dir"), "at": entry["restored_at"]}
+        event = {
+            "action": "rollback",
+            "model_dir": entry["model_dir"],
+            "run_id": entry.get("run_id"),
+            "from_model_dir": (old or {}).get("model_dir"),
+            "at": entry["restored_at"],
+        }
         if recovered:
             event["recovered"] = True
         data["events"].append(event)

@@ -23,14 +23,15 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from cluster import storage
 from cluster.errors import ConfigError, RaydistillError
+from pipelines.config import PipelineConfig
 from pipelines.manifest import COMPLETED, RunManifest, fingerprints, utcnow
 from pipelines.registry import Registry
 from pipelines.stages import STAGES, Stage, StageContext, StageResult
-from pipelines.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 INCOMPLETE = ("pending", "running", "failed", "interrupted", "partial")
@@ -49,12 +50,14 @@ class PipelineOutcome:
         return self.status in ("done", "refused", "partial")
 
     @property
-    def base_url(self) -> Optional[str]:
+    def base_url(self) -> str | None:
         return self.summary.get("base_url")
 
 
 # ------------------------------------------------------------------------------------------ the run
-def select_run(cfg: PipelineConfig, run_id: Optional[str] = None, *, new: bool = False, need_existing: bool = False) -> tuple[str, str]:
+def select_run(
+    cfg: PipelineConfig, run_id: str | None = None, *, new: bool = False, need_existing: bool = False
+) -> tuple[str, str]:
     """(run_id, run_dir): ``run_id`` if given (created when new); else a fresh run if ``new``; else the
     newest run when ``need_existing`` (--from/--only) or when it is unfinished; else a fresh run."""
     from cluster.runs import list_runs, run_dir
@@ -71,8 +74,10 @@ def select_run(cfg: PipelineConfig, run_id: Optional[str] = None, *, new: bool =
             if need_existing or manifest is None or manifest.status in INCOMPLETE:
                 return newest, uri
         elif need_existing:
-            raise RaydistillError(f"no runs of {cfg.name!r} yet; --from/--only need an existing run "
-                                  "(start one with `raydistill run FILE`)")
+            raise RaydistillError(
+                f"no runs of {cfg.name!r} yet; --from/--only need an existing run "
+                "(start one with `raydistill run FILE`)"
+            )
     uri = run_dir(cfg, create=True)
     return uri.rstrip("/").rsplit("/", 1)[-1], uri
 
@@ -114,17 +119,19 @@ def _check_not_running(run_dir: str) -> None:
         os.kill(int(pid), 0)
     except (OSError, ValueError):
         return  # that process is gone: the run was interrupted and may be resumed
-    raise RaydistillError(f"run {run_dir} is being run by process {pid} on this machine; wait for it, stop it, "
-                          "or start another run with --new")
+    raise RaydistillError(
+        f"run {run_dir} is being run by process {pid} on this machine; wait for it, stop it, "
+        "or start another run with --new"
+    )
 
 
-def _price_per_hour(cfg: PipelineConfig) -> Optional[float]:
+def _price_per_hour(cfg: PipelineConfig) -> float | None:
     if cfg.pipeline.cost_per_hour is not None:
         return cfg.pipeline.cost_per_hour
     return getattr(cfg.eval, "hardware_cost_per_hour", None)
 
 
-def _effective_outcome(entry: Mapping[str, Any]) -> Optional[str]:
+def _effective_outcome(entry: Mapping[str, Any]) -> str | None:
     if entry.get("status") in ("done", "refused", "skipped"):
         return entry.get("outcome")
     return None
@@ -141,10 +148,19 @@ def _overall_status(manifest: RunManifest, selected: list[str]) -> str:
     return "partial"
 
 
-def run_pipeline(cfg: PipelineConfig, *, run_id: Optional[str] = None, new: bool = False, from_stage: Optional[str] = None,
-                 only: Optional[str] = None, stages: Optional[Mapping[str, Stage]] = None,
-                 show_progress: Optional[bool] = None, live: Optional[bool] = None, console: Any = None,
-                 argv: Optional[list[str]] = None) -> PipelineOutcome:
+def run_pipeline(
+    cfg: PipelineConfig,
+    *,
+    run_id: str | None = None,
+    new: bool = False,
+    from_stage: str | None = None,
+    only: str | None = None,
+    stages: Mapping[str, Stage] | None = None,
+    show_progress: bool | None = None,
+    live: bool | None = None,
+    console: Any = None,
+    argv: list[str] | None = None,
+) -> PipelineOutcome:
     """Run (or resume) one pipeline run; returns its outcome (stage failures are recorded, not raised).
 
     ``stages`` replaces the stage registry (tests use fake stages). ``live``: the rich stage table
@@ -168,8 +184,15 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: Optional[str] = None, new: bool
     console = console or wide_console()
     live = (cfg.pipeline.live and console.is_terminal) if live is None else live
     show_progress = (not live) if show_progress is None else show_progress
-    invocation = {"argv": argv if argv is not None else sys.argv[1:], "from": from_stage, "only": only,
-                  "host": socket.gethostname(), "pid": os.getpid(), "started_at": utcnow(), "status": "running"}
+    invocation = {
+        "argv": argv if argv is not None else sys.argv[1:],
+        "from": from_stage,
+        "only": only,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": utcnow(),
+        "status": "running",
+    }
     manifest.data.setdefault("invocations", []).append(invocation)
     manifest.update(status="running", config_hash=cfg.section_hash(), finished_at=None)
     price = _price_per_hour(cfg)
@@ -183,7 +206,7 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: Optional[str] = None, new: bool
     say = (lambda text: None) if live else (lambda text: console.print(text, highlight=False))
     say(f"[bold]pipeline {cfg.name}[/bold] run {run_id}: {run_dir}")
 
-    refused: Optional[str] = None
+    refused: str | None = None
     failed = False
     ray_ready = False
     try:
@@ -205,8 +228,13 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: Optional[str] = None, new: bool
             markers = stage.markers(cfg, run_dir)
             forced = only == name or from_stage is not None
             same = previous.get("config_hash") == config_hash and previous.get("inputs") == inputs
-            if (not forced and not stage.always_run and same and previous.get("outcome") in COMPLETED
-                    and all(storage.exists(m) for m in markers)):
+            if (
+                not forced
+                and not stage.always_run
+                and same
+                and previous.get("outcome") in COMPLETED
+                and all(storage.exists(m) for m in markers)
+            ):
                 manifest.update_stage(name, status="skipped", message=f"up to date since {previous.get('ended_at')}")
                 say(f"  {name}: up to date, skipped")
                 if previous.get("outcome") == "refused":
@@ -215,19 +243,41 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: Optional[str] = None, new: bool
             if stage.needs_ray and not ray_ready:
                 ensure_ray(cfg)
                 ray_ready = True
-            ctx = StageContext(cfg=cfg, run_dir=run_dir, run_id=run_id, resume=same and not forced,
-                               show_progress=show_progress, previous=previous, registry=registry)
+            ctx = StageContext(
+                cfg=cfg,
+                run_dir=run_dir,
+                run_id=run_id,
+                resume=same and not forced,
+                show_progress=show_progress,
+                previous=previous,
+                registry=registry,
+            )
             started = time.time()
-            manifest.update_stage(name, status="running", sections=list(stage.sections), config_hash=config_hash,
-                                  inputs=inputs, outputs=[], started_at=utcnow(), ended_at=None, duration_s=None,
-                                  message="resuming" if ctx.resume and previous.get("status") != "pending" else "",
-                                  attempts=int(previous.get("attempts") or 0) + 1)
+            manifest.update_stage(
+                name,
+                status="running",
+                sections=list(stage.sections),
+                config_hash=config_hash,
+                inputs=inputs,
+                outputs=[],
+                started_at=utcnow(),
+                ended_at=None,
+                duration_s=None,
+                message="resuming" if ctx.resume and previous.get("status") != "pending" else "",
+                attempts=int(previous.get("attempts") or 0) + 1,
+            )
             say(f"  {name}: running")
             try:
                 result = stage.run(ctx)
             except KeyboardInterrupt:
-                manifest.update_stage(name, status="failed", outcome=None, ended_at=utcnow(),
-                                      duration_s=round(time.time() - started, 2), message="interrupted")
+                manifest.update_stage(
+                    name,
+                    status="failed",
+                    outcome=None,
+                    ended_at=utcnow(),
+                    duration_s=round(time.time() - started, 2),
+                    message="interrupted",
+                )
                 manifest.update(status="interrupted")
                 invocation.update(status="interrupted", ended_at=utcnow())
                 manifest.save()
@@ -235,22 +285,42 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: Optional[str] = None, new: bool
             except Exception as exc:  # noqa: BLE001 - recorded in the manifest, the run stops here
                 log.debug("stage %s failed", name, exc_info=True)
                 text = str(exc) if isinstance(exc, RaydistillError) else f"{type(exc).__name__}: {exc}"
-                manifest.update_stage(name, status="failed", outcome=None, ended_at=utcnow(),
-                                      duration_s=round(time.time() - started, 2), message=text,
-                                      error=traceback.format_exc()[-4000:])
+                manifest.update_stage(
+                    name,
+                    status="failed",
+                    outcome=None,
+                    ended_at=utcnow(),
+                    duration_s=round(time.time() - started, 2),
+                    message=text,
+                    error=traceback.format_exc()[-4000:],
+                )
                 say(f"  [red]{name}: failed[/red]: {text}")
                 failed = True
                 break
             if not isinstance(result, StageResult):
                 raise TypeError(f"stage {name} returned {type(result).__name__}, expected StageResult")
             duration = round(time.time() - started, 2)
-            cost = result.cost if result.cost is not None else (
-                round(duration / 3600 * price, 6) if price is not None else None)
+            cost = (
+                result.cost
+                if result.cost is not None
+                else (round(duration / 3600 * price, 6) if price is not None else None)
+            )
             outputs = sorted({m.rsplit("/", 1)[0] for m in markers} | set(result.artifacts))
-            manifest.update_stage(name, status=result.status, outcome=result.status, ended_at=utcnow(),
-                                  duration_s=duration, rows=result.rows, tokens=result.tokens,
-                                  tokens_per_s=result.tokens_per_s, cost=cost, message=result.message,
-                                  metrics=result.metrics, outputs=outputs, error=None)
+            manifest.update_stage(
+                name,
+                status=result.status,
+                outcome=result.status,
+                ended_at=utcnow(),
+                duration_s=duration,
+                rows=result.rows,
+                tokens=result.tokens,
+                tokens_per_s=result.tokens_per_s,
+                cost=cost,
+                message=result.message,
+                metrics=result.metrics,
+                outputs=outputs,
+                error=None,
+            )
             say(f"  {name}: {result.status} in {duration:.1f}s {result.message}")
             if result.status == "refused":
                 refused = "gate refused"
@@ -283,30 +353,48 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def _duration(entry: Mapping[str, Any]) -> Optional[float]:
+def _duration(entry: Mapping[str, Any]) -> float | None:
     if entry.get("status") == "running" and entry.get("started_at"):
         started = dt.datetime.fromisoformat(entry["started_at"])
         return (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     return entry.get("duration_s")
 
 
-STATUS_STYLE = {"done": "green", "skipped": "dim", "running": "yellow", "failed": "red", "refused": "magenta",
-                "pending": "dim"}
+STATUS_STYLE = {
+    "done": "green",
+    "skipped": "dim",
+    "running": "yellow",
+    "failed": "red",
+    "refused": "magenta",
+    "pending": "dim",
+}
 
 
-def stage_table(data: Mapping[str, Any], title: Optional[str] = None) -> Any:
+def stage_table(data: Mapping[str, Any], title: str | None = None) -> Any:
     from rich.table import Table
 
     table = Table(title=title or f"run {data.get('run_id')}", title_justify="left")
     for column in ("stage", "status", "time s", "rows", "tokens", "tok/s", "cost", "note"):
-        table.add_column(column, justify="right" if column in ("time s", "rows", "tokens", "tok/s", "cost") else "left",
-                         no_wrap=column == "note", overflow="ellipsis", max_width=64 if column == "note" else None)
+        table.add_column(
+            column,
+            justify="right" if column in ("time s", "rows", "tokens", "tok/s", "cost") else "left",
+            no_wrap=column == "note",
+            overflow="ellipsis",
+            max_width=64 if column == "note" else None,
+        )
     for entry in data.get("stages", []):
         status = entry.get("status", "pending")
         style = STATUS_STYLE.get(status, "")
-        table.add_row(entry["name"], f"[{style}]{status}[/{style}]" if style else status, _fmt(_duration(entry), 1),
-                      _fmt(entry.get("rows")), _fmt(entry.get("tokens")), _fmt(entry.get("tokens_per_s"), 1),
-                      _fmt(entry.get("cost"), 4), str(entry.get("message") or "")[:200])
+        table.add_row(
+            entry["name"],
+            f"[{style}]{status}[/{style}]" if style else status,
+            _fmt(_duration(entry), 1),
+            _fmt(entry.get("rows")),
+            _fmt(entry.get("tokens")),
+            _fmt(entry.get("tokens_per_s"), 1),
+            _fmt(entry.get("cost"), 4),
+            str(entry.get("message") or "")[:200],
+        )
     return table
 
 
@@ -320,7 +408,7 @@ class _LiveView:
         return stage_table(self.manifest.data)
 
 
-def build_summary(data: Mapping[str, Any], selected: Optional[list[str]] = None) -> dict[str, Any]:
+def build_summary(data: Mapping[str, Any], selected: list[str] | None = None) -> dict[str, Any]:
     """The numbers of a run: per stage durations/rows/tokens/cost plus teacher/training speed and eval results."""
     entries = {e["name"]: e for e in data.get("stages", [])}
     metrics = {name: e.get("metrics") or {} for name, e in entries.items()}
@@ -328,20 +416,39 @@ def build_summary(data: Mapping[str, Any], selected: Optional[list[str]] = None)
     gen, train, ev, deploy = (entries.get(n, {}) for n in ("generate", "train", "eval", "deploy"))
     em = metrics.get("eval", {})
     summary = {
-        "run_id": data.get("run_id"), "run_dir": data.get("run_dir"), "status": data.get("status"),
-        "stages": [{k: e.get(k) for k in ("name", "status", "duration_s", "rows", "tokens", "tokens_per_s", "cost",
-                                          "message")} for e in data.get("stages", [])
-                   if selected is None or e["name"] in selected],
+        "run_id": data.get("run_id"),
+        "run_dir": data.get("run_dir"),
+        "status": data.get("status"),
+        "stages": [
+            {k: e.get(k) for k in ("name", "status", "duration_s", "rows", "tokens", "tokens_per_s", "cost", "message")}
+            for e in data.get("stages", [])
+            if selected is None or e["name"] in selected
+        ],
         "wall_seconds": round(sum(e.get("duration_s") or 0 for e in entries.values()), 2),
         "teacher_tokens_per_s": gen.get("tokens_per_s"),
         "training_tokens_per_s": train.get("tokens_per_s"),
         "cost": round(sum(costs), 6) if costs else None,
         "manifest": storage.join(str(data.get("run_dir")), "manifest.json"),
     }
-    for key in ("student_bpb_heldout", "teacher_bpb_heldout", "student_bpb_human", "teacher_bpb_human",
-                "init_bpb_human", "student_decode_tokens_per_s", "teacher_decode_tokens_per_s", "decode_speedup",
-                "student_ttft_s", "teacher_ttft_s", "student_experts_per_token", "init_experts_per_token",
-                "student_max_k", "student_hard_minus_easy", "gate_passed", "gate_reason", "report"):
+    for key in (
+        "student_bpb_heldout",
+        "teacher_bpb_heldout",
+        "student_bpb_human",
+        "teacher_bpb_human",
+        "init_bpb_human",
+        "student_decode_tokens_per_s",
+        "teacher_decode_tokens_per_s",
+        "decode_speedup",
+        "student_ttft_s",
+        "teacher_ttft_s",
+        "student_experts_per_token",
+        "init_experts_per_token",
+        "student_max_k",
+        "student_hard_minus_easy",
+        "gate_passed",
+        "gate_reason",
+        "report",
+    ):
         summary[key] = em.get(key)
     if entries.get("gate", {}).get("metrics"):
         summary["gate_passed"] = metrics["gate"].get("passed", summary["gate_passed"])
@@ -352,8 +459,9 @@ def build_summary(data: Mapping[str, Any], selected: Optional[list[str]] = None)
     return summary
 
 
-def print_summary(outcome_or_summary: Any, console: Any = None, targets_section: Any = None,
-                  sample: Optional[tuple[str, str]] = None) -> None:
+def print_summary(
+    outcome_or_summary: Any, console: Any = None, targets_section: Any = None, sample: tuple[str, str] | None = None
+) -> None:
     """The final stage table, a key/value table of the run's headline numbers, and the ratios vs their targets."""
     from rich.table import Table
 
@@ -370,13 +478,25 @@ def print_summary(outcome_or_summary: Any, console: Any = None, targets_section:
         ("stage time (sum of last executions)", f"{_fmt(summary.get('wall_seconds'), 1)} s"),
         ("teacher tokens/s", _fmt(summary.get("teacher_tokens_per_s"), 1)),
         ("training tokens/s", _fmt(summary.get("training_tokens_per_s"), 1)),
-        ("bits/byte held-out: student vs teacher", pair(summary.get("student_bpb_heldout"), summary.get("teacher_bpb_heldout"))),
-        ("bits/byte human text: student vs teacher", pair(summary.get("student_bpb_human"), summary.get("teacher_bpb_human"))),
-        ("decode tokens/s: student vs teacher", pair(summary.get("student_decode_tokens_per_s"),
-                                                     summary.get("teacher_decode_tokens_per_s"), 1)
-         + (f"  ({summary['decode_speedup']:.2f}x)" if summary.get("decode_speedup") else "")),
-        ("gate", "-" if summary.get("gate_passed") is None else
-         f"{'passed' if summary['gate_passed'] else 'refused'}: {summary.get('gate_reason') or ''}"),
+        (
+            "bits/byte held-out: student vs teacher",
+            pair(summary.get("student_bpb_heldout"), summary.get("teacher_bpb_heldout")),
+        ),
+        (
+            "bits/byte human text: student vs teacher",
+            pair(summary.get("student_bpb_human"), summary.get("teacher_bpb_human")),
+        ),
+        (
+            "decode tokens/s: student vs teacher",
+            pair(summary.get("student_decode_tokens_per_s"), summary.get("teacher_decode_tokens_per_s"), 1)
+            + (f"  ({summary['decode_speedup']:.2f}x)" if summary.get("decode_speedup") else ""),
+        ),
+        (
+            "gate",
+            "-"
+            if summary.get("gate_passed") is None
+            else f"{'passed' if summary['gate_passed'] else 'refused'}: {summary.get('gate_reason') or ''}",
+        ),
         ("cost", _fmt(summary.get("cost"), 4)),
         ("report", _fmt(summary.get("report"))),
         ("serving", _fmt(summary.get("base_url"))),
@@ -394,15 +514,16 @@ def print_summary(outcome_or_summary: Any, console: Any = None, targets_section:
             check.add_row(name, value, target, "-" if ok is None else ("ok" if ok else "MISSED"))
         console.print(check)
     if sample:
-        console.print(f"[bold]sample answer[/bold] (served student, greedy) {sample[0]!r} ->\n{sample[1]}",
-                      highlight=False)
+        console.print(
+            f"[bold]sample answer[/bold] (served student, greedy) {sample[0]!r} ->\n{sample[1]}", highlight=False
+        )
 
 
-def _ratio(a: Any, b: Any) -> Optional[float]:
+def _ratio(a: Any, b: Any) -> float | None:
     return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 
 
-def target_rows(summary: Mapping[str, Any], targets: Any) -> list[tuple[str, str, str, Optional[bool]]]:
+def target_rows(summary: Mapping[str, Any], targets: Any) -> list[tuple[str, str, str, bool | None]]:
     """(measure, value, target, met?) for each ratio the run measured; met is None without a target."""
     if targets is None:
         from pipelines.section import TargetsSection
@@ -412,26 +533,53 @@ def target_rows(summary: Mapping[str, Any], targets: Any) -> list[tuple[str, str
     max_k = s.get("student_max_k")
     experts = s.get("student_experts_per_token")
     measures = [
-        ("bits/byte human text, student / teacher", _ratio(s.get("student_bpb_human"), s.get("teacher_bpb_human")),
-         targets.bpb_human_ratio, "<="),
-        ("bits/byte held-out teacher text, student / teacher",
-         _ratio(s.get("student_bpb_heldout"), s.get("teacher_bpb_heldout")), targets.bpb_heldout_ratio, "<="),
-        ("bits/byte human text, init / teacher", _ratio(s.get("init_bpb_human"), s.get("teacher_bpb_human")),
-         targets.init_bpb_human_ratio, "<="),
-        ("decode tokens/s, student / teacher", _ratio(s.get("student_decode_tokens_per_s"),
-                                                      s.get("teacher_decode_tokens_per_s")), targets.decode_speedup, ">="),
-        ("time to first token, student / teacher", _ratio(s.get("student_ttft_s"), s.get("teacher_ttft_s")),
-         targets.ttft_ratio, "<="),
-        (f"experts per token / max_k ({_fmt(experts, 2)} of {_fmt(max_k)})", _ratio(experts, max_k),
-         targets.experts_fraction, "<="),
+        (
+            "bits/byte human text, student / teacher",
+            _ratio(s.get("student_bpb_human"), s.get("teacher_bpb_human")),
+            targets.bpb_human_ratio,
+            "<=",
+        ),
+        (
+            "bits/byte held-out teacher text, student / teacher",
+            _ratio(s.get("student_bpb_heldout"), s.get("teacher_bpb_heldout")),
+            targets.bpb_heldout_ratio,
+            "<=",
+        ),
+        (
+            "bits/byte human text, init / teacher",
+            _ratio(s.get("init_bpb_human"), s.get("teacher_bpb_human")),
+            targets.init_bpb_human_ratio,
+            "<=",
+        ),
+        (
+            "decode tokens/s, student / teacher",
+            _ratio(s.get("student_decode_tokens_per_s"), s.get("teacher_decode_tokens_per_s")),
+            targets.decode_speedup,
+            ">=",
+        ),
+        (
+            "time to first token, student / teacher",
+            _ratio(s.get("student_ttft_s"), s.get("teacher_ttft_s")),
+            targets.ttft_ratio,
+            "<=",
+        ),
+        (
+            f"experts per token / max_k ({_fmt(experts, 2)} of {_fmt(max_k)})",
+            _ratio(experts, max_k),
+            targets.experts_fraction,
+            "<=",
+        ),
         ("difficulty curve: hard - easy (experts)", s.get("student_hard_minus_easy"), targets.hard_minus_easy, ">"),
     ]
     rows = []
     for name, value, target, op in measures:
         if value is None:
             continue
-        ok = None if target is None else (value <= target if op == "<=" else value >= target if op == ">=" else
-                                          value > target)
+        ok = (
+            None
+            if target is None
+            else (value <= target if op == "<=" else value >= target if op == ">=" else value > target)
+        )
         rows.append((name, f"{value:.3f}", "-" if target is None else f"{op} {target:g}", ok))
     return rows
 
@@ -449,9 +597,12 @@ def sample_completion(base_url: str, cfg: PipelineConfig, *, timeout: float = 12
     keys = os.environ.get(cfg.serve.api_key_env or "", "") if getattr(cfg.serve, "api_key_env", None) else ""
     if keys:
         headers["Authorization"] = f"Bearer {keys.split(',')[0].strip()}"
-    body = {"model": served_name(cfg.serve, cfg.name),
-            "messages": [{"role": "user", "content": cfg.pipeline.sample_prompt}],
-            "max_tokens": cfg.pipeline.sample_max_tokens, "temperature": 0}
+    body = {
+        "model": served_name(cfg.serve, cfg.name),
+        "messages": [{"role": "user", "content": cfg.pipeline.sample_prompt}],
+        "max_tokens": cfg.pipeline.sample_max_tokens,
+        "temperature": 0,
+    }
     response = httpx.post(url, json=body, headers=headers, timeout=timeout)
     if response.status_code != 200:
         raise RaydistillError(f"sample completion from {url} failed: HTTP {response.status_code} {response.text[:300]}")

@@ -32,8 +32,9 @@ import json
 import logging
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
@@ -70,7 +71,7 @@ class JobExists(RaydistillError):
 
 
 class JobSubmitter(Protocol):
-    def submit(self, run_id: str, submission_id: Optional[str] = None) -> str: ...
+    def submit(self, run_id: str, submission_id: str | None = None) -> str: ...
 
     # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED; JobNotFound for an unknown id
     def status(self, job_id: str) -> str: ...
@@ -84,11 +85,11 @@ def submission_id_for(name: str, run_id: str) -> str:
     return f"raydistill-{name}-{run_id}"
 
 
-def _iso(value: Optional[dt.datetime]) -> Optional[str]:
+def _iso(value: dt.datetime | None) -> str | None:
     return value.astimezone(dt.timezone.utc).isoformat() if value else None
 
 
-def _parse(value: Optional[str]) -> Optional[dt.datetime]:
+def _parse(value: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(value) if value else None
 
 
@@ -104,7 +105,9 @@ def run_id_for(tick: dt.datetime) -> str:
 
 
 class Scheduler:
-    def __init__(self, cfg: PipelineConfig, submitter: JobSubmitter, clock: Optional[Clock] = None, uri: Optional[str] = None):
+    def __init__(
+        self, cfg: PipelineConfig, submitter: JobSubmitter, clock: Clock | None = None, uri: str | None = None
+    ):
         if not cfg.schedule.cron:
             raise ConfigError("schedule.cron: not set; add e.g. `schedule: {cron: '0 3 * * *', timezone: UTC}`")
         self.cfg = cfg
@@ -115,8 +118,12 @@ class Scheduler:
         self.uri = uri or state_uri(cfg)
         from pipelines.state_lock import StateLock
 
-        self.lock = StateLock(self.uri, timeout=0.0, lease_s=max(300.0, 3 * self.section.poll_s),
-                              what=f"the scheduler state of {cfg.name} (another `raydistill schedule` runs)")
+        self.lock = StateLock(
+            self.uri,
+            timeout=0.0,
+            lease_s=max(300.0, 3 * self.section.poll_s),
+            what=f"the scheduler state of {cfg.name} (another `raydistill schedule` runs)",
+        )
         self.state = self._load()
 
     # ---------------------------------------------------------------------------------- state
@@ -125,15 +132,27 @@ class Scheduler:
             state = storage.read_json(self.uri)
             if state.get("cron") != self.section.cron or state.get("timezone") != self.section.timezone:
                 # A new schedule continues the history but counts ticks from now, not from the old cron.
-                state.update(cron=self.section.cron, timezone=self.section.timezone, last_tick=None,
-                             anchor=_iso(self.clock.now()))
+                state.update(
+                    cron=self.section.cron,
+                    timezone=self.section.timezone,
+                    last_tick=None,
+                    anchor=_iso(self.clock.now()),
+                )
             return state
-        return {"name": self.cfg.name, "cron": self.section.cron, "timezone": self.section.timezone,
-                "anchor": _iso(self.clock.now()), "last_tick": None, "next_run": None, "active": None,
-                "history": [], "started_at": _iso(self.clock.now())}
+        return {
+            "name": self.cfg.name,
+            "cron": self.section.cron,
+            "timezone": self.section.timezone,
+            "anchor": _iso(self.clock.now()),
+            "last_tick": None,
+            "next_run": None,
+            "active": None,
+            "history": [],
+            "started_at": _iso(self.clock.now()),
+        }
 
     def save(self) -> None:
-        self.state["history"] = self.state["history"][-self.section.history:]
+        self.state["history"] = self.state["history"][-self.section.history :]
         self.state["next_run"] = _iso(self.next_tick())
         self.state["updated_at"] = _iso(self.clock.now())
         storage.atomic_write_json(self.uri, self.state)
@@ -146,7 +165,7 @@ class Scheduler:
     def _after(self) -> dt.datetime:
         return _parse(self.state.get("last_tick")) or _parse(self.state["anchor"])
 
-    def next_tick(self, after: Optional[dt.datetime] = None) -> dt.datetime:
+    def next_tick(self, after: dt.datetime | None = None) -> dt.datetime:
         base = (after or self._after()).astimezone(self.tz)
         return croniter(self.section.cron, base).get_next(dt.datetime).astimezone(dt.timezone.utc)
 
@@ -166,7 +185,7 @@ class Scheduler:
         return out
 
     # ----------------------------------------------------------------------------------- jobs
-    def poll(self) -> Optional[str]:
+    def poll(self) -> str | None:
         """Update the active job; returns its outcome when it just ended."""
         active = self.state.get("active")
         if not active:
@@ -205,8 +224,12 @@ class Scheduler:
         if active:
             if self.section.concurrency == "forbid":
                 self.state["last_tick"] = _iso(tick)
-                entry = self._record(tick=_iso(tick), outcome="skipped", at=_iso(now),
-                                     reason=f"run {active['run_id']} (job {active['job_id']}) still running")
+                entry = self._record(
+                    tick=_iso(tick),
+                    outcome="skipped",
+                    at=_iso(now),
+                    reason=f"run {active['run_id']} (job {active['job_id']}) still running",
+                )
                 self.save()
                 return entry
             try:
@@ -218,15 +241,14 @@ class Scheduler:
         job_id = submission_id_for(self.cfg.name, run_id)
         # Saved before the submit: a crash after it never re-fires this tick (see poll()).
         self.state["last_tick"] = _iso(tick)
-        active = {"job_id": job_id, "run_id": run_id, "tick": _iso(tick), "submitted_at": None,
-                  "state": "submitting"}
+        active = {"job_id": job_id, "run_id": run_id, "tick": _iso(tick), "submitted_at": None, "state": "submitting"}
         self.state["active"] = active
         self._record(tick=_iso(tick), run_id=run_id, job_id=job_id, outcome="submitting", at=_iso(now))
         self.save()
         self._submit(active)
         return next(e for e in reversed(self.state["history"]) if e.get("job_id") == job_id)
 
-    def _submit(self, active: dict[str, Any]) -> Optional[str]:
+    def _submit(self, active: dict[str, Any]) -> str | None:
         """Submit the saved ``active`` job; returns its outcome when the submit failed."""
         try:
             self.submitter.submit(active["run_id"], active["job_id"])
@@ -254,14 +276,14 @@ class Scheduler:
                 break
         self.save()
 
-    def tick(self) -> Optional[dict[str, Any]]:
+    def tick(self) -> dict[str, Any] | None:
         """One scheduling decision at ``clock.now()``; returns the history entry of a fired tick, if any.
         Holds the scheduler lock (LockHeld when another scheduler of this state runs)."""
         with self.lock:
             self.lock.renew()
             return self._tick()
 
-    def _tick(self) -> Optional[dict[str, Any]]:
+    def _tick(self) -> dict[str, Any] | None:
         self.poll()
         now = self.clock.now()
         due = self.due_ticks(now)
@@ -270,29 +292,44 @@ class Scheduler:
             return None
         latest, missed = due[-1], due[:-1]
         if missed:
-            self._record(outcome="missed", count=len(missed), first=_iso(missed[0]), last=_iso(missed[-1]),
-                         at=_iso(now), reason="scheduler was down; only the latest missed tick runs")
+            self._record(
+                outcome="missed",
+                count=len(missed),
+                first=_iso(missed[0]),
+                last=_iso(missed[-1]),
+                at=_iso(now),
+                reason="scheduler was down; only the latest missed tick runs",
+            )
         late = (now - latest).total_seconds()
         if not self.section.catchup and late > self.section.misfire_grace_s:
             self.state["last_tick"] = _iso(latest)
-            entry = self._record(tick=_iso(latest), outcome="missed", at=_iso(now),
-                                 reason=f"{late:.0f}s late > misfire_grace_s={self.section.misfire_grace_s:g} "
-                                        "(catchup: false)")
+            entry = self._record(
+                tick=_iso(latest),
+                outcome="missed",
+                at=_iso(now),
+                reason=f"{late:.0f}s late > misfire_grace_s={self.section.misfire_grace_s:g} (catchup: false)",
+            )
             self.save()
             return entry
         return self._fire(latest)
 
-    def run(self, *, once: bool = False, max_iterations: Optional[int] = None,
-            notify: Optional[Callable[[dict[str, Any]], None]] = None) -> Optional[dict[str, Any]]:
+    def run(
+        self,
+        *,
+        once: bool = False,
+        max_iterations: int | None = None,
+        notify: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any] | None:
         """Loop: tick, then sleep until the next cron time or ``poll_s``. ``once``: return after one fired
         run has ended (its history entry); ``max_iterations`` bounds the loop (tests); ``notify`` gets
         each new history entry."""
         with self.lock:  # for the scheduler's whole life: a second scheduler of this state refuses to start
             return self._run(once=once, max_iterations=max_iterations, notify=notify)
 
-    def _run(self, *, once: bool, max_iterations: Optional[int],
-             notify: Optional[Callable[[dict[str, Any]], None]]) -> Optional[dict[str, Any]]:
-        fired: Optional[dict[str, Any]] = None
+    def _run(
+        self, *, once: bool, max_iterations: int | None, notify: Callable[[dict[str, Any]], None] | None
+    ) -> dict[str, Any] | None:
+        fired: dict[str, Any] | None = None
         iterations = 0
         while max_iterations is None or iterations < max_iterations:
             iterations += 1
@@ -315,7 +352,7 @@ class Scheduler:
 
 
 # --------------------------------------------------------------------------------- Ray job submit
-def job_server_address(cfg: PipelineConfig, address: Optional[str] = None) -> str:
+def job_server_address(cfg: PipelineConfig, address: str | None = None) -> str:
     import os
 
     address = address or cfg.schedule.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
@@ -325,7 +362,7 @@ def job_server_address(cfg: PipelineConfig, address: Optional[str] = None) -> st
     return address
 
 
-def ray_auth_token() -> Optional[str]:
+def ray_auth_token() -> str | None:
     """This machine's Ray cluster token, found where ``ray get-auth-token`` finds it: ``$RAY_AUTH_TOKEN``,
     the file ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``. None when there is none."""
     import os
@@ -359,8 +396,9 @@ def _is_local_address(address: str) -> bool:
     return any(h in address for h in ("127.0.0.1", "localhost", "[::1]"))
 
 
-def job_entrypoint(cfg: PipelineConfig, config_path: str, overrides: list[str], extra_args: list[str],
-                   address: str) -> str:
+def job_entrypoint(
+    cfg: PipelineConfig, config_path: str, overrides: list[str], extra_args: list[str], address: str
+) -> str:
     """``python -m pipelines.run CONFIG --set ... EXTRA``, with CONFIG relative to the shipped working_dir."""
     from cluster.ray_init import PROJECT_ROOT
 
@@ -371,16 +409,21 @@ def job_entrypoint(cfg: PipelineConfig, config_path: str, overrides: list[str], 
         try:
             config_arg = str(path.relative_to(PROJECT_ROOT))
         except ValueError:
-            raise ConfigError(f"config {config_path} is outside {PROJECT_ROOT}, the folder shipped to the cluster as "
-                              "working_dir; move it into the project or use a shared URI (s3://..., gs://...)") from None
+            raise ConfigError(
+                f"config {config_path} is outside {PROJECT_ROOT}, the folder shipped to the cluster as "
+                "working_dir; move it into the project or use a shared URI (s3://..., gs://...)"
+            ) from None
     sets = list(overrides)
     if storage.is_local(cfg.workdir) and not any(s.startswith("workdir=") for s in sets):
         if _is_local_address(address):
             # Same machine: keep runs where the user expects them, not in Ray's temp working_dir copy.
             sets.append(f"workdir={storage.absolute(cfg.workdir)}")
         else:
-            log.warning("workdir %r is local: on a remote cluster the runs land on the head node's disk; use a "
-                        "shared URI (s3://bucket/runs) to read them from here", cfg.workdir)
+            log.warning(
+                "workdir %r is local: on a remote cluster the runs land on the head node's disk; use a "
+                "shared URI (s3://bucket/runs) to read them from here",
+                cfg.workdir,
+            )
     parts = ["python", "-m", "pipelines.run", config_arg]
     for item in sets:
         parts += ["--set", item]
@@ -391,15 +434,22 @@ def job_runtime_env(cfg: PipelineConfig) -> dict[str, Any]:
     from cluster.ray_init import build_runtime_env
 
     extras = list(dict.fromkeys([*cfg.ray.extras, *cfg.schedule.extras]))
-    return build_runtime_env(pip=cfg.schedule.pip or None, extras=extras or None,
-                             env_vars=cfg.schedule.env_vars or None)
+    return build_runtime_env(
+        pip=cfg.schedule.pip or None, extras=extras or None, env_vars=cfg.schedule.env_vars or None
+    )
 
 
 class RayJobSubmitter:
     """Submits ``python -m pipelines.run`` through Ray's ``JobSubmissionClient``."""
 
-    def __init__(self, cfg: PipelineConfig, config_path: str, overrides: Optional[list[str]] = None,
-                 address: Optional[str] = None, client: Any = None):
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        config_path: str,
+        overrides: list[str] | None = None,
+        address: str | None = None,
+        client: Any = None,
+    ):
         self.cfg = cfg
         self.address = job_server_address(cfg, address)
         self.config_path = config_path
@@ -415,15 +465,18 @@ class RayJobSubmitter:
             try:
                 self._client = JobSubmissionClient(self.address, headers=job_server_headers() or None)
             except Exception as exc:  # noqa: BLE001 - connection / auth problems, with the fix
-                raise RaydistillError(f"cannot reach the Ray job server at {self.address} ({exc}); pass "
-                                      "--address http://HEAD:8265 or set schedule.address. A cluster with token auth "
-                                      "(the default of `ray start` since Ray 2.60) needs its token here: copy the "
-                                      "head's ~/.ray/auth_token (`ray get-auth-token` on the head) to this machine's "
-                                      "~/.ray/auth_token, or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH") from exc
+                raise RaydistillError(
+                    f"cannot reach the Ray job server at {self.address} ({exc}); pass "
+                    "--address http://HEAD:8265 or set schedule.address. A cluster with token auth "
+                    "(the default of `ray start` since Ray 2.60) needs its token here: copy the "
+                    "head's ~/.ray/auth_token (`ray get-auth-token` on the head) to this machine's "
+                    "~/.ray/auth_token, or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH"
+                ) from exc
         return self._client
 
-    def submit(self, run_id: Optional[str] = None, submission_id: Optional[str] = None,
-               extra_args: Optional[list[str]] = None) -> str:
+    def submit(
+        self, run_id: str | None = None, submission_id: str | None = None, extra_args: list[str] | None = None
+    ) -> str:
         """Submit ``python -m pipelines.run`` as a Ray job; ``submission_id`` (default: a fresh random one)
         is the job id. JobExists when the job server has a job of that id already."""
         import secrets
@@ -440,9 +493,13 @@ class RayJobSubmitter:
         deadline = time.monotonic() + self.agent_wait_s
         while True:
             try:
-                return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                                              metadata={"raydistill_pipeline": self.cfg.name, "run_id": run_id or ""},
-                                              **kwargs)
+                return self.client.submit_job(
+                    entrypoint=entrypoint,
+                    runtime_env=runtime_env,
+                    submission_id=submission_id,
+                    metadata={"raydistill_pipeline": self.cfg.name, "run_id": run_id or ""},
+                    **kwargs,
+                )
             except RuntimeError as exc:
                 if "already exists" in str(exc):
                     raise JobExists(str(exc)) from None

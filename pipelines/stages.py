@@ -12,16 +12,16 @@ module fails only that stage.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from cluster import storage
 from cluster.errors import RaydistillError
-from pipelines.manifest import MANIFEST, utcnow
 from pipelines.config import PipelineConfig
+from pipelines.manifest import MANIFEST, utcnow
 
 
 @dataclasses.dataclass
@@ -41,10 +41,10 @@ class StageContext:
 class StageResult:
     status: str = "done"  # done | refused
     message: str = ""
-    rows: Optional[int] = None
-    tokens: Optional[int] = None
-    tokens_per_s: Optional[float] = None
-    cost: Optional[float] = None  # the stage's own cost (e.g. API spend); else duration x pipeline price
+    rows: int | None = None
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+    cost: float | None = None  # the stage's own cost (e.g. API spend); else duration x pipeline price
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     artifacts: list[str] = dataclasses.field(default_factory=list)  # outputs besides the marker folders
 
@@ -59,7 +59,7 @@ class Stage:
     needs_ray: bool = False
     always_run: bool = False  # never skipped as up to date (deploy: the app may be gone)
     # Extra {key: fingerprint} inputs that are not files (e.g. the served baseline model).
-    extra_inputs: Optional[Callable[[Any, str, Any], dict[str, str]]] = None
+    extra_inputs: Callable[[Any, str, Any], dict[str, str]] | None = None
 
 
 def _run_path(run_dir: str, *parts: str) -> str:
@@ -92,9 +92,17 @@ def _run_generate(ctx: StageContext) -> StageResult:
         message += f"; skipped {m['skipped']}"
     if cleaning_summary(m.get("prompt_cleaning")):
         message += f"; prompts: {cleaning_summary(m.get('prompt_cleaning'))}"
-    return StageResult(rows=m.get("rows"), tokens=m.get("completion_tokens"), tokens_per_s=m.get("teacher_tokens_per_s"),
-                       message=message, metrics={"teacher_tokens_per_s": m.get("teacher_tokens_per_s"),
-                                                 "new_rows": m.get("new_rows"), "prompt_tokens": m.get("prompt_tokens")})
+    return StageResult(
+        rows=m.get("rows"),
+        tokens=m.get("completion_tokens"),
+        tokens_per_s=m.get("teacher_tokens_per_s"),
+        message=message,
+        metrics={
+            "teacher_tokens_per_s": m.get("teacher_tokens_per_s"),
+            "new_rows": m.get("new_rows"),
+            "prompt_tokens": m.get("prompt_tokens"),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------- filter
@@ -107,10 +115,13 @@ def _run_filter(ctx: StageContext) -> StageResult:
 
     m = run_filter_stage(ctx.cfg, ctx.run_dir)
     tokens = m.get("tokens") or {}
-    return StageResult(rows=m.get("output_rows"), tokens=tokens.get("completion"),
-                       message=f"kept {m.get('output_rows')}/{m.get('input_rows')}"
-                               + "".join(f", {k} -{v}" for k, v in (m.get("dropped") or {}).items() if v),
-                       metrics={"input_rows": m.get("input_rows"), "dropped": m.get("dropped")})
+    return StageResult(
+        rows=m.get("output_rows"),
+        tokens=tokens.get("completion"),
+        message=f"kept {m.get('output_rows')}/{m.get('input_rows')}"
+        + "".join(f", {k} -{v}" for k, v in (m.get("dropped") or {}).items() if v),
+        metrics={"input_rows": m.get("input_rows"), "dropped": m.get("dropped")},
+    )
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -121,10 +132,18 @@ def _run_train(ctx: StageContext) -> StageResult:
     m = run_train_stage(ctx.cfg, ctx.run_dir, resume=True, restart=not ctx.resume, show_progress=ctx.show_progress)
     if m.get("status") not in (None, "done"):
         raise RaydistillError(f"training ended with status {m.get('status')!r}; see {ctx.run_dir}/train")
-    return StageResult(tokens=m.get("tokens"), tokens_per_s=m.get("tokens_per_s"), rows=m.get("train_rows") or m.get("rows"),
-                       message=f"{m.get('steps')} steps", artifacts=[_run_path(ctx.run_dir, "student")],
-                       metrics={"steps": m.get("steps"), "training_tokens_per_s": m.get("tokens_per_s"),
-                                "wall_seconds": m.get("wall_seconds")})
+    return StageResult(
+        tokens=m.get("tokens"),
+        tokens_per_s=m.get("tokens_per_s"),
+        rows=m.get("train_rows") or m.get("rows"),
+        message=f"{m.get('steps')} steps",
+        artifacts=[_run_path(ctx.run_dir, "student")],
+        metrics={
+            "steps": m.get("steps"),
+            "training_tokens_per_s": m.get("tokens_per_s"),
+            "wall_seconds": m.get("wall_seconds"),
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -135,7 +154,7 @@ def _baseline_input(cfg: PipelineConfig, run_dir: str, registry: Any) -> dict[st
     return {"baseline": f"{entry['model_dir']}@{entry.get('promoted_at')}"}
 
 
-def _baseline_dir(ctx: StageContext) -> Optional[str]:
+def _baseline_dir(ctx: StageContext) -> str | None:
     entry = ctx.registry.baseline_for(ctx.run_id) if ctx.registry else None
     if entry and storage.exists(storage.join(entry["model_dir"], "config.json")):
         return entry["model_dir"]
@@ -151,19 +170,25 @@ def eval_metrics(report: dict[str, Any]) -> dict[str, Any]:
 
     gate = report.get("gate") or {}
     return {
-        "student_bpb_heldout": metric("student", "bpb_heldout"), "teacher_bpb_heldout": metric("teacher", "bpb_heldout"),
-        "student_bpb_human": metric("student", "bpb_human"), "teacher_bpb_human": metric("teacher", "bpb_human"),
+        "student_bpb_heldout": metric("student", "bpb_heldout"),
+        "teacher_bpb_heldout": metric("teacher", "bpb_heldout"),
+        "student_bpb_human": metric("student", "bpb_human"),
+        "teacher_bpb_human": metric("teacher", "bpb_human"),
         "student_decode_tokens_per_s": metric("student", "decode_tokens_per_s"),
         "teacher_decode_tokens_per_s": metric("teacher", "decode_tokens_per_s"),
         "decode_speedup": (report.get("comparison") or {}).get("decode_speedup"),
-        "student_kl": metric("student", "kl"), "student_top1_agreement": metric("student", "top1_agreement"),
-        "init_bpb_human": metric("init", "bpb_human"), "init_bpb_heldout": metric("init", "bpb_heldout"),
-        "student_ttft_s": metric("student", "ttft_s"), "teacher_ttft_s": metric("teacher", "ttft_s"),
+        "student_kl": metric("student", "kl"),
+        "student_top1_agreement": metric("student", "top1_agreement"),
+        "init_bpb_human": metric("init", "bpb_human"),
+        "init_bpb_heldout": metric("init", "bpb_heldout"),
+        "student_ttft_s": metric("student", "ttft_s"),
+        "teacher_ttft_s": metric("teacher", "ttft_s"),
         "student_experts_per_token": metric("student", "experts_per_token"),
         "init_experts_per_token": metric("init", "experts_per_token"),
         "student_max_k": ((models.get("student") or {}).get("routing") or {}).get("max_k"),
         "student_hard_minus_easy": ((models.get("student") or {}).get("routing") or {}).get("hard_minus_easy"),
-        "gate_passed": gate.get("passed"), "gate_reason": gate.get("reason"),
+        "gate_passed": gate.get("passed"),
+        "gate_reason": gate.get("reason"),
         "report": (report.get("paths") or {}).get("html") or (report.get("paths") or {}).get("json"),
     }
 
@@ -172,7 +197,9 @@ def _run_eval(ctx: StageContext) -> StageResult:
     from distill.eval.stage import run_eval_stage
 
     baseline = _baseline_dir(ctx)
-    report = run_eval_stage(ctx.cfg, ctx.run_dir, model_dir=None, baseline_dir=baseline, show_progress=ctx.show_progress)
+    report = run_eval_stage(
+        ctx.cfg, ctx.run_dir, model_dir=None, baseline_dir=baseline, show_progress=ctx.show_progress
+    )
     metrics = {**eval_metrics(report), "baseline": baseline}
     gate = report.get("gate") or {}
     message = f"gate {'passed' if gate.get('passed') else 'failed'}; report {metrics['report'] or '-'}"
@@ -191,17 +218,26 @@ def _run_gate(ctx: StageContext) -> StageResult:
     passed = bool(gate["passed"])
     reason = gate.get("reason") or ("better than the reference" if passed else "not better than the reference")
     current = ctx.registry.current() if ctx.registry else None
-    record = {"stage": "gate", "passed": passed, "reason": reason, "gate": gate, "report": uri,
-              "served_before": (current or {}).get("model_dir"), "decided_at": utcnow()}
+    record = {
+        "stage": "gate",
+        "passed": passed,
+        "reason": reason,
+        "gate": gate,
+        "report": uri,
+        "served_before": (current or {}).get("model_dir"),
+        "decided_at": utcnow(),
+    }
     storage.atomic_write_json(_run_path(ctx.run_dir, "gate", MANIFEST), record)
     if passed:
         return StageResult(message=f"passed: {reason}", metrics={"passed": True, "reason": reason})
     kept = f"; {current['model_dir']} keeps serving" if current else "; nothing is promoted"
-    return StageResult(status="refused", message=f"refused: {reason}{kept}", metrics={"passed": False, "reason": reason})
+    return StageResult(
+        status="refused", message=f"refused: {reason}{kept}", metrics={"passed": False, "reason": reason}
+    )
 
 
 # ------------------------------------------------------------------------------------------- export
-def _student_routing(student_dir: str) -> Optional[str]:
+def _student_routing(student_dir: str) -> str | None:
     uri = storage.join(student_dir, "config.json")
     if not storage.exists(uri):
         raise RaydistillError(f"export: {uri} does not exist; run the train stage first")
@@ -212,13 +248,22 @@ def _run_export(ctx: StageContext) -> StageResult:
     student = _run_path(ctx.run_dir, "student")
     out = _run_path(ctx.run_dir, "student-qwen2moe")
     routing = _student_routing(student)
-    record: dict[str, Any] = {"stage": "export", "format": "qwen2_moe", "student_dir": student, "routing": routing,
-                              "created_at": utcnow()}
+    record: dict[str, Any] = {
+        "stage": "export",
+        "format": "qwen2_moe",
+        "student_dir": student,
+        "routing": routing,
+        "created_at": utcnow(),
+    }
     train_manifest_uri = _run_path(ctx.run_dir, "train", MANIFEST)
     train_manifest = storage.read_json(train_manifest_uri) if storage.exists(train_manifest_uri) else {}
     if routing != "topk":
-        record.update(exported=False, dir=None, reason=f"routing {routing}: stock Qwen2-MoE routes a fixed k; "
-                                                        "the native student is served (vLLM plugin / transformers)")
+        record.update(
+            exported=False,
+            dir=None,
+            reason=f"routing {routing}: stock Qwen2-MoE routes a fixed k; "
+            "the native student is served (vLLM plugin / transformers)",
+        )
         message = "not exported (top-p routing)"
     elif train_manifest.get("export_dir") and storage.exists(storage.join(out, "config.json")):
         record.update(exported=True, dir=out, reason="written by the train stage")
@@ -237,8 +282,11 @@ def _run_export(ctx: StageContext) -> StageResult:
         record.update(exported=True, dir=out, reason="exported")
         message = f"exported to {out}"
     storage.atomic_write_json(_run_path(ctx.run_dir, "export", MANIFEST), record)
-    return StageResult(message=message, artifacts=[out] if record["exported"] else [],
-                       metrics={"exported": record["exported"], "export_dir": record["dir"]})
+    return StageResult(
+        message=message,
+        artifacts=[out] if record["exported"] else [],
+        metrics={"exported": record["exported"], "export_dir": record["dir"]},
+    )
 
 
 # ------------------------------------------------------------------------------------------- deploy
@@ -246,8 +294,10 @@ def deploy_model_dir(cfg: PipelineConfig, run_dir: str) -> str:
     if cfg.pipeline.deploy_model == "qwen2_moe":
         out = _run_path(run_dir, "student-qwen2moe")
         if not storage.exists(storage.join(out, "config.json")):
-            raise RaydistillError(f"pipeline.deploy_model=qwen2_moe but {out} does not exist (top-p student, or the "
-                                  "export stage did not run); set pipeline.deploy_model: student")
+            raise RaydistillError(
+                f"pipeline.deploy_model=qwen2_moe but {out} does not exist (top-p student, or the "
+                "export stage did not run); set pipeline.deploy_model: student"
+            )
         return out
     return _run_path(run_dir, "student")
 
@@ -263,7 +313,7 @@ def serve_model(cfg: PipelineConfig, model_dir: str) -> str:
     return serve_app.base_url(cfg.serve)
 
 
-def served_model_dir(cfg: PipelineConfig) -> Optional[str]:
+def served_model_dir(cfg: PipelineConfig) -> str | None:
     """The model dir app ``cfg.name`` serves now (None: not running)."""
     from serve import app as serve_app
 
@@ -281,13 +331,28 @@ def _run_deploy(ctx: StageContext) -> StageResult:
     # Serialised with other promotes/rollbacks of this pipeline; the intent is recorded before serving changes.
     with ctx.registry.change("promote", model_dir, run_id=ctx.run_id, served=served_model_dir(ctx.cfg)):
         base_url = serve_model(ctx.cfg, model_dir)
-        entry = ctx.registry.promote(model_dir, run_id=ctx.run_id, base_url=base_url, report=report_path,
-                                     metrics={k: v for k, v in metrics.items() if k.startswith("student_")})
-    storage.atomic_write_json(_run_path(ctx.run_dir, "deploy", MANIFEST),
-                              {"stage": "deploy", "model_dir": model_dir, "base_url": base_url, "app": ctx.cfg.name,
-                               "registry": ctx.registry.uri, "promoted_at": entry.get("promoted_at"),
-                               "deployed_at": utcnow()})
-    return StageResult(message=f"serving {model_dir} at {base_url}", metrics={"base_url": base_url, "model_dir": model_dir})
+        entry = ctx.registry.promote(
+            model_dir,
+            run_id=ctx.run_id,
+            base_url=base_url,
+            report=report_path,
+            metrics={k: v for k, v in metrics.items() if k.startswith("student_")},
+        )
+    storage.atomic_write_json(
+        _run_path(ctx.run_dir, "deploy", MANIFEST),
+        {
+            "stage": "deploy",
+            "model_dir": model_dir,
+            "base_url": base_url,
+            "app": ctx.cfg.name,
+            "registry": ctx.registry.uri,
+            "promoted_at": entry.get("promoted_at"),
+            "deployed_at": utcnow(),
+        },
+    )
+    return StageResult(
+        message=f"serving {model_dir} at {base_url}", metrics={"base_url": base_url, "model_dir": model_dir}
+    )
 
 
 def _marker(*parts: str) -> Callable[[Any, str], list[str]]:
@@ -295,18 +360,49 @@ def _marker(*parts: str) -> Callable[[Any, str], list[str]]:
 
 
 STAGES: dict[str, Stage] = {
-    "generate": Stage("generate", ("teacher", "prompts", "generate"), _generate_inputs,
-                      _marker("data", "generate", MANIFEST), _run_generate, needs_ray=True),
+    "generate": Stage(
+        "generate",
+        ("teacher", "prompts", "generate"),
+        _generate_inputs,
+        _marker("data", "generate", MANIFEST),
+        _run_generate,
+        needs_ray=True,
+    ),
     "filter": Stage("filter", ("filter",), _filter_inputs, _marker("data", "filtered", MANIFEST), _run_filter),
-    "train": Stage("train", ("teacher", "student", "train"), lambda cfg, run: [_run_path(run, "data", "filtered")],
-                   _marker("train", MANIFEST), _run_train, needs_ray=True),
-    "eval": Stage("eval", ("teacher", "eval"), lambda cfg, run: [_run_path(run, "train")],
-                  _marker("eval", "report.json"), _run_eval, extra_inputs=_baseline_input),
-    "gate": Stage("gate", (), lambda cfg, run: [_run_path(run, "eval", "report.json")],
-                  _marker("gate", MANIFEST), _run_gate, extra_inputs=_baseline_input),
-    "export": Stage("export", ("student",), lambda cfg, run: [_run_path(run, "train")],
-                    _marker("export", MANIFEST), _run_export),
-    "deploy": Stage("deploy", ("serve", "pipeline"), lambda cfg, run: [_run_path(run, "gate", MANIFEST)],
-                    _marker("deploy", MANIFEST), _run_deploy, needs_ray=True, always_run=True),
+    "train": Stage(
+        "train",
+        ("teacher", "student", "train"),
+        lambda cfg, run: [_run_path(run, "data", "filtered")],
+        _marker("train", MANIFEST),
+        _run_train,
+        needs_ray=True,
+    ),
+    "eval": Stage(
+        "eval",
+        ("teacher", "eval"),
+        lambda cfg, run: [_run_path(run, "train")],
+        _marker("eval", "report.json"),
+        _run_eval,
+        extra_inputs=_baseline_input,
+    ),
+    "gate": Stage(
+        "gate",
+        (),
+        lambda cfg, run: [_run_path(run, "eval", "report.json")],
+        _marker("gate", MANIFEST),
+        _run_gate,
+        extra_inputs=_baseline_input,
+    ),
+    "export": Stage(
+        "export", ("student",), lambda cfg, run: [_run_path(run, "train")], _marker("export", MANIFEST), _run_export
+    ),
+    "deploy": Stage(
+        "deploy",
+        ("serve", "pipeline"),
+        lambda cfg, run: [_run_path(run, "gate", MANIFEST)],
+        _marker("deploy", MANIFEST),
+        _run_deploy,
+        needs_ray=True,
+        always_run=True,
+    ),
 }
-

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 from cluster import storage
 from cluster.errors import RaydistillError
@@ -30,8 +30,7 @@ class LockHeld(RaydistillError):
 
 
 class StateLock:
-    def __init__(self, state_uri: str, *, timeout: float = 600.0, lease_s: float = 900.0,
-                 what: str = "this state"):
+    def __init__(self, state_uri: str, *, timeout: float = 600.0, lease_s: float = 900.0, what: str = "this state"):
         self.uri = state_uri + ".lock"
         self.timeout = timeout
         self.lease_s = lease_s
@@ -43,11 +42,11 @@ class StateLock:
         if storage.is_local(state_uri):
             from filelock import FileLock
 
-            self._path = os.path.abspath(self.uri[len("file://"):] if self.uri.startswith("file://") else self.uri)
+            self._path = os.path.abspath(self.uri[len("file://") :] if self.uri.startswith("file://") else self.uri)
             self._file_lock = FileLock(self._path, thread_local=False)
 
     # -------------------------------------------------------------------------------------- public
-    def acquire(self, timeout: Optional[float] = None) -> "StateLock":
+    def acquire(self, timeout: float | None = None) -> StateLock:
         timeout = self.timeout if timeout is None else timeout
         self._mutex.acquire()
         try:
@@ -59,8 +58,10 @@ class StateLock:
                     try:
                         self._file_lock.acquire(timeout=timeout)
                     except Timeout:
-                        raise LockHeld(f"{self.what} is locked by another process ({self.uri}); wait for it to "
-                                       "finish, or remove the file if no raydistill process runs") from None
+                        raise LockHeld(
+                            f"{self.what} is locked by another process ({self.uri}); wait for it to "
+                            "finish, or remove the file if no raydistill process runs"
+                        ) from None
                 else:
                     self._acquire_lease(timeout)
             self._depth += 1
@@ -91,14 +92,14 @@ class StateLock:
     def held(self) -> bool:
         return self._depth > 0
 
-    def __enter__(self) -> "StateLock":
+    def __enter__(self) -> StateLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
 
     # -------------------------------------------------------------------------------------- leases
-    def _lease(self) -> Optional[dict]:
+    def _lease(self) -> dict | None:
         try:
             return json.loads(storage.read_text(self.uri))
         except Exception:  # noqa: BLE001 - absent or torn: no lease
@@ -131,8 +132,10 @@ class StateLock:
             if lease is None and self._write_lease(exclusive=True):
                 return
             if time.monotonic() >= deadline:
-                raise LockHeld(f"{self.what} is locked by {(lease or {}).get('owner', 'another process')} "
-                               f"({self.uri}, lease until {(lease or {}).get('expires_at')})")
+                raise LockHeld(
+                    f"{self.what} is locked by {(lease or {}).get('owner', 'another process')} "
+                    f"({self.uri}, lease until {(lease or {}).get('expires_at')})"
+                )
             time.sleep(0.5)
 
     def _release_lease(self) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -29,11 +30,18 @@ from serve.serving import OpenAIServer
 logger = logging.getLogger("raydistill.serve")
 
 
-def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[ServeSection] = None, *,
-               api_keys: Optional[list[str]] = None, auth: Optional[APIKeyAuth] = None,
-               metrics: Optional[ServerMetrics] = None,
-               prompt_log: Optional[PromptLog] = None, admission_limit: Union[int, None, str] = "auto",
-               replicas_fn: Optional[Any] = None, close_backends: bool = False) -> FastAPI:
+def create_app(
+    backends: Backend | Sequence[Backend],
+    section: ServeSection | None = None,
+    *,
+    api_keys: list[str] | None = None,
+    auth: APIKeyAuth | None = None,
+    metrics: ServerMetrics | None = None,
+    prompt_log: PromptLog | None = None,
+    admission_limit: int | None | str = "auto",
+    replicas_fn: Any | None = None,
+    close_backends: bool = False,
+) -> FastAPI:
     """The FastAPI app serving ``backends`` (one per model id).
 
     ``api_keys``: overrides ``section.api_key_env`` / ``api_key_file``; ``auth`` (e.g. built from key hashes
@@ -51,14 +59,26 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         keys = api_keys if api_keys is not None else load_api_keys(section.api_key_env, section.api_key_file)
         auth = APIKeyAuth(keys)
     if prompt_log is None and section.prompt_log_uri:
-        prompt_log = PromptLog(section.prompt_log_uri, redact=section.prompt_log_redact,
-                               flush_rows=section.prompt_log_flush_rows, flush_s=section.prompt_log_flush_s,
-                               max_buffer_rows=section.prompt_log_max_buffer_rows)
+        prompt_log = PromptLog(
+            section.prompt_log_uri,
+            redact=section.prompt_log_redact,
+            flush_rows=section.prompt_log_flush_rows,
+            flush_s=section.prompt_log_flush_s,
+            max_buffer_rows=section.prompt_log_max_buffer_rows,
+        )
     if admission_limit == "auto":
-        admission_limit = (None if section.max_queued_requests < 0
-                           else section.max_ongoing_requests + section.max_queued_requests)
-    server = OpenAIServer(backends, section, metrics=metrics or ServerMetrics(), auth=auth, prompt_log=prompt_log,
-                          admission_limit=admission_limit, replicas_fn=replicas_fn)
+        admission_limit = (
+            None if section.max_queued_requests < 0 else section.max_ongoing_requests + section.max_queued_requests
+        )
+    server = OpenAIServer(
+        backends,
+        section,
+        metrics=metrics or ServerMetrics(),
+        auth=auth,
+        prompt_log=prompt_log,
+        admission_limit=admission_limit,
+        replicas_fn=replicas_fn,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -81,7 +101,7 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
         """``/health``, ``/metrics``, ``/openapi.json`` need the key unless listed in ``serve.open_paths``."""
         path, root = request.url.path, request.scope.get("root_path") or ""
         if root and path.startswith(root):  # behind a route prefix (Ray Serve's route_prefix)
-            path = path[len(root):] or "/"
+            path = path[len(root) :] or "/"
         if path not in section.open_paths:
             server.authorize(request)
 
@@ -106,8 +126,9 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                 logger.error("health check: model %s is unhealthy: %r", name, exc)
                 down.append(name)
         if down:
-            return APIError(503, f"unhealthy: the engine of {', '.join(down)} is not running",
-                            code="engine_unavailable").response()
+            return APIError(
+                503, f"unhealthy: the engine of {', '.join(down)} is not running", code="engine_unavailable"
+            ).response()
         return JSONResponse({"status": "ok", "models": sorted(server.backends)})
 
     @app.get("/metrics")
@@ -123,19 +144,30 @@ def create_app(backends: Union[Backend, Sequence[Backend]], section: Optional[Se
                     replicas = stats["replicas"]
                 else:
                     replicas = 1
-                server.metrics.engine_state(b.name, running=int(stats.get("running", 0)),
-                                            waiting=int(stats.get("waiting", 0)), replicas=replicas)
+                server.metrics.engine_state(
+                    b.name,
+                    running=int(stats.get("running", 0)),
+                    waiting=int(stats.get("waiting", 0)),
+                    replicas=replicas,
+                )
         server.metrics.in_flight.set(server.in_flight)
         if server.prompt_log is not None:
-            server.metrics.prompt_log_state(pending=server.prompt_log.pending(),
-                                            dropped=server.prompt_log.dropped_rows,
-                                            files=server.prompt_log.files_written)
+            server.metrics.prompt_log_state(
+                pending=server.prompt_log.pending(),
+                dropped=server.prompt_log.dropped_rows,
+                files=server.prompt_log.files_written,
+            )
         data, content_type = server.metrics.render()
         return Response(content=data, media_type=content_type)
 
     def model_card(name: str, b: Backend) -> dict:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "raydistill",
-                "max_model_len": b.context_length}
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "raydistill",
+            "max_model_len": b.context_length,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -175,19 +207,29 @@ def _openapi(app: FastAPI) -> dict:
     schemas["Error"] = ERROR_SCHEMA
     components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     bodies = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
-    error = {"description": "OpenAI-style error", "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/Error"}}}}
+    error = {
+        "description": "OpenAI-style error",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
     for path, model in bodies.items():
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(js.pop("$defs", {}))
         schemas[model.__name__] = js
         op = doc["paths"][path]["post"]
-        op["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
-        op["responses"] = {"200": {"description": "the completion (JSON, or SSE with stream: true)",
-                                   "content": {"application/json": {"schema": {"type": "object"}},
-                                               "text/event-stream": {"schema": {"type": "string"}}}},
-                           **{code: error for code in ("400", "401", "404", "413", "429", "500", "503", "504")}}
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+        op["responses"] = {
+            "200": {
+                "description": "the completion (JSON, or SSE with stream: true)",
+                "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
+            },
+            **{code: error for code in ("400", "401", "404", "413", "429", "500", "503", "504")},
+        }
     for path, item in doc["paths"].items():
         for op in item.values():
             if path.startswith("/v1/"):

@@ -30,18 +30,20 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ray import serve
 
 from cluster.errors import RaydistillError
-from serve.errors import Overloaded
 from serve.api import create_app
-from serve.engine.factory import engine_kwargs, load_engine
+from serve.engine.factory import load_engine
 from serve.engine.types import EngineError, EngineFailure, EngineUnavailable, GenerationOutput, GenerationRequest
+from serve.errors import Overloaded
 from serve.section import ServeSection
 
 logger = logging.getLogger("raydistill.serve")
+
 
 def uses_vllm(section: ServeSection) -> bool:
     """True when the model replicas run vLLM (``serve.backend``)."""
@@ -67,7 +69,7 @@ MODEL_DEPLOYMENT = "model"
 INGRESS_DEPLOYMENT = "ingress"
 
 
-def served_name(section: ServeSection, name: Optional[str] = None) -> str:
+def served_name(section: ServeSection, name: str | None = None) -> str:
     """The model id clients send: ``serve.model_name``, else the app name (stable across model updates)."""
     return section.model_name or name or section.app_name
 
@@ -97,8 +99,9 @@ class _Counted:
 class ModelDeployment:
     """One engine per replica; ``reconfigure({"model_dir": ...})`` swaps the model without dropping requests."""
 
-    def __init__(self, model_dir: str, section: dict, engine_factory: Optional[str] = None,
-                 engine_options: Optional[dict] = None):
+    def __init__(
+        self, model_dir: str, section: dict, engine_factory: str | None = None, engine_options: dict | None = None
+    ):
         self.section = ServeSection(**section)
         if self.section.threads is None:  # replicas share the node: torch threads = the CPUs Ray reserved
             self.section = self.section.model_copy(update={"threads": max(1, int(self.section.num_cpus))})
@@ -124,17 +127,26 @@ class ModelDeployment:
         if not model_dir or model_dir == self.current.model_dir:
             return
         if uses_vllm(self.section) and self.engine_factory is None:
-            logger.warning("model replica on vLLM asked to swap to %s in place; refused (a second vLLM engine "
-                           "does not fit on the GPU): update_model replaces vLLM replicas instead", model_dir)
+            logger.warning(
+                "model replica on vLLM asked to swap to %s in place; refused (a second vLLM engine "
+                "does not fit on the GPU): update_model replaces vLLM replicas instead",
+                model_dir,
+            )
             return
         async with self._swap_lock:
             t0 = time.perf_counter()
             # Load beside the old engine (in a thread: requests keep streaming meanwhile).
-            new = await asyncio.to_thread(load_engine, model_dir, self.section, self.engine_factory,
-                                          self.engine_options)
+            new = await asyncio.to_thread(
+                load_engine, model_dir, self.section, self.engine_factory, self.engine_options
+            )
             old, self.current = self.current, _Counted(new, model_dir)
-            logger.info("model replica swapped %s -> %s (load %.1fs); draining %d in-flight requests",
-                        old.model_dir, model_dir, time.perf_counter() - t0, old.active)
+            logger.info(
+                "model replica swapped %s -> %s (load %.1fs); draining %d in-flight requests",
+                old.model_dir,
+                model_dir,
+                time.perf_counter() - t0,
+                old.active,
+            )
             self._draining.append(old)
             asyncio.get_running_loop().create_task(self._drain(old))
 
@@ -145,8 +157,12 @@ class ModelDeployment:
         while old.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if old.active:
-            logger.warning("old engine %s: %d requests still running after swap_drain_timeout_s=%gs; they end "
-                           "with an error", old.model_dir, old.active, self.section.swap_drain_timeout_s)
+            logger.warning(
+                "old engine %s: %d requests still running after swap_drain_timeout_s=%gs; they end with an error",
+                old.model_dir,
+                old.active,
+                self.section.swap_drain_timeout_s,
+            )
         old.closed = True
         await asyncio.to_thread(old.engine.shutdown)
         self._draining.remove(old)
@@ -162,13 +178,17 @@ class ModelDeployment:
         try:
             async for out in slot.engine.generate(request):
                 if out.finished and out.finish_reason not in ("stop", "length"):
-                    raise EngineUnavailable(f"request {request.request_id} was aborted by the engine "
-                                            f"({'shut down after a model swap' if slot.closed else out.finish_reason})")
+                    raise EngineUnavailable(
+                        f"request {request.request_id} was aborted by the engine "
+                        f"({'shut down after a model swap' if slot.closed else out.finish_reason})"
+                    )
                 finished = finished or out.finished
                 yield out  # iterated to the engine's natural end: the request is finished, not aborted
             if not finished:
-                raise EngineUnavailable(f"request {request.request_id} ended without finishing"
-                                        + (" (its engine was shut down after a model swap)" if slot.closed else ""))
+                raise EngineUnavailable(
+                    f"request {request.request_id} ended without finishing"
+                    + (" (its engine was shut down after a model swap)" if slot.closed else "")
+                )
         finally:
             slot.active -= 1
             if self._gauges is not None:
@@ -176,8 +196,12 @@ class ModelDeployment:
 
     def info(self) -> dict:
         engine = self.current.engine
-        return {"model_dir": self.current.model_dir, "model_name": engine.model_name,
-                "context_length": int(engine.context_length), "draining": len(self._draining)}
+        return {
+            "model_dir": self.current.model_dir,
+            "model_name": engine.model_name,
+            "context_length": int(engine.context_length),
+            "draining": len(self._draining),
+        }
 
     def stats(self) -> dict:
         return {**self.current.engine.stats(), "model_dir": self.current.model_dir, "draining": len(self._draining)}
@@ -222,7 +246,7 @@ class HandleBackend:
         self.tokenizer = _tokenizer_for(model_dir)
         self.context_length = 0  # filled by refresh() from the model replicas (they own max_model_len)
         self._stale = True
-        self._refresh_lock: Optional[asyncio.Lock] = None
+        self._refresh_lock: asyncio.Lock | None = None
 
     async def set_model_dir(self, model_dir: str) -> None:
         if model_dir != self.model_dir:
@@ -292,7 +316,7 @@ def _request_logging() -> None:
         log.propagate = False
 
 
-def _count_replicas(app_name: str) -> Optional[int]:
+def _count_replicas(app_name: str) -> int | None:
     try:
         app = serve.status().applications.get(app_name)
         dep = app.deployments.get(MODEL_DEPLOYMENT) if app else None
@@ -307,8 +331,15 @@ class Ingress:
     """The OpenAI FastAPI app in a Serve replica. ``api_key_hashes``: SHA-256 digests of the keys the
     deploying driver read (the replica's own environment is never consulted: on a cluster it lacks them)."""
 
-    def __init__(self, model_handle: Any, model_dir: str, section: dict, name: str, app_name: str,
-                 api_key_hashes: Optional[list[str]] = None):
+    def __init__(
+        self,
+        model_handle: Any,
+        model_dir: str,
+        section: dict,
+        name: str,
+        app_name: str,
+        api_key_hashes: list[str] | None = None,
+    ):
         _request_logging()
         self.section = ServeSection(**section)
         self.app_name = app_name
@@ -319,9 +350,14 @@ class Ingress:
         from serve.auth import APIKeyAuth
         from serve.metrics import ServerMetrics
 
-        app = create_app(self.backend, self.section, auth=APIKeyAuth.from_hashes(self.api_key_hashes),
-                         admission_limit=None, metrics=ServerMetrics(ray_metrics=True),
-                         replicas_fn=lambda: _count_replicas(self.app_name))
+        app = create_app(
+            self.backend,
+            self.section,
+            auth=APIKeyAuth.from_hashes(self.api_key_hashes),
+            admission_limit=None,
+            metrics=ServerMetrics(ray_metrics=True),
+            replicas_fn=lambda: _count_replicas(self.app_name),
+        )
         self.server = app.state.server
         return app
 
@@ -355,9 +391,15 @@ def driver_key_hashes(section: ServeSection) -> list[str]:
     return [hash_key(k) for k in load_api_keys(section.api_key_env, section.api_key_file)]
 
 
-def build_app(model_dir: str, section: Optional[ServeSection] = None, *, name: Optional[str] = None,
-              engine_factory: Optional[str] = None, engine_options: Optional[dict] = None,
-              api_key_hashes: Optional[list[str]] = None) -> Any:
+def build_app(
+    model_dir: str,
+    section: ServeSection | None = None,
+    *,
+    name: str | None = None,
+    engine_factory: str | None = None,
+    engine_options: dict | None = None,
+    api_key_hashes: list[str] | None = None,
+) -> Any:
     """The bound Serve application (ingress -> model) for ``model_dir``; run it with ``serve.run``.
 
     The API keys are read here, in the driver (``api_key_hashes`` overrides), and handed to the ingress
@@ -369,12 +411,16 @@ def build_app(model_dir: str, section: Optional[ServeSection] = None, *, name: O
     app_name = name or section.app_name
     user_config = {"model_dir": model_dir}
     autoscaling = {
-        "min_replicas": section.min_replicas, "max_replicas": section.max_replicas,
-        "initial_replicas": section.initial_replicas if section.initial_replicas is not None
+        "min_replicas": section.min_replicas,
+        "max_replicas": section.max_replicas,
+        "initial_replicas": section.initial_replicas
+        if section.initial_replicas is not None
         else max(1, section.min_replicas),
         "target_ongoing_requests": section.target_ongoing_requests,
-        "upscale_delay_s": section.upscale_delay_s, "downscale_delay_s": section.downscale_delay_s,
-        "metrics_interval_s": section.metrics_interval_s, "look_back_period_s": section.look_back_period_s,
+        "upscale_delay_s": section.upscale_delay_s,
+        "downscale_delay_s": section.downscale_delay_s,
+        "metrics_interval_s": section.metrics_interval_s,
+        "look_back_period_s": section.look_back_period_s,
     }
     actor_options: dict[str, Any] = {"num_cpus": section.num_cpus}
     if section.num_gpus:
@@ -385,22 +431,34 @@ def build_app(model_dir: str, section: Optional[ServeSection] = None, *, name: O
     # (model_dir in the version and the init args only).
     model_user_config = {} if uses_vllm(section) else user_config
     model = _options(
-        ModelDeployment, version=model_version(section, model_dir), name=MODEL_DEPLOYMENT, max_surge_percent=100,
-        autoscaling_config=autoscaling, ray_actor_options=actor_options,
-        max_ongoing_requests=section.max_ongoing_requests, max_queued_requests=section.max_queued_requests,
-        graceful_shutdown_timeout_s=section.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5,
-        health_check_period_s=5, user_config=model_user_config,
+        ModelDeployment,
+        version=model_version(section, model_dir),
+        name=MODEL_DEPLOYMENT,
+        max_surge_percent=100,
+        autoscaling_config=autoscaling,
+        ray_actor_options=actor_options,
+        max_ongoing_requests=section.max_ongoing_requests,
+        max_queued_requests=section.max_queued_requests,
+        graceful_shutdown_timeout_s=section.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=0.5,
+        health_check_period_s=5,
+        user_config=model_user_config,
     ).bind(model_dir, section.model_dump(mode="json"), engine_factory, engine_options)
     # The ingress never queues work itself: its limit is far above what the model replicas accept.
-    ingress_limit = max(100, 4 * section.max_replicas * (section.max_ongoing_requests + max(section.max_queued_requests, 0)))
+    ingress_limit = max(
+        100, 4 * section.max_replicas * (section.max_ongoing_requests + max(section.max_queued_requests, 0))
+    )
     return _options(
-        Ingress, name=INGRESS_DEPLOYMENT, num_replicas=section.ingress_replicas,
-        ray_actor_options={"num_cpus": section.ingress_num_cpus}, max_ongoing_requests=ingress_limit,
+        Ingress,
+        name=INGRESS_DEPLOYMENT,
+        num_replicas=section.ingress_replicas,
+        ray_actor_options={"num_cpus": section.ingress_num_cpus},
+        max_ongoing_requests=ingress_limit,
         user_config=user_config,
     ).bind(model, model_dir, section.model_dump(mode="json"), served_name(section, name), app_name, api_key_hashes)
 
 
-def capacity_report(section: ServeSection, resources: dict[str, float]) -> tuple[int, Optional[str]]:
+def capacity_report(section: ServeSection, resources: dict[str, float]) -> tuple[int, str | None]:
     """How many model replicas the cluster's ``resources`` (``ray.cluster_resources()``) can ever hold beside
     the ingress, and a warning when that is below ``serve.max_replicas`` (None when it fits).
 
@@ -416,15 +474,19 @@ def capacity_report(section: ServeSection, resources: dict[str, float]) -> tuple
     fits = max(0, min(limits)) if limits else section.max_replicas
     if fits >= section.max_replicas:
         return fits, None
-    need = (f"{section.max_replicas} x {section.num_cpus:g} CPU"
-            + (f" + {section.max_replicas} x {section.num_gpus:g} GPU" if section.num_gpus else "")
-            + f" + {ingress:g} CPU for the ingress")
+    need = (
+        f"{section.max_replicas} x {section.num_cpus:g} CPU"
+        + (f" + {section.max_replicas} x {section.num_gpus:g} GPU" if section.num_gpus else "")
+        + f" + {ingress:g} CPU for the ingress"
+    )
     have = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if section.num_gpus else "")
-    return fits, (f"serve.max_replicas={section.max_replicas} needs {need}, but the cluster has {have}: at most "
-                  f"{fits} model replica{'s' if fits != 1 else ''} can ever run, and Ray Serve would wait forever "
-                  "for the others (\"taken more than 30s to be scheduled\"). Lower serve.max_replicas or "
-                  "serve.num_cpus / num_gpus, add nodes, set serve.capacity_check: fit to size max_replicas to "
-                  "the cluster, or serve.nodes_autoscale: true if the cluster adds nodes on demand")
+    return fits, (
+        f"serve.max_replicas={section.max_replicas} needs {need}, but the cluster has {have}: at most "
+        f"{fits} model replica{'s' if fits != 1 else ''} can ever run, and Ray Serve would wait forever "
+        'for the others ("taken more than 30s to be scheduled"). Lower serve.max_replicas or '
+        "serve.num_cpus / num_gpus, add nodes, set serve.capacity_check: fit to size max_replicas to "
+        "the cluster, or serve.nodes_autoscale: true if the cluster adds nodes on demand"
+    )
 
 
 def fit_to_cluster(section: ServeSection) -> ServeSection:
@@ -440,8 +502,13 @@ def fit_to_cluster(section: ServeSection) -> ServeSection:
     if section.capacity_check == "fit" and fits >= 1:
         logger.warning("%s; serve.capacity_check=fit: serving with max_replicas=%d", warning, fits)
         initial = section.initial_replicas
-        return section.model_copy(update={"max_replicas": fits, "min_replicas": min(section.min_replicas, fits),
-                                          "initial_replicas": None if initial is None else min(initial, fits)})
+        return section.model_copy(
+            update={
+                "max_replicas": fits,
+                "min_replicas": min(section.min_replicas, fits),
+                "initial_replicas": None if initial is None else min(initial, fits),
+            }
+        )
     logger.warning(warning)
     return section
 
@@ -487,9 +554,15 @@ def base_url(section: ServeSection) -> str:
     return f"http://{host}:{port}{prefix}"
 
 
-def deploy(model_dir: str, section: Optional[ServeSection] = None, *, name: Optional[str] = None,
-           blocking: bool = False, engine_factory: Optional[str] = None,
-           engine_options: Optional[dict] = None) -> str:
+def deploy(
+    model_dir: str,
+    section: ServeSection | None = None,
+    *,
+    name: str | None = None,
+    blocking: bool = False,
+    engine_factory: str | None = None,
+    engine_options: dict | None = None,
+) -> str:
     """Deploy (or redeploy) the app on Ray Serve and wait until it is ready; returns its base URL.
 
     ``blocking=True`` then serves until Ctrl-C. Starts an embedded local Ray when none is connected.
@@ -502,8 +575,14 @@ def deploy(model_dir: str, section: Optional[ServeSection] = None, *, name: Opti
     _start_serve(section)
     _check_exposure(section, hashes)
     section = fit_to_cluster(section)
-    app = build_app(model_dir, section, name=name, engine_factory=engine_factory, engine_options=engine_options,
-                    api_key_hashes=hashes)
+    app = build_app(
+        model_dir,
+        section,
+        name=name,
+        engine_factory=engine_factory,
+        engine_options=engine_options,
+        api_key_hashes=hashes,
+    )
     try:
         serve.run(app, name=app_name, route_prefix=section.route_prefix, blocking=False)
     except Exception as exc:  # noqa: BLE001 - replica constructors failing surface here
@@ -519,8 +598,9 @@ def deploy(model_dir: str, section: Optional[ServeSection] = None, *, name: Opti
     return url
 
 
-def update_model(model_dir: str, section: Optional[ServeSection] = None, *, name: Optional[str] = None,
-                 timeout_s: float = 600) -> None:
+def update_model(
+    model_dir: str, section: ServeSection | None = None, *, name: str | None = None, timeout_s: float = 600
+) -> None:
     """Swap the running app to ``model_dir`` with no downtime (in-place ``reconfigure`` of every replica).
 
     Returns once every replica serves the new model. The rest of ``section`` must equal the deployed
@@ -530,8 +610,9 @@ def update_model(model_dir: str, section: Optional[ServeSection] = None, *, name
     section = section or ServeSection()
     app_name = name or section.app_name
     if status(app_name) is None:
-        raise RaydistillError(f"no serving app named {app_name!r} is running; deploy it first "
-                              "(serve.app.deploy or `raydistill serve`)")
+        raise RaydistillError(
+            f"no serving app named {app_name!r} is running; deploy it first (serve.app.deploy or `raydistill serve`)"
+        )
     hashes = driver_key_hashes(section)
     _check_exposure(section, hashes)
     section = fit_to_cluster(section)
@@ -551,7 +632,7 @@ def update_model(model_dir: str, section: Optional[ServeSection] = None, *, name
     raise RaydistillError(f"model update of app {app_name!r} to {model_dir} did not finish in {timeout_s:.0f}s")
 
 
-def served_model_dir(name: Optional[str] = None) -> Optional[str]:
+def served_model_dir(name: str | None = None) -> str | None:
     """The model dir the app's model replicas serve now (asked from a replica), or None when the app
     is not running or does not answer."""
     app_name = name or ServeSection().app_name
@@ -565,7 +646,7 @@ def served_model_dir(name: Optional[str] = None) -> Optional[str]:
         return None
 
 
-def status(name: Optional[str] = None) -> Optional[dict]:
+def status(name: str | None = None) -> dict | None:
     """``{"status", "message", "deployments": {name: {"status", "replicas", "replica_states"}}}`` or None."""
     import ray
 
@@ -582,13 +663,16 @@ def status(name: Optional[str] = None) -> Optional[dict]:
     deployments = {}
     for dep_name, dep in app.deployments.items():
         states = {str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
-        deployments[dep_name] = {"status": str(getattr(dep.status, "value", dep.status)), "replica_states": states,
-                                 "replicas": states.get("RUNNING", 0), "message": dep.message}
-    return {"status": str(getattr(app.status, "value", app.status)), "message": app.message,
-            "deployments": deployments}
+        deployments[dep_name] = {
+            "status": str(getattr(dep.status, "value", dep.status)),
+            "replica_states": states,
+            "replicas": states.get("RUNNING", 0),
+            "message": dep.message,
+        }
+    return {"status": str(getattr(app.status, "value", app.status)), "message": app.message, "deployments": deployments}
 
 
-def shutdown(name: Optional[str] = None) -> None:
+def shutdown(name: str | None = None) -> None:
     """Delete the app (its replicas drain first); Serve itself keeps running for other apps."""
     import ray
 

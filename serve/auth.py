@@ -14,15 +14,17 @@ import hmac
 import ipaddress
 import logging
 import os
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from cluster import storage
 from cluster.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-OPEN_WARNING = ("raydistill serve: no API key configured (serve.api_key_env / serve.api_key_file) - the endpoint "
-                "is OPEN, anyone who can reach it can use it")
+OPEN_WARNING = (
+    "raydistill serve: no API key configured (serve.api_key_env / serve.api_key_file) - the endpoint "
+    "is OPEN, anyone who can reach it can use it"
+)
 
 
 def _split(text: str) -> list[str]:
@@ -36,15 +38,17 @@ def _split(text: str) -> list[str]:
     return keys
 
 
-def load_api_keys(env_var: Optional[str] = None, key_file: Optional[str] = None) -> list[str]:
+def load_api_keys(env_var: str | None = None, key_file: str | None = None) -> list[str]:
     """Keys from ``$env_var`` (comma/space separated) and ``key_file`` (one per line); ``[]`` = open server."""
     keys: list[str] = []
     if env_var and os.environ.get(env_var):
         keys.extend(_split(os.environ[env_var]))
     if key_file:
         if not storage.exists(key_file):
-            raise ConfigError(f"serve.api_key_file: {key_file} does not exist; create it with one API key per line "
-                              "or unset serve.api_key_file")
+            raise ConfigError(
+                f"serve.api_key_file: {key_file} does not exist; create it with one API key per line "
+                "or unset serve.api_key_file"
+            )
         file_keys = _split(storage.read_text(key_file))
         if not file_keys:
             raise ConfigError(f"serve.api_key_file: {key_file} holds no key; add one key per line")
@@ -73,10 +77,12 @@ def check_exposure(host: str, has_keys: bool, allow_unauthenticated: bool) -> No
     ``allow_unauthenticated`` (``serve.allow_unauthenticated: true``) says that is intended."""
     if has_keys or allow_unauthenticated or is_loopback(host):
         return
-    raise ConfigError(f"refusing to serve on {host} without an API key: anyone who can reach it could use it. Set "
-                      "keys (serve.api_key_env, default $RAYDISTILL_API_KEYS, or serve.api_key_file / --api-key-file) "
-                      "in the environment of the process that deploys, bind to 127.0.0.1, or set "
-                      "serve.allow_unauthenticated: true to serve openly on purpose")
+    raise ConfigError(
+        f"refusing to serve on {host} without an API key: anyone who can reach it could use it. Set "
+        "keys (serve.api_key_env, default $RAYDISTILL_API_KEYS, or serve.api_key_file / --api-key-file) "
+        "in the environment of the process that deploys, bind to 127.0.0.1, or set "
+        "serve.allow_unauthenticated: true to serve openly on purpose"
+    )
 
 
 class APIKeyAuth:
@@ -88,7 +94,7 @@ class APIKeyAuth:
         self._hashes = [bytes.fromhex(h) for h in dict.fromkeys(digests)]
 
     @classmethod
-    def from_hashes(cls, hashes: Iterable[str]) -> "APIKeyAuth":
+    def from_hashes(cls, hashes: Iterable[str]) -> APIKeyAuth:
         """An auth object from SHA-256 hex digests (:func:`hash_key`) of the keys."""
         return cls(hashes=hashes)
 
@@ -100,7 +106,7 @@ class APIKeyAuth:
         if not self._hashes:
             logger.warning(OPEN_WARNING)
 
-    def check(self, authorization: Optional[str]) -> bool:
+    def check(self, authorization: str | None) -> bool:
         """True when the header carries a configured key (or no key is configured)."""
         if not self._hashes:
             return True

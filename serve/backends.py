@@ -5,7 +5,8 @@ forwards to the Ray Serve model deployment."""
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Optional, Protocol
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from serve.engine.types import GenerationOutput, GenerationRequest
 
@@ -23,7 +24,7 @@ class Backend(Protocol):
 class EngineBackend:
     """An in-process ``AsyncEngine`` (``serve.engine.AsyncEngine`` or anything with its interface)."""
 
-    def __init__(self, engine: Any, name: Optional[str] = None):
+    def __init__(self, engine: Any, name: str | None = None):
         self.engine = engine
         self.name = name or engine.model_name
         self.tokenizer = engine.tokenizer

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -20,11 +19,19 @@ logger = logging.getLogger("raydistill.serve")
 class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "invalid_request_error",
+        404: "invalid_request_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "server_error",
+        500: "server_error",
+    }
 
-    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
-                 type: Optional[str] = None):
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None, type: str | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -44,14 +51,25 @@ class Overloaded(Exception):
     """Raised by a backend when it cannot queue another request (maps to 429)."""
 
 
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
 
-ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["message", "type", "param", "code"],
-    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 
-
-def map_error(exc: BaseException, rid: Optional[str] = None) -> BaseException:
+def map_error(exc: BaseException, rid: str | None = None) -> BaseException:
     """The HTTP error for ``exc``: 4xx for the client's mistakes, 5xx (type ``server_error``) for ours.
     A 5xx body never carries backend exception text: that goes to the log with the request id."""
     if isinstance(exc, APIError):
@@ -59,20 +77,24 @@ def map_error(exc: BaseException, rid: Optional[str] = None) -> BaseException:
     if isinstance(exc, EngineError):
         return APIError(400, str(exc), code="invalid_request")
     if isinstance(exc, Overloaded):
-        return APIError(429, "server overloaded: too many requests queued; retry later",
-                        code="rate_limit_exceeded")
+        return APIError(429, "server overloaded: too many requests queued; retry later", code="rate_limit_exceeded")
     if isinstance(exc, asyncio.CancelledError):
         return exc
     if isinstance(exc, EngineUnavailable):
         logger.warning("request %s: engine unavailable: %s", rid or "-", exc)
-        return APIError(503, f"the model engine is not available; retry later (request id {rid})",
-                        code="engine_unavailable")
+        return APIError(
+            503, f"the model engine is not available; retry later (request id {rid})", code="engine_unavailable"
+        )
     logger.error("request %s: engine failure: %r", rid or "-", exc, exc_info=exc)
     if isinstance(exc, EngineFailure):
-        return APIError(500, f"the model engine failed while running this request (request id {rid}); "
-                        "the details are in the server log", code="engine_error")
-    return APIError(503, f"the model backend failed (request id {rid}); the details are in the server log",
-                    code="backend_error")
+        return APIError(
+            500,
+            f"the model engine failed while running this request (request id {rid}); the details are in the server log",
+            code="engine_error",
+        )
+    return APIError(
+        503, f"the model backend failed (request id {rid}); the details are in the server log", code="backend_error"
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -85,8 +107,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail) + f": {request.method} {request.url.path}",
-                        code=code).response()
+        return APIError(
+            exc.status_code, str(exc.detail) + f": {request.method} {request.url.path}", code=code
+        ).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -11,13 +11,14 @@ the dict to store, or None to drop the record.
 from __future__ import annotations
 
 import datetime as dt
-import pkgutil
 import io
 import logging
+import pkgutil
 import threading
 import time
 import uuid
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,43 +29,64 @@ from cluster.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
-PROMPT_LOG_SCHEMA = pa.schema([
-    ("request_id", pa.string()),
-    ("ts", pa.timestamp("us", tz="UTC")),
-    ("model", pa.string()),
-    ("endpoint", pa.string()),
-    ("prompt", pa.string()),              # /v1/completions; null for chat
-    ("messages", pa.list_(MESSAGE_TYPE)),  # /v1/chat/completions; null for completions
-    ("completion", pa.string()),
-    ("prompt_tokens", pa.int32()),
-    ("completion_tokens", pa.int32()),
-])
+PROMPT_LOG_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("ts", pa.timestamp("us", tz="UTC")),
+        ("model", pa.string()),
+        ("endpoint", pa.string()),
+        ("prompt", pa.string()),  # /v1/completions; null for chat
+        ("messages", pa.list_(MESSAGE_TYPE)),  # /v1/chat/completions; null for completions
+        ("completion", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+    ]
+)
 
-Redactor = Callable[[dict], Optional[dict]]
+Redactor = Callable[[dict], dict | None]
 
 
-def load_redactor(spec: Optional[str]) -> Optional[Redactor]:
+def load_redactor(spec: str | None) -> Redactor | None:
     """``'package.module:function'`` -> the function (ConfigError naming the field when it cannot be imported)."""
     if not spec:
         return None
     try:
         fn = pkgutil.resolve_name(spec)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"serve.prompt_log_redact: cannot import {spec!r} ({exc}); give 'module:function' of an "
-                          "importable function taking and returning a record dict") from exc
+        raise ConfigError(
+            f"serve.prompt_log_redact: cannot import {spec!r} ({exc}); give 'module:function' of an "
+            "importable function taking and returning a record dict"
+        ) from exc
     if not callable(fn):
         raise ConfigError(f"serve.prompt_log_redact: {spec!r} is not callable")
     return fn
 
 
-def make_record(*, request_id: str, model: str, endpoint: str, completion: str, prompt_tokens: int,
-                completion_tokens: int, prompt: Optional[str] = None, messages: Optional[list[dict]] = None,
-                ts: Optional[dt.datetime] = None) -> dict[str, Any]:
-    return {"request_id": request_id, "ts": ts or dt.datetime.now(dt.timezone.utc), "model": model,
-            "endpoint": endpoint, "prompt": prompt,
-            "messages": [{"role": str(m.get("role", "")), "content": str(m.get("content") or "")} for m in messages]
-            if messages is not None else None,
-            "completion": completion, "prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens)}
+def make_record(
+    *,
+    request_id: str,
+    model: str,
+    endpoint: str,
+    completion: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    prompt: str | None = None,
+    messages: list[dict] | None = None,
+    ts: dt.datetime | None = None,
+) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "ts": ts or dt.datetime.now(dt.timezone.utc),
+        "model": model,
+        "endpoint": endpoint,
+        "prompt": prompt,
+        "messages": [{"role": str(m.get("role", "")), "content": str(m.get("content") or "")} for m in messages]
+        if messages is not None
+        else None,
+        "completion": completion,
+        "prompt_tokens": int(prompt_tokens),
+        "completion_tokens": int(completion_tokens),
+    }
 
 
 class PromptLog:
@@ -79,15 +101,23 @@ class PromptLog:
     (and ``raydistill_prompt_log_dropped_rows`` on ``/metrics``) and logged.
     """
 
-    def __init__(self, uri: str, *, redact: Optional[Redactor | str] = None, flush_rows: int = 64,
-                 flush_s: float = 10.0, max_buffer_rows: int = 10_000, start: bool = True):
+    def __init__(
+        self,
+        uri: str,
+        *,
+        redact: Redactor | str | None = None,
+        flush_rows: int = 64,
+        flush_s: float = 10.0,
+        max_buffer_rows: int = 10_000,
+        start: bool = True,
+    ):
         self.uri = storage.absolute(uri)
         self.redact = load_redactor(redact) if isinstance(redact, str) or redact is None else redact
         self.flush_rows = flush_rows
         self.flush_s = flush_s
         self.max_buffer_rows = max(max_buffer_rows, flush_rows)
         self._rows: list[dict] = []
-        self._first_at: Optional[float] = None
+        self._first_at: float | None = None
         self._lock = threading.Lock()  # guards the buffer and the counters
         self._write_lock = threading.Lock()  # one write at a time
         self.files_written = 0
@@ -97,7 +127,7 @@ class PromptLog:
         self._wake = threading.Event()
         self._closed = False
         storage.makedirs(self.uri)
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self._run, name="raydistill-prompt-log", daemon=True)
             self._thread.start()
@@ -127,8 +157,14 @@ class PromptLog:
         if over > 0:
             del self._rows[:over]
             self.dropped_rows += over
-            logger.warning("prompt log: buffer full (%d rows, writes to %s failing); dropped the %d oldest rows "
-                           "(%d dropped so far)", self.max_buffer_rows, self.uri, over, self.dropped_rows)
+            logger.warning(
+                "prompt log: buffer full (%d rows, writes to %s failing); dropped the %d oldest rows "
+                "(%d dropped so far)",
+                self.max_buffer_rows,
+                self.uri,
+                over,
+                self.dropped_rows,
+            )
 
     def pending(self) -> int:
         with self._lock:
@@ -157,7 +193,7 @@ class PromptLog:
             except Exception:  # noqa: BLE001 - the flusher never dies
                 logger.exception("prompt log flusher failed")
 
-    def flush(self) -> Optional[str]:
+    def flush(self) -> str | None:
         """Write buffered records as one Parquet file; returns its URI (None when nothing was written)."""
         with self._write_lock:
             with self._lock:
@@ -167,8 +203,10 @@ class PromptLog:
             stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
             uri = storage.join(self.uri, f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet")
             try:
-                table = pa.Table.from_pylist([{name: row.get(name) for name in PROMPT_LOG_SCHEMA.names}
-                                              for row in rows], schema=PROMPT_LOG_SCHEMA)
+                table = pa.Table.from_pylist(
+                    [{name: row.get(name) for name in PROMPT_LOG_SCHEMA.names} for row in rows],
+                    schema=PROMPT_LOG_SCHEMA,
+                )
                 buf = io.BytesIO()
                 pq.write_table(table, buf, compression="zstd")
                 storage.atomic_write_bytes(uri, buf.getvalue())
@@ -180,8 +218,9 @@ class PromptLog:
                     self._rows = rows + self._rows
                     self._first_at = time.monotonic()
                     self._trim()
-                logger.exception("prompt log: writing %s failed (%d failures); retrying in %.0fs", uri,
-                                 self.failed_writes, delay)
+                logger.exception(
+                    "prompt log: writing %s failed (%d failures); retrying in %.0fs", uri, self.failed_writes, delay
+                )
                 return None
             with self._lock:
                 self.failed_writes = 0
@@ -206,7 +245,7 @@ class PromptLog:
             logger.error("prompt log: %d rows could not be written to %s at close and are lost", lost, self.uri)
 
 
-def read_prompt_log(uri: str, since: Optional[dt.datetime] = None) -> pa.Table:
+def read_prompt_log(uri: str, since: dt.datetime | None = None) -> pa.Table:
     """All logged rows under ``uri`` (rows with ``ts >= since`` when given), sorted by ``ts``.
 
     A missing or empty folder gives an empty table with :data:`PROMPT_LOG_SCHEMA`. A naive ``since``

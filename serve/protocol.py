@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -36,9 +36,9 @@ class JSONSchemaFormat(_NullMeansDefault):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     name: str = Field(default="response", max_length=64)
-    description: Optional[str] = None
+    description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: Optional[bool] = None
+    strict: bool | None = None
 
 
 class ResponseFormat(BaseModel):
@@ -46,15 +46,15 @@ class ResponseFormat(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[JSONSchemaFormat] = None
+    json_schema: JSONSchemaFormat | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "ResponseFormat":
+    def _check(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("type json_schema needs a json_schema object: {'name': ..., 'schema': {...}}")
         return self
 
-    def output_schema(self) -> Optional[dict[str, Any]]:
+    def output_schema(self) -> dict[str, Any] | None:
         """The JSON schema the output must follow (None: free text)."""
         if self.type == "json_object":
             return {"type": "object"}
@@ -72,19 +72,19 @@ class _Req(_NullMeansDefault):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0, description="extension (vLLM style): 0 = off")
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    user: Optional[str] = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
     ignore_eos: bool = False
-    stream_options: Optional["StreamOptions"] = None
+    stream_options: StreamOptions | None = None
     # Accepted for client compatibility; 0 is the only value the engine implements (others: see UNSUPPORTED).
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    response_format: Optional[ResponseFormat] = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
-    def _stop(cls, value: Any) -> Optional[list[str]]:
+    def _stop(cls, value: Any) -> list[str] | None:
         if value is None:
             return None
         stops = [value] if isinstance(value, str) else list(value)
@@ -101,8 +101,8 @@ class StreamOptions(_NullMeansDefault):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[dict[str, Any]]]] = None
-    name: Optional[str] = None
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -117,13 +117,13 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Req):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0)  # upper bound: serve.limits
+    top_logprobs: int | None = Field(default=None, ge=0)  # upper bound: serve.limits
 
     @model_validator(mode="after")
-    def _check(self) -> "ChatCompletionRequest":
+    def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         for m in self.messages:
@@ -132,12 +132,11 @@ class ChatCompletionRequest(_Req):
 
 
 class CompletionRequest(_Req):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(default=None, ge=0)
-    logprobs: Optional[int] = Field(default=None, ge=0)  # upper bound: serve.limits
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0)  # upper bound: serve.limits
     echo: bool = False
-    suffix: Optional[str] = None
-
+    suffix: str | None = None
 
 
 _Req.model_rebuild()
@@ -160,10 +159,14 @@ def _empty(value: Any) -> bool:
 
 _COMMON_UNSUPPORTED = {"logit_bias": _empty, "presence_penalty": _zero, "frequency_penalty": _zero}
 UNSUPPORTED: dict[str, dict[str, Any]] = {
-    "chat": {**_COMMON_UNSUPPORTED, "tools": _empty, "functions": _empty,
-             "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none"},
-    "completions": {**_COMMON_UNSUPPORTED, "suffix": _empty,
-                    "best_of": lambda v: v == 1},
+    "chat": {
+        **_COMMON_UNSUPPORTED,
+        "tools": _empty,
+        "functions": _empty,
+        "tool_choice": lambda v: v == "none",
+        "function_call": lambda v: v == "none",
+    },
+    "completions": {**_COMMON_UNSUPPORTED, "suffix": _empty, "best_of": lambda v: v == 1},
 }
 
 
@@ -175,11 +178,15 @@ def check_unsupported(data: dict, endpoint: str) -> None:
             continue
         if field == "best_of" and value == data.get("n"):
             continue  # best_of == n returns every candidate: plain sampling
-        raise APIError(400, f"`{field}` is not supported by this server (got {json.dumps(value)[:80]}); remove it "
-                       "or send null", param=field, code="unsupported_parameter")
+        raise APIError(
+            400,
+            f"`{field}` is not supported by this server (got {json.dumps(value)[:80]}); remove it or send null",
+            param=field,
+            code="unsupported_parameter",
+        )
 
 
-def param_of(err: dict) -> Optional[str]:
+def param_of(err: dict) -> str | None:
     loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-after", "union["))]
     return ".".join(loc) or None
 
@@ -192,7 +199,7 @@ def validation_error(exc: ValidationError) -> APIError:
     return APIError(400, f"invalid request: {msg}", param=param, code="invalid_value")
 
 
-def parse_request(body: bytes, model: type[BaseModel], endpoint: Optional[str] = None) -> Any:
+def parse_request(body: bytes, model: type[BaseModel], endpoint: str | None = None) -> Any:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -260,7 +267,7 @@ class TokenText:
         cached = self.bytes_cache.get(token_id)
         if cached is not None:
             return cached
-        raw: Optional[bytes] = None
+        raw: bytes | None = None
         try:
             piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
         except Exception:  # noqa: BLE001 - tokenizers without pieces: fall back to the decoded text
@@ -291,12 +298,18 @@ def chat_logprobs(lps: list[TokenLogprob], text_of: TokenText, top_n: int) -> di
     return {"content": content}
 
 
-def completion_logprobs(prompt_ids: Optional[list[int]], prompt_lps: Optional[list[Optional[TokenLogprob]]],
-                         lps: list[TokenLogprob], text_of: TokenText, top_n: int, offset0: int = 0) -> dict:
+def completion_logprobs(
+    prompt_ids: list[int] | None,
+    prompt_lps: list[TokenLogprob | None] | None,
+    lps: list[TokenLogprob],
+    text_of: TokenText,
+    top_n: int,
+    offset0: int = 0,
+) -> dict:
     tokens, token_lps, tops, offsets = [], [], [], []
     pos = offset0
 
-    def add(tid: int, lp: Optional[TokenLogprob]) -> None:
+    def add(tid: int, lp: TokenLogprob | None) -> None:
         nonlocal pos
         s = text_of(tid)
         tokens.append(s)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 
 class ServerThread:
@@ -23,16 +23,17 @@ class ServerThread:
                 sock.bind((host, 0))
                 port = sock.getsockname()[1]
         self.host, self.port = host, port
-        self.config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                                     timeout_graceful_shutdown=5)
+        self.config = uvicorn.Config(
+            app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5
+        )
         self.server = uvicorn.Server(self.config)
-        self.thread: Optional[Any] = None
+        self.thread: Any | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "ServerThread":
+    def start(self, timeout: float = 30.0) -> ServerThread:
         import threading
 
         self.thread = threading.Thread(target=self.server.run, name="raydistill-uvicorn", daemon=True)
@@ -49,7 +50,7 @@ class ServerThread:
         if self.thread is not None:
             self.thread.join(timeout=15)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -12,7 +12,8 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional, Sequence, Union
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -24,8 +25,15 @@ from serve.errors import APIError, Overloaded, map_error
 from serve.limits import check_limits, choice_seed
 from serve.metrics import ServerMetrics
 from serve.prompt_log import PromptLog, make_record
-from serve.protocol import (ChatCompletionRequest, CompletionRequest, TokenText, _Req, chat_logprobs,
-                            completion_logprobs, parse_request)
+from serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenText,
+    _Req,
+    chat_logprobs,
+    completion_logprobs,
+    parse_request,
+)
 from serve.section import ServeSection
 from serve.streaming import stream_response
 
@@ -35,14 +43,18 @@ logger = logging.getLogger("raydistill.serve")
 async def read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"request body is {length} bytes; the limit is {limit} (serve.max_body_bytes)",
-                       code="request_too_large")
+        raise APIError(
+            413,
+            f"request body is {length} bytes; the limit is {limit} (serve.max_body_bytes)",
+            code="request_too_large",
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes (serve.max_body_bytes)",
-                           code="request_too_large")
+            raise APIError(
+                413, f"request body exceeds the limit of {limit} bytes (serve.max_body_bytes)", code="request_too_large"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -55,8 +67,8 @@ class Choice:
         self.text: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
-        self.prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
-        self.finish_reason: Optional[str] = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.finish_reason: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.text_offset = 0  # streamed completion logprobs: offsets continue across chunks
@@ -84,16 +96,24 @@ class Job:
         self.index = index
         self.prompt_index = prompt_index
         self.request = request
-        self.stream: Optional[AsyncIterator[GenerationOutput]] = None
-        self.first: Optional[GenerationOutput] = None
+        self.stream: AsyncIterator[GenerationOutput] | None = None
+        self.first: GenerationOutput | None = None
 
 
 class OpenAIServer:
     """State shared by the routes: backends, auth, metrics, prompt log, admission limit."""
 
-    def __init__(self, backends: Sequence[Backend], section: ServeSection, *, metrics: ServerMetrics,
-                 auth: APIKeyAuth, prompt_log: Optional[PromptLog], admission_limit: Optional[int],
-                 replicas_fn: Optional[Any] = None):
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        section: ServeSection,
+        *,
+        metrics: ServerMetrics,
+        auth: APIKeyAuth,
+        prompt_log: PromptLog | None,
+        admission_limit: int | None,
+        replicas_fn: Any | None = None,
+    ):
         self.backends = {b.name: b for b in backends}
         self.section = section
         self.metrics = metrics
@@ -108,24 +128,32 @@ class OpenAIServer:
     def backend(self, model: str) -> Backend:
         backend = self.backends.get(model)
         if backend is None:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves "
-                           f"{', '.join(sorted(self.backends))} (GET /v1/models)", param="model",
-                           code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist; this server serves "
+                f"{', '.join(sorted(self.backends))} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
         return backend
 
     def authorize(self, request: Request) -> None:
         if not self.auth.check(request.headers.get("authorization")):
-            raise APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise APIError(
+                401, "missing or invalid API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
 
     # -- prompt preparation ---------------------------------------------------------------------------
     def chat_prompt(self, backend: Backend, req: ChatCompletionRequest) -> tuple[list[int], list[dict]]:
         tok = backend.tokenizer
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         if not getattr(tok, "chat_template", None):
-            raise APIError(400, f"model {backend.name} has no chat template; use /v1/completions",
-                           param="messages", code="no_chat_template")
+            raise APIError(
+                400,
+                f"model {backend.name} has no chat template; use /v1/completions",
+                param="messages",
+                code="no_chat_template",
+            )
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - templates raise for e.g. unsupported role orders
@@ -137,7 +165,7 @@ class OpenAIServer:
         prompt = req.prompt
         tok = backend.tokenizer
         if isinstance(prompt, str):
-            items: list[Union[str, list[int]]] = [prompt]
+            items: list[str | list[int]] = [prompt]
         elif prompt and all(isinstance(p, int) for p in prompt):
             items = [list(prompt)]  # type: ignore[arg-type]
         else:
@@ -160,34 +188,49 @@ class OpenAIServer:
             out.append((ids, text))
         return out
 
-    def max_tokens(self, backend: Backend, prompt_len: int, requested: Optional[int], param: str,
-                   prompt_param: str) -> int:
+    def max_tokens(
+        self, backend: Backend, prompt_len: int, requested: int | None, param: str, prompt_param: str
+    ) -> int:
         ctx = backend.context_length
         if requested is None:
             room = ctx - prompt_len
             if room < 1:
-                raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your prompt "
-                               f"has {prompt_len} tokens, leaving no room for the completion. Please shorten the "
-                               "prompt.", param=prompt_param, code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {ctx} tokens. However, your prompt "
+                    f"has {prompt_len} tokens, leaving no room for the completion. Please shorten the "
+                    "prompt.",
+                    param=prompt_param,
+                    code="context_length_exceeded",
+                )
             return min(self.section.max_tokens_default, room)
         if prompt_len + requested > ctx:
-            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
-                           f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
-                           f"completion). Please reduce the prompt or {param}.", param=param,
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                f"completion). Please reduce the prompt or {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
         return requested
 
     # -- running engine requests -------------------------------------------------------------------------
-    def deadline(self, start: float) -> Optional[float]:
+    def deadline(self, start: float) -> float | None:
         """``time.perf_counter()`` by which a request started at ``start`` must be done (serve.request_timeout_s)."""
         timeout = self.section.request_timeout_s
         return None if timeout is None else start + timeout
 
     def timeout_error(self) -> APIError:
-        return APIError(504, f"the request did not finish within {self.section.request_timeout_s:g}s "
-                        "(serve.request_timeout_s); it was cancelled", code="timeout", type="server_error")
+        return APIError(
+            504,
+            f"the request did not finish within {self.section.request_timeout_s:g}s "
+            "(serve.request_timeout_s); it was cancelled",
+            code="timeout",
+            type="server_error",
+        )
 
-    async def open_jobs(self, backend: Backend, jobs: list[Job], deadline: Optional[float] = None) -> None:
+    async def open_jobs(self, backend: Backend, jobs: list[Job], deadline: float | None = None) -> None:
         """Start every job and wait for its first output, so bad requests fail before any byte is sent."""
 
         async def open_one(job: Job) -> None:
@@ -199,8 +242,9 @@ class OpenAIServer:
 
         opening = asyncio.gather(*(open_one(j) for j in jobs), return_exceptions=True)
         try:
-            results = await asyncio.wait_for(opening, None if deadline is None
-                                             else max(0.0, deadline - time.perf_counter()))
+            results = await asyncio.wait_for(
+                opening, None if deadline is None else max(0.0, deadline - time.perf_counter())
+            )
         except asyncio.TimeoutError:
             await self.close_jobs(jobs)
             raise self.timeout_error() from None
@@ -220,12 +264,17 @@ class OpenAIServer:
         """429 unless ``jobs`` more engine jobs fit (a request of n choices over p prompts is n x p jobs; one
         request alone on an idle server is always admitted)."""
         if self.admission_limit is not None and self.in_flight and self.in_flight + jobs > self.admission_limit:
-            raise APIError(429, f"server overloaded: {self.in_flight} engine jobs in flight, this request needs "
-                           f"{jobs} more (limit {self.admission_limit} = serve.max_ongoing_requests + "
-                           "serve.max_queued_requests); retry later", code="rate_limit_exceeded")
+            raise APIError(
+                429,
+                f"server overloaded: {self.in_flight} engine jobs in flight, this request needs "
+                f"{jobs} more (limit {self.admission_limit} = serve.max_ongoing_requests + "
+                "serve.max_queued_requests); retry later",
+                code="rate_limit_exceeded",
+            )
 
-    async def merged(self, jobs: list[Job], deadline: Optional[float] = None,
-                     ) -> AsyncIterator[tuple[Job, GenerationOutput]]:
+    async def merged(
+        self, jobs: list[Job], deadline: float | None = None
+    ) -> AsyncIterator[tuple[Job, GenerationOutput]]:
         """Outputs of all jobs as they arrive (first outputs first); closing this closes every job.
         Past ``deadline`` (perf_counter) it raises the 504 of :meth:`timeout_error`."""
         queue: asyncio.Queue = asyncio.Queue()
@@ -379,22 +428,42 @@ class OpenAIServer:
         elapsed = time.perf_counter() - start
         self.metrics.request_done(endpoint, status, elapsed)
         extra = f" error={info['error']!r}" if "error" in info else ""
-        logger.info("request %s %s model=%s status=%d prompt_tokens=%s completion_tokens=%s ttft=%s "
-                    "latency=%.3fs%s", rid, endpoint, info.get("model", "-"), status, info.get("prompt_tokens", 0),
-                    info.get("completion_tokens", 0),
-                    f"{info['ttft']:.3f}s" if "ttft" in info else "-", elapsed, extra)
+        logger.info(
+            "request %s %s model=%s status=%d prompt_tokens=%s completion_tokens=%s ttft=%s latency=%.3fs%s",
+            rid,
+            endpoint,
+            info.get("model", "-"),
+            status,
+            info.get("prompt_tokens", 0),
+            info.get("completion_tokens", 0),
+            f"{info['ttft']:.3f}s" if "ttft" in info else "-",
+            elapsed,
+            extra,
+        )
 
     @staticmethod
-    def sampling(req: _Req, max_tokens: int, seed_offset: int, *, logprobs: bool, top: int,
-                  prompt_logprobs: bool = False) -> SamplingOptions:
+    def sampling(
+        req: _Req, max_tokens: int, seed_offset: int, *, logprobs: bool, top: int, prompt_logprobs: bool = False
+    ) -> SamplingOptions:
         seed = None if req.seed is None else choice_seed(req.seed, seed_offset)
         schema = req.response_format.output_schema() if req.response_format is not None else None
-        return SamplingOptions(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                               seed=seed, stop=list(req.stop or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
-                               top_logprobs=top, prompt_logprobs=prompt_logprobs, json_schema=schema)
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=seed,
+            stop=list(req.stop or []),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            top_logprobs=top,
+            prompt_logprobs=prompt_logprobs,
+            json_schema=schema,
+        )
 
-    async def run_to_end(self, request: Request, jobs: list[Job], choices: dict[int, Choice], model: str,
-                          start: float, info: dict) -> None:
+    async def run_to_end(
+        self, request: Request, jobs: list[Job], choices: dict[int, Choice], model: str, start: float, info: dict
+    ) -> None:
         """Collect every job's outputs; a client disconnect cancels the jobs (uvicorn does not cancel us)."""
 
         async def collect() -> None:
@@ -421,45 +490,79 @@ class OpenAIServer:
                     await task
 
     # -- chat -----------------------------------------------------------------------------------------
-    async def chat(self, request: Request, rid: str, req: ChatCompletionRequest, backend: Backend, start: float,
-                    info: dict) -> Response:
+    async def chat(
+        self, request: Request, rid: str, req: ChatCompletionRequest, backend: Backend, start: float, info: dict
+    ) -> Response:
         prompt_ids, messages = self.chat_prompt(backend, req)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.max_tokens(backend, len(prompt_ids), requested, param, "messages")
         top = req.top_logprobs or 0
-        jobs = [Job(i, 0, GenerationRequest(f"{rid}-{i}", list(prompt_ids),
-                                             self.sampling(req, max_tokens, i, logprobs=req.logprobs, top=top)))
-                for i in range(req.n)]
+        jobs = [
+            Job(
+                i,
+                0,
+                GenerationRequest(
+                    f"{rid}-{i}", list(prompt_ids), self.sampling(req, max_tokens, i, logprobs=req.logprobs, top=top)
+                ),
+            )
+            for i in range(req.n)
+        ]
         await self.open_jobs(backend, jobs, self.deadline(start))
         created = int(time.time())
         text_of = self.token_text(backend)
         info["prompt_tokens"] = len(prompt_ids)
 
         def log_prompt(completion: str, completion_tokens: int) -> None:
-            self.log_prompt(request_id=rid, model=backend.name, endpoint="chat", messages=messages,
-                              completion=completion, prompt_tokens=len(prompt_ids),
-                              completion_tokens=completion_tokens)
+            self.log_prompt(
+                request_id=rid,
+                model=backend.name,
+                endpoint="chat",
+                messages=messages,
+                completion=completion,
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=completion_tokens,
+            )
 
         if req.stream:
+
             def chat_chunks(job: Job, choice: Choice, out: GenerationOutput) -> list[dict]:
                 chunks = []
                 if out.text or out.logprobs:
                     lp = chat_logprobs(out.logprobs, text_of, top) if req.logprobs and out.logprobs else None
-                    chunks.append({"index": job.index, "delta": {"content": out.text}, "logprobs": lp,
-                                   "finish_reason": None})
+                    chunks.append(
+                        {"index": job.index, "delta": {"content": out.text}, "logprobs": lp, "finish_reason": None}
+                    )
                 if out.finished:
-                    chunks.append({"index": job.index, "delta": {}, "logprobs": None,
-                                   "finish_reason": choice.finish_reason})
+                    chunks.append(
+                        {"index": job.index, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason}
+                    )
                 return chunks
 
             return stream_response(
-                self, rid=rid, endpoint="chat", obj="chat.completion.chunk", created=created, backend=backend,
-                jobs=jobs, start=start, info=info, prompt_tokens=len(prompt_ids), stream_options=req.stream_options,
-                first_chunks=[{"index": j.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                               "finish_reason": None} for j in jobs],
+                self,
+                rid=rid,
+                endpoint="chat",
+                obj="chat.completion.chunk",
+                created=created,
+                backend=backend,
+                jobs=jobs,
+                start=start,
+                info=info,
+                prompt_tokens=len(prompt_ids),
+                stream_options=req.stream_options,
+                first_chunks=[
+                    {
+                        "index": j.index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    for j in jobs
+                ],
                 chunks_of=chat_chunks,
-                on_complete=lambda choices: log_prompt("".join(choices[0].text), choices[0].completion_tokens))
+                on_complete=lambda choices: log_prompt("".join(choices[0].text), choices[0].completion_tokens),
+            )
 
         choices = {j.index: Choice(j.index) for j in jobs}
         await self.run_to_end(request, jobs, choices, backend.name, start, info)
@@ -467,17 +570,33 @@ class OpenAIServer:
         info["completion_tokens"] = completion_tokens
         self.metrics.tokens(backend.name, len(prompt_ids), completion_tokens)
         log_prompt("".join(choices[0].text), choices[0].completion_tokens)
-        return JSONResponse({
-            "id": rid, "object": "chat.completion", "created": created, "model": backend.name,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-                         "logprobs": chat_logprobs(c.logprobs, text_of, top) if req.logprobs else None,
-                         "finish_reason": c.finish_reason or "stop"} for c in choices.values()],
-            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
-                      "total_tokens": len(prompt_ids) + completion_tokens}})
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": backend.name,
+                "choices": [
+                    {
+                        "index": c.index,
+                        "message": {"role": "assistant", "content": "".join(c.text)},
+                        "logprobs": chat_logprobs(c.logprobs, text_of, top) if req.logprobs else None,
+                        "finish_reason": c.finish_reason or "stop",
+                    }
+                    for c in choices.values()
+                ],
+                "usage": {
+                    "prompt_tokens": len(prompt_ids),
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": len(prompt_ids) + completion_tokens,
+                },
+            }
+        )
 
     # -- completions -------------------------------------------------------------------------------------
-    async def completions(self, request: Request, rid: str, req: CompletionRequest, backend: Backend, start: float,
-                           info: dict) -> Response:
+    async def completions(
+        self, request: Request, rid: str, req: CompletionRequest, backend: Backend, start: float, info: dict
+    ) -> Response:
         prompts = self.completion_prompts(backend, req)
         if req.echo and req.stream:
             raise APIError(400, "echo is not supported with stream", param="echo")
@@ -489,17 +608,34 @@ class OpenAIServer:
         jobs: list[Job] = []
         for p, (ids, _text) in enumerate(prompts):
             # max_tokens=0 (score the prompt only): the engine generates one token that is dropped below.
-            max_tokens = 1 if score_only else self.max_tokens(backend, len(ids), req.max_tokens, "max_tokens",
-                                                                "prompt")
+            max_tokens = 1 if score_only else self.max_tokens(backend, len(ids), req.max_tokens, "max_tokens", "prompt")
             if score_only and len(ids) + 1 > backend.context_length:
-                raise APIError(400, f"This model's maximum context length is {backend.context_length} tokens. "
-                               f"However, your prompt has {len(ids)} tokens; scoring needs one token of room.",
-                               param="prompt", code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {backend.context_length} tokens. "
+                    f"However, your prompt has {len(ids)} tokens; scoring needs one token of room.",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
             for i in range(req.n):
-                jobs.append(Job(p * req.n + i, p, GenerationRequest(
-                    f"{rid}-{p * req.n + i}", list(ids),
-                    self.sampling(req, max_tokens, i, logprobs=want_lp, top=top,
-                              prompt_logprobs=bool(req.echo and want_lp)))))
+                jobs.append(
+                    Job(
+                        p * req.n + i,
+                        p,
+                        GenerationRequest(
+                            f"{rid}-{p * req.n + i}",
+                            list(ids),
+                            self.sampling(
+                                req,
+                                max_tokens,
+                                i,
+                                logprobs=want_lp,
+                                top=top,
+                                prompt_logprobs=bool(req.echo and want_lp),
+                            ),
+                        ),
+                    )
+                )
         await self.open_jobs(backend, jobs, self.deadline(start))
         created = int(time.time())
         text_of = self.token_text(backend)
@@ -509,11 +645,18 @@ class OpenAIServer:
         def log_prompts(choices: dict[int, Choice]) -> None:
             for p, (ids, text) in enumerate(prompts):
                 c = choices[p * req.n]
-                self.log_prompt(request_id=rid if len(prompts) == 1 else f"{rid}-{p}", model=backend.name,
-                                  endpoint="completions", prompt=text, completion="".join(c.text),
-                                  prompt_tokens=len(ids), completion_tokens=c.completion_tokens)
+                self.log_prompt(
+                    request_id=rid if len(prompts) == 1 else f"{rid}-{p}",
+                    model=backend.name,
+                    endpoint="completions",
+                    prompt=text,
+                    completion="".join(c.text),
+                    prompt_tokens=len(ids),
+                    completion_tokens=c.completion_tokens,
+                )
 
         if req.stream:
+
             def completion_chunks(job: Job, choice: Choice, out: GenerationOutput) -> list[dict]:
                 if not (out.text or out.logprobs or out.finished):
                     return []
@@ -521,13 +664,31 @@ class OpenAIServer:
                 if want_lp:
                     lp = completion_logprobs(None, None, out.logprobs or [], text_of, top, offset0=choice.text_offset)
                     choice.text_offset += sum(len(t) for t in lp["tokens"])
-                return [{"index": job.index, "text": out.text, "logprobs": lp,
-                         "finish_reason": choice.finish_reason if out.finished else None}]
+                return [
+                    {
+                        "index": job.index,
+                        "text": out.text,
+                        "logprobs": lp,
+                        "finish_reason": choice.finish_reason if out.finished else None,
+                    }
+                ]
 
             return stream_response(
-                self, rid=rid, endpoint="completions", obj="text_completion", created=created, backend=backend,
-                jobs=jobs, start=start, info=info, prompt_tokens=prompt_tokens, stream_options=req.stream_options,
-                first_chunks=[], chunks_of=completion_chunks, on_complete=log_prompts)
+                self,
+                rid=rid,
+                endpoint="completions",
+                obj="text_completion",
+                created=created,
+                backend=backend,
+                jobs=jobs,
+                start=start,
+                info=info,
+                prompt_tokens=prompt_tokens,
+                stream_options=req.stream_options,
+                first_chunks=[],
+                chunks_of=completion_chunks,
+                on_complete=log_prompts,
+            )
 
         choices = {j.index: Choice(j.index) for j in jobs}
         await self.run_to_end(request, jobs, choices, backend.name, start, info)
@@ -547,10 +708,25 @@ class OpenAIServer:
             lp = None
             if want_lp:
                 lp = completion_logprobs(ids if req.echo else None, c.prompt_logprobs, c.logprobs, text_of, top)
-            out_choices.append({"index": c.index, "text": (text + body_text) if req.echo else body_text,
-                                "logprobs": lp, "finish_reason": c.finish_reason or "stop"})
-        return JSONResponse({
-            "id": rid, "object": "text_completion", "created": created, "model": backend.name,
-            "choices": out_choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}})
+            out_choices.append(
+                {
+                    "index": c.index,
+                    "text": (text + body_text) if req.echo else body_text,
+                    "logprobs": lp,
+                    "finish_reason": c.finish_reason or "stop",
+                }
+            )
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": backend.name,
+                "choices": out_choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import StreamingResponse
 
@@ -47,15 +48,28 @@ def streaming_response(events: Any, release: Any) -> StreamingResponse:
 
     body = events()
     weakref.finalize(body, release)
-    return SSEResponse(body, media_type="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return SSEResponse(
+        body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
-def stream_response(server: "OpenAIServer", *, rid: str, endpoint: str, obj: str, created: int, backend: "Backend",
-                    jobs: list["Job"], start: float, info: dict, prompt_tokens: int,
-                    stream_options: Optional[StreamOptions], first_chunks: Sequence[dict],
-                    chunks_of: Callable[["Job", "Choice", GenerationOutput], list[dict]],
-                    on_complete: Callable[[dict[int, "Choice"]], None]) -> StreamingResponse:
+def stream_response(
+    server: OpenAIServer,
+    *,
+    rid: str,
+    endpoint: str,
+    obj: str,
+    created: int,
+    backend: Backend,
+    jobs: list[Job],
+    start: float,
+    info: dict,
+    prompt_tokens: int,
+    stream_options: StreamOptions | None,
+    first_chunks: Sequence[dict],
+    chunks_of: Callable[[Job, Choice, GenerationOutput], list[dict]],
+    on_complete: Callable[[dict[int, Choice]], None],
+) -> StreamingResponse:
     """The SSE response of a streamed request: ``first_chunks``, then ``chunks_of(job, choice, output)`` for each
     engine output as it arrives, the usage chunk when ``stream_options.include_usage``, ``[DONE]``; then
     ``on_complete(choices)`` (the prompt log). The request's bookkeeping (in-flight jobs, metrics, the log
@@ -81,9 +95,17 @@ def stream_response(server: "OpenAIServer", *, rid: str, endpoint: str, obj: str
                     yield sse({**base, "choices": [chunk]})
             completion_tokens = sum(c.completion_tokens for c in choices.values())
             if include_usage:
-                yield sse({**base, "choices": [], "usage": {
-                    "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens}})
+                yield sse(
+                    {
+                        **base,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": prompt_tokens,
+                            "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens,
+                        },
+                    }
+                )
             yield b"data: [DONE]\n\n"
             on_complete(choices)
         except (asyncio.CancelledError, GeneratorExit):
@@ -100,7 +122,7 @@ def stream_response(server: "OpenAIServer", *, rid: str, endpoint: str, obj: str
                 yield b"data: [DONE]\n\n"
         finally:
             await close_quietly(outputs)  # cancels the engine jobs now (an iterator is not closed
-            release()                     # by leaving `async for`, only at garbage collection)
+            release()  # by leaving `async for`, only at garbage collection)
             info["completion_tokens"] = sum(c.completion_tokens for c in choices.values())
             server.metrics.tokens(backend.name, prompt_tokens, info["completion_tokens"])
             server.finish_log(rid, endpoint, status, start, info)

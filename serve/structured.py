@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Optional
+from typing import Any
 
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 COMPILE_DEFAULTS = {"whitespace_flexible": False}
@@ -29,8 +29,9 @@ def _llguidance() -> Any:
         import llguidance
         import llguidance.hf  # noqa: F401 - the HF tokenizer bridge
     except ImportError as exc:
-        raise StructuredOutputUnavailable("response_format needs the llguidance package on the server "
-                                          "(pip install 'raydistill[structured]')") from exc
+        raise StructuredOutputUnavailable(
+            "response_format needs the llguidance package on the server (pip install 'raydistill[structured]')"
+        ) from exc
     return llguidance
 
 
@@ -65,7 +66,7 @@ class GrammarFactory:
     def __init__(self, tokenizer: Any, vocab_size: int):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self._lltok: Optional[Any] = None
+        self._lltok: Any | None = None
 
     def matcher(self, schema: dict[str, Any]) -> Any:
         llg = _llguidance()

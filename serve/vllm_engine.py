@@ -8,7 +8,8 @@ tested) on CPU machines without vLLM. It serves Qwen2-MoE exports of the student
 from __future__ import annotations
 
 import os
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 from cluster.errors import RaydistillError
 from distill.teacher.sources import eos_token_ids
@@ -49,19 +50,21 @@ def structured_kwargs(options: SamplingOptions) -> dict[str, Any]:
     return {"guided_decoding": sp.GuidedDecodingParams(json=options.json_schema)}
 
 
-def _token_logprob(token_id: int, entries: Optional[dict], k: int) -> Optional[TokenLogprob]:
+def _token_logprob(token_id: int, entries: dict | None, k: int) -> TokenLogprob | None:
     """vLLM's ``{token_id: Logprob(logprob, rank, decoded_token)}`` at one position -> TokenLogprob."""
     if not entries:
         return None
     chosen = entries.get(token_id)
     ranked = sorted(entries.items(), key=lambda kv: kv[1].logprob, reverse=True)
     top = [(int(t), float(lp.logprob)) for t, lp in ranked[:k]] if k else []
-    return TokenLogprob(token_id=int(token_id), logprob=float(chosen.logprob) if chosen is not None else float("-inf"),
-                        top=top)
+    return TokenLogprob(
+        token_id=int(token_id), logprob=float(chosen.logprob) if chosen is not None else float("-inf"), top=top
+    )
 
 
-def convert_output(request_id: str, ro: Any, prompt_tokens: int, completion_so_far: int,
-                   options: SamplingOptions, first: bool) -> GenerationOutput:
+def convert_output(
+    request_id: str, ro: Any, prompt_tokens: int, completion_so_far: int, options: SamplingOptions, first: bool
+) -> GenerationOutput:
     """One vLLM ``RequestOutput`` (DELTA mode) -> :class:`GenerationOutput` (new tokens/text only)."""
     comp = ro.outputs[0]
     token_ids = [int(t) for t in (comp.token_ids or [])]
@@ -71,23 +74,46 @@ def convert_output(request_id: str, ro: Any, prompt_tokens: int, completion_so_f
     prompt_lps = None
     if first and options.prompt_logprobs and getattr(ro, "prompt_logprobs", None) is not None:
         ids = list(ro.prompt_token_ids or [])
-        prompt_lps = [None if entry is None else _token_logprob(ids[i], entry, options.top_logprobs)
-                      for i, entry in enumerate(ro.prompt_logprobs)]
+        prompt_lps = [
+            None if entry is None else _token_logprob(ids[i], entry, options.top_logprobs)
+            for i, entry in enumerate(ro.prompt_logprobs)
+        ]
     finished = bool(ro.finished)
     reason = None
     if finished:
         reason = comp.finish_reason if comp.finish_reason in ("stop", "length") else "abort"
-    return GenerationOutput(request_id=request_id, token_ids=token_ids, text=comp.text or "", finished=finished,
-                            finish_reason=reason, logprobs=logprobs, prompt_logprobs=prompt_lps,
-                            prompt_tokens=prompt_tokens, completion_tokens=completion_so_far + len(token_ids))
+    return GenerationOutput(
+        request_id=request_id,
+        token_ids=token_ids,
+        text=comp.text or "",
+        finished=finished,
+        finish_reason=reason,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_lps,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_so_far + len(token_ids),
+    )
 
 
-def engine_args(model_dir: str, *, dtype: str = "auto", max_batch_size: int = 16, max_model_len: Optional[int] = None,
-                prefill_chunk: int = 256, tensor_parallel_size: int = 1, **_: Any) -> dict[str, Any]:
+def engine_args(
+    model_dir: str,
+    *,
+    dtype: str = "auto",
+    max_batch_size: int = 16,
+    max_model_len: int | None = None,
+    prefill_chunk: int = 256,
+    tensor_parallel_size: int = 1,
+    **_: Any,
+) -> dict[str, Any]:
     """Keyword arguments of ``vllm.AsyncEngineArgs`` for our engine options."""
-    args: dict[str, Any] = {"model": model_dir, "dtype": "auto" if dtype == "float32" else dtype,
-                            "max_num_seqs": max_batch_size, "tensor_parallel_size": tensor_parallel_size,
-                            "enable_chunked_prefill": True, "enable_prefix_caching": True}
+    args: dict[str, Any] = {
+        "model": model_dir,
+        "dtype": "auto" if dtype == "float32" else dtype,
+        "max_num_seqs": max_batch_size,
+        "tensor_parallel_size": tensor_parallel_size,
+        "enable_chunked_prefill": True,
+        "enable_prefix_caching": True,
+    }
     if max_model_len:
         args["max_model_len"] = max_model_len
     # vLLM needs a token budget per step of at least one full sequence slot; chunk is the prefill granularity.
@@ -107,13 +133,15 @@ class VLLMAsyncEngine:
         self._running: set[str] = set()
 
     @classmethod
-    def from_pretrained(cls, model: str, **kwargs: Any) -> "VLLMAsyncEngine":
+    def from_pretrained(cls, model: str, **kwargs: Any) -> VLLMAsyncEngine:
         try:
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
-            raise RaydistillError(f"serve.backend=vllm needs vLLM ({exc}); install the GPU extra: "
-                                  "pip install 'raydistill[gpu]', or set serve.backend: engine") from exc
+            raise RaydistillError(
+                f"serve.backend=vllm needs vLLM ({exc}); install the GPU extra: "
+                "pip install 'raydistill[gpu]', or set serve.backend: engine"
+            ) from exc
         from transformers import AutoTokenizer
 
         from serve.engine.loader import resolve_model_dir
@@ -129,8 +157,9 @@ class VLLMAsyncEngine:
         if not n:
             raise EngineError("the prompt is empty; give at least one token")
         if n + request.sampling.max_tokens > self.context_length:
-            raise EngineError(f"prompt has {n} tokens, max_tokens {request.sampling.max_tokens}, "
-                              f"context {self.context_length}")
+            raise EngineError(
+                f"prompt has {n} tokens, max_tokens {request.sampling.max_tokens}, context {self.context_length}"
+            )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         from vllm import SamplingParams
@@ -139,8 +168,7 @@ class VLLMAsyncEngine:
 
         self._check(request)
         opts = request.sampling
-        params = SamplingParams(**sampling_kwargs(opts), **structured_kwargs(opts),
-                                output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(**sampling_kwargs(opts), **structured_kwargs(opts), output_kind=RequestOutputKind.DELTA)
         rid = request.request_id
         self._running.add(rid)
         produced, first, finished = 0, True, False

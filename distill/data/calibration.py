@@ -8,7 +8,8 @@ or a ``.txt`` / ``.jsonl`` file (tokenized with the teacher's tokenizer).
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from cluster import storage
 from cluster.errors import ConfigError
@@ -23,21 +24,30 @@ def _parquet_sequences(data_dir: str, keep: Callable[[dict[str, Any]], bool]) ->
     table = read_dir(data_dir)
     if table is None:
         return []
-    columns = {c: (table[c].to_pylist() if c in table.column_names else [None] * table.num_rows)
-               for c in (*SPLIT_COLUMNS, "input_ids")}
+    columns = {
+        c: (table[c].to_pylist() if c in table.column_names else [None] * table.num_rows)
+        for c in (*SPLIT_COLUMNS, "input_ids")
+    }
     rows = ({c: columns[c][i] for c in columns} for i in range(table.num_rows))
     return [list(row["input_ids"]) for row in rows if keep(row)]
 
 
-def check_sources(sources: Sequence[str], run_dir: Optional[str]) -> None:
+def check_sources(sources: Sequence[str], run_dir: str | None) -> None:
     if "run" in sources and run_dir is None:
-        raise ConfigError(f"{FIELD}: 'run' needs a pipeline run; pass --run, list data URIs, or set "
-                          "student.calibration.data: none for the data-free init")
+        raise ConfigError(
+            f"{FIELD}: 'run' needs a pipeline run; pass --run, list data URIs, or set "
+            "student.calibration.data: none for the data-free init"
+        )
 
 
-def calibration_sequences(sources: Sequence[str], *, run_dir: Optional[str], tokenizer: Any,
-                          keep: Callable[[dict[str, Any]], bool] = lambda row: True, seed: int = 0
-                          ) -> list[list[int]]:
+def calibration_sequences(
+    sources: Sequence[str],
+    *,
+    run_dir: str | None,
+    tokenizer: Any,
+    keep: Callable[[dict[str, Any]], bool] = lambda row: True,
+    seed: int = 0,
+) -> list[list[int]]:
     """Token-id sequences from ``sources`` (``"run"`` or URIs), shuffled with ``seed``.
 
     ``keep(row)`` filters teacher-data rows (a dict with :data:`~distill.data.split.SPLIT_COLUMNS`
@@ -57,10 +67,14 @@ def calibration_sequences(sources: Sequence[str], *, run_dir: Optional[str], tok
         elif storage.exists(storage.join(source, "data")):
             sequences += _parquet_sequences(data_dir_for(source), keep)
         else:
-            raise ConfigError(f"{FIELD}: {source} is neither a run directory, a folder of .parquet shards, nor a "
-                              ".txt/.jsonl file; fix the URI or remove it")
+            raise ConfigError(
+                f"{FIELD}: {source} is neither a run directory, a folder of .parquet shards, nor a "
+                ".txt/.jsonl file; fix the URI or remove it"
+            )
     if not sequences:
-        raise ConfigError(f"{FIELD}: {list(sources)} gave no text; point it at teacher data or text files, or "
-                          "set student.calibration.data: none for the data-free init")
+        raise ConfigError(
+            f"{FIELD}: {list(sources)} gave no text; point it at teacher data or text files, or "
+            "set student.calibration.data: none for the data-free init"
+        )
     random.Random(seed).shuffle(sequences)
     return sequences

@@ -38,7 +38,7 @@ def shingles(tokens: list[str], tag: bytes, k: int = SHINGLE) -> list[bytes]:
         return []
     if len(tokens) <= k:
         return [tag + " ".join(tokens).encode("utf-8")]
-    return [tag + " ".join(tokens[i:i + k]).encode("utf-8") for i in range(len(tokens) - k + 1)]
+    return [tag + " ".join(tokens[i : i + k]).encode("utf-8") for i in range(len(tokens) - k + 1)]
 
 
 class NearDuplicateIndex:
@@ -82,8 +82,10 @@ class NearDuplicateIndex:
         c = self._minhash(shingles(completion_words, b"c\x1f"))
         for key in self._lsh.query(MinHash.union(p, c)):
             idx = int(key)
-            if (np.mean(self._prompt_sigs[idx] == p.hashvalues) >= self.threshold
-                    and np.mean(self._completion_sigs[idx] == c.hashvalues) >= self.threshold):
+            if (
+                np.mean(self._prompt_sigs[idx] == p.hashvalues) >= self.threshold
+                and np.mean(self._completion_sigs[idx] == c.hashvalues) >= self.threshold
+            ):
                 return True
         idx = len(self._prompt_sigs)
         self._prompt_sigs.append(p.hashvalues)

@@ -19,9 +19,9 @@ from typing import Any
 import pyarrow as pa
 
 from cluster import storage
-from distill.data.section import DataConfig
 from cluster.errors import RaydistillError
 from distill.data.filters import apply_filters, build_decontamination_index
+from distill.data.section import DataConfig
 from distill.data.shards import read_shards, token_counts, write_parquet
 
 GENERATE_DIR = "data/generate"
@@ -70,7 +70,8 @@ def run_filter_stage(cfg: DataConfig, run_dir: str) -> dict[str, Any]:
     if not inputs:
         raise RaydistillError(
             f"no generated data under {gen_dir}; run `raydistill generate --config FILE` first "
-            "(or pass --run ID for a run that has it)")
+            "(or pass --run ID for a run that has it)"
+        )
 
     fcfg = cfg.filter
     # Eval sets first: a bad URI fails before the (possibly large) read.

@@ -31,16 +31,17 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from cluster import storage
-from distill.data.section import DedupMode, FilterSection
 from cluster.errors import RaydistillError
 from distill.data.dedup import NearDuplicateIndex, exact_key, words
+from distill.data.section import DedupMode, FilterSection
 
 REPETITION_NGRAM = 4
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zstd")
@@ -49,12 +50,13 @@ EVAL_FORMATS = ".jsonl, .json, .parquet, .csv or .txt (optionally .gz/.zst compr
 
 # --------------------------------------------------------------------------- text helpers
 
+
 def repetition_share(tokens: list[str], n: int = REPETITION_NGRAM) -> float:
     """Share of word n-gram occurrences that repeat an earlier one (0 = none, ->1 = a loop)."""
     total = len(tokens) - n + 1
     if total <= 1:
         return 0.0
-    distinct = len({tuple(tokens[i:i + n]) for i in range(total)})
+    distinct = len({tuple(tokens[i : i + n]) for i in range(total)})
     return (total - distinct) / total
 
 
@@ -65,6 +67,7 @@ def prompt_text(prompt: str | None, messages: list[dict[str, Any]] | None) -> st
 
 
 # --------------------------------------------------------------------------- decontamination
+
 
 class DecontaminationIndex:
     """N-grams of an eval set; ``matches(tokens)`` says whether a text shares one with it."""
@@ -81,7 +84,7 @@ class DecontaminationIndex:
             return False
         n = min(self.ngram, len(tokens))
         grams = self._grams.setdefault(n, set())
-        grams.update(hash(tuple(tokens[i:i + n])) for i in range(len(tokens) - n + 1))
+        grams.update(hash(tuple(tokens[i : i + n])) for i in range(len(tokens) - n + 1))
         self.items += 1
         return True
 
@@ -90,8 +93,7 @@ class DecontaminationIndex:
 
     def matches(self, tokens: list[str]) -> bool:
         for n, grams in self._grams.items():
-            if len(tokens) >= n and any(hash(tuple(tokens[i:i + n])) in grams
-                                        for i in range(len(tokens) - n + 1)):
+            if len(tokens) >= n and any(hash(tuple(tokens[i : i + n])) in grams for i in range(len(tokens) - n + 1)):
                 return True
         return False
 
@@ -182,8 +184,7 @@ def _expand(uri: str) -> list[str]:
 def build_decontamination_index(uris: Iterable[str], ngram: int = 13, min_tokens: int = 8) -> DecontaminationIndex:
     """Load every eval set; unreadable, missing or text-free ones raise with the file and the fix."""
     index = DecontaminationIndex(ngram, min_tokens)
-    fix = ("fix the URI in filter.decontaminate (local path, s3://, gs://, memory://; globs allowed) "
-           "or remove it")
+    fix = "fix the URI in filter.decontaminate (local path, s3://, gs://, memory://; globs allowed) or remove it"
     for uri in uris:
         try:
             files = _expand(uri)
@@ -203,15 +204,18 @@ def build_decontamination_index(uris: Iterable[str], ngram: int = 13, min_tokens
             except Exception as exc:  # noqa: BLE001 - reported with the file
                 raise RaydistillError(
                     f"filter.decontaminate: cannot read eval set file {file!r} ({type(exc).__name__}: {exc}); "
-                    f"supported formats: {EVAL_FORMATS}") from exc
+                    f"supported formats: {EVAL_FORMATS}"
+                ) from exc
             if len(index) == before:
                 raise RaydistillError(
                     f"filter.decontaminate: eval set file {file!r} holds no text of at least "
-                    f"{index.min_tokens} words; check that it is the right file ({EVAL_FORMATS}) or remove it")
+                    f"{index.min_tokens} words; check that it is the right file ({EVAL_FORMATS}) or remove it"
+                )
     return index
 
 
 # --------------------------------------------------------------------------- the filters
+
 
 class _Rows:
     """Lazy per-row Python views of the columns the text filters need."""
@@ -245,9 +249,7 @@ def _completion_lengths(table: pa.Table) -> np.ndarray:
 
 
 def apply_filters(
-    table: pa.Table,
-    cfg: FilterSection,
-    decontamination: DecontaminationIndex | None = None,
+    table: pa.Table, cfg: FilterSection, decontamination: DecontaminationIndex | None = None
 ) -> tuple[pa.Table, dict[str, int]]:
     """Filter generated rows; returns (kept rows sorted by prompt_id, ordered drop counts).
 
@@ -302,13 +304,18 @@ def apply_filters(
         if keep.any() and quality.filter(pa.array(keep)).null_count == int(keep.sum()):
             raise RaydistillError(
                 f"filter.min_quality is {cfg.min_quality} but no generated row has a judge score (quality "
-                "is null); set generate.judge: true and regenerate, or set filter.min_quality: null")
+                "is null); set generate.judge: true and regenerate, or set filter.min_quality: null"
+            )
         low = pc.fill_null(pc.less(quality, cfg.min_quality), True)  # unscored rows are dropped
         drop("quality", low.to_numpy(zero_copy_only=False))
 
     if decontamination is not None and len(decontamination):
-        drop("decontaminated", predicate=lambda i: decontamination.matches(rows.prompt_words(i))
-             or decontamination.matches(rows.completion_words(i)))
+        drop(
+            "decontaminated",
+            predicate=lambda i: (
+                decontamination.matches(rows.prompt_words(i)) or decontamination.matches(rows.completion_words(i))
+            ),
+        )
 
     dedup = DedupMode(cfg.dedup)
     if dedup in (DedupMode.exact, DedupMode.minhash):

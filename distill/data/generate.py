@@ -16,18 +16,19 @@ import logging
 import os
 import re
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 
 from cluster import storage
 from cluster.ray_init import quiet_ray_data
-from distill.data.section import DataConfig
-from distill.teacher.section import TeacherSection
 from distill.data import prompts as prompt_sources
 from distill.data.schema import schema, to_table
+from distill.data.section import DataConfig
 from distill.data.shards import SHARD_SUFFIX, read_dir, read_shards, shard_uris, token_counts, write_parquet
 from distill.teacher.base import SamplingParams, backend_class, completion_row, load_backend, skipped_row
+from distill.teacher.section import TeacherSection
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,21 @@ GENERATE_DIR = "data/generate"
 JUDGE_TEMPLATE = (
     "Rate the assistant's answer to the user's request on a scale of 1 to 10 for helpfulness, "
     "correctness and clarity (1 = useless or wrong, 10 = excellent).\n\n"
-    "Request:\n{prompt}\n\nAnswer:\n{completion}\n\nReply with the number only.")
+    "Request:\n{prompt}\n\nAnswer:\n{completion}\n\nReply with the number only."
+)
 REQUEST_COLUMNS = ["prompt_id", "prompt", "messages", "source"]
 
 
 def sampling_from_config(cfg: DataConfig) -> SamplingParams:
     g = cfg.generate
-    return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                          top_k=g.top_k, logprobs=g.logprobs, seed=g.seed)
+    return SamplingParams(
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        logprobs=g.logprobs,
+        seed=g.seed,
+    )
 
 
 class TeacherWorker:
@@ -68,16 +76,18 @@ class TeacherWorker:
             body = request.get("messages") or request.get("prompt")
             length = len(self.backend.encode_prompt(body))
             if length + 1 > self.backend.context_length:
-                rows[index] = skipped_row(request, f"prompt_too_long ({length} tokens > context "
-                                                   f"{self.backend.context_length})")
+                rows[index] = skipped_row(
+                    request, f"prompt_too_long ({length} tokens > context {self.backend.context_length})"
+                )
             else:
                 todo.append(index)
                 inputs.append(body)
         if inputs:
             completions = self._generate_with_retries(inputs)
             for index, completion in zip(todo, completions):
-                rows[index] = completion_row(requests[index], completion, self.backend.name, self.sampling,
-                                             self.logprob_dtype)
+                rows[index] = completion_row(
+                    requests[index], completion, self.backend.name, self.sampling, self.logprob_dtype
+                )
         return rows_to_table([r for r in rows if r is not None], self.logprob_dtype)
 
     def _generate_with_retries(self, inputs: list[Any]):
@@ -87,8 +97,9 @@ class TeacherWorker:
             except Exception:  # noqa: BLE001 - any teacher failure is retried, then surfaced
                 if attempt == self.max_retries:
                     raise
-                log.warning("teacher batch failed (attempt %d/%d); retrying", attempt + 1, self.max_retries + 1,
-                            exc_info=True)
+                log.warning(
+                    "teacher batch failed (attempt %d/%d); retrying", attempt + 1, self.max_retries + 1, exc_info=True
+                )
         raise AssertionError("unreachable")
 
 
@@ -110,13 +121,20 @@ def teacher_stage(cfg: DataConfig, sampling: SamplingParams) -> Callable[[Any], 
 
         return ds.map_batches(
             TeacherWorker,
-            fn_constructor_kwargs=dict(teacher=t.model_dump(mode="json"), sampling=sampling.to_json(),
-                                       logprob_dtype=cfg.generate.logprob_dtype,
-                                       max_retries=cfg.generate.max_retries),
-            batch_size=t.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=t.replicas),
+            fn_constructor_kwargs=dict(
+                teacher=t.model_dump(mode="json"),
+                sampling=sampling.to_json(),
+                logprob_dtype=cfg.generate.logprob_dtype,
+                max_retries=cfg.generate.max_retries,
+            ),
+            batch_size=t.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=t.replicas),
             # Ray Data's actor pools default to max_restarts=-1 / max_task_retries=-1: a dead
             # replica is restarted and its in-flight batches are retried (tested).
-            num_cpus=t.num_cpus, num_gpus=t.num_gpus or None)
+            num_cpus=t.num_cpus,
+            num_gpus=t.num_gpus or None,
+        )
 
     return apply
 
@@ -170,9 +188,20 @@ def judge_shards(cfg: DataConfig, data_dir: str, progress: Callable[[int], None]
         if table.column("quality").null_count == 0:
             continue
         rows = table.to_pylist()
-        requests = [{"prompt_id": r["prompt_id"], "prompt": None, "source": "judge",
-                     "messages": [{"role": "user", "content": JUDGE_TEMPLATE.format(
-                         prompt=r["prompt"] or "", completion=r["completion"])}]} for r in rows]
+        requests = [
+            {
+                "prompt_id": r["prompt_id"],
+                "prompt": None,
+                "source": "judge",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": JUDGE_TEMPLATE.format(prompt=r["prompt"] or "", completion=r["completion"]),
+                    }
+                ],
+            }
+            for r in rows
+        ]
         scores: dict[str, float | None] = {}
         for batch in run_teacher(cfg, requests, judge_sampling):
             for r in batch.to_pylist():
@@ -229,8 +258,11 @@ def run_generate_stage(cfg: DataConfig, run_dir: str, show_progress: bool = True
         judge_counts = judge_shards(cfg, out_dir)
     table = read_dir(out_dir, columns=["prompt_len", "completion_len"])
     tokens = token_counts(table)
-    stats = {"rows": 0 if table is None else table.num_rows, "prompt_tokens": tokens["prompt"],
-             "completion_tokens": tokens["completion"]}
+    stats = {
+        "rows": 0 if table is None else table.num_rows,
+        "prompt_tokens": tokens["prompt"],
+        "completion_tokens": tokens["completion"],
+    }
     previous = _read_manifest(out_dir)
     manifest = {
         "stage": "generate",
@@ -273,10 +305,13 @@ def cleaning_summary(cleaning: dict[str, Any] | None) -> str | None:
     """One line: ``kept 30/32 written prompts in 2 rounds (asked 40); dropped assistant_echo 6, ...``."""
     if not cleaning or "kept" not in cleaning:
         return None
-    dropped = ", ".join(f"{reason} {n}" for reason, n in sorted((cleaning.get("dropped") or {}).items(),
-                                                                   key=lambda kv: -kv[1]))
-    line = (f"kept {cleaning['kept']}/{cleaning['requested']} written prompts in {cleaning['rounds']} "
-            f"round{'s' if cleaning['rounds'] != 1 else ''} (asked {cleaning['asked']}); dropped {dropped or 'none'}")
+    dropped = ", ".join(
+        f"{reason} {n}" for reason, n in sorted((cleaning.get("dropped") or {}).items(), key=lambda kv: -kv[1])
+    )
+    line = (
+        f"kept {cleaning['kept']}/{cleaning['requested']} written prompts in {cleaning['rounds']} "
+        f"round{'s' if cleaning['rounds'] != 1 else ''} (asked {cleaning['asked']}); dropped {dropped or 'none'}"
+    )
     if cleaning.get("short_by"):
         line += f"; {cleaning['short_by']} short of prompts.count"
     return line

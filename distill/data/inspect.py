@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -42,8 +41,11 @@ def inspect_data(uri: str) -> dict[str, Any]:
         "completion_tokens": int(completion_len.sum()),
         "prompt_len": _describe(prompt_len),
         "completion_len": _describe(completion_len),
-        "finish_reason": dict(zip(*np.unique(np.asarray(table.column("finish_reason").to_pylist(), dtype=object),
-                                             return_counts=True))) if table.num_rows else {},
+        "finish_reason": dict(
+            zip(*np.unique(np.asarray(table.column("finish_reason").to_pylist(), dtype=object), return_counts=True))
+        )
+        if table.num_rows
+        else {},
         "sources": sorted(set(table.column("source").to_pylist())),
         "teachers": sorted(set(table.column("teacher").to_pylist())),
     }
@@ -53,12 +55,19 @@ def inspect_data(uri: str) -> dict[str, Any]:
         sample = table.slice(0, 1).to_pylist()[0]
         k = len(sample["topk_ids"][0]) if sample["topk_ids"] else 0
         report["sample"] = {
-            "prompt_id": sample["prompt_id"], "prompt": sample["prompt"], "completion": sample["completion"],
-            "prompt_len": sample["prompt_len"], "completion_len": sample["completion_len"],
-            "finish_reason": sample["finish_reason"], "quality": sample["quality"], "k": k,
-            "first_position_topk": list(zip(sample["topk_ids"][0][:5], [round(x, 4) for x in
-                                                                         sample["topk_logprobs"][0][:5]]))
-            if k else [],
+            "prompt_id": sample["prompt_id"],
+            "prompt": sample["prompt"],
+            "completion": sample["completion"],
+            "prompt_len": sample["prompt_len"],
+            "completion_len": sample["completion_len"],
+            "finish_reason": sample["finish_reason"],
+            "quality": sample["quality"],
+            "k": k,
+            "first_position_topk": list(
+                zip(sample["topk_ids"][0][:5], [round(x, 4) for x in sample["topk_logprobs"][0][:5]])
+            )
+            if k
+            else [],
         }
     return report
 
@@ -67,8 +76,9 @@ def soft_label_sanity(table: pa.Table) -> dict[str, Any]:
     """Log-probs must be <= 0 and sorted descending; their mass says how much of the teacher k covers."""
     positions = bad_sign = unsorted = length_mismatch = 0
     mass_sum = 0.0
-    for lps, completion_len in zip(table.column("topk_logprobs").to_pylist(),
-                                   table.column("completion_len").to_pylist()):
+    for lps, completion_len in zip(
+        table.column("topk_logprobs").to_pylist(), table.column("completion_len").to_pylist()
+    ):
         if len(lps) != completion_len:
             length_mismatch += 1
         if not lps:

@@ -15,7 +15,6 @@ instruction echoed back), ``truncated`` (cut at the token limit mid-sentence), `
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 MIN_WORDS = 3
 MIN_CHARS = 12
@@ -30,68 +29,217 @@ _CLOSE_QUOTES = "".join(set(_QUOTES.values()))
 _LEAD_INS = [
     re.compile(r"^(?:sure|certainly|of course|okay|ok|absolutely|great)\b[!.,:]*\s*", re.I),
     # "A user might ask: ...", "A user might ask the AI assistant something like: ...", "Users may ask, ..."
-    re.compile(r"^(?:an?\s+|the\s+|one\s+)?(?:user|human|person|someone|customer|student|client|child|kid)s?\s+"
-               r"(?:might|may|could|would|can|will|should|often|is likely to)?\s*(?:ask|say|type|write|request|"
-               r"want to know|wonder)(?:s|ed)?\b[^:\"\u201c\n]{0,60}?(?:[:,\-\u2013\u2014]\s*|\s+(?=[\"\u201c']))",
-               re.I),
+    re.compile(
+        r"^(?:an?\s+|the\s+|one\s+)?(?:user|human|person|someone|customer|student|client|child|kid)s?\s+"
+        r"(?:might|may|could|would|can|will|should|often|is likely to)?\s*(?:ask|say|type|write|request|"
+        r"want to know|wonder)(?:s|ed)?\b[^:\"\u201c\n]{0,60}?(?:[:,\-\u2013\u2014]\s*|\s+(?=[\"\u201c']))",
+        re.I,
+    ),
     # "Here is a question a user might ask:", "Here's one:", "Here is the task:"
     re.compile(r"^here(?:'s|\s+is|\s+are)\s+[^:\n]{0,80}?:\s*", re.I),
     # "Question:", "**Task:**", "Q:", "User:", "Prompt 1:", "Instruction -"
-    re.compile(r"^\**\s*(?:question|task|user|prompt|instruction|request|query|example|q)(?:\s*\d+)?\s*\**\s*[:\-\u2013]"
-               r"\s*\**\s*", re.I),
+    re.compile(
+        r"^\**\s*(?:question|task|user|prompt|instruction|request|query|example|q)(?:\s*\d+)?\s*\**\s*[:\-\u2013]"
+        r"\s*\**\s*",
+        re.I,
+    ),
 ]
 # Where the writer starts answering its own question or adds a commentary line.
 _TAIL = re.compile(r"\n\s*\**\s*(?:answer|response|assistant|solution|ai|explanation|note)\s*\**\s*:.*\Z", re.I | re.S)
 
-_ECHO = re.compile("|".join([
-    r"\b(?:i'?m|i am)\s+(?:an?|your|the)\s+(?:\w+\s+){0,2}(?:ai|a\.i\.|artificial intelligence|assistant|"
-    r"language model|chatbot|bot)\b",
-    r"\bas an?\s+(?:ai|artificial intelligence|(?:ai\s+)?language model|(?:ai\s+)?assistant)\b\s*(?:,|i\b)",
-    r"\bwhat\s+(?:question|task|questions|tasks|topic)s?\s+(?:or\s+task\s+)?(?:would|do|can|could)\s+you\b",
-    r"\bhow\s+(?:can|may|could)\s+i\s+(?:help|assist)\s+you\b",
-    r"\b(?:i'?m|i am)\s+(?:\w+ly\s+)?(?:here|designed|programmed|trained|built|created)\s+to\s+(?:help|assist)\b",
-    r"\b(?:i'?m|i am)\s+(?:so\s+|very\s+)?sorry,?\s+(?:but\s+)?i(?:'m|\s+am|\s+can'?t|\s+cannot|\s+don'?t)\b",
-    r"\b(?:glad|happy)\s+you\s+asked\b",
-    r"\bquestion\s+or\s+task\b",  # the writing instruction's own words
-    r"\brepeat\s+the\s+(?:instruction|question)\b",
-    r"\b(?:designed|programmed|trained|built|created)\s+to\s+(?:help|assist)(?:\s+and\s+\w+)?\s+(?:users|you|people)\b",
-    r"\bfeel free to ask\b",
-    r"\bwhat\s+(?:would|do)\s+you\s+like\s+(?:me\s+)?to\s+(?:ask|know|discuss|talk about)\b",
-    r"\bself-contained question or task\b",  # the writing instruction (INSTRUCTION_TEMPLATE) echoed back
-    r"\breply with the question or task only\b",
-    r"\bsmollm\b",
-    r"\b(?:i'?m|i am)\s+(?:ready|happy|glad|here)\s+to\s+(?:help|assist)\b",
-    r"\bwhat\s+can\s+i\s+(?:help|do for)\s+you\b",
-    r"\bwhat'?s\s+your\s+question\b",
-    r"^\W*what\s+an?\s+(?:\w+\s+){0,2}(?:ai|assistant|task|question|request)\b",  # "What a perceptive AI assistant"
-    r"^\W*an?\s+ai\s+assistant\b",
-    r"\bi'?ll\s+(?:respond|reply|answer)\s+with\b",
-]), re.I)
+_ECHO = re.compile(
+    "|".join(
+        [
+            r"\b(?:i'?m|i am)\s+(?:an?|your|the)\s+(?:\w+\s+){0,2}(?:ai|a\.i\.|artificial intelligence|assistant|"
+            r"language model|chatbot|bot)\b",
+            r"\bas an?\s+(?:ai|artificial intelligence|(?:ai\s+)?language model|(?:ai\s+)?assistant)\b\s*(?:,|i\b)",
+            r"\bwhat\s+(?:question|task|questions|tasks|topic)s?\s+(?:or\s+task\s+)?(?:would|do|can|could)\s+you\b",
+            r"\bhow\s+(?:can|may|could)\s+i\s+(?:help|assist)\s+you\b",
+            r"\b(?:i'?m|i am)\s+(?:\w+ly\s+)?(?:here|designed|programmed|trained|built|created)\s+to\s+(?:help|assist)\b",
+            r"\b(?:i'?m|i am)\s+(?:so\s+|very\s+)?sorry,?\s+(?:but\s+)?i(?:'m|\s+am|\s+can'?t|\s+cannot|\s+don'?t)\b",
+            r"\b(?:glad|happy)\s+you\s+asked\b",
+            r"\bquestion\s+or\s+task\b",  # the writing instruction's own words
+            r"\brepeat\s+the\s+(?:instruction|question)\b",
+            r"\b(?:designed|programmed|trained|built|created)\s+to\s+(?:help|assist)(?:\s+and\s+\w+)?\s+(?:users|you|people)\b",
+            r"\bfeel free to ask\b",
+            r"\bwhat\s+(?:would|do)\s+you\s+like\s+(?:me\s+)?to\s+(?:ask|know|discuss|talk about)\b",
+            r"\bself-contained question or task\b",  # the writing instruction (INSTRUCTION_TEMPLATE) echoed back
+            r"\breply with the question or task only\b",
+            r"\bsmollm\b",
+            r"\b(?:i'?m|i am)\s+(?:ready|happy|glad|here)\s+to\s+(?:help|assist)\b",
+            r"\bwhat\s+can\s+i\s+(?:help|do for)\s+you\b",
+            r"\bwhat'?s\s+your\s+question\b",
+            r"^\W*what\s+an?\s+(?:\w+\s+){0,2}(?:ai|assistant|task|question|request)\b",  # "What a perceptive AI assistant"
+            r"^\W*an?\s+ai\s+assistant\b",
+            r"\bi'?ll\s+(?:respond|reply|answer)\s+with\b",
+        ]
+    ),
+    re.I,
+)
 # The writer describes the user instead of being the user ("The user wants to know which book...").
-_META = re.compile(r"^\W*(?:the|a|this)\s+user\s+(?:wants|would like|is asking|is looking|needs|has asked|asked|"
-                   r"might want)\b", re.I)
+_META = re.compile(
+    r"^\W*(?:the|a|this)\s+user\s+(?:wants|would like|is asking|is looking|needs|has asked|asked|"
+    r"might want)\b",
+    re.I,
+)
 # A quoted question inside other text: 'I can't think of one. A user asks me, "How do I ...?"'.
-_EMBEDDED = re.compile(r"(?:\b(?:user|someone|person|customer|student)s?\s+(?:might\s+|may\s+|could\s+|would\s+)?"
-                       r"(?:asks?|says?|wonders?)(?:\s+me)?|\b(?:questions?|tasks?)\s+(?:like|such as)\s+(?:this|these)?)"
-                       r"\s*[:,]?\s*[\"\u201c]([^\"\u201d\n]{8,})[\"\u201d]", re.I)
+_EMBEDDED = re.compile(
+    r"(?:\b(?:user|someone|person|customer|student)s?\s+(?:might\s+|may\s+|could\s+|would\s+)?"
+    r"(?:asks?|says?|wonders?)(?:\s+me)?|\b(?:questions?|tasks?)\s+(?:like|such as)\s+(?:this|these)?)"
+    r"\s*[:,]?\s*[\"\u201c]([^\"\u201d\n]{8,})[\"\u201d]",
+    re.I,
+)
 
-_QUESTION_WORDS = {"what", "how", "why", "when", "where", "which", "who", "whom", "whose", "is", "are", "can", "could",
-                   "should", "would", "will", "do", "does", "did", "was", "were", "has", "have", "may", "might",
-                   "shall", "am", "if", "in", "for", "given", "suppose", "assuming", "using", "based", "according"}
-_TASK_VERBS = {"write", "explain", "describe", "list", "give", "create", "compose", "summarize", "summarise", "compare",
-               "name", "suggest", "provide", "tell", "help", "calculate", "compute", "find", "solve", "translate",
-               "design", "draft", "outline", "plan", "generate", "make", "recommend", "identify", "define", "discuss",
-               "analyze", "analyse", "classify", "convert", "rewrite", "edit", "propose", "show", "implement", "build",
-               "develop", "evaluate", "estimate", "choose", "prepare", "imagine", "pretend", "please", "share",
-               "brainstorm", "determine", "sort", "fix", "debug", "correct", "simplify", "paraphrase", "proofread",
-               "predict", "teach", "guide", "walk", "break", "rank", "rate", "convince", "argue", "persuade",
-               "recite", "complete", "continue", "fill", "count", "add", "subtract", "multiply", "divide", "check",
-               "review", "critique", "improve", "shorten", "expand", "elaborate", "illustrate", "demonstrate",
-               "derive", "prove", "answer", "detail", "cite", "state", "mention", "research", "investigate", "offer",
-               "express", "craft", "invent", "come", "think", "consider", "let's", "lets"}
+_QUESTION_WORDS = {
+    "what",
+    "how",
+    "why",
+    "when",
+    "where",
+    "which",
+    "who",
+    "whom",
+    "whose",
+    "is",
+    "are",
+    "can",
+    "could",
+    "should",
+    "would",
+    "will",
+    "do",
+    "does",
+    "did",
+    "was",
+    "were",
+    "has",
+    "have",
+    "may",
+    "might",
+    "shall",
+    "am",
+    "if",
+    "in",
+    "for",
+    "given",
+    "suppose",
+    "assuming",
+    "using",
+    "based",
+    "according",
+}
+_TASK_VERBS = {
+    "write",
+    "explain",
+    "describe",
+    "list",
+    "give",
+    "create",
+    "compose",
+    "summarize",
+    "summarise",
+    "compare",
+    "name",
+    "suggest",
+    "provide",
+    "tell",
+    "help",
+    "calculate",
+    "compute",
+    "find",
+    "solve",
+    "translate",
+    "design",
+    "draft",
+    "outline",
+    "plan",
+    "generate",
+    "make",
+    "recommend",
+    "identify",
+    "define",
+    "discuss",
+    "analyze",
+    "analyse",
+    "classify",
+    "convert",
+    "rewrite",
+    "edit",
+    "propose",
+    "show",
+    "implement",
+    "build",
+    "develop",
+    "evaluate",
+    "estimate",
+    "choose",
+    "prepare",
+    "imagine",
+    "pretend",
+    "please",
+    "share",
+    "brainstorm",
+    "determine",
+    "sort",
+    "fix",
+    "debug",
+    "correct",
+    "simplify",
+    "paraphrase",
+    "proofread",
+    "predict",
+    "teach",
+    "guide",
+    "walk",
+    "break",
+    "rank",
+    "rate",
+    "convince",
+    "argue",
+    "persuade",
+    "recite",
+    "complete",
+    "continue",
+    "fill",
+    "count",
+    "add",
+    "subtract",
+    "multiply",
+    "divide",
+    "check",
+    "review",
+    "critique",
+    "improve",
+    "shorten",
+    "expand",
+    "elaborate",
+    "illustrate",
+    "demonstrate",
+    "derive",
+    "prove",
+    "answer",
+    "detail",
+    "cite",
+    "state",
+    "mention",
+    "research",
+    "investigate",
+    "offer",
+    "express",
+    "craft",
+    "invent",
+    "come",
+    "think",
+    "consider",
+    "let's",
+    "lets",
+}
 _FIRST_PERSON = {"i", "i'm", "im", "i've", "i'd", "my", "we", "we're", "our"}
-_NEED = re.compile(r"\b(?:need|want|help|how|looking for|advice|tips?|recommend\w*|suggest\w*|ideas?|explain|"
-                   r"should|could you|can you|please)\b", re.I)
+_NEED = re.compile(
+    r"\b(?:need|want|help|how|looking for|advice|tips?|recommend\w*|suggest\w*|ideas?|explain|"
+    r"should|could you|can you|please)\b",
+    re.I,
+)
 
 
 def _strip_quotes(text: str) -> str:
@@ -134,7 +282,7 @@ def _is_task(text: str) -> bool:
     return first in _FIRST_PERSON and bool(_NEED.search(text))
 
 
-def clean_instruction(text: Optional[str], finish_reason: Optional[str] = None) -> tuple[str, Optional[str]]:
+def clean_instruction(text: str | None, finish_reason: str | None = None) -> tuple[str, str | None]:
     """``(instruction, drop reason or None)``: the unwrapped text, and why it is not a usable prompt.
 
     ``finish_reason == "length"`` (the writer hit its token limit) drops a text that does not end
@@ -171,7 +319,7 @@ class InstructionFilter:
         self.seen: set[str] = set()
         self.asked = 0
 
-    def add(self, text: Optional[str], finish_reason: Optional[str] = None) -> Optional[str]:
+    def add(self, text: str | None, finish_reason: str | None = None) -> str | None:
         """Clean one written instruction; returns it if kept, else None (and counts the reason)."""
         self.asked += 1
         cleaned, reason = clean_instruction(text, finish_reason)

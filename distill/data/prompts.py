@@ -24,25 +24,28 @@ import json
 import logging
 import os
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from cluster import storage
-from distill.data.section import DataConfig, PromptSource
 from cluster.errors import ConfigError, RaydistillError
 from distill.data.instructions import InstructionFilter
 from distill.data.schema import prompt_id
+from distill.data.section import DataConfig, PromptSource
 from distill.teacher.base import SamplingParams
 
 log = logging.getLogger(__name__)
 # Rounds of asking the teacher for instructions until prompts.count clean ones (self_instruct, magpie).
 MAX_INSTRUCTION_ROUNDS = 4
 DEFAULT_TOPICS = os.path.join(os.path.dirname(__file__), "seed_topics.txt")
-INSTRUCTION_TEMPLATE = ("Write one clear, self-contained question or task that a user might ask an AI "
-                        "assistant about: {topic}. Reply with the question or task only, nothing else.")
+INSTRUCTION_TEMPLATE = (
+    "Write one clear, self-contained question or task that a user might ask an AI "
+    "assistant about: {topic}. Reply with the question or task only, nothing else."
+)
 # (requests, sampling) -> rows with at least prompt_id, completion, finish_reason, skip_reason
 TeacherRunner = Callable[[list[dict[str, Any]], SamplingParams], list[dict[str, Any]]]
 
@@ -78,8 +81,11 @@ def _normalise_messages(value: Any, where: str) -> list[dict[str, str]]:
             value = json.loads(value)
         except json.JSONDecodeError:
             raise RaydistillError(f"{where}: `messages` is a string but not JSON") from None
-    if not isinstance(value, list) or not value or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    ):
         raise RaydistillError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
 
@@ -105,8 +111,10 @@ def read_prompt_files(cfg: DataConfig) -> list[dict[str, Any]]:
         table = _read_table(uri)
         has_prompt, has_messages = pc.prompt_column in table.column_names, pc.messages_column in table.column_names
         if not (has_prompt or has_messages):
-            raise RaydistillError(f"{uri}: no {pc.prompt_column!r} or {pc.messages_column!r} column (found "
-                                  f"{table.column_names}); rename the column or set prompts.prompt_column")
+            raise RaydistillError(
+                f"{uri}: no {pc.prompt_column!r} or {pc.messages_column!r} column (found "
+                f"{table.column_names}); rename the column or set prompts.prompt_column"
+            )
         tag = f"file:{os.path.basename(uri)}"
         for row_no, row in enumerate(table.to_pylist(), 1):
             messages = row.get(pc.messages_column) if has_messages else None
@@ -119,14 +127,16 @@ def read_prompt_files(cfg: DataConfig) -> list[dict[str, Any]]:
     return out
 
 
-def _request(pc: Any, source: str, text: str | None = None, messages: list | None = None,
-             raw: str | None = None) -> dict[str, Any]:
+def _request(
+    pc: Any, source: str, text: str | None = None, messages: list | None = None, raw: str | None = None
+) -> dict[str, Any]:
     """A chat request for user ``text`` (or given ``messages``), or a raw-prefix request (``raw``)."""
     if raw is not None:
         return {"prompt": raw, "messages": None, "source": source}
     if messages is None:
         messages = ([{"role": "system", "content": pc.system_prompt}] if pc.system_prompt else []) + [
-            {"role": "user", "content": text}]
+            {"role": "user", "content": text}
+        ]
     user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), text)
     return {"prompt": user, "messages": messages, "source": source}
 
@@ -164,15 +174,17 @@ def magpie_prefix(tokenizer: Any, system_prompt: str | None = None) -> str:
     """The chat template rendered up to where the user's text would start."""
     marker = "\x00MAGPIE\x00"
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": marker}]
+        {"role": "user", "content": marker}
+    ]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     if marker not in rendered:
         raise ConfigError("prompts.source=magpie: the teacher's chat template does not render the user text")
     return rendered.split(marker, 1)[0]
 
 
-def _written_instructions(run_dir: str, kind: str, make: Callable[[], tuple[list[str], dict[str, Any]]]
-                          ) -> tuple[list[str], dict[str, Any]]:
+def _written_instructions(
+    run_dir: str, kind: str, make: Callable[[], tuple[list[str], dict[str, Any]]]
+) -> tuple[list[str], dict[str, Any]]:
     """Instructions the teacher wrote and their cleaning stats, stored once per run so reruns reuse them.
 
     ``data/prompts/{kind}.jsonl`` holds the kept instructions, ``{kind}.stats.json`` the counts
@@ -190,8 +202,13 @@ def _written_instructions(run_dir: str, kind: str, make: Callable[[], tuple[list
     return instructions, stats
 
 
-def write_instructions(pc: Any, teacher: TeacherRunner, count: int, seeds_for_round: Callable[[int, int], list],
-                       max_rounds: int | None = None) -> tuple[list[str], dict[str, Any]]:
+def write_instructions(
+    pc: Any,
+    teacher: TeacherRunner,
+    count: int,
+    seeds_for_round: Callable[[int, int], list],
+    max_rounds: int | None = None,
+) -> tuple[list[str], dict[str, Any]]:
     """Ask the teacher for instructions until ``count`` clean ones (at most ``max_rounds`` rounds).
 
     ``seeds_for_round(round, n)`` gives ``n`` writing requests. Round 0 asks for ``count``; later
@@ -218,17 +235,32 @@ def write_instructions(pc: Any, teacher: TeacherRunner, count: int, seeds_for_ro
                 found.add(row.get("completion"), row.get("finish_reason"))
         rounds += 1
     kept = found.kept[:count]
-    stats = {"requested": count, "asked": found.asked, "kept": len(kept), "rounds": rounds,
-             "dropped": dict(sorted(found.dropped.items())), "short_by": count - len(kept)}
+    stats = {
+        "requested": count,
+        "asked": found.asked,
+        "kept": len(kept),
+        "rounds": rounds,
+        "dropped": dict(sorted(found.dropped.items())),
+        "short_by": count - len(kept),
+    }
     if stats["short_by"]:
-        log.warning("prompts: the teacher wrote %d of %d usable instructions in %d rounds (dropped %s)",
-                    len(kept), count, rounds, stats["dropped"])
+        log.warning(
+            "prompts: the teacher wrote %d of %d usable instructions in %d rounds (dropped %s)",
+            len(kept),
+            count,
+            rounds,
+            stats["dropped"],
+        )
     return kept, stats
 
 
-def build_requests(cfg: DataConfig, run_dir: str, teacher: TeacherRunner | None = None,
-                   tokenizer: Any = None, cleaning: dict[str, Any] | None = None
-                   ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def build_requests(
+    cfg: DataConfig,
+    run_dir: str,
+    teacher: TeacherRunner | None = None,
+    tokenizer: Any = None,
+    cleaning: dict[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """All requests of this run (before resume filtering) and counts of prompts dropped, by reason.
 
     For sources the teacher writes (self_instruct, magpie), ``cleaning`` (a dict, if given) is
@@ -260,7 +292,8 @@ def build_requests(cfg: DataConfig, run_dir: str, teacher: TeacherRunner | None 
                 return [_request(pc, "magpie_seed", raw=prefix) for _ in range(n)]
 
         instructions, cleaning_stats = _written_instructions(
-            run_dir, pc.source.value, lambda: write_instructions(pc, teacher, count, seeds_for_round))
+            run_dir, pc.source.value, lambda: write_instructions(pc, teacher, count, seeds_for_round)
+        )
         if cleaning is not None:
             cleaning.update(cleaning_stats)
         requests = [_request(pc, pc.source.value, text=i) for i in instructions if i]
@@ -268,7 +301,8 @@ def build_requests(cfg: DataConfig, run_dir: str, teacher: TeacherRunner | None 
             raise RaydistillError(
                 f"prompts.source={pc.source.value}: the teacher wrote no usable prompt in "
                 f"{cleaning_stats.get('rounds')} rounds ({cleaning_stats.get('asked')} asked; dropped "
-                f"{cleaning_stats.get('dropped')}); use a stronger teacher (teacher.model) or prompts.source=file")
+                f"{cleaning_stats.get('dropped')}); use a stronger teacher (teacher.model) or prompts.source=file"
+            )
         if len(requests) < count:
             dropped["missing_prompts"] = count - len(requests)
     elif pc.source == PromptSource.served_prompts:
@@ -307,8 +341,7 @@ def prompt_log_files(uri: str) -> list[str]:
             return [uri]
         found = fs.find(path)
         files = found if storage.is_local(uri) else [fs.unstrip_protocol(f) for f in found]
-    return sorted(f for f in files if f.endswith(".parquet")
-                  and not os.path.basename(f).startswith(storage.TMP_PREFIX))
+    return sorted(f for f in files if f.endswith(".parquet") and not os.path.basename(f).startswith(storage.TMP_PREFIX))
 
 
 def read_served_log(uri: str, since: dt.datetime | None = None, files: list[str] | None = None) -> pa.Table:
@@ -413,13 +446,15 @@ def served_prompt_requests(cfg: DataConfig, run_dir: str) -> list[dict[str, Any]
             raise ConfigError("prompts.path: served_prompts reads one prompt log URI, got a list")
         log_uri = log_uri[0]
     if not log_uri:
-        raise ConfigError("prompts.source=served_prompts needs the prompt log: set prompts.path (or serve.prompt_log) "
-                          "to the folder the server logs prompts to (serve.prompt_log_enabled: true)")
+        raise ConfigError(
+            "prompts.source=served_prompts needs the prompt log: set prompts.path (or serve.prompt_log) "
+            "to the folder the server logs prompts to (serve.prompt_log_enabled: true)"
+        )
     log_uri = cfg.resolve_path(log_uri)
     read_at = dt.datetime.now(dt.timezone.utc)
     since, consumed = served_log_position(cfg, run_dir)
     read_files = [f for f in prompt_log_files(log_uri) if f not in consumed]  # listed once: files added
-    table = read_served_log(log_uri, since, files=read_files)                 # later wait for the next run
+    table = read_served_log(log_uri, since, files=read_files)  # later wait for the next run
     used = used_prompt_ids(cfg, run_dir)
     requests: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -439,8 +474,11 @@ def served_prompt_requests(cfg: DataConfig, run_dir: str) -> list[dict[str, Any]
             req = _request(pc, SERVED_SOURCE, messages=_normalise_messages(messages, f"{log_uri} request"))
         elif not messages and text and str(text).strip():
             # /v1/completions prompts were fed verbatim; anything else is a user message.
-            req = (_request(pc, SERVED_SOURCE, raw=str(text)) if "chat" not in endpoint
-                   else _request(pc, SERVED_SOURCE, text=str(text)))
+            req = (
+                _request(pc, SERVED_SOURCE, raw=str(text))
+                if "chat" not in endpoint
+                else _request(pc, SERVED_SOURCE, text=str(text))
+            )
         else:
             counts["empty"] += 1
             continue
@@ -460,12 +498,20 @@ def served_prompt_requests(cfg: DataConfig, run_dir: str) -> list[dict[str, Any]
     # round; the prompts taken from it then count as already used).
     consumed_now = {f for f in read_files if considered.get(f, 0) == per_file.get(f, 0)}
     if not requests:
-        raise RaydistillError(f"prompts.source=served_prompts: no new prompts in {log_uri} since "
-                              f"{since.isoformat() if since else 'the start'} ({counts}); serve more traffic "
-                              "with serve.prompt_log_enabled: true, or skip this round")
-    window = {"log": log_uri, "since": since.isoformat() if since else None, "until": until.isoformat(),
-              "read_at": read_at.isoformat(), "selected": len(requests), **counts,
-              "consumed": sorted(consumed | consumed_now)}
+        raise RaydistillError(
+            f"prompts.source=served_prompts: no new prompts in {log_uri} since "
+            f"{since.isoformat() if since else 'the start'} ({counts}); serve more traffic "
+            "with serve.prompt_log_enabled: true, or skip this round"
+        )
+    window = {
+        "log": log_uri,
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat(),
+        "read_at": read_at.isoformat(),
+        "selected": len(requests),
+        **counts,
+        "consumed": sorted(consumed | consumed_now),
+    }
     storage.atomic_write_json(storage.join(run_dir, "data", "prompts", "served_prompts.json"), window)
     storage.atomic_write_text(stored, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in requests))
     return requests

@@ -18,22 +18,24 @@ MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string(
 
 def schema(logprob_dtype: str = "float32") -> pa.Schema:
     value_type = {"float32": pa.float32(), "float16": pa.float16()}[logprob_dtype]
-    return pa.schema([
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("messages", MESSAGE_TYPE),
-        ("completion", pa.string()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("prompt_len", pa.int32()),
-        ("completion_len", pa.int32()),
-        ("topk_ids", pa.list_(pa.list_(pa.int32()))),
-        ("topk_logprobs", pa.list_(pa.list_(value_type))),
-        ("teacher", pa.string()),
-        ("sampling", pa.string()),
-        ("finish_reason", pa.string()),
-        ("quality", pa.float32()),
-        ("source", pa.string()),
-    ])
+    return pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("prompt", pa.string()),
+            ("messages", MESSAGE_TYPE),
+            ("completion", pa.string()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("prompt_len", pa.int32()),
+            ("completion_len", pa.int32()),
+            ("topk_ids", pa.list_(pa.list_(pa.int32()))),
+            ("topk_logprobs", pa.list_(pa.list_(value_type))),
+            ("teacher", pa.string()),
+            ("sampling", pa.string()),
+            ("finish_reason", pa.string()),
+            ("quality", pa.float32()),
+            ("source", pa.string()),
+        ]
+    )
 
 
 COLUMNS = [f.name for f in schema()]
@@ -42,7 +44,7 @@ COLUMNS = [f.name for f in schema()]
 def prompt_id(source: str, prompt: str | list[dict[str, str]], sample_index: int) -> str:
     """Stable id of (source, prompt text or messages, sample index): same input, same id, any run."""
     body = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-    digest = hashlib.sha256(f"{source}\x1f{body}\x1f{sample_index}".encode("utf-8")).hexdigest()
+    digest = hashlib.sha256(f"{source}\x1f{body}\x1f{sample_index}".encode()).hexdigest()
     return digest[:24]
 
 

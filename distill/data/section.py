@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Any, Literal, Optional, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import Field, field_validator
 
@@ -26,13 +26,13 @@ class DedupMode(str, enum.Enum):
 
 class PromptsSection(Section):
     source: PromptSource = PromptSource.file
-    path: Optional[str | list[str]] = Field(default=None, description="file URI(s) or globs (source: file)")
-    count: Optional[int] = Field(default=256, ge=1, description="number of prompts (null = all in the files)")
+    path: str | list[str] | None = Field(default=None, description="file URI(s) or globs (source: file)")
+    count: int | None = Field(default=256, ge=1, description="number of prompts (null = all in the files)")
     samples_per_prompt: int = Field(default=1, ge=1)
     prompt_column: str = "prompt"
     messages_column: str = "messages"
-    system_prompt: Optional[str] = None
-    topics_path: Optional[str] = Field(default=None, description="seed topics for self_instruct (default: shipped list)")
+    system_prompt: str | None = None
+    topics_path: str | None = Field(default=None, description="seed topics for self_instruct (default: shipped list)")
     seed: int = 0
 
 
@@ -52,14 +52,15 @@ class FilterSection(Section):
     dedup: DedupMode = DedupMode.minhash
     minhash_threshold: float = Field(default=0.85, gt=0, le=1)
     num_perm: int = Field(default=128, ge=16)
-    min_quality: Optional[float] = Field(default=None, ge=1, le=10)
+    min_quality: float | None = Field(default=None, ge=1, le=10)
     decontaminate: list[str] = Field(default_factory=list, description="eval-set URIs whose n-grams must not appear")
     ngram: int = Field(default=13, ge=1, description="decontamination n-gram size in normalised words")
     decontaminate_min_tokens: int = Field(
-        default=8, ge=1, description="eval items shorter than ngram but at least this long must match whole")
+        default=8, ge=1, description="eval items shorter than ngram but at least this long must match whole"
+    )
     drop_truncated: bool = True
     min_completion_tokens: int = Field(default=1, ge=0)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     max_repetition: float = Field(default=0.5, gt=0, le=1, description="max share of repeated 4-grams")
 
     @field_validator("decontaminate", mode="before")
@@ -69,7 +70,7 @@ class FilterSection(Section):
 
 
 class PromptLogSettings(Protocol):
-    prompt_log: Optional[str]  # the serve section's prompt log: the default log of ``source: served_prompts``
+    prompt_log: str | None  # the serve section's prompt log: the default log of ``source: served_prompts``
 
 
 class DataConfig(RunConfig, Protocol):

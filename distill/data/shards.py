@@ -21,8 +21,10 @@ def data_dir_for(run_dir: str) -> str:
     generated = storage.join(run_dir, GENERATED_DIR)
     if storage.listdir(generated, SHARD_SUFFIX):
         return generated
-    raise RaydistillError(f"no training data in {run_dir}: neither {FILTERED_DIR}/manifest.json nor "
-                          f"{GENERATED_DIR}/*.parquet exists; run `raydistill generate` (and `filter`) first")
+    raise RaydistillError(
+        f"no training data in {run_dir}: neither {FILTERED_DIR}/manifest.json nor "
+        f"{GENERATED_DIR}/*.parquet exists; run `raydistill generate` (and `filter`) first"
+    )
 
 
 def shard_uris(data_dir: str) -> list[str]:
@@ -37,8 +39,10 @@ def read_shards(uris: list[str], columns: list[str] | None = None) -> pa.Table |
         try:
             tables.append(pq.read_table(path, filesystem=fs, columns=columns))
         except Exception as exc:  # noqa: BLE001 - reported with the file
-            raise RaydistillError(f"cannot read shard {uri} ({exc}); delete it and rerun the stage that "
-                                  "wrote it with --run to regenerate its rows") from exc
+            raise RaydistillError(
+                f"cannot read shard {uri} ({exc}); delete it and rerun the stage that "
+                "wrote it with --run to regenerate its rows"
+            ) from exc
     if not tables:
         return None
     try:

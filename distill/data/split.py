@@ -9,13 +9,14 @@ per prompt ``split_id == prompt_id``.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Optional
+from typing import Any
 
 SPLIT_COLUMNS = ["prompt_id", "source", "prompt", "messages"]  # what split_id reads from a row
 
 
-def split_id(prompt_id: str, source: Optional[str] = None, prompt: Optional[str] = None,
-             messages: Optional[list[dict[str, Any]]] = None) -> str:
+def split_id(
+    prompt_id: str, source: str | None = None, prompt: str | None = None, messages: list[dict[str, Any]] | None = None
+) -> str:
     """The id the split hashes: ``prompt_id(source, messages or prompt, 0)``, or ``prompt_id`` without a prompt."""
     from distill.data.schema import prompt_id as make_id
 
@@ -40,5 +41,6 @@ def is_heldout(prompt_id: str, fraction: float, seed: int = 0) -> bool:
 
 def row_is_heldout(row: dict[str, Any], fraction: float, seed: int = 0) -> bool:
     """A row (a dict with :data:`SPLIT_COLUMNS`; missing ones count as None) is held out."""
-    return is_heldout(split_id(row["prompt_id"], row.get("source"), row.get("prompt"), row.get("messages")),
-                      fraction, seed)
+    return is_heldout(
+        split_id(row["prompt_id"], row.get("source"), row.get("prompt"), row.get("messages")), fraction, seed
+    )

@@ -21,8 +21,9 @@ def read_texts(uri: str, field: str) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise RaydistillError(f"{field}: {uri} line {number} is not JSON ({exc}); write one "
-                                      "{\"text\": ...} object per line") from exc
+                raise RaydistillError(
+                    f'{field}: {uri} line {number} is not JSON ({exc}); write one {{"text": ...}} object per line'
+                ) from exc
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise RaydistillError(f"{field}: {uri} line {number} has no string 'text' field")

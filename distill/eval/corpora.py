@@ -12,7 +12,6 @@ together) or ``.jsonl`` (a ``text`` field per line). Globs are expanded.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from cluster import storage
 from cluster.errors import RaydistillError
@@ -20,11 +19,12 @@ from distill.data.texts import read_texts
 
 FORTUNES_DIR = os.environ.get("RAYDISTILL_FORTUNES_DIR", "/usr/share/games/fortunes")
 FORTUNES_FILES = ("fortunes", "literature", "riddles")
-BUILTIN_INSTALL_HINT = {"fortunes": "install it with `apt-get install fortunes-min` (or `make corpus`), "
-                                    "or set eval.builtin_corpus: null"}
+BUILTIN_INSTALL_HINT = {
+    "fortunes": "install it with `apt-get install fortunes-min` (or `make corpus`), or set eval.builtin_corpus: null"
+}
 
 
-def _truncate(texts: list[str], max_bytes: Optional[int]) -> list[str]:
+def _truncate(texts: list[str], max_bytes: int | None) -> list[str]:
     """Keep whole texts in order until ``max_bytes`` UTF-8 bytes (at least one, cut at a character)."""
     if max_bytes is None:
         return texts
@@ -53,7 +53,7 @@ def split_fortunes(text: str) -> list[str]:
     return [e for e in entries if e]
 
 
-def builtin_corpus(name: str, max_bytes: Optional[int] = None) -> list[str]:
+def builtin_corpus(name: str, max_bytes: int | None = None) -> list[str]:
     """Texts of a builtin corpus; RaydistillError with the install command when it is missing."""
     if name != "fortunes":
         raise RaydistillError(f"eval.builtin_corpus: unknown corpus {name!r}; allowed: fortunes, null")
@@ -72,7 +72,7 @@ def builtin_available(name: str) -> bool:
     return name == "fortunes" and any(os.path.exists(os.path.join(FORTUNES_DIR, f)) for f in FORTUNES_FILES)
 
 
-def read_corpus(uri: str, max_bytes: Optional[int] = None) -> list[str]:
+def read_corpus(uri: str, max_bytes: int | None = None) -> list[str]:
     """Texts of one user file (``.txt`` or ``.jsonl``); RaydistillError if it is missing or holds no text."""
     return _truncate(read_texts(uri, "eval.corpora"), max_bytes)
 
@@ -81,8 +81,9 @@ def corpus_name(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-def load_corpora(uris: list[str], builtin: Optional[str], max_bytes: Optional[int], resolve=lambda p: p
-                 ) -> tuple[dict[str, list[str]], list[str]]:
+def load_corpora(
+    uris: list[str], builtin: str | None, max_bytes: int | None, resolve=lambda p: p
+) -> tuple[dict[str, list[str]], list[str]]:
     """``({name: texts}, notes)`` for the configured corpora; a missing builtin corpus is a note, not an error."""
     corpora: dict[str, list[str]] = {}
     notes: list[str] = []

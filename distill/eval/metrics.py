@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,8 +49,9 @@ def start_token_id(tokenizer: Any) -> int:
             value = value[0] if value else None
         if value is not None:
             return int(value)
-    raise RaydistillError("tokenizer has neither bos_token_id nor eos_token_id; bits per byte needs a start token "
-                          "(pass start_token=ID)")
+    raise RaydistillError(
+        "tokenizer has neither bos_token_id nor eos_token_id; bits per byte needs a start token (pass start_token=ID)"
+    )
 
 
 def windows(num_tokens: int, window: int) -> list[tuple[int, int, int]]:
@@ -94,13 +96,14 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[r, :len(s)] = 1
+        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[r, : len(s)] = 1
     return ids, mask
 
 
-def _text_pieces(tokenizer: Any, texts: list[str], window: int, start_token: Optional[int]
-                 ) -> tuple[list[tuple[list[int], int]], int, int, int]:
+def _text_pieces(
+    tokenizer: Any, texts: list[str], window: int, start_token: int | None
+) -> tuple[list[tuple[list[int], int]], int, int, int]:
     """``(pieces, pad id, bytes, tokens)``: every text as ``[start] + tokens`` cut into scoring windows.
 
     A piece is ``(window ids, index of the first scored input position)``: input position j predicts
@@ -124,8 +127,15 @@ def _text_pieces(tokenizer: Any, texts: list[str], window: int, start_token: Opt
 
 # ----------------------------------------------------------------------------- bits per byte
 @torch.no_grad()
-def bits_per_byte(model: Any, tokenizer: Any, texts: Iterable[str], *, window: int = 256, batch_tokens: int = 2048,
-                  start_token: Optional[int] = None) -> dict[str, float]:
+def bits_per_byte(
+    model: Any,
+    tokenizer: Any,
+    texts: Iterable[str],
+    *,
+    window: int = 256,
+    batch_tokens: int = 2048,
+    start_token: int | None = None,
+) -> dict[str, float]:
     """Cross-entropy of ``texts`` in bits per UTF-8 byte.
 
     Returns ``{"bits_per_byte", "bytes", "tokens", "nats", "texts"}`` where ``nats`` is the summed
@@ -147,9 +157,14 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: Iterable[str], *, window: i
         token_lp = logprobs.gather(-1, ids[:, 1:, None].to(device))[..., 0]  # [B, T-1]
         for r, i in enumerate(batch):
             seq_ids, first = pieces[i]
-            nats -= float(token_lp[r, first:len(seq_ids) - 1].sum())
-    return {"bits_per_byte": nats / LN2 / total_bytes, "bytes": total_bytes, "tokens": total_tokens,
-            "nats": nats, "texts": len(texts)}
+            nats -= float(token_lp[r, first : len(seq_ids) - 1].sum())
+    return {
+        "bits_per_byte": nats / LN2 / total_bytes,
+        "bytes": total_bytes,
+        "tokens": total_tokens,
+        "nats": nats,
+        "texts": len(texts),
+    }
 
 
 def _device_of(model: Any) -> torch.device:
@@ -160,8 +175,9 @@ def _device_of(model: Any) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- fidelity
-def forward_kl_topk(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor
-                    ) -> torch.Tensor:
+def forward_kl_topk(
+    student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor
+) -> torch.Tensor:
     """KL(teacher || student) per position [N] with the tail bucket: the training loss's definition at T=1."""
     from distill.losses import TailMode, forward_kl
 
@@ -182,9 +198,11 @@ def record_routing(model: Any) -> Iterator[list[list[torch.Tensor]]]:
     records: list[list[torch.Tensor]] = [[] for _ in routers]
     handles = []
     for idx, router in enumerate(routers):
+
         def hook(_module, _inputs, output, idx=idx):
             used = torch.ones_like(output.experts, dtype=torch.bool) if output.mask is None else output.mask
             records[idx].append((output.experts.detach().cpu(), used.detach().cpu()))
+
         handles.append(router.register_forward_hook(hook))
     try:
         yield records
@@ -198,8 +216,9 @@ def _as_2d(value: Any, dtype: torch.dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_rows(student: Any, rows: Sequence[dict], *, batch_tokens: int = 2048, pad_id: int = 0,
-               routing: bool = True) -> dict[str, Any]:
+def score_rows(
+    student: Any, rows: Sequence[dict], *, batch_tokens: int = 2048, pad_id: int = 0, routing: bool = True
+) -> dict[str, Any]:
     """Per completion position of held-out teacher rows: KL, agreement, teacher entropy, experts used.
 
     ``rows``: dicts with ``input_ids`` [L], ``prompt_len``, ``topk_ids`` [C][K] and ``topk_logprobs``
@@ -210,13 +229,14 @@ def score_rows(student: Any, rows: Sequence[dict], *, batch_tokens: int = 2048, 
     """
     rows = [r for r in rows if len(r["topk_ids"]) > 0]
     if not rows:
-        raise RaydistillError("fidelity got no held-out row with soft labels; generate more data or raise "
-                              "eval.max_heldout_rows")
+        raise RaydistillError(
+            "fidelity got no held-out row with soft labels; generate more data or raise eval.max_heldout_rows"
+        )
     device = _device_of(student)
     seqs = [list(map(int, r["input_ids"])) for r in rows]
     kls, agrees, ents, nlls, experts = [], [], [], [], []
     recorder = record_routing(student) if routing else contextlib.nullcontext([])
-    load: Optional[list[torch.Tensor]] = None  # per layer: selections per expert over completion positions
+    load: list[torch.Tensor] | None = None  # per layer: selections per expert over completion positions
     with recorder as records:
         for batch in _batches(seqs, [len(s) for s in seqs], batch_tokens):
             for rec in records:
@@ -225,8 +245,13 @@ def score_rows(student: Any, rows: Sequence[dict], *, batch_tokens: int = 2048, 
             logits = _logits(student, ids.to(device), mask.to(device)).float()  # [B, T, V]
             width = ids.shape[1]
             # per layer: experts [B, T, K] and used [B, T, K] (one forward call per batch -> one record)
-            per_layer = [(torch.cat([e for e, _ in rec]).reshape(len(batch), width, -1),
-                          torch.cat([u for _, u in rec]).reshape(len(batch), width, -1)) for rec in records]
+            per_layer = [
+                (
+                    torch.cat([e for e, _ in rec]).reshape(len(batch), width, -1),
+                    torch.cat([u for _, u in rec]).reshape(len(batch), width, -1),
+                )
+                for rec in records
+            ]
             if per_layer and load is None:
                 num_experts = _num_experts(student)
                 load = [torch.zeros(num_experts) for _ in per_layer]
@@ -241,16 +266,20 @@ def score_rows(student: Any, rows: Sequence[dict], *, batch_tokens: int = 2048, 
                 teacher_top1 = tk_ids.gather(-1, tk_lp.argmax(-1, keepdim=True))[:, 0]  # stored order not trusted
                 agrees.append((lp.argmax(-1) == teacher_top1).float().cpu())
                 ents.append(teacher_entropy(tk_ids, tk_lp).cpu())
-                targets = torch.tensor(seqs[i][plen:plen + clen], dtype=torch.long, device=device)
+                targets = torch.tensor(seqs[i][plen : plen + clen], dtype=torch.long, device=device)
                 nlls.append(-lp.gather(-1, targets[:, None])[:, 0].cpu())
                 if per_layer:
                     experts.append(torch.stack([u[r, pos].float().sum(-1) for _, u in per_layer], dim=-1))  # [C, L]
                     for layer, (e, u) in enumerate(per_layer):
                         load[layer].scatter_add_(0, e[r, pos].reshape(-1), u[r, pos].float().reshape(-1))
-    return {"kl": torch.cat(kls).numpy(), "agree": torch.cat(agrees).numpy(), "entropy": torch.cat(ents).numpy(),
-            "student_nll": torch.cat(nlls).numpy(),
-            "experts": torch.cat(experts).numpy() if experts else np.zeros((sum(len(k) for k in kls), 0)),
-            "expert_load": [(c / c.sum().clamp(min=1.0)).tolist() for c in load] if load else []}
+    return {
+        "kl": torch.cat(kls).numpy(),
+        "agree": torch.cat(agrees).numpy(),
+        "entropy": torch.cat(ents).numpy(),
+        "student_nll": torch.cat(nlls).numpy(),
+        "experts": torch.cat(experts).numpy() if experts else np.zeros((sum(len(k) for k in kls), 0)),
+        "expert_load": [(c / c.sum().clamp(min=1.0)).tolist() for c in load] if load else [],
+    }
 
 
 def _num_experts(model: Any) -> int:
@@ -267,8 +296,15 @@ def has_routers(model: Any) -> bool:
 
 
 @torch.no_grad()
-def route_texts(model: Any, tokenizer: Any, texts: Iterable[str], *, window: int = 256, batch_tokens: int = 2048,
-                start_token: Optional[int] = None) -> dict[str, Any]:
+def route_texts(
+    model: Any,
+    tokenizer: Any,
+    texts: Iterable[str],
+    *,
+    window: int = 256,
+    batch_tokens: int = 2048,
+    start_token: int | None = None,
+) -> dict[str, Any]:
     """Experts used by every token of ``texts`` (no teacher needed), windowed as in :func:`bits_per_byte`.
 
     Returns ``experts`` [N, layers] (experts each of the N text tokens used per MoE layer; each
@@ -285,7 +321,7 @@ def route_texts(model: Any, tokenizer: Any, texts: Iterable[str], *, window: int
     pieces, pad, _, _ = _text_pieces(tokenizer, texts, window, start_token)
     device = _device_of(model)
     experts, ents = [], []
-    load: Optional[list[torch.Tensor]] = None
+    load: list[torch.Tensor] | None = None
     with record_routing(model) as records:
         for batch in _batches(pieces, [len(p[0]) for p in pieces], batch_tokens):
             for rec in records:
@@ -293,8 +329,13 @@ def route_texts(model: Any, tokenizer: Any, texts: Iterable[str], *, window: int
             ids, mask = _pad([pieces[i][0] for i in batch], pad)
             logits = _logits(model, ids.to(device), mask.to(device)).float()  # [B, T, V]
             width = ids.shape[1]
-            per_layer = [(torch.cat([e for e, _ in rec]).reshape(len(batch), width, -1),
-                          torch.cat([u for _, u in rec]).reshape(len(batch), width, -1)) for rec in records]
+            per_layer = [
+                (
+                    torch.cat([e for e, _ in rec]).reshape(len(batch), width, -1),
+                    torch.cat([u for _, u in rec]).reshape(len(batch), width, -1),
+                )
+                for rec in records
+            ]
             if load is None:
                 load = [torch.zeros(_num_experts(model)) for _ in per_layer]
             for r, i in enumerate(batch):
@@ -305,20 +346,27 @@ def route_texts(model: Any, tokenizer: Any, texts: Iterable[str], *, window: int
                 experts.append(torch.stack([u[r, pos].float().sum(-1) for _, u in per_layer], dim=-1))  # [C, L]
                 for layer, (e, u) in enumerate(per_layer):
                     load[layer].scatter_add_(0, e[r, pos].reshape(-1), u[r, pos].float().reshape(-1))
-    return {"experts": torch.cat(experts).numpy(), "entropy": torch.cat(ents).numpy(),
-            "expert_load": [(c / c.sum().clamp(min=1.0)).tolist() for c in load]}
+    return {
+        "experts": torch.cat(experts).numpy(),
+        "entropy": torch.cat(ents).numpy(),
+        "expert_load": [(c / c.sum().clamp(min=1.0)).tolist() for c in load],
+    }
 
 
 def fidelity(student: Any, rows: Sequence[dict], *, batch_tokens: int = 2048, pad_id: int = 0) -> dict[str, float]:
     """``{"kl", "top1_agreement", "tokens"}``: mean KL(teacher || student) (nats/token) and agreement."""
     scored = score_rows(student, rows, batch_tokens=batch_tokens, pad_id=pad_id, routing=False)
-    return {"kl": float(scored["kl"].mean()), "top1_agreement": float(scored["agree"].mean()),
-            "tokens": int(scored["kl"].shape[0])}
+    return {
+        "kl": float(scored["kl"].mean()),
+        "top1_agreement": float(scored["agree"].mean()),
+        "tokens": int(scored["kl"].shape[0]),
+    }
 
 
 # ----------------------------------------------------------------------------- routing summaries
-def routing_summary(experts: np.ndarray, entropy: np.ndarray, *, max_k: Optional[int] = None,
-                    buckets: int = 5) -> dict[str, Any]:
+def routing_summary(
+    experts: np.ndarray, entropy: np.ndarray, *, max_k: int | None = None, buckets: int = 5
+) -> dict[str, Any]:
     """Experts-per-token statistics from :func:`score_rows` arrays.
 
     experts [N, layers] (experts used per token per MoE layer), entropy [N] (teacher nats).
@@ -339,14 +387,25 @@ def routing_summary(experts: np.ndarray, entropy: np.ndarray, *, max_k: Optional
     for b in range(buckets):
         sel = which == b
         if sel.any():
-            curve.append({"bucket": b, "entropy_lo": float(edges[b]), "entropy_hi": float(edges[b + 1]),
-                          "mean_entropy": float(entropy[sel].mean()), "mean_experts": float(mean_tok[sel].mean()),
-                          "tokens": int(sel.sum())})
-    return {"tokens": int(n), "max_k": top, "experts_per_token_mean": float(experts.mean()),
-            "experts_per_token_by_layer": [float(v) for v in experts.mean(axis=0)],
-            "histogram": {"experts": list(range(top + 1)), "counts_by_layer": hist},
-            "difficulty_curve": curve,
-            "hard_minus_easy": (curve[-1]["mean_experts"] - curve[0]["mean_experts"]) if len(curve) > 1 else 0.0}
+            curve.append(
+                {
+                    "bucket": b,
+                    "entropy_lo": float(edges[b]),
+                    "entropy_hi": float(edges[b + 1]),
+                    "mean_entropy": float(entropy[sel].mean()),
+                    "mean_experts": float(mean_tok[sel].mean()),
+                    "tokens": int(sel.sum()),
+                }
+            )
+    return {
+        "tokens": int(n),
+        "max_k": top,
+        "experts_per_token_mean": float(experts.mean()),
+        "experts_per_token_by_layer": [float(v) for v in experts.mean(axis=0)],
+        "histogram": {"experts": list(range(top + 1)), "counts_by_layer": hist},
+        "difficulty_curve": curve,
+        "hard_minus_easy": (curve[-1]["mean_experts"] - curve[0]["mean_experts"]) if len(curve) > 1 else 0.0,
+    }
 
 
 def load_balance(expert_load: Sequence[Sequence[float]]) -> dict[str, Any]:
@@ -357,8 +416,15 @@ def load_balance(expert_load: Sequence[Sequence[float]]) -> dict[str, Any]:
         s = s / s.sum() if s.sum() > 0 else s
         e = len(s)
         ent = float(-(s[s > 0] * np.log(s[s > 0])).sum() / math.log(e)) if e > 1 else 1.0
-        out.append({"max_over_mean": float(s.max() * e) if e else 0.0, "normalized_entropy": ent,
-                    "share": [round(float(v), 6) for v in s]})
-    return {"by_layer": out,
-            "max_over_mean": max((o["max_over_mean"] for o in out), default=0.0),
-            "normalized_entropy_mean": float(np.mean([o["normalized_entropy"] for o in out])) if out else 0.0}
+        out.append(
+            {
+                "max_over_mean": float(s.max() * e) if e else 0.0,
+                "normalized_entropy": ent,
+                "share": [round(float(v), 6) for v in s],
+            }
+        )
+    return {
+        "by_layer": out,
+        "max_over_mean": max((o["max_over_mean"] for o in out), default=0.0),
+        "normalized_entropy_mean": float(np.mean([o["normalized_entropy"] for o in out])) if out else 0.0,
+    }

@@ -9,7 +9,7 @@ import base64
 import html
 import io
 import json
-from typing import Any, Optional
+from typing import Any
 
 MODEL_ORDER = ("teacher", "student", "init", "baseline")
 COLORS = {"teacher": "#1f77b4", "student": "#d62728", "init": "#7f7f7f", "baseline": "#2ca02c"}
@@ -45,7 +45,7 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
     return _png(fig)
 
 
-def plot_training_loss(metrics: list[dict]) -> Optional[bytes]:
+def plot_training_loss(metrics: list[dict]) -> bytes | None:
     """Loss vs step, one line per training stage (``stage_name`` or ``stage``), held-out KL as markers."""
     steps = [m for m in metrics if "loss" in m and "step" in m and m.get("event") is None]
     if not steps:
@@ -56,35 +56,55 @@ def plot_training_loss(metrics: list[dict]) -> Optional[bytes]:
     for m in steps:
         stages.setdefault(str(m.get("stage_name") or m.get("stage") or "train"), []).append(m)
     for name, rows in stages.items():
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="." if len(rows) < 50 else None,
-                label=f"loss: {name}", linewidth=1.6)  # markers: a single logged step still shows
+        ax.plot(
+            [r["step"] for r in rows],
+            [r["loss"] for r in rows],
+            marker="." if len(rows) < 50 else None,
+            label=f"loss: {name}",
+            linewidth=1.6,
+        )  # markers: a single logged step still shows
     held = [m for m in metrics if m.get("event") == "heldout" and m.get("kl") is not None]
     if held:
         ax.plot([m["step"] for m in held], [m["kl"] for m in held], "o--", color="black", label="held-out KL")
     return _finish(fig, ax, "step", "loss", "Training loss by stage")
 
 
-def plot_budget(metrics: list[dict]) -> Optional[bytes]:
+def plot_budget(metrics: list[dict]) -> bytes | None:
     """Student/teacher NLL ratio on held-out teacher text vs training tokens (``train.heldout_every`` points).
 
     Both NLLs are over the same held-out tokens, so their ratio is the bits-per-byte ratio there.
     None with fewer than two scored points.
     """
-    held = [m for m in metrics if m.get("event") == "heldout" and m.get("teacher_ce") and m.get("ce") is not None
-            and m.get("train_tokens") is not None]
+    held = [
+        m
+        for m in metrics
+        if m.get("event") == "heldout"
+        and m.get("teacher_ce")
+        and m.get("ce") is not None
+        and m.get("train_tokens") is not None
+    ]
     if len(held) < 2:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.plot([m["train_tokens"] for m in held], [m["ce"] / m["teacher_ce"] for m in held], "o-",
-            label="student / teacher, held-out teacher text")
+    ax.plot(
+        [m["train_tokens"] for m in held],
+        [m["ce"] / m["teacher_ce"] for m in held],
+        "o-",
+        label="student / teacher, held-out teacher text",
+    )
     ax.axhline(1.0, color="gray", linestyle=":", label="teacher")
     ax.set_xscale("log")
-    return _finish(fig, ax, "training tokens (completion targets)", "bits/byte ratio",
-                   "Student vs teacher as the training budget grows")
+    return _finish(
+        fig,
+        ax,
+        "training tokens (completion targets)",
+        "bits/byte ratio",
+        "Student vs teacher as the training budget grows",
+    )
 
 
-def plot_bits_per_byte(report: dict) -> Optional[bytes]:
+def plot_bits_per_byte(report: dict) -> bytes | None:
     models = _models(report)
     corpora = sorted({c for m in models for c in report["models"][m].get("bits_per_byte", {})})
     if not models or not corpora:
@@ -105,7 +125,7 @@ def plot_bits_per_byte(report: dict) -> Optional[bytes]:
     return _png(fig)
 
 
-def plot_routing(report: dict) -> Optional[bytes]:
+def plot_routing(report: dict) -> bytes | None:
     """Experts-per-token histogram (pooled over layers) and the difficulty curve, per MoE model."""
     routed = [m for m in _models(report) if report["models"][m].get("routing")]
     if not routed:
@@ -118,11 +138,21 @@ def plot_routing(report: dict) -> Optional[bytes]:
         ks = r["histogram"]["experts"]
         pooled = [sum(layer[k] for layer in r["histogram"]["counts_by_layer"]) for k in range(len(ks))]
         total = max(sum(pooled), 1)
-        ax1.bar([k + (i - (len(routed) - 1) / 2) * width for k in ks], [p / total for p in pooled], width,
-                label=f"{name} (mean {r['experts_per_token_mean']:.2f})", color=COLORS.get(name))
+        ax1.bar(
+            [k + (i - (len(routed) - 1) / 2) * width for k in ks],
+            [p / total for p in pooled],
+            width,
+            label=f"{name} (mean {r['experts_per_token_mean']:.2f})",
+            color=COLORS.get(name),
+        )
         curve = r.get("difficulty_curve", [])
-        ax2.plot([c["mean_entropy"] for c in curve], [c["mean_experts"] for c in curve], "o-", label=name,
-                 color=COLORS.get(name))
+        ax2.plot(
+            [c["mean_entropy"] for c in curve],
+            [c["mean_experts"] for c in curve],
+            "o-",
+            label=name,
+            color=COLORS.get(name),
+        )
     ax1.set_xlabel("experts used by a token (per MoE layer)")
     ax1.set_ylabel("share of token-layers")
     ax1.set_title("Experts per token")
@@ -136,7 +166,7 @@ def plot_routing(report: dict) -> Optional[bytes]:
     return _png(fig)
 
 
-def plot_speed(report: dict) -> Optional[bytes]:
+def plot_speed(report: dict) -> bytes | None:
     timed = [m for m in _models(report) if report["models"][m].get("speed")]
     if not timed:
         return None
@@ -152,8 +182,10 @@ def plot_speed(report: dict) -> Optional[bytes]:
         ax1.bar_label(ax1.bar(xs, ttft, width, label=name, color=COLORS.get(name)), fmt="%.0f", fontsize=7)
         ax2.bar_label(ax2.bar(xs, tps, width, label=name, color=COLORS.get(name)), fmt="%.0f", fontsize=7)
     engines = sorted({report["models"][m]["speed"].get("engine", "?") for m in timed})
-    for ax, title, ylabel in ((ax1, f"Time to first token ({', '.join(engines)})", "ms (lower is better)"),
-                              (ax2, f"Decode throughput ({', '.join(engines)})", "tokens/s (higher is better)")):
+    for ax, title, ylabel in (
+        (ax1, f"Time to first token ({', '.join(engines)})", "ms (lower is better)"),
+        (ax2, f"Decode throughput ({', '.join(engines)})", "tokens/s (higher is better)"),
+    ):
         ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
         ax.set_title(title)
         ax.set_ylabel(ylabel)
@@ -164,9 +196,13 @@ def plot_speed(report: dict) -> Optional[bytes]:
 
 def make_plots(report: dict, training_metrics: list[dict]) -> dict[str, bytes]:
     """``{file stem: PNG bytes}`` for every plot there is data for."""
-    plots = {"training_loss": plot_training_loss(training_metrics), "budget": plot_budget(training_metrics),
-             "bits_per_byte": plot_bits_per_byte(report),
-             "routing": plot_routing(report), "speed": plot_speed(report)}
+    plots = {
+        "training_loss": plot_training_loss(training_metrics),
+        "budget": plot_budget(training_metrics),
+        "bits_per_byte": plot_bits_per_byte(report),
+        "routing": plot_routing(report),
+        "speed": plot_speed(report),
+    }
     return {k: v for k, v in plots.items() if v}
 
 
@@ -184,21 +220,26 @@ def _fmt(value: Any) -> str:
 
 
 SUMMARY_ROWS = [
-    ("bpb_heldout", "bits/byte, held-out teacher text"), ("bpb_human", "bits/byte, human text"),
-    ("kl", "KL(teacher‖model), nats/token"), ("top1_agreement", "top-1 agreement"),
-    ("ttft_s", "TTFT batch 1 (s)"), ("decode_tokens_per_s", "decode tokens/s (largest batch)"),
-    ("cost_per_million_tokens", "cost / 1M output tokens"), ("experts_per_token", "experts / token"),
-    ("active_parameters", "active parameters / token"), ("parameters", "parameters"),
+    ("bpb_heldout", "bits/byte, held-out teacher text"),
+    ("bpb_human", "bits/byte, human text"),
+    ("kl", "KL(teacher‖model), nats/token"),
+    ("top1_agreement", "top-1 agreement"),
+    ("ttft_s", "TTFT batch 1 (s)"),
+    ("decode_tokens_per_s", "decode tokens/s (largest batch)"),
+    ("cost_per_million_tokens", "cost / 1M output tokens"),
+    ("experts_per_token", "experts / token"),
+    ("active_parameters", "active parameters / token"),
+    ("parameters", "parameters"),
     ("kv_bytes_per_token", "KV-cache bytes / token"),
 ]
 
 CAPTIONS = {
     "training_loss": "Training loss by stage (held-out KL as points).",
     "budget": "Student/teacher bits-per-byte ratio on held-out teacher text as training tokens grow "
-              "(train.heldout_every).",
+    "(train.heldout_every).",
     "bits_per_byte": "Bits per byte by model and corpus: lower means the model predicts (compresses) the text better.",
     "routing": "Left: experts each token used per MoE layer. Right: entropy bucket (the teacher's on held-out rows, "
-               "else the model's own on human text) vs experts used (rising = harder tokens get more experts).",
+    "else the model's own on human text) vs experts used (rising = harder tokens get more experts).",
     "speed": "Time to first token and decode tokens/s on the same engine and machine.",
 }
 
@@ -208,9 +249,11 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
     gate = report.get("gate", {})
     ok = gate.get("passed")
     verdict = "not applied" if ok is None else ("PASSED" if ok else "FAILED")
-    subject = (f"Model <code>{html.escape(str(report['models'].get('student', {}).get('path')))}</code> "
-               "(standalone, no run)") if report.get("mode") == "standalone" else \
-        f"Run <code>{html.escape(str(report.get('run_dir', '')))}</code>"
+    subject = (
+        (f"Model <code>{html.escape(str(report['models'].get('student', {}).get('path')))}</code> (standalone, no run)")
+        if report.get("mode") == "standalone"
+        else f"Run <code>{html.escape(str(report.get('run_dir', '')))}</code>"
+    )
     rows = []
     for key, label in SUMMARY_ROWS:
         cells = "".join(f"<td>{_fmt(report['models'][m].get('metrics', {}).get(key))}</td>" for m in models)
@@ -218,21 +261,28 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
     head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
     corpora_rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{_fmt(c.get('texts'))}</td><td>{_fmt(c.get('bytes'))}</td></tr>"
-        for n, c in report.get("corpora", {}).items())
+        for n, c in report.get("corpora", {}).items()
+    )
     figures = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{html.escape(CAPTIONS.get(name, name))}</figcaption></figure>" for name, png in plots.items())
+        f"<figcaption>{html.escape(CAPTIONS.get(name, name))}</figcaption></figure>"
+        for name, png in plots.items()
+    )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
-    paths = "".join(f"<tr><th>{html.escape(m)}</th><td><code>{html.escape(str(report['models'][m].get('path')))}"
-                    f"</code></td></tr>" for m in models)
+    paths = "".join(
+        f"<tr><th>{html.escape(m)}</th><td><code>{html.escape(str(report['models'][m].get('path')))}</code></td></tr>"
+        for m in models
+    )
     run_cost = report.get("run_cost") or {}
     cost_line = ""
     if run_cost.get("cost") is not None:
-        cost_line = (f"<p>Run cost: {_fmt(run_cost['cost'])} for {_fmt(run_cost['wall_seconds'])} s "
-                     f"(generate {_fmt(run_cost.get('generate_seconds'))} s + train "
-                     f"{_fmt(run_cost.get('train_seconds'))} s) at {_fmt(run_cost.get('cost_per_hour'))}/hour.</p>")
+        cost_line = (
+            f"<p>Run cost: {_fmt(run_cost['cost'])} for {_fmt(run_cost['wall_seconds'])} s "
+            f"(generate {_fmt(run_cost.get('generate_seconds'))} s + train "
+            f"{_fmt(run_cost.get('train_seconds'))} s) at {_fmt(run_cost.get('cost_per_hour'))}/hour.</p>"
+        )
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>raydistill eval: {html.escape(str(report.get('run_dir') or report['models'].get('student', {}).get('path')))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>raydistill eval: {html.escape(str(report.get("run_dir") or report["models"].get("student", {}).get("path")))}</title>
 <style>
 body {{ font-family: sans-serif; margin: 24px; color: #222; max-width: 1100px; }}
 table {{ border-collapse: collapse; margin: 8px 0 16px; }}
@@ -244,11 +294,11 @@ figure {{ margin: 12px 0 24px; }} img {{ max-width: 100%; border: 1px solid #ddd
 figcaption {{ font-size: 0.9em; color: #555; }}
 </style></head><body>
 <h1>raydistill evaluation</h1>
-<p>{subject} · config hash <code>{html.escape(str(report.get('config_hash', '')))}</code>
-· {html.escape(str(report.get('created', '')))}</p>
-<div class="gate {'skip' if ok is None else 'pass' if ok else 'fail'}">Gate {verdict}: {html.escape(str(gate.get('reason', '')))}</div>
+<p>{subject} · config hash <code>{html.escape(str(report.get("config_hash", "")))}</code>
+· {html.escape(str(report.get("created", "")))}</p>
+<div class="gate {"skip" if ok is None else "pass" if ok else "fail"}">Gate {verdict}: {html.escape(str(gate.get("reason", "")))}</div>
 <h2>Summary</h2>
-<table><tr><th></th>{head}</tr>{''.join(rows)}</table>
+<table><tr><th></th>{head}</tr>{"".join(rows)}</table>
 {cost_line}
 <h2>Plots</h2>
 {figures}
@@ -257,7 +307,7 @@ figcaption {{ font-size: 0.9em; color: #555; }}
 <h2>Models</h2>
 <table>{paths}</table>
 <h2>Notes</h2>
-<ul>{notes or '<li>none</li>'}</ul>
+<ul>{notes or "<li>none</li>"}</ul>
 <details><summary>report.json</summary><pre>{html.escape(json.dumps(report, indent=1, default=str)[:200000])}</pre></details>
 </body></html>
 """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -32,8 +32,9 @@ class GateSection(Section):
     direction: Literal["lower", "higher"] = "lower"
     margin: float = 0.0
     against: Literal["auto", "teacher", "baseline", "init"] = Field(
-        default="auto", description="reference model: auto = baseline if given, else init if present, else teacher")
-    baseline: Optional[str] = Field(default=None, description="HF dir of the model being served now (or --baseline)")
+        default="auto", description="reference model: auto = baseline if given, else init if present, else teacher"
+    )
+    baseline: str | None = Field(default=None, description="HF dir of the model being served now (or --baseline)")
 
     @field_validator("metric")
     @classmethod
@@ -63,21 +64,27 @@ class SpeedSection(Section):
 class EvalSection(Section):
     """``eval:`` in the pipeline YAML."""
 
-    hardware_cost_per_hour: Optional[float] = Field(
-        default=None, ge=0, description="price of the machine running eval/serving, per hour (null = no cost numbers)")
-    corpora: list[str] = Field(default_factory=list,
-                               description="human-written text: URIs or globs of .txt (one document) or .jsonl "
-                                           "({'text': ...} per line)")
-    builtin_corpus: Optional[Literal["fortunes"]] = Field(
-        default="fortunes", description="fortunes: Debian's fortunes-min (BSD); null = only eval.corpora")
+    hardware_cost_per_hour: float | None = Field(
+        default=None, ge=0, description="price of the machine running eval/serving, per hour (null = no cost numbers)"
+    )
+    corpora: list[str] = Field(
+        default_factory=list,
+        description="human-written text: URIs or globs of .txt (one document) or .jsonl ({'text': ...} per line)",
+    )
+    builtin_corpus: Literal["fortunes"] | None = Field(
+        default="fortunes", description="fortunes: Debian's fortunes-min (BSD); null = only eval.corpora"
+    )
     max_heldout_rows: int = Field(default=64, ge=1, description="held-out teacher rows scored per model")
     max_corpus_bytes: int = Field(default=32_000, ge=1, description="UTF-8 bytes read from each human corpus")
-    window: int = Field(default=256, ge=8, description="tokens per scoring window; longer texts slide with half overlap")
+    window: int = Field(
+        default=256, ge=8, description="tokens per scoring window; longer texts slide with half overlap"
+    )
     batch_tokens: int = Field(default=2048, ge=8, description="tokens per scoring forward pass (memory: x vocab x 4 B)")
     models: list[Literal["teacher", "student", "init", "baseline"]] = Field(
         default_factory=lambda: ["teacher", "student", "init", "baseline"],
-        description="which models to evaluate (absent init / baseline are skipped with a note)")
-    threads: Optional[int] = Field(default=None, ge=1, description="torch threads (default: torch's)")
+        description="which models to evaluate (absent init / baseline are skipped with a note)",
+    )
+    threads: int | None = Field(default=None, ge=1, description="torch threads (default: torch's)")
     speed: SpeedSection = Field(default_factory=SpeedSection)
     gate: GateSection = Field(default_factory=GateSection)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -58,14 +58,19 @@ def measure_engine(engine: Any, batch: int, prompt_tokens: int, new_tokens: int,
     return _summarise(start, first, generated, end, batch)
 
 
-def _summarise(start: float, first: dict[str, float], generated: dict[str, int], end: float, batch: int
-               ) -> dict[str, float]:
+def _summarise(
+    start: float, first: dict[str, float], generated: dict[str, int], end: float, batch: int
+) -> dict[str, float]:
     last_first = max(first.values()) if first else end
     decode_tokens = sum(max(n - 1, 0) for n in generated.values())
     decode_s = max(end - last_first, 1e-9)
-    return {"batch": batch, "ttft_s": (sum(first.values()) / max(len(first), 1)) - start,
-            "decode_tokens_per_s": decode_tokens / decode_s if decode_tokens else 0.0,
-            "total_tokens": int(sum(generated.values())), "wall_s": end - start}
+    return {
+        "batch": batch,
+        "ttft_s": (sum(first.values()) / max(len(first), 1)) - start,
+        "decode_tokens_per_s": decode_tokens / decode_s if decode_tokens else 0.0,
+        "total_tokens": int(sum(generated.values())),
+        "wall_s": end - start,
+    }
 
 
 @torch.no_grad()
@@ -88,17 +93,33 @@ def measure_hf_loop(model: Any, batch: int, prompt_tokens: int, new_tokens: int,
     return _summarise(start, first, {str(i): new_tokens for i in range(batch)}, end, batch)
 
 
-def measure_speed(model: Any, tokenizer: Any, *, name: str, batch_sizes: list[int], prompt_tokens: int,
-                  new_tokens: int, warmup: bool = True) -> dict[str, Any]:
+def measure_speed(
+    model: Any,
+    tokenizer: Any,
+    *,
+    name: str,
+    batch_sizes: list[int],
+    prompt_tokens: int,
+    new_tokens: int,
+    warmup: bool = True,
+) -> dict[str, Any]:
     """``{"engine", "by_batch": {b: {...}}}`` for one model; the same code path for every model."""
-    vocab = int(model.get_output_embeddings().weight.shape[0]) if hasattr(model, "get_output_embeddings") \
+    vocab = (
+        int(model.get_output_embeddings().weight.shape[0])
+        if hasattr(model, "get_output_embeddings")
         else len(tokenizer)
+    )
     engine_cls = _engine_class()
     engine = None
     if engine_cls is not None:
         try:
-            engine = engine_cls.from_model(model, tokenizer, max_batch_size=max(batch_sizes),
-                                           max_model_len=prompt_tokens + new_tokens + 8, name=name)
+            engine = engine_cls.from_model(
+                model,
+                tokenizer,
+                max_batch_size=max(batch_sizes),
+                max_model_len=prompt_tokens + new_tokens + 8,
+                name=name,
+            )
         except Exception as exc:  # noqa: BLE001 - fall back, but say why in the report
             log.warning("LLMEngine cannot run %s (%s); timing with the hf loop", name, exc)
             engine = None
@@ -122,8 +143,9 @@ def dtype_bytes(model: Any) -> int:
         return 4
 
 
-def model_footprint(model: Any, experts_per_token: Optional[list[float]] = None, context_len: int = 2048
-                    ) -> dict[str, Any]:
+def model_footprint(
+    model: Any, experts_per_token: list[float] | None = None, context_len: int = 2048
+) -> dict[str, Any]:
     """Parameters, active parameters per token and KV-cache bytes per token (at ``context_len``).
 
     Student: from :mod:`distill.student.accounting` with the measured experts per token per MoE
@@ -137,11 +159,16 @@ def model_footprint(model: Any, experts_per_token: Optional[list[float]] = None,
 
         scfg = cfg.to_student_config()
         kv = accounting.kv_cache_bytes(scfg, context_len, dtype_bytes=nbytes)
-        return {"parameters": accounting.count_parameters(scfg).total,
-                "active_parameters": float(accounting.active_parameters(scfg, experts_per_token)),
-                "active_parameters_note": "measured experts/token" if experts_per_token else
-                ("configured k" if scfg.routing.value == "topk" else "upper bound k=max_k"),
-                "kv_bytes_per_token": kv["total"] / context_len, "kv_context_len": context_len, "dtype_bytes": nbytes}
+        return {
+            "parameters": accounting.count_parameters(scfg).total,
+            "active_parameters": float(accounting.active_parameters(scfg, experts_per_token)),
+            "active_parameters_note": "measured experts/token"
+            if experts_per_token
+            else ("configured k" if scfg.routing.value == "topk" else "upper bound k=max_k"),
+            "kv_bytes_per_token": kv["total"] / context_len,
+            "kv_context_len": context_len,
+            "dtype_bytes": nbytes,
+        }
     total = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel() if hasattr(model, "get_input_embeddings") else 0
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
@@ -149,12 +176,17 @@ def model_footprint(model: Any, experts_per_token: Optional[list[float]] = None,
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     per_token = 2 * kv_heads * head_dim * nbytes * cfg.num_hidden_layers
-    return {"parameters": int(total), "active_parameters": float(total if tied else total - embed),
-            "active_parameters_note": "dense", "kv_bytes_per_token": float(per_token),
-            "kv_context_len": context_len, "dtype_bytes": nbytes}
+    return {
+        "parameters": int(total),
+        "active_parameters": float(total if tied else total - embed),
+        "active_parameters_note": "dense",
+        "kv_bytes_per_token": float(per_token),
+        "kv_context_len": context_len,
+        "dtype_bytes": nbytes,
+    }
 
 
-def cost_per_million_tokens(tokens_per_s: Optional[float], cost_per_hour: Optional[float]) -> Optional[float]:
+def cost_per_million_tokens(tokens_per_s: float | None, cost_per_hour: float | None) -> float | None:
     """Hardware cost of one million output tokens at ``tokens_per_s``; None without a price or a speed."""
     if cost_per_hour is None or not tokens_per_s:
         return None

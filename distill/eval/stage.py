@@ -12,19 +12,18 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from cluster import storage
 from cluster.errors import RaydistillError
+from cluster.section import RunConfig
 from distill.eval import corpora as corpora_mod
 from distill.eval import metrics as M
 from distill.eval import report as report_mod
 from distill.eval import speed as speed_mod
-from cluster.section import RunConfig
 from distill.eval.gate import evaluate_gate
 from distill.eval.section import EvalSection
 from distill.teacher.section import TeacherSection
@@ -37,6 +36,7 @@ class EvalConfig(RunConfig, Protocol):
     teacher: TeacherSection
     train: TrainSection
     eval: EvalSection
+
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -57,20 +57,27 @@ def load_model(path_or_alias: str, *, role: str) -> tuple[Any, Any, str]:
         local = resolve_model(path_or_alias)
     else:
         if not storage.exists(path_or_alias):
-            raise RaydistillError(f"{role} model {path_or_alias} does not exist; train the run first or pass "
-                                  f"--model DIR")
+            raise RaydistillError(
+                f"{role} model {path_or_alias} does not exist; train the run first or pass --model DIR"
+            )
         local = storage.local_copy(path_or_alias)
     if not os.path.exists(os.path.join(local, "config.json")):
-        raise RaydistillError(f"{role} model {path_or_alias} is not an HF model dir (no config.json); pass the "
-                              "directory written by training/export")
+        raise RaydistillError(
+            f"{role} model {path_or_alias} is not an HF model dir (no config.json); pass the "
+            "directory written by training/export"
+        )
     if not any(os.path.exists(os.path.join(local, f)) for f in TOKENIZER_FILES):
-        raise RaydistillError(f"{role} model dir {path_or_alias} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); "
-                              f"save one there with tokenizer.save_pretrained('{path_or_alias}') (e.g. the teacher's)")
+        raise RaydistillError(
+            f"{role} model dir {path_or_alias} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); "
+            f"save one there with tokenizer.save_pretrained('{path_or_alias}') (e.g. the teacher's)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(local)
     except Exception as exc:  # noqa: BLE001 - reported with the path
-        raise RaydistillError(f"cannot load the tokenizer of {role} model {path_or_alias} ({exc}); "
-                              "re-save it with tokenizer.save_pretrained") from exc
+        raise RaydistillError(
+            f"cannot load the tokenizer of {role} model {path_or_alias} ({exc}); "
+            "re-save it with tokenizer.save_pretrained"
+        ) from exc
     model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).eval()
     return model, tokenizer, local
 
@@ -85,8 +92,11 @@ def heldout_rows(cfg: EvalConfig, run_dir: str) -> tuple[list[dict], dict[str, A
     from distill.data.split import SPLIT_COLUMNS, row_is_heldout
 
     filtered = storage.join(run_dir, "data", "filtered")
-    source = filtered if storage.exists(storage.join(filtered, "manifest.json")) else \
-        storage.join(run_dir, "data", "generate")
+    source = (
+        filtered
+        if storage.exists(storage.join(filtered, "manifest.json"))
+        else storage.join(run_dir, "data", "generate")
+    )
     fraction = float(getattr(cfg.train, "heldout_fraction", 0.1))
     seed = int(getattr(cfg.train, "seed", 0))
     info = {"source": source, "fraction": fraction, "seed": seed, "rows": 0}
@@ -96,7 +106,7 @@ def heldout_rows(cfg: EvalConfig, run_dir: str) -> tuple[list[dict], dict[str, A
     rows = [r for r in table.to_pylist() if row_is_heldout(r, fraction, seed)]
     rows.sort(key=lambda r: r["prompt_id"])
     info["available"] = len(rows)
-    rows = rows[:cfg.eval.max_heldout_rows]
+    rows = rows[: cfg.eval.max_heldout_rows]
     info["rows"] = len(rows)
     return rows, info
 
@@ -115,43 +125,63 @@ def _read_jsonl(uri: str) -> list[dict]:
     return out
 
 
-def _read_manifest(uri: str) -> Optional[dict]:
+def _read_manifest(uri: str) -> dict | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def run_cost(run_dir: str, cost_per_hour: Optional[float]) -> dict[str, Any]:
+def run_cost(run_dir: str, cost_per_hour: float | None) -> dict[str, Any]:
     """Hardware cost of the run: teacher generation + training wall seconds at ``cost_per_hour``."""
     gen = _read_manifest(storage.join(run_dir, "data", "generate", "manifest.json")) or {}
     train = _read_manifest(storage.join(run_dir, "train", "manifest.json")) or {}
     g, t = float(gen.get("wall_seconds") or 0.0), float(train.get("wall_seconds") or 0.0)
     cost = None if cost_per_hour is None else (g + t) / 3600.0 * cost_per_hour
-    return {"generate_seconds": g, "train_seconds": t, "wall_seconds": g + t, "cost_per_hour": cost_per_hour,
-            "cost": cost}
+    return {
+        "generate_seconds": g,
+        "train_seconds": t,
+        "wall_seconds": g + t,
+        "cost_per_hour": cost_per_hour,
+        "cost": cost,
+    }
 
 
 # ----------------------------------------------------------------------------- one model
-def _combine_bpb(results: list[dict]) -> Optional[float]:
+def _combine_bpb(results: list[dict]) -> float | None:
     nats = sum(r["nats"] for r in results)
     nbytes = sum(r["bytes"] for r in results)
     return nats / math.log(2) / nbytes if nbytes else None
 
 
-def evaluate_model(name: str, model: Any, tokenizer: Any, *, cfg: EvalConfig, texts: dict[str, list[str]],
-                   rows: list[dict], fidelity_ok: bool, timed: bool, notes: list[str], say) -> dict[str, Any]:
+def evaluate_model(
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    *,
+    cfg: EvalConfig,
+    texts: dict[str, list[str]],
+    rows: list[dict],
+    fidelity_ok: bool,
+    timed: bool,
+    notes: list[str],
+    say,
+) -> dict[str, Any]:
     ecfg = cfg.eval
     out: dict[str, Any] = {"vocab_size": len(tokenizer), "bits_per_byte": {}}
     for corpus, corpus_texts in texts.items():
         say(f"{name}: bits per byte on {corpus}")
-        out["bits_per_byte"][corpus] = M.bits_per_byte(model, tokenizer, corpus_texts, window=ecfg.window,
-                                                       batch_tokens=ecfg.batch_tokens)
+        out["bits_per_byte"][corpus] = M.bits_per_byte(
+            model, tokenizer, corpus_texts, window=ecfg.window, batch_tokens=ecfg.batch_tokens
+        )
     experts_by_layer = None
     if rows and fidelity_ok and name != "teacher":
         say(f"{name}: fidelity and routing on {len(rows)} held-out rows")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else M.start_token_id(tokenizer)
         scored = M.score_rows(model, rows, batch_tokens=ecfg.batch_tokens, pad_id=int(pad))
-        out["fidelity"] = {"kl": float(scored["kl"].mean()), "top1_agreement": float(scored["agree"].mean()),
-                           "tokens": int(scored["kl"].shape[0]),
-                           "teacher_token_nll": float(scored["student_nll"].mean())}
+        out["fidelity"] = {
+            "kl": float(scored["kl"].mean()),
+            "top1_agreement": float(scored["agree"].mean()),
+            "tokens": int(scored["kl"].shape[0]),
+            "teacher_token_nll": float(scored["student_nll"].mean()),
+        }
         if scored["experts"].size:
             max_k = getattr(getattr(model.config, "to_student_config", lambda: None)(), "max_k", None)
             out["routing"] = M.routing_summary(scored["experts"], scored["entropy"], max_k=max_k)
@@ -174,13 +204,20 @@ def evaluate_model(name: str, model: Any, tokenizer: Any, *, cfg: EvalConfig, te
     if timed:
         s = ecfg.speed
         say(f"{name}: speed at batch {s.batch_sizes}")
-        out["speed"] = speed_mod.measure_speed(model, tokenizer, name=name, batch_sizes=s.batch_sizes,
-                                               prompt_tokens=s.prompt_tokens, new_tokens=s.new_tokens, warmup=s.warmup)
+        out["speed"] = speed_mod.measure_speed(
+            model,
+            tokenizer,
+            name=name,
+            batch_sizes=s.batch_sizes,
+            prompt_tokens=s.prompt_tokens,
+            new_tokens=s.new_tokens,
+            warmup=s.warmup,
+        )
     out["metrics"] = summary_metrics(out, ecfg.hardware_cost_per_hour)
     return out
 
 
-def summary_metrics(result: dict, cost_per_hour: Optional[float]) -> dict[str, Any]:
+def summary_metrics(result: dict, cost_per_hour: float | None) -> dict[str, Any]:
     """The flat numbers a gate or a table reads (keys of ``GATE_METRICS`` plus sizes)."""
     bpb = result.get("bits_per_byte", {})
     human = [v for k, v in bpb.items() if k != HELDOUT]
@@ -198,7 +235,8 @@ def summary_metrics(result: dict, cost_per_hour: Optional[float]) -> dict[str, A
         metrics["ttft_s"] = by[smallest]["ttft_s"]
         metrics["decode_tokens_per_s"] = by[largest]["decode_tokens_per_s"]
         metrics["cost_per_million_tokens"] = speed_mod.cost_per_million_tokens(
-            by[largest]["decode_tokens_per_s"], cost_per_hour)
+            by[largest]["decode_tokens_per_s"], cost_per_hour
+        )
         for m in by.values():
             m["cost_per_million_tokens"] = speed_mod.cost_per_million_tokens(m["decode_tokens_per_s"], cost_per_hour)
     else:
@@ -210,16 +248,20 @@ def summary_metrics(result: dict, cost_per_hour: Optional[float]) -> dict[str, A
 
 
 # ----------------------------------------------------------------------------- the stage
-def run_eval_stage(cfg: EvalConfig, run_dir: str, *, model_dir: Optional[str] = None, baseline_dir: Optional[str] = None,
-                   show_progress: bool = True) -> dict:
+def run_eval_stage(
+    cfg: EvalConfig,
+    run_dir: str,
+    *,
+    model_dir: str | None = None,
+    baseline_dir: str | None = None,
+    show_progress: bool = True,
+) -> dict:
     """Evaluate the run's models, apply the gate, write ``{run}/eval/report.{json,html}`` and plots.
 
     ``model_dir`` defaults to ``{run}/student``; ``baseline_dir`` to ``eval.gate.baseline``.
     Returns the report dict (``report["gate"]``, ``report["paths"]``).
     """
     import torch
-
-    from distill.teacher.sources import resolve_model
 
     ecfg = cfg.eval
     started = time.time()
@@ -234,7 +276,7 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str, *, model_dir: Optional[str] = 
         raise RaydistillError(f"student model {student_path} does not exist; run training first or pass --model DIR")
     baseline_path = baseline_dir or ecfg.gate.baseline
     init_path = storage.join(run_dir, "train", "init")
-    paths: dict[str, Optional[str]] = {"teacher": cfg.teacher.model, "student": student_path}
+    paths: dict[str, str | None] = {"teacher": cfg.teacher.model, "student": student_path}
     if "init" in ecfg.models:
         if storage.exists(storage.join(init_path, "config.json")):
             paths["init"] = init_path
@@ -242,14 +284,19 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str, *, model_dir: Optional[str] = 
             notes.append(f"student at initialisation skipped: {init_path} is absent (training writes it)")
     if baseline_path and "baseline" in ecfg.models:
         paths["baseline"] = baseline_path
-    order = [m for m in ("teacher", "student", "init", "baseline") if m in paths and (m in ecfg.models or m == "student")]
+    order = [
+        m for m in ("teacher", "student", "init", "baseline") if m in paths and (m in ecfg.models or m == "student")
+    ]
 
     rows, held_info = heldout_rows(cfg, run_dir)
     if not rows:
-        notes.append(f"no held-out teacher rows under {held_info['source']} (train.heldout_fraction="
-                     f"{held_info['fraction']}); held-out bits per byte and fidelity skipped")
-    human, corpus_notes = corpora_mod.load_corpora(ecfg.corpora, ecfg.builtin_corpus, ecfg.max_corpus_bytes,
-                                                   resolve=cfg.resolve_path)
+        notes.append(
+            f"no held-out teacher rows under {held_info['source']} (train.heldout_fraction="
+            f"{held_info['fraction']}); held-out bits per byte and fidelity skipped"
+        )
+    human, corpus_notes = corpora_mod.load_corpora(
+        ecfg.corpora, ecfg.builtin_corpus, ecfg.max_corpus_bytes, resolve=cfg.resolve_path
+    )
     notes.extend(corpus_notes)
     texts: dict[str, list[str]] = {}
     if rows:
@@ -258,8 +305,10 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str, *, model_dir: Optional[str] = 
             del texts[HELDOUT]
     texts.update(human)
     if not texts:
-        raise RaydistillError("nothing to evaluate on: no held-out teacher rows and no human corpus; set "
-                              "eval.corpora or install the builtin corpus (apt-get install fortunes-min)")
+        raise RaydistillError(
+            "nothing to evaluate on: no held-out teacher rows and no human corpus; set "
+            "eval.corpora or install the builtin corpus (apt-get install fortunes-min)"
+        )
 
     results = _evaluate_models(cfg, order, paths, rows, texts, notes, say)
     if "teacher" in results and rows:
@@ -267,10 +316,16 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str, *, model_dir: Optional[str] = 
         results["teacher"]["metrics"].update({"kl": 0.0, "top1_agreement": 1.0})
 
     report: dict[str, Any] = {
-        "run_dir": run_dir, "config_hash": cfg.section_hash(), "eval_config": ecfg.model_dump(mode="json"),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "models": results,
-        "corpora": {name: {"texts": len(t), "bytes": sum(len(x.encode("utf-8")) for x in t)} for name, t in texts.items()},
-        "heldout": held_info, "run_cost": run_cost(run_dir, ecfg.hardware_cost_per_hour),
+        "run_dir": run_dir,
+        "config_hash": cfg.section_hash(),
+        "eval_config": ecfg.model_dump(mode="json"),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "models": results,
+        "corpora": {
+            name: {"texts": len(t), "bytes": sum(len(x.encode("utf-8")) for x in t)} for name, t in texts.items()
+        },
+        "heldout": held_info,
+        "run_cost": run_cost(run_dir, ecfg.hardware_cost_per_hour),
         "training": _read_manifest(storage.join(run_dir, "train", "manifest.json")),
         "notes": notes,
     }
@@ -302,13 +357,16 @@ def _model_or_alias(value: str, flag: str) -> str:
             return resolve_model(value)
         except RaydistillError as exc:
             raise RaydistillError(f"{flag} {value}: {exc}") from exc
-    raise RaydistillError(f"{flag} {value} does not exist; pass a student dir written by training/export, an HF "
-                          f"causal LM dir, a Hugging Face id (org/name) or a builtin alias "
-                          f"({', '.join(BUILTIN_ALIASES)})")
+    raise RaydistillError(
+        f"{flag} {value} does not exist; pass a student dir written by training/export, an HF "
+        f"causal LM dir, a Hugging Face id (org/name) or a builtin alias "
+        f"({', '.join(BUILTIN_ALIASES)})"
+    )
 
 
-def run_standalone_eval(cfg: EvalConfig, model: str, *, teacher: Optional[str] = None, out_dir: Optional[str] = None,
-                        show_progress: bool = True) -> dict:
+def run_standalone_eval(
+    cfg: EvalConfig, model: str, *, teacher: str | None = None, out_dir: str | None = None, show_progress: bool = True
+) -> dict:
     """Evaluate one model with no pipeline run: bits per byte on the human corpora, speed, routing (MoE).
 
     ``model``: a student dir, any HF causal LM dir, a Hugging Face id or a builtin alias; it is
@@ -329,23 +387,39 @@ def run_standalone_eval(cfg: EvalConfig, model: str, *, teacher: Optional[str] =
         paths["teacher"] = _model_or_alias(teacher, "--teacher")
     paths["student"] = _model_or_alias(model, "--model")
     out_dir = out_dir or default_out_dir(model)
-    notes = ["standalone evaluation (no pipeline run): held-out teacher-text bits per byte, KL and top-1 agreement "
-             "need a run's soft labels; pass --run ID for them"]
-    human, corpus_notes = corpora_mod.load_corpora(ecfg.corpora, ecfg.builtin_corpus, ecfg.max_corpus_bytes,
-                                                   resolve=cfg.resolve_path)
+    notes = [
+        "standalone evaluation (no pipeline run): held-out teacher-text bits per byte, KL and top-1 agreement "
+        "need a run's soft labels; pass --run ID for them"
+    ]
+    human, corpus_notes = corpora_mod.load_corpora(
+        ecfg.corpora, ecfg.builtin_corpus, ecfg.max_corpus_bytes, resolve=cfg.resolve_path
+    )
     notes.extend(corpus_notes)
     if not human:
-        raise RaydistillError("nothing to evaluate on: no human corpus; pass --corpus FILE (.txt or .jsonl), set "
-                              "eval.corpora, or install the builtin corpus (apt-get install fortunes-min)")
+        raise RaydistillError(
+            "nothing to evaluate on: no human corpus; pass --corpus FILE (.txt or .jsonl), set "
+            "eval.corpora, or install the builtin corpus (apt-get install fortunes-min)"
+        )
     results = _evaluate_models(cfg, list(paths), paths, [], human, notes, say)
     report: dict[str, Any] = {
-        "mode": "standalone", "run_dir": None, "config_hash": cfg.section_hash(),
-        "eval_config": ecfg.model_dump(mode="json"), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "mode": "standalone",
+        "run_dir": None,
+        "config_hash": cfg.section_hash(),
+        "eval_config": ecfg.model_dump(mode="json"),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "models": results,
-        "corpora": {name: {"texts": len(t), "bytes": sum(len(x.encode("utf-8")) for x in t)} for name, t in human.items()},
-        "heldout": None, "run_cost": None, "training": None, "notes": notes,
-        "gate": {"passed": None, "metric": ecfg.gate.metric, "reason": "standalone evaluation has no "
-                 "run to gate; `raydistill eval --run ID` applies eval.gate"},
+        "corpora": {
+            name: {"texts": len(t), "bytes": sum(len(x.encode("utf-8")) for x in t)} for name, t in human.items()
+        },
+        "heldout": None,
+        "run_cost": None,
+        "training": None,
+        "notes": notes,
+        "gate": {
+            "passed": None,
+            "metric": ecfg.gate.metric,
+            "reason": "standalone evaluation has no run to gate; `raydistill eval --run ID` applies eval.gate",
+        },
     }
     comparison = _comparison(results)
     if comparison:
@@ -362,11 +436,19 @@ def _sayer(show_progress: bool):
             from rich.console import Console
 
             Console(stderr=True).print(f"[dim]eval[/dim] {message}")
+
     return say
 
 
-def _evaluate_models(cfg: EvalConfig, order: list[str], paths: dict[str, Any], rows: list[dict],
-                     texts: dict[str, list[str]], notes: list[str], say) -> dict[str, dict]:
+def _evaluate_models(
+    cfg: EvalConfig,
+    order: list[str],
+    paths: dict[str, Any],
+    rows: list[dict],
+    texts: dict[str, list[str]],
+    notes: list[str],
+    say,
+) -> dict[str, dict]:
     """Load and score each model in ``order``, one at a time."""
     ecfg = cfg.eval
     teacher_tok = None
@@ -379,39 +461,57 @@ def _evaluate_models(cfg: EvalConfig, order: list[str], paths: dict[str, Any], r
         fidelity_ok = True
         if name != "teacher" and teacher_tok is not None and not same_vocabulary(tokenizer, teacher_tok):
             fidelity_ok = False
-            notes.append(f"{name}: vocabulary differs from the teacher's ({len(tokenizer)} vs {len(teacher_tok)} "
-                         "tokens); bits per byte compared, KL and top-1 agreement skipped")
+            notes.append(
+                f"{name}: vocabulary differs from the teacher's ({len(tokenizer)} vs {len(teacher_tok)} "
+                "tokens); bits per byte compared, KL and top-1 agreement skipped"
+            )
         elif name != "teacher" and teacher_tok is None and rows:
             # Teacher not evaluated (eval.models): the stored soft labels must at least index this vocabulary.
             fidelity_ok = len(tokenizer) > max(max(max(k) for k in r["topk_ids"]) for r in rows if r["topk_ids"])
         timed = ecfg.speed.enabled and name in ("teacher", "student")
-        results[name] = evaluate_model(name, model, tokenizer, cfg=cfg, texts=texts, rows=rows,
-                                       fidelity_ok=bool(fidelity_ok), timed=timed, notes=notes, say=say)
+        results[name] = evaluate_model(
+            name,
+            model,
+            tokenizer,
+            cfg=cfg,
+            texts=texts,
+            rows=rows,
+            fidelity_ok=bool(fidelity_ok),
+            timed=timed,
+            notes=notes,
+            say=say,
+        )
         results[name]["path"] = paths[name]
         results[name]["local_path"] = local
         del model
     return results
 
 
-def _comparison(results: dict[str, dict]) -> Optional[dict[str, Any]]:
+def _comparison(results: dict[str, dict]) -> dict[str, Any] | None:
     """Student / teacher ratios: decode speed-up, active parameters, KV bytes (None without both)."""
     if "teacher" not in results or "student" not in results:
         return None
     t, s = results["teacher"]["metrics"], results["student"]["metrics"]
 
-    def ratio(key: str) -> Optional[float]:
+    def ratio(key: str) -> float | None:
         return s[key] / t[key] if s.get(key) and t.get(key) else None
 
-    return {"decode_speedup": ratio("decode_tokens_per_s"), "active_parameter_ratio": ratio("active_parameters"),
-            "kv_bytes_ratio": ratio("kv_bytes_per_token")}
+    return {
+        "decode_speedup": ratio("decode_tokens_per_s"),
+        "active_parameter_ratio": ratio("active_parameters"),
+        "kv_bytes_ratio": ratio("kv_bytes_per_token"),
+    }
 
 
 def _write_report(report: dict, eval_dir: str, training_metrics: list[dict], say) -> None:
     """Plots, ``report.html`` and ``report.json`` under ``eval_dir`` (each written atomically)."""
     plots = report_mod.make_plots(report, training_metrics)
     json_uri, html_uri = storage.join(eval_dir, "report.json"), storage.join(eval_dir, "report.html")
-    report["paths"] = {"json": json_uri, "html": html_uri,
-                       **{f"png_{k}": storage.join(eval_dir, f"{k}.png") for k in plots}}
+    report["paths"] = {
+        "json": json_uri,
+        "html": html_uri,
+        **{f"png_{k}": storage.join(eval_dir, f"{k}.png") for k in plots},
+    }
     for name, png in plots.items():
         storage.atomic_write_bytes(storage.join(eval_dir, f"{name}.png"), png)
     storage.atomic_write_text(html_uri, report_mod.render_html(report, plots))

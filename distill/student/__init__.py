@@ -11,6 +11,18 @@ from distill.student.init import init_from_teacher, init_random
 from distill.student.model import StudentLM, StudentModel
 from distill.student.section import StudentSection
 
-__all__ = ["KVCache", "LayerType", "RaydistillMoeConfig", "RaydistillMoeForCausalLM", "RoutingMode", "StudentConfig",
-           "StudentForCausalLM", "StudentLM", "StudentModel", "StudentSection", "export_qwen2_moe",
-           "init_from_teacher", "init_random"]
+__all__ = [
+    "KVCache",
+    "LayerType",
+    "RaydistillMoeConfig",
+    "RaydistillMoeForCausalLM",
+    "RoutingMode",
+    "StudentConfig",
+    "StudentForCausalLM",
+    "StudentLM",
+    "StudentModel",
+    "StudentSection",
+    "export_qwen2_moe",
+    "init_from_teacher",
+    "init_random",
+]

@@ -9,7 +9,6 @@ sliding layer, ``q - p < W`` (W keys, itself included: Mistral/Qwen2 ``sliding_w
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +18,9 @@ from distill.student.cache import LayerKV
 from distill.student.config import StudentConfig
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, T, D] for positions [B, T] (half-split "rotate_half" layout, as Llama/Qwen2).
 
     Recomputed per call instead of cached in a buffer: it is [B, T, D] work, and a model without
@@ -33,7 +33,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
@@ -43,8 +43,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def prefill_mask(positions: torch.Tensor, valid: torch.Tensor, window: Optional[int],
-                 segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+def prefill_mask(
+    positions: torch.Tensor, valid: torch.Tensor, window: int | None, segments: torch.Tensor | None = None
+) -> torch.Tensor:
     """Boolean mask [B, 1, T, T] for a prompt attending to itself.
 
     positions, valid [B, T]. ``segments`` [B, T] (packed training sequences): a query only sees
@@ -62,8 +63,9 @@ def prefill_mask(positions: torch.Tensor, valid: torch.Tensor, window: Optional[
     return (allowed | eye).unsqueeze(1)
 
 
-def sliding_blocks(positions: torch.Tensor, valid: torch.Tensor, window: int
-                   ) -> list[tuple[int, int, int, torch.Tensor]]:
+def sliding_blocks(
+    positions: torch.Tensor, valid: torch.Tensor, window: int
+) -> list[tuple[int, int, int, torch.Tensor]]:
     """Prefill a long prompt on a sliding layer block by block: O(T * W) instead of O(T^2).
 
     Query columns ``[q0, q1)`` (``q1 - q0 <= W``) only need key columns ``[q0 - W + 1, q1)`` when
@@ -98,8 +100,9 @@ def decode_mask(positions: torch.Tensor, num_slots: int) -> torch.Tensor:
     return (slots[None, :] <= positions[:, None])[:, None, None, :]
 
 
-def append_mask(lengths: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, window: Optional[int],
-                num_slots: int) -> torch.Tensor:
+def append_mask(
+    lengths: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, window: int | None, num_slots: int
+) -> torch.Tensor:
     """Boolean mask [B, 1, T, S + T] for T new tokens per row attending to S cached slots, then to themselves.
 
     lengths [B]: positions already cached per row; positions [B, T] = lengths + column; valid [B, T]
@@ -137,13 +140,13 @@ class AttentionBatch:
 
     positions: torch.Tensor  # [B, T]
     valid: torch.Tensor  # [B, T] bool, False on padding
-    masks: dict[Optional[int], Optional[torch.Tensor]]
+    masks: dict[int | None, torch.Tensor | None]
     decode: bool = False
-    rows: Optional[torch.Tensor] = None  # cache rows [B]; None = 0..B-1
-    cache_rows: Optional[torch.Tensor] = None  # rows as a tensor for writes
-    read_slots: Optional[dict[Optional[int], int]] = None  # decode: slots to read per window
-    keep: Optional[dict[Optional[int], torch.Tensor]] = None  # prefill: tokens each cache layer stores
-    blocks: Optional[dict[int, list[tuple[int, int, int, torch.Tensor]]]] = None
+    rows: torch.Tensor | None = None  # cache rows [B]; None = 0..B-1
+    cache_rows: torch.Tensor | None = None  # rows as a tensor for writes
+    read_slots: dict[int | None, int] | None = None  # decode: slots to read per window
+    keep: dict[int | None, torch.Tensor] | None = None  # prefill: tokens each cache layer stores
+    blocks: dict[int, list[tuple[int, int, int, torch.Tensor]]] | None = None
     append: bool = False  # T new tokens per row after the rows' cached positions (chunked prefill)
 
 
@@ -162,8 +165,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
-                cache: Optional[LayerKV] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch, cache: LayerKV | None = None
+    ) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]. In decode mode T == 1 and ``cache`` is required."""
         bsz, seq, _ = x.shape
         q = self.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, NH, T, D]
@@ -194,11 +198,17 @@ class Attention(nn.Module):
             if cache is not None:
                 cache.write_prefill(batch.cache_rows, batch.positions, batch.keep[self.window], k, v)
             if batch.blocks and self.window in batch.blocks:
-                out = torch.cat([
-                    F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1],
-                                                   attn_mask=block_mask, enable_gqa=gqa)
-                    for q0, q1, k0, block_mask in batch.blocks[self.window]], dim=2)  # [B, NH, T, D]
+                out = torch.cat(
+                    [
+                        F.scaled_dot_product_attention(
+                            q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], attn_mask=block_mask, enable_gqa=gqa
+                        )
+                        for q0, q1, k0, block_mask in batch.blocks[self.window]
+                    ],
+                    dim=2,
+                )  # [B, NH, T, D]
             else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                     enable_gqa=gqa)  # [B, NH, T, D]
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+                )  # [B, NH, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim))

@@ -19,8 +19,6 @@ Stale data from a previous occupant of a row therefore never leaks: it sits in s
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from distill.student.config import LayerType, StudentConfig
@@ -29,8 +27,16 @@ from distill.student.config import LayerType, StudentConfig
 class LayerKV:
     """One layer's keys and values (post-RoPE) for all rows."""
 
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, window: Optional[int],
-                 dtype: torch.dtype, device: torch.device | str | None):
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        window: int | None,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ):
         self.window = window
         slots = window if window is not None else max(1, capacity)
         self.k = torch.zeros(batch_size, num_kv_heads, slots, head_dim, dtype=dtype, device=device)
@@ -54,8 +60,9 @@ class LayerKV:
     def slot_of(self, positions: torch.Tensor) -> torch.Tensor:
         return positions % self.window if self.window is not None else positions
 
-    def write_prefill(self, rows: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
-                      k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_prefill(
+        self, rows: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         """Store the prompt tokens flagged in ``keep``.
 
         rows [B]; positions, keep [B, T]; k, v [B, KVH, T, D].
@@ -74,8 +81,9 @@ class LayerKV:
         self.k[rows, :, slots] = k
         self.v[rows, :, slots] = v
 
-    def read(self, rows: Optional[torch.Tensor], num_slots: int, batch_size: Optional[int] = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self, rows: torch.Tensor | None, num_slots: int, batch_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``num_slots`` slots: [B, KVH, S, D] each.
 
         ``rows=None`` means rows ``0..B-1`` (B = ``batch_size``, default all rows) and reads a view
@@ -96,12 +104,19 @@ class KVCache:
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, config: StudentConfig, batch_size: int, max_seq_len: int = 256,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        config: StudentConfig,
+        batch_size: int,
+        max_seq_len: int = 256,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
         self.config = config
         self.layers = [
-            LayerKV(batch_size, config.num_key_value_heads, config.head_dim, max_seq_len, config.window_of(i),
-                    dtype, device)
+            LayerKV(
+                batch_size, config.num_key_value_heads, config.head_dim, max_seq_len, config.window_of(i), dtype, device
+            )
             for i in range(config.num_hidden_layers)
         ]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
@@ -118,7 +133,7 @@ class KVCache:
         for layer in self.layers:
             layer.ensure_capacity(num_positions)
 
-    def reset(self, rows: Optional[torch.Tensor] = None) -> None:
+    def reset(self, rows: torch.Tensor | None = None) -> None:
         """Forget rows (all by default); their slots become invalid, no memory is released."""
         if rows is None:
             self.lengths.zero_()

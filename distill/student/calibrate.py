@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +48,8 @@ def batches(sequences: Sequence[Sequence[int]], seq_len: int, max_tokens: int, r
         return []
     if len(stream) < seq_len:
         return [torch.tensor([stream], dtype=torch.long)]
-    windows = [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
-    return [torch.tensor(windows[i:i + rows], dtype=torch.long) for i in range(0, len(windows), rows)]
+    windows = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    return [torch.tensor(windows[i : i + rows], dtype=torch.long) for i in range(0, len(windows), rows)]
 
 
 @torch.no_grad()
@@ -96,8 +96,12 @@ def drop_one_nll(model: nn.Module, chunks: Sequence[torch.Tensor]) -> tuple[floa
     total, dropped, count = 0.0, [0.0] * len(layers), 0
     for ids in chunks:
         inputs: list[tuple[torch.Tensor, dict]] = []
-        hooks = [layer.register_forward_pre_hook(lambda m, args, kwargs, inputs=inputs: inputs.append((args[0], kwargs)),
-                                                 with_kwargs=True) for layer in layers]
+        hooks = [
+            layer.register_forward_pre_hook(
+                lambda m, args, kwargs, inputs=inputs: inputs.append((args[0], kwargs)), with_kwargs=True
+            )
+            for layer in layers
+        ]
         try:
             logits = model(input_ids=ids, use_cache=False).logits
         finally:
@@ -121,9 +125,14 @@ def drop_one_nll(model: nn.Module, chunks: Sequence[torch.Tensor]) -> tuple[floa
     return total / count, [d / count for d in dropped]
 
 
-def layer_importance(teacher: nn.Module, chunks: Sequence[torch.Tensor], keep: int, rounds: int = 1,
-                     prune: Optional[Callable[[nn.Module, Sequence[int]], nn.Module]] = None,
-                     progress: Optional[Callable[[str], None]] = None) -> LayerChoice:
+def layer_importance(
+    teacher: nn.Module,
+    chunks: Sequence[torch.Tensor],
+    keep: int,
+    rounds: int = 1,
+    prune: Callable[[nn.Module, Sequence[int]], nn.Module] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LayerChoice:
     """Choose ``keep`` of the teacher's layers by drop-one loss increase (see module docstring).
 
     ``prune(teacher, layers)`` builds the teacher restricted to ``layers`` (default:
@@ -186,15 +195,16 @@ class FFNSample:
 
 
 @torch.no_grad()
-def capture_ffn(model: nn.Module, chunks: Sequence[torch.Tensor], max_tokens: Optional[int] = None
-                ) -> list[FFNSample]:
+def capture_ffn(model: nn.Module, chunks: Sequence[torch.Tensor], max_tokens: int | None = None) -> list[FFNSample]:
     """Run a Llama-family ``model`` over the chunks and record every layer's FFN input."""
     layers = model.model.layers
     xs: list[list[torch.Tensor]] = [[] for _ in layers]
     handles = []
     for i, layer in enumerate(layers):
+
         def hook(_module, args, _i=i):
             xs[_i].append(args[0].reshape(-1, args[0].shape[-1]).float())
+
         handles.append(layer.mlp.register_forward_pre_hook(hook))
     try:
         for ids in chunks:
@@ -202,9 +212,14 @@ def capture_ffn(model: nn.Module, chunks: Sequence[torch.Tensor], max_tokens: Op
     finally:
         for h in handles:
             h.remove()
-    return [FFNSample(x=torch.cat(pieces)[:max_tokens], gate=layer.mlp.gate_proj.weight.detach().float(),
-                      up=layer.mlp.up_proj.weight.detach().float())
-            for layer, pieces in zip(layers, xs)]
+    return [
+        FFNSample(
+            x=torch.cat(pieces)[:max_tokens],
+            gate=layer.mlp.gate_proj.weight.detach().float(),
+            up=layer.mlp.up_proj.weight.detach().float(),
+        )
+        for layer, pieces in zip(layers, xs)
+    ]
 
 
 def neuron_contributions(act: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -231,9 +246,15 @@ def _balanced_assign(similarity: torch.Tensor, capacity: int) -> torch.Tensor:
     return assign
 
 
-def cluster_neurons(contrib: torch.Tensor, num_experts: int, expert_size: int, shared_size: int,
-                    active_fraction: float = 0.25, iters: int = 15, seed: int = 0
-                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def cluster_neurons(
+    contrib: torch.Tensor,
+    num_experts: int,
+    expert_size: int,
+    shared_size: int,
+    active_fraction: float = 0.25,
+    iters: int = 15,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Partition J neurons into a shared expert (S) and E balanced experts (m each), S + E*m == J.
 
     contrib [N, J] (see :func:`neuron_contributions`). A neuron is *active* for a token when it is
@@ -248,8 +269,11 @@ def cluster_neurons(contrib: torch.Tensor, num_experts: int, expert_size: int, s
     threshold = contrib.topk(k, dim=1).values[:, -1:]  # [N, 1]
     active = (contrib >= threshold).float()  # [N, J]
     frequency = active.mean(0)  # [J]
-    shared = torch.sort(torch.topk(frequency, shared_size).indices).values if shared_size else \
-        torch.empty(0, dtype=torch.long)
+    shared = (
+        torch.sort(torch.topk(frequency, shared_size).indices).values
+        if shared_size
+        else torch.empty(0, dtype=torch.long)
+    )
     is_shared = torch.zeros(total, dtype=torch.bool)
     is_shared[shared] = True
     rest = torch.nonzero(~is_shared).flatten()  # [E*m]
@@ -275,7 +299,7 @@ def expert_outputs(act: torch.Tensor, down: torch.Tensor, experts: Sequence[torc
     return torch.stack([act[:, idx] @ down[:, idx].t() for idx in experts], dim=1)
 
 
-def difficulty_sharpness(sharpness: float, difficulty: Optional[torch.Tensor], scale: float) -> torch.Tensor | float:
+def difficulty_sharpness(sharpness: float, difficulty: torch.Tensor | None, scale: float) -> torch.Tensor | float:
     """Per-token router-target sharpness [N]: ``sharpness * exp(-scale * z)``, z = standardised difficulty.
 
     difficulty [N] (the teacher's next-token entropy at each calibration token). Tokens harder than
@@ -289,8 +313,14 @@ def difficulty_sharpness(sharpness: float, difficulty: Optional[torch.Tensor], s
     return sharpness * torch.exp(-scale * z)
 
 
-def fit_router(x: torch.Tensor, outputs: torch.Tensor, sharpness: float | torch.Tensor = 1.0, steps: int = 200,
-               weight_decay: float = 1e-4, seed: int = 0) -> torch.Tensor:
+def fit_router(
+    x: torch.Tensor,
+    outputs: torch.Tensor,
+    sharpness: float | torch.Tensor = 1.0,
+    steps: int = 200,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> torch.Tensor:
     """Router weights [E, H] whose softmax(x W^T) matches each token's expert shares.
 
     x [N, H] the router's input; outputs [N, E, H] the experts' outputs. Target for token n:
@@ -317,11 +347,12 @@ def fit_router(x: torch.Tensor, outputs: torch.Tensor, sharpness: float | torch.
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return (weight.detach() / scale)
+    return weight.detach() / scale
 
 
-def route(logits: torch.Tensor, routing: str, k: int, top_p: float, min_k: int, max_k: int,
-          norm_topk_prob: bool = True) -> torch.Tensor:
+def route(
+    logits: torch.Tensor, routing: str, k: int, top_p: float, min_k: int, max_k: int, norm_topk_prob: bool = True
+) -> torch.Tensor:
     """The student's selection rule as dense weights [N, E] (0 for experts not chosen)."""
     probs = F.softmax(logits.float(), dim=-1)
     if routing == "topk":
@@ -331,8 +362,9 @@ def route(logits: torch.Tensor, routing: str, k: int, top_p: float, min_k: int, 
     return torch.zeros_like(probs).scatter_(1, experts, weights)
 
 
-def fit_expert_scales(weights: torch.Tensor, outputs: torch.Tensor, target: torch.Tensor,
-                      ridge: float = 1e-3) -> torch.Tensor:
+def fit_expert_scales(
+    weights: torch.Tensor, outputs: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3
+) -> torch.Tensor:
     """Per-expert scales s [E] minimising sum_n |sum_e w_ne s_e out_ne - target_n|^2 (ridge towards 1).
 
     weights [N, E] routed weights (0 = not chosen); outputs [N, E, H]; target [N, H] (dense FFN

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import json
 import math
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import ConfigDict, field_validator, model_validator
 
@@ -71,7 +71,7 @@ class StudentConfig(BuiltInCode):
     rope_theta: float = 100000.0
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 8192
-    layer_types: Optional[list[str]] = None  # None -> default_layer_types(num_hidden_layers)
+    layer_types: list[str] | None = None  # None -> default_layer_types(num_hidden_layers)
     sliding_window: int = 512
     attention_bias: bool = False  # bias on q/k/v (Qwen2's qkv_bias); o_proj never has one
     tie_word_embeddings: bool = True
@@ -86,15 +86,15 @@ class StudentConfig(BuiltInCode):
     norm_topk_prob: bool = True  # top-k only; top-p always renormalises (see router.py)
     top_p: float = 0.5
     min_k: int = 1
-    max_k: Optional[int] = None  # None -> num_experts
+    max_k: int | None = None  # None -> num_experts
     # auxiliary losses (weights of the terms summed into ``aux_loss``)
     router_aux_loss_coef: float = 0.01  # load balance (Switch Transformer)
     router_z_loss_coef: float = 0.001  # ST-MoE router z-loss
     router_entropy_loss_coef: float = 0.0  # "dynamic" loss for top-p: low routing entropy = fewer experts
     initializer_range: float = 0.02
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int | list[int]] = None
-    pad_token_id: Optional[int] = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
 
     @field_validator("routing", mode="before")
     @classmethod
@@ -102,8 +102,9 @@ class StudentConfig(BuiltInCode):
         try:
             return RoutingMode(value)
         except ValueError:
-            raise ConfigError(f"routing: invalid value {value!r}; allowed: {', '.join(m.value for m in RoutingMode)}"
-                              ) from None
+            raise ConfigError(
+                f"routing: invalid value {value!r}; allowed: {', '.join(m.value for m in RoutingMode)}"
+            ) from None
 
     @field_validator("layer_types", "mlp_only_layers", mode="before")
     @classmethod
@@ -111,7 +112,7 @@ class StudentConfig(BuiltInCode):
         return None if value is None else [getattr(v, "value", v) for v in value]
 
     @model_validator(mode="after")
-    def _complete_and_check(self) -> "StudentConfig":
+    def _complete_and_check(self) -> StudentConfig:
         if self.layer_types is None:
             self.layer_types = default_layer_types(self.num_hidden_layers)
         if self.max_k is None:
@@ -132,18 +133,18 @@ class StudentConfig(BuiltInCode):
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx not in self.mlp_only_layers
 
-    def window_of(self, layer_idx: int) -> Optional[int]:
+    def window_of(self, layer_idx: int) -> int | None:
         """The layer's attention window in keys (itself included), or None for full attention."""
         return self.sliding_window if self.layer_types[layer_idx] == LayerType.sliding.value else None
 
     @property
-    def expected_experts_per_token(self) -> Optional[float]:
+    def expected_experts_per_token(self) -> float | None:
         """k for top-k; None for top-p (data dependent: measure it with routing stats)."""
         return float(self.num_experts_per_tok) if self.routing is RoutingMode.topk else None
 
     # ------------------------------------------------------------------ serialisation
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, ignore_unknown: bool = False) -> "StudentConfig":
+    def from_dict(cls, data: dict[str, Any], *, ignore_unknown: bool = False) -> StudentConfig:
         known = set(cls.model_fields)
         unknown = sorted(set(data) - known)
         if unknown and not ignore_unknown:
@@ -153,7 +154,7 @@ class StudentConfig(BuiltInCode):
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
 
-    def replace(self, **changes: Any) -> "StudentConfig":
+    def replace(self, **changes: Any) -> StudentConfig:
         """A validated copy with some fields changed (``max_k`` follows ``num_experts`` when unset)."""
         data = self.model_dump()
         if "num_experts" in changes and "max_k" not in changes and self.max_k == self.num_experts:
@@ -162,9 +163,22 @@ class StudentConfig(BuiltInCode):
         return StudentConfig.from_dict(data)
 
 
-_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "head_dim", "max_position_embeddings", "sliding_window", "num_experts", "moe_intermediate_size",
-                  "intermediate_size", "num_experts_per_tok", "min_k", "max_k")
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "sliding_window",
+    "num_experts",
+    "moe_intermediate_size",
+    "intermediate_size",
+    "num_experts_per_tok",
+    "min_k",
+    "max_k",
+)
 
 
 def check_fields(values: dict[str, Any]) -> None:
@@ -182,13 +196,20 @@ def check_fields(values: dict[str, Any]) -> None:
         if v.get(name, 1) < 1:
             fail(name, f"must be a positive integer, got {v[name]!r}", f"set {name} to an integer >= 1")
     if v.get("shared_expert_intermediate_size", 0) < 0:
-        fail("shared_expert_intermediate_size", f"must be an integer >= 0, got {v['shared_expert_intermediate_size']!r}",
-             "use 0 for no shared expert")
+        fail(
+            "shared_expert_intermediate_size",
+            f"must be an integer >= 0, got {v['shared_expert_intermediate_size']!r}",
+            "use 0 for no shared expert",
+        )
     heads, kv_heads = v.get("num_attention_heads"), v.get("num_key_value_heads")
     if heads and kv_heads and heads % kv_heads:
         divisors = [d for d in range(1, heads + 1) if heads % d == 0]
-        fail("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads={heads} (grouped-query "
-             "attention shares each KV head by a whole group)", f"pick one of {divisors}")
+        fail(
+            "num_key_value_heads",
+            f"{kv_heads} does not divide num_attention_heads={heads} (grouped-query "
+            "attention shares each KV head by a whole group)",
+            f"pick one of {divisors}",
+        )
     if v.get("head_dim", 2) % 2:
         fail("head_dim", f"{v['head_dim']} is odd but RoPE rotates pairs of dimensions", "use an even head_dim")
     if v.get("rope_theta", 1) <= 0:
@@ -197,32 +218,51 @@ def check_fields(values: dict[str, Any]) -> None:
         fail("rms_norm_eps", f"must be > 0, got {v['rms_norm_eps']}", "use e.g. 1e-5 or 1e-6")
     layers, layer_types, mlp_only = v.get("num_hidden_layers"), v.get("layer_types", []), v.get("mlp_only_layers", [])
     if layers and "layer_types" in v and len(layer_types) != layers:
-        fail("layer_types", f"has {len(layer_types)} entries but num_hidden_layers={layers}",
-             "give one entry per layer, or omit layer_types for the default 3 sliding : 1 full pattern")
+        fail(
+            "layer_types",
+            f"has {len(layer_types)} entries but num_hidden_layers={layers}",
+            "give one entry per layer, or omit layer_types for the default 3 sliding : 1 full pattern",
+        )
     allowed = {m.value for m in LayerType}
     for i, kind in enumerate(layer_types):
         if kind not in allowed:
             fail(f"layer_types[{i}]", f"invalid value {kind!r}", f"allowed: {', '.join(sorted(allowed))}")
     for i in mlp_only:
         if layers and not 0 <= i < layers:
-            fail("mlp_only_layers", f"entry {i!r} is not a layer index in [0, {layers - 1}]", "list 0-based layer indices")
+            fail(
+                "mlp_only_layers",
+                f"entry {i!r} is not a layer index in [0, {layers - 1}]",
+                "list 0-based layer indices",
+            )
     if len(set(mlp_only)) != len(mlp_only):
         fail("mlp_only_layers", f"{mlp_only} lists a layer twice", "list each layer once")
     experts = v.get("num_experts")
     if v.get("routing", RoutingMode.topk) == RoutingMode.topk:
         if experts and v.get("num_experts_per_tok", 0) > experts:
-            fail("num_experts_per_tok", f"{v['num_experts_per_tok']} > num_experts={experts}",
-                 f"use at most {experts} (or raise num_experts)")
+            fail(
+                "num_experts_per_tok",
+                f"{v['num_experts_per_tok']} > num_experts={experts}",
+                f"use at most {experts} (or raise num_experts)",
+            )
         if v.get("router_entropy_loss_coef"):
-            fail("router_entropy_loss_coef", "the routing-entropy (dynamic) loss only applies to routing: topp",
-                 "set it to 0 or use routing: topp")
+            fail(
+                "router_entropy_loss_coef",
+                "the routing-entropy (dynamic) loss only applies to routing: topp",
+                "set it to 0 or use routing: topp",
+            )
     else:
         if not 0.0 < v.get("top_p", 1.0) <= 1.0:
-            fail("top_p", f"must be in (0, 1], got {v['top_p']}", "e.g. 0.4 keeps the experts covering 40% "
-                 "of the router mass")
+            fail(
+                "top_p",
+                f"must be in (0, 1], got {v['top_p']}",
+                "e.g. 0.4 keeps the experts covering 40% of the router mass",
+            )
         if experts and v.get("max_k", 0) > experts:
-            fail("max_k", f"{v['max_k']} > num_experts={experts}",
-                 f"use at most {experts}, or leave it unset (= num_experts)")
+            fail(
+                "max_k",
+                f"{v['max_k']} > num_experts={experts}",
+                f"use at most {experts}, or leave it unset (= num_experts)",
+            )
         if v.get("min_k", 0) > v.get("max_k", experts or float("inf")):
             fail("min_k", f"{v['min_k']} > max_k={v.get('max_k', experts)}", "min_k must be <= max_k")
     for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_entropy_loss_coef"):
@@ -235,8 +275,10 @@ def check_fields(values: dict[str, Any]) -> None:
 def evenly_spaced_layers(num_teacher_layers: int, num_student_layers: int) -> list[int]:
     """``n`` teacher layer indices spread from the first to the last layer, both included."""
     if num_student_layers > num_teacher_layers:
-        raise ConfigError(f"num_hidden_layers: {num_student_layers} > the teacher's {num_teacher_layers} layers; "
-                          f"a student built from the teacher can keep at most {num_teacher_layers}")
+        raise ConfigError(
+            f"num_hidden_layers: {num_student_layers} > the teacher's {num_teacher_layers} layers; "
+            f"a student built from the teacher can keep at most {num_teacher_layers}"
+        )
     if num_student_layers == 1:
         return [num_teacher_layers - 1]
     step = (num_teacher_layers - 1) / (num_student_layers - 1)

@@ -6,8 +6,6 @@ Hugging Face ones (``mlp.experts.3.gate_proj.weight``) with no renaming at save 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +40,7 @@ class Experts(nn.ModuleList):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__([SwiGLU(hidden_size, intermediate_size) for _ in range(num_experts)])
-        self._stacked: Optional[tuple] = None  # (key, gate_up [E, H, 2I], down [E, I, H]), built lazily
+        self._stacked: tuple | None = None  # (key, gate_up [E, H, 2I], down [E, I, H]), built lazily
 
     def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up [E, H, 2I] and down [E, I, H], laid out for ``bmm``; rebuilt when a weight changes."""
@@ -54,8 +52,9 @@ class Experts(nn.ModuleList):
             self._stacked = (key, gate_up.detach().contiguous(), down.detach().contiguous())
         return self._stacked[1], self._stacked[2]
 
-    def _grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                 used: Optional[torch.Tensor]) -> torch.Tensor:
+    def _grouped(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, used: torch.Tensor | None
+    ) -> torch.Tensor:
         """x [N, H] -> [N, H]: each expert on its own tokens, as one zero-padded batch per expert."""
         gate_up, down = self._stacked_weights()  # [E, H, 2I], [E, I, H]
         n_exp, size = len(self), down.shape[1]
@@ -74,8 +73,9 @@ class Experts(nn.ModuleList):
         out = torch.bmm(act.mul_(scale.unsqueeze(2)), down)  # [E, C, H]
         return torch.zeros_like(x).index_add_(0, token, out[expert, pos])
 
-    def dispatch(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                 used: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def dispatch(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, used: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Weighted sum of the selected experts' outputs.
 
         x [N, H]; experts, weights [N, K]; used [N, K] bool (None = all slots) -> [N, H].
@@ -86,8 +86,11 @@ class Experts(nn.ModuleList):
         sync is reading the per-expert counts. The routing weight scales the [c, I] activations
         before the down projection rather than the [c, H] outputs (I < H for fine experts).
         """
-        if (not torch.is_grad_enabled() and x.shape[0] <= self.grouped_max_tokens
-                and x.shape[0] * experts.shape[1] >= len(self)):
+        if (
+            not torch.is_grad_enabled()
+            and x.shape[0] <= self.grouped_max_tokens
+            and x.shape[0] * experts.shape[1] >= len(self)
+        ):
             return self._grouped(x, experts, weights, used)
         slots = experts.shape[1]
         flat_experts = experts.reshape(-1)  # [N*K]

@@ -34,8 +34,16 @@ from safetensors.torch import save_file
 from cluster.errors import ConfigError
 from distill.student.config import LayerType, RoutingMode, StudentConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 FORMATS = ("qwen2_moe",)
 log = logging.getLogger(__name__)
 
@@ -43,9 +51,11 @@ log = logging.getLogger(__name__)
 def qwen2_moe_config(config: StudentConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config.json dict of the equivalent ``Qwen2MoeConfig``."""
     if config.routing is not RoutingMode.topk:
-        raise ConfigError("cannot export a routing: topp student to qwen2_moe: stock Qwen2-MoE routes a fixed "
-                          "number of experts per token. Serve it with transformers (`import distill.student`) or "
-                          "the vLLM plugin, or train a routing: topk student for stock export")
+        raise ConfigError(
+            "cannot export a routing: topp student to qwen2_moe: stock Qwen2-MoE routes a fixed "
+            "number of experts per token. Serve it with transformers (`import distill.student`) or "
+            "the vLLM plugin, or train a routing: topk student for stock export"
+        )
     out = {
         "architectures": ["Qwen2MoeForCausalLM"],
         "model_type": "qwen2_moe",
@@ -123,10 +133,13 @@ def export_qwen2_moe(model_or_dir: Any, out_dir: str | Path) -> Path:
     config = model.student_config
     qconfig = qwen2_moe_config(config)  # raises for top-p before anything is written
     if len(set(config.layer_types)) > 1:
-        log.warning("this student mixes sliding and full attention layers: transformers' Qwen2-MoE follows "
-                    "layer_types, but stock vLLM applies sliding_window=%s to every layer, so its outputs differ "
-                    "past %s tokens; serve the native student with the vLLM plugin instead",
-                    config.sliding_window, config.sliding_window)
+        log.warning(
+            "this student mixes sliding and full attention layers: transformers' Qwen2-MoE follows "
+            "layer_types, but stock vLLM applies sliding_window=%s to every layer, so its outputs differ "
+            "past %s tokens; serve the native student with the vLLM plugin instead",
+            config.sliding_window,
+            config.sliding_window,
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(qwen2_moe_state_dict(model, config), str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -145,8 +158,10 @@ def load_student(model_dir: str | Path):
     path = Path(model_dir)
     config_file = path / "config.json"
     if not config_file.exists():
-        raise ConfigError(f"{path} is not a model directory (no config.json); pass the --out dir of `student init` "
-                          "or a training checkpoint")
+        raise ConfigError(
+            f"{path} is not a model directory (no config.json); pass the --out dir of `student init` "
+            "or a training checkpoint"
+        )
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type != MODEL_TYPE:
         raise ConfigError(f"{path} holds a {model_type!r} model, not a raydistill student ({MODEL_TYPE!r})")

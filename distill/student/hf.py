@@ -14,25 +14,33 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig,
-                          PreTrainedModel)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-
-# transformers renamed the cache argument and output field ``past_key_values`` -> ``cache`` (5.2x);
-# generate() passes and reads back whichever name its version uses, so forward() takes both.
-_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} \
-    else "past_key_values"
 
 from distill.student.cache import KVCache
 from distill.student.config import StudentConfig
 from distill.student.model import CausalLMMixin, DecoderLayer, RMSNorm, StudentModel
 from distill.student.router import Router
+
+# transformers renamed the cache argument and output field ``past_key_values`` -> ``cache`` (5.2x);
+# generate() passes and reads back whichever name its version uses, so forward() takes both.
+_CACHE_FIELD = (
+    "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} else "past_key_values"
+)
+
 
 MODEL_TYPE = "raydistill_moe"
 
@@ -41,8 +49,8 @@ MODEL_TYPE = "raydistill_moe"
 class StudentCausalLMOutput(MoeCausalLMOutputWithPast):
     """Adds the un-weighted aux losses and per-layer routing stats (for training logs)."""
 
-    aux_losses: Optional[dict[str, torch.Tensor]] = None
-    routing_stats: Optional[list] = None
+    aux_losses: dict[str, torch.Tensor] | None = None
+    routing_stats: list | None = None
 
 
 class RaydistillMoeConfig(PretrainedConfig):
@@ -68,7 +76,7 @@ class RaydistillMoeConfig(PretrainedConfig):
         return StudentConfig(**{name: getattr(self, name) for name in StudentConfig.model_fields})
 
     @classmethod
-    def from_student_config(cls, config: StudentConfig, **kwargs: Any) -> "RaydistillMoeConfig":
+    def from_student_config(cls, config: StudentConfig, **kwargs: Any) -> RaydistillMoeConfig:
         return cls(**config.model_dump(), **kwargs)
 
 
@@ -120,10 +128,11 @@ class RaydistillMoeForCausalLM(CausalLMMixin, RaydistillMoePreTrainedModel, Gene
         # The router's ``top_p`` shares its name with the sampling parameter; keep it out of the
         # generation config, or generate() would sample with nucleus p = the routing threshold.
         self.generation_config = GenerationConfig.from_model_config(
-            {k: v for k, v in config.to_dict().items() if k != "top_p"})
+            {k: v for k, v in config.to_dict().items() if k != "top_p"}
+        )
 
     @classmethod
-    def from_student_config(cls, config: StudentConfig, **kwargs: Any) -> "RaydistillMoeForCausalLM":
+    def from_student_config(cls, config: StudentConfig, **kwargs: Any) -> RaydistillMoeForCausalLM:
         return cls(RaydistillMoeConfig.from_student_config(config, **kwargs))
 
     def get_input_embeddings(self) -> nn.Module:
@@ -142,12 +151,20 @@ class RaydistillMoeForCausalLM(CausalLMMixin, RaydistillMoePreTrainedModel, Gene
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generate() must not build a DynamicCache; forward() makes our KVCache
 
-    def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.LongTensor] = None, past_key_values: Optional[KVCache] = None,
-                inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
-                use_cache: Optional[bool] = None, logits_to_keep: int | torch.Tensor = 0,
-                compute_aux: Optional[bool] = None, cache: Optional[KVCache] = None,
-                **kwargs: Any) -> StudentCausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        compute_aux: bool | None = None,
+        cache: KVCache | None = None,
+        **kwargs: Any,
+    ) -> StudentCausalLMOutput:
         """Logits [B, T, V]; ``loss`` = next-token cross-entropy + ``aux_loss`` when ``labels`` are given.
 
         With ``cache`` (or its older name ``past_key_values``: a :class:`KVCache` that already holds
@@ -171,8 +188,14 @@ class RaydistillMoeForCausalLM(CausalLMMixin, RaydistillMoePreTrainedModel, Gene
             out = self.model(input_ids, cache=cache, decode=True, inputs_embeds=inputs_embeds, compute_aux=compute_aux)
         else:
             # With a cache, positions follow the mask (generate's position_ids say the same thing).
-            out = self.model(input_ids, attention_mask, position_ids if cache is None else None, cache=cache,
-                             inputs_embeds=inputs_embeds, compute_aux=compute_aux)
+            out = self.model(
+                input_ids,
+                attention_mask,
+                position_ids if cache is None else None,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                compute_aux=compute_aux,
+            )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -185,9 +208,14 @@ class RaydistillMoeForCausalLM(CausalLMMixin, RaydistillMoePreTrainedModel, Gene
             shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
             shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
             loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100) + out.aux_loss
-        return StudentCausalLMOutput(loss=loss, aux_loss=out.aux_loss, logits=logits,
-                                     aux_losses=out.aux_losses, routing_stats=out.routing,
-                                     **{_CACHE_FIELD: cache if (use_cache or decode) else None})
+        return StudentCausalLMOutput(
+            loss=loss,
+            aux_loss=out.aux_loss,
+            logits=logits,
+            aux_losses=out.aux_losses,
+            routing_stats=out.routing,
+            **{_CACHE_FIELD: cache if (use_cache or decode) else None},
+        )
 
 
 StudentForCausalLM = RaydistillMoeForCausalLM

@@ -31,8 +31,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,8 +63,10 @@ def load_teacher(teacher_model_or_dir: Any) -> nn.Module:
 
     path = Path(teacher_model_or_dir)
     if not (path / "config.json").exists():
-        raise ConfigError(f"teacher {path} is not an HF model directory (no config.json); resolve it with "
-                          "distill.teacher.sources.resolve_model first")
+        raise ConfigError(
+            f"teacher {path} is not an HF model directory (no config.json); resolve it with "
+            "distill.teacher.sources.resolve_model first"
+        )
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
@@ -71,8 +74,10 @@ def check_teacher(teacher_config: Any) -> None:
     """Raise ConfigError unless the teacher is a plain Llama-family decoder this module can split."""
     model_type = getattr(teacher_config, "model_type", None)
     if model_type not in SUPPORTED_TEACHERS:
-        raise ConfigError(f"teacher model_type {model_type!r} is not supported by init: from_teacher "
-                          f"(supported: {', '.join(SUPPORTED_TEACHERS)}); use student.init: random")
+        raise ConfigError(
+            f"teacher model_type {model_type!r} is not supported by init: from_teacher "
+            f"(supported: {', '.join(SUPPORTED_TEACHERS)}); use student.init: random"
+        )
     if getattr(teacher_config, "hidden_act", "silu") != "silu":
         raise ConfigError(f"teacher hidden_act {teacher_config.hidden_act!r}: only SwiGLU (silu) FFNs can be split")
     if getattr(teacher_config, "mlp_bias", False):
@@ -87,44 +92,67 @@ def check_teacher(teacher_config: Any) -> None:
 
 
 def _check_compatible(student: StudentConfig, teacher: dict[str, Any]) -> None:
-    for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                 "attention_bias"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "attention_bias",
+    ):
         if getattr(student, name) != teacher[name]:
-            raise ConfigError(f"student.{name}={getattr(student, name)!r} differs from the teacher's "
-                              f"{teacher[name]!r}; "
-                              f"init: from_teacher copies the teacher's attention and embeddings, so remove "
-                              f"student.{name} (it defaults to the teacher's) or use init: random")
+            raise ConfigError(
+                f"student.{name}={getattr(student, name)!r} differs from the teacher's "
+                f"{teacher[name]!r}; "
+                f"init: from_teacher copies the teacher's attention and embeddings, so remove "
+                f"student.{name} (it defaults to the teacher's) or use init: random"
+            )
     if not math.isclose(student.rope_theta, float(teacher["rope_theta"]), rel_tol=1e-6):
-        raise ConfigError(f"student.rope_theta={student.rope_theta} differs from the teacher's "
-                          f"{teacher['rope_theta']}; "
-                          "remove it so the copied attention sees the positions it was trained with")
+        raise ConfigError(
+            f"student.rope_theta={student.rope_theta} differs from the teacher's "
+            f"{teacher['rope_theta']}; "
+            "remove it so the copied attention sees the positions it was trained with"
+        )
     if student.tie_word_embeddings and not teacher["tie_word_embeddings"]:
         raise ConfigError("student.tie_word_embeddings=true but the teacher has a separate lm_head; set it to false")
 
 
-def resolve_teacher_layers(num_teacher_layers: int, student: StudentConfig,
-                           teacher_layers: Optional[Sequence[int]]) -> list[int]:
+def resolve_teacher_layers(
+    num_teacher_layers: int, student: StudentConfig, teacher_layers: Sequence[int] | None
+) -> list[int]:
     if teacher_layers is None:
         return evenly_spaced_layers(num_teacher_layers, student.num_hidden_layers)
     layers = [int(i) for i in teacher_layers]
     if len(layers) != student.num_hidden_layers:
-        raise ConfigError(f"student.teacher_layers has {len(layers)} entries but num_hidden_layers="
-                          f"{student.num_hidden_layers}; list one teacher layer per student layer")
+        raise ConfigError(
+            f"student.teacher_layers has {len(layers)} entries but num_hidden_layers="
+            f"{student.num_hidden_layers}; list one teacher layer per student layer"
+        )
     bad = [i for i in layers if not 0 <= i < num_teacher_layers]
     if bad or len(set(layers)) != len(layers):
         raise ConfigError(f"student.teacher_layers={layers}: need distinct indices in [0, {num_teacher_layers - 1}]")
     return layers
 
 
-def neuron_partition(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, num_experts: int, expert_size: int,
-                     shared_size: int, expert_split: str = "contiguous", seed: int = 0
-                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def neuron_partition(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    num_experts: int,
+    expert_size: int,
+    shared_size: int,
+    expert_split: str = "contiguous",
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Split neuron indices of one FFN: (shared [S], experts E x [m]). gate, up [I, H]; down [H, I]."""
     total = gate.shape[0]
     check_partition(total, num_experts, expert_size, shared_size)
     importance = gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)  # [I]
-    shared = torch.sort(torch.topk(importance, shared_size).indices).values if shared_size else \
-        torch.empty(0, dtype=torch.long)
+    shared = (
+        torch.sort(torch.topk(importance, shared_size).indices).values
+        if shared_size
+        else torch.empty(0, dtype=torch.long)
+    )
     is_shared = torch.zeros(total, dtype=torch.bool)
     is_shared[shared] = True
     rest = torch.nonzero(~is_shared).flatten()  # [E*m] ascending
@@ -143,7 +171,8 @@ def check_partition(total: int, num_experts: int, expert_size: int, shared_size:
             f"student.moe_intermediate_size={expert_size} x num_experts={num_experts} + "
             f"shared_expert_intermediate_size={shared_size} = {shared_size + num_experts * expert_size}, but the teacher FFN has {total} neurons; "
             f"init: from_teacher partitions the neurons exactly, so make them sum to {total} (e.g. "
-            f"moe_intermediate_size={(total - shared_size) // num_experts} if it divides evenly)")
+            f"moe_intermediate_size={(total - shared_size) // num_experts} if it divides evenly)"
+        )
 
 
 def prune_teacher(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
@@ -157,7 +186,7 @@ def prune_teacher(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
     state = {}
     for name in pruned.state_dict():
         if name.startswith("model.layers."):
-            idx, rest = name[len("model.layers."):].split(".", 1)
+            idx, rest = name[len("model.layers.") :].split(".", 1)
             state[name] = source[f"model.layers.{layers[int(idx)]}.{rest}"]
         else:
             state[name] = source[name]
@@ -187,19 +216,26 @@ class InitResult:
 
 
 @torch.no_grad()
-def init_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
-                      teacher_layers: Optional[Sequence[int]] = None, **kwargs: Any):
+def init_from_teacher(
+    teacher_model_or_dir: Any, student_config: StudentConfig, teacher_layers: Sequence[int] | None = None, **kwargs: Any
+):
     """:func:`build_from_teacher`, returning only the model."""
     return build_from_teacher(teacher_model_or_dir, student_config, teacher_layers, **kwargs).model
 
 
 @torch.no_grad()
-def build_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
-                       teacher_layers: Optional[Sequence[int]] = None, *,
-                       calibration: Optional[Sequence[Sequence[int]]] = None,
-                       options: Optional[CalibrationOptions] = None, expert_split: str = "contiguous",
-                       router_logit_std: float = 1e-6, seed: int = 0,
-                       progress: Optional[Callable[[str], None]] = None) -> InitResult:
+def build_from_teacher(
+    teacher_model_or_dir: Any,
+    student_config: StudentConfig,
+    teacher_layers: Sequence[int] | None = None,
+    *,
+    calibration: Sequence[Sequence[int]] | None = None,
+    options: CalibrationOptions | None = None,
+    expert_split: str = "contiguous",
+    router_logit_std: float = 1e-6,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> InitResult:
     """Build a student from a Llama-family teacher (model instance or local HF dir).
 
     Without ``calibration`` (token-id sequences): data-free, as in the module docstring. With it:
@@ -218,15 +254,20 @@ def build_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
     importance: dict[int, float] = {}
     if teacher_layers is None and chunks:
         score_chunks = calibrate.batches(calibration, options.seq_len, options.importance_tokens)
-        choice = calibrate.layer_importance(teacher, score_chunks, student_config.num_hidden_layers,
-                                            rounds=options.rounds, progress=progress)
+        choice = calibrate.layer_importance(
+            teacher, score_chunks, student_config.num_hidden_layers, rounds=options.rounds, progress=progress
+        )
         layers, importance = choice.layers, choice.importance
     else:
         layers = resolve_teacher_layers(tfields["num_hidden_layers"], student_config, teacher_layers)
     samples = calibrate.capture_ffn(prune_teacher(teacher, layers), chunks) if chunks else None
-    sharpness = (calibrate.difficulty_sharpness(options.sharpness, calibrate.next_token_entropy(teacher, chunks),
-                                                options.difficulty)
-                 if chunks and options.difficulty else options.sharpness)  # float, or [N] per calibration token
+    sharpness = (
+        calibrate.difficulty_sharpness(
+            options.sharpness, calibrate.next_token_entropy(teacher, chunks), options.difficulty
+        )
+        if chunks and options.difficulty
+        else options.sharpness
+    )  # float, or [N] per calibration token
 
     student = init_random(student_config, seed=seed).float()
     src = {k: v.detach().float() for k, v in teacher.state_dict().items()}
@@ -234,8 +275,9 @@ def build_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
 
     def put(name: str, value: torch.Tensor) -> None:
         if dst[name].shape != value.shape:
-            raise ConfigError(f"cannot copy teacher tensor into {name}: shape {tuple(value.shape)} vs "
-                              f"{tuple(dst[name].shape)}")
+            raise ConfigError(
+                f"cannot copy teacher tensor into {name}: shape {tuple(value.shape)} vs {tuple(dst[name].shape)}"
+            )
         dst[name].copy_(value)
 
     put("model.embed_tokens.weight", src["model.embed_tokens.weight"])
@@ -248,8 +290,14 @@ def build_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
     generator = torch.Generator().manual_seed(seed)
     for i, t in enumerate(layers):
         s_pre, t_pre = f"model.layers.{i}.", f"model.layers.{t}."
-        for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-                     "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight"):
+        for name in (
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+        ):
             put(s_pre + name, src[t_pre + name])
         if student_config.attention_bias:
             for proj in ("q_proj", "k_proj", "v_proj"):
@@ -257,28 +305,42 @@ def build_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
         gate, up, down = (src[f"{t_pre}mlp.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
         if not student_config.is_moe_layer(i):
             if student_config.intermediate_size != gate.shape[0]:
-                raise ConfigError(f"student.intermediate_size={student_config.intermediate_size} but teacher layer {t} "
-                                  f"has {gate.shape[0]} FFN neurons; dense layers are copied, so remove the field")
+                raise ConfigError(
+                    f"student.intermediate_size={student_config.intermediate_size} but teacher layer {t} "
+                    f"has {gate.shape[0]} FFN neurons; dense layers are copied, so remove the field"
+                )
             for p, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
                 put(f"{s_pre}mlp.{p}.weight", w)
             continue
         check_partition(gate.shape[0], num_experts, expert_size, shared_size)
         if samples is None:
-            shared, experts = neuron_partition(gate, up, down, num_experts, expert_size, shared_size, expert_split,
-                                               seed + i)
+            shared, experts = neuron_partition(
+                gate, up, down, num_experts, expert_size, shared_size, expert_split, seed + i
+            )
             scales = torch.full((num_experts,), float(num_experts))  # cancels the uniform weight 1/E
             router = torch.randn(num_experts, hidden, generator=generator) * (router_logit_std / math.sqrt(hidden))
         else:
             sample = samples[i]
             act = sample.act  # [N, J]
-            shared, experts = calibrate.cluster_neurons(calibrate.neuron_contributions(act, down), num_experts,
-                                                        expert_size, shared_size, options.active_fraction,
-                                                        seed=seed + i)
+            shared, experts = calibrate.cluster_neurons(
+                calibrate.neuron_contributions(act, down),
+                num_experts,
+                expert_size,
+                shared_size,
+                options.active_fraction,
+                seed=seed + i,
+            )
             outputs = calibrate.expert_outputs(act, down, experts)  # [N, E, H]
             router = calibrate.fit_router(sample.x, outputs, sharpness, seed=seed + i)
-            weights = calibrate.route(sample.x @ router.t(), student_config.routing.value,
-                                      student_config.num_experts_per_tok, student_config.top_p, student_config.min_k,
-                                      int(student_config.max_k), student_config.norm_topk_prob)
+            weights = calibrate.route(
+                sample.x @ router.t(),
+                student_config.routing.value,
+                student_config.num_experts_per_tok,
+                student_config.top_p,
+                student_config.min_k,
+                int(student_config.max_k),
+                student_config.norm_topk_prob,
+            )
             target = act @ down.t()  # [N, H] the dense FFN
             if shared.numel():
                 target = target - act[:, shared] @ down[:, shared].t()
@@ -299,5 +361,9 @@ def build_from_teacher(teacher_model_or_dir: Any, student_config: StudentConfig,
             setattr(student.generation_config, name, tfields[name])
     if student_config.tie_word_embeddings:
         student.tie_weights()
-    return InitResult(model=student.eval(), layers=list(layers), layer_importance=importance,
-                      calibration_tokens=sum(int(c.numel()) for c in chunks))
+    return InitResult(
+        model=student.eval(),
+        layers=list(layers),
+        layer_importance=importance,
+        calibration_tokens=sum(int(c.numel()) for c in chunks),
+    )

@@ -13,13 +13,20 @@ Hugging Face wrapping (config.json, safetensors, ``generate``) lives in ``hf.py`
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 from torch import nn
 
-from distill.student.attention import (AttentionBatch, Attention, append_mask, contiguous_rows, decode_mask,
-                                      prefill_mask, rope_cos_sin, sliding_blocks)
+from distill.student.attention import (
+    Attention,
+    AttentionBatch,
+    append_mask,
+    contiguous_rows,
+    decode_mask,
+    prefill_mask,
+    rope_cos_sin,
+    sliding_blocks,
+)
 from distill.student.cache import KVCache, LayerKV
 from distill.student.config import StudentConfig
 from distill.student.experts import SwiGLU
@@ -45,13 +52,23 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: StudentConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
-        self.mlp: nn.Module = (MoEBlock(config, layer_idx) if config.is_moe_layer(layer_idx)
-                               else SwiGLU(config.hidden_size, config.intermediate_size))
+        self.mlp: nn.Module = (
+            MoEBlock(config, layer_idx)
+            if config.is_moe_layer(layer_idx)
+            else SwiGLU(config.hidden_size, config.intermediate_size)
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
-                cache: Optional[LayerKV], compute_aux: bool = True) -> tuple[torch.Tensor, Optional[MoEAux]]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: AttentionBatch,
+        cache: LayerKV | None,
+        compute_aux: bool = True,
+    ) -> tuple[torch.Tensor, MoEAux | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoEBlock):
@@ -63,10 +80,10 @@ class DecoderLayer(nn.Module):
 @dataclasses.dataclass
 class DecoderOutput:
     last_hidden_state: torch.Tensor  # [B, T, H]
-    aux_loss: Optional[torch.Tensor]  # [] weighted sum of the aux losses, averaged over MoE layers
+    aux_loss: torch.Tensor | None  # [] weighted sum of the aux losses, averaged over MoE layers
     aux_losses: dict[str, torch.Tensor]  # un-weighted means over MoE layers: load_balance, z, entropy
     routing: list[RoutingStats]  # one per MoE layer
-    router_entropy: Optional[torch.Tensor] = None  # [B, T] routing entropy per position, mean over MoE layers
+    router_entropy: torch.Tensor | None = None  # [B, T] routing entropy per position, mean over MoE layers
 
 
 class StudentModel(nn.Module):
@@ -89,14 +106,21 @@ class StudentModel(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def windows(self) -> set[Optional[int]]:
+    def windows(self) -> set[int | None]:
         return {self.config.window_of(i) for i in range(self.config.num_hidden_layers)}
 
-    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                rows: Optional[torch.Tensor] = None, decode: bool = False,
-                inputs_embeds: Optional[torch.Tensor] = None, compute_aux: bool = True,
-                append: bool = False) -> DecoderOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+        decode: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        compute_aux: bool = True,
+        append: bool = False,
+    ) -> DecoderOutput:
         """Run the decoder.
 
         input_ids [B, T] (or inputs_embeds [B, T, H]); attention_mask [B, T] (1 = token, 0 = pad).
@@ -115,8 +139,11 @@ class StudentModel(nn.Module):
         if append:
             if cache is None or decode:
                 raise ValueError("append needs a cache and excludes decode")
-            valid = (attention_mask.bool() if attention_mask is not None
-                     else torch.ones(bsz, seq, dtype=torch.bool, device=device))
+            valid = (
+                attention_mask.bool()
+                if attention_mask is not None
+                else torch.ones(bsz, seq, dtype=torch.bool, device=device)
+            )
             lengths = cache.lengths[cache_rows]  # [B]
             positions = lengths[:, None] + torch.arange(seq, device=device)[None, :]  # [B, T]
             new_lengths = lengths + valid.sum(-1)  # [B]
@@ -124,11 +151,13 @@ class StudentModel(nn.Module):
             max_len = int(lengths.max())
             read_slots = {w: (max_len if w is None else min(w, max_len)) for w in self.windows()}
             masks = {w: append_mask(lengths, positions, valid, w, s) for w, s in read_slots.items()}
-            batch = AttentionBatch(positions, valid, masks, rows=cache_rows, cache_rows=cache_rows,
-                                   read_slots=read_slots, append=True)
+            batch = AttentionBatch(
+                positions, valid, masks, rows=cache_rows, cache_rows=cache_rows, read_slots=read_slots, append=True
+            )
             # Sliding layers keep only each row's last W positions (distinct ring slots).
-            batch.keep = {w: valid if w is None else valid & (positions >= (new_lengths[:, None] - w))
-                          for w in self.windows()}
+            batch.keep = {
+                w: valid if w is None else valid & (positions >= (new_lengths[:, None] - w)) for w in self.windows()
+            }
         elif decode:
             if cache is None or seq != 1:
                 raise ValueError("decode needs a cache and exactly one token per row")
@@ -138,17 +167,25 @@ class StudentModel(nn.Module):
             cache.ensure_capacity(max_pos + 1)
             read_slots = {w: (max_pos + 1 if w is None else min(w, max_pos + 1)) for w in self.windows()}
             # All slots valid in every row -> no mask needed (rows at equal lengths, or full rings).
-            masks = {w: (None if bool((positions[:, 0] >= s - 1).all()) else decode_mask(positions[:, 0], s))
-                     for w, s in read_slots.items()}
-            batch = AttentionBatch(positions, valid, masks, decode=True, rows=rows, cache_rows=cache_rows,
-                                   read_slots=read_slots)
+            masks = {
+                w: (None if bool((positions[:, 0] >= s - 1).all()) else decode_mask(positions[:, 0], s))
+                for w, s in read_slots.items()
+            }
+            batch = AttentionBatch(
+                positions, valid, masks, decode=True, rows=rows, cache_rows=cache_rows, read_slots=read_slots
+            )
         else:
-            valid = (attention_mask.bool() if attention_mask is not None
-                     else torch.ones(bsz, seq, dtype=torch.bool, device=device))
+            valid = (
+                attention_mask.bool()
+                if attention_mask is not None
+                else torch.ones(bsz, seq, dtype=torch.bool, device=device)
+            )
             derived = position_ids is None
             if not derived and cache is not None:
-                raise ValueError("filling a cache takes positions from attention_mask (0 at each row's first "
-                                 "token); do not pass position_ids")
+                raise ValueError(
+                    "filling a cache takes positions from attention_mask (0 at each row's first "
+                    "token); do not pass position_ids"
+                )
             if derived:
                 position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
             positions = position_ids.expand(bsz, seq)
@@ -161,25 +198,34 @@ class StudentModel(nn.Module):
             blockwise = {w for w in self.windows() if w is not None and seq >= 2 * w} if derived else set()
             if blockwise and not contiguous_rows(valid):
                 blockwise = set()
-            masks = {w: (prefill_mask(positions, valid, w, segments) if (padded or (w is not None and w < seq))
-                         and w not in blockwise else None)
-                     for w in self.windows()}
-            batch = AttentionBatch(positions, valid, masks,
-                                   blocks={w: sliding_blocks(positions, valid, w) for w in blockwise})
+            masks = {
+                w: (
+                    prefill_mask(positions, valid, w, segments)
+                    if (padded or (w is not None and w < seq)) and w not in blockwise
+                    else None
+                )
+                for w in self.windows()
+            }
+            batch = AttentionBatch(
+                positions, valid, masks, blocks={w: sliding_blocks(positions, valid, w) for w in blockwise}
+            )
             if cache is not None:
                 lengths = valid.sum(-1)  # [B]
                 cache.ensure_capacity(int(lengths.max()))
                 batch.cache_rows = cache_rows
                 # Sliding layers keep only the last W prompt positions of each row.
-                batch.keep = {w: valid if w is None else valid & (positions >= (lengths[:, None] - w))
-                              for w in self.windows()}
+                batch.keep = {
+                    w: valid if w is None else valid & (positions >= (lengths[:, None] - w)) for w in self.windows()
+                }
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
 
         auxes: list[MoEAux] = []
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         if checkpointed and getattr(self._gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
-            raise ValueError("the student's decoder layers need non-reentrant activation checkpointing "
-                             "(gradient_checkpointing_kwargs={'use_reentrant': False}, the default)")
+            raise ValueError(
+                "the student's decoder layers need non-reentrant activation checkpointing "
+                "(gradient_checkpointing_kwargs={'use_reentrant': False}, the default)"
+            )
         for i, layer in enumerate(self.layers):
             if checkpointed:
                 x, aux = self._gradient_checkpointing_func(layer, x, cos, sin, batch, None, compute_aux)
@@ -197,8 +243,9 @@ class StudentModel(nn.Module):
         if not compute_aux:
             return DecoderOutput(self.norm(x), None, {}, [a.stats for a in auxes])
         total, losses, stats = self._combine_aux(auxes, x)
-        entropy = (torch.stack([a.token_entropy for a in auxes]).mean(0).reshape(x.shape[:2])
-                   if auxes else None)  # [B, T]
+        entropy = (
+            torch.stack([a.token_entropy for a in auxes]).mean(0).reshape(x.shape[:2]) if auxes else None
+        )  # [B, T]
         return DecoderOutput(self.norm(x), total, losses, stats, entropy)
 
     def _combine_aux(self, auxes: list[MoEAux], like: torch.Tensor):
@@ -206,10 +253,14 @@ class StudentModel(nn.Module):
         if not auxes:
             zero = like.new_zeros((), dtype=torch.float)
             return zero, {"load_balance": zero, "z": zero, "entropy": zero}, []
-        losses = {name: torch.stack([getattr(a, name) for a in auxes]).mean()
-                  for name in ("load_balance", "z", "entropy")}
-        total = (cfg.router_aux_loss_coef * losses["load_balance"] + cfg.router_z_loss_coef * losses["z"]
-                 + cfg.router_entropy_loss_coef * losses["entropy"])
+        losses = {
+            name: torch.stack([getattr(a, name) for a in auxes]).mean() for name in ("load_balance", "z", "entropy")
+        }
+        total = (
+            cfg.router_aux_loss_coef * losses["load_balance"]
+            + cfg.router_z_loss_coef * losses["z"]
+            + cfg.router_entropy_loss_coef * losses["entropy"]
+        )
         return total, losses, [a.stats for a in auxes]
 
 
@@ -219,16 +270,25 @@ class CausalLMMixin:
     model: StudentModel
     lm_head: nn.Linear
 
-    def new_cache(self, batch_size: int, max_seq_len: int = 256, dtype: Optional[torch.dtype] = None,
-                  device: torch.device | str | None = None) -> KVCache:
+    def new_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int = 256,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
         """An empty cache; full layers start with room for ``max_seq_len`` positions and grow past it."""
         weight = self.model.embed_tokens.weight
         return KVCache(self.model.config, batch_size, max_seq_len, dtype or weight.dtype, device or weight.device)
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, rows: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, KVCache]:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
         """Fill cache rows with prompts; returns the logits after each row's last token [B, V] and the cache.
 
         input_ids, attention_mask [B, T]; padding may be on either side. ``rows`` picks the cache
@@ -244,8 +304,14 @@ class CausalLMMixin:
         return self.lm_head(hidden), cache
 
     @torch.no_grad()
-    def append(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], cache: KVCache,
-               rows: Optional[torch.Tensor] = None, all_logits: bool = False) -> torch.Tensor:
+    def append(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache,
+        rows: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
         """Chunked prefill: append T tokens to each row at its current length.
 
         input_ids, attention_mask [B, T] (right padded; a row may add fewer than T tokens). Returns
@@ -256,13 +322,16 @@ class CausalLMMixin:
         hidden = out.last_hidden_state  # [B, T, H]
         if all_logits:
             return self.lm_head(hidden)
-        count = (attention_mask.long().sum(-1) if attention_mask is not None
-                 else torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device))
+        count = (
+            attention_mask.long().sum(-1)
+            if attention_mask is not None
+            else torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+        )
         last = (count - 1).clamp(min=0)  # [B]
         return self.lm_head(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])
 
     @torch.no_grad()
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Append one token per row (tokens [B] or [B, 1]) and return next-token logits [B, V]."""
         out = self.model(tokens.reshape(-1, 1), cache=cache, rows=rows, decode=True, compute_aux=False)
         return self.lm_head(out.last_hidden_state[:, 0])
@@ -279,8 +348,9 @@ class StudentLM(CausalLMMixin, nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, DecoderOutput]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, DecoderOutput]:
         """Logits [B, T, V] and the decoder output (aux losses, routing stats)."""
         out = self.model(input_ids, attention_mask)
         return self.lm_head(out.last_hidden_state), out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -31,19 +31,23 @@ class RoutingStats:
 
     # Tensors, not Python numbers: reading them would force a device sync in every layer.
     def as_dict(self) -> dict:
-        return {"layer": self.layer, "tokens": int(self.tokens), "experts_per_token": float(self.experts_per_token),
-                "expert_load": [round(float(v), 6) for v in self.expert_load]}
+        return {
+            "layer": self.layer,
+            "tokens": int(self.tokens),
+            "experts_per_token": float(self.experts_per_token),
+            "expert_load": [round(float(v), 6) for v in self.expert_load],
+        }
 
 
 @dataclasses.dataclass
 class MoEAux:
     """Un-weighted aux losses of one layer (with gradients to the router) and its stats."""
 
-    load_balance: Optional[torch.Tensor]  # None when computed with compute_aux=False (serving)
-    z: Optional[torch.Tensor]
-    entropy: Optional[torch.Tensor]
+    load_balance: torch.Tensor | None  # None when computed with compute_aux=False (serving)
+    z: torch.Tensor | None
+    entropy: torch.Tensor | None
     stats: RoutingStats
-    token_entropy: Optional[torch.Tensor] = None  # [N] each token's routing entropy (grad to the router)
+    token_entropy: torch.Tensor | None = None  # [N] each token's routing entropy (grad to the router)
 
 
 class MoEBlock(nn.Module):
@@ -59,8 +63,9 @@ class MoEBlock(nn.Module):
             self.shared_expert = None
             self.shared_expert_gate = None
 
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, compute_aux: bool = True
-                ) -> tuple[torch.Tensor, MoEAux]:
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, compute_aux: bool = True
+    ) -> tuple[torch.Tensor, MoEAux]:
         """x [B, T, H], token_mask [B, T] (False = padding: not dispatched, not in losses) -> [B, T, H].
 
         ``compute_aux=False`` skips the aux losses (serving); routing stats are always returned.
@@ -81,13 +86,19 @@ class MoEBlock(nn.Module):
         with torch.no_grad():
             valid = flat_mask.float() if flat_mask is not None else flat.new_ones(flat.shape[0], dtype=torch.float)
             tokens = valid.sum()
-            stats = RoutingStats(self.layer_idx, tokens, counts.sum() / tokens.clamp(min=1.0),
-                                 counts / counts.sum().clamp(min=1.0))
+            stats = RoutingStats(
+                self.layer_idx, tokens, counts.sum() / tokens.clamp(min=1.0), counts / counts.sum().clamp(min=1.0)
+            )
         if not compute_aux:
             return out.reshape(shape), MoEAux(None, None, None, stats)
         entropy = token_entropy(routing)  # [N]
-        aux = MoEAux(load_balance_loss(routing, flat_mask, counts), z_loss(routing, flat_mask),
-                     entropy_loss(routing, flat_mask, entropy), stats, entropy)
+        aux = MoEAux(
+            load_balance_loss(routing, flat_mask, counts),
+            z_loss(routing, flat_mask),
+            entropy_loss(routing, flat_mask, entropy),
+            stats,
+            entropy,
+        )
         return out.reshape(shape), aux
 
 
@@ -107,4 +118,3 @@ def all_experts_active(model: nn.Module) -> Iterator[None]:
     finally:
         for r, old in zip(routers, previous):
             r.force_all_experts = old
-

@@ -16,7 +16,7 @@ Weights of the kept experts:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ class Routing:
     probs: torch.Tensor  # [N, E] fp32
     experts: torch.Tensor  # [N, K] long, always a valid expert id
     weights: torch.Tensor  # [N, K] fp32
-    mask: Optional[torch.Tensor]  # [N, K] bool; None = every slot used (top-k)
+    mask: torch.Tensor | None  # [N, K] bool; None = every slot used (top-k)
 
 
 def select_topk(probs: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +44,9 @@ def select_topk(probs: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.T
     return weights, experts
 
 
-def select_topp(probs: torch.Tensor, top_p: float, min_k: int, max_k: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def select_topp(
+    probs: torch.Tensor, top_p: float, min_k: int, max_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep the fewest experts whose mass reaches ``top_p``, clamped to [min_k, max_k]; renormalise.
 
     Experts are sorted by probability; expert ``j`` in that order is kept iff the mass of the
@@ -92,14 +93,14 @@ class Router(nn.Module):
 
 
 # ----------------------------------------------------------------------------- auxiliary losses
-def _masked_mean(values: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     if token_mask is None:
         return values.mean()
     weight = token_mask.to(values.dtype)
     return (values * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def expert_counts(routing: Routing, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def expert_counts(routing: Routing, token_mask: torch.Tensor | None) -> torch.Tensor:
     """Selections per expert [E] over valid tokens (no gradient: counts are not differentiable)."""
     used = torch.ones_like(routing.weights) if routing.mask is None else routing.mask.float()  # [N, K]
     if token_mask is not None:
@@ -109,8 +110,9 @@ def expert_counts(routing: Routing, token_mask: Optional[torch.Tensor]) -> torch
     return counts.scatter_add_(0, routing.experts.reshape(-1), used.reshape(-1))
 
 
-def load_balance_loss(routing: Routing, token_mask: Optional[torch.Tensor] = None,
-                      counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+def load_balance_loss(
+    routing: Routing, token_mask: torch.Tensor | None = None, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch Transformer balance loss ``E * sum_e f_e * P_e``; 1.0 when perfectly balanced.
 
     ``f_e`` is expert e's share of all selections (sums to 1 for top-k and top-p alike), ``P_e``
@@ -126,7 +128,7 @@ def load_balance_loss(routing: Routing, token_mask: Optional[torch.Tensor] = Non
     return routing.probs.shape[-1] * torch.sum(share * mean_probs)
 
 
-def z_loss(routing: Routing, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def z_loss(routing: Routing, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean squared log-partition; keeps router logits small and stable."""
     return _masked_mean(torch.logsumexp(routing.logits, dim=-1) ** 2, token_mask)
 
@@ -137,8 +139,9 @@ def token_entropy(routing: Routing) -> torch.Tensor:
     return -(routing.probs * log_probs).sum(dim=-1)
 
 
-def entropy_loss(routing: Routing, token_mask: Optional[torch.Tensor] = None,
-                 entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
+def entropy_loss(
+    routing: Routing, token_mask: torch.Tensor | None = None, entropy: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean routing entropy (the "dynamic" loss of top-p MoE): lower entropy -> fewer experts reach p.
 
     ``entropy`` [N]: :func:`token_entropy` when the caller has it already.
@@ -147,8 +150,16 @@ def entropy_loss(routing: Routing, token_mask: Optional[torch.Tensor] = None,
 
 
 # ----------------------------------------------------------------------------- vLLM
-def topp_routing_function(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool,
-                          *, top_p: float, min_k: int, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def topp_routing_function(
+    hidden_states: torch.Tensor,
+    gating_output: torch.Tensor,
+    topk: int,
+    renormalize: bool,
+    *,
+    top_p: float,
+    min_k: int,
+    **_: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM ``FusedMoE(custom_routing_function=...)`` for top-p students. Pure torch, no vLLM.
 
     vLLM kernels take a fixed ``topk`` slots per token, so ``topk`` is the student's ``max_k``.

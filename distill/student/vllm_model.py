@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
@@ -47,8 +46,14 @@ from distill.student.router import topp_routing_function
 
 
 class RaydistillMoeAttention(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, cache_config: CacheConfig | None = None,
-                 quant_config: QuantizationConfig | None = None, prefix: str = ""):
+    def __init__(
+        self,
+        config: Any,
+        layer_idx: int,
+        cache_config: CacheConfig | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ):
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
         self.hidden_size = config.hidden_size
@@ -59,19 +64,40 @@ class RaydistillMoeAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scaling = self.head_dim ** -0.5
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.total_num_heads,
-                                          self.total_num_kv_heads, bias=config.attention_bias,
-                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
-        self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, config.hidden_size, bias=False,
-                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
-        self.rotary_emb = get_rope(self.head_dim, max_position=config.max_position_embeddings,
-                                   rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-                                   is_neox_style=True)
+        self.scaling = self.head_dim**-0.5
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            self.head_dim,
+            self.total_num_heads,
+            self.total_num_kv_heads,
+            bias=config.attention_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            self.total_num_heads * self.head_dim,
+            config.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
+        )
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            max_position=config.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+            is_neox_style=True,
+        )
         window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
-        self.attn = Attention(self.num_heads, self.head_dim, self.scaling, num_kv_heads=self.num_kv_heads,
-                              cache_config=cache_config, quant_config=quant_config,
-                              per_layer_sliding_window=window, prefix=f"{prefix}.attn")
+        self.attn = Attention(
+            self.num_heads,
+            self.head_dim,
+            self.scaling,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            per_layer_sliding_window=window,
+            prefix=f"{prefix}.attn",
+        )
 
     forward = Qwen2MoeAttention.forward  # qkv -> rope -> attn -> o_proj, same attribute names
 
@@ -88,12 +114,18 @@ class RaydistillMoeSparseMoeBlock(Qwen2MoeSparseMoeBlock):
         self.shared_expert_gate = None
         if config.shared_expert_intermediate_size > 0:
             # Only with a shared expert: the checkpoint has no shared_expert_gate otherwise.
-            self.shared_expert_gate = ReplicatedLinear(config.hidden_size, 1, bias=False, quant_config=None,
-                                                       prefix=f"{prefix}.shared_expert_gate")
-            self.shared_expert = Qwen2MoeMLP(hidden_size=config.hidden_size,
-                                             intermediate_size=config.shared_expert_intermediate_size,
-                                             hidden_act="silu", quant_config=quant_config, reduce_results=False,
-                                             expert_gate=self.shared_expert_gate, prefix=f"{prefix}.shared_expert")
+            self.shared_expert_gate = ReplicatedLinear(
+                config.hidden_size, 1, bias=False, quant_config=None, prefix=f"{prefix}.shared_expert_gate"
+            )
+            self.shared_expert = Qwen2MoeMLP(
+                hidden_size=config.hidden_size,
+                intermediate_size=config.shared_expert_intermediate_size,
+                hidden_act="silu",
+                quant_config=quant_config,
+                reduce_results=False,
+                expert_gate=self.shared_expert_gate,
+                prefix=f"{prefix}.shared_expert",
+            )
         routing = functools.partial(topp_routing_function, top_p=config.top_p, min_k=config.min_k) if topp else None
         self.experts = FusedMoEFactory(
             shared_experts=self.shared_expert,
@@ -111,16 +143,27 @@ class RaydistillMoeSparseMoeBlock(Qwen2MoeSparseMoeBlock):
 
 
 class RaydistillMoeDecoderLayer(Qwen2MoeDecoderLayer):
-    def __init__(self, config: Any, cache_config: CacheConfig | None = None,
-                 quant_config: QuantizationConfig | None = None, prefix: str = ""):
+    def __init__(
+        self,
+        config: Any,
+        cache_config: CacheConfig | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ):
         nn.Module.__init__(self)
         layer_idx = extract_layer_index(prefix)
         self.hidden_size = config.hidden_size
-        self.self_attn = RaydistillMoeAttention(config, layer_idx, cache_config, quant_config,
-                                                prefix=f"{prefix}.self_attn")
+        self.self_attn = RaydistillMoeAttention(
+            config, layer_idx, cache_config, quant_config, prefix=f"{prefix}.self_attn"
+        )
         if layer_idx in (config.mlp_only_layers or []):
-            self.mlp = Qwen2MoeMLP(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                                   hidden_act="silu", quant_config=quant_config, prefix=f"{prefix}.mlp")
+            self.mlp = Qwen2MoeMLP(
+                hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size,
+                hidden_act="silu",
+                quant_config=quant_config,
+                prefix=f"{prefix}.mlp",
+            )
         else:
             self.mlp = RaydistillMoeSparseMoeBlock(config, quant_config=quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -134,17 +177,20 @@ class RaydistillMoeModel(nn.Module):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.vocab_size = config.vocab_size
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                                   prefix=f"{prefix}.embed_tokens")
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
+        )
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers,
-            lambda prefix: RaydistillMoeDecoderLayer(config, vllm_config.cache_config, vllm_config.quant_config,
-                                                     prefix=prefix),
+            lambda prefix: RaydistillMoeDecoderLayer(
+                config, vllm_config.cache_config, vllm_config.quant_config, prefix=prefix
+            ),
             prefix=f"{prefix}.layers",
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
-            ["hidden_states", "residual"], config.hidden_size)
+            ["hidden_states", "residual"], config.hidden_size
+        )
 
     # Same attributes as Qwen2MoeModel, so its forward applies as is; weights are loaded by
     # Qwen2MoeForCausalLM.load_weights (AutoWeightsLoader with its q/k/v and gate/up stacking map).
@@ -159,11 +205,17 @@ class RaydistillMoeForCausalLM(Qwen2MoeForCausalLM):
         self.config = config
         self.quant_config = vllm_config.quant_config
         # Instance copy: the parent mutates its class-level dict.
-        self.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
-                                       "gate_up_proj": ["gate_proj", "up_proj"]}
+        self.packed_modules_mapping = {
+            "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+            "gate_up_proj": ["gate_proj", "up_proj"],
+        }
         self.model = RaydistillMoeModel(vllm_config=vllm_config, prefix=f"{prefix}.model" if prefix else "model")
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=self.quant_config,
-                                      prefix=f"{prefix}.lm_head" if prefix else "lm_head")
+        self.lm_head = ParallelLMHead(
+            config.vocab_size,
+            config.hidden_size,
+            quant_config=self.quant_config,
+            prefix=f"{prefix}.lm_head" if prefix else "lm_head",
+        )
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)

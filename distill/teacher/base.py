@@ -13,7 +13,8 @@ import abc
 import dataclasses
 import functools
 import pkgutil
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from cluster.errors import ConfigError
 from distill.teacher.section import TeacherSection
 
 Messages = list[dict[str, str]]
-PromptInput = Union[str, Messages]
+PromptInput = str | Messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,7 @@ class SamplingParams:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any] | str) -> "SamplingParams":
+    def from_json(cls, data: dict[str, Any] | str) -> SamplingParams:
         """Inverse of :meth:`to_json` (a dict, or its JSON text as stored in the ``sampling`` column)."""
         import json
 
@@ -122,8 +123,10 @@ def backend_class(backend: str) -> type:
     """Resolve ``hf`` / ``vllm`` / ``openai`` or a ``package.module:Class`` path to a class."""
     target = BUILTIN_BACKENDS.get(backend, backend)
     if ":" not in target:
-        raise ConfigError(f"teacher.backend: unknown backend {backend!r}; allowed: {sorted(BUILTIN_BACKENDS)} "
-                          "or 'package.module:Class'")
+        raise ConfigError(
+            f"teacher.backend: unknown backend {backend!r}; allowed: {sorted(BUILTIN_BACKENDS)} "
+            "or 'package.module:Class'"
+        )
     try:
         return pkgutil.resolve_name(target)
     except (ImportError, AttributeError, ValueError) as exc:
@@ -135,7 +138,7 @@ def load_backend(teacher_cfg: TeacherSection) -> TeacherBackend:
     return backend_class(teacher_cfg.backend).from_config(teacher_cfg)
 
 
-def topk_from_logits(logits: "torch.Tensor", k: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: F821
+def topk_from_logits(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: F821
     """Raw top-k of ``log_softmax(logits)`` in fp32: [N, V] -> ([N, k] int32, [N, k] float32)."""
     import torch
 
@@ -144,8 +147,13 @@ def topk_from_logits(logits: "torch.Tensor", k: int) -> tuple[np.ndarray, np.nda
     return ids.to(torch.int32).cpu().numpy(), values.cpu().numpy().astype(np.float32)
 
 
-def completion_row(request: dict[str, Any], completion: Completion, teacher: str, sampling: SamplingParams,
-                   logprob_dtype: str = "float32") -> dict[str, Any]:
+def completion_row(
+    request: dict[str, Any],
+    completion: Completion,
+    teacher: str,
+    sampling: SamplingParams,
+    logprob_dtype: str = "float32",
+) -> dict[str, Any]:
     """One output row of the teacher stage (the Parquet schema in ``distill.data.schema``).
 
     ``request`` is an input row: ``prompt_id``, ``prompt`` or ``messages``, ``source``.

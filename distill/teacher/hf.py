@@ -6,21 +6,37 @@ Legend: ``B`` batch, ``P`` padded prompt width, ``T`` generated steps, ``V`` voc
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from cluster.errors import ConfigError
-from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, TeacherBackend,
-                                  topk_from_logits)
 from distill.teacher import sources
-from distill.teacher.sources import encode_prompt, model_revision, resolve_model
+from distill.teacher.base import (
+    Completion,
+    PromptInput,
+    SamplingParams,
+    ScoredSequence,
+    TeacherBackend,
+    topk_from_logits,
+)
 from distill.teacher.section import TeacherSection
+from distill.teacher.sources import encode_prompt, model_revision, resolve_model
+
 
 class HFTeacher(TeacherBackend):
-    def __init__(self, model_dir: str, *, device: str | None = None, dtype: str = "auto",
-                 batch_size: int = 16, max_model_len: int | None = None, name: str | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int = 16,
+        max_model_len: int | None = None,
+        name: str | None = None,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -44,14 +60,20 @@ class HFTeacher(TeacherBackend):
         self.name = name or f"{os.path.basename(os.path.normpath(model_dir))}@{model_revision(model_dir)}"
 
     @classmethod
-    def from_config(cls, teacher_cfg: TeacherSection) -> "HFTeacher":
+    def from_config(cls, teacher_cfg: TeacherSection) -> HFTeacher:
         if teacher_cfg.threads:
             torch.set_num_threads(teacher_cfg.threads)
         device = "cuda" if teacher_cfg.num_gpus and torch.cuda.is_available() else "cpu"
         model_dir = resolve_model(teacher_cfg.model, teacher_cfg.revision)
         name = f"{teacher_cfg.model}@{teacher_cfg.revision or model_revision(model_dir)}"
-        return cls(model_dir, device=device, dtype=teacher_cfg.dtype, batch_size=teacher_cfg.batch_size,
-                   max_model_len=teacher_cfg.max_model_len, name=name)
+        return cls(
+            model_dir,
+            device=device,
+            dtype=teacher_cfg.dtype,
+            batch_size=teacher_cfg.batch_size,
+            max_model_len=teacher_cfg.max_model_len,
+            name=name,
+        )
 
     @property
     def context_length(self) -> int:
@@ -65,22 +87,30 @@ class HFTeacher(TeacherBackend):
         encoded = [self.encode_prompt(p) for p in prompts]
         out: list[Completion] = []
         for start in range(0, len(encoded), self.batch_size):
-            out.extend(self._generate_batch(encoded[start:start + self.batch_size], sampling))
+            out.extend(self._generate_batch(encoded[start : start + self.batch_size], sampling))
         return out
 
     def _generate_batch(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         width = max(len(p) for p in prompt_ids)
         max_new = min(sampling.max_new_tokens, self.context_length - width)
         if max_new < 1:
-            raise ConfigError(f"prompt of {width} tokens leaves no room in the teacher's context of "
-                              f"{self.context_length}; shorten it or lower generate.max_new_tokens")
+            raise ConfigError(
+                f"prompt of {width} tokens leaves no room in the teacher's context of "
+                f"{self.context_length}; shorten it or lower generate.max_new_tokens"
+            )
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=self.device)  # [B, P]
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
         greedy = sampling.temperature <= 0
-        kwargs: dict[str, Any] = dict(do_sample=not greedy, max_new_tokens=max_new, min_new_tokens=0,
-                                      pad_token_id=pad, eos_token_id=sorted(self.eos_ids),
-                                      output_logits=True, return_dict_in_generate=True)
+        kwargs: dict[str, Any] = dict(
+            do_sample=not greedy,
+            max_new_tokens=max_new,
+            min_new_tokens=0,
+            pad_token_id=pad,
+            eos_token_id=sorted(self.eos_ids),
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
         else:
@@ -107,17 +137,24 @@ class HFTeacher(TeacherBackend):
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             if finish == "length" and sampling.stop and any(s in text for s in sampling.stop):
                 finish = "stop"
-            completions.append(Completion(prompt_ids=list(prompt), completion_ids=tokens, text=text,
-                                          finish_reason=finish, topk_ids=topk_ids[row, :length],
-                                          topk_logprobs=topk_logprobs[row, :length]))
+            completions.append(
+                Completion(
+                    prompt_ids=list(prompt),
+                    completion_ids=tokens,
+                    text=text,
+                    finish_reason=finish,
+                    topk_ids=topk_ids[row, :length],
+                    topk_logprobs=topk_logprobs[row, :length],
+                )
+            )
         return completions
 
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[ScoredSequence]:
         out: list[ScoredSequence] = []
         for begin in range(0, len(sequences), self.batch_size):
-            batch = [list(s) for s in sequences[begin:begin + self.batch_size]]
-            batch_starts = list(starts[begin:begin + self.batch_size])
+            batch = [list(s) for s in sequences[begin : begin + self.batch_size]]
+            batch_starts = list(starts[begin : begin + self.batch_size])
             width = max(len(s) for s in batch)
             if width > self.context_length:
                 raise ConfigError(f"sequence of {width} tokens exceeds the teacher's context of {self.context_length}")
@@ -129,7 +166,7 @@ class HFTeacher(TeacherBackend):
             for row, (seq, start) in enumerate(zip(batch, batch_starts)):
                 if not 1 <= start <= len(seq):
                     raise ValueError(f"score start {start} must be in [1, {len(seq)}]")
-                predicting = logits[row, start - 1:len(seq) - 1]  # [L - start, V] predicts tokens start..L-1
+                predicting = logits[row, start - 1 : len(seq) - 1]  # [L - start, V] predicts tokens start..L-1
                 top_ids, top_lp = topk_from_logits(predicting, k)
                 full = torch.log_softmax(predicting.float(), dim=-1)
                 actual = torch.tensor(seq[start:], device=full.device)

@@ -39,25 +39,50 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from cluster.errors import ConfigError, RaydistillError
-from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, StageSpec, TeacherBackend,
-                                  completion_row)
-from distill.teacher.vllm_backend import (TOKEN_ID_PREFIX, cached_tokenizer, context_of, 
-                                          flatten_logprob_dicts, padded_skip, plain_messages, request_of, to_plain)
+from distill.teacher.base import (
+    Completion,
+    PromptInput,
+    SamplingParams,
+    ScoredSequence,
+    StageSpec,
+    TeacherBackend,
+    completion_row,
+)
 from distill.teacher.section import TeacherSection
 from distill.teacher.sources import encode_prompt
+from distill.teacher.vllm_backend import (
+    TOKEN_ID_PREFIX,
+    cached_tokenizer,
+    context_of,
+    flatten_logprob_dicts,
+    padded_skip,
+    plain_messages,
+    request_of,
+    to_plain,
+)
 
 log = logging.getLogger(__name__)
 
 OPENAI_TOP_LOGPROBS_CAP = 20
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-CANONICAL_KEYS = ("error", "text", "finish_reason", "prompt_token_ids", "token_ids", "tokens", "token_logprobs",
-                  "top_tokens", "top_logprobs")
+CANONICAL_KEYS = (
+    "error",
+    "text",
+    "finish_reason",
+    "prompt_token_ids",
+    "token_ids",
+    "tokens",
+    "token_logprobs",
+    "top_tokens",
+    "top_logprobs",
+)
 #: ray.data.llm's HttpRequestUDF retries 408/429/502/503/504 with this base backoff (doubling).
 RAY_RETRY_BASE_S = 1.0
 
@@ -66,8 +91,17 @@ RAY_RETRY_BASE_S = 1.0
 # Requests (pure)
 # ---------------------------------------------------------------------------------------------
 
-def build_request(prompt: PromptInput, prompt_ids: Sequence[int], sampling: SamplingParams, *, model: str, k: int,
-                  vllm: bool, max_tokens: int) -> dict[str, Any]:
+
+def build_request(
+    prompt: PromptInput,
+    prompt_ids: Sequence[int],
+    sampling: SamplingParams,
+    *,
+    model: str,
+    k: int,
+    vllm: bool,
+    max_tokens: int,
+) -> dict[str, Any]:
     """A generic request body, the same keys for every row (Ray keeps it as one Arrow struct):
     ``finalize_request`` turns it into a chat or completions body."""
     messages = None if isinstance(prompt, str) else [dict(m) for m in prompt]
@@ -108,8 +142,14 @@ def finalize_request(payload: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def score_request(sequence: Sequence[int], *, model: str, k: int, vllm: bool, max_tokens: int = 0) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "prompt": [int(t) for t in sequence], "echo": True,
-                            "max_tokens": max_tokens, "logprobs": int(k), "temperature": 0.0}
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": [int(t) for t in sequence],
+        "echo": True,
+        "max_tokens": max_tokens,
+        "logprobs": int(k),
+        "temperature": 0.0,
+    }
     if vllm:
         body["return_tokens_as_token_ids"] = True
     return body
@@ -119,18 +159,30 @@ def check_logprobs(k: int, vllm: bool) -> None:
     if k < 1:
         raise ConfigError(f"generate.logprobs must be >= 1 (got {k})")
     if k > OPENAI_TOP_LOGPROBS_CAP and not vllm:
-        raise ConfigError(f"generate.logprobs={k}: OpenAI-compatible APIs return at most {OPENAI_TOP_LOGPROBS_CAP} "
-                          "top log-probs per position; lower generate.logprobs, or serve the teacher with vLLM "
-                          f"(`vllm serve ... --max-logprobs {k}`)")
+        raise ConfigError(
+            f"generate.logprobs={k}: OpenAI-compatible APIs return at most {OPENAI_TOP_LOGPROBS_CAP} "
+            "top log-probs per position; lower generate.logprobs, or serve the teacher with vLLM "
+            f"(`vllm serve ... --max-logprobs {k}`)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Responses (pure): any OpenAI JSON -> one flat, typed "canonical" dict
 # ---------------------------------------------------------------------------------------------
 
+
 def empty_canonical(error: str = "") -> dict[str, Any]:
-    return {"error": error, "text": "", "finish_reason": "", "prompt_token_ids": [], "token_ids": [], "tokens": [],
-            "token_logprobs": [], "top_tokens": [], "top_logprobs": []}
+    return {
+        "error": error,
+        "text": "",
+        "finish_reason": "",
+        "prompt_token_ids": [],
+        "token_ids": [],
+        "tokens": [],
+        "token_logprobs": [],
+        "top_tokens": [],
+        "top_logprobs": [],
+    }
 
 
 def _float(value: Any) -> float:
@@ -230,7 +282,7 @@ class TokenMapper:
     def __call__(self, token: str) -> int | None:
         if token.startswith(TOKEN_ID_PREFIX):
             try:
-                return int(token[len(TOKEN_ID_PREFIX):])
+                return int(token[len(TOKEN_ID_PREFIX) :])
             except ValueError:
                 return None
         if self._table is None:
@@ -245,8 +297,9 @@ def cached_mapper(source: str, revision: str | None = None) -> TokenMapper:
     return TokenMapper(cached_tokenizer(source, revision))
 
 
-def completion_from_canonical(canon: Mapping[str, Any], prompt_ids: Sequence[int], k: int,
-                              mapper: Callable[[str], int | None]) -> Completion:
+def completion_from_canonical(
+    canon: Mapping[str, Any], prompt_ids: Sequence[int], k: int, mapper: Callable[[str], int | None]
+) -> Completion:
     """The canonical dict of a generation -> a :class:`Completion` (raises RaydistillError if unusable)."""
     if canon["error"]:
         raise RaydistillError(canon["error"])
@@ -277,13 +330,19 @@ def completion_from_canonical(canon: Mapping[str, Any], prompt_ids: Sequence[int
         raise RaydistillError(f"{len(dicts)} top-logprob positions for {len(completion_ids)} tokens")
     topk_ids, topk_logprobs = flatten_logprob_dicts(dicts, k)
     prompt = [int(t) for t in canon["prompt_token_ids"]] or [int(t) for t in prompt_ids]
-    return Completion(prompt_ids=prompt, completion_ids=completion_ids, text=text,
-                      finish_reason="length" if canon["finish_reason"] == "length" else "stop",
-                      topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+    return Completion(
+        prompt_ids=prompt,
+        completion_ids=completion_ids,
+        text=text,
+        finish_reason="length" if canon["finish_reason"] == "length" else "stop",
+        topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs,
+    )
 
 
-def scored_from_canonical(canon: Mapping[str, Any], sequence: Sequence[int], start: int, k: int,
-                          mapper: Callable[[str], int | None]) -> ScoredSequence:
+def scored_from_canonical(
+    canon: Mapping[str, Any], sequence: Sequence[int], start: int, k: int, mapper: Callable[[str], int | None]
+) -> ScoredSequence:
     """The canonical dict of an ``echo`` request -> the top-k at positions ``start..L-1``."""
     if canon["error"]:
         raise RaydistillError(canon["error"])
@@ -291,8 +350,10 @@ def scored_from_canonical(canon: Mapping[str, Any], sequence: Sequence[int], sta
     if not 1 <= start <= length:
         raise ValueError(f"score start {start} must be in [1, {length}]")
     if len(canon["tokens"]) < length or len(canon["top_tokens"]) < length:
-        raise RaydistillError(f"echo returned {len(canon['tokens'])} prompt positions for {length} tokens; the "
-                              "server must support `echo` with `logprobs` on /completions")
+        raise RaydistillError(
+            f"echo returned {len(canon['tokens'])} prompt positions for {length} tokens; the "
+            "server must support `echo` with `logprobs` on /completions"
+        )
     dicts = []
     for names, values in zip(canon["top_tokens"][start:length], canon["top_logprobs"][start:length]):
         mapping: dict[int, float] = {}
@@ -310,6 +371,7 @@ def scored_from_canonical(canon: Mapping[str, Any], sequence: Sequence[int], sta
 # Server probe, API key, rate limit
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class ServerInfo:
     vllm: bool = False
@@ -317,8 +379,14 @@ class ServerInfo:
     models: tuple[str, ...] = ()
 
 
-def probe_server(base_url: str, headers: Mapping[str, str], *, model: str | None = None,
-                 api_key_env: str | None = None, timeout_s: float = 10.0) -> ServerInfo:
+def probe_server(
+    base_url: str,
+    headers: Mapping[str, str],
+    *,
+    model: str | None = None,
+    api_key_env: str | None = None,
+    timeout_s: float = 10.0,
+) -> ServerInfo:
     """``GET {base_url}/models``: is it vLLM, its context length, and is ``model`` served?
 
     An auth failure is an error (naming ``teacher.api_key_env``); an unreachable server or one
@@ -332,10 +400,14 @@ def probe_server(base_url: str, headers: Mapping[str, str], *, model: str | None
         log.warning("could not probe %s/models (%s); assuming a plain OpenAI-compatible server", base_url, exc)
         return ServerInfo()
     if response.status_code in (401, 403):
-        where = f"the key in ${api_key_env} (teacher.api_key_env)" if api_key_env else \
-            "no API key (set teacher.api_key_env to the name of the env var holding it)"
-        raise RaydistillError(f"teacher server {base_url} rejected {where}: HTTP {response.status_code} "
-                              f"{response.text[:200]}")
+        where = (
+            f"the key in ${api_key_env} (teacher.api_key_env)"
+            if api_key_env
+            else "no API key (set teacher.api_key_env to the name of the env var holding it)"
+        )
+        raise RaydistillError(
+            f"teacher server {base_url} rejected {where}: HTTP {response.status_code} {response.text[:200]}"
+        )
     try:
         data = response.json().get("data") or []
     except (ValueError, AttributeError):
@@ -356,9 +428,11 @@ def read_api_key(api_key_env: str | None) -> str | None:
         return None
     key = os.environ.get(api_key_env)
     if not key:
-        raise ConfigError(f"teacher.api_key_env: environment variable {api_key_env} is not set (or empty); "
-                          f"export {api_key_env}=<your API key>, or unset teacher.api_key_env for a server "
-                          "without authentication")
+        raise ConfigError(
+            f"teacher.api_key_env: environment variable {api_key_env} is not set (or empty); "
+            f"export {api_key_env}=<your API key>, or unset teacher.api_key_env for a server "
+            "without authentication"
+        )
     return key
 
 
@@ -385,11 +459,14 @@ class RateLimiter:
 # The backend
 # ---------------------------------------------------------------------------------------------
 
+
 def load_teacher_tokenizer(source: str | None, revision: str | None = None) -> Any:
     if not source:
-        raise ConfigError("teacher.tokenizer: the openai backend needs the teacher's tokenizer (an HF id, a local "
-                          "dir, or 'smollm2-135m-instruct') to build prompt ids and chat templates; set "
-                          "teacher.tokenizer, e.g. --set teacher.tokenizer=Qwen/Qwen2.5-7B-Instruct")
+        raise ConfigError(
+            "teacher.tokenizer: the openai backend needs the teacher's tokenizer (an HF id, a local "
+            "dir, or 'smollm2-135m-instruct') to build prompt ids and chat templates; set "
+            "teacher.tokenizer, e.g. --set teacher.tokenizer=Qwen/Qwen2.5-7B-Instruct"
+        )
     try:
         return cached_tokenizer(source, revision)
     except RaydistillError:
@@ -401,15 +478,31 @@ def load_teacher_tokenizer(source: str | None, revision: str | None = None) -> A
 class OpenAITeacher(TeacherBackend):
     """An OpenAI-compatible HTTP teacher, called in process with httpx (threads for concurrency)."""
 
-    def __init__(self, base_url: str, model: str, *, tokenizer: str, api_key: str | None = None,
-                 api_key_env: str | None = None, revision: str | None = None, max_model_len: int | None = None,
-                 qps: float | None = None, max_retries: int = 2, concurrency: int = 16, timeout_s: float = 300.0,
-                 retry_base_s: float = 0.5, vllm: bool | None = None, name: str | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        tokenizer: str,
+        api_key: str | None = None,
+        api_key_env: str | None = None,
+        revision: str | None = None,
+        max_model_len: int | None = None,
+        qps: float | None = None,
+        max_retries: int = 2,
+        concurrency: int = 16,
+        timeout_s: float = 300.0,
+        retry_base_s: float = 0.5,
+        vllm: bool | None = None,
+        name: str | None = None,
+    ):
         import httpx
 
         if not base_url:
-            raise ConfigError("teacher.base_url: the openai backend needs the server's base URL, e.g. "
-                              "http://localhost:8000/v1 or https://api.deepseek.com/v1")
+            raise ConfigError(
+                "teacher.base_url: the openai backend needs the server's base URL, e.g. "
+                "http://localhost:8000/v1 or https://api.deepseek.com/v1"
+            )
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.revision = revision
@@ -429,12 +522,20 @@ class OpenAITeacher(TeacherBackend):
         self._client = httpx.Client(headers=self.headers, timeout=timeout_s)
 
     @classmethod
-    def from_config(cls, teacher_cfg: TeacherSection) -> "OpenAITeacher":
-        return cls(teacher_cfg.base_url, teacher_cfg.model, tokenizer=teacher_cfg.tokenizer,
-                   api_key=read_api_key(teacher_cfg.api_key_env), api_key_env=teacher_cfg.api_key_env,
-                   revision=teacher_cfg.revision, max_model_len=teacher_cfg.max_model_len, qps=teacher_cfg.qps,
-                   max_retries=teacher_cfg.max_retries, concurrency=teacher_cfg.batch_size,
-                   name=f"{teacher_cfg.model}@{teacher_cfg.revision or 'api'}")
+    def from_config(cls, teacher_cfg: TeacherSection) -> OpenAITeacher:
+        return cls(
+            teacher_cfg.base_url,
+            teacher_cfg.model,
+            tokenizer=teacher_cfg.tokenizer,
+            api_key=read_api_key(teacher_cfg.api_key_env),
+            api_key_env=teacher_cfg.api_key_env,
+            revision=teacher_cfg.revision,
+            max_model_len=teacher_cfg.max_model_len,
+            qps=teacher_cfg.qps,
+            max_retries=teacher_cfg.max_retries,
+            concurrency=teacher_cfg.batch_size,
+            name=f"{teacher_cfg.model}@{teacher_cfg.revision or 'api'}",
+        )
 
     @property
     def context_length(self) -> int:
@@ -466,24 +567,31 @@ class OpenAITeacher(TeacherBackend):
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
                 continue
             return normalize_http_response(response.status_code, response.text)
-        raise RaydistillError(f"teacher server {url} failed {self.max_retries + 1} times (teacher.max_retries="
-                              f"{self.max_retries}); last error: {last}")
+        raise RaydistillError(
+            f"teacher server {url} failed {self.max_retries + 1} times (teacher.max_retries="
+            f"{self.max_retries}); last error: {last}"
+        )
 
     def _raise(self, route: str, error: str) -> None:
         hint = ""
         if error.startswith(("401", "403")):
-            hint = (f"; check the key in ${self.api_key_env} (teacher.api_key_env)" if self.api_key_env else
-                    "; the server wants an API key: set teacher.api_key_env to the name of the env var holding it")
+            hint = (
+                f"; check the key in ${self.api_key_env} (teacher.api_key_env)"
+                if self.api_key_env
+                else "; the server wants an API key: set teacher.api_key_env to the name of the env var holding it"
+            )
         raise RaydistillError(f"teacher server {self.base_url}/{route} rejected the request: {error}{hint}")
 
     def _generate_one(self, prompt: PromptInput, sampling: SamplingParams) -> Completion:
         prompt_ids = self.encode_prompt(prompt)
         max_tokens = self.max_tokens_for(len(prompt_ids), sampling.max_new_tokens)
         if max_tokens < 1:
-            raise ConfigError(f"prompt of {len(prompt_ids)} tokens leaves no room in the teacher's context of "
-                              f"{self.context_length}")
-        payload = build_request(prompt, prompt_ids, sampling, model=self.model, k=sampling.logprobs,
-                                vllm=self.vllm, max_tokens=max_tokens)
+            raise ConfigError(
+                f"prompt of {len(prompt_ids)} tokens leaves no room in the teacher's context of {self.context_length}"
+            )
+        payload = build_request(
+            prompt, prompt_ids, sampling, model=self.model, k=sampling.logprobs, vllm=self.vllm, max_tokens=max_tokens
+        )
         route, body = finalize_request(payload)
         canon = self.post(route, body)
         if canon["error"]:
@@ -503,8 +611,9 @@ class OpenAITeacher(TeacherBackend):
         canon = self.post("completions", body)
         if canon["error"] and canon["error"].startswith("400"):
             # Some servers refuse max_tokens=0: generate one token and ignore it.
-            canon = self.post("completions", score_request(sequence, model=self.model, k=k, vllm=self.vllm,
-                                                           max_tokens=1))
+            canon = self.post(
+                "completions", score_request(sequence, model=self.model, k=k, vllm=self.vllm, max_tokens=1)
+            )
         if canon["error"]:
             self._raise("completions", canon["error"])
         return scored_from_canonical(canon, sequence, start, k, self.mapper)
@@ -519,8 +628,9 @@ class OpenAITeacher(TeacherBackend):
         self._client.close()
 
     @classmethod
-    def build_dataset_stage(cls, teacher_cfg: TeacherSection, sampling: SamplingParams,
-                            logprob_dtype: str) -> Callable[[Any], Any]:
+    def build_dataset_stage(
+        cls, teacher_cfg: TeacherSection, sampling: SamplingParams, logprob_dtype: str
+    ) -> Callable[[Any], Any]:
         """ds -> ds of teacher rows through ``ray.data.llm``'s ``HttpRequestProcessorConfig``.
 
         Checks the config on the driver first (base_url, API key, tokenizer, model served, top-k
@@ -534,17 +644,29 @@ class OpenAITeacher(TeacherBackend):
             teacher.generate(["Hello"], dataclasses.replace(sampling, max_new_tokens=1))
         finally:
             teacher.close()
-        spec = HttpStageSpec(base_url=teacher.base_url, model=teacher.model, tokenizer=teacher.tokenizer_source,
-                             vllm=teacher.vllm, context=teacher._context, sampling=json.dumps(sampling.to_json()),
-                             k=int(sampling.logprobs), logprob_dtype=logprob_dtype, teacher=teacher.name)
+        spec = HttpStageSpec(
+            base_url=teacher.base_url,
+            model=teacher.model,
+            tokenizer=teacher.tokenizer_source,
+            vllm=teacher.vllm,
+            context=teacher._context,
+            sampling=json.dumps(sampling.to_json()),
+            k=int(sampling.logprobs),
+            logprob_dtype=logprob_dtype,
+            teacher=teacher.name,
+        )
         config = HttpRequestProcessorConfig(**http_processor_kwargs(teacher_cfg, teacher.base_url, teacher.headers))
-        return build_processor(config, preprocess=functools.partial(http_preprocess_row, spec),
-                               postprocess=functools.partial(http_postprocess_row, spec))
+        return build_processor(
+            config,
+            preprocess=functools.partial(http_preprocess_row, spec),
+            postprocess=functools.partial(http_postprocess_row, spec),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Ray Data stage: preprocess -> HttpRequestStage (RoutingSession) -> postprocess
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class HttpStageSpec(StageSpec):
@@ -584,8 +706,9 @@ def http_preprocess_row(spec: HttpStageSpec, row: dict[str, Any]) -> dict[str, A
     prompt: PromptInput = messages or row.get("prompt") or ""
     prompt_ids = encode_prompt(tokenizer, prompt)
     params = spec.params
-    max_tokens = params.max_new_tokens if spec.context is None else min(params.max_new_tokens,
-                                                                           spec.context - len(prompt_ids))
+    max_tokens = (
+        params.max_new_tokens if spec.context is None else min(params.max_new_tokens, spec.context - len(prompt_ids))
+    )
     skip = ""
     if max_tokens < 1:
         skip = f"prompt_too_long ({len(prompt_ids)} tokens > context {spec.context})"
@@ -595,11 +718,13 @@ def http_preprocess_row(spec: HttpStageSpec, row: dict[str, Any]) -> dict[str, A
         # Cheapest request that every server accepts; same body shape as the real ones.
         first = prompt_ids[:1] or [int(tokenizer.eos_token_id or 0)]
         stub = prompt if (messages and not spec.vllm) else tokenizer.decode(first)
-        payload = build_request(stub, first, dataclasses.replace(params, stop=()), model=spec.model, k=1,
-                                vllm=spec.vllm, max_tokens=1)
+        payload = build_request(
+            stub, first, dataclasses.replace(params, stop=()), model=spec.model, k=1, vllm=spec.vllm, max_tokens=1
+        )
     else:
-        payload = build_request(prompt, prompt_ids, params, model=spec.model, k=spec.k, vllm=spec.vllm,
-                                max_tokens=max_tokens)
+        payload = build_request(
+            prompt, prompt_ids, params, model=spec.model, k=spec.k, vllm=spec.vllm, max_tokens=max_tokens
+        )
     return {"payload": payload, "rd_prompt_ids": prompt_ids, "rd_skip": skip}
 
 
@@ -615,8 +740,9 @@ def http_postprocess_row(spec: HttpStageSpec, row: dict[str, Any]) -> dict[str, 
         reason = "prompt_too_long" if _is_context_error(str(canon["error"])) else "http_error"
         return padded_skip(request, f"{reason} ({canon['error']})")
     try:
-        completion = completion_from_canonical(canon, to_plain(row["rd_prompt_ids"]), spec.k,
-                                               cached_mapper(spec.tokenizer))
+        completion = completion_from_canonical(
+            canon, to_plain(row["rd_prompt_ids"]), spec.k, cached_mapper(spec.tokenizer)
+        )
     except RaydistillError as exc:
         return padded_skip(request, f"bad_response ({exc})")
     return completion_row(request, completion, spec.teacher, spec.params, spec.logprob_dtype)
@@ -624,8 +750,12 @@ def http_postprocess_row(spec: HttpStageSpec, row: dict[str, Any]) -> dict[str, 
 
 def _is_context_error(error: str) -> bool:
     text = error.lower()
-    return error.startswith("400") and ("maximum context length" in text or "maximum model length" in text
-                                        or "context_length_exceeded" in text or "too long" in text)
+    return error.startswith("400") and (
+        "maximum context length" in text
+        or "maximum model length" in text
+        or "context_length_exceeded" in text
+        or "too long" in text
+    )
 
 
 class RoutingSession:
@@ -646,13 +776,13 @@ class RoutingSession:
         self._base = base_url.rstrip("/")
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
 
-    async def __aenter__(self) -> "RoutingSession":
+    async def __aenter__(self) -> RoutingSession:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         await self._session.close()
 
-    def post(self, url: str, *, data: Any = None, **kwargs: Any) -> "_InFlight":
+    def post(self, url: str, *, data: Any = None, **kwargs: Any) -> _InFlight:
         if isinstance(data, str):
             try:
                 payload = json.loads(data)
@@ -671,7 +801,7 @@ class _InFlight:
         self._task = asyncio.ensure_future(self._run(request))
 
     @staticmethod
-    async def _run(request: Any) -> "_CanonicalResponse":
+    async def _run(request: Any) -> _CanonicalResponse:
         return _CanonicalResponse(await request)
 
     def __await__(self):
@@ -684,7 +814,7 @@ class _CanonicalResponse:
         self.status = response.status
         self.reason = response.reason
 
-    async def __aenter__(self) -> "_CanonicalResponse":
+    async def __aenter__(self) -> _CanonicalResponse:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

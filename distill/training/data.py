@@ -14,20 +14,31 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
-from typing import Any, Callable, Iterator, Optional, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from cluster import storage
 from cluster.errors import ConfigError, RaydistillError
 from distill.data.shards import FILTERED_DIR, GENERATED_DIR, data_dir_for  # noqa: F401 (re-exported)
 from distill.data.split import SPLIT_COLUMNS, row_is_heldout
 
-TRAIN_COLUMNS = ["prompt_id", "input_ids", "prompt_len", "completion_len", "topk_ids", "topk_logprobs",
-                 "source", "quality", "finish_reason", "prompt", "messages"]
+TRAIN_COLUMNS = [
+    "prompt_id",
+    "input_ids",
+    "prompt_len",
+    "completion_len",
+    "topk_ids",
+    "topk_logprobs",
+    "source",
+    "quality",
+    "finish_reason",
+    "prompt",
+    "messages",
+]
 
 
 def rank_of(prompt_id: str, world_size: int) -> int:
@@ -57,10 +68,11 @@ def heldout_mask(table: pa.Table, fraction: float, seed: int) -> np.ndarray:
     """``[rows]`` bool: held-out rows, chosen by prompt (all samples of a prompt on the same side)."""
     if fraction <= 0:
         return np.zeros(table.num_rows, dtype=bool)
-    columns = {c: (table[c].to_pylist() if c in table.column_names else [None] * table.num_rows)
-               for c in SPLIT_COLUMNS}
-    return np.array([row_is_heldout({c: columns[c][i] for c in SPLIT_COLUMNS}, fraction, seed)
-                     for i in range(table.num_rows)], dtype=bool)
+    columns = {c: (table[c].to_pylist() if c in table.column_names else [None] * table.num_rows) for c in SPLIT_COLUMNS}
+    return np.array(
+        [row_is_heldout({c: columns[c][i] for c in SPLIT_COLUMNS}, fraction, seed) for i in range(table.num_rows)],
+        dtype=bool,
+    )
 
 
 # ----------------------------------------------------------------------------- rows
@@ -72,23 +84,25 @@ def rows_from_table(table: pa.Table) -> list[dict[str, Any]]:
     topk_lp = table["topk_logprobs"].to_pylist() if "topk_logprobs" in table.column_names else [None] * table.num_rows
     for i, pid in enumerate(table["prompt_id"].to_pylist()):
         ids, lp = topk_ids[i], topk_lp[i]
-        out.append({
-            "prompt_id": pid,
-            "input_ids": np.asarray(input_ids[i], dtype=np.int64),
-            "prompt_len": int(table["prompt_len"][i].as_py()),
-            "topk_ids": _ragged_to_array(ids, -1, np.int64),
-            "topk_logprobs": _ragged_to_array(lp, -np.inf, np.float32),
-        })
+        out.append(
+            {
+                "prompt_id": pid,
+                "input_ids": np.asarray(input_ids[i], dtype=np.int64),
+                "prompt_len": int(table["prompt_len"][i].as_py()),
+                "topk_ids": _ragged_to_array(ids, -1, np.int64),
+                "topk_logprobs": _ragged_to_array(lp, -np.inf, np.float32),
+            }
+        )
     return out
 
 
-def _ragged_to_array(values: Optional[list[list[float]]], fill: float, dtype) -> Optional[np.ndarray]:
+def _ragged_to_array(values: list[list[float]] | None, fill: float, dtype) -> np.ndarray | None:
     if not values:
         return None
     width = max(len(v) for v in values)
     arr = np.full((len(values), width), fill, dtype=dtype)
     for i, v in enumerate(values):
-        arr[i, :len(v)] = v
+        arr[i, : len(v)] = v
     return arr
 
 
@@ -119,8 +133,7 @@ class MixtureStream:
     that did not fit a batch is drawn again after a resume.
     """
 
-    def __init__(self, sources: list[RowSource], weights: list[float], seed: int,
-                 state: Optional[dict[str, Any]] = None):
+    def __init__(self, sources: list[RowSource], weights: list[float], seed: int, state: dict[str, Any] | None = None):
         if not sources:
             raise ConfigError("empty mixture: no components to read from")
         self.sources = sources
@@ -132,10 +145,10 @@ class MixtureStream:
         if state:
             self.rng.bit_generator.state = state["rng"]
             self.epochs, self.consumed = list(state["epochs"]), list(state["consumed"])
-        self._iters: list[Optional[Iterator]] = [None] * len(sources)
+        self._iters: list[Iterator | None] = [None] * len(sources)
         for i, skip in enumerate(self.consumed):
             self._iters[i] = self._open(i, skip)
-        self._peeked: Optional[tuple[int, dict, dict]] = None
+        self._peeked: tuple[int, dict, dict] | None = None
         self.empty_components: set[int] = set()
 
     def _open(self, index: int, skip: int = 0) -> Iterator:
@@ -160,8 +173,10 @@ class MixtureStream:
             row = next(self._iters[index], None)
             if row is None:  # end of this component's epoch
                 if self.consumed[index] == 0:
-                    raise RaydistillError(f"mixture component {index} has no rows on this worker; lower "
-                                          "train.workers or widen the component")
+                    raise RaydistillError(
+                        f"mixture component {index} has no rows on this worker; lower "
+                        "train.workers or widen the component"
+                    )
                 self.epochs[index] += 1
                 self.consumed[index] = 0
                 self._iters[index] = self._open(index)
@@ -184,8 +199,8 @@ class PackedBatch:
     attention_mask: torch.Tensor  # [B, T] bool
     pred_index: torch.Tensor  # [N] flat index into B*T of the position that predicts each target
     targets: torch.Tensor  # [N] the teacher's completion tokens
-    topk_ids: Optional[torch.Tensor]  # [N, K] (-1 = no label)
-    topk_logprobs: Optional[torch.Tensor]  # [N, K] (-inf = no label)
+    topk_ids: torch.Tensor | None  # [N, K] (-1 = no label)
+    topk_logprobs: torch.Tensor | None  # [N, K] (-inf = no label)
     rows: int
     prompt_ids: list[str]
 
@@ -193,9 +208,11 @@ class PackedBatch:
     def tokens(self) -> int:
         return int(self.targets.numel())
 
-    def to(self, device: torch.device) -> "PackedBatch":
-        moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
-                 for f in dataclasses.fields(self)}
+    def to(self, device: torch.device) -> PackedBatch:
+        moved = {
+            f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+            for f in dataclasses.fields(self)
+        }
         return PackedBatch(**moved)
 
 
@@ -203,8 +220,9 @@ def _fits(row: dict[str, Any], seq_len: int) -> int:
     return min(len(row["input_ids"]), seq_len)
 
 
-def next_batch(stream: Callable[[], dict[str, Any]], peek: Callable[[], dict[str, Any]], batch_size: int,
-               seq_len: int) -> list[list[dict[str, Any]]]:
+def next_batch(
+    stream: Callable[[], dict[str, Any]], peek: Callable[[], dict[str, Any]], batch_size: int, seq_len: int
+) -> list[list[dict[str, Any]]]:
     """Greedily pack rows into ``batch_size`` sequences of at most ``seq_len`` tokens, in stream order.
 
     A row longer than ``seq_len`` is truncated (it then fills a sequence alone); a row that does
@@ -225,8 +243,9 @@ def next_batch(stream: Callable[[], dict[str, Any]], peek: Callable[[], dict[str
         used += length
 
 
-def collate(sequences: list[list[dict[str, Any]]], seq_len: int, pad_id: int = 0,
-            needs_soft_labels: bool = True) -> PackedBatch:
+def collate(
+    sequences: list[list[dict[str, Any]]], seq_len: int, pad_id: int = 0, needs_soft_labels: bool = True
+) -> PackedBatch:
     """Packed rows -> tensors. Only completion positions count: the prompt is masked."""
     bsz = len(sequences)
     input_ids = np.full((bsz, seq_len), pad_id, dtype=np.int64)
@@ -237,11 +256,11 @@ def collate(sequences: list[list[dict[str, Any]]], seq_len: int, pad_id: int = 0
     for b, seq in enumerate(sequences):
         col = 0
         for row in seq:
-            ids = row["input_ids"][:seq_len - col]
+            ids = row["input_ids"][: seq_len - col]
             n = len(ids)
-            input_ids[b, col:col + n] = ids
-            positions[b, col:col + n] = np.arange(n)
-            valid[b, col:col + n] = True
+            input_ids[b, col : col + n] = ids
+            positions[b, col : col + n] = np.arange(n)
+            valid[b, col : col + n] = True
             prompt_len = row["prompt_len"]
             # Completion token j sits at column col + prompt_len + j and is predicted one column earlier.
             completion = max(0, n - max(prompt_len, 1))
@@ -252,12 +271,14 @@ def collate(sequences: list[list[dict[str, Any]]], seq_len: int, pad_id: int = 0
                 targets.append(ids[first:])
                 offset = first - prompt_len  # 1 only when the prompt is empty
                 if row["topk_ids"] is not None:
-                    ids_list.append(row["topk_ids"][offset:offset + completion])
-                    lp_list.append(row["topk_logprobs"][offset:offset + completion])
+                    ids_list.append(row["topk_ids"][offset : offset + completion])
+                    lp_list.append(row["topk_logprobs"][offset : offset + completion])
                     width = max(width, row["topk_ids"].shape[1])
                 elif needs_soft_labels:
-                    raise RaydistillError(f"row {row['prompt_id']} has no soft labels but the stage's loss "
-                                          "needs them; use a ce-only stage or regenerate the data")
+                    raise RaydistillError(
+                        f"row {row['prompt_id']} has no soft labels but the stage's loss "
+                        "needs them; use a ce-only stage or regenerate the data"
+                    )
                 else:
                     ids_list.append(np.full((completion, 1), -1, dtype=np.int64))
                     lp_list.append(np.full((completion, 1), -np.inf, dtype=np.float32))
@@ -272,16 +293,20 @@ def collate(sequences: list[list[dict[str, Any]]], seq_len: int, pad_id: int = 0
     topk_lp = np.full((n_total, width), -np.inf, dtype=np.float32)
     at = 0
     for ids, lp in zip(ids_list, lp_list):
-        topk_ids[at:at + len(ids), :ids.shape[1]] = ids
-        topk_lp[at:at + len(lp), :lp.shape[1]] = lp
+        topk_ids[at : at + len(ids), : ids.shape[1]] = ids
+        topk_lp[at : at + len(lp), : lp.shape[1]] = lp
         at += len(ids)
     return PackedBatch(
-        input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(positions),
+        input_ids=torch.from_numpy(input_ids),
+        position_ids=torch.from_numpy(positions),
         attention_mask=torch.from_numpy(valid),
         pred_index=torch.from_numpy(np.concatenate(pred) if pred else np.zeros(0, dtype=np.int64)),
         targets=torch.from_numpy(np.concatenate(targets) if targets else np.zeros(0, dtype=np.int64)),
-        topk_ids=torch.from_numpy(topk_ids), topk_logprobs=torch.from_numpy(topk_lp),
-        rows=sum(len(s) for s in sequences), prompt_ids=prompt_ids)
+        topk_ids=torch.from_numpy(topk_ids),
+        topk_logprobs=torch.from_numpy(topk_lp),
+        rows=sum(len(s) for s in sequences),
+        prompt_ids=prompt_ids,
+    )
 
 
 # ----------------------------------------------------------------------------- validation (driver)
@@ -305,8 +330,17 @@ def scan(data_dir: str, section: Any, vocab_size: int) -> DataSummary:
     files = shard_uris(data_dir)
     if not files:
         raise RaydistillError(f"{data_dir} has no .parquet shards; run the generate stage first")
-    columns = ["prompt_id", "input_ids", "completion_len", "topk_ids", "source", "quality", "finish_reason",
-               "prompt", "messages"]
+    columns = [
+        "prompt_id",
+        "input_ids",
+        "completion_len",
+        "topk_ids",
+        "source",
+        "quality",
+        "finish_reason",
+        "prompt",
+        "messages",
+    ]
     tables = []
     for uri in files:
         t = read_shards([uri], columns)
@@ -317,13 +351,17 @@ def scan(data_dir: str, section: Any, vocab_size: int) -> DataSummary:
     held = heldout_mask(table, section.heldout_fraction, section.seed)
     train = table.filter(pa.array(~held))
     if train.num_rows == 0:
-        raise ConfigError(f"train.heldout_fraction={section.heldout_fraction} leaves no training rows out of "
-                          f"{table.num_rows}; lower it")
+        raise ConfigError(
+            f"train.heldout_fraction={section.heldout_fraction} leaves no training rows out of "
+            f"{table.num_rows}; lower it"
+        )
     max_id = pc.max(pc.list_flatten(table["input_ids"])).as_py() or 0
     if max_id >= vocab_size:
-        raise ConfigError(f"tokenizer/vocab mismatch: the data in {data_dir} has token id {max_id} but the student's "
-                          f"vocab_size is {vocab_size}; the student must use the teacher's tokenizer (set "
-                          "student.vocab_size to the teacher's, or regenerate the data with this teacher)")
+        raise ConfigError(
+            f"tokenizer/vocab mismatch: the data in {data_dir} has token id {max_id} but the student's "
+            f"vocab_size is {vocab_size}; the student must use the teacher's tokenizer (set "
+            "student.vocab_size to the teacher's, or regenerate the data with this teacher)"
+        )
     has_labels = pc.fill_null(pc.greater(pc.list_value_length(table["topk_ids"]), 0), False)
     soft_rows = int(pc.sum(has_labels).as_py() or 0)
     completion_rows = int(pc.sum(pc.greater(table["completion_len"], 0)).as_py() or 0)
@@ -339,10 +377,13 @@ def scan(data_dir: str, section: Any, vocab_size: int) -> DataSummary:
                     f"train.stages[{s}] ({stage.name!r}) mixture[{c}] selects no training rows "
                     f"(source={component.source!r}, min_quality={component.min_quality!r}, files={component.files!r}, "
                     f"finish_reason={component.finish_reason!r}); "
-                    f"sources in the data: {sources}")
+                    f"sources in the data: {sources}"
+                )
             if count < section.workers:
-                raise ConfigError(f"train.stages[{s}] mixture[{c}] selects {count} rows, fewer than "
-                                  f"train.workers={section.workers}; widen it or use fewer workers")
+                raise ConfigError(
+                    f"train.stages[{s}] mixture[{c}] selects {count} rows, fewer than "
+                    f"train.workers={section.workers}; widen it or use fewer workers"
+                )
             counts.append(count)
         loss = stage.loss
         needs = loss.forward_kl > 0 or loss.reverse_kl > 0 or loss.jsd > 0
@@ -350,11 +391,20 @@ def scan(data_dir: str, section: Any, vocab_size: int) -> DataSummary:
             raise ConfigError(
                 f"train.stages[{s}] ({stage.name!r}) uses a logit loss (forward_kl/reverse_kl/jsd) but "
                 f"{completion_rows - soft_rows} of {completion_rows} rows in {data_dir} have no soft labels; "
-                "regenerate with generate.logprobs > 0 or set this stage's loss to ce only")
+                "regenerate with generate.logprobs > 0 or set this stage's loss to ce only"
+            )
         stage_rows.append(counts)
-    return DataSummary(data_dir=data_dir, files=files, rows=table.num_rows, heldout_rows=int(held.sum()),
-                       train_rows=train.num_rows, completion_tokens=int(pc.sum(table["completion_len"]).as_py() or 0),
-                       soft_label_rows=soft_rows, max_token_id=int(max_id), stage_rows=stage_rows)
+    return DataSummary(
+        data_dir=data_dir,
+        files=files,
+        rows=table.num_rows,
+        heldout_rows=int(held.sum()),
+        train_rows=train.num_rows,
+        completion_tokens=int(pc.sum(table["completion_len"]).as_py() or 0),
+        soft_label_rows=soft_rows,
+        max_token_id=int(max_id),
+        stage_rows=stage_rows,
+    )
 
 
 def read_table(files: list[str]) -> pa.Table:

@@ -17,11 +17,11 @@ import contextlib
 import dataclasses
 import json
 import math
-import pkgutil
 import os
+import pkgutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,11 +30,19 @@ from torch import nn
 
 from cluster import storage
 from cluster.errors import ConfigError
-from distill.losses import (LossWeights, difficulty_routing_loss, distillation_loss,
-                             teacher_entropy, teacher_token_nll)
+from distill.losses import LossWeights, difficulty_routing_loss, distillation_loss, teacher_entropy, teacher_token_nll
 from distill.training import checkpoint as ckpt
-from distill.training.data import (MixtureStream, PackedBatch, RowSource, TableSource, collate, component_mask,
-                                   heldout_mask, next_batch, read_table)
+from distill.training.data import (
+    MixtureStream,
+    PackedBatch,
+    RowSource,
+    TableSource,
+    collate,
+    component_mask,
+    heldout_mask,
+    next_batch,
+    read_table,
+)
 from distill.training.section import Precision, Schedule, Strategy, TrainSection, TrainStage
 
 
@@ -46,7 +54,7 @@ class TrainJob:
     init_dir: str  # the student at initialisation (HF dir)
     metrics_uri: str  # JSONL, written by rank 0
     data_files: list[str] = dataclasses.field(default_factory=list)  # no-Ray path reads these
-    checkpoint_dir: Optional[str] = None  # no-Ray path keeps checkpoints here
+    checkpoint_dir: str | None = None  # no-Ray path keeps checkpoints here
     pad_id: int = 0
     # Step callbacks, each {"target": "module:Class", "kwargs": {...}}: built once on every worker, their
     # ``before_step(rank, step, batches)`` runs before each optimizer step (row tracing, fault injection, ...).
@@ -56,7 +64,7 @@ class TrainJob:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainJob":
+    def from_dict(cls, data: dict[str, Any]) -> TrainJob:
         return cls(**data)
 
 
@@ -69,16 +77,16 @@ class Runtime:
     def sources(self, stage_index: int, stage: TrainStage, seed: int) -> list[RowSource]:
         raise NotImplementedError
 
-    def heldout(self, seed: int) -> Optional[RowSource]:
+    def heldout(self, seed: int) -> RowSource | None:
         raise NotImplementedError
 
-    def wrap(self, module: "DistillModule", section: TrainSection) -> nn.Module:
+    def wrap(self, module: DistillModule, section: TrainSection) -> nn.Module:
         return wrap_model(module, section.strategy, self.device)
 
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Optional[Path]]:
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         raise NotImplementedError
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path], step: int) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         raise NotImplementedError
 
 
@@ -99,8 +107,10 @@ class LocalRuntime(Runtime):
     def sources(self, stage_index, stage, seed):
         import pyarrow as pa
 
-        return [TableSource(self.train_table.filter(pa.array(component_mask(self.train_table, c))), seed + i)
-                for i, c in enumerate(stage.mixture)]
+        return [
+            TableSource(self.train_table.filter(pa.array(component_mask(self.train_table, c))), seed + i)
+            for i, c in enumerate(stage.mixture)
+        ]
 
     def heldout(self, seed):
         return TableSource(self.heldout_table, seed) if self.heldout_table.num_rows else None
@@ -123,8 +133,18 @@ class DistillModule(nn.Module):
         self.student = student
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, position_ids, pred_index, targets, topk_ids, topk_logprobs,
-                weights: LossWeights, difficulty_coef: float = 0.0):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        pred_index,
+        targets,
+        topk_ids,
+        topk_logprobs,
+        weights: LossWeights,
+        difficulty_coef: float = 0.0,
+    ):
         """Returns (:class:`LossOutput` of the KD terms, the decoder output with the MoE aux loss).
 
         ``difficulty_coef > 0`` adds :func:`~distill.losses.difficulty_routing_loss` (routing entropy
@@ -133,14 +153,18 @@ class DistillModule(nn.Module):
         out = self.student.model(input_ids, attention_mask, position_ids=position_ids, compute_aux=True)
         hidden = out.last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])[pred_index]  # [N, H]
-        losses = distillation_loss(flat, self.student.lm_head.weight, targets, topk_ids, topk_logprobs, weights,
-                                   chunk_size=self.chunk_size)
+        losses = distillation_loss(
+            flat, self.student.lm_head.weight, targets, topk_ids, topk_logprobs, weights, chunk_size=self.chunk_size
+        )
         if difficulty_coef > 0 and out.router_entropy is not None:
             if topk_ids is None:
-                raise ConfigError("routing.router_difficulty_loss_coef needs the teacher's top-k log-probs in the "
-                                  "training data; set it to 0 for data without soft labels")
-            term = difficulty_routing_loss(out.router_entropy.reshape(-1)[pred_index],
-                                           teacher_entropy(topk_ids, topk_logprobs))
+                raise ConfigError(
+                    "routing.router_difficulty_loss_coef needs the teacher's top-k log-probs in the "
+                    "training data; set it to 0 for data without soft labels"
+                )
+            term = difficulty_routing_loss(
+                out.router_entropy.reshape(-1)[pred_index], teacher_entropy(topk_ids, topk_logprobs)
+            )
             out.aux_loss = out.aux_loss + difficulty_coef * term
             out.aux_losses = {**out.aux_losses, "difficulty": term}
         return losses, out
@@ -161,9 +185,15 @@ class StepResult:
     out: Any  # the last micro-batch's decoder output (routing stats)
 
 
-def train_step(module: nn.Module, batches: list[PackedBatch], weights: LossWeights, world: int,
-               device: torch.device, autocast: Any = contextlib.nullcontext, difficulty_coef: float = 0.0
-               ) -> StepResult:
+def train_step(
+    module: nn.Module,
+    batches: list[PackedBatch],
+    weights: LossWeights,
+    world: int,
+    device: torch.device,
+    autocast: Any = contextlib.nullcontext,
+    difficulty_coef: float = 0.0,
+) -> StepResult:
     """Forward and backward over one step's micro-batches; gradients of the step's per-token mean loss.
 
     Each micro-batch contributes its KD loss *sum* over target tokens divided by the target tokens of
@@ -187,9 +217,17 @@ def train_step(module: nn.Module, batches: list[PackedBatch], weights: LossWeigh
             module.set_requires_gradient_sync(last)
         with sync:
             with autocast():
-                losses, out = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.pred_index,
-                                     batch.targets, batch.topk_ids, batch.topk_logprobs, weights=weights,
-                                     difficulty_coef=difficulty_coef)
+                losses, out = module(
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.position_ids,
+                    batch.pred_index,
+                    batch.targets,
+                    batch.topk_ids,
+                    batch.topk_logprobs,
+                    weights=weights,
+                    difficulty_coef=difficulty_coef,
+                )
             loss = losses.loss_sum * scale
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss / len(batches)
@@ -197,13 +235,16 @@ def train_step(module: nn.Module, batches: list[PackedBatch], weights: LossWeigh
         with torch.no_grad():
             n, zero = float(losses.tokens), losses.loss_sum.new_zeros((), dtype=torch.float32)
             parts = sorted(losses.parts)
-            micro_sums = torch.stack([losses.loss_sum.detach().float(), losses.parts.get("kl", zero) * n,
-                                      losses.top1_agreement.float() * n]
-                                     + [losses.parts[k].float() * n for k in parts])
+            micro_sums = torch.stack(
+                [losses.loss_sum.detach().float(), losses.parts.get("kl", zero) * n, losses.top1_agreement.float() * n]
+                + [losses.parts[k].float() * n for k in parts]
+            )
             sums = micro_sums if sums is None else sums + micro_sums
             aux_names = sorted(out.aux_losses)
-            micro_aux = torch.stack([(out.aux_loss if out.aux_loss is not None else loss.new_zeros(())).detach().float()]
-                                    + [out.aux_losses[k].detach().float() for k in aux_names])
+            micro_aux = torch.stack(
+                [(out.aux_loss if out.aux_loss is not None else loss.new_zeros(())).detach().float()]
+                + [out.aux_losses[k].detach().float() for k in aux_names]
+            )
             aux = micro_aux if aux is None else aux + micro_aux
     return StepResult(tokens, global_tokens, global_positions, sums, parts, aux, aux_names, len(batches), out)
 
@@ -212,11 +253,15 @@ def step_metrics(result: StepResult, world: int, device: torch.device) -> dict[s
     """The step's loss / KL / top-1 / parts as token-weighted means over micro-batches and ranks (collective)."""
     values = _all_reduce(result.sums.tolist() + result.aux.tolist() + [float(result.micro_batches)], device)
     n = max(result.global_tokens, 1.0)
-    sums, aux, micro = values[:len(result.sums)], values[len(result.sums):-1], values[-1]
+    sums, aux, micro = values[: len(result.sums)], values[len(result.sums) : -1], values[-1]
     aux_mean = [a / max(micro, 1.0) for a in aux]
-    return {"loss": sums[0] / n + aux_mean[0], "kl": sums[1] / n, "top1": sums[2] / n,
-            "parts": {k: v / n for k, v in zip(result.parts, sums[3:])},
-            "aux": dict(zip(result.aux_names, aux_mean[1:]))}
+    return {
+        "loss": sums[0] / n + aux_mean[0],
+        "kl": sums[1] / n,
+        "top1": sums[2] / n,
+        "parts": {k: v / n for k, v in zip(result.parts, sums[3:])},
+        "aux": dict(zip(result.aux_names, aux_mean[1:])),
+    }
 
 
 def _distributed() -> bool:
@@ -254,12 +299,16 @@ def build_optimizer(module: nn.Module, section: TrainSection) -> torch.optim.Opt
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": section.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=section.lr, betas=section.betas)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": section.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=section.lr,
+        betas=section.betas,
+    )
 
 
-def clip_and_step(module: nn.Module, optimizer: torch.optim.Optimizer, frozen: list[nn.Parameter],
-                  grad_clip: Optional[float]) -> Optional[float]:
+def clip_and_step(
+    module: nn.Module, optimizer: torch.optim.Optimizer, frozen: list[nn.Parameter], grad_clip: float | None
+) -> float | None:
     """Drop the frozen parameters' gradients, clip the rest (DDP or FSDP2 DTensors), step; returns the norm."""
     for p in frozen:
         p.grad = None  # left out of the clip and the optimizer step (AdamW skips parameters without a grad)
@@ -300,7 +349,7 @@ def apply_routing(model: nn.Module, stage: TrainStage, progress: float) -> dict[
     config = model.model.config
     applied: dict[str, Any] = {}
     if r.top_p is not None:
-        start, end = (r.top_p if isinstance(r.top_p, list) else [r.top_p, r.top_p])
+        start, end = r.top_p if isinstance(r.top_p, list) else [r.top_p, r.top_p]
         top_p = float(start + (end - start) * min(max(progress, 0.0), 1.0))
         config.top_p = top_p
         for router in _routers(model):
@@ -331,8 +380,9 @@ def frozen_parameters(model: nn.Module, stage: TrainStage) -> list[nn.Parameter]
     return [router.weight for router in _routers(model)] if stage.routing.freeze_router else []
 
 
-def lr_at(section: TrainSection, stage: TrainStage, step_in_stage: int, progress: float,
-          decay_from: float = 0.0) -> float:
+def lr_at(
+    section: TrainSection, stage: TrainStage, step_in_stage: int, progress: float, decay_from: float = 0.0
+) -> float:
     """The LR of the stage's step ``step_in_stage`` (0-based): linear warmup, then the decay schedule.
 
     Warmup steps ``0 .. W-1`` ramp up to ``peak * W / (W + 1)``; step ``W`` is at the peak and the
@@ -360,7 +410,7 @@ class MetricsLog:
     """``metrics.jsonl``: cut back to the resumed step once, atomically (a resume never duplicates lines), then
     one appended line per record (object stores cannot append: there the file is rewritten whole)."""
 
-    def __init__(self, uri: str, resume_step: Optional[int]):
+    def __init__(self, uri: str, resume_step: int | None):
         self.uri = uri
         self.lines: list[str] = []
         if resume_step is not None and storage.exists(uri):
@@ -413,8 +463,17 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
     torch.manual_seed(section.seed)
 
     model = _load_student(job.init_dir).to(device)
-    state: dict[str, Any] = {"stage": 0, "stage_step": 0, "stage_tokens": 0, "step": 0, "tokens": 0,
-                             "data": None, "world_size": world, "history": [], "wall_seconds": 0.0}
+    state: dict[str, Any] = {
+        "stage": 0,
+        "stage_step": 0,
+        "stage_tokens": 0,
+        "step": 0,
+        "tokens": 0,
+        "data": None,
+        "world_size": world,
+        "history": [],
+        "wall_seconds": 0.0,
+    }
     resumed_from = None
     with runtime.latest_checkpoint() as path:
         if path is not None:  # full weights into the plain model; wrapping then shards / broadcasts them
@@ -439,9 +498,12 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
         stage_index = state["stage"]
         stage = stages[stage_index]
         weights = stage.loss
-        stream = MixtureStream(runtime.sources(stage_index, stage, section.seed * 1000 + stage_index * 10),
-                               [c.weight for c in stage.mixture], seed=section.seed * 7919 + stage_index * 31 + rank,
-                               state=(state["data"] or [None] * world)[rank] if state["data"] else None)
+        stream = MixtureStream(
+            runtime.sources(stage_index, stage, section.seed * 1000 + stage_index * 10),
+            [c.weight for c in stage.mixture],
+            seed=section.seed * 7919 + stage_index * 31 + rank,
+            state=(state["data"] or [None] * world)[rank] if state["data"] else None,
+        )
         window_start, window_tokens, window_positions = time.perf_counter(), 0, 0
         while True:
             done, progress = _stage_length_done(stage, state["stage_step"], state["stage_tokens"])
@@ -455,13 +517,26 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            batches = [collate(next_batch(stream.take, stream.peek, section.micro_batch_size, section.seq_len),
-                               section.seq_len, job.pad_id, weights.needs_soft_labels).to(device)
-                       for _ in range(section.grad_accum)]
+            batches = [
+                collate(
+                    next_batch(stream.take, stream.peek, section.micro_batch_size, section.seq_len),
+                    section.seq_len,
+                    job.pad_id,
+                    weights.needs_soft_labels,
+                ).to(device)
+                for _ in range(section.grad_accum)
+            ]
             for callback in callbacks:
                 callback.before_step(rank, state["step"] + 1, batches)
-            result = train_step(module, batches, weights, world, device, lambda: _autocast(device, section),
-                                difficulty_coef=stage.routing.router_difficulty_loss_coef or 0.0)
+            result = train_step(
+                module,
+                batches,
+                weights,
+                world,
+                device,
+                lambda: _autocast(device, section),
+                difficulty_coef=stage.routing.router_difficulty_loss_coef or 0.0,
+            )
             out = result.out
             grad_norm = clip_and_step(module, optimizer, frozen_parameters(model, stage), section.grad_clip)
             global_tokens, global_positions = result.global_tokens, result.global_positions
@@ -479,29 +554,63 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             if log_now:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 means = step_metrics(result, world, device)
-                metrics = {"step": state["step"], "stage": stage_index, "stage_name": stage.name, "lr": lr,
-                           "loss": means["loss"], "parts": means["parts"], "top1": means["top1"],
-                           "kl": means["kl"], "tokens": state["tokens"],
-                           "completion_tokens_per_s": window_tokens / elapsed,
-                           "tokens_per_s": window_positions / elapsed, "grad_norm": grad_norm,
-                           "aux": means["aux"], "routing": routing,
-                           "experts_per_token": [round(float(s.experts_per_token), 4) for s in out.routing],
-                           "expert_load": [[round(float(x), 4) for x in s.expert_load] for s in out.routing],
-                           "world_size": world}
+                metrics = {
+                    "step": state["step"],
+                    "stage": stage_index,
+                    "stage_name": stage.name,
+                    "lr": lr,
+                    "loss": means["loss"],
+                    "parts": means["parts"],
+                    "top1": means["top1"],
+                    "kl": means["kl"],
+                    "tokens": state["tokens"],
+                    "completion_tokens_per_s": window_tokens / elapsed,
+                    "tokens_per_s": window_positions / elapsed,
+                    "grad_norm": grad_norm,
+                    "aux": means["aux"],
+                    "routing": routing,
+                    "experts_per_token": [round(float(s.experts_per_token), 4) for s in out.routing],
+                    "expert_load": [[round(float(x), 4) for x in s.expert_load] for s in out.routing],
+                    "world_size": world,
+                }
                 window_start, window_tokens, window_positions = time.perf_counter(), 0, 0
             if not done and section.heldout_every and state["step"] % section.heldout_every == 0:
                 held = evaluate_heldout(module, runtime, section, job, device)  # the budget curve's points
                 if rank == 0:
-                    metrics_log.write({"event": "heldout", "stage": stage_index, "stage_name": stage.name,
-                                       "step": state["step"], "train_tokens": state["tokens"], **held})
+                    metrics_log.write(
+                        {
+                            "event": "heldout",
+                            "stage": stage_index,
+                            "stage_name": stage.name,
+                            "step": state["step"],
+                            "train_tokens": state["tokens"],
+                            **held,
+                        }
+                    )
             if done:
                 held = evaluate_heldout(module, runtime, section, job, device)
-                state["history"].append({"stage": stage_index, "name": stage.name, "steps": state["stage_step"],
-                                         "tokens": state["stage_tokens"], "end_step": state["step"],
-                                         "routing": routing, "heldout": held})
+                state["history"].append(
+                    {
+                        "stage": stage_index,
+                        "name": stage.name,
+                        "steps": state["stage_step"],
+                        "tokens": state["stage_tokens"],
+                        "end_step": state["step"],
+                        "routing": routing,
+                        "heldout": held,
+                    }
+                )
                 if rank == 0:
-                    metrics_log.write({"event": "heldout", "stage": stage_index, "stage_name": stage.name,
-                                       "step": state["step"], "train_tokens": state["tokens"], **held})
+                    metrics_log.write(
+                        {
+                            "event": "heldout",
+                            "stage": stage_index,
+                            "stage_name": stage.name,
+                            "step": state["step"],
+                            "train_tokens": state["tokens"],
+                            **held,
+                        }
+                    )
                 state["stage"] += 1
                 state["stage_step"] = state["stage_tokens"] = 0
                 state["data"] = None
@@ -517,8 +626,9 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
                     state["np_rng"] = np_rng.bit_generator.state
                     sharded = ckpt.gather_sharded(module, optimizer)  # FSDP: collective, full state on rank 0
                     if rank == 0:
-                        staged = ckpt.save(_staging_dir(runtime), model=model, optimizer=optimizer, state=state,
-                                           sharded=sharded)
+                        staged = ckpt.save(
+                            _staging_dir(runtime), model=model, optimizer=optimizer, state=state, sharded=sharded
+                        )
                 runtime.report(metrics or {"step": state["step"]}, staged, state["step"])
             if done:
                 break
@@ -535,8 +645,9 @@ def _staging_dir(runtime: Runtime) -> Path:
 
 
 @torch.no_grad()
-def evaluate_heldout(module: nn.Module, runtime: Runtime, section: TrainSection, job: TrainJob,
-                     device: torch.device) -> dict[str, float]:
+def evaluate_heldout(
+    module: nn.Module, runtime: Runtime, section: TrainSection, job: TrainJob, device: torch.device
+) -> dict[str, float]:
     """KL to the teacher (top-k + tail), top-1 agreement and CE on this rank's share of held-out rows, summed over ranks."""
     source = runtime.heldout(section.seed)
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # kl * n, top1 * n, ce * n, n, teacher ce * n
@@ -549,7 +660,7 @@ def evaluate_heldout(module: nn.Module, runtime: Runtime, section: TrainSection,
             if len(rows) >= limit:
                 break
     # Every rank runs the same number of forward passes (DDP/FSDP forwards are collective).
-    batches = [rows[i:i + section.micro_batch_size] for i in range(0, len(rows), section.micro_batch_size)]
+    batches = [rows[i : i + section.micro_batch_size] for i in range(0, len(rows), section.micro_batch_size)]
     count = int(_all_reduce([float(len(batches))], device, op="max")[0])
     weights = LossWeights(ce=1.0, forward_kl=1.0)
     was_training = module.training
@@ -558,16 +669,29 @@ def evaluate_heldout(module: nn.Module, runtime: Runtime, section: TrainSection,
         group = batches[i] if i < len(batches) else []
         if not group:
             # A rank with no rows left still joins the collective forward on a dummy row.
-            dummy = {"prompt_id": "-", "input_ids": np.array([job.pad_id, job.pad_id]), "prompt_len": 1,
-                     "topk_ids": np.array([[job.pad_id]]), "topk_logprobs": np.array([[0.0]], dtype=np.float32)}
+            dummy = {
+                "prompt_id": "-",
+                "input_ids": np.array([job.pad_id, job.pad_id]),
+                "prompt_len": 1,
+                "topk_ids": np.array([[job.pad_id]]),
+                "topk_logprobs": np.array([[0.0]], dtype=np.float32),
+            }
             group, real = [dummy], False
         else:
             real = True
         length = min(section.seq_len, max(len(r["input_ids"]) for r in group))
         batch = collate([[r] for r in group], length, job.pad_id).to(device)
         with _autocast(device, section):
-            losses, _ = module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.pred_index,
-                                  batch.targets, batch.topk_ids, batch.topk_logprobs, weights=weights)
+            losses, _ = module(
+                batch.input_ids,
+                batch.attention_mask,
+                batch.position_ids,
+                batch.pred_index,
+                batch.targets,
+                batch.topk_ids,
+                batch.topk_logprobs,
+                weights=weights,
+            )
         if real:
             n = float(batch.tokens)
             sums[0] += float(losses.parts["kl"]) * n

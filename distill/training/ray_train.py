@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pyarrow as pa
 
@@ -36,15 +37,25 @@ def build_datasets(files: list[str], section: TrainSection) -> dict[str, Any]:
     quiet_ray_data()
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same order every epoch/restart
     base = ray.data.read_parquet(files, columns=TRAIN_COLUMNS, include_paths=True).materialize()
-    datasets = {"heldout": base.map_batches(_select, batch_format="pyarrow",
-                                            fn_kwargs={"fraction": section.heldout_fraction, "seed": section.seed,
-                                                       "heldout": True}).materialize()}
+    datasets = {
+        "heldout": base.map_batches(
+            _select,
+            batch_format="pyarrow",
+            fn_kwargs={"fraction": section.heldout_fraction, "seed": section.seed, "heldout": True},
+        ).materialize()
+    }
     for s, stage in enumerate(section.stages):
         for c, component in enumerate(stage.mixture):
             datasets[f"s{s}c{c}"] = base.map_batches(
-                _select, batch_format="pyarrow",
-                fn_kwargs={"fraction": section.heldout_fraction, "seed": section.seed, "heldout": False,
-                           "component": component}).materialize()
+                _select,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "fraction": section.heldout_fraction,
+                    "seed": section.seed,
+                    "heldout": False,
+                    "component": component,
+                },
+            ).materialize()
     return datasets
 
 
@@ -55,9 +66,12 @@ class RayShardSource:
         self.iterator, self.seed, self.rank, self.world_size, self.buffer = iterator, seed, rank, world_size, buffer
 
     def rows(self, epoch: int) -> Iterator[dict[str, Any]]:
-        for batch in self.iterator.iter_batches(batch_size=64, batch_format="pyarrow",
-                                                local_shuffle_buffer_size=self.buffer,
-                                                local_shuffle_seed=self.seed * 100_003 + epoch):
+        for batch in self.iterator.iter_batches(
+            batch_size=64,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=self.buffer,
+            local_shuffle_seed=self.seed * 100_003 + epoch,
+        ):
             mine = [rank_of(p, self.world_size) == self.rank for p in batch["prompt_id"].to_pylist()]
             yield from rows_from_table(batch.filter(pa.array(mine, type=pa.bool_())))
 
@@ -75,8 +89,16 @@ class RayRuntime(Runtime):
     def sources(self, stage_index, stage, seed):
         import ray.train
 
-        return [RayShardSource(ray.train.get_dataset_shard(f"s{stage_index}c{i}"), seed + i, self.rank,
-                               self.world_size, self.section.shuffle_buffer) for i in range(len(stage.mixture))]
+        return [
+            RayShardSource(
+                ray.train.get_dataset_shard(f"s{stage_index}c{i}"),
+                seed + i,
+                self.rank,
+                self.world_size,
+                self.section.shuffle_buffer,
+            )
+            for i in range(len(stage.mixture))
+        ]
 
     def heldout(self, seed):
         import ray.train
@@ -99,8 +121,9 @@ class RayRuntime(Runtime):
 
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(flat, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"checkpoint_{step:07d}" if checkpoint else None)
+        ray.train.report(
+            flat, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}" if checkpoint else None
+        )
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
@@ -124,21 +147,31 @@ def fit(job: TrainJob, section: TrainSection, files: list[str], storage_path: st
     if section.gpus_per_worker:
         resources["GPU"] = section.gpus_per_worker
     trainer = TorchTrainer(
-        worker_main, train_loop_config=job.to_dict(),
-        scaling_config=ScalingConfig(num_workers=section.workers, use_gpu=section.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=section.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints)),
-        datasets=build_datasets(files, section), dataset_config=DataConfig(datasets_to_split=[]))
+        worker_main,
+        train_loop_config=job.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=section.workers, use_gpu=section.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=section.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
+        ),
+        datasets=build_datasets(files, section),
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
     return trainer.fit()
 
 
-def latest_checkpoint_path(storage_path: str, name: str = "ray") -> Optional[str]:
+def latest_checkpoint_path(storage_path: str, name: str = "ray") -> str | None:
     """The newest ``checkpoint_*`` folder Ray Train wrote under ``storage_path/name`` (None if none)."""
     from cluster import storage
 
     root = storage.join(storage_path, name)
-    found = sorted(u for u in storage.listdir(root) if u.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_0")
-                   and storage.exists(storage.join(u, "state.json")))
+    found = sorted(
+        u
+        for u in storage.listdir(root)
+        if u.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_0") and storage.exists(storage.join(u, "state.json"))
+    )
     return found[-1].rstrip("/") if found else None

@@ -10,7 +10,6 @@ forward KL on the teacher's top-k soft labels.
 from __future__ import annotations
 
 import enum
-from typing import Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -38,24 +37,27 @@ class Precision(str, enum.Enum):
 class MixtureComponent(Section):
     """Rows a stage reads: all conditions given must hold. ``weight`` is the share of sampled rows."""
 
-    source: Optional[str] = Field(default=None, description="the rows' `source` tag, e.g. self_instruct")
-    min_quality: Optional[float] = Field(default=None, description="judge score threshold (rows without one fail)")
-    files: Optional[str] = Field(default=None, description="glob on the shard file name, e.g. 'part-0000*'")
-    finish_reason: Optional[str] = Field(default=None, description="stop = complete answers, length = truncated")
+    source: str | None = Field(default=None, description="the rows' `source` tag, e.g. self_instruct")
+    min_quality: float | None = Field(default=None, description="judge score threshold (rows without one fail)")
+    files: str | None = Field(default=None, description="glob on the shard file name, e.g. 'part-0000*'")
+    finish_reason: str | None = Field(default=None, description="stop = complete answers, length = truncated")
     weight: float = Field(default=1.0, gt=0)
 
 
 class RoutingSchedule(Section):
     """Routing during a stage. ``top_p`` may be one value or [start, end], moved linearly over the stage."""
 
-    top_p: Optional[Union[float, list[float]]] = Field(default=None, description="top-p threshold (top_p routing)")
-    num_experts_per_tok: Optional[int] = Field(default=None, ge=1, description="k (top-k routing)")
-    router_aux_loss_coef: Optional[float] = Field(default=None, ge=0)
-    router_z_loss_coef: Optional[float] = Field(default=None, ge=0)
-    router_entropy_loss_coef: Optional[float] = Field(default=None, ge=0)
-    router_difficulty_loss_coef: Optional[float] = Field(
-        default=None, ge=0, description="top-p: routing entropy against the teacher's entropy per token (lower "
-        "where the teacher is confident, higher where it is unsure), so harder tokens take more experts")
+    top_p: float | list[float] | None = Field(default=None, description="top-p threshold (top_p routing)")
+    num_experts_per_tok: int | None = Field(default=None, ge=1, description="k (top-k routing)")
+    router_aux_loss_coef: float | None = Field(default=None, ge=0)
+    router_z_loss_coef: float | None = Field(default=None, ge=0)
+    router_entropy_loss_coef: float | None = Field(default=None, ge=0)
+    router_difficulty_loss_coef: float | None = Field(
+        default=None,
+        ge=0,
+        description="top-p: routing entropy against the teacher's entropy per token (lower "
+        "where the teacher is confident, higher where it is unsure), so harder tokens take more experts",
+    )
     freeze_router: bool = False
 
     @field_validator("top_p")
@@ -71,24 +73,26 @@ class RoutingSchedule(Section):
 
 class TrainStage(Section):
     name: str = "distill"
-    steps: Optional[int] = Field(default=None, ge=0, description="optimizer steps (or give `tokens`)")
-    tokens: Optional[int] = Field(default=None, ge=0, description="completion tokens to train on")
+    steps: int | None = Field(default=None, ge=0, description="optimizer steps (or give `tokens`)")
+    tokens: int | None = Field(default=None, ge=0, description="completion tokens to train on")
     mixture: list[MixtureComponent] = Field(default_factory=lambda: [MixtureComponent()])
-    lr: Optional[float] = Field(default=None, gt=0, description="peak learning rate (default train.lr)")
-    min_lr_ratio: Optional[float] = Field(default=None, ge=0, le=1)
+    lr: float | None = Field(default=None, gt=0, description="peak learning rate (default train.lr)")
+    min_lr_ratio: float | None = Field(default=None, ge=0, le=1)
     schedule: Schedule = Schedule.cosine
-    warmup_steps: Optional[int] = Field(default=None, ge=0)
+    warmup_steps: int | None = Field(default=None, ge=0)
     loss: LossWeights = Field(default_factory=LossWeights)
     routing: RoutingSchedule = Field(default_factory=RoutingSchedule)
 
     @model_validator(mode="after")
-    def _has_length(self) -> "TrainStage":
+    def _has_length(self) -> TrainStage:
         if self.steps is None and self.tokens is None:
             self.steps = 100
         if (self.steps is not None and self.steps == 0) or (self.steps is None and self.tokens == 0):
             raise ValueError(f"stage {self.name!r} has zero length; give it steps >= 1 or tokens >= 1, or remove it")
         if not self.mixture:
-            raise ValueError(f"stage {self.name!r} has an empty mixture; list at least one component, e.g. [{{}}] for all rows")
+            raise ValueError(
+                f"stage {self.name!r} has an empty mixture; list at least one component, e.g. [{{}}] for all rows"
+            )
         return self
 
 
@@ -99,7 +103,7 @@ class TrainSection(Section):
     workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP ranks)")
     gpus_per_worker: float = Field(default=0, ge=0)
     cpus_per_worker: float = Field(default=1, gt=0)
-    threads_per_worker: Optional[int] = Field(default=None, ge=1, description="torch threads (default: cores / workers)")
+    threads_per_worker: int | None = Field(default=None, ge=1, description="torch threads (default: cores / workers)")
     strategy: Strategy = Strategy.ddp
     precision: Precision = Precision.auto
     # batches
@@ -113,12 +117,16 @@ class TrainSection(Section):
     warmup_steps: int = Field(default=10, ge=0)
     weight_decay: float = Field(default=0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: Optional[float] = Field(default=1.0, gt=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
     # data
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1, description="prompts kept out of training for eval")
     heldout_max_rows: int = Field(default=64, ge=1, description="held-out rows scored at each stage end")
-    heldout_every: Optional[int] = Field(default=None, ge=1, description="also score them every N steps: the "
-                                         "report's student/teacher ratio vs training budget (None = stage ends)")
+    heldout_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="also score them every N steps: the "
+        "report's student/teacher ratio vs training budget (None = stage ends)",
+    )
     shuffle_buffer: int = Field(default=256, ge=1)
     seed: int = 0
     # checkpoints and logging

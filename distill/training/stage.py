@@ -19,15 +19,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from cluster import storage
 from cluster.errors import ConfigError, RaydistillError
-from distill.training.data import DataSummary, data_dir_for, scan
-from distill.training.loop import LocalRuntime, TrainJob, train_loop
 from cluster.section import RayConfigHolder, RunConfig
 from distill.student.section import StudentSection
 from distill.teacher.section import TeacherSection
+from distill.training.data import data_dir_for, scan
+from distill.training.loop import LocalRuntime, TrainJob, train_loop
 from distill.training.section import TrainSection
 
 
@@ -37,6 +37,7 @@ class TrainConfig(RunConfig, RayConfigHolder, Protocol):
     teacher: TeacherSection
     student: StudentSection
     train: TrainSection
+
 
 TRAIN_DIR = "train"
 STUDENT_DIR = "student"
@@ -56,8 +57,10 @@ def ensure_init_student(cfg: TrainConfig, train_dir: Path, seed: int) -> Path:
         return init_dir
     train_dir.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=".tmp-init-", dir=train_dir))
-    print("student init: building from the teacher" if cfg.student.init == "from_teacher" else
-          "student init: random", flush=True)
+    print(
+        "student init: building from the teacher" if cfg.student.init == "from_teacher" else "student init: random",
+        flush=True,
+    )
     _, record = create_student(cfg.teacher, cfg.student, cfg.train, staged, seed=seed, run_dir=str(train_dir.parent))
     for line in init_summary(record):
         print(f"student init: {line}", flush=True)
@@ -74,7 +77,7 @@ def _vocab_and_pad(init_dir: Path) -> tuple[int, int]:
     return int(config["vocab_size"]), int(pad or 0)
 
 
-def _section(cfg: TrainConfig, workers: Optional[int], gpus_per_worker: Optional[float]) -> TrainSection:
+def _section(cfg: TrainConfig, workers: int | None, gpus_per_worker: float | None) -> TrainSection:
     update: dict[str, Any] = {}
     if workers is not None:
         update["workers"] = workers
@@ -86,10 +89,10 @@ def _section(cfg: TrainConfig, workers: Optional[int], gpus_per_worker: Optional
 class _Progress:
     """A driver-side progress bar fed by the workers' metrics.jsonl (works for local and Ray runs)."""
 
-    def __init__(self, metrics: Path, total_steps: Optional[int], enabled: bool):
+    def __init__(self, metrics: Path, total_steps: int | None, enabled: bool):
         self.metrics, self.total, self.enabled = metrics, total_steps, enabled
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._offset = 0  # bytes of metrics.jsonl already read
 
     def __enter__(self):
@@ -116,15 +119,20 @@ class _Progress:
                 chunk = handle.read()
         except OSError:
             return
-        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next tick
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next tick
         self._offset += len(complete)
         lines = complete.decode().splitlines()
         steps = [m for m in (json.loads(line) for line in lines if line.strip()) if "loss" in m]
         if steps and steps[-1]["step"] != bar.n:  # redraw only on progress (logs stay readable)
             last = steps[-1]
             bar.n = last["step"]
-            bar.set_postfix(stage=last["stage_name"], loss=f"{last['loss']:.3f}", kl=f"{last['kl']:.3f}",
-                            tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+            bar.set_postfix(
+                stage=last["stage_name"],
+                loss=f"{last['loss']:.3f}",
+                kl=f"{last['kl']:.3f}",
+                tok_s=f"{last['tokens_per_s']:.0f}",
+                refresh=False,
+            )
             bar.refresh()
 
     def __exit__(self, *exc):
@@ -133,10 +141,18 @@ class _Progress:
             self._thread.join(timeout=5)
 
 
-def run_train_stage(cfg: TrainConfig, run_dir: str, *, workers: Optional[int] = None,
-                    gpus_per_worker: Optional[float] = None, resume: bool = True, restart: bool = False,
-                    use_ray: bool = True, show_progress: bool = True,
-                    callbacks: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+def run_train_stage(
+    cfg: TrainConfig,
+    run_dir: str,
+    *,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    resume: bool = True,
+    restart: bool = False,
+    use_ray: bool = True,
+    show_progress: bool = True,
+    callbacks: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Distil the run's data into the student; returns (and writes) ``{run}/train/manifest.json``.
 
     ``resume``: continue from the last checkpoint if there is one (else a run with checkpoints is an
@@ -150,29 +166,47 @@ def run_train_stage(cfg: TrainConfig, run_dir: str, *, workers: Optional[int] = 
     manifest_path = train_dir / "manifest.json"
     config_hash = cfg.section_hash("student", "train")
     if restart:
-        for path in (train_dir / RAY_RUN_NAME, train_dir / "local", manifest_path, train_dir / "metrics.jsonl",
-                     train_dir / "init", run / STUDENT_DIR, run / EXPORT_DIR):
+        for path in (
+            train_dir / RAY_RUN_NAME,
+            train_dir / "local",
+            manifest_path,
+            train_dir / "metrics.jsonl",
+            train_dir / "init",
+            run / STUDENT_DIR,
+            run / EXPORT_DIR,
+        ):
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
     has_state = any((train_dir / d).exists() for d in (RAY_RUN_NAME, "local"))
     if has_state and not resume:
-        raise ConfigError(f"{train_dir} already has training state; pass --resume to continue it or --restart "
-                          "to discard it and train from the initial student")
+        raise ConfigError(
+            f"{train_dir} already has training state; pass --resume to continue it or --restart "
+            "to discard it and train from the initial student"
+        )
     if manifest_path.exists():
         previous = json.loads(manifest_path.read_text())
-        if previous.get("status") == "done" and previous.get("config_hash") == config_hash \
-                and (run / STUDENT_DIR / "config.json").exists():
+        if (
+            previous.get("status") == "done"
+            and previous.get("config_hash") == config_hash
+            and (run / STUDENT_DIR / "config.json").exists()
+        ):
             return previous  # nothing changed since the last completed training
 
     data_dir = data_dir_for(str(run))
     init_dir = ensure_init_student(cfg, train_dir, section.seed)
     vocab_size, pad_id = _vocab_and_pad(init_dir)
     summary = scan(data_dir, section, vocab_size)  # bad data and bad stages fail here, before any worker
-    job = TrainJob(section=section.model_dump(mode="json"), init_dir=str(init_dir),
-                   metrics_uri=str(train_dir / "metrics.jsonl"), data_files=summary.files,
-                   checkpoint_dir=str(train_dir / "local"), pad_id=pad_id, callbacks=list(callbacks or []))
+    job = TrainJob(
+        section=section.model_dump(mode="json"),
+        init_dir=str(init_dir),
+        metrics_uri=str(train_dir / "metrics.jsonl"),
+        data_files=summary.files,
+        checkpoint_dir=str(train_dir / "local"),
+        pad_id=pad_id,
+        callbacks=list(callbacks or []),
+    )
     total_steps = sum(s.steps for s in section.stages) if all(s.steps for s in section.stages) else None
     started = time.time()
     with _Progress(train_dir / "metrics.jsonl", total_steps, show_progress):
@@ -186,9 +220,11 @@ def run_train_stage(cfg: TrainConfig, run_dir: str, *, workers: Optional[int] = 
             try:
                 result = fit(job, section, summary.files, str(train_dir), RAY_RUN_NAME)
             except ray.train.TrainingFailedError as exc:
-                raise RaydistillError(f"training failed after {section.max_failures} restarts (train.max_failures); "
-                                      f"fix the cause and rerun with --resume to continue from the last "
-                                      f"checkpoint: {exc}") from exc
+                raise RaydistillError(
+                    f"training failed after {section.max_failures} restarts (train.max_failures); "
+                    f"fix the cause and rerun with --resume to continue from the last "
+                    f"checkpoint: {exc}"
+                ) from exc
             if result.error is not None:
                 raise RaydistillError(f"training failed after {section.max_failures} restarts: {result.error}")
             checkpoint = result.checkpoint.path if result.checkpoint else latest_checkpoint_path(str(train_dir))
@@ -201,18 +237,30 @@ def run_train_stage(cfg: TrainConfig, run_dir: str, *, workers: Optional[int] = 
             checkpoint = str(LocalCheckpoints(train_dir / "local").latest())
     state = json.loads((Path(checkpoint) / "state.json").read_text())
     if state["stage"] < len(section.stages):
-        raise RaydistillError(f"training stopped in stage {state['stage']} of {len(section.stages)}; rerun with --resume")
+        raise RaydistillError(
+            f"training stopped in stage {state['stage']} of {len(section.stages)}; rerun with --resume"
+        )
     student_dir, export_dir = publish_student(cfg, init_dir, Path(checkpoint), run, state, section)
     metrics_tail = _last_metrics(train_dir / "metrics.jsonl")
     manifest = {
-        "status": "done", "config_hash": config_hash, "data_dir": data_dir, "rows": summary.rows,
-        "train_rows": summary.train_rows, "heldout_rows": summary.heldout_rows,
-        "steps": state["step"], "tokens": state["tokens"], "wall_seconds": round(time.time() - started, 2),
+        "status": "done",
+        "config_hash": config_hash,
+        "data_dir": data_dir,
+        "rows": summary.rows,
+        "train_rows": summary.train_rows,
+        "heldout_rows": summary.heldout_rows,
+        "steps": state["step"],
+        "tokens": state["tokens"],
+        "wall_seconds": round(time.time() - started, 2),
         "train_seconds": round(state.get("wall_seconds", 0.0), 2),
-        "tokens_per_s": metrics_tail.get("tokens_per_s"), "workers": section.workers,
-        "stages": state["history"], "student_dir": str(student_dir),
-        "export_dir": str(export_dir) if export_dir else None, "init_dir": str(init_dir),
-        "checkpoint": str(checkpoint), "metrics": str(train_dir / "metrics.jsonl"),
+        "tokens_per_s": metrics_tail.get("tokens_per_s"),
+        "workers": section.workers,
+        "stages": state["history"],
+        "student_dir": str(student_dir),
+        "export_dir": str(export_dir) if export_dir else None,
+        "init_dir": str(init_dir),
+        "checkpoint": str(checkpoint),
+        "metrics": str(train_dir / "metrics.jsonl"),
     }
     storage.atomic_write_json(str(manifest_path), manifest)
     return manifest
@@ -229,8 +277,9 @@ def _last_metrics(path: Path) -> dict[str, Any]:
     return {"tokens_per_s": round(sum(rates) / len(rates), 1)}
 
 
-def publish_student(cfg: TrainConfig, init_dir: Path, checkpoint: Path, run: Path, state: dict[str, Any],
-                    section: TrainSection) -> tuple[Path, Optional[Path]]:
+def publish_student(
+    cfg: TrainConfig, init_dir: Path, checkpoint: Path, run: Path, state: dict[str, Any], section: TrainSection
+) -> tuple[Path, Path | None]:
     """Write the final weights as an HF student dir (and the Qwen2-MoE export for top-k routing)."""
     from safetensors.torch import load_file
 
@@ -249,9 +298,19 @@ def publish_student(cfg: TrainConfig, init_dir: Path, checkpoint: Path, run: Pat
             shutil.copy2(init_dir / name, staged / name)
     if (init_dir / "student_init.json").exists():
         shutil.copy2(init_dir / "student_init.json", staged / "student_init.json")
-    (staged / "stages.json").write_text(json.dumps({
-        "stages": state["history"], "steps": state["step"], "tokens": state["tokens"],
-        "config": section.model_dump(mode="json"), "teacher": cfg.teacher.model}, indent=2) + "\n")
+    (staged / "stages.json").write_text(
+        json.dumps(
+            {
+                "stages": state["history"],
+                "steps": state["step"],
+                "tokens": state["tokens"],
+                "config": section.model_dump(mode="json"),
+                "teacher": cfg.teacher.model,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     student_dir = run / STUDENT_DIR
     storage.publish_dir(staged, student_dir)
     export_dir = None

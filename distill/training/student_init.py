@@ -17,8 +17,15 @@ from distill.training.section import TrainSection
 INIT_RECORD = "student_init.json"
 
 
-def create_student(teacher_section: TeacherSection, section: StudentSection, train: TrainSection, out: str | Path,
-                   seed: int = 0, run_dir: str | None = None, progress: Any = None) -> tuple[Any, dict[str, Any]]:
+def create_student(
+    teacher_section: TeacherSection,
+    section: StudentSection,
+    train: TrainSection,
+    out: str | Path,
+    seed: int = 0,
+    run_dir: str | None = None,
+    progress: Any = None,
+) -> tuple[Any, dict[str, Any]]:
     """Build the config's student (from the teacher or at random) and save it with the teacher's tokenizer to ``out``.
 
     A from-teacher student is calibrated on ``student.calibration.data`` (``run`` = ``run_dir``'s
@@ -36,22 +43,39 @@ def create_student(teacher_section: TeacherSection, section: StudentSection, tra
     student_config = section.to_student_config(teacher_config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"init": section.init, "teacher": teacher_section.model, "teacher_dir": str(teacher_dir),
-                              "seed": seed}
+    record: dict[str, Any] = {
+        "init": section.init,
+        "teacher": teacher_section.model,
+        "teacher_dir": str(teacher_dir),
+        "seed": seed,
+    }
     if section.init == "from_teacher":
         calib = section.calibration
         teacher = load_teacher(str(teacher_dir))
         fit, heldout, tokenizer = _calibration_text(calib, train, teacher_dir, run_dir, seed)
-        result = build_from_teacher(teacher, student_config, section.teacher_layers, calibration=fit or None,
-                                    options=CalibrationOptions(
-                                        tokens=calib.tokens, importance_tokens=calib.importance_tokens,
-                                        seq_len=calib.seq_len, rounds=calib.rounds, sharpness=calib.sharpness,
-                                        difficulty=calib.difficulty,
-                                        active_fraction=calib.active_fraction),
-                                    seed=seed, progress=progress)
+        result = build_from_teacher(
+            teacher,
+            student_config,
+            section.teacher_layers,
+            calibration=fit or None,
+            options=CalibrationOptions(
+                tokens=calib.tokens,
+                importance_tokens=calib.importance_tokens,
+                seq_len=calib.seq_len,
+                rounds=calib.rounds,
+                sharpness=calib.sharpness,
+                difficulty=calib.difficulty,
+                active_fraction=calib.active_fraction,
+            ),
+            seed=seed,
+            progress=progress,
+        )
         model = result.model
-        record.update(teacher_layers=result.layers, calibration_tokens=result.calibration_tokens,
-                      layer_importance={str(k): round(v, 5) for k, v in sorted(result.layer_importance.items())})
+        record.update(
+            teacher_layers=result.layers,
+            calibration_tokens=result.calibration_tokens,
+            layer_importance={str(k): round(v, 5) for k, v in sorted(result.layer_importance.items())},
+        )
         if heldout:
             record["heldout"] = _heldout_report(teacher, result, heldout, tokenizer, calib.seq_len)
     else:
@@ -64,8 +88,9 @@ def create_student(teacher_section: TeacherSection, section: StudentSection, tra
     return student_config, record
 
 
-def _calibration_text(calib: Any, train: TrainSection, teacher_dir: Path, run_dir: str | None, seed: int
-                      ) -> tuple[list[list[int]], list[list[int]], Any]:
+def _calibration_text(
+    calib: Any, train: TrainSection, teacher_dir: Path, run_dir: str | None, seed: int
+) -> tuple[list[list[int]], list[list[int]], Any]:
     """(fit sequences, held-out sequences, tokenizer); both empty for ``calibration.data: none``."""
     from distill.data.calibration import calibration_sequences, check_sources
     from distill.data.split import row_is_heldout
@@ -75,8 +100,12 @@ def _calibration_text(calib: Any, train: TrainSection, teacher_dir: Path, run_di
     check_sources(calib.sources(), run_dir)
     tokenizer = load_tokenizer(str(teacher_dir))
     sequences = calibration_sequences(
-        calib.sources(), run_dir=run_dir, tokenizer=tokenizer, seed=seed,
-        keep=lambda row: not row_is_heldout(row, train.heldout_fraction, train.seed))
+        calib.sources(),
+        run_dir=run_dir,
+        tokenizer=tokenizer,
+        seed=seed,
+        keep=lambda row: not row_is_heldout(row, train.heldout_fraction, train.seed),
+    )
     heldout, count = [], 0
     while sequences and count < calib.heldout_tokens and len(sequences) > 1:
         heldout.append(sequences.pop())
@@ -84,8 +113,9 @@ def _calibration_text(calib: Any, train: TrainSection, teacher_dir: Path, run_di
     return sequences, heldout, tokenizer
 
 
-def _heldout_report(teacher: Any, result: Any, heldout: list[list[int]], tokenizer: Any, seq_len: int
-                    ) -> dict[str, Any]:
+def _heldout_report(
+    teacher: Any, result: Any, heldout: list[list[int]], tokenizer: Any, seq_len: int
+) -> dict[str, Any]:
     """Bits/byte of the teacher, the dense pruned teacher and the student on held-out calibration text."""
     import torch
 
@@ -99,11 +129,13 @@ def _heldout_report(teacher: Any, result: Any, heldout: list[list[int]], tokeniz
         for ids in chunks:
             stats = result.model(input_ids=ids).routing_stats or []
             experts += [float(s.experts_per_token) for s in stats]
-    return {"tokens": sum(int(c.numel()) for c in chunks),
-            "bpb_teacher": calibrate.bits_per_byte(teacher, chunks, decode),
-            "bpb_dense_pruned": calibrate.bits_per_byte(prune_teacher(teacher, result.layers), chunks, decode),
-            "bpb_student": calibrate.bits_per_byte(result.model, chunks, decode),
-            "experts_per_token": sum(experts) / len(experts) if experts else None}
+    return {
+        "tokens": sum(int(c.numel()) for c in chunks),
+        "bpb_teacher": calibrate.bits_per_byte(teacher, chunks, decode),
+        "bpb_dense_pruned": calibrate.bits_per_byte(prune_teacher(teacher, result.layers), chunks, decode),
+        "bpb_student": calibrate.bits_per_byte(result.model, chunks, decode),
+        "experts_per_token": sum(experts) / len(experts) if experts else None,
+    }
 
 
 def init_summary(record: dict[str, Any]) -> list[str]:
@@ -115,9 +147,11 @@ def init_summary(record: dict[str, Any]) -> list[str]:
     held = record.get("heldout")
     if held:
         k = held.get("experts_per_token")
-        lines.append(f"held-out calibration text ({held['tokens']} tokens), bits/byte: teacher "
-                     f"{held['bpb_teacher']:.3f}, dense pruned {held['bpb_dense_pruned']:.3f}, MoE student "
-                     f"{held['bpb_student']:.3f}" + (f" ({k:.2f} experts/token)" if k is not None else ""))
+        lines.append(
+            f"held-out calibration text ({held['tokens']} tokens), bits/byte: teacher "
+            f"{held['bpb_teacher']:.3f}, dense pruned {held['bpb_dense_pruned']:.3f}, MoE student "
+            f"{held['bpb_student']:.3f}" + (f" ({k:.2f} experts/token)" if k is not None else "")
+        )
     elif record.get("init") == "from_teacher":
         lines.append("data-free init (student.calibration.data: none)")
     return lines

@@ -1,9 +1,9 @@
 """The ``raydistill`` command: one console script for every stage.
 
-    raydistill generate --config FILE [--set a.b=v ...] [--run ID]
-    raydistill filter   --config FILE [--set ...] [--run ID]
-    raydistill data inspect URI [--json]
-    raydistill student init|info ...   raydistill export ...   raydistill train|eval|serve|run|submit|schedule ...
+raydistill generate --config FILE [--set a.b=v ...] [--run ID]
+raydistill filter   --config FILE [--set ...] [--run ID]
+raydistill data inspect URI [--json]
+raydistill student init|info ...   raydistill export ...   raydistill train|eval|serve|run|submit|schedule ...
 """
 
 from __future__ import annotations
@@ -27,14 +27,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run = run_dir(cfg, args.run, create=True)
     connect_ray(cfg)
     manifest = run_generate_stage(cfg, run, show_progress=not args.quiet)
-    print_table("generate", [("rows", manifest["rows"]), ("new rows", manifest["new_rows"]),
-                              ("resumed rows", manifest["resumed_rows"]),
-                              ("completion tokens", manifest["completion_tokens"]),
-                              ("teacher tokens/s", manifest["teacher_tokens_per_s"]),
-                              ("skipped", manifest["skipped"] or "none"),
-                              *([("prompt cleaning", line)] if (line := cleaning_summary(
-                                  manifest.get("prompt_cleaning"))) else []),
-                              ("wall seconds", manifest["wall_seconds"])])
+    print_table(
+        "generate",
+        [
+            ("rows", manifest["rows"]),
+            ("new rows", manifest["new_rows"]),
+            ("resumed rows", manifest["resumed_rows"]),
+            ("completion tokens", manifest["completion_tokens"]),
+            ("teacher tokens/s", manifest["teacher_tokens_per_s"]),
+            ("skipped", manifest["skipped"] or "none"),
+            *([("prompt cleaning", line)] if (line := cleaning_summary(manifest.get("prompt_cleaning"))) else []),
+            ("wall seconds", manifest["wall_seconds"]),
+        ],
+    )
     print(run)
     return 0
 
@@ -61,21 +66,29 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=str))
         return 0
     sample = report.get("sample", {})
-    print_table(f"data: {args.uri}", [
-        ("rows", report["rows"]), ("unique prompt ids", report["unique_prompt_ids"]),
-        ("prompt tokens", f"{report['prompt_tokens']}  {report['prompt_len']}"),
-        ("completion tokens", f"{report['completion_tokens']}  {report['completion_len']}"),
-        ("finish reasons", report["finish_reason"]), ("sources", ", ".join(report["sources"])),
-        ("teachers", ", ".join(report["teachers"])), ("soft labels", report["soft_labels"]),
-        ("sample prompt", (sample.get("prompt") or "")[:200]),
-        ("sample completion", (sample.get("completion") or "")[:300]),
-        ("sample top-5 @0", sample.get("first_position_topk"))])
+    print_table(
+        f"data: {args.uri}",
+        [
+            ("rows", report["rows"]),
+            ("unique prompt ids", report["unique_prompt_ids"]),
+            ("prompt tokens", f"{report['prompt_tokens']}  {report['prompt_len']}"),
+            ("completion tokens", f"{report['completion_tokens']}  {report['completion_len']}"),
+            ("finish reasons", report["finish_reason"]),
+            ("sources", ", ".join(report["sources"])),
+            ("teachers", ", ".join(report["teachers"])),
+            ("soft labels", report["soft_labels"]),
+            ("sample prompt", (sample.get("prompt") or "")[:200]),
+            ("sample completion", (sample.get("completion") or "")[:300]),
+            ("sample top-5 @0", sample.get("first_position_topk")),
+        ],
+    )
     return 0 if report["soft_labels"]["ok"] or report["rows"] == 0 else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raydistill", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="raydistill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

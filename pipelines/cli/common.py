@@ -6,15 +6,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from cluster.errors import RaydistillError
 from pipelines.config import PipelineConfig, load_config
 
 
 def add_set_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set prompts.count=8 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set prompts.count=8 (repeatable)",
+    )
 
 
 def add_config_args(parser: argparse.ArgumentParser, run: bool = True) -> None:
@@ -46,8 +53,10 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
 
 def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace, *, interrupted: str) -> int:
     """Run a subcommand: logging at WARNING (DEBUG with ``--verbose``), our errors as one line and exit code 2."""
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(func(args) or 0)
     except RaydistillError as exc:

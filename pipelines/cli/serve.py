@@ -20,10 +20,17 @@ from serve.section import ServeSection
 def register(subparsers: Any) -> None:
     from pipelines.cli.common import add_config_args
 
-    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible API (Ray Serve or --no-ray)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", metavar="MODEL_DIR",
-                   help="a student run dir, any Hugging Face model dir, or an alias like smollm2-135m-instruct")
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible API (Ray Serve or --no-ray)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="a student run dir, any Hugging Face model dir, or an alias like smollm2-135m-instruct",
+    )
     add_config_args(p, run=False)
     p.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (serve.port, default 8000)")
@@ -39,9 +46,14 @@ def register(subparsers: Any) -> None:
 def section_from_args(base: ServeSection, args: argparse.Namespace) -> ServeSection:
     """The config's ``serve:`` section with the command-line flags applied (validated again)."""
     updates: dict[str, Any] = {}
-    for flag, field in (("host", "host"), ("port", "port"), ("min_replicas", "min_replicas"),
-                        ("max_replicas", "max_replicas"), ("api_key_file", "api_key_file"),
-                        ("model_name", "model_name")):
+    for flag, field in (
+        ("host", "host"),
+        ("port", "port"),
+        ("min_replicas", "min_replicas"),
+        ("max_replicas", "max_replicas"),
+        ("api_key_file", "api_key_file"),
+        ("model_name", "model_name"),
+    ):
         value = getattr(args, flag, None)
         if value is not None:
             updates[field] = value
@@ -79,8 +91,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serve.app import deploy
 
     connect_ray(cfg)
-    print(f"serving {args.model_dir} as model {section.model_name!r} through Ray Serve "
-          f"(replicas {section.min_replicas}..{section.max_replicas}); Ctrl-C stops", flush=True)
+    print(
+        f"serving {args.model_dir} as model {section.model_name!r} through Ray Serve "
+        f"(replicas {section.min_replicas}..{section.max_replicas}); Ctrl-C stops",
+        flush=True,
+    )
     url = deploy(args.model_dir, section, blocking=False)
     print(f"OpenAI base URL: {url}/v1", flush=True)
     import time
@@ -98,19 +113,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve_uvicorn(model_dir: str, section: ServeSection) -> int:
     import uvicorn
 
-    from serve.backends import EngineBackend
-
     from serve.api import create_app
-
-    from serve.engine.factory import load_engine
     from serve.auth import APIKeyAuth, check_exposure, load_api_keys
+    from serve.backends import EngineBackend
+    from serve.engine.factory import load_engine
 
     keys = load_api_keys(section.api_key_env, section.api_key_file)
     check_exposure(section.host, bool(keys), section.allow_unauthenticated)
     engine = load_engine(model_dir, section)
-    app = create_app(EngineBackend(engine, name=section.model_name), section, auth=APIKeyAuth(keys),
-                     close_backends=True)
-    print(f"OpenAI base URL: http://{section.host}:{section.port}/v1 (model {section.model_name!r}); "
-          "Ctrl-C stops", flush=True)
+    app = create_app(
+        EngineBackend(engine, name=section.model_name), section, auth=APIKeyAuth(keys), close_backends=True
+    )
+    print(
+        f"OpenAI base URL: http://{section.host}:{section.port}/v1 (model {section.model_name!r}); Ctrl-C stops",
+        flush=True,
+    )
     uvicorn.run(app, host=section.host, port=section.port, log_level="warning", timeout_graceful_shutdown=10)
     return 0

@@ -1,20 +1,20 @@
 """``raydistill student init|info`` and ``raydistill export``.
 
-    raydistill student init --config FILE [--set student.num_experts=8 ...] --out DIR [--seed N] [--force]
-    raydistill student info MODEL_DIR [--context 2048] [--json]
-    raydistill export MODEL_DIR --format qwen2_moe --out DIR
+raydistill student init --config FILE [--set student.num_experts=8 ...] --out DIR [--seed N] [--force]
+raydistill student info MODEL_DIR [--context 2048] [--json]
+raydistill export MODEL_DIR --format qwen2_moe --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from cluster.errors import ConfigError
 from pipelines.cli.common import add_config_args, load
+
 
 def register(subparsers: Any) -> None:
     """Add ``student`` (init, info) and ``export`` to an argparse subparsers object."""
@@ -25,23 +25,35 @@ def register(subparsers: Any) -> None:
     add_config_args(init, run=False)
     init.add_argument("--out", required=True, metavar="DIR", help="directory to write the HF student into")
     init.add_argument("--seed", type=int, default=0, help="seed for random weights and the router init")
-    init.add_argument("--run", metavar="DIR", default=None,
-                      help="run directory whose teacher data calibrates the init (student.calibration.data: run)")
+    init.add_argument(
+        "--run",
+        metavar="DIR",
+        default=None,
+        help="run directory whose teacher data calibrates the init (student.calibration.data: run)",
+    )
     init.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
     init.set_defaults(func=cmd_student_init)
 
     info = student_sub.add_parser("info", help="parameters, active parameters, FLOPs and KV-cache size")
     info.add_argument("model_dir", metavar="MODEL_DIR")
     info.add_argument("--context", type=int, default=2048, help="context length for FLOPs and KV bytes")
-    info.add_argument("--experts-per-token", type=float, default=None,
-                      help="measured mean experts per token (top-p); default k, or max_k as an upper bound")
+    info.add_argument(
+        "--experts-per-token",
+        type=float,
+        default=None,
+        help="measured mean experts per token (top-p); default k, or max_k as an upper bound",
+    )
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_student_info)
 
     export = subparsers.add_parser("export", help="export a student for other runtimes")
     export.add_argument("model_dir", metavar="MODEL_DIR")
-    export.add_argument("--format", required=True, choices=["qwen2_moe"],
-                        help="qwen2_moe: stock transformers Qwen2MoeForCausalLM (top-k students only)")
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=["qwen2_moe"],
+        help="qwen2_moe: stock transformers Qwen2MoeForCausalLM (top-k students only)",
+    )
     export.add_argument("--out", required=True, metavar="DIR")
     export.set_defaults(func=cmd_export)
 
@@ -59,8 +71,15 @@ def cmd_student_init(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     out = _prepare_out(args.out, args.force)
-    student_config, record = create_student(cfg.teacher, cfg.student, cfg.train, out, seed=args.seed, run_dir=args.run,
-                                            progress=lambda line: print(f"  {line}", end="\r", flush=True))
+    student_config, record = create_student(
+        cfg.teacher,
+        cfg.student,
+        cfg.train,
+        out,
+        seed=args.seed,
+        run_dir=args.run,
+        progress=lambda line: print(f"  {line}", end="\r", flush=True),
+    )
     print(f"wrote {record['init']} student to {out}" + " " * 40)
     for line in init_summary(record):
         print(f"  {line}")
@@ -98,15 +117,20 @@ def cmd_student_info(args: argparse.Namespace) -> int:
     config = _read_student_config(args.model_dir)
     if args.json:
         counts = accounting.count_parameters(config)
-        print(json.dumps({
-            "total_parameters": counts.total,
-            "active_parameters": accounting.active_parameters(config, args.experts_per_token),
-            "flops_per_token": accounting.flops_per_token(config, args.context, args.experts_per_token),
-            "kv_bytes_per_token_per_layer": accounting.kv_bytes_per_token(config),
-            "kv_cache_bytes": accounting.kv_cache_bytes(config, args.context),
-            "context": args.context,
-            "config": config.model_dump(mode="json"),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "total_parameters": counts.total,
+                    "active_parameters": accounting.active_parameters(config, args.experts_per_token),
+                    "flops_per_token": accounting.flops_per_token(config, args.context, args.experts_per_token),
+                    "kv_bytes_per_token_per_layer": accounting.kv_bytes_per_token(config),
+                    "kv_cache_bytes": accounting.kv_cache_bytes(config, args.context),
+                    "context": args.context,
+                    "config": config.model_dump(mode="json"),
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"student {args.model_dir}")
     _print_rows(_info_rows(config, args.context, args.experts_per_token))

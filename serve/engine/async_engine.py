@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 from serve.engine.engine import LLMEngine
 from serve.engine.types import EngineError, EngineFailure, EngineUnavailable, GenerationOutput, GenerationRequest
@@ -30,18 +31,18 @@ class AsyncEngine:
         self._aborts: list[str] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
         self._dead = False  # the loop thread ended (shutdown or an unexpected error); set under _lock
         self._stats: dict = engine.stats()
         self._thread = threading.Thread(target=self._loop, name="raydistill-engine", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_pretrained(cls, model: str, **kwargs: Any) -> "AsyncEngine":
+    def from_pretrained(cls, model: str, **kwargs: Any) -> AsyncEngine:
         return cls(LLMEngine.from_pretrained(model, **kwargs))
 
     @classmethod
-    def from_engine(cls, engine: LLMEngine) -> "AsyncEngine":
+    def from_engine(cls, engine: LLMEngine) -> AsyncEngine:
         return cls(engine)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
@@ -88,8 +89,10 @@ class AsyncEngine:
     def check_health(self) -> None:
         """Raise :class:`EngineUnavailable` when the loop thread is not running (health checks, Ray Serve)."""
         if self._dead or not self._thread.is_alive():
-            raise EngineUnavailable(f"the engine thread is not running ({'shut down' if self._stop else 'died'})"
-                                    + (f": {type(self._error).__name__}" if self._error is not None else ""))
+            raise EngineUnavailable(
+                f"the engine thread is not running ({'shut down' if self._stop else 'died'})"
+                + (f": {type(self._error).__name__}" if self._error is not None else "")
+            )
 
     def shutdown(self) -> None:
         self._stop = True
@@ -143,8 +146,9 @@ class AsyncEngine:
                 self._deliver(request.request_id, exc)
             except Exception as exc:  # noqa: BLE001 - this request alone fails (a 5xx), the loop goes on
                 log.exception("engine add_request failed for %s", request.request_id)
-                self._deliver(request.request_id, EngineFailure(
-                    f"adding the request failed: {type(exc).__name__}: {exc}"))
+                self._deliver(
+                    request.request_id, EngineFailure(f"adding the request failed: {type(exc).__name__}: {exc}")
+                )
         if not engine.has_unfinished():
             self._stats = engine.stats()
             self._wake.wait(timeout=0.5)
@@ -155,8 +159,11 @@ class AsyncEngine:
             failure = EngineFailure(f"engine step failed: {type(exc).__name__}: {exc}")
             try:  # roll back, retry the requests one at a time: the request that fails again fails alone
                 given_up = engine.recover()
-                log.exception("engine step failed; rolled back %d requests, failing %s",
-                              len(engine._requests), given_up or "none yet (isolating the culprit)")
+                log.exception(
+                    "engine step failed; rolled back %d requests, failing %s",
+                    len(engine._requests),
+                    given_up or "none yet (isolating the culprit)",
+                )
             except Exception:  # noqa: BLE001 - recovery failed too: start clean, fail everything in the engine
                 log.exception("engine step failed and recovery failed; failing every request in the engine")
                 given_up = engine.reset()

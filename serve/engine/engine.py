@@ -25,15 +25,21 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from distill.teacher.sources import eos_token_ids as eos_token_ids_of
 from serve.engine.loader import load_model, resolve_model_dir
 from serve.engine.sampling import IncrementalDetokenizer, find_stop, sample_tokens, stop_holdback
-from serve.engine.types import (MAX_TOP_LOGPROBS, EngineError, GenerationOutput, GenerationRequest, SamplingOptions,
-                                TokenLogprob)
+from serve.engine.types import (
+    MAX_TOP_LOGPROBS,
+    EngineError,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingOptions,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +48,17 @@ log = logging.getLogger(__name__)
 class _Sequence:
     request: GenerationRequest
     detok: IncrementalDetokenizer
-    generator: Optional[torch.Generator]
+    generator: torch.Generator | None
     state: str = "waiting"  # waiting | prefill | running
     row: int = -1
     prefilled: int = 0  # prompt tokens already in the cache row
     output: list[int] = dataclasses.field(default_factory=list)
-    last_token: Optional[int] = None  # sampled but not yet fed to the model
+    last_token: int | None = None  # sampled but not yet fed to the model
     sent: int = 0  # characters of detok.text already streamed
     first_output: bool = True
-    resume: Optional[list[int]] = None  # after a failed step: prefill prompt + output instead of the prompt
+    resume: list[int] | None = None  # after a failed step: prefill prompt + output instead of the prompt
     failures: int = 0  # failed steps this request was part of
-    matcher: Optional[Any] = None  # llguidance matcher of a response_format request (serve.structured)
+    matcher: Any | None = None  # llguidance matcher of a response_format request (serve.structured)
 
     @property
     def id(self) -> str:
@@ -66,8 +72,18 @@ class _Sequence:
         """What one step may change (restored by :meth:`LLMEngine.recover` when the step fails)."""
         d = self.detok
         rng = self.generator.get_state() if self.generator is not None else None
-        return (self.state, len(self.output), self.last_token, self.sent, self.first_output, len(d.ids),
-                d.prefix_offset, d.read_offset, len(d.text), rng)
+        return (
+            self.state,
+            len(self.output),
+            self.last_token,
+            self.sent,
+            self.first_output,
+            len(d.ids),
+            d.prefix_offset,
+            d.read_offset,
+            len(d.text),
+            rng,
+        )
 
     def restore(self, snap: tuple) -> None:
         (_state, n_out, self.last_token, self.sent, self.first_output, n_ids, prefix, read, n_text, rng) = snap
@@ -95,9 +111,17 @@ class LLMEngine:
     Build with :meth:`from_pretrained` (a model dir, student run dir or alias) or :meth:`from_model`.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch_size: int = 16,
-                 max_model_len: Optional[int] = None, prefill_chunk: int = 256, name: str = "model",
-                 eos_token_ids: Optional[list[int]] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 16,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 256,
+        name: str = "model",
+        eos_token_ids: list[int] | None = None,
+    ):
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk < 1:
@@ -111,13 +135,19 @@ class LLMEngine:
         self.vocab_size = int(config.vocab_size)
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
-        self.eos_token_ids = sorted(set(eos_token_ids if eos_token_ids is not None else
-                                        eos_token_ids_of(tokenizer, None, getattr(model, "generation_config", None),
-                                                         getattr(model, "config", None))))
+        self.eos_token_ids = sorted(
+            set(
+                eos_token_ids
+                if eos_token_ids is not None
+                else eos_token_ids_of(
+                    tokenizer, None, getattr(model, "generation_config", None), getattr(model, "config", None)
+                )
+            )
+        )
         self._eos = set(self.eos_token_ids)
         with torch.inference_mode():
             self.cache = self.model.new_cache(max_batch_size, max_seq_len=min(self.context_length, 128))
-        self._slots: list[Optional[_Sequence]] = [None] * max_batch_size
+        self._slots: list[_Sequence | None] = [None] * max_batch_size
         self._running: list[_Sequence] = []  # index == cache row
         self._prefilling: list[_Sequence] = []
         self._waiting: collections.deque[_Sequence] = collections.deque()
@@ -125,11 +155,11 @@ class LLMEngine:
         self._pending: list[GenerationOutput] = []  # outputs made outside step() (aborts)
         self._snapshots: dict[str, tuple[_Sequence, tuple]] = {}  # before the current step (recover())
         self._isolating = 0  # after a failed step: suspects still to re-admit one at a time
-        self._probation: Optional[_Sequence] = None  # the suspect admitted last, until it makes a token
+        self._probation: _Sequence | None = None  # the suspect admitted last, until it makes a token
         self._probation_mark = 0  # its output length when admitted
         self._failed_outputs: list[GenerationOutput] = []
         self._rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        self._grammars: Optional[Any] = None  # serve.structured.GrammarFactory, built on first use
+        self._grammars: Any | None = None  # serve.structured.GrammarFactory, built on first use
         self._steps = 0
         self._decode_steps = 0
         self._generated = 0
@@ -137,9 +167,16 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, model: str, *, dtype: str = "float32", max_batch_size: int = 16,
-                        max_model_len: Optional[int] = None, prefill_chunk: int = 256,
-                        threads: Optional[int] = None) -> "LLMEngine":
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        dtype: str = "float32",
+        max_batch_size: int = 16,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 256,
+        threads: int | None = None,
+    ) -> LLMEngine:
         """Load a student run dir (``{run}/student``), an HF dir (student or dense LLaMA/Qwen2/Mistral) or an alias."""
         from transformers import AutoTokenizer
 
@@ -150,15 +187,36 @@ class LLMEngine:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         eos = eos_token_ids_of(tokenizer, model_dir, raw)
         name = model if not os.path.isdir(os.path.expanduser(model)) else os.path.basename(os.path.normpath(model))
-        return cls(module, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len,
-                   prefill_chunk=prefill_chunk, name=name, eos_token_ids=eos)
+        return cls(
+            module,
+            tokenizer,
+            max_batch_size=max_batch_size,
+            max_model_len=max_model_len,
+            prefill_chunk=prefill_chunk,
+            name=name,
+            eos_token_ids=eos,
+        )
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer: Any, *, max_batch_size: int = 16,
-                   max_model_len: Optional[int] = None, prefill_chunk: int = 256, name: str = "model") -> "LLMEngine":
+    def from_model(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 16,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 256,
+        name: str = "model",
+    ) -> LLMEngine:
         """An in-memory model: a student (StudentLM / HF class) or a dense transformers LLaMA/Qwen2/Mistral."""
-        return cls(model, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len,
-                   prefill_chunk=prefill_chunk, name=name)
+        return cls(
+            model,
+            tokenizer,
+            max_batch_size=max_batch_size,
+            max_model_len=max_model_len,
+            prefill_chunk=prefill_chunk,
+            name=name,
+        )
 
     # ------------------------------------------------------------------ requests
     def check_request(self, request: GenerationRequest) -> None:
@@ -175,19 +233,25 @@ class LLMEngine:
         if isinstance(s.max_tokens, bool) or not isinstance(s.max_tokens, int) or s.max_tokens < 0:
             raise EngineError(f"request {rid}: max_tokens must be an integer >= 0, got {s.max_tokens!r}")
         if len(prompt) + s.max_tokens > self.context_length:
-            raise EngineError(f"prompt has {len(prompt)} tokens, max_tokens {s.max_tokens}, context "
-                              f"{self.context_length}: prompt + max_tokens must fit in the context; shorten "
-                              f"the prompt or lower max_tokens")
+            raise EngineError(
+                f"prompt has {len(prompt)} tokens, max_tokens {s.max_tokens}, context "
+                f"{self.context_length}: prompt + max_tokens must fit in the context; shorten "
+                f"the prompt or lower max_tokens"
+            )
         if not isinstance(s.temperature, (int, float)) or not math.isfinite(s.temperature) or s.temperature < 0:
             raise EngineError(f"request {rid}: temperature must be a finite number >= 0, got {s.temperature!r}")
         if not isinstance(s.top_p, (int, float)) or not 0 < s.top_p <= 1:
             raise EngineError(f"request {rid}: top_p must be in (0, 1], got {s.top_p!r}")
         if isinstance(s.top_k, bool) or not isinstance(s.top_k, int) or s.top_k < 0:
             raise EngineError(f"request {rid}: top_k must be an integer >= 0 (0 = off), got {s.top_k!r}")
-        if isinstance(s.top_logprobs, bool) or not isinstance(s.top_logprobs, int) or \
-                not 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise EngineError(f"request {rid}: top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], "
-                              f"got {s.top_logprobs!r}")
+        if (
+            isinstance(s.top_logprobs, bool)
+            or not isinstance(s.top_logprobs, int)
+            or not 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise EngineError(
+                f"request {rid}: top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {s.top_logprobs!r}"
+            )
         if s.seed is not None and (isinstance(s.seed, bool) or not isinstance(s.seed, int)):
             raise EngineError(f"request {rid}: seed must be an integer, got {s.seed!r}")
         if any(not isinstance(x, str) or not x for x in s.stop):
@@ -213,8 +277,9 @@ class LLMEngine:
         generator = None
         if s.seed is not None and s.temperature > 0:
             generator = torch.Generator().manual_seed(int(s.seed) & 0x7FFF_FFFF_FFFF_FFFF)
-        seq = _Sequence(request=request, detok=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
-                        generator=generator)
+        seq = _Sequence(
+            request=request, detok=IncrementalDetokenizer(self.tokenizer, request.prompt_ids), generator=generator
+        )
         if s.json_schema is not None:
             if self._grammars is None:
                 from serve.structured import GrammarFactory
@@ -234,8 +299,17 @@ class LLMEngine:
             return
         with torch.inference_mode():
             self._release(seq)
-        self._pending.append(GenerationOutput(request_id, [], "", finished=True, finish_reason="abort",
-                                              prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output)))
+        self._pending.append(
+            GenerationOutput(
+                request_id,
+                [],
+                "",
+                finished=True,
+                finish_reason="abort",
+                prompt_tokens=len(seq.prompt),
+                completion_tokens=len(seq.output),
+            )
+        )
 
     def reset(self) -> list[str]:
         """Drop every request (after a failed :meth:`step` left the state unknown); returns their ids.
@@ -364,7 +438,9 @@ class LLMEngine:
             "context_length": self.context_length,
             "kv_cache_bytes": self.cache.nbytes(),
             "kv_bytes_per_token": per_layer_token * full,  # full layers; sliding rings are fixed per row
-            "kv_bytes_per_sequence_sliding": per_layer_token * (config.num_hidden_layers - full) * config.sliding_window,
+            "kv_bytes_per_sequence_sliding": per_layer_token
+            * (config.num_hidden_layers - full)
+            * config.sliding_window,
             "steps": self._steps,
             "decode_steps": self._decode_steps,
             "generated_tokens": self._generated,
@@ -381,10 +457,19 @@ class LLMEngine:
                 self._waiting.popleft()
                 del self._requests[seq.id]
                 self._prompt_tokens += len(seq.prompt)
-                outputs.append(GenerationOutput(
-                    seq.id, [], "", finished=True, finish_reason="length", prompt_tokens=len(seq.prompt),
-                    prompt_logprobs=self.prompt_logprobs(seq.prompt, seq.options.top_logprobs)
-                    if seq.options.prompt_logprobs else None))
+                outputs.append(
+                    GenerationOutput(
+                        seq.id,
+                        [],
+                        "",
+                        finished=True,
+                        finish_reason="length",
+                        prompt_tokens=len(seq.prompt),
+                        prompt_logprobs=self.prompt_logprobs(seq.prompt, seq.options.top_logprobs)
+                        if seq.options.prompt_logprobs
+                        else None,
+                    )
+                )
                 continue
             try:
                 row = self._slots.index(None)
@@ -399,7 +484,7 @@ class LLMEngine:
                 self._isolating -= 1
                 self._probation, self._probation_mark = seq, len(seq.output)
 
-    def _prefill_chunk(self) -> tuple[list[_Sequence], Optional[torch.Tensor]]:
+    def _prefill_chunk(self) -> tuple[list[_Sequence], torch.Tensor | None]:
         """Append up to ``prefill_chunk`` prompt tokens (FCFS); returns the sequences whose prompt is now
         complete and their last-token logits [P_done, V]."""
         budget = self.prefill_chunk
@@ -407,7 +492,7 @@ class LLMEngine:
         for seq in self._prefilling:
             if budget <= 0:
                 break
-            take = seq.prefill_ids[seq.prefilled:seq.prefilled + budget]
+            take = seq.prefill_ids[seq.prefilled : seq.prefilled + budget]
             pieces.append((seq, take))
             budget -= len(take)
         if not pieces:
@@ -416,8 +501,8 @@ class LLMEngine:
         ids = torch.zeros(len(pieces), width, dtype=torch.long)
         mask = torch.zeros(len(pieces), width, dtype=torch.long)
         for i, (_, take) in enumerate(pieces):
-            ids[i, :len(take)] = torch.tensor(take)
-            mask[i, :len(take)] = 1
+            ids[i, : len(take)] = torch.tensor(take)
+            mask[i, : len(take)] = 1
         rows = torch.tensor([seq.row for seq, _ in pieces])
         logits = self.model.append(ids, mask, self.cache, rows=rows)  # [P, V]
         done, keep = [], []
@@ -458,7 +543,7 @@ class LLMEngine:
             logprobs = torch.log_softmax(logits.index_select(0, index), dim=-1)  # [w, V] raw, temperature 1
             chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])[:, 0].tolist()
             k = max(opts[i].top_logprobs for i in want_lp)
-            top_v, top_i = (torch.topk(logprobs, k, dim=-1) if k else (None, None))
+            top_v, top_i = torch.topk(logprobs, k, dim=-1) if k else (None, None)
             for j, i in enumerate(want_lp):
                 n = opts[i].top_logprobs
                 top = list(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist())) if n else []
@@ -488,7 +573,7 @@ class LLMEngine:
 
         return mask_logits(logits, rows, [seqs[i].matcher for i in rows])
 
-    def _advance(self, seq: _Sequence, token: int, logprob: Optional[TokenLogprob]) -> GenerationOutput:
+    def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> GenerationOutput:
         """Append a sampled token to ``seq``; the stream increment (text delta, finish) it produces."""
         opts = seq.options
         seq.output.append(token)
@@ -516,8 +601,9 @@ class LLMEngine:
                 stop_at = find_stop(seq.detok.text, opts.stop, max(0, seq.sent - longest + 1))
                 if stop_at is not None:
                     finish = "stop"
-        if finish is None and (len(seq.output) >= opts.max_tokens
-                               or len(seq.prompt) + len(seq.output) >= self.context_length):
+        if finish is None and (
+            len(seq.output) >= opts.max_tokens or len(seq.prompt) + len(seq.output) >= self.context_length
+        ):
             finish = "length"
         text = seq.detok.text
         if stop_at is not None:
@@ -526,11 +612,18 @@ class LLMEngine:
             end = len(text) - stop_holdback(text, opts.stop)
         else:
             end = len(text)
-        delta = text[seq.sent:end] if end > seq.sent else ""
+        delta = text[seq.sent : end] if end > seq.sent else ""
         seq.sent = max(seq.sent, end)
-        out = GenerationOutput(seq.id, [token], delta, finished=finish is not None, finish_reason=finish,
-                               logprobs=[logprob] if logprob is not None else None,
-                               prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output))
+        out = GenerationOutput(
+            seq.id,
+            [token],
+            delta,
+            finished=finish is not None,
+            finish_reason=finish,
+            logprobs=[logprob] if logprob is not None else None,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.output),
+        )
         if seq.first_output:
             seq.first_output = False
             if opts.prompt_logprobs:
@@ -591,10 +684,10 @@ class LLMEngine:
             hidden = self.model.model(ids, compute_aux=False).last_hidden_state[0]  # [L, H]
             return self.model.lm_head(hidden).float()
 
-    def prompt_logprobs(self, prompt: list[int], top: int = 0, chunk: int = 256) -> list[Optional[TokenLogprob]]:
+    def prompt_logprobs(self, prompt: list[int], top: int = 0, chunk: int = 256) -> list[TokenLogprob | None]:
         """Score a prompt with one full forward pass: None for the first token, then each token's log-prob
         under the raw distribution given the tokens before it, plus the ``top`` best alternatives."""
-        out: list[Optional[TokenLogprob]] = [None]
+        out: list[TokenLogprob | None] = [None]
         with torch.inference_mode():
             ids = torch.tensor([prompt], dtype=torch.long)
             hidden = self.model.model(ids, compute_aux=False).last_hidden_state[0]  # [L, H]
@@ -622,8 +715,10 @@ def to_engine_model(model: torch.nn.Module) -> torch.nn.Module:
     from serve.engine.loader import DENSE_MODEL_TYPES, dense_student_config
 
     if model_type not in DENSE_MODEL_TYPES:
-        raise EngineError(f"the engine serves raydistill students and dense {', '.join(DENSE_MODEL_TYPES)} "
-                          f"models, got {type(model).__name__} (model_type {model_type!r})")
+        raise EngineError(
+            f"the engine serves raydistill students and dense {', '.join(DENSE_MODEL_TYPES)} "
+            f"models, got {type(model).__name__} (model_type {model_type!r})"
+        )
     from distill.student.model import StudentLM
 
     config = dense_student_config(model.config)

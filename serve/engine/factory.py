@@ -4,18 +4,24 @@ model deployment and the eval's speed measurement, built from the ``serve:`` sec
 from __future__ import annotations
 
 import pkgutil
-from typing import Any, Optional
+from typing import Any
 
 from serve.section import ServeSection
 
 
 def engine_kwargs(section: ServeSection) -> dict[str, Any]:
-    return {"dtype": section.dtype, "max_batch_size": section.max_batch_size, "max_model_len": section.max_model_len,
-            "prefill_chunk": section.prefill_chunk, "threads": section.threads}
+    return {
+        "dtype": section.dtype,
+        "max_batch_size": section.max_batch_size,
+        "max_model_len": section.max_model_len,
+        "prefill_chunk": section.prefill_chunk,
+        "threads": section.threads,
+    }
 
 
-def load_engine(model_dir: str, section: ServeSection, engine_factory: Optional[str] = None,
-                engine_options: Optional[dict] = None) -> Any:
+def load_engine(
+    model_dir: str, section: ServeSection, engine_factory: str | None = None, engine_options: dict | None = None
+) -> Any:
     """An AsyncEngine-like object for ``model_dir``: ours, vLLM (``serve.backend``), or ``engine_factory``.
 
     ``engine_factory`` (``'module:callable'``, tests) is called as ``factory(model_dir, **kwargs)``.

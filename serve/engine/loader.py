@@ -36,9 +36,11 @@ def resolve_model_dir(path: str) -> str:
         if (local / "student" / "config.json").exists():
             local = local / "student"
         elif not (local / "config.json").exists():
-            raise RaydistillError(f"{local} is neither an HF model dir (no config.json) nor a student run dir "
-                                  f"(no student/config.json); pass a model dir, a run dir or an alias such as "
-                                  f"smollm2-135m-instruct")
+            raise RaydistillError(
+                f"{local} is neither an HF model dir (no config.json) nor a student run dir "
+                f"(no student/config.json); pass a model dir, a run dir or an alias such as "
+                f"smollm2-135m-instruct"
+            )
         resolved = str(local)
     elif local.exists():
         raise RaydistillError(f"{local} is a file; pass a model directory, a student run dir or an alias")
@@ -50,8 +52,10 @@ def resolve_model_dir(path: str) -> str:
         except ConfigError as exc:
             raise RaydistillError(f"model {path!r}: {exc}") from None
     if not any((Path(resolved) / name).exists() for name in TOKENIZER_FILES):
-        raise RaydistillError(f"model dir {resolved} has no tokenizer ({', '.join(TOKENIZER_FILES)} missing); "
-                              f"save the teacher's tokenizer into it (tokenizer.save_pretrained(dir))")
+        raise RaydistillError(
+            f"model dir {resolved} has no tokenizer ({', '.join(TOKENIZER_FILES)} missing); "
+            f"save the teacher's tokenizer into it (tokenizer.save_pretrained(dir))"
+        )
     return resolved
 
 
@@ -68,7 +72,10 @@ def dense_student_config(hf_config: Any):
     check_teacher(hf_config)  # RoPE scaling, o_proj bias, non-SwiGLU -> ConfigError
     fields = teacher_fields(hf_config)
     layers = fields["num_hidden_layers"]
-    get = (lambda k, d=None: getattr(hf_config, k, d))
+
+    def get(key: str, default: Any = None) -> Any:
+        return getattr(hf_config, key, default)
+
     window = get("sliding_window")
     layer_types = get("layer_types")
     if get("model_type") == "qwen2" and not get("use_sliding_window", False):
@@ -79,9 +86,16 @@ def dense_student_config(hf_config: Any):
         layer_types = ["sliding_attention"] * layers
     else:
         layer_types = ["full_attention"] * layers
-    fields.update(num_hidden_layers=layers, layer_types=layer_types, sliding_window=int(window or 4096),
-                  mlp_only_layers=list(range(layers)), num_experts=1, num_experts_per_tok=1,
-                  moe_intermediate_size=1, max_position_embeddings=fields["max_position_embeddings"] or 2048)
+    fields.update(
+        num_hidden_layers=layers,
+        layer_types=layer_types,
+        sliding_window=int(window or 4096),
+        mlp_only_layers=list(range(layers)),
+        num_experts=1,
+        num_experts_per_tok=1,
+        moe_intermediate_size=1,
+        max_position_embeddings=fields["max_position_embeddings"] or 2048,
+    )
     return StudentConfig.from_dict(fields)
 
 
@@ -100,8 +114,10 @@ def load_model(model_dir: str, dtype: str = "float32") -> tuple[torch.nn.Module,
         model = RaydistillMoeForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
         return model.eval(), raw
     if model_type not in DENSE_MODEL_TYPES:
-        raise RaydistillError(f"model {model_dir} has model_type {model_type!r}; the engine serves "
-                              f"{STUDENT_MODEL_TYPE} students and dense {', '.join(DENSE_MODEL_TYPES)} models")
+        raise RaydistillError(
+            f"model {model_dir} has model_type {model_type!r}; the engine serves "
+            f"{STUDENT_MODEL_TYPE} students and dense {', '.join(DENSE_MODEL_TYPES)} models"
+        )
     from transformers import AutoConfig
 
     return load_dense(model_dir, AutoConfig.from_pretrained(model_dir), torch_dtype), raw
@@ -116,8 +132,10 @@ def load_dense(model_dir: str, hf_config: Any, dtype: torch.dtype) -> torch.nn.M
     config = dense_student_config(hf_config)
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise RaydistillError(f"model dir {model_dir} has no *.safetensors weights; re-save the model with "
-                              "save_pretrained(dir, safe_serialization=True)")
+        raise RaydistillError(
+            f"model dir {model_dir} has no *.safetensors weights; re-save the model with "
+            "save_pretrained(dir, safe_serialization=True)"
+        )
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
@@ -129,8 +147,9 @@ def load_dense(model_dir: str, hf_config: Any, dtype: torch.dtype) -> torch.nn.M
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise RaydistillError(f"cannot load {model_dir} into the engine's decoder: missing={missing[:5]} "
-                              f"unexpected={unexpected[:5]}")
+        raise RaydistillError(
+            f"cannot load {model_dir} into the engine's decoder: missing={missing[:5]} unexpected={unexpected[:5]}"
+        )
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()

@@ -5,13 +5,12 @@ Legend: ``m`` rows sampled this step, ``V`` vocabulary.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
-def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  uniforms: torch.Tensor) -> torch.Tensor:
+def sample_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
+) -> torch.Tensor:
     """Pick one token per row: greedy (argmax) where ``temperature <= 0``, else sample.
 
     logits [m, V] (fp32); temperature, top_p [m] float; top_k [m] long (0 = off); uniforms [m] in
@@ -76,10 +75,10 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Feed one token; return the new text (possibly empty)."""
         self.ids.append(int(token_id))
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix):]
+            delta = full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             self.text += delta
             return delta
@@ -97,7 +96,7 @@ def stop_holdback(text: str, stops: list[str]) -> int:
     return best
 
 
-def find_stop(text: str, stops: list[str], start: int) -> Optional[int]:
+def find_stop(text: str, stops: list[str], start: int) -> int | None:
     """Index of the earliest stop-string occurrence in ``text`` starting at or after ``start``, or None."""
     hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(hits) if hits else None

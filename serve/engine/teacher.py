@@ -8,39 +8,59 @@ static batches, requests leave the batch as soon as they finish and the next pro
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from cluster.errors import ConfigError
-from distill.teacher.base import (Completion, PromptInput, SamplingParams, ScoredSequence, TeacherBackend,
-                                  topk_from_logits)
-from distill.teacher.sources import model_revision, resolve_model
+from distill.teacher.base import (
+    Completion,
+    PromptInput,
+    SamplingParams,
+    ScoredSequence,
+    TeacherBackend,
+    topk_from_logits,
+)
 from distill.teacher.section import TeacherSection
-from distill.teacher.sources import encode_prompt
+from distill.teacher.sources import encode_prompt, model_revision, resolve_model
 
 
 class EngineTeacher(TeacherBackend):
-    def __init__(self, model_dir: str, *, dtype: str = "float32", batch_size: int = 16,
-                 max_model_len: int | None = None, name: str | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: str = "float32",
+        batch_size: int = 16,
+        max_model_len: int | None = None,
+        name: str | None = None,
+        threads: int | None = None,
+    ):
         from serve.engine.engine import LLMEngine
 
-        self.engine = LLMEngine.from_pretrained(model_dir, dtype=dtype, max_batch_size=batch_size,
-                                                max_model_len=max_model_len, threads=threads)
+        self.engine = LLMEngine.from_pretrained(
+            model_dir, dtype=dtype, max_batch_size=batch_size, max_model_len=max_model_len, threads=threads
+        )
         self.tokenizer = self.engine.tokenizer
         self.name = name or f"{os.path.basename(os.path.normpath(model_dir))}@{model_revision(model_dir)}"
         self._calls = 0
 
     @classmethod
-    def from_config(cls, teacher_cfg: TeacherSection) -> "EngineTeacher":
+    def from_config(cls, teacher_cfg: TeacherSection) -> EngineTeacher:
         if teacher_cfg.num_gpus:
             raise ConfigError("teacher.backend: engine runs on CPU; use backend: vllm (or hf) with num_gpus > 0")
         model_dir = resolve_model(teacher_cfg.model, teacher_cfg.revision)
         name = f"{teacher_cfg.model}@{teacher_cfg.revision or model_revision(model_dir)}"
         dtype = "float32" if teacher_cfg.dtype == "auto" else teacher_cfg.dtype  # fp32 is fastest on CPU
-        return cls(model_dir, dtype=dtype, batch_size=teacher_cfg.batch_size, max_model_len=teacher_cfg.max_model_len,
-                   name=name, threads=teacher_cfg.threads)
+        return cls(
+            model_dir,
+            dtype=dtype,
+            batch_size=teacher_cfg.batch_size,
+            max_model_len=teacher_cfg.max_model_len,
+            name=name,
+            threads=teacher_cfg.threads,
+        )
 
     @property
     def context_length(self) -> int:
@@ -58,14 +78,22 @@ class EngineTeacher(TeacherBackend):
         for i, ids in enumerate(encoded):
             room = self.context_length - len(ids)
             if room < 1:
-                raise ConfigError(f"prompt of {len(ids)} tokens leaves no room in the teacher's context of "
-                                  f"{self.context_length}; shorten it or lower generate.max_new_tokens")
+                raise ConfigError(
+                    f"prompt of {len(ids)} tokens leaves no room in the teacher's context of "
+                    f"{self.context_length}; shorten it or lower generate.max_new_tokens"
+                )
             # Each prompt its own stream: identical prompts (samples_per_prompt > 1) must differ.
             seed = None if sampling.seed is None else sampling.seed + i
-            options = SamplingOptions(max_tokens=min(sampling.max_new_tokens, room),
-                                      temperature=max(0.0, sampling.temperature), top_p=sampling.top_p,
-                                      top_k=sampling.top_k, seed=seed, stop=list(sampling.stop), logprobs=True,
-                                      top_logprobs=sampling.logprobs)
+            options = SamplingOptions(
+                max_tokens=min(sampling.max_new_tokens, room),
+                temperature=max(0.0, sampling.temperature),
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                seed=seed,
+                stop=list(sampling.stop),
+                logprobs=True,
+                top_logprobs=sampling.logprobs,
+            )
             requests.append(GenerationRequest(f"teacher-{self._calls}-{i}", ids, options))
         results = self.engine.generate(requests)
         completions = []
@@ -76,10 +104,16 @@ class EngineTeacher(TeacherBackend):
             k = sampling.logprobs
             topk_ids = np.asarray([[t for t, _ in e.top] for e in entries], dtype=np.int32).reshape(len(entries), k)
             topk_lp = np.asarray([[v for _, v in e.top] for e in entries], dtype=np.float32).reshape(len(entries), k)
-            completions.append(Completion(prompt_ids=list(ids), completion_ids=tokens,
-                                          text="".join(o.text for o in outs),
-                                          finish_reason=outs[-1].finish_reason or "length",
-                                          topk_ids=topk_ids, topk_logprobs=topk_lp))
+            completions.append(
+                Completion(
+                    prompt_ids=list(ids),
+                    completion_ids=tokens,
+                    text="".join(o.text for o in outs),
+                    finish_reason=outs[-1].finish_reason or "length",
+                    topk_ids=topk_ids,
+                    topk_logprobs=topk_lp,
+                )
+            )
         return completions
 
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[ScoredSequence]:
@@ -87,12 +121,13 @@ class EngineTeacher(TeacherBackend):
         for seq, start in zip(sequences, starts):
             seq = [int(t) for t in seq]
             if len(seq) > self.context_length:
-                raise ConfigError(f"sequence of {len(seq)} tokens exceeds the teacher's context of "
-                                  f"{self.context_length}")
+                raise ConfigError(
+                    f"sequence of {len(seq)} tokens exceeds the teacher's context of {self.context_length}"
+                )
             if not 1 <= start <= len(seq):
                 raise ValueError(f"score start {start} must be in [1, {len(seq)}]")
             logits = self.engine.forward_logits(seq)  # [L, V]
-            predicting = logits[start - 1:len(seq) - 1]  # [L - start, V] predicts tokens start..L-1
+            predicting = logits[start - 1 : len(seq) - 1]  # [L - start, V] predicts tokens start..L-1
             top_ids, top_lp = topk_from_logits(predicting, k)
             full = torch.log_softmax(predicting.float(), dim=-1)
             actual = torch.tensor(seq[start:], dtype=torch.long)

@@ -6,7 +6,6 @@ No torch and no Ray here: the API layer and tests build these without loading a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 # The most top log-probs per position the engine returns; the API's limit (serve.max_top_logprobs, 20 by
 # default as in OpenAI's API) may be set up to this.
@@ -28,14 +27,14 @@ class SamplingOptions:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: Optional[int] = None
+    seed: int | None = None
     stop: list[str] = dataclasses.field(default_factory=list)
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
-    json_schema: Optional[dict] = None
+    json_schema: dict | None = None
 
 
 @dataclasses.dataclass
@@ -66,9 +65,9 @@ class GenerationOutput:
     token_ids: list[int]
     text: str
     finished: bool = False
-    finish_reason: Optional[str] = None
-    logprobs: Optional[list[TokenLogprob]] = None
-    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
 

@@ -82,14 +82,19 @@ def test_setup_installs_project_with_gpu_extra(config):
     assert any("--address=$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
 
 
-@pytest.mark.parametrize("mutate", [
-    pytest.param(lambda c: c.__setitem__("max_worker", 3), id="typo-top-level-key"),
-    pytest.param(lambda c: c["available_node_types"]["serve_gpu"].__setitem__("min_worker", 1), id="typo-node-key"),
-    pytest.param(lambda c: c["available_node_types"]["serve_gpu"]["resources"].__setitem__("GPU", 0.5),
-                 id="fractional-resource"),
-    pytest.param(lambda c: c["auth"].__setitem__("ssh_usr", "ubuntu"), id="typo-auth-key"),
-    pytest.param(lambda c: c["available_node_types"]["train_gpu"].pop("node_config"), id="missing-node-config"),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda c: c.__setitem__("max_worker", 3), id="typo-top-level-key"),
+        pytest.param(lambda c: c["available_node_types"]["serve_gpu"].__setitem__("min_worker", 1), id="typo-node-key"),
+        pytest.param(
+            lambda c: c["available_node_types"]["serve_gpu"]["resources"].__setitem__("GPU", 0.5),
+            id="fractional-resource",
+        ),
+        pytest.param(lambda c: c["auth"].__setitem__("ssh_usr", "ubuntu"), id="typo-auth-key"),
+        pytest.param(lambda c: c["available_node_types"]["train_gpu"].pop("node_config"), id="missing-node-config"),
+    ],
+)
 def test_schema_rejects_invalid_variants(config, ray_schema, mutate):
     bad = copy.deepcopy(config)
     mutate(bad)

@@ -48,8 +48,15 @@ def test_quiet_ray_data_turns_off_its_progress_output_and_its_notice():
         assert logging.getLogger("ray.data").getEffectiveLevel() >= logging.WARNING
         notice = logging.getLogger("ray.data._internal.progress")
         assert len(notice.filters) == 1
-        record = logging.LogRecord("ray.data._internal.progress", logging.WARNING, __file__, 1,
-                                   "Progress bars disabled. To enable, set ...", None, None)
+        record = logging.LogRecord(
+            "ray.data._internal.progress",
+            logging.WARNING,
+            __file__,
+            1,
+            "Progress bars disabled. To enable, set ...",
+            None,
+            None,
+        )
         assert not notice.filters[0].filter(record)
         other = logging.LogRecord("ray.data._internal.progress", logging.WARNING, __file__, 1, "other", None, None)
         assert notice.filters[0].filter(other)

@@ -7,8 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from cluster.errors import ConfigError, RaydistillError
-from distill.losses import (LossWeights, TailMode, distillation_loss, forward_kl, generalized_jsd, reverse_kl,
-                            token_ce, topk_buckets)
+from distill.losses import (
+    LossWeights,
+    TailMode,
+    distillation_loss,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    token_ce,
+    topk_buckets,
+)
 
 N, V, K = 7, 50, 6
 
@@ -56,8 +64,9 @@ def test_kl_jsd_match_reference(tail, t):
     torch.testing.assert_close(reverse_kl(student, ids, tlp, tail, t), t * t * _kl(q, p))
     beta = 0.3
     m = beta * p + (1 - beta) * q
-    torch.testing.assert_close(generalized_jsd(student, ids, tlp, tail, t, beta=beta),
-                               t * t * (beta * _kl(p, m) + (1 - beta) * _kl(q, m)))
+    torch.testing.assert_close(
+        generalized_jsd(student, ids, tlp, tail, t, beta=beta), t * t * (beta * _kl(p, m) + (1 - beta) * _kl(q, m))
+    )
     b = topk_buckets(student, ids, tlp, tail, t)
     torch.testing.assert_close(b.p.sum(-1), torch.ones(N, dtype=torch.float64))
     torch.testing.assert_close(b.q.sum(-1), torch.ones(N, dtype=torch.float64))
@@ -72,8 +81,9 @@ def test_kl_jsd_match_reference(tail, t):
 def test_divergences_vanish_when_the_student_is_the_teacher_at_any_temperature(tail, t):
     _, teacher, ids, tlp = _data(seed=8)
     for fn in (forward_kl, reverse_kl, generalized_jsd):
-        torch.testing.assert_close(fn(teacher, ids, tlp, tail, t), torch.zeros(N, dtype=torch.float64),
-                                   atol=1e-10, rtol=0)
+        torch.testing.assert_close(
+            fn(teacher, ids, tlp, tail, t), torch.zeros(N, dtype=torch.float64), atol=1e-10, rtol=0
+        )
     assert forward_kl(teacher + 1.0, ids, tlp, tail, t).abs().max() < 1e-10  # logits: any offset
     lw = LossWeights(forward_kl=1.0, reverse_kl=1.0, jsd=1.0, temperature=t, tail=tail)  # the chunked loss too
     out = distillation_loss(teacher.float(), torch.eye(V), None, ids, tlp.float(), lw, chunk_size=4)
@@ -112,25 +122,34 @@ def test_padding_in_topk_has_zero_mass():
 def test_token_ce_matches_cross_entropy():
     student, _, _, _ = _data(seed=5)
     targets = torch.randint(0, V, (N,))
-    torch.testing.assert_close(token_ce(torch.log_softmax(student, -1), targets),
-                               F.cross_entropy(student, targets, reduction="none"))
+    torch.testing.assert_close(
+        token_ce(torch.log_softmax(student, -1), targets), F.cross_entropy(student, targets, reduction="none")
+    )
 
 
 def _reference_loss(hidden, w, targets, ids, tlp, lw, token_weights):
     logits = hidden.double() @ w.double().t()
     per = lw.ce * F.cross_entropy(logits, targets, reduction="none")
     p, q = _ref_buckets(logits, ids, tlp.double(), lw.temperature, lw.tail is TailMode.bucket)
-    t2 = lw.temperature ** 2
+    t2 = lw.temperature**2
     m = lw.jsd_beta * p + (1 - lw.jsd_beta) * q
-    per = per + t2 * (lw.forward_kl * _kl(p, q) + lw.reverse_kl * _kl(q, p)
-                      + lw.jsd * (lw.jsd_beta * _kl(p, m) + (1 - lw.jsd_beta) * _kl(q, m)))
+    per = per + t2 * (
+        lw.forward_kl * _kl(p, q)
+        + lw.reverse_kl * _kl(q, p)
+        + lw.jsd * (lw.jsd_beta * _kl(p, m) + (1 - lw.jsd_beta) * _kl(q, m))
+    )
     return (per * token_weights).sum() / token_weights.sum()
 
 
 @pytest.mark.parametrize("chunk", [4, 5, 64])
-@pytest.mark.parametrize("lw", [LossWeights(), LossWeights(ce=0.5, forward_kl=1.0, reverse_kl=0.3, jsd=0.2,
-                                                            jsd_beta=0.4, temperature=2.0),
-                                LossWeights(forward_kl=1.0, ce=0.1, tail=TailMode.renormalize)])
+@pytest.mark.parametrize(
+    "lw",
+    [
+        LossWeights(),
+        LossWeights(ce=0.5, forward_kl=1.0, reverse_kl=0.3, jsd=0.2, jsd_beta=0.4, temperature=2.0),
+        LossWeights(forward_kl=1.0, ce=0.1, tail=TailMode.renormalize),
+    ],
+)
 def test_chunked_loss_and_grads_match_unchunked_reference(chunk, lw):
     g = torch.Generator().manual_seed(6)
     n, h, v, k = 20, 8, 40, 5
@@ -172,10 +191,17 @@ def test_top1_agreement_and_token_weights():
     assert out.loss.item() == pytest.approx(per.mean().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(forward_kl=-1.0), "forward_kl"), (dict(ce=float("nan")), "ce"), (dict(forward_kl=0.0), "all loss weights"),
-    (dict(jsd_beta=1.5), "jsd_beta"), (dict(temperature=0.0), "temperature"), (dict(tail="top"), "tail"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(forward_kl=-1.0), "forward_kl"),
+        (dict(ce=float("nan")), "ce"),
+        (dict(forward_kl=0.0), "all loss weights"),
+        (dict(jsd_beta=1.5), "jsd_beta"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(tail="top"), "tail"),
+    ],
+)
 def test_loss_weights_validate_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         LossWeights(**kwargs).validate()
@@ -185,8 +211,9 @@ def test_loss_weights_validate_names_the_field(kwargs, field):
 
 def test_missing_soft_labels_is_an_error():
     with pytest.raises(RaydistillError, match="top-k"):
-        distillation_loss(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), None, None,
-                          LossWeights())
+        distillation_loss(
+            torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), None, None, LossWeights()
+        )
 
 
 def test_no_full_logits_saved_for_backward():

@@ -17,8 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -68,14 +68,30 @@ def job_cluster(num_cpus: int = 2) -> Iterator[Cluster]:
     """A local Ray with the job server (tests/pipelines/ray_head.py), stopped on exit with all it runs."""
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="rde-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
-           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
     log_path = os.path.join(temp_dir, "head.log")
     log = open(log_path, "w")  # a file, not a pipe: nobody drains a pipe once the cluster is up
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "pipelines" / "ray_head.py"), str(port),
-                             str(free_port()), temp_dir, str(num_cpus)], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tests" / "pipelines" / "ray_head.py"),
+            str(port),
+            str(free_port()),
+            temp_dir,
+            str(num_cpus),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+        start_new_session=True,
+    )
     saved = os.environ.get("RAY_AUTH_MODE")
     try:
         deadline = time.time() + 120

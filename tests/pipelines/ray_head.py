@@ -38,8 +38,15 @@ def main() -> None:
         original(self, *args, **kwargs)
 
     parameter.RayParams.__init__ = params
-    context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             object_store_memory=200 * 1024**2, _temp_dir=temp_dir, logging_level="WARNING")
+    context = ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        object_store_memory=200 * 1024**2,
+        _temp_dir=temp_dir,
+        logging_level="WARNING",
+    )
 
     def stop(*_):
         ray.shutdown()

@@ -8,9 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from cluster import storage
+from cluster.errors import ConfigError, RaydistillError
 from distill.data.section import DedupMode, PromptSource
 from pipelines.config import PipelineConfig, apply_overrides, load_config, parse_override
-from cluster.errors import ConfigError, RaydistillError
 
 ISSUE_SHAPE = """\
 name: quickstart
@@ -51,21 +51,24 @@ def test_issue_config_shape_loads(cfg_file):
     assert cfg.source_dir == str(cfg_file.parent.resolve())
 
 
-@pytest.mark.parametrize("item, keys, value", [
-    ("prompts.count=8", ["prompts", "count"], 8),
-    ("generate.temperature=0.0", ["generate", "temperature"], 0.0),
-    ("prompts.count=null", ["prompts", "count"], None),
-    ("generate.judge=true", ["generate", "judge"], True),
-    ("prompts.path=[a.jsonl, 's3://b/*.jsonl']", ["prompts", "path"], ["a.jsonl", "s3://b/*.jsonl"]),
-    ("filter.decontaminate=[]", ["filter", "decontaminate"], []),
-    ("teacher.base_url=http://h:8000/v1", ["teacher", "base_url"], "http://h:8000/v1"),
-    ("ray.address=ray://host:10001", ["ray", "address"], "ray://host:10001"),
-    ("prompts.system_prompt=Be brief: answer", ["prompts", "system_prompt"], "Be brief: answer"),
-    ("prompts.system_prompt=Use #tags", ["prompts", "system_prompt"], "Use #tags"),
-    ("teacher.model='null'", ["teacher", "model"], "null"),
-    ("student={hidden: 64}", ["student"], {"hidden": 64}),
-    ("name=", ["name"], ""),
-])
+@pytest.mark.parametrize(
+    "item, keys, value",
+    [
+        ("prompts.count=8", ["prompts", "count"], 8),
+        ("generate.temperature=0.0", ["generate", "temperature"], 0.0),
+        ("prompts.count=null", ["prompts", "count"], None),
+        ("generate.judge=true", ["generate", "judge"], True),
+        ("prompts.path=[a.jsonl, 's3://b/*.jsonl']", ["prompts", "path"], ["a.jsonl", "s3://b/*.jsonl"]),
+        ("filter.decontaminate=[]", ["filter", "decontaminate"], []),
+        ("teacher.base_url=http://h:8000/v1", ["teacher", "base_url"], "http://h:8000/v1"),
+        ("ray.address=ray://host:10001", ["ray", "address"], "ray://host:10001"),
+        ("prompts.system_prompt=Be brief: answer", ["prompts", "system_prompt"], "Be brief: answer"),
+        ("prompts.system_prompt=Use #tags", ["prompts", "system_prompt"], "Use #tags"),
+        ("teacher.model='null'", ["teacher", "model"], "null"),
+        ("student={hidden: 64}", ["student"], {"hidden": 64}),
+        ("name=", ["name"], ""),
+    ],
+)
 def test_parse_override_values(item, keys, value):
     assert parse_override(item) == (keys, value)
 
@@ -77,8 +80,17 @@ def test_parse_override_malformed(item):
 
 
 def test_overrides_apply_to_file_and_create_sections(cfg_file):
-    cfg = load_config(cfg_file, ["prompts.count=8", "teacher.replicas=2", "prompts.count=null",
-                                 "train.stages=[{name: sft, steps: 3}, {name: kd, tokens: 500}]", "filter.min_quality=7", "filter.dedup=exact"])
+    cfg = load_config(
+        cfg_file,
+        [
+            "prompts.count=8",
+            "teacher.replicas=2",
+            "prompts.count=null",
+            "train.stages=[{name: sft, steps: 3}, {name: kd, tokens: 500}]",
+            "filter.min_quality=7",
+            "filter.dedup=exact",
+        ],
+    )
     assert cfg.prompts.count is None  # later --set wins
     assert cfg.teacher.replicas == 2
     assert [(s.name, s.steps, s.tokens) for s in cfg.train.stages] == [("sft", 3, None), ("kd", None, 500)]
@@ -117,12 +129,15 @@ def test_unknown_top_level_and_nested_sections():
         load_config(None, ["teacher.sampling.top_k=5"])
 
 
-@pytest.mark.parametrize("item, path, allowed", [
-    ("prompts.source=files", "prompts.source", ["file", "self_instruct", "magpie", "served_prompts"]),
-    ("filter.dedup=fuzzy", "filter.dedup", ["none", "exact", "minhash"]),
-    ("generate.logprob_dtype=int8", "generate.logprob_dtype", ["float32", "float16"]),
-    ("teacher.backend=tgi", "teacher.backend", ["hf", "vllm", "openai"]),
-])
+@pytest.mark.parametrize(
+    "item, path, allowed",
+    [
+        ("prompts.source=files", "prompts.source", ["file", "self_instruct", "magpie", "served_prompts"]),
+        ("filter.dedup=fuzzy", "filter.dedup", ["none", "exact", "minhash"]),
+        ("generate.logprob_dtype=int8", "generate.logprob_dtype", ["float32", "float16"]),
+        ("teacher.backend=tgi", "teacher.backend", ["hf", "vllm", "openai"]),
+    ],
+)
 def test_bad_enum_lists_allowed_values(item, path, allowed):
     with pytest.raises(ConfigError) as info:
         load_config(None, [item])

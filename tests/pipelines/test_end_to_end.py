@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import httpx
 import pytest
@@ -40,8 +40,14 @@ from tests.pipelines.cluster_harness import shutdown_serve
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 ALL_STAGES = ["generate", "filter", "train", "eval", "gate", "export", "deploy"]
-TINY_STUDENT = {"init": "random", "num_hidden_layers": 2, "num_experts": 4, "moe_intermediate_size": 16,
-                "num_experts_per_tok": 2, "sliding_window": 8}
+TINY_STUDENT = {
+    "init": "random",
+    "num_hidden_layers": 2,
+    "num_experts": 4,
+    "moe_intermediate_size": 16,
+    "num_experts_per_tok": 2,
+    "sliding_window": 8,
+}
 
 
 def _port_open(port: int) -> bool:
@@ -60,29 +66,55 @@ def _wait_for(predicate, timeout: float, what: str, interval: float = 0.25) -> A
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def tiny_pipeline_config(tmp: Path, teacher: str, *, serve_port: int, train_stages: list[dict],
-                         stages: Optional[list[str]] = None, prompts: int = 24) -> Path:
+def tiny_pipeline_config(
+    tmp: Path,
+    teacher: str,
+    *,
+    serve_port: int,
+    train_stages: list[dict],
+    stages: list[str] | None = None,
+    prompts: int = 24,
+) -> Path:
     """A pipeline YAML for the tiny teacher: file prompts, 8-token answers, tiny student, fast eval."""
     topics = ["cats", "rivers", "stars", "trees", "bread", "music"]
     prompt_file = tmp / "prompts.jsonl"
-    prompt_file.write_text("".join(json.dumps({"prompt": f"Tell me fact {i} about {topics[i % len(topics)]}."}) + "\n"
-                                   for i in range(prompts)))
+    prompt_file.write_text(
+        "".join(
+            json.dumps({"prompt": f"Tell me fact {i} about {topics[i % len(topics)]}."}) + "\n" for i in range(prompts)
+        )
+    )
     cfg: dict[str, Any] = {
-        "name": "e2e", "workdir": str(tmp / "runs"), "ray": {"address": None, "num_cpus": 2},
+        "name": "e2e",
+        "workdir": str(tmp / "runs"),
+        "ray": {"address": None, "num_cpus": 2},
         "teacher": {"model": teacher, "backend": "hf", "batch_size": 8, "num_cpus": 0.5},
         "prompts": {"source": "file", "path": str(prompt_file), "count": prompts},
         "generate": {"max_new_tokens": 8, "temperature": 1.0, "logprobs": 8},
         "filter": {"dedup": "none", "drop_truncated": False},
         "student": dict(TINY_STUDENT),
-        "train": {"seq_len": 64, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 2, "warmup_steps": 1,
-                  "lr": 3e-3, "heldout_fraction": 0.25, "heldout_max_rows": 4, "cpus_per_worker": 0.5,
-                  "stages": train_stages},
+        "train": {
+            "seq_len": 64,
+            "micro_batch_size": 2,
+            "log_every": 1,
+            "checkpoint_every": 2,
+            "warmup_steps": 1,
+            "lr": 3e-3,
+            "heldout_fraction": 0.25,
+            "heldout_max_rows": 4,
+            "cpus_per_worker": 0.5,
+            "stages": train_stages,
+        },
         # No human corpora, no speed runs: bits per byte on the held-out rows decides the gate. The
         # margin makes the gate pass for any trained student (this test is about the plumbing).
-        "eval": {"builtin_corpus": None, "speed": {"enabled": False}, "max_heldout_rows": 4, "window": 32,
-                 "batch_tokens": 256, "gate": {"margin": 100.0}},
-        "serve": {"port": serve_port, "api_key_env": None, "num_cpus": 0.25, "max_model_len": 128,
-                  "max_batch_size": 2},
+        "eval": {
+            "builtin_corpus": None,
+            "speed": {"enabled": False},
+            "max_heldout_rows": 4,
+            "window": 32,
+            "batch_tokens": 256,
+            "gate": {"margin": 100.0},
+        },
+        "serve": {"port": serve_port, "api_key_env": None, "num_cpus": 0.25, "max_model_len": 128, "max_batch_size": 2},
         "pipeline": {"sample_max_tokens": 4, "live": False},
     }
     if stages:
@@ -102,9 +134,15 @@ def test_pipeline_job_end_to_end(job_server, tiny_teacher_dir, tmp_path, capsys)
     from pipelines.cli import main
 
     serve_port = _free_port()
-    config = tiny_pipeline_config(tmp_path, tiny_teacher_dir, serve_port=serve_port, train_stages=[
-        {"name": "warm", "steps": 2, "loss": {"ce": 1.0, "forward_kl": 1.0}},
-        {"name": "kd", "steps": 3, "loss": {"forward_kl": 1.0}}])
+    config = tiny_pipeline_config(
+        tmp_path,
+        tiny_teacher_dir,
+        serve_port=serve_port,
+        train_stages=[
+            {"name": "warm", "steps": 2, "loss": {"ce": 1.0, "forward_kl": 1.0}},
+            {"name": "kd", "steps": 3, "loss": {"forward_kl": 1.0}},
+        ],
+    )
     try:
         for attempt in (1, 2):
             run_id = f"r{attempt}"
@@ -125,8 +163,9 @@ def test_pipeline_job_end_to_end(job_server, tiny_teacher_dir, tmp_path, capsys)
     _wait_for(lambda: not _port_open(serve_port), 30, f"port {serve_port} to close after Serve shut down")
 
 
-def _check_end_to_end(address: str, rc: int, logs: str, stdout: str, run: Path, run_id: str, tmp_path: Path,
-                      serve_port: int) -> None:
+def _check_end_to_end(
+    address: str, rc: int, logs: str, stdout: str, run: Path, run_id: str, tmp_path: Path, serve_port: int
+) -> None:
     """The job succeeded, the manifest lists every stage with outputs, the promoted model answers."""
     from ray.job_submission import JobSubmissionClient
 
@@ -140,9 +179,15 @@ def _check_end_to_end(address: str, rc: int, logs: str, stdout: str, run: Path, 
     assert manifest["status"] == "done" and manifest["run_id"] == run_id
     stages = _stages(manifest)
     assert [s["name"] for s in manifest["stages"]] == ALL_STAGES
-    expected = {"generate": run / "data" / "generate", "filter": run / "data" / "filtered",
-                "train": run / "train", "eval": run / "eval", "gate": run / "gate", "export": run / "export",
-                "deploy": run / "deploy"}
+    expected = {
+        "generate": run / "data" / "generate",
+        "filter": run / "data" / "filtered",
+        "train": run / "train",
+        "eval": run / "eval",
+        "gate": run / "gate",
+        "export": run / "export",
+        "deploy": run / "deploy",
+    }
     for name in ALL_STAGES:
         entry = stages[name]
         assert entry["status"] == "done", (name, entry.get("message"), entry.get("error"))
@@ -162,8 +207,11 @@ def _check_end_to_end(address: str, rc: int, logs: str, stdout: str, run: Path, 
     assert registry["current"]["model_dir"] == str(run / "student") and registry["current"]["run_id"] == run_id
     base_url = stages["deploy"]["metrics"]["base_url"]
     assert base_url.startswith(f"http://127.0.0.1:{serve_port}")
-    response = httpx.post(base_url.rstrip("/") + "/v1/chat/completions", timeout=60, json={
-        "model": "e2e", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})
+    response = httpx.post(
+        base_url.rstrip("/") + "/v1/chat/completions",
+        timeout=60,
+        json={"model": "e2e", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0},
+    )
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "e2e" and response.json()["usage"]["completion_tokens"] >= 1
 
@@ -186,10 +234,16 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.own_cluster
 def test_killed_run_resumes_without_regenerating(tiny_teacher_dir, tmp_path):
     # 2 + 24 steps with a checkpoint every 2: the run is killed after a checkpoint, long before the end.
-    config = tiny_pipeline_config(tmp_path, tiny_teacher_dir, serve_port=_free_port(),
-                                  stages=["generate", "filter", "train"], train_stages=[
-                                      {"name": "warm", "steps": 2, "loss": {"ce": 1.0, "forward_kl": 1.0}},
-                                      {"name": "kd", "steps": 24, "loss": {"forward_kl": 1.0}}])
+    config = tiny_pipeline_config(
+        tmp_path,
+        tiny_teacher_dir,
+        serve_port=_free_port(),
+        stages=["generate", "filter", "train"],
+        train_stages=[
+            {"name": "warm", "steps": 2, "loss": {"ce": 1.0, "forward_kl": 1.0}},
+            {"name": "kd", "steps": 24, "loss": {"forward_kl": 1.0}},
+        ],
+    )
     run = tmp_path / "runs" / "e2e" / "r1"
     ray_tmp = tempfile.mkdtemp(prefix="rdr-", dir="/tmp")  # this run's own Ray: never joins another cluster
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
@@ -198,17 +252,21 @@ def test_killed_run_resumes_without_regenerating(tiny_teacher_dir, tmp_path):
     log_path = tmp_path / "first.log"
     try:
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             metrics = run / "train" / "metrics.jsonl"
 
             def checkpointed() -> bool:
                 if proc.poll() is not None:
-                    raise AssertionError(f"the run ended (rc {proc.returncode}) before it could be killed:\n"
-                                         + log_path.read_text()[-4000:])
+                    raise AssertionError(
+                        f"the run ended (rc {proc.returncode}) before it could be killed:\n"
+                        + log_path.read_text()[-4000:]
+                    )
                 # A checkpoint folder, and training went on past it (so Ray Train registered it).
                 return any((run / "train" / "ray").glob("checkpoint_*")) and any(
-                    m.get("step", 0) >= 4 and "loss" in m for m in _metric_lines(metrics))
+                    m.get("step", 0) >= 4 and "loss" in m for m in _metric_lines(metrics)
+                )
 
             try:
                 _wait_for(checkpointed, 240, "the first training checkpoint", interval=0.05)
@@ -268,8 +326,14 @@ def test_killed_generate_resumes_with_written_shards_untouched_and_every_prompt_
     written); the rerun keeps those shards byte for byte and writes every other prompt exactly once."""
     control = {"mode": "hang", "fail_on_call": 3, "times": 1, "state": str(tmp_path / "teacher-calls")}
     Path(tiny_teacher_copy, "flaky.json").write_text(json.dumps(control))
-    config = tiny_pipeline_config(tmp_path, tiny_teacher_copy, serve_port=_free_port(), stages=["generate"],
-                                  train_stages=[{"name": "kd", "steps": 1}], prompts=32)
+    config = tiny_pipeline_config(
+        tmp_path,
+        tiny_teacher_copy,
+        serve_port=_free_port(),
+        stages=["generate"],
+        train_stages=[{"name": "kd", "steps": 1}],
+        prompts=32,
+    )
     raw = yaml.safe_load(config.read_text())
     raw["teacher"].update(backend="tests.distill.data.flaky_teacher:FlakyTeacher", batch_size=8)
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -282,15 +346,21 @@ def test_killed_generate_resumes_with_written_shards_untouched_and_every_prompt_
     log_path = tmp_path / "first.log"
     try:
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
             def hanging_after_a_shard() -> bool:
                 if proc.poll() is not None:
-                    raise AssertionError(f"the run ended (rc {proc.returncode}) before it could be killed:\n"
-                                         + log_path.read_text()[-4000:])
-                calls = json.loads((tmp_path / "teacher-calls").read_text() or "{}") \
-                    if (tmp_path / "teacher-calls").exists() else {}
+                    raise AssertionError(
+                        f"the run ended (rc {proc.returncode}) before it could be killed:\n"
+                        + log_path.read_text()[-4000:]
+                    )
+                calls = (
+                    json.loads((tmp_path / "teacher-calls").read_text() or "{}")
+                    if (tmp_path / "teacher-calls").exists()
+                    else {}
+                )
                 return calls.get("failures") == 1 and len(list(shards.glob("*.parquet"))) >= 1
 
             try:
@@ -338,15 +408,20 @@ def _served_model_dir(app: str) -> str:
 
 def _fingerprint(base_url: str, app: str) -> list[float]:
     """The served weights' log-probs of a fixed text (differs between the random students)."""
-    response = httpx.post(base_url + "/v1/completions", timeout=60, json={
-        "model": app, "prompt": "The capital of France is Paris", "max_tokens": 0, "echo": True, "logprobs": 1})
+    response = httpx.post(
+        base_url + "/v1/completions",
+        timeout=60,
+        json={"model": app, "prompt": "The capital of France is Paris", "max_tokens": 0, "echo": True, "logprobs": 1},
+    )
     assert response.status_code == 200, response.text
     return [round(x, 4) for x in response.json()["choices"][0]["logprobs"]["token_logprobs"][1:]]
 
 
 def _chat(client: httpx.Client, base_url: str, app: str) -> httpx.Response:
-    return client.post(base_url + "/v1/chat/completions", json={
-        "model": app, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0})
+    return client.post(
+        base_url + "/v1/chat/completions",
+        json={"model": app, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0},
+    )
 
 
 @pytest.fixture
@@ -357,21 +432,32 @@ def serve_cleanup(ray_session):
     serve.shutdown()  # the app and the HTTP proxy on this test's port
 
 
-def test_gate_refuses_worse_and_promotes_better_without_downtime(ray_session, serve_cleanup, tiny_teacher_dir,
-                                                                  tmp_path):
-    from pipelines.config import load_config
+def test_gate_refuses_worse_and_promotes_better_without_downtime(
+    ray_session, serve_cleanup, tiny_teacher_dir, tmp_path
+):
     from cluster.runs import run_dir
     from distill.eval.gate import evaluate_gate
     from distill.training.student_init import create_student
+    from pipelines.config import load_config
     from pipelines.registry import Registry
     from pipelines.runner import run_pipeline
 
     app = "gatetest"
     port = _free_port()
-    base = [f"workdir={tmp_path / 'runs'}", f"name={app}", f"teacher.model={tiny_teacher_dir}",
-            *[f"student.{k}={v}" for k, v in TINY_STUDENT.items()], f"serve.port={port}", "serve.api_key_env=null",
-            "serve.num_cpus=0.25", "serve.max_model_len=128", "serve.max_batch_size=4",
-            "serve.graceful_shutdown_timeout_s=10", "pipeline.stages=[gate,export,deploy]", "pipeline.live=false"]
+    base = [
+        f"workdir={tmp_path / 'runs'}",
+        f"name={app}",
+        f"teacher.model={tiny_teacher_dir}",
+        *[f"student.{k}={v}" for k, v in TINY_STUDENT.items()],
+        f"serve.port={port}",
+        "serve.api_key_env=null",
+        "serve.num_cpus=0.25",
+        "serve.max_model_len=128",
+        "serve.max_batch_size=4",
+        "serve.graceful_shutdown_timeout_s=10",
+        "pipeline.stages=[gate,export,deploy]",
+        "pipeline.live=false",
+    ]
 
     def make_run(run_id: str, seed: int, bpb: float, *extra: str):
         """A run whose student is trained (a tiny random student) and evaluated: eval/report.json carries the
@@ -380,10 +466,14 @@ def test_gate_refuses_worse_and_promotes_better_without_downtime(ray_session, se
         uri = run_dir(cfg, run_id, create=True)
         create_student(cfg.teacher, cfg.student, cfg.train, Path(uri) / "student", seed=seed)
         gate = evaluate_gate(cfg.eval.gate, {"student": {"bpb_heldout": bpb}, "baseline": {"bpb_heldout": 2.0}})
-        storage.atomic_write_json(storage.join(uri, "eval", "report.json"), {
-            "gate": gate, "models": {"student": {"metrics": {"bpb_heldout": bpb}},
-                                     "baseline": {"metrics": {"bpb_heldout": 2.0}}},
-            "paths": {"json": storage.join(uri, "eval", "report.json")}})
+        storage.atomic_write_json(
+            storage.join(uri, "eval", "report.json"),
+            {
+                "gate": gate,
+                "models": {"student": {"metrics": {"bpb_heldout": bpb}}, "baseline": {"metrics": {"bpb_heldout": 2.0}}},
+                "paths": {"json": storage.join(uri, "eval", "report.json")},
+            },
+        )
         return cfg, uri
 
     # 1) the first model: passes, is exported and deployed

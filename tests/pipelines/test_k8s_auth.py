@@ -3,16 +3,15 @@ secretKeyRef, and the CronJob's overlap check counts every unfinished RayJob (ru
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 
 import pytest
 import yaml
 
-from pipelines.config import load_config
 from cluster.errors import ConfigError
 from pipelines import k8s
+from pipelines.config import load_config
 from tests.conftest import REPO_ROOT
 
 QUICKSTART = str(REPO_ROOT / "pipelines" / "configs" / "quickstart.yaml")
@@ -34,8 +33,10 @@ def _containers(job):
 
 @pytest.mark.parametrize("cluster_name", [None, "distill"])
 def test_rayjob_keeps_token_auth_and_secrets_are_references(tmp_path, cluster_name):
-    sets = ["schedule.cron=0 3 * * *", "schedule.k8s.secret_env={AWS_SECRET_ACCESS_KEY: aws/secret, "
-                                       "RAYDISTILL_API_KEYS: serve-keys/keys}"]
+    sets = [
+        "schedule.cron=0 3 * * *",
+        "schedule.k8s.secret_env={AWS_SECRET_ACCESS_KEY: aws/secret, RAYDISTILL_API_KEYS: serve-keys/keys}",
+    ]
     if cluster_name:
         sets.append(f"schedule.k8s.cluster_name={cluster_name}")
     cfg = load_config(QUICKSTART, sets)
@@ -47,8 +48,10 @@ def test_rayjob_keeps_token_auth_and_secrets_are_references(tmp_path, cluster_na
     for c in containers:
         env = {e["name"]: e for e in c["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "raydistill-ray-auth",
-                                                                      "key": "auth_token"}
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "raydistill-ray-auth",
+            "key": "auth_token",
+        }
         assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "aws", "key": "secret"}
         assert env["RAYDISTILL_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "serve-keys", "key": "keys"}
         assert all("value" not in e for e in c["env"] if e["name"] != "RAY_AUTH_MODE")
@@ -78,8 +81,9 @@ case "$1" in get) printf '%b' "$FAKE_LISTING" ;; esac
     if calls.exists():
         calls.unlink()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RAYJOB_MANIFEST": "kind: RayJob", "FAKE_LISTING": listing}
-    proc = subprocess.run(["/bin/sh", "-c", k8s._create_script(cfg)], env=env, capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run(
+        ["/bin/sh", "-c", k8s._create_script(cfg)], env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout, calls.read_text().splitlines() if calls.exists() else []
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipelines.config import load_config
 from cluster.errors import ConfigError, RaydistillError
 from pipelines import k8s
+from pipelines.config import load_config
 from pipelines.registry import Registry
 from tests.conftest import REPO_ROOT
 
@@ -20,15 +20,23 @@ def _load_all(path):
 
 
 def test_emit_k8s_writes_rayjob_cronjob_rbac(tmp_path):
-    cfg = load_config(QUICKSTART, ["schedule.cron=30 2 * * 1-5", "schedule.timezone=Europe/Berlin",
-                                   "schedule.k8s.worker_gpus=1", "schedule.k8s.namespace=ml"])
+    cfg = load_config(
+        QUICKSTART,
+        [
+            "schedule.cron=30 2 * * 1-5",
+            "schedule.timezone=Europe/Berlin",
+            "schedule.k8s.worker_gpus=1",
+            "schedule.k8s.namespace=ml",
+        ],
+    )
     paths = k8s.emit(cfg, QUICKSTART, str(tmp_path), overrides=["prompts.count=8"])
     assert sorted(p.rsplit("/", 1)[-1] for p in paths) == ["cronjob.yaml", "rayjob.yaml", "rbac.yaml"]
     (job,) = _load_all(tmp_path / "rayjob.yaml")
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     assert job["metadata"]["generateName"] == "quickstart-" and job["metadata"]["namespace"] == "ml"
-    assert job["spec"]["entrypoint"] == ("python -m pipelines.run pipelines/configs/quickstart.yaml "
-                                         "--set prompts.count=8")
+    assert job["spec"]["entrypoint"] == (
+        "python -m pipelines.run pipelines/configs/quickstart.yaml --set prompts.count=8"
+    )
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == "/app"
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
@@ -53,15 +61,24 @@ def test_emit_k8s_writes_rayjob_cronjob_rbac(tmp_path):
 
 
 def test_emit_k8s_existing_cluster_replace_no_catchup(tmp_path):
-    cfg = load_config(QUICKSTART, ["schedule.cron=0 * * * *", "schedule.concurrency=replace",
-                                   "schedule.catchup=false", "schedule.misfire_grace_s=600",
-                                   "schedule.k8s.cluster_name=distill"])
+    cfg = load_config(
+        QUICKSTART,
+        [
+            "schedule.cron=0 * * * *",
+            "schedule.concurrency=replace",
+            "schedule.catchup=false",
+            "schedule.misfire_grace_s=600",
+            "schedule.k8s.cluster_name=distill",
+        ],
+    )
     k8s.emit(cfg, QUICKSTART, str(tmp_path))
     (job,) = _load_all(tmp_path / "rayjob.yaml")
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": "distill"} and "rayClusterSpec" not in job["spec"]
     (cron,) = _load_all(tmp_path / "cronjob.yaml")
     assert cron["spec"]["concurrencyPolicy"] == "Replace" and cron["spec"]["startingDeadlineSeconds"] == 600
-    assert "kubectl delete rayjob" in cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert (
+        "kubectl delete rayjob" in cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    )
 
 
 def test_emit_k8s_errors(tmp_path):

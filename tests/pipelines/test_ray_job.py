@@ -78,11 +78,19 @@ def test_scheduler_submits_ray_jobs(job_server, tmp_path):
     tick = dt.datetime(2026, 1, 5, 11, 0, tzinfo=dt.timezone.utc)
     run = storage.join(workdir, "sched", run_id_for(tick))
     make_generated_run(run, rows=5)
-    overrides = [f"workdir={workdir}", "name=sched", "schedule.cron=0 * * * *", "schedule.poll_s=1",
-                 "pipeline.stages=[filter]"]
+    overrides = [
+        f"workdir={workdir}",
+        "name=sched",
+        "schedule.cron=0 * * * *",
+        "schedule.poll_s=1",
+        "pipeline.stages=[filter]",
+    ]
     cfg = load_config(QUICKSTART, overrides)
-    sched = Scheduler(cfg, RayJobSubmitter(cfg, QUICKSTART, overrides, address=job_server),
-                      clock=_StartedClock(tick - dt.timedelta(seconds=2)))
+    sched = Scheduler(
+        cfg,
+        RayJobSubmitter(cfg, QUICKSTART, overrides, address=job_server),
+        clock=_StartedClock(tick - dt.timedelta(seconds=2)),
+    )
     entry = sched.run(once=True, max_iterations=300)
     assert entry["outcome"] == "succeeded", sched.state
     assert entry["run_id"] == "20260105-110000-cron" and entry["job_id"].startswith("raydistill-sched-")
@@ -99,12 +107,15 @@ def test_job_driver_keeps_the_jobs_runtime_env(job_server):
 
     from cluster.ray_init import build_runtime_env
 
-    code = ("import os, ray; from pipelines.config import load_config; from pipelines.runner import ensure_ray; "
-            "ensure_ray(load_config(None)); f = ray.remote(num_cpus=0)(lambda: os.environ.get('RD_MARK')); "
-            "print('MARK=' + str(ray.get(f.remote())))")
+    code = (
+        "import os, ray; from pipelines.config import load_config; from pipelines.runner import ensure_ray; "
+        "ensure_ray(load_config(None)); f = ray.remote(num_cpus=0)(lambda: os.environ.get('RD_MARK')); "
+        "print('MARK=' + str(ray.get(f.remote())))"
+    )
     client = JobSubmissionClient(job_server)
-    job_id = client.submit_job(entrypoint=f"python -c \"{code}\"",
-                               runtime_env=build_runtime_env(env_vars={"RD_MARK": "from-job"}))
+    job_id = client.submit_job(
+        entrypoint=f'python -c "{code}"', runtime_env=build_runtime_env(env_vars={"RD_MARK": "from-job"})
+    )
     deadline = time.time() + 180
     while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED} and time.time() < deadline:
         time.sleep(1)

@@ -9,9 +9,9 @@ import pytest
 
 from cluster import storage
 from pipelines.registry import Registry
+from pipelines.runner import run_pipeline
 from pipelines.state_lock import LockHeld, StateLock
 from tests.pipelines.test_stages import _cfg, _passed_run, fake_serve  # noqa: F401 - fixture
-from pipelines.runner import run_pipeline
 
 
 def _promote_many(root: str, tag: str, count: int, start) -> None:
@@ -36,8 +36,9 @@ def test_two_processes_promoting_at_once_lose_nothing(tmp_path):
     promotes = [e for e in data["events"] if e["action"] == "promote"]
     assert len(promotes) == 50, len(promotes)  # every read-modify-write kept
     assert len(data["previous"]) == 49
-    assert {e["model_dir"] for e in data["previous"]} | {data["current"]["model_dir"]} == \
-        {f"/runs/{t}{i}/student" for t in "ab" for i in range(25)}
+    assert {e["model_dir"] for e in data["previous"]} | {data["current"]["model_dir"]} == {
+        f"/runs/{t}{i}/student" for t in "ab" for i in range(25)
+    }
 
 
 def test_a_held_lock_makes_the_second_writer_wait_then_fail_clearly(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cluster import storage
-from pipelines.config import load_config
 from cluster.errors import ConfigError
+from pipelines.config import load_config
 from pipelines.manifest import fingerprint
 from pipelines.runner import run_pipeline
 from pipelines.section import STAGE_ORDER
@@ -34,8 +34,9 @@ def test_manifest_lists_every_stage_with_outputs(tmp_path):
         assert entry["config_hash"] and entry["started_at"] and entry["ended_at"]
         assert entry["rows"] == 10 and entry["tokens"] == 100 and entry["duration_s"] >= 0
     # inputs are fingerprinted: filter consumed generate's folder
-    assert data["stages"][1]["inputs"] == {storage.join(out.run_dir, "generate"): fingerprint(
-        storage.join(out.run_dir, "generate"))}
+    assert data["stages"][1]["inputs"] == {
+        storage.join(out.run_dir, "generate"): fingerprint(storage.join(out.run_dir, "generate"))
+    }
     assert data["status"] == "done" and data["finished_at"]
     assert out.summary["base_url"] == "http://fake"
     assert [s["name"] for s in out.summary["stages"]] == list(STAGE_ORDER)
@@ -175,10 +176,15 @@ def test_live_table_and_summary(tmp_path):
 
     fakes = FakeStages()
     mapping = fakes.mapping()
-    report = {"models": {"student": {"metrics": {"bpb_heldout": 1.25, "decode_tokens_per_s": 300.0}},
-                         "teacher": {"metrics": {"bpb_heldout": 1.0, "decode_tokens_per_s": 100.0}}},
-              "comparison": {"decode_speedup": 3.0}, "gate": {"passed": True, "reason": "within margin"},
-              "paths": {"html": "/x/report.html"}}
+    report = {
+        "models": {
+            "student": {"metrics": {"bpb_heldout": 1.25, "decode_tokens_per_s": 300.0}},
+            "teacher": {"metrics": {"bpb_heldout": 1.0, "decode_tokens_per_s": 100.0}},
+        },
+        "comparison": {"decode_speedup": 3.0},
+        "gate": {"passed": True, "reason": "within margin"},
+        "paths": {"html": "/x/report.html"},
+    }
     base_eval = mapping["eval"].run
 
     def eval_run(ctx):
@@ -219,10 +225,20 @@ def test_summary_holds_each_ratio_against_its_target_and_shows_the_sample():
     from pipelines.runner import print_summary, target_rows
     from pipelines.section import TargetsSection
 
-    summary = {"student_bpb_human": 2.4, "teacher_bpb_human": 2.0, "student_bpb_heldout": 1.0,
-               "teacher_bpb_heldout": 0.8, "init_bpb_human": 3.2, "student_decode_tokens_per_s": 190.0,
-               "teacher_decode_tokens_per_s": 100.0, "student_ttft_s": 0.3, "teacher_ttft_s": 1.0,
-               "student_experts_per_token": 2.0, "student_max_k": 4, "student_hard_minus_easy": -0.1}
+    summary = {
+        "student_bpb_human": 2.4,
+        "teacher_bpb_human": 2.0,
+        "student_bpb_heldout": 1.0,
+        "teacher_bpb_heldout": 0.8,
+        "init_bpb_human": 3.2,
+        "student_decode_tokens_per_s": 190.0,
+        "teacher_decode_tokens_per_s": 100.0,
+        "student_ttft_s": 0.3,
+        "teacher_ttft_s": 1.0,
+        "student_experts_per_token": 2.0,
+        "student_max_k": 4,
+        "student_hard_minus_easy": -0.1,
+    }
     rows = {name.split(" (")[0]: (value, target, ok) for name, value, target, ok in target_rows(summary, None)}
     assert rows["bits/byte human text, student / teacher"] == ("1.200", "<= 1.25", True)
     assert rows["bits/byte held-out teacher text, student / teacher"] == ("1.250", "<= 1.6", True)

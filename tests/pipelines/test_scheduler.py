@@ -7,8 +7,8 @@ import datetime as dt
 import pytest
 
 from cluster import storage
-from pipelines.config import load_config
 from cluster.errors import ConfigError
+from pipelines.config import load_config
 from pipelines.scheduler import JobExists, JobNotFound, Scheduler, state_uri
 
 UTC = dt.timezone.utc
@@ -63,8 +63,9 @@ class FakeSubmitter:
 
 
 def _cfg(tmp_path, *extra):
-    return load_config(None, [f"workdir={tmp_path}", "name=sched", "schedule.cron=0 * * * *", "schedule.poll_s=60",
-                              *extra])
+    return load_config(
+        None, [f"workdir={tmp_path}", "name=sched", "schedule.cron=0 * * * *", "schedule.poll_s=60", *extra]
+    )
 
 
 def _run_until(sched: Scheduler, clock: FakeClock, end: dt.datetime) -> None:
@@ -84,12 +85,18 @@ def test_fires_at_cron_times_without_overlap(tmp_path):
     assert fired(sched) == ["11:00", "12:00", "13:00"]
     # each fired within a poll interval of its cron time, with a stable run id
     assert [j["start"] for j in jobs.jobs.values()] == [at(11), at(12), at(13)]
-    assert [j["run_id"] for j in jobs.jobs.values()] == ["20260105-110000-cron", "20260105-120000-cron",
-                                                         "20260105-130000-cron"]
+    assert [j["run_id"] for j in jobs.jobs.values()] == [
+        "20260105-110000-cron",
+        "20260105-120000-cron",
+        "20260105-130000-cron",
+    ]
     assert [e["outcome"] for e in sched.state["history"]] == ["succeeded", "succeeded", "running"]
     assert jobs.max_running == 1
     state = storage.read_json(state_uri(sched.cfg))
-    assert state["next_run"].startswith("2026-01-05T14:00") and state["active"]["job_id"] == "raydistill-sched-20260105-130000-cron"
+    assert (
+        state["next_run"].startswith("2026-01-05T14:00")
+        and state["active"]["job_id"] == "raydistill-sched-20260105-130000-cron"
+    )
 
 
 def test_forbid_skips_a_tick_while_a_run_is_going(tmp_path):
@@ -99,7 +106,10 @@ def test_forbid_skips_a_tick_while_a_run_is_going(tmp_path):
     _run_until(sched, clock, at(13, 5))
     history = sched.state["history"]
     assert [(e["tick"][11:16], e["outcome"]) for e in history] == [
-        ("11:00", "succeeded"), ("12:00", "skipped"), ("13:00", "running")]
+        ("11:00", "succeeded"),
+        ("12:00", "skipped"),
+        ("13:00", "running"),
+    ]
     assert "still running" in history[1]["reason"]
     assert jobs.max_running == 1
 
@@ -110,7 +120,9 @@ def test_replace_stops_the_running_job(tmp_path):
     sched = Scheduler(_cfg(tmp_path, "schedule.concurrency=replace"), jobs, clock)
     _run_until(sched, clock, at(12, 5))
     assert [(e["tick"][11:16], e["outcome"]) for e in sched.state["history"]] == [
-        ("11:00", "replaced"), ("12:00", "running")]
+        ("11:00", "replaced"),
+        ("12:00", "running"),
+    ]
     assert jobs.jobs["raydistill-sched-20260105-110000-cron"]["stopped"] and jobs.max_running == 1
 
 

@@ -33,20 +33,27 @@ section = ServeSection(port={port}, route_prefix="/auth", api_key_env="RD_TEST_S
                        max_batch_size=2)
 print("URL", deploy({tiny_teacher_dir!r}, section, name="auth", engine_factory={FAKE!r}), flush=True)
 """
-    env = {**os.environ, "RD_TEST_SERVE_KEYS": "k-head-1, k-head-2", "RAY_AUTH_MODE": "disabled",
-           "PYTHONPATH": str(REPO_ROOT)}
+    env = {
+        **os.environ,
+        "RD_TEST_SERVE_KEYS": "k-head-1, k-head-2",
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
     env.pop("RAY_ADDRESS", None)
     try:
-        done = subprocess.run([sys.executable, "-c", driver], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", driver], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         url = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("URL "))
         assert url == f"http://127.0.0.1:{port}/auth"
         body = {"model": "auth", "prompt": "hi", "max_tokens": 2, "temperature": 0}
         with httpx.Client(timeout=60) as http:
             assert http.post(url + "/v1/completions", json=body).status_code == 401
-            assert http.post(url + "/v1/completions", json=body,
-                             headers={"Authorization": "Bearer k-head-3"}).status_code == 401
+            assert (
+                http.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer k-head-3"}).status_code
+                == 401
+            )
             ok = http.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer k-head-2"})
             assert ok.status_code == 200, ok.text
             assert ok.json()["model"] == "auth"

@@ -8,8 +8,8 @@ import types
 import pytest
 
 from cluster import storage
-from pipelines.config import load_config
 from pipelines import runner, stages
+from pipelines.config import load_config
 from pipelines.registry import Registry
 from pipelines.runner import run_pipeline
 from tests.pipelines.fakes import make_generated_run, read_manifest
@@ -39,15 +39,26 @@ def test_only_filter_on_a_generated_run(tmp_path):
 
 
 def _report(run, passed, reason="bpb_heldout 1.2 vs 1.1"):
-    storage.atomic_write_json(storage.join(run, "eval", "report.json"),
-                              {"gate": {"passed": passed, "reason": reason, "metric": "bpb_heldout"},
-                               "models": {"student": {"metrics": {"bpb_heldout": 1.2}}},
-                               "paths": {"html": storage.join(run, "eval", "report.html")}})
+    storage.atomic_write_json(
+        storage.join(run, "eval", "report.json"),
+        {
+            "gate": {"passed": passed, "reason": reason, "metric": "bpb_heldout"},
+            "models": {"student": {"metrics": {"bpb_heldout": 1.2}}},
+            "paths": {"html": storage.join(run, "eval", "report.html")},
+        },
+    )
 
 
 def _ctx(cfg, run, registry=None):
-    return stages.StageContext(cfg=cfg, run_dir=run, run_id=run.rsplit("/", 1)[-1], resume=False,
-                               show_progress=False, previous={}, registry=registry or Registry.for_config(cfg))
+    return stages.StageContext(
+        cfg=cfg,
+        run_dir=run,
+        run_id=run.rsplit("/", 1)[-1],
+        resume=False,
+        show_progress=False,
+        previous={},
+        registry=registry or Registry.for_config(cfg),
+    )
 
 
 def test_gate_reads_the_eval_verdict(tmp_path):
@@ -75,8 +86,10 @@ def test_export_topk_and_topp(tmp_path):
     tiny_student().save_pretrained(storage.join(run, "student"))
     result = stages.STAGES["export"].run(_ctx(cfg, run))
     out = storage.join(run, "student-qwen2moe")
-    assert result.metrics["exported"] and json.loads(storage.read_text(storage.join(out, "config.json")))[
-        "model_type"] == "qwen2_moe"
+    assert (
+        result.metrics["exported"]
+        and json.loads(storage.read_text(storage.join(out, "config.json")))["model_type"] == "qwen2_moe"
+    )
     assert storage.read_json(storage.join(run, "export", "manifest.json"))["dir"] == out
     assert not [p for p in storage.listdir(run) if ".tmp-" in p]  # staged folder renamed into place
 

@@ -22,8 +22,8 @@ QUICKSTART = str(REPO_ROOT / "pipelines" / "configs" / "quickstart.yaml")
 @pytest.mark.integration
 @pytest.mark.own_cluster
 def test_submit_and_schedule_status_against_a_token_auth_head(tmp_path, monkeypatch, capsys):
-    from pipelines.config import load_config
     from pipelines.cli import main
+    from pipelines.config import load_config
     from pipelines.scheduler import RayJobSubmitter
 
     token_file = tmp_path / "auth_token"
@@ -38,8 +38,19 @@ def test_submit_and_schedule_status_against_a_token_auth_head(tmp_path, monkeypa
         run = storage.join(workdir, "tok", "r1")
         make_generated_run(run, rows=4)
         sets = [f"workdir={workdir}", "name=tok"]
-        rc = main(["submit", QUICKSTART, "--address", dashboard, "--run", "r1", "--only", "filter",
-                   *[a for s in sets for a in ("--set", s)]])
+        rc = main(
+            [
+                "submit",
+                QUICKSTART,
+                "--address",
+                dashboard,
+                "--run",
+                "r1",
+                "--only",
+                "filter",
+                *[a for s in sets for a in ("--set", s)],
+            ]
+        )
         out = capsys.readouterr()
         assert rc == 0, out.out[-3000:] + out.err[-3000:]
         assert "filter: done" in out.out  # the log stream (websocket) is authenticated too

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from tests.conftest import REPO_ROOT
 
@@ -47,10 +47,22 @@ def start_head(env: dict[str, str], num_cpus: int = 1, timeout: float = 180) -> 
     temp_dir = tempfile.mkdtemp(prefix="rdh-", dir="/tmp")  # short: Ray's socket paths have a length limit
     log_path = os.path.join(temp_dir, "head.log")
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "pipelines" / "ray_head.py"), str(port),
-                             str(free_port()), temp_dir, str(num_cpus)], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, text=True, cwd=temp_dir)
-    address: Optional[str] = None
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tests" / "pipelines" / "ray_head.py"),
+            str(port),
+            str(free_port()),
+            temp_dir,
+            str(num_cpus),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+        cwd=temp_dir,
+    )
+    address: str | None = None
     try:
         deadline = time.time() + timeout
         while time.time() < deadline and proc.poll() is None:

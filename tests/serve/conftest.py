@@ -13,18 +13,26 @@ def serve_tokenizer(tiny_teacher_dir):
     return AutoTokenizer.from_pretrained(tiny_teacher_dir)
 
 
-def start_fake_server(tokenizer, *, name: str = "tiny", token_delay: float = 0.0, max_batch_size: int = 16,
-                      context_length: int = 256, **section_kw):
+def start_fake_server(
+    tokenizer,
+    *,
+    name: str = "tiny",
+    token_delay: float = 0.0,
+    max_batch_size: int = 16,
+    context_length: int = 256,
+    **section_kw,
+):
     """(ServerThread, FakeAsyncEngine) for one app; caller stops the server."""
-    from serve.backends import EngineBackend
-    from serve.server_thread import ServerThread
     from serve.api import create_app
+    from serve.backends import EngineBackend
     from serve.section import ServeSection
+    from serve.server_thread import ServerThread
     from tests.serve.fake_engine import FakeAsyncEngine
 
     section_kw.setdefault("api_key_env", None)
-    engine = FakeAsyncEngine(tokenizer, name=name, token_delay=token_delay, max_batch_size=max_batch_size,
-                             context_length=context_length)
+    engine = FakeAsyncEngine(
+        tokenizer, name=name, token_delay=token_delay, max_batch_size=max_batch_size, context_length=context_length
+    )
     app = create_app(EngineBackend(engine), ServeSection(**section_kw))
     return ServerThread(app).start(), engine
 
@@ -32,11 +40,11 @@ def start_fake_server(tokenizer, *, name: str = "tiny", token_delay: float = 0.0
 @pytest.fixture(scope="module")
 def api_server(tiny_teacher_dir):
     """(ServerThread, AsyncEngine): the real engine on the tiny random LLaMA, served as model 'tiny' (context 256)."""
-    from serve.backends import EngineBackend
-    from serve.server_thread import ServerThread
     from serve.api import create_app
+    from serve.backends import EngineBackend
     from serve.engine.async_engine import AsyncEngine
     from serve.section import ServeSection
+    from serve.server_thread import ServerThread
 
     engine = AsyncEngine.from_pretrained(tiny_teacher_dir, max_model_len=256, max_batch_size=8)
     app = create_app(EngineBackend(engine, name="tiny"), ServeSection(api_key_env=None), close_backends=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
 
 from serve.engine.types import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
 
@@ -23,8 +23,15 @@ WORDS = " the quick brown fox jumps over the lazy dog and then it runs away into
 
 
 class FakeAsyncEngine:
-    def __init__(self, tokenizer, *, name: str = "fake", context_length: int = 256, max_batch_size: int = 16,
-                 token_delay: float = 0.0):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        name: str = "fake",
+        context_length: int = 256,
+        max_batch_size: int = 16,
+        token_delay: float = 0.0,
+    ):
         self.tokenizer = tokenizer
         self.model_name = name
         self.context_length = context_length
@@ -41,28 +48,42 @@ class FakeAsyncEngine:
         self.is_shut_down = False
 
     @classmethod
-    def from_pretrained(cls, model: str, *, max_batch_size: int = 16, max_model_len: Optional[int] = None,
-                        token_delay: float = 0.0, **_: object) -> "FakeAsyncEngine":
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        max_batch_size: int = 16,
+        max_model_len: int | None = None,
+        token_delay: float = 0.0,
+        **_: object,
+    ) -> FakeAsyncEngine:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model)
         delay = float(os.environ.get("FAKE_ENGINE_TOKEN_DELAY", token_delay))
-        return cls(tokenizer, name=os.path.basename(os.path.normpath(model)), max_batch_size=max_batch_size,
-                   context_length=max_model_len or 256, token_delay=delay)
+        return cls(
+            tokenizer,
+            name=os.path.basename(os.path.normpath(model)),
+            max_batch_size=max_batch_size,
+            context_length=max_model_len or 256,
+            token_delay=delay,
+        )
 
     def _validate(self, request: GenerationRequest) -> None:
         s = request.sampling
         if not request.prompt_ids:
             raise EngineError("empty prompt")
         if len(request.prompt_ids) + s.max_tokens > self.context_length:
-            raise EngineError(f"prompt has {len(request.prompt_ids)} tokens, max_tokens {s.max_tokens}, "
-                              f"context {self.context_length}")
+            raise EngineError(
+                f"prompt has {len(request.prompt_ids)} tokens, max_tokens {s.max_tokens}, context {self.context_length}"
+            )
         if s.temperature < 0 or not 0 < s.top_p <= 1 or s.max_tokens < 1:
             raise EngineError("bad sampling values")
 
     def _logprob(self, token: int, k: int, step: int) -> TokenLogprob:
-        top = [(token, -0.25)] + [(self._vocab_words[(step + j) % len(self._vocab_words)], -1.0 - j)
-                                  for j in range(1, k)]
+        top = [(token, -0.25)] + [
+            (self._vocab_words[(step + j) % len(self._vocab_words)], -1.0 - j) for j in range(1, k)
+        ]
         return TokenLogprob(token_id=token, logprob=-0.25, top=top[:k])
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
@@ -80,8 +101,9 @@ class FakeAsyncEngine:
                 text_so_far = ""
                 prompt_lp = None
                 if s.prompt_logprobs:
-                    prompt_lp = [None] + [self._logprob(t, s.top_logprobs, i) for i, t in
-                                          enumerate(request.prompt_ids[1:])]
+                    prompt_lp = [None] + [
+                        self._logprob(t, s.top_logprobs, i) for i, t in enumerate(request.prompt_ids[1:])
+                    ]
                 for step in range(s.max_tokens):
                     if rid in self._aborted or self.is_shut_down:  # shutdown aborts what runs, like the engine
                         break
@@ -95,27 +117,40 @@ class FakeAsyncEngine:
                         token = rng.choice(self._vocab_words)
                     generated.append(token)
                     full = self.tokenizer.decode(generated, skip_special_tokens=True)
-                    new_text = full[len(text_so_far):]
+                    new_text = full[len(text_so_far) :]
                     finished, reason = False, None
                     hit = next((st for st in s.stop if st in full), None)
                     if hit is not None:
                         cut = full.index(hit)
-                        new_text = full[len(text_so_far):cut] if cut > len(text_so_far) else ""
+                        new_text = full[len(text_so_far) : cut] if cut > len(text_so_far) else ""
                         finished, reason = True, "stop"
                     elif step + 1 == s.max_tokens:
                         finished, reason = True, "length"
                     text_so_far = full
                     out = GenerationOutput(
-                        request_id=rid, token_ids=[token], text=new_text, finished=finished, finish_reason=reason,
+                        request_id=rid,
+                        token_ids=[token],
+                        text=new_text,
+                        finished=finished,
+                        finish_reason=reason,
                         logprobs=[self._logprob(token, s.top_logprobs, step)] if s.logprobs else None,
                         prompt_logprobs=prompt_lp if step == 0 else None,
-                        prompt_tokens=len(request.prompt_ids), completion_tokens=len(generated))
+                        prompt_tokens=len(request.prompt_ids),
+                        completion_tokens=len(generated),
+                    )
                     yield out
                     if finished:
                         self.finished_ids.append(rid)
                         return
-                yield GenerationOutput(request_id=rid, token_ids=[], text="", finished=True, finish_reason="abort",
-                                       prompt_tokens=len(request.prompt_ids), completion_tokens=len(generated))
+                yield GenerationOutput(
+                    request_id=rid,
+                    token_ids=[],
+                    text="",
+                    finished=True,
+                    finish_reason="abort",
+                    prompt_tokens=len(request.prompt_ids),
+                    completion_tokens=len(generated),
+                )
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted_ids.append(rid)
             raise

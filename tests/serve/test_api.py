@@ -14,8 +14,9 @@ from tests.serve.conftest import start_fake_server
 
 
 def client(server, **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0,
-                         timeout=30, **kw)
+    return openai.OpenAI(
+        base_url=server.base_url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, timeout=30, **kw
+    )
 
 
 NO_EOS = {"ignore_eos": True}  # the random tiny model may emit EOS anywhere; counts must be exact
@@ -34,9 +35,9 @@ def test_models_health_and_chat(api_server):
     choice = r.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason == "length"
     # The prompt is the tokenizer's chat template, counted exactly.
-    prompt_ids = engine.tokenizer(engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
-                                                                       tokenize=False),
-                                  add_special_tokens=False).input_ids
+    prompt_ids = engine.tokenizer(
+        engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    ).input_ids
     assert r.usage.prompt_tokens == len(prompt_ids) and r.usage.completion_tokens == 6
     assert r.usage.total_tokens == len(prompt_ids) + 6
     # Same answer as the engine given those token ids directly (greedy).
@@ -44,8 +45,9 @@ def test_models_health_and_chat(api_server):
 
     async def direct() -> str:
         parts = []
-        async for out in engine.generate(GenerationRequest("direct", prompt_ids, SamplingOptions(
-                max_tokens=6, temperature=0, ignore_eos=True))):
+        async for out in engine.generate(
+            GenerationRequest("direct", prompt_ids, SamplingOptions(max_tokens=6, temperature=0, ignore_eos=True))
+        ):
             parts.append(out.text)
         return "".join(parts)
 
@@ -55,8 +57,14 @@ def test_models_health_and_chat(api_server):
 def test_chat_stream_with_usage_and_done(api_server):
     server, _ = api_server
     c = client(server)
-    kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=1.0, seed=11,
-              extra_body=NO_EOS)
+    kw = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=8,
+        temperature=1.0,
+        seed=11,
+        extra_body=NO_EOS,
+    )
     full = c.chat.completions.create(**kw).choices[0].message.content
     chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -66,9 +74,11 @@ def test_chat_stream_with_usage_and_done(api_server):
     assert finishes == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
     # Raw SSE ends with [DONE].
-    with httpx.stream("POST", server.base_url + "/v1/chat/completions",
-                      json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
-                            "stream": True}) as resp:
+    with httpx.stream(
+        "POST",
+        server.base_url + "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True},
+    ) as resp:
         lines = [ln for ln in resp.iter_lines() if ln]
     assert resp.headers["content-type"].startswith("text/event-stream")
     assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
@@ -78,8 +88,9 @@ def test_chat_logprobs_n_seed_stop(api_server):
     server, _ = api_server
     c = client(server)
     msgs = [{"role": "user", "content": "tell me"}]
-    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, logprobs=True, top_logprobs=3,
-                                  temperature=0, extra_body=NO_EOS)
+    r = c.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=5, logprobs=True, top_logprobs=3, temperature=0, extra_body=NO_EOS
+    )
     lp = r.choices[0].logprobs.content
     assert len(lp) == 5 and all(len(e.top_logprobs) == 3 for e in lp)
     for e in lp:  # greedy: the chosen token is the most likely one; alternatives sorted, all <= 0
@@ -99,11 +110,11 @@ def test_chat_logprobs_n_seed_stop(api_server):
     assert a.usage.completion_tokens == 30
 
     text = c.chat.completions.create(**{**sample, "max_tokens": 12}, seed=5).choices[0].message.content
-    stop = text[len(text) // 2:len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip()
     stopped = c.chat.completions.create(**{**sample, "max_tokens": 12}, seed=5, stop=[stop, "zzqq-never"])
     assert stopped.choices[0].finish_reason == "stop"
-    assert stopped.choices[0].message.content == text[:text.index(stop)]
+    assert stopped.choices[0].message.content == text[: text.index(stop)]
 
 
 def test_completions_plain_stream_and_batch(api_server):
@@ -144,29 +155,37 @@ def test_completions_echo_logprobs_scores_prompt(api_server, tiny_teacher_dir):
         ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)  # [T, V]
     expected = [ref[i - 1, ids[i]].item() for i in range(1, len(ids))]
     assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-3)
-    gen = c.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=2, temperature=0,
-                               extra_body=NO_EOS)
+    gen = c.completions.create(
+        model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=2, temperature=0, extra_body=NO_EOS
+    )
     assert gen.choices[0].text.startswith(prompt) and len(gen.choices[0].logprobs.tokens) == len(ids) + 3
-    assert all(len(t) >= 2 for t in gen.choices[0].logprobs.top_logprobs[len(ids):])
+    assert all(len(t) >= 2 for t in gen.choices[0].logprobs.top_logprobs[len(ids) :])
 
 
 def _post(server, path, body, headers=None, raw=None):
-    return httpx.post(server.base_url + path, content=raw if raw is not None else json.dumps(body),
-                      headers={"content-type": "application/json", **(headers or {})}, timeout=30)
+    return httpx.post(
+        server.base_url + path,
+        content=raw if raw is not None else json.dumps(body),
+        headers={"content-type": "application/json", **(headers or {})},
+        timeout=30,
+    )
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, 400, "max_tokens"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, 400, "temperature"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
-    ({"model": "tiny", "messages": []}, 400, "messages"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 1000}, 400, "n"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, 400, None),
-    ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
-    ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, 400, "temperature"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
+        ({"model": "tiny", "messages": []}, 400, "messages"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 1000}, 400, "n"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, 400, None),
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ],
+)
 def test_bad_chat_requests_get_4xx_openai_shape(api_server, body, status, param):
     server, _ = api_server
     resp = _post(server, "/v1/chat/completions", body)
@@ -244,8 +263,11 @@ def test_open_server_warns(serve_tokenizer, caplog):
 async def _stream_once(base_url: str, max_tokens: int) -> float:
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=30) as http:
-        async with http.stream("POST", base_url + "/v1/completions",
-                               json={"model": "tiny", "prompt": "hi", "max_tokens": max_tokens, "stream": True}) as r:
+        async with http.stream(
+            "POST",
+            base_url + "/v1/completions",
+            json={"model": "tiny", "prompt": "hi", "max_tokens": max_tokens, "stream": True},
+        ) as r:
             async for _ in r.aiter_lines():
                 pass
     return time.perf_counter() - t0
@@ -267,9 +289,11 @@ def test_concurrent_streams_overlap_and_cancel_frees_slot(serve_tokenizer):
         # Cancel a stream mid-way: the engine aborts it and the slot is free again.
         async def cancel_one() -> None:
             async with httpx.AsyncClient(timeout=30) as http:
-                async with http.stream("POST", server.base_url + "/v1/completions",
-                                       json={"model": "tiny", "prompt": "cancel me", "max_tokens": 200,
-                                             "stream": True}) as r:
+                async with http.stream(
+                    "POST",
+                    server.base_url + "/v1/completions",
+                    json={"model": "tiny", "prompt": "cancel me", "max_tokens": 200, "stream": True},
+                ) as r:
                     n = 0
                     async for line in r.aiter_lines():
                         n += bool(line)
@@ -285,8 +309,11 @@ def test_concurrent_streams_overlap_and_cancel_frees_slot(serve_tokenizer):
 
         # A non-streaming request whose client gives up is cancelled too.
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "slow", "max_tokens": 200},
-                       timeout=0.5)
+            httpx.post(
+                server.base_url + "/v1/completions",
+                json={"model": "tiny", "prompt": "slow", "max_tokens": 200},
+                timeout=0.5,
+            )
         deadline = time.time() + 5
         while time.time() < deadline and (engine.stats()["running"] or len(engine.aborted_ids) < 2):
             time.sleep(0.05)
@@ -297,14 +324,17 @@ def test_concurrent_streams_overlap_and_cancel_frees_slot(serve_tokenizer):
 
 
 def test_overload_answers_429_and_health_stays_ok(serve_tokenizer):
-    server, engine = start_fake_server(serve_tokenizer, token_delay=0.05, max_batch_size=2, max_ongoing_requests=2,
-                                       max_queued_requests=1)
+    server, engine = start_fake_server(
+        serve_tokenizer, token_delay=0.05, max_batch_size=2, max_ongoing_requests=2, max_queued_requests=1
+    )
 
     async def hammer() -> list[int]:
         async with httpx.AsyncClient(timeout=30) as http:
+
             async def one() -> int:
-                r = await http.post(server.base_url + "/v1/completions",
-                                    json={"model": "tiny", "prompt": "x", "max_tokens": 10})
+                r = await http.post(
+                    server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10}
+                )
                 if r.status_code != 200:
                     assert r.json()["error"]["type"] == "rate_limit_error"
                 return r.status_code

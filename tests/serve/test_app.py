@@ -54,10 +54,22 @@ def test_autoscale_and_overload(serve_port, tiny_teacher_dir):
     from serve.app import deploy, shutdown, status
     from serve.section import ServeSection
 
-    section = ServeSection(port=serve_port, route_prefix="/scale", api_key_env=None, num_cpus=0.25,
-                           min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5,
-                           downscale_delay_s=2, metrics_interval_s=0.5, look_back_period_s=1,
-                           max_ongoing_requests=3, max_queued_requests=2, max_batch_size=3)
+    section = ServeSection(
+        port=serve_port,
+        route_prefix="/scale",
+        api_key_env=None,
+        num_cpus=0.25,
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=1,
+        upscale_delay_s=0.5,
+        downscale_delay_s=2,
+        metrics_interval_s=0.5,
+        look_back_period_s=1,
+        max_ongoing_requests=3,
+        max_queued_requests=2,
+        max_batch_size=3,
+    )
     url = deploy(tiny_teacher_dir, section, name="scale", engine_factory=FAKE, engine_options={"token_delay": 0.05})
     assert url.endswith(f":{serve_port}/scale")
     assert status("scale")["status"] == "RUNNING" and _replicas("scale") == 1
@@ -118,8 +130,15 @@ def test_model_update_during_traffic_loses_nothing(serve_port, tiny_teacher_dir,
     from tests.conftest import make_tiny_llama
 
     other = make_tiny_llama(tmp_path / "other", builtin_teacher_dir, seed=1)
-    section = ServeSection(port=serve_port, route_prefix="/swap", api_key_env=None, num_cpus=0.25,
-                           max_model_len=256, max_batch_size=4, graceful_shutdown_timeout_s=10)
+    section = ServeSection(
+        port=serve_port,
+        route_prefix="/swap",
+        api_key_env=None,
+        num_cpus=0.25,
+        max_model_len=256,
+        max_batch_size=4,
+        graceful_shutdown_timeout_s=10,
+    )
     url = deploy(tiny_teacher_dir, section, name="swap")
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
     probe = dict(model="swap", prompt="The capital of France is Paris", max_tokens=0, echo=True, logprobs=1)
@@ -132,12 +151,23 @@ def test_model_update_during_traffic_loses_nothing(serve_port, tiny_teacher_dir,
             while not stop.is_set():
                 try:
                     if i % 2:
-                        r = client.chat.completions.create(model="swap", messages=[{"role": "user", "content": "hi"}],
-                                                           max_tokens=24, extra_body={"ignore_eos": True})
+                        r = client.chat.completions.create(
+                            model="swap",
+                            messages=[{"role": "user", "content": "hi"}],
+                            max_tokens=24,
+                            extra_body={"ignore_eos": True},
+                        )
                         ok = r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length"
                     else:
-                        chunks = list(client.completions.create(model="swap", prompt="stream", max_tokens=24,
-                                                                stream=True, extra_body={"ignore_eos": True}))
+                        chunks = list(
+                            client.completions.create(
+                                model="swap",
+                                prompt="stream",
+                                max_tokens=24,
+                                stream=True,
+                                extra_body={"ignore_eos": True},
+                            )
+                        )
                         ok = [c.choices[0].finish_reason for c in chunks][-1] == "length"
                     results.append("ok" if ok else "short")
                 except Exception as exc:  # noqa: BLE001 - recorded and asserted on below
@@ -165,12 +195,16 @@ def test_model_update_during_traffic_loses_nothing(serve_port, tiny_teacher_dir,
 def _auth_codes(url: str, key: str) -> dict[str, int]:
     body = {"model": "auth", "prompt": "hi", "max_tokens": 2, "temperature": 0}
     with httpx.Client(timeout=60) as http:
-        return {"none": http.post(url + "/v1/completions", json=body).status_code,
-                "wrong": http.post(url + "/v1/completions", json=body,
-                                   headers={"Authorization": "Bearer not-the-key"}).status_code,
-                "key": http.post(url + "/v1/completions", json=body,
-                                 headers={"Authorization": f"Bearer {key}"}).status_code,
-                "models_none": http.get(url + "/v1/models").status_code}
+        return {
+            "none": http.post(url + "/v1/completions", json=body).status_code,
+            "wrong": http.post(
+                url + "/v1/completions", json=body, headers={"Authorization": "Bearer not-the-key"}
+            ).status_code,
+            "key": http.post(
+                url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+            ).status_code,
+            "models_none": http.get(url + "/v1/models").status_code,
+        }
 
 
 def test_api_keys_are_enforced_through_serve(serve_port, tiny_teacher_dir, tmp_path, monkeypatch):
@@ -183,8 +217,14 @@ def test_api_keys_are_enforced_through_serve(serve_port, tiny_teacher_dir, tmp_p
     monkeypatch.setenv("RD_TEST_SERVE_KEYS", "k-env-1,k-env-2")
     keys = tmp_path / "keys.txt"
     keys.write_text("k-file-1\n")
-    section = ServeSection(port=serve_port, route_prefix="/auth", api_key_env="RD_TEST_SERVE_KEYS",
-                           api_key_file=str(keys), num_cpus=0.25, max_batch_size=2)
+    section = ServeSection(
+        port=serve_port,
+        route_prefix="/auth",
+        api_key_env="RD_TEST_SERVE_KEYS",
+        api_key_file=str(keys),
+        num_cpus=0.25,
+        max_batch_size=2,
+    )
     url = deploy(tiny_teacher_dir, section, name="auth", engine_factory=FAKE)
     try:
         assert _auth_codes(url, "k-env-2") == {"none": 401, "wrong": 401, "key": 200, "models_none": 401}

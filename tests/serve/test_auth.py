@@ -77,7 +77,9 @@ def test_health_metrics_and_openapi_need_the_key_unless_open(serve_tokenizer, mo
                     assert r.json()["error"]["code"] == "invalid_api_key"
                 ok = httpx.get(server.base_url + path, headers={"Authorization": "Bearer k1"}, timeout=30)
                 assert ok.status_code == 200, (path, ok.text)
-            assert "/v1/chat/completions" in httpx.get(server.base_url + "/openapi.json",
-                                                       headers={"Authorization": "Bearer k1"}).json()["paths"]
+            assert (
+                "/v1/chat/completions"
+                in httpx.get(server.base_url + "/openapi.json", headers={"Authorization": "Bearer k1"}).json()["paths"]
+            )
         finally:
             server.stop()

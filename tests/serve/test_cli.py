@@ -25,8 +25,18 @@ def _args(*argv):
 
 
 def test_flags_override_the_config_section():
-    args = _args("runs/q/123/", "--port", "8123", "--min-replicas", "2", "--prompt-log", "memory://plog",
-                 "--api-key-file", "keys.txt", "--no-ray")
+    args = _args(
+        "runs/q/123/",
+        "--port",
+        "8123",
+        "--min-replicas",
+        "2",
+        "--prompt-log",
+        "memory://plog",
+        "--api-key-file",
+        "keys.txt",
+        "--no-ray",
+    )
     s = section_from_args(ServeSection(), args)
     assert (s.port, s.min_replicas, s.max_replicas) == (8123, 2, 2)  # max follows min when only min is given
     assert s.prompt_log_uri == "memory://plog" and s.api_key_file == "keys.txt" and args.no_ray
@@ -53,9 +63,27 @@ def test_no_ray_server_end_to_end(tiny_teacher_dir):
         port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     env.pop("RAYDISTILL_API_KEYS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", tiny_teacher_dir, "--no-ray",
-                             "--port", str(port), "--model-name", "tiny", "--set", "serve.max_model_len=256"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "serve",
+            tiny_teacher_dir,
+            "--no-ray",
+            "--port",
+            str(port),
+            "--model-name",
+            "tiny",
+            "--set",
+            "serve.max_model_len=256",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -67,8 +95,9 @@ def test_no_ray_server_end_to_end(tiny_teacher_dir):
                 time.sleep(0.3)
             assert proc.poll() is None, proc.stdout.read()
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
-        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                           extra_body={"ignore_eos": True})
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, extra_body={"ignore_eos": True}
+        )
         assert r.usage.completion_tokens == 3
     finally:
         proc.send_signal(signal.SIGINT)

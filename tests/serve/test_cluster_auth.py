@@ -45,13 +45,20 @@ print("RESULT=" + json.dumps(out), flush=True)
 def test_keys_set_only_in_the_driver_protect_a_running_cluster(tiny_teacher_dir):
     # The head (and so every worker it starts) has no RD_TEST_KEYS; only the deploying driver does.
     with start_head(clean_env(RAY_AUTH_MODE="disabled"), num_cpus=1) as (address, _dashboard):
-        env = clean_env(RAY_AUTH_MODE="disabled", RD_HEAD=address, RD_PORT=str(free_port()),
-                        RD_MODEL=tiny_teacher_dir, RD_FAKE=FAKE, RD_TEST_KEYS="s3cret-key")
-        proc = subprocess.run([sys.executable, "-c", DRIVER], env=env, cwd=str(REPO_ROOT), capture_output=True,
-                              text=True, timeout=400)
+        env = clean_env(
+            RAY_AUTH_MODE="disabled",
+            RD_HEAD=address,
+            RD_PORT=str(free_port()),
+            RD_MODEL=tiny_teacher_dir,
+            RD_FAKE=FAKE,
+            RD_TEST_KEYS="s3cret-key",
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", DRIVER], env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=400
+        )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT=")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    result = json.loads(lines[0][len("RESULT="):])
+    result = json.loads(lines[0][len("RESULT=") :])
     status, body = result["no_key"]
     assert status == 401 and body["error"]["code"] == "invalid_api_key", result
     assert result["wrong_key"] == 401

@@ -26,8 +26,9 @@ def fake_server(serve_tokenizer):
 
 
 def post(server, path: str, body: dict, timeout: float = 30) -> httpx.Response:
-    return httpx.post(server.base_url + path, content=json.dumps(body),
-                      headers={"content-type": "application/json"}, timeout=timeout)
+    return httpx.post(
+        server.base_url + path, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=timeout
+    )
 
 
 def assert_openai_error(resp: httpx.Response, status: int, param=None) -> dict:
@@ -44,24 +45,66 @@ def assert_openai_error(resp: httpx.Response, status: int, param=None) -> dict:
 # ---------------------------------------------------------------------------------------------------
 def test_explicit_null_optional_fields_mean_default(fake_server):
     server, _ = fake_server
-    nulls = {k: None for k in ("n", "temperature", "top_p", "top_k", "stream", "stop", "seed", "user",
-                               "presence_penalty", "frequency_penalty", "stream_options", "ignore_eos",
-                               "tools", "tool_choice", "logit_bias", "response_format")}
-    chat = post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSGS, "max_tokens": 3, "logprobs": None,
-                                                 "top_logprobs": None, "max_completion_tokens": None, **nulls})
+    nulls = {
+        k: None
+        for k in (
+            "n",
+            "temperature",
+            "top_p",
+            "top_k",
+            "stream",
+            "stop",
+            "seed",
+            "user",
+            "presence_penalty",
+            "frequency_penalty",
+            "stream_options",
+            "ignore_eos",
+            "tools",
+            "tool_choice",
+            "logit_bias",
+            "response_format",
+        )
+    }
+    chat = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": MSGS,
+            "max_tokens": 3,
+            "logprobs": None,
+            "top_logprobs": None,
+            "max_completion_tokens": None,
+            **nulls,
+        },
+    )
     assert chat.status_code == 200, chat.text
     body = chat.json()
     assert len(body["choices"]) == 1 and body["usage"]["completion_tokens"] == 3
     assert body["choices"][0]["logprobs"] is None
-    comp = post(server, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": None, "echo": None,
-                                            "logprobs": None, "suffix": None, "best_of": None, **nulls})
+    comp = post(
+        server,
+        "/v1/completions",
+        {
+            "model": "tiny",
+            "prompt": "hi",
+            "max_tokens": None,
+            "echo": None,
+            "logprobs": None,
+            "suffix": None,
+            "best_of": None,
+            **nulls,
+        },
+    )
     assert comp.status_code == 200, comp.text
     usage = comp.json()["usage"]  # the default max_tokens: serve.max_tokens_default, within the 256 context
     assert usage["completion_tokens"] == min(256 - usage["prompt_tokens"], 256)
     # LangChain's ChatOpenAI sends these nulls through the official client too.
     c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=30)
-    r = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=2,
-                                  extra_body={"n": None, "temperature": None, "stream": None})
+    r = c.chat.completions.create(
+        model="tiny", messages=MSGS, max_tokens=2, extra_body={"n": None, "temperature": None, "stream": None}
+    )
     assert r.usage.completion_tokens == 2
     # Required fields stay required.
     assert_openai_error(post(server, "/v1/chat/completions", {"model": None, "messages": MSGS}), 400, "model")
@@ -73,20 +116,23 @@ def test_explicit_null_optional_fields_mean_default(fake_server):
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 
 
-@pytest.mark.parametrize("path, field, value", [
-    ("/v1/chat/completions", "tools", [TOOL]),
-    ("/v1/chat/completions", "tool_choice", "required"),
-    ("/v1/chat/completions", "tool_choice", {"type": "function", "function": {"name": "f"}}),
-    ("/v1/chat/completions", "functions", [TOOL["function"]]),
-    ("/v1/chat/completions", "function_call", "auto"),
-    ("/v1/chat/completions", "logit_bias", {"50256": -100}),
-    ("/v1/chat/completions", "presence_penalty", 0.5),
-    ("/v1/chat/completions", "frequency_penalty", -1.0),
-    ("/v1/completions", "logit_bias", {"50256": -100}),
-    ("/v1/completions", "best_of", 3),
-    ("/v1/completions", "presence_penalty", 1.0),
-    ("/v1/completions", "suffix", "tail"),
-])
+@pytest.mark.parametrize(
+    "path, field, value",
+    [
+        ("/v1/chat/completions", "tools", [TOOL]),
+        ("/v1/chat/completions", "tool_choice", "required"),
+        ("/v1/chat/completions", "tool_choice", {"type": "function", "function": {"name": "f"}}),
+        ("/v1/chat/completions", "functions", [TOOL["function"]]),
+        ("/v1/chat/completions", "function_call", "auto"),
+        ("/v1/chat/completions", "logit_bias", {"50256": -100}),
+        ("/v1/chat/completions", "presence_penalty", 0.5),
+        ("/v1/chat/completions", "frequency_penalty", -1.0),
+        ("/v1/completions", "logit_bias", {"50256": -100}),
+        ("/v1/completions", "best_of", 3),
+        ("/v1/completions", "presence_penalty", 1.0),
+        ("/v1/completions", "suffix", "tail"),
+    ],
+)
 def test_unsupported_fields_are_rejected_by_name(fake_server, path, field, value):
     server, engine = fake_server
     body = {"model": "tiny", "max_tokens": 2, field: value}
@@ -98,12 +144,25 @@ def test_unsupported_fields_are_rejected_by_name(fake_server, path, field, value
 
 def test_neutral_values_of_unsupported_fields_are_accepted(fake_server):
     server, _ = fake_server
-    ok = post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSGS, "max_tokens": 2, "tools": [],
-                                               "tool_choice": "none", "logit_bias": {}, "presence_penalty": 0,
-                                               "frequency_penalty": 0.0, "response_format": {"type": "text"}})
+    ok = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": MSGS,
+            "max_tokens": 2,
+            "tools": [],
+            "tool_choice": "none",
+            "logit_bias": {},
+            "presence_penalty": 0,
+            "frequency_penalty": 0.0,
+            "response_format": {"type": "text"},
+        },
+    )
     assert ok.status_code == 200, ok.text
-    ok = post(server, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2, "best_of": 1,
-                                          "logit_bias": {}})
+    ok = post(
+        server, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2, "best_of": 1, "logit_bias": {}}
+    )
     assert ok.status_code == 200, ok.text
 
 
@@ -127,14 +186,20 @@ class ScriptedEngine:
         s, sent = request.sampling, ""
         n = min(len(self.script), s.max_tokens)
         for i, tok in enumerate(self.script[:n]):
-            full = self.tokenizer.decode(self.script[:i + 1])
-            delta = "" if full.endswith("\ufffd") else full[len(sent):]
+            full = self.tokenizer.decode(self.script[: i + 1])
+            delta = "" if full.endswith("\ufffd") else full[len(sent) :]
             sent += delta
-            top = [(tok, self.logprob), (tok + 1, float("-inf"))][:s.top_logprobs]
-            yield GenerationOutput(request.request_id, [tok], delta, finished=i == n - 1,
-                                   finish_reason="length" if i == n - 1 else None,
-                                   logprobs=[TokenLogprob(tok, self.logprob, top)] if s.logprobs else None,
-                                   prompt_tokens=len(request.prompt_ids), completion_tokens=i + 1)
+            top = [(tok, self.logprob), (tok + 1, float("-inf"))][: s.top_logprobs]
+            yield GenerationOutput(
+                request.request_id,
+                [tok],
+                delta,
+                finished=i == n - 1,
+                finish_reason="length" if i == n - 1 else None,
+                logprobs=[TokenLogprob(tok, self.logprob, top)] if s.logprobs else None,
+                prompt_tokens=len(request.prompt_ids),
+                completion_tokens=i + 1,
+            )
 
     def stats(self) -> dict:
         return {"running": 0, "waiting": 0}
@@ -144,10 +209,10 @@ class ScriptedEngine:
 
 
 def start_engine_server(engine, name: str = "tiny", **section_kw):
-    from serve.backends import EngineBackend
-    from serve.server_thread import ServerThread
     from serve.api import create_app
+    from serve.backends import EngineBackend
     from serve.section import ServeSection
+    from serve.server_thread import ServerThread
 
     section_kw.setdefault("api_key_env", None)
     return ServerThread(create_app(EngineBackend(engine, name=name), ServeSection(**section_kw))).start()
@@ -163,15 +228,18 @@ def strict_json(text: str):
 def sse_events(resp: httpx.Response) -> list:
     lines = [ln for ln in resp.iter_lines() if ln]
     assert lines[-1] == "data: [DONE]", lines[-3:]
-    return [strict_json(ln[len("data: "):]) for ln in lines[:-1]]
+    return [strict_json(ln[len("data: ") :]) for ln in lines[:-1]]
 
 
 def test_minus_inf_logprobs_are_clamped_not_500(serve_tokenizer):
     ids = serve_tokenizer("the quick brown fox", add_special_tokens=False).input_ids
     server = start_engine_server(ScriptedEngine(serve_tokenizer, ids, logprob=float("-inf")))
     try:
-        chat = post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSGS, "max_tokens": 4,
-                                                     "logprobs": True, "top_logprobs": 2})
+        chat = post(
+            server,
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": MSGS, "max_tokens": 4, "logprobs": True, "top_logprobs": 2},
+        )
         assert chat.status_code == 200, chat.text
         content = strict_json(chat.text)["choices"][0]["logprobs"]["content"]
         assert [e["logprob"] for e in content] == [-9999.0] * 4
@@ -181,10 +249,16 @@ def test_minus_inf_logprobs_are_clamped_not_500(serve_tokenizer):
         lp = strict_json(comp.text)["choices"][0]["logprobs"]
         assert lp["token_logprobs"] == [-9999.0] * 4
         assert all(set(top.values()) == {-9999.0} for top in lp["top_logprobs"])
-        for path, body in (("/v1/chat/completions", {"messages": MSGS, "logprobs": True, "top_logprobs": 2}),
-                           ("/v1/completions", {"prompt": "hi", "logprobs": 2})):
-            with httpx.stream("POST", server.base_url + path, timeout=30,
-                              json={"model": "tiny", "max_tokens": 4, "stream": True, **body}) as resp:
+        for path, body in (
+            ("/v1/chat/completions", {"messages": MSGS, "logprobs": True, "top_logprobs": 2}),
+            ("/v1/completions", {"prompt": "hi", "logprobs": 2}),
+        ):
+            with httpx.stream(
+                "POST",
+                server.base_url + path,
+                timeout=30,
+                json={"model": "tiny", "max_tokens": 4, "stream": True, **body},
+            ) as resp:
                 assert resp.status_code == 200
                 events = sse_events(resp)
             assert all("error" not in e for e in events), events
@@ -215,14 +289,14 @@ def test_chat_logprob_bytes_are_the_tokens_bytes(serve_tokenizer):
     server = start_engine_server(ScriptedEngine(serve_tokenizer, ids))
     try:
         c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=30)
-        r = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=len(ids), logprobs=True,
-                                      top_logprobs=1)
+        r = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=len(ids), logprobs=True, top_logprobs=1)
         content = r.choices[0].logprobs.content
         assert r.choices[0].message.content == text
         assert b"".join(bytes(e.bytes) for e in content) == text.encode("utf-8")
         assert all(bytes(e.top_logprobs[0].bytes) == bytes(e.bytes) for e in content)
-        chunks = list(c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=len(ids), logprobs=True,
-                                                stream=True))
+        chunks = list(
+            c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=len(ids), logprobs=True, stream=True)
+        )
         streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
         assert b"".join(bytes(e.bytes) for e in streamed) == text.encode("utf-8")
     finally:
@@ -244,8 +318,9 @@ def test_get_model_by_id(fake_server):
 # ---------------------------------------------------------------------------------------------------
 # 4: bounds on everything a client controls
 # ---------------------------------------------------------------------------------------------------
-LIMITS = dict(max_n=4, max_choices_per_request=6, max_stop_sequences=2, max_stop_length=10, max_tokens_limit=8,
-              max_top_logprobs=3)
+LIMITS = dict(
+    max_n=4, max_choices_per_request=6, max_stop_sequences=2, max_stop_length=10, max_tokens_limit=8, max_top_logprobs=3
+)
 
 
 @pytest.fixture(scope="module")
@@ -255,20 +330,23 @@ def limited_server(serve_tokenizer):
     server.stop()
 
 
-@pytest.mark.parametrize("path, body, param, limit", [
-    ("/v1/completions", {"prompt": ["a", "b", "c", "d"], "n": 2}, "n", "serve.max_choices_per_request"),
-    ("/v1/completions", {"prompt": ["a"] * 7}, "prompt", "serve.max_choices_per_request"),
-    ("/v1/chat/completions", {"n": 5}, "n", "serve.max_n"),
-    ("/v1/chat/completions", {"stop": ["a", "b", "c"]}, "stop", "serve.max_stop_sequences"),
-    ("/v1/completions", {"stop": "x" * 11}, "stop", "serve.max_stop_length"),
-    ("/v1/chat/completions", {"max_tokens": 9}, "max_tokens", "serve.max_tokens_limit"),
-    ("/v1/chat/completions", {"max_completion_tokens": 9}, "max_completion_tokens", "serve.max_tokens_limit"),
-    ("/v1/completions", {"max_tokens": 9}, "max_tokens", "serve.max_tokens_limit"),
-    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 4}, "top_logprobs", "serve.max_top_logprobs"),
-    ("/v1/completions", {"logprobs": 4}, "logprobs", "serve.max_top_logprobs"),
-    ("/v1/chat/completions", {"seed": 2**63}, "seed", "64-bit"),
-    ("/v1/completions", {"seed": -(2**63) - 1}, "seed", "64-bit"),
-])
+@pytest.mark.parametrize(
+    "path, body, param, limit",
+    [
+        ("/v1/completions", {"prompt": ["a", "b", "c", "d"], "n": 2}, "n", "serve.max_choices_per_request"),
+        ("/v1/completions", {"prompt": ["a"] * 7}, "prompt", "serve.max_choices_per_request"),
+        ("/v1/chat/completions", {"n": 5}, "n", "serve.max_n"),
+        ("/v1/chat/completions", {"stop": ["a", "b", "c"]}, "stop", "serve.max_stop_sequences"),
+        ("/v1/completions", {"stop": "x" * 11}, "stop", "serve.max_stop_length"),
+        ("/v1/chat/completions", {"max_tokens": 9}, "max_tokens", "serve.max_tokens_limit"),
+        ("/v1/chat/completions", {"max_completion_tokens": 9}, "max_completion_tokens", "serve.max_tokens_limit"),
+        ("/v1/completions", {"max_tokens": 9}, "max_tokens", "serve.max_tokens_limit"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 4}, "top_logprobs", "serve.max_top_logprobs"),
+        ("/v1/completions", {"logprobs": 4}, "logprobs", "serve.max_top_logprobs"),
+        ("/v1/chat/completions", {"seed": 2**63}, "seed", "64-bit"),
+        ("/v1/completions", {"seed": -(2**63) - 1}, "seed", "64-bit"),
+    ],
+)
 def test_client_controlled_sizes_are_bounded(limited_server, path, body, param, limit):
     server, _ = limited_server
     base = {"model": "tiny", "max_tokens": 2}
@@ -279,12 +357,34 @@ def test_client_controlled_sizes_are_bounded(limited_server, path, body, param, 
 
 def test_requests_at_the_limits_are_served(limited_server):
     server, _ = limited_server
-    r = post(server, "/v1/completions", {"model": "tiny", "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 8,
-                                         "stop": ["x" * 10, "zz"], "logprobs": 3, "seed": 2**63 - 1})
+    r = post(
+        server,
+        "/v1/completions",
+        {
+            "model": "tiny",
+            "prompt": ["a", "b", "c"],
+            "n": 2,
+            "max_tokens": 8,
+            "stop": ["x" * 10, "zz"],
+            "logprobs": 3,
+            "seed": 2**63 - 1,
+        },
+    )
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 6
-    r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSGS, "n": 4, "max_completion_tokens": 8,
-                                              "logprobs": True, "top_logprobs": 3, "seed": -(2**63)})
+    r = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": MSGS,
+            "n": 4,
+            "max_completion_tokens": 8,
+            "logprobs": True,
+            "top_logprobs": 3,
+            "seed": -(2**63),
+        },
+    )
     assert r.status_code == 200, r.text
 
 
@@ -299,8 +399,9 @@ def _wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
 
 def test_admission_counts_engine_jobs_not_http_requests(serve_tokenizer):
     # Room for 3 engine jobs (2 running + 1 queued): one request with n=2 leaves room for 1 job, not 2.
-    server, engine = start_fake_server(serve_tokenizer, token_delay=0.05, max_batch_size=2, max_ongoing_requests=2,
-                                       max_queued_requests=1)
+    server, engine = start_fake_server(
+        serve_tokenizer, token_delay=0.05, max_batch_size=2, max_ongoing_requests=2, max_queued_requests=1
+    )
     state = server.config.app.state.server
     try:
         body = {"model": "tiny", "prompt": "x", "max_tokens": 200, "n": 2, "stream": True}
@@ -310,8 +411,9 @@ def test_admission_counts_engine_jobs_not_http_requests(serve_tokenizer):
             busy = post(server, "/v1/completions", {"model": "tiny", "prompt": "y", "max_tokens": 2, "n": 2})
             err = assert_openai_error(busy, 429)
             assert err["type"] == "rate_limit_error" and "engine jobs" in err["message"]
-            assert_openai_error(post(server, "/v1/completions", {"model": "tiny", "prompt": ["y", "z"],
-                                                                 "max_tokens": 2}), 429)
+            assert_openai_error(
+                post(server, "/v1/completions", {"model": "tiny", "prompt": ["y", "z"], "max_tokens": 2}), 429
+            )
         _wait_for(lambda: state.in_flight == 0, what="the cancelled stream to give back its jobs")
         ok = post(server, "/v1/completions", {"model": "tiny", "prompt": "y", "max_tokens": 2, "n": 2})
         assert ok.status_code == 200, ok.text
@@ -326,13 +428,18 @@ def test_requests_have_a_default_deadline(serve_tokenizer):
     server, engine = start_fake_server(serve_tokenizer, token_delay=0.05, request_timeout_s=0.5)
     state = server.config.app.state.server
     try:
-        err = assert_openai_error(post(server, "/v1/completions", {"model": "tiny", "prompt": "x",
-                                                                   "max_tokens": 200}), 504)
+        err = assert_openai_error(
+            post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 200}), 504
+        )
         assert err["type"] == "server_error" and err["code"] == "timeout"
         assert "serve.request_timeout_s" in err["message"]
         _wait_for(lambda: len(engine.aborted_ids) == 1 and not engine.stats()["running"], what="the abort")
-        with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=30,
-                          json={"model": "tiny", "messages": MSGS, "max_tokens": 200, "stream": True}) as resp:
+        with httpx.stream(
+            "POST",
+            server.base_url + "/v1/chat/completions",
+            timeout=30,
+            json={"model": "tiny", "messages": MSGS, "max_tokens": 200, "stream": True},
+        ) as resp:
             events = sse_events(resp)
         assert events[-1]["error"]["code"] == "timeout"
         assert not any(c.get("finish_reason") for e in events for c in e.get("choices", []))  # never "finished"
@@ -382,9 +489,12 @@ def test_engine_step_failure_is_a_5xx_without_backend_text_and_the_engine_recove
     ok = post(server, "/v1/completions", body)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
     # Mid-stream: an in-band error event of type server_error, no finish_reason, then [DONE].
-    with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=30,
-                      json={"model": "tiny", "messages": MSGS, "max_tokens": 200, "ignore_eos": True,
-                            "stream": True}) as resp:
+    with httpx.stream(
+        "POST",
+        server.base_url + "/v1/chat/completions",
+        timeout=30,
+        json={"model": "tiny", "messages": MSGS, "max_tokens": 200, "ignore_eos": True, "stream": True},
+    ) as resp:
         events = []
         lines = resp.iter_lines()
         for line in lines:
@@ -415,8 +525,9 @@ def test_dead_engine_thread_means_503_and_unhealthy_not_a_hang(real_engine_serve
     _wait_for(lambda: not engine._thread.is_alive(), what="the engine thread to end")
     health = httpx.get(server.base_url + "/health", timeout=30)
     assert_openai_error(health, 503)
-    err = assert_openai_error(post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSGS,
-                                                                    "max_tokens": 2}, timeout=20), 503)
+    err = assert_openai_error(
+        post(server, "/v1/chat/completions", {"model": "tiny", "messages": MSGS, "max_tokens": 2}, timeout=20), 503
+    )
     assert err["type"] == "server_error"
 
 
@@ -443,8 +554,9 @@ class FloodEngine:
             for i in range(request.sampling.max_tokens):
                 await asyncio.sleep(0.001)
                 self.produced += 1
-                yield GenerationOutput(rid, [1], "x" * 8192, prompt_tokens=len(request.prompt_ids),
-                                       completion_tokens=i + 1)
+                yield GenerationOutput(
+                    rid, [1], "x" * 8192, prompt_tokens=len(request.prompt_ids), completion_tokens=i + 1
+                )
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(rid)
             raise
@@ -458,10 +570,9 @@ class FloodEngine:
         pass
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": "flood"}),
-    ("/v1/chat/completions", {"messages": MSGS}),
-])
+@pytest.mark.parametrize(
+    "path, body", [("/v1/completions", {"prompt": "flood"}), ("/v1/chat/completions", {"messages": MSGS})]
+)
 def test_slow_reader_who_disconnects_frees_the_slot(serve_tokenizer, path, body):
     import socket
 
@@ -474,31 +585,40 @@ def test_slow_reader_who_disconnects_frees_the_slot(serve_tokenizer, path, body)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # a small window: the server's writes block
         sock.settimeout(30)
         sock.connect((server.host, server.port))
-        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        sock.sendall(
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+        )
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         # Stop reading: the server's writes back up (socket buffers fill) while the engine keeps producing.
         start = engine.produced
         _wait_for(lambda: engine.produced > start + 2000, what="the engine to outpace the reader")
         assert len(engine.running) == 1 and not engine.aborted
         sock.close()  # disconnect with unread data
-        _wait_for(lambda: not engine.running and len(engine.aborted) == 1, timeout=15,
-                  what="the engine request to be cancelled after the disconnect")
+        _wait_for(
+            lambda: not engine.running and len(engine.aborted) == 1,
+            timeout=15,
+            what="the engine request to be cancelled after the disconnect",
+        )
         _wait_for(lambda: state.in_flight == 0, what="the admission slot to come back")
         # Logged and counted as a client disconnect (499), not as a server failure (5xx).
         endpoint = "chat" if "chat" in path else "completions"
-        _wait_for(lambda: f'raydistill_requests_total{{endpoint="{endpoint}",status="499"}} 1.0' in
-                  httpx.get(server.base_url + "/metrics", timeout=30).text, what="the 499 in /metrics")
+        _wait_for(
+            lambda: (
+                f'raydistill_requests_total{{endpoint="{endpoint}",status="499"}} 1.0'
+                in httpx.get(server.base_url + "/metrics", timeout=30).text
+            ),
+            what="the 499 in /metrics",
+        )
         metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
         assert f'endpoint="{endpoint}",status="5' not in metrics
     finally:
         server.stop()
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": "flood"}),
-    ("/v1/chat/completions", {"messages": MSGS}),
-])
+@pytest.mark.parametrize(
+    "path, body", [("/v1/completions", {"prompt": "flood"}), ("/v1/chat/completions", {"messages": MSGS})]
+)
 def test_sse_body_closed_at_a_yield_aborts_the_engine_request(serve_tokenizer, path, body):
     """ASGI 2.4 servers (and proxies) report a gone client by failing ``send``: the SSE generator is then
     left suspended at a ``yield`` and closed with GeneratorExit, which must cancel the engine request at once
@@ -506,19 +626,27 @@ def test_sse_body_closed_at_a_yield_aborts_the_engine_request(serve_tokenizer, p
     import asyncio
     import time
 
-    from serve.backends import EngineBackend
-
     from serve.api import create_app
+    from serve.backends import EngineBackend
     from serve.section import ServeSection
 
     engine = FloodEngine(serve_tokenizer)
-    app = create_app(EngineBackend(engine, name="tiny"),
-                     ServeSection(api_key_env=None, max_tokens_limit=100_000))
+    app = create_app(EngineBackend(engine, name="tiny"), ServeSection(api_key_env=None, max_tokens_limit=100_000))
     payload = json.dumps({"model": "tiny", "max_tokens": 100_000, "stream": True, **body}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+    }
 
     async def main() -> None:
         chunks = []
@@ -569,16 +697,19 @@ def test_a_request_that_breaks_the_engine_step_fails_alone(real_engine_server):
             raise RuntimeError(f"device-side assert: {SECRET}")
         return real_advance(seq, token, logprob)
 
-    good = [{"model": "tiny", "prompt": p, "max_tokens": 120, "temperature": 0, "ignore_eos": True}
-            for p in ("Once upon a time", "The capital of France is")]
+    good = [
+        {"model": "tiny", "prompt": p, "max_tokens": 120, "temperature": 0, "ignore_eos": True}
+        for p in ("Once upon a time", "The capital of France is")
+    ]
     reference = [post(server, "/v1/completions", b).json()["choices"][0]["text"] for b in good]
     core.step, core._advance = slow_step, advance
 
     results: dict[int, object] = {}
 
     def stream(i: int) -> None:
-        with httpx.stream("POST", server.base_url + "/v1/completions", json={**good[i], "stream": True},
-                          timeout=60) as resp:
+        with httpx.stream(
+            "POST", server.base_url + "/v1/completions", json={**good[i], "stream": True}, timeout=60
+        ) as resp:
             results[i] = (resp.status_code, sse_events(resp))
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]

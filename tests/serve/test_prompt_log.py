@@ -24,27 +24,49 @@ def redact(record: dict) -> dict | None:
 
 
 def test_schema_is_exactly_the_contract():
-    assert PROMPT_LOG_SCHEMA == pa.schema([
-        ("request_id", pa.string()), ("ts", pa.timestamp("us", tz="UTC")), ("model", pa.string()),
-        ("endpoint", pa.string()), ("prompt", pa.string()),
-        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-        ("completion", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32())])
+    assert PROMPT_LOG_SCHEMA == pa.schema(
+        [
+            ("request_id", pa.string()),
+            ("ts", pa.timestamp("us", tz="UTC")),
+            ("model", pa.string()),
+            ("endpoint", pa.string()),
+            ("prompt", pa.string()),
+            ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+            ("completion", pa.string()),
+            ("prompt_tokens", pa.int32()),
+            ("completion_tokens", pa.int32()),
+        ]
+    )
 
 
 def test_server_logs_requests_with_redaction(serve_tokenizer, tmp_path):
     uri = str(tmp_path / "plog")
-    server, _ = start_fake_server(serve_tokenizer, prompt_log_enabled=True, prompt_log=uri,
-                                  prompt_log_redact="tests.serve.test_prompt_log:redact", prompt_log_flush_rows=2)
+    server, _ = start_fake_server(
+        serve_tokenizer,
+        prompt_log_enabled=True,
+        prompt_log=uri,
+        prompt_log_redact="tests.serve.test_prompt_log:redact",
+        prompt_log_flush_rows=2,
+    )
     try:
         url = server.base_url
-        r1 = httpx.post(url + "/v1/chat/completions", json={
-            "model": "tiny", "messages": [{"role": "system", "content": "be brief"},
-                                          {"role": "user", "content": "hello there"}], "max_tokens": 4}).json()
-        httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "mail bob@example.com now",
-                                                  "max_tokens": 3})
+        r1 = httpx.post(
+            url + "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],
+                "max_tokens": 4,
+            },
+        ).json()
+        httpx.post(
+            url + "/v1/completions", json={"model": "tiny", "prompt": "mail bob@example.com now", "max_tokens": 3}
+        )
         httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "my secret", "max_tokens": 3})
-        with httpx.stream("POST", url + "/v1/completions",
-                          json={"model": "tiny", "prompt": "streamed", "max_tokens": 2, "stream": True}) as resp:
+        with httpx.stream(
+            "POST",
+            url + "/v1/completions",
+            json={"model": "tiny", "prompt": "streamed", "max_tokens": 2, "stream": True},
+        ) as resp:
             list(resp.iter_lines())
     finally:
         server.stop()  # flushes the rest
@@ -69,8 +91,18 @@ def test_since_filter_and_empty_folder(tmp_path):
     log = PromptLog(uri, flush_rows=100)
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     for i in range(3):
-        log.append(make_record(request_id=f"r{i}", model="m", endpoint="completions", prompt=f"p{i}",
-                               completion="c", prompt_tokens=1, completion_tokens=1, ts=t0 + dt.timedelta(hours=i)))
+        log.append(
+            make_record(
+                request_id=f"r{i}",
+                model="m",
+                endpoint="completions",
+                prompt=f"p{i}",
+                completion="c",
+                prompt_tokens=1,
+                completion_tokens=1,
+                ts=t0 + dt.timedelta(hours=i),
+            )
+        )
     assert log.pending() == 3 and read_prompt_log(uri).num_rows == 0  # nothing visible before a flush
     log.close()
     got = read_prompt_log(uri, since=dt.datetime(2026, 1, 1, 1))  # naive = UTC
@@ -136,22 +168,45 @@ def test_failed_writes_keep_a_bounded_buffer_and_count_dropped_rows(serve_tokeni
     monkeypatch.setattr(storage, "atomic_write_bytes", broken_write)
     log = PromptLog(str(tmp_path / "plog"), flush_rows=2, max_buffer_rows=5, start=False)
     for i in range(4):
-        log.append(make_record(request_id=f"r{i}", model="m", endpoint="completions", completion="c",
-                               prompt_tokens=1, completion_tokens=1, prompt=f"p{i}"))
+        log.append(
+            make_record(
+                request_id=f"r{i}",
+                model="m",
+                endpoint="completions",
+                completion="c",
+                prompt_tokens=1,
+                completion_tokens=1,
+                prompt=f"p{i}",
+            )
+        )
     assert log.flush() is None and log.failed_writes == 1 and log.pending() == 4
     log.maybe_flush()  # backoff: no retry right away
     assert log.failed_writes == 1
     for i in range(4, 20):
-        log.append(make_record(request_id=f"r{i}", model="m", endpoint="completions", completion="c",
-                               prompt_tokens=1, completion_tokens=1, prompt=f"p{i}"))
+        log.append(
+            make_record(
+                request_id=f"r{i}",
+                model="m",
+                endpoint="completions",
+                completion="c",
+                prompt_tokens=1,
+                completion_tokens=1,
+                prompt=f"p{i}",
+            )
+        )
     assert log.pending() == 5 and log.dropped_rows == 15
     assert [r["request_id"] for r in log._rows] == [f"r{i}" for i in range(15, 20)]  # the newest are kept
     log.close()
     assert log.dropped_rows == 20 and log.pending() == 0
 
     # The server reports them.
-    server, _ = start_fake_server(serve_tokenizer, prompt_log_enabled=True, prompt_log=str(tmp_path / "p2"),
-                                  prompt_log_flush_rows=1, prompt_log_max_buffer_rows=2)
+    server, _ = start_fake_server(
+        serve_tokenizer,
+        prompt_log_enabled=True,
+        prompt_log=str(tmp_path / "p2"),
+        prompt_log_flush_rows=1,
+        prompt_log_max_buffer_rows=2,
+    )
     try:
         for _ in range(4):
             httpx.post(server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})

@@ -14,32 +14,40 @@ import pytest
 
 pytest.importorskip("llguidance")
 
-PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "member"],
-          "properties": {"name": {"type": "string", "maxLength": 12},
-                         "age": {"type": "integer", "minimum": 0, "maximum": 130},
-                         "member": {"type": "boolean"},
-                         "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}}}
+PERSON = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "age", "member"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "member": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+}
 MSGS = [{"role": "user", "content": "Describe a person as JSON."}]
 
 
 @pytest.fixture(scope="module")
 def engine_server(tiny_teacher_dir):
-    from serve.backends import EngineBackend
-    from serve.server_thread import ServerThread
     from serve.api import create_app
+    from serve.backends import EngineBackend
     from serve.engine.async_engine import AsyncEngine
     from serve.section import ServeSection
+    from serve.server_thread import ServerThread
 
     engine = AsyncEngine.from_pretrained(tiny_teacher_dir, max_model_len=512, max_batch_size=8)
-    server = ServerThread(create_app(EngineBackend(engine, name="tiny"), ServeSection(api_key_env=None),
-                                     close_backends=True)).start()
+    server = ServerThread(
+        create_app(EngineBackend(engine, name="tiny"), ServeSection(api_key_env=None), close_backends=True)
+    ).start()
     yield server, engine
     server.stop()
 
 
 def _chat(server, **body):
-    return httpx.post(server.base_url + "/v1/chat/completions",
-                      json={"model": "tiny", "messages": MSGS, **body}, timeout=120)
+    return httpx.post(
+        server.base_url + "/v1/chat/completions", json={"model": "tiny", "messages": MSGS, **body}, timeout=120
+    )
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -55,12 +63,26 @@ def test_json_schema_output_always_validates(engine_server, seed):
 
 def test_json_object_streams_valid_json(engine_server):
     server, _ = engine_server
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
     texts = []
-    with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=120, json={
-            "model": "tiny", "messages": MSGS, "stream": True, "max_tokens": 50, "temperature": 0,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}) as resp:
+    with httpx.stream(
+        "POST",
+        server.base_url + "/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": "tiny",
+            "messages": MSGS,
+            "stream": True,
+            "max_tokens": 50,
+            "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        },
+    ) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
             if line.startswith("data: {"):
@@ -80,10 +102,16 @@ def test_constrained_and_free_requests_share_the_batch(tiny_teacher_dir):
     from serve.engine.types import GenerationRequest, SamplingOptions
 
     engine = LLMEngine.from_pretrained(tiny_teacher_dir, max_model_len=512, max_batch_size=4)
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
-              "required": ["n"], "additionalProperties": False}
-    reqs = [GenerationRequest("json", [1, 2, 3], SamplingOptions(max_tokens=40, temperature=0, json_schema=schema)),
-            GenerationRequest("free", [1, 2, 3], SamplingOptions(max_tokens=40, temperature=0, ignore_eos=True))]
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    reqs = [
+        GenerationRequest("json", [1, 2, 3], SamplingOptions(max_tokens=40, temperature=0, json_schema=schema)),
+        GenerationRequest("free", [1, 2, 3], SamplingOptions(max_tokens=40, temperature=0, ignore_eos=True)),
+    ]
     outs = engine.generate(reqs)
     text = "".join(o.text for o in outs["json"])
     assert json.loads(text)["n"] in range(10) and outs["json"][-1].finish_reason == "stop"
@@ -95,8 +123,9 @@ def test_constrained_and_free_requests_share_the_batch(tiny_teacher_dir):
 
 def test_bad_schemas_and_formats_are_400s(engine_server):
     server, _ = engine_server
-    r = _chat(server, response_format={"type": "json_schema", "json_schema": {"name": "x",
-                                                                             "schema": {"type": "nonsense"}}})
+    r = _chat(
+        server, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema", r.text
     r = _chat(server, response_format={"type": "json_schema"})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format")

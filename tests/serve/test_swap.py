@@ -42,10 +42,10 @@ class DeploymentBackend:
 def swap_setup(tiny_teacher_dir, tmp_path):
     """start(**section) -> (server, deployment, swap(model_dir)); reconfigure runs on a long-lived loop of
     its own (as on a replica, the drain task it starts outlives the call)."""
-    from serve.server_thread import ServerThread
     from serve.api import create_app
     from serve.app import ModelDeployment
     from serve.section import ServeSection
+    from serve.server_thread import ServerThread
 
     other = str(tmp_path / "other-model")
     shutil.copytree(tiny_teacher_dir, other)
@@ -56,8 +56,9 @@ def swap_setup(tiny_teacher_dir, tmp_path):
 
     def start(**section_kw):
         section = ServeSection(api_key_env=None, **section_kw)
-        deployment = ModelDeployment.func_or_class(tiny_teacher_dir, section.model_dump(mode="json"), FAKE,
-                                                   {"token_delay": 0.06})
+        deployment = ModelDeployment.func_or_class(
+            tiny_teacher_dir, section.model_dump(mode="json"), FAKE, {"token_delay": 0.06}
+        )
         server = ServerThread(create_app(DeploymentBackend(deployment, "m"), section)).start()
         servers.append(server)
 
@@ -79,8 +80,11 @@ def _stream_during_swap(server, deployment, swap) -> list[dict]:
     def run() -> None:
         with httpx.stream("POST", server.base_url + "/v1/completions", json=LONG, timeout=60) as resp:
             out["status"] = resp.status_code
-            out["events"] = [json.loads(line[6:]) for line in resp.iter_lines()
-                             if line.startswith("data: ") and line != "data: [DONE]"]
+            out["events"] = [
+                json.loads(line[6:])
+                for line in resp.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"
+            ]
 
     t = threading.Thread(target=run)
     t.start()

@@ -13,8 +13,20 @@ from serve.vllm_engine import VLLMAsyncEngine, convert_output, engine_args, samp
 
 
 def test_sampling_kwargs():
-    kw = sampling_kwargs(SamplingOptions(max_tokens=7, temperature=0.5, top_p=0.9, top_k=0, seed=3, stop=["\n"],
-                                         logprobs=True, top_logprobs=2, prompt_logprobs=True, ignore_eos=True))
+    kw = sampling_kwargs(
+        SamplingOptions(
+            max_tokens=7,
+            temperature=0.5,
+            top_p=0.9,
+            top_k=0,
+            seed=3,
+            stop=["\n"],
+            logprobs=True,
+            top_logprobs=2,
+            prompt_logprobs=True,
+            ignore_eos=True,
+        )
+    )
     assert kw["max_tokens"] == 7 and kw["temperature"] == 0.5 and kw["top_p"] == 0.9
     assert kw["top_k"] == -1 and kw["seed"] == 3 and kw["stop"] == ["\n"] and kw["ignore_eos"] is True
     assert kw["logprobs"] == 2 and kw["prompt_logprobs"] == 2
@@ -29,11 +41,19 @@ def _lp(value, rank):
 
 def test_convert_output_delta_with_logprobs():
     opts = SamplingOptions(max_tokens=4, logprobs=True, top_logprobs=2, prompt_logprobs=True)
-    ro = SimpleNamespace(finished=False, prompt_token_ids=[5, 6, 7],
-                         prompt_logprobs=[None, {6: _lp(-1.0, 2), 9: _lp(-0.5, 1)}, {7: _lp(-0.1, 1)}],
-                         outputs=[SimpleNamespace(text="ab", token_ids=[11, 12], finish_reason=None,
-                                                  logprobs=[{11: _lp(-0.2, 1), 13: _lp(-2.0, 2)},
-                                                            {12: _lp(-3.0, 3), 14: _lp(-0.1, 1), 15: _lp(-1.0, 2)}])])
+    ro = SimpleNamespace(
+        finished=False,
+        prompt_token_ids=[5, 6, 7],
+        prompt_logprobs=[None, {6: _lp(-1.0, 2), 9: _lp(-0.5, 1)}, {7: _lp(-0.1, 1)}],
+        outputs=[
+            SimpleNamespace(
+                text="ab",
+                token_ids=[11, 12],
+                finish_reason=None,
+                logprobs=[{11: _lp(-0.2, 1), 13: _lp(-2.0, 2)}, {12: _lp(-3.0, 3), 14: _lp(-0.1, 1), 15: _lp(-1.0, 2)}],
+            )
+        ],
+    )
     out = convert_output("r", ro, 3, 0, opts, first=True)
     assert out.token_ids == [11, 12] and out.text == "ab" and not out.finished
     assert out.completion_tokens == 2 and out.prompt_tokens == 3
@@ -41,12 +61,20 @@ def test_convert_output_delta_with_logprobs():
     assert out.logprobs[1].token_id == 12 and out.logprobs[1].top == [(14, -0.1), (15, -1.0)]
     assert out.prompt_logprobs[0] is None and out.prompt_logprobs[1].logprob == -1.0
     assert out.prompt_logprobs[1].top == [(9, -0.5), (6, -1.0)]
-    done = SimpleNamespace(finished=True, prompt_token_ids=[5], prompt_logprobs=None,
-                           outputs=[SimpleNamespace(text="", token_ids=[2], finish_reason="stop", logprobs=None)])
+    done = SimpleNamespace(
+        finished=True,
+        prompt_token_ids=[5],
+        prompt_logprobs=None,
+        outputs=[SimpleNamespace(text="", token_ids=[2], finish_reason="stop", logprobs=None)],
+    )
     last = convert_output("r", done, 3, 2, SamplingOptions(), first=False)
     assert last.finished and last.finish_reason == "stop" and last.completion_tokens == 3 and last.logprobs is None
-    aborted = SimpleNamespace(finished=True, prompt_token_ids=[5], prompt_logprobs=None,
-                              outputs=[SimpleNamespace(text="", token_ids=[], finish_reason=None, logprobs=None)])
+    aborted = SimpleNamespace(
+        finished=True,
+        prompt_token_ids=[5],
+        prompt_logprobs=None,
+        outputs=[SimpleNamespace(text="", token_ids=[], finish_reason=None, logprobs=None)],
+    )
     assert convert_output("r", aborted, 3, 3, SamplingOptions(), first=False).finish_reason == "abort"
 
 

@@ -11,21 +11,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster import storage
-from distill.data.section import FilterSection
-from pipelines.config import load_config
 from cluster.errors import RaydistillError
 from distill.data import filter_stage
 from distill.data.filter_stage import run_filter_stage
-from distill.data.filters import (
-    DecontaminationIndex,
-    apply_filters,
-    build_decontamination_index,
-    repetition_share,
-)
+from distill.data.filters import DecontaminationIndex, apply_filters, build_decontamination_index, repetition_share
 from distill.data.schema import prompt_id, schema, to_table
+from distill.data.section import FilterSection
+from pipelines.config import load_config
 
-VOCAB = [f"{a}{b}" for a in ("al", "bo", "ca", "du", "ek", "fi", "go", "hu", "in", "jo", "ka", "lu")
-         for b in ("ba", "ce", "di", "fo", "gu", "ha", "ji", "ko", "le", "mu", "no", "pi")]
+VOCAB = [
+    f"{a}{b}"
+    for a in ("al", "bo", "ca", "du", "ek", "fi", "go", "hu", "in", "jo", "ka", "lu")
+    for b in ("ba", "ce", "di", "fo", "gu", "ha", "ji", "ko", "le", "mu", "no", "pi")
+]
 
 
 def text(seed: int, n: int = 40) -> str:
@@ -33,15 +31,33 @@ def text(seed: int, n: int = 40) -> str:
     return " ".join(rng.choice(VOCAB) for _ in range(n))
 
 
-def row(pid: str, prompt: str, completion: str | None, *, finish: str = "stop", quality=None,
-        messages=None, clen: int | None = -1) -> dict:
+def row(
+    pid: str,
+    prompt: str,
+    completion: str | None,
+    *,
+    finish: str = "stop",
+    quality=None,
+    messages=None,
+    clen: int | None = -1,
+) -> dict:
     n = len((completion or "").split()) if clen == -1 else clen
     k = n or 0
     return {
-        "prompt_id": pid, "prompt": prompt if messages is None else None, "messages": messages,
-        "completion": completion, "input_ids": list(range(3 + k)), "prompt_len": 3, "completion_len": n,
-        "topk_ids": [[1, 2]] * k, "topk_logprobs": [[-0.1, -2.5]] * k, "teacher": "t@r",
-        "sampling": "{}", "finish_reason": finish, "quality": quality, "source": "test",
+        "prompt_id": pid,
+        "prompt": prompt if messages is None else None,
+        "messages": messages,
+        "completion": completion,
+        "input_ids": list(range(3 + k)),
+        "prompt_len": 3,
+        "completion_len": n,
+        "topk_ids": [[1, 2]] * k,
+        "topk_logprobs": [[-0.1, -2.5]] * k,
+        "teacher": "t@r",
+        "sampling": "{}",
+        "finish_reason": finish,
+        "quality": quality,
+        "source": "test",
     }
 
 
@@ -57,9 +73,16 @@ def kept_ids(table: pa.Table) -> list[str]:
 
 # ------------------------------------------------------------------ simple filters
 
+
 def test_empty_and_truncated():
-    rows = [row("a", "p1", text(1)), row("b", "p2", ""), row("c", "p3", "   \n"), row("d", "p4", None, clen=0),
-            row("e", "p5", text(5), finish="length"), row("f", "p6", text(6), finish=None)]
+    rows = [
+        row("a", "p1", text(1)),
+        row("b", "p2", ""),
+        row("c", "p3", "   \n"),
+        row("d", "p4", None, clen=0),
+        row("e", "p5", text(5), finish="length"),
+        row("f", "p6", text(6), finish=None),
+    ]
     out, dropped = apply_filters(to_table(rows), cfg(drop_truncated=True))
     assert kept_ids(out) == ["a", "f"]
     assert dropped == {"duplicate_id": 0, "empty": 3, "truncated": 1}
@@ -69,8 +92,12 @@ def test_empty_and_truncated():
 
 
 def test_length_bounds_with_null_fallback():
-    rows = [row("a", "p", text(1, 3)), row("b", "p", text(2, 10)), row("c", "p", text(3, 50)),
-            row("d", "p", text(4, 60), clen=None)]  # null completion_len: counted from topk_ids (0 here)
+    rows = [
+        row("a", "p", text(1, 3)),
+        row("b", "p", text(2, 10)),
+        row("c", "p", text(3, 50)),
+        row("d", "p", text(4, 60), clen=None),
+    ]  # null completion_len: counted from topk_ids (0 here)
     out, dropped = apply_filters(to_table(rows), cfg(min_completion_tokens=5, max_completion_tokens=40))
     assert kept_ids(out) == ["b"]
     assert dropped["length"] == 3
@@ -87,8 +114,12 @@ def test_repetitive():
 
 
 def test_quality_null_handling():
-    rows = [row("a", "p1", text(1), quality=9.0), row("b", "p2", text(2), quality=4.0),
-            row("c", "p3", text(3), quality=None), row("d", "p4", text(4), quality=7.0)]
+    rows = [
+        row("a", "p1", text(1), quality=9.0),
+        row("b", "p2", text(2), quality=4.0),
+        row("c", "p3", text(3), quality=None),
+        row("d", "p4", text(4), quality=7.0),
+    ]
     out, dropped = apply_filters(to_table(rows), cfg(min_quality=7))
     assert kept_ids(out) == ["a", "d"] and dropped["quality"] == 2  # low score and unscored
     out, dropped = apply_filters(to_table(rows), cfg())  # no min_quality: nulls kept
@@ -114,13 +145,14 @@ def test_drops_are_counted_once_in_order():
 
 # ------------------------------------------------------------------ dedup
 
+
 def test_exact_dedup_normalises_and_keeps_smallest_prompt_id():
     completion = text(11)
     rows = [
         row("z-late", "What is X?", completion),
         row("a-early", "what is x", completion.upper() + " !!"),  # same after normalisation
-        row("m-sample2", "What is X?", text(12)),                # another sample of the prompt
-        row("q-other", "Something else entirely", completion),   # same answer, other prompt
+        row("m-sample2", "What is X?", text(12)),  # another sample of the prompt
+        row("q-other", "Something else entirely", completion),  # same answer, other prompt
     ]
     table = to_table(rows)
     out, dropped = apply_filters(table, cfg(dedup="exact"))
@@ -166,10 +198,14 @@ def test_near_dup_threshold_respected():
 # ------------------------------------------------------------------ decontamination
 
 EVAL_ITEMS = [
-    {"question": "Janet has three ducks that lay sixteen eggs per day and she eats three for breakfast every morning",
-     "answer": "18"},
-    {"question": "A train leaves the station at noon travelling sixty miles per hour toward a city two hundred miles away",
-     "answer": "about 3.3 hours"},
+    {
+        "question": "Janet has three ducks that lay sixteen eggs per day and she eats three for breakfast every morning",
+        "answer": "18",
+    },
+    {
+        "question": "A train leaves the station at noon travelling sixty miles per hour toward a city two hundred miles away",
+        "answer": "about 3.3 hours",
+    },
     {"question": "Name the capital city of the Republic of France please", "answer": "Paris"},  # 10 words
 ]
 
@@ -215,7 +251,9 @@ def test_decontamination_formats(tmp_path, fmt):
     else:
         import gzip
 
-        (tmp_path / f"eval.{fmt}").write_bytes(gzip.compress("".join(json.dumps(x) + "\n" for x in EVAL_ITEMS).encode()))
+        (tmp_path / f"eval.{fmt}").write_bytes(
+            gzip.compress("".join(json.dumps(x) + "\n" for x in EVAL_ITEMS).encode())
+        )
     out, dropped = apply_filters(to_table(contamination_rows()), cfg(decontaminate=[uri]))
     assert kept_ids(out) == ["k-clean", "k-partial"]
     assert dropped["decontaminated"] == 3
@@ -228,10 +266,11 @@ def test_decontamination_memory_glob_and_messages():
     try:
         index = build_decontamination_index([f"{base}/gsm/*.jsonl"], ngram=13)
         assert len(index) == 3
-        chat = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": EVAL_ITEMS[0]["question"]}]
-        rows = [row("m-chat", None, text(1), messages=chat), row("m-ok", None, text(2),
-                messages=[{"role": "user", "content": "hello there"}])]
+        chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": EVAL_ITEMS[0]["question"]}]
+        rows = [
+            row("m-chat", None, text(1), messages=chat),
+            row("m-ok", None, text(2), messages=[{"role": "user", "content": "hello there"}]),
+        ]
         out, dropped = apply_filters(to_table(rows), cfg(decontaminate=[f"{base}/gsm"]))  # a folder works too
         assert kept_ids(out) == ["m-ok"] and dropped["decontaminated"] == 1
     finally:
@@ -242,7 +281,7 @@ def test_decontamination_ngram_size_and_short_items():
     index = DecontaminationIndex(ngram=5, min_tokens=3)
     index.add_text("one two three four five six")
     index.add_text("alpha beta gamma")  # short: must appear whole
-    index.add_text("x y")                # too short: ignored
+    index.add_text("x y")  # too short: ignored
     assert len(index) == 2
     assert index.matches("zero two three four five six seven".split())
     assert not index.matches("two three four five".split())
@@ -251,12 +290,15 @@ def test_decontamination_ngram_size_and_short_items():
     assert not index.matches("x y".split())
 
 
-@pytest.mark.parametrize("setup, match", [
-    ("missing", "eval.jsonl"),
-    ("empty", "holds no text"),
-    ("noglob", "matches no file"),
-    ("badjson", "line 2 is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        ("missing", "eval.jsonl"),
+        ("empty", "holds no text"),
+        ("noglob", "matches no file"),
+        ("badjson", "line 2 is not valid JSON"),
+    ],
+)
 def test_bad_eval_sets_raise_clear_errors(tmp_path, setup, match):
     uri = str(tmp_path / "eval.jsonl")
     if setup == "empty":
@@ -274,9 +316,17 @@ def test_bad_eval_sets_raise_clear_errors(tmp_path, setup, match):
 
 # ------------------------------------------------------------------ the stage
 
+
 def stage_rows() -> list[dict]:
-    rows = [row(prompt_id("test", f"prompt {i}", 0), f"prompt {i} {text(2000 + i, 8)}", text(i, 40),
-                quality=float(3 + i % 8)) for i in range(60)]
+    rows = [
+        row(
+            prompt_id("test", f"prompt {i}", 0),
+            f"prompt {i} {text(2000 + i, 8)}",
+            text(i, 40),
+            quality=float(3 + i % 8),
+        )
+        for i in range(60)
+    ]
     # Exact copy of a row that passes every other filter (quality 8); "zz" sorts after the hex ids.
     rows.append(row("zz-dup-exact", rows[5]["prompt"], rows[5]["completion"], quality=9.0))
     rows.append(row("empty", "p", "", quality=9.0))
@@ -327,11 +377,32 @@ def test_stage_end_to_end(run_dir, tmp_path):
     out, on_disk, names = read_output(run_dir)
 
     n_low = sum(1 for r in rows[:60] if r["quality"] < 4)
-    assert on_disk["dropped"] == {"duplicate_id": 0, "empty": 1, "truncated": 1, "length": 0, "repetitive": 1,
-                                  "quality": n_low, "decontaminated": 1, "exact_dup": 1, "near_dup": 0}
-    assert on_disk["filter_order"] == list(manifest["dropped"]) == ["duplicate_id", "empty", "truncated", "length",
-                                                                   "repetitive", "quality", "decontaminated",
-                                                                   "exact_dup", "near_dup"]
+    assert on_disk["dropped"] == {
+        "duplicate_id": 0,
+        "empty": 1,
+        "truncated": 1,
+        "length": 0,
+        "repetitive": 1,
+        "quality": n_low,
+        "decontaminated": 1,
+        "exact_dup": 1,
+        "near_dup": 0,
+    }
+    assert (
+        on_disk["filter_order"]
+        == list(manifest["dropped"])
+        == [
+            "duplicate_id",
+            "empty",
+            "truncated",
+            "length",
+            "repetitive",
+            "quality",
+            "decontaminated",
+            "exact_dup",
+            "near_dup",
+        ]
+    )
     assert on_disk["input_rows"] == len(rows) == table.num_rows
     assert on_disk["output_rows"] == out.num_rows == 60 - n_low
     assert on_disk["dropped_total"] == len(rows) - out.num_rows
@@ -358,7 +429,7 @@ def test_stage_rerun_replaces_output(run_dir, monkeypatch):
     fs, path = storage.filesystem(out_dir)
     with fs.open(f"{path}/{storage.TMP_PREFIX}dead-part-00000.parquet", "wb") as handle:
         handle.write(b"junk")
-    monkeypatch.setattr(filter_stage, "TARGET_SHARD_BYTES", 10 ** 9)
+    monkeypatch.setattr(filter_stage, "TARGET_SHARD_BYTES", 10**9)
     second = run_filter_stage(load_config(None, ["filter.dedup=none", "filter.min_completion_tokens=41"]), run_dir)
     out, manifest, names = read_output(run_dir)
     assert names == ["manifest.json", "part-00000.parquet"]

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import load_config
 from cluster.errors import ConfigError, RaydistillError
 from distill.data.generate import GENERATE_DIR, run_generate_stage
-from distill.data.shards import read_dir as read_shards
 from distill.data.inspect import inspect_data
+from distill.data.shards import read_dir as read_shards
+from pipelines.config import load_config
 
 FLAKY = "tests.distill.data.flaky_teacher:FlakyTeacher"
 SCRIPTED = "tests.distill.data.scripted_teacher:ScriptedTeacher"
@@ -28,10 +28,20 @@ def write_prompts(path: Path, n: int, column: str = "prompt") -> str:
 
 
 def make_cfg(tmp_path: Path, teacher: str, prompts: str, *extra: str):
-    return load_config(None, [f"workdir={tmp_path / 'runs'}", f"teacher.model={teacher}",
-                              f"prompts.path={prompts}", "prompts.source=file", "prompts.count=null",
-                              "generate.max_new_tokens=6", "generate.temperature=0", "teacher.batch_size=4",
-                              *extra])
+    return load_config(
+        None,
+        [
+            f"workdir={tmp_path / 'runs'}",
+            f"teacher.model={teacher}",
+            f"prompts.path={prompts}",
+            "prompts.source=file",
+            "prompts.count=null",
+            "generate.max_new_tokens=6",
+            "generate.temperature=0",
+            "teacher.batch_size=4",
+            *extra,
+        ],
+    )
 
 
 def all_prompt_ids(run_dir: str) -> list[str]:
@@ -48,14 +58,14 @@ def test_greedy_tokens_are_top1_and_logprobs_match_a_forward_pass(ray_session, t
     model = builtin_teacher_model
     for row in table.to_pylist():
         ids = row["input_ids"]
-        completion = ids[row["prompt_len"]:]
+        completion = ids[row["prompt_len"] :]
         topk_ids = np.asarray(row["topk_ids"])
         topk_lp = np.asarray(row["topk_logprobs"])
         assert topk_ids.shape == (row["completion_len"], 20) == (len(completion), 20)
         assert (topk_ids[:, 0] == np.asarray(completion)).all(), "greedy token must be the stored top-1"
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0]
-        reference = torch.log_softmax(logits[row["prompt_len"] - 1:len(ids) - 1].float(), dim=-1)
+        reference = torch.log_softmax(logits[row["prompt_len"] - 1 : len(ids) - 1].float(), dim=-1)
         expected = reference.gather(-1, torch.from_numpy(topk_ids).long()).numpy()
         np.testing.assert_allclose(topk_lp, expected, atol=1e-3)
         assert (np.diff(topk_lp, axis=1) <= 1e-6).all() and (topk_lp <= 0).all()
@@ -79,8 +89,9 @@ def test_soft_labels_are_the_raw_distribution_whatever_the_temperature(ray_sessi
 
 
 def test_killed_actor_is_restarted_and_every_prompt_lands_once(ray_session, tmp_path, tiny_teacher_copy):
-    Path(tiny_teacher_copy, "flaky.json").write_text(json.dumps(
-        {"mode": "exit", "fail_on_call": 2, "times": 1, "state": str(tmp_path / "state.json")}))
+    Path(tiny_teacher_copy, "flaky.json").write_text(
+        json.dumps({"mode": "exit", "fail_on_call": 2, "times": 1, "state": str(tmp_path / "state.json")})
+    )
     prompts = write_prompts(tmp_path / "p.jsonl", 12)
     cfg = make_cfg(tmp_path, tiny_teacher_copy, prompts, f"teacher.backend={FLAKY}")
     run = str(tmp_path / "run")
@@ -92,8 +103,9 @@ def test_killed_actor_is_restarted_and_every_prompt_lands_once(ray_session, tmp_
 
 
 def test_failed_batch_is_retried_inside_the_actor(ray_session, tmp_path, tiny_teacher_copy):
-    Path(tiny_teacher_copy, "flaky.json").write_text(json.dumps(
-        {"mode": "raise", "fail_on_call": 1, "times": 1, "state": str(tmp_path / "state.json")}))
+    Path(tiny_teacher_copy, "flaky.json").write_text(
+        json.dumps({"mode": "raise", "fail_on_call": 1, "times": 1, "state": str(tmp_path / "state.json")})
+    )
     prompts = write_prompts(tmp_path / "p.jsonl", 8)
     cfg = make_cfg(tmp_path, tiny_teacher_copy, prompts, f"teacher.backend={FLAKY}", "generate.max_retries=1")
     run = str(tmp_path / "run")
@@ -104,11 +116,20 @@ def test_failed_batch_is_retried_inside_the_actor(ray_session, tmp_path, tiny_te
 
 def test_rerun_after_a_partial_run_skips_finished_prompts(ray_session, tmp_path, tiny_teacher_copy):
     control = Path(tiny_teacher_copy, "flaky.json")
-    control.write_text(json.dumps({"mode": "raise", "fail_on_call": 3, "times": 100, "delay_s": 4,
-                                   "state": str(tmp_path / "state.json")}))
+    control.write_text(
+        json.dumps(
+            {"mode": "raise", "fail_on_call": 3, "times": 100, "delay_s": 4, "state": str(tmp_path / "state.json")}
+        )
+    )
     prompts = write_prompts(tmp_path / "p.jsonl", 16)
-    cfg = make_cfg(tmp_path, tiny_teacher_copy, prompts, f"teacher.backend={FLAKY}", "generate.max_retries=0",
-                   "teacher.batch_size=2")
+    cfg = make_cfg(
+        tmp_path,
+        tiny_teacher_copy,
+        prompts,
+        f"teacher.backend={FLAKY}",
+        "generate.max_retries=0",
+        "teacher.batch_size=2",
+    )
     run = str(tmp_path / "run")
     with pytest.raises(Exception, match="planned teacher failure"):
         run_generate_stage(cfg, run, show_progress=False)
@@ -159,8 +180,9 @@ def test_bad_prompt_files_fail_with_the_file_and_field(tmp_path, tiny_teacher_di
     with pytest.raises(RaydistillError, match=r"empty\.jsonl is empty"):
         run_generate_stage(make_cfg(tmp_path, tiny_teacher_dir, str(empty)), run, show_progress=False)
     with pytest.raises(RaydistillError, match=r"prompts\.path: .*missing\.jsonl does not exist"):
-        run_generate_stage(make_cfg(tmp_path, tiny_teacher_dir, str(tmp_path / "missing.jsonl")), run,
-                           show_progress=False)
+        run_generate_stage(
+            make_cfg(tmp_path, tiny_teacher_dir, str(tmp_path / "missing.jsonl")), run, show_progress=False
+        )
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "ok"}\n{"prompt": \n')
     with pytest.raises(RaydistillError, match=r"broken\.jsonl:2: not valid JSON"):
@@ -186,8 +208,12 @@ def test_messages_csv_and_parquet_sources(ray_session, tmp_path, tiny_teacher_di
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    (tmp_path / "chat.jsonl").write_text(json.dumps(
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]}) + "\n")
+    (tmp_path / "chat.jsonl").write_text(
+        json.dumps(
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]}
+        )
+        + "\n"
+    )
     (tmp_path / "plain.csv").write_text("prompt,other\nName a color.,x\n,empty row\n")
     pq.write_table(pa.table({"prompt": ["Name a tree.", "Name a tree."]}), tmp_path / "more.parquet")
     cfg = make_cfg(tmp_path, tiny_teacher_dir, str(tmp_path / "*.*"))
@@ -201,36 +227,63 @@ def test_messages_csv_and_parquet_sources(ray_session, tmp_path, tiny_teacher_di
     assert manifest["skipped"] == {"duplicate_prompt": 1}
 
 
-def test_self_instruct_prompts_are_cleaned_counted_in_the_manifest_and_reused(ray_session, tmp_path,
-                                                                              tiny_teacher_copy):
+def test_self_instruct_prompts_are_cleaned_counted_in_the_manifest_and_reused(ray_session, tmp_path, tiny_teacher_copy):
     topics = tmp_path / "topics.txt"
     topics.write_text("# comment\nbirds\nrivers\n")
-    Path(tiny_teacher_copy, "scripted.json").write_text(json.dumps({"state": str(tmp_path / "written"), "instructions": [
-        # round 0: 4 seeds
-        "I'm an AI designed to assist and instruct users. What question or task would you like to ask or "
-        "instruct me about?",
-        'A user might ask: "How do birds find their way south?"',
-        "Question: Why do rivers bend?",
-        "I'm ready to help. What's your question?",
-        # round 1: twice the 2 missing
-        'A user might ask: "How do birds find their way south?"',
-        "Birds are warm-blooded vertebrates with feathers.",
-        "Explain how a river delta forms.",
-        "Write a haiku about a heron.",
-    ]}))
-    cfg = load_config(None, [f"workdir={tmp_path}", f"teacher.model={tiny_teacher_copy}", f"teacher.backend={SCRIPTED}",
-                             "prompts.source=self_instruct", "prompts.count=4", f"prompts.topics_path={topics}",
-                             "generate.max_new_tokens=4"])
+    Path(tiny_teacher_copy, "scripted.json").write_text(
+        json.dumps(
+            {
+                "state": str(tmp_path / "written"),
+                "instructions": [
+                    # round 0: 4 seeds
+                    "I'm an AI designed to assist and instruct users. What question or task would you like to ask or "
+                    "instruct me about?",
+                    'A user might ask: "How do birds find their way south?"',
+                    "Question: Why do rivers bend?",
+                    "I'm ready to help. What's your question?",
+                    # round 1: twice the 2 missing
+                    'A user might ask: "How do birds find their way south?"',
+                    "Birds are warm-blooded vertebrates with feathers.",
+                    "Explain how a river delta forms.",
+                    "Write a haiku about a heron.",
+                ],
+            }
+        )
+    )
+    cfg = load_config(
+        None,
+        [
+            f"workdir={tmp_path}",
+            f"teacher.model={tiny_teacher_copy}",
+            f"teacher.backend={SCRIPTED}",
+            "prompts.source=self_instruct",
+            "prompts.count=4",
+            f"prompts.topics_path={topics}",
+            "generate.max_new_tokens=4",
+        ],
+    )
     run = str(tmp_path / "run")
     first = run_generate_stage(cfg, run, show_progress=False)
-    assert first["prompt_cleaning"] == {"requested": 4, "asked": 8, "kept": 4, "rounds": 2, "short_by": 0,
-                                        "dropped": {"assistant_echo": 2, "duplicate": 1, "not_a_task": 1}}
+    assert first["prompt_cleaning"] == {
+        "requested": 4,
+        "asked": 8,
+        "kept": 4,
+        "rounds": 2,
+        "short_by": 0,
+        "dropped": {"assistant_echo": 2, "duplicate": 1, "not_a_task": 1},
+    }
     on_disk = json.loads(Path(run, GENERATE_DIR, "manifest.json").read_text())
     assert on_disk["prompt_cleaning"] == first["prompt_cleaning"]
     assert first["rows"] == 4 and first["skipped"] == {}
     prompts = read_shards(f"{run}/{GENERATE_DIR}", columns=["prompt"]).column("prompt").to_pylist()
-    assert sorted(prompts) == sorted(["How do birds find their way south?", "Why do rivers bend?",
-                                      "Explain how a river delta forms.", "Write a haiku about a heron."])
+    assert sorted(prompts) == sorted(
+        [
+            "How do birds find their way south?",
+            "Why do rivers bend?",
+            "Explain how a river delta forms.",
+            "Write a haiku about a heron.",
+        ]
+    )
     assert len(Path(run, "data/prompts/self_instruct.jsonl").read_text().splitlines()) == 4
     again = run_generate_stage(cfg, run, show_progress=False)
     assert again["new_rows"] == 0 and again["resumed_rows"] == 4
@@ -253,8 +306,18 @@ def test_magpie_prefix_is_the_chat_template_up_to_the_user_turn(builtin_teacher_
 def test_judge_scores_land_in_quality(ray_session, tmp_path, tiny_teacher_copy):
     """The judge's verdicts (scripted per prompt) land in each row's quality; an unparsable verdict is null."""
     prompts = write_prompts(tmp_path / "p.jsonl", 3)
-    Path(tiny_teacher_copy, "scripted.json").write_text(json.dumps({"state": str(tmp_path / "written"), "judge": {
-        "Question number 0:": "Score: 7/10", "Question number 1:": "3", "Question number 2:": "I cannot rate this"}}))
+    Path(tiny_teacher_copy, "scripted.json").write_text(
+        json.dumps(
+            {
+                "state": str(tmp_path / "written"),
+                "judge": {
+                    "Question number 0:": "Score: 7/10",
+                    "Question number 1:": "3",
+                    "Question number 2:": "I cannot rate this",
+                },
+            }
+        )
+    )
     cfg = make_cfg(tmp_path, tiny_teacher_copy, prompts, f"teacher.backend={SCRIPTED}", "generate.judge=true")
     run = str(tmp_path / "run")
     manifest = run_generate_stage(cfg, run, show_progress=False)
@@ -278,8 +341,10 @@ def test_cli_generate_then_inspect(ray_session, tmp_path, tiny_teacher_dir, caps
 
     prompts = write_prompts(tmp_path / "p.jsonl", 3)
     config = tmp_path / "c.yaml"
-    config.write_text(f"name: clitest\nworkdir: {tmp_path / 'runs'}\nteacher: {{model: {tiny_teacher_dir}}}\n"
-                      f"prompts: {{source: file, path: {prompts}}}\n")
+    config.write_text(
+        f"name: clitest\nworkdir: {tmp_path / 'runs'}\nteacher: {{model: {tiny_teacher_dir}}}\n"
+        f"prompts: {{source: file, path: {prompts}}}\n"
+    )
     assert main(["generate", "--config", str(config), "--set", "generate.max_new_tokens=3", "--quiet"]) == 0
     run = capsys.readouterr().out.strip().splitlines()[-1]
     assert run.startswith(str(tmp_path / "runs" / "clitest")) and Path(run, GENERATE_DIR, "manifest.json").exists()
@@ -289,8 +354,10 @@ def test_cli_generate_then_inspect(ray_session, tmp_path, tiny_teacher_dir, caps
     assert 0 < report["soft_labels"]["mean_topk_mass"] <= 1
     # --run continues the same run instead of starting a new one.
     run_id = Path(run).name
-    assert main(["generate", "--config", str(config), "--set", "generate.max_new_tokens=3", "--run", run_id,
-                 "--quiet"]) == 0
+    assert (
+        main(["generate", "--config", str(config), "--set", "generate.max_new_tokens=3", "--run", run_id, "--quiet"])
+        == 0
+    )
     assert capsys.readouterr().out.strip().splitlines()[-1] == run
     assert inspect_data(run)["rows"] == 3
     assert main(["generate", "--config", str(config), "--set", "teacher.bakend=hf"]) == 2

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import load_config
 from cluster.errors import RaydistillError
 from distill.data.prompts import INSTRUCTION_TEMPLATE, MAX_INSTRUCTION_ROUNDS, build_requests
+from pipelines.config import load_config
 
-ECHO = ("I'm an AI designed to assist and instruct users. What question or task would you like to ask or "
-        "instruct me about?")
+ECHO = (
+    "I'm an AI designed to assist and instruct users. What question or task would you like to ask or instruct me about?"
+)
 WRITE_MARKER = INSTRUCTION_TEMPLATE.split("{topic}")[0]
 
 
@@ -29,8 +30,15 @@ class FakeWriter:
         assert len({r["prompt_id"] for r in requests}) == len(requests)
         self.calls.append(len(requests))
         self.seeds.append(sampling.seed)
-        return [{"prompt_id": r["prompt_id"], "completion": self.texts.pop(0) if self.texts else "",
-                 "finish_reason": "stop", "skip_reason": None} for r in requests]
+        return [
+            {
+                "prompt_id": r["prompt_id"],
+                "completion": self.texts.pop(0) if self.texts else "",
+                "finish_reason": "stop",
+                "skip_reason": None,
+            }
+            for r in requests
+        ]
 
 
 def _cfg(tmp_path: Path, count: int):
@@ -38,19 +46,39 @@ def _cfg(tmp_path: Path, count: int):
 
 
 def test_echoes_and_wrappers_are_cleaned_and_the_teacher_is_asked_again_for_the_count(tmp_path):
-    round0 = [ECHO, 'A user might ask: "How do bees make honey?"', "I'm an AI designed to assist and instruct users.",
-              "Question: What is 15 percent of 80?"]
-    round1 = ['A user might ask: "How do bees make honey?"', "Birds are nice.", "Write a short poem about rain.",
-              "Explain why ice floats on water.", "Name three prime numbers above 50.", "Unused."]
+    round0 = [
+        ECHO,
+        'A user might ask: "How do bees make honey?"',
+        "I'm an AI designed to assist and instruct users.",
+        "Question: What is 15 percent of 80?",
+    ]
+    round1 = [
+        'A user might ask: "How do bees make honey?"',
+        "Birds are nice.",
+        "Write a short poem about rain.",
+        "Explain why ice floats on water.",
+        "Name three prime numbers above 50.",
+        "Unused.",
+    ]
     writer = FakeWriter(round0 + round1)
     cleaning: dict = {}
     rows, dropped = build_requests(_cfg(tmp_path, 4), str(tmp_path / "run"), writer, cleaning=cleaning)
     assert writer.calls == [4, 4]  # round 1 asks twice the 2 missing
     assert writer.seeds == [0, 1]  # a new sampling seed per round, or a small teacher repeats itself
-    assert [r["prompt"] for r in rows] == ["How do bees make honey?", "What is 15 percent of 80?",
-                                           "Write a short poem about rain.", "Explain why ice floats on water."]
-    assert cleaning == {"requested": 4, "asked": 8, "kept": 4, "rounds": 2, "short_by": 0,
-                        "dropped": {"assistant_echo": 2, "duplicate": 1, "not_a_task": 1}}
+    assert [r["prompt"] for r in rows] == [
+        "How do bees make honey?",
+        "What is 15 percent of 80?",
+        "Write a short poem about rain.",
+        "Explain why ice floats on water.",
+    ]
+    assert cleaning == {
+        "requested": 4,
+        "asked": 8,
+        "kept": 4,
+        "rounds": 2,
+        "short_by": 0,
+        "dropped": {"assistant_echo": 2, "duplicate": 1, "not_a_task": 1},
+    }
     assert dropped == {}
     stored = Path(tmp_path, "run/data/prompts/self_instruct.jsonl").read_text().splitlines()
     assert [json.loads(line)["instruction"] for line in stored] == [r["prompt"] for r in rows]
@@ -60,9 +88,12 @@ def test_echoes_and_wrappers_are_cleaned_and_the_teacher_is_asked_again_for_the_
 def test_a_rerun_reuses_the_stored_prompts_and_counts_without_asking(tmp_path):
     run = str(tmp_path / "run")
     first_cleaning: dict = {}
-    first, _ = build_requests(_cfg(tmp_path, 2), run, FakeWriter([ECHO, "How do tides work?", "Explain rust.",
-                                                           "What causes rainbows?"]),
-                              cleaning=first_cleaning)
+    first, _ = build_requests(
+        _cfg(tmp_path, 2),
+        run,
+        FakeWriter([ECHO, "How do tides work?", "Explain rust.", "What causes rainbows?"]),
+        cleaning=first_cleaning,
+    )
 
     def no_teacher(requests, sampling):
         raise AssertionError("a rerun must not ask the teacher again")
@@ -91,8 +122,18 @@ def test_nothing_usable_is_an_error_with_the_drop_counts(tmp_path):
 def test_summary_line_names_the_counts():
     from distill.data.generate import cleaning_summary
 
-    line = cleaning_summary({"requested": 32, "asked": 76, "kept": 30, "rounds": 4, "short_by": 2,
-                             "dropped": {"not_a_task": 9, "assistant_echo": 31, "truncated": 6}})
-    assert line == ("kept 30/32 written prompts in 4 rounds (asked 76); dropped assistant_echo 31, not_a_task 9, "
-                    "truncated 6; 2 short of prompts.count")
+    line = cleaning_summary(
+        {
+            "requested": 32,
+            "asked": 76,
+            "kept": 30,
+            "rounds": 4,
+            "short_by": 2,
+            "dropped": {"not_a_task": 9, "assistant_echo": 31, "truncated": 6},
+        }
+    )
+    assert line == (
+        "kept 30/32 written prompts in 4 rounds (asked 76); dropped assistant_echo 31, not_a_task 9, "
+        "truncated 6; 2 short of prompts.count"
+    )
     assert cleaning_summary(None) is None and cleaning_summary({}) is None

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 
-
 def byte_tokenizer():
     """Byte-level BPE without merges: one token per UTF-8 byte, plus <pad> <s> </s> (vocab 259)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -32,9 +31,20 @@ def byte_tokenizer():
 def tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger than the 0.02 init: a peaked, varied distribution, not near-uniform
@@ -47,11 +57,28 @@ def tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
 def student_config(vocab: int, **overrides):
     from distill.student.config import StudentConfig
 
-    base = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=8, sliding_window=16, num_experts=4, moe_intermediate_size=16,
-                shared_expert_intermediate_size=0, intermediate_size=64, routing="topp", top_p=0.7, min_k=1,
-                max_k=3, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=512, tie_word_embeddings=True, layer_types=["sliding_attention",
-                                                                                            "full_attention"])
+    base = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=16,
+        num_experts=4,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=0,
+        intermediate_size=64,
+        routing="topp",
+        top_p=0.7,
+        min_k=1,
+        max_k=3,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"],
+    )
     base.update(overrides)
     return StudentConfig(**{k: v for k, v in base.items() if v is not None})  # None drops a key (top-k: no top_p)
 
@@ -76,12 +103,25 @@ def teacher_rows(teacher, tokenizer, prompt_ids: list[str], k: int = 5, seed: in
         with torch.no_grad():
             lp = torch.log_softmax(teacher(torch.tensor([ids])).logits[0].float(), -1)  # [L, V]
         plen = 1 + len(p_ids)
-        top = lp[plen - 1:len(ids) - 1].topk(k, dim=-1)
-        rows.append({"prompt_id": pid, "prompt": prompt, "messages": None, "completion": completion,
-                     "input_ids": ids, "prompt_len": plen, "completion_len": len(c_ids),
-                     "topk_ids": top.indices.tolist(), "topk_logprobs": top.values.tolist(),
-                     "teacher": "tiny@0", "sampling": "{}", "finish_reason": "stop", "quality": None,
-                     "source": "test"})
+        top = lp[plen - 1 : len(ids) - 1].topk(k, dim=-1)
+        rows.append(
+            {
+                "prompt_id": pid,
+                "prompt": prompt,
+                "messages": None,
+                "completion": completion,
+                "input_ids": ids,
+                "prompt_len": plen,
+                "completion_len": len(c_ids),
+                "topk_ids": top.indices.tolist(),
+                "topk_logprobs": top.values.tolist(),
+                "teacher": "tiny@0",
+                "sampling": "{}",
+                "finish_reason": "stop",
+                "quality": None,
+                "source": "test",
+            }
+        )
     return rows
 
 
@@ -134,8 +174,16 @@ def fake_run(tmp_path_factory, tokenizer) -> dict:
     student = init_from_teacher(teacher_dir, student_config(len(tokenizer)), seed=1)
     student_dir = save(student, tokenizer, run / "student")
     (run / "train" / "manifest.json").write_text(json.dumps({"status": "done", "steps": 20, "wall_seconds": 240.0}))
-    lines = [{"step": s, "stage": 0 if s < 10 else 1, "stage_name": "ce" if s < 10 else "kd",
-              "loss": 5.0 / (1 + s), "lr": 1e-3} for s in range(20)]
+    lines = [
+        {
+            "step": s,
+            "stage": 0 if s < 10 else 1,
+            "stage_name": "ce" if s < 10 else "kd",
+            "loss": 5.0 / (1 + s),
+            "lr": 1e-3,
+        }
+        for s in range(20)
+    ]
     lines += [{"event": "heldout", "stage": 1, "step": 19, "kl": 0.3, "top1": 0.5, "ce": 2.0}]
     (run / "train" / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
 
@@ -143,7 +191,7 @@ def fake_run(tmp_path_factory, tokenizer) -> dict:
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 8 + "\n\nA second paragraph, with café.\n")
     config = root / "eval.yaml"
     config.write_text(f"""name: t
-workdir: {root / 'runs'}
+workdir: {root / "runs"}
 teacher: {{model: {teacher_dir}}}
 eval:
   corpora: [{corpus}]
@@ -152,8 +200,15 @@ eval:
   window: 64
   speed: {{batch_sizes: [1, 2], prompt_tokens: 8, new_tokens: 4}}
 """)
-    return {"config": str(config), "run": str(run), "teacher": teacher_dir, "student": student_dir,
-            "init": init_dir, "root": root, "heldout": held}
+    return {
+        "config": str(config),
+        "run": str(run),
+        "teacher": teacher_dir,
+        "student": student_dir,
+        "init": init_dir,
+        "root": root,
+        "heldout": held,
+    }
 
 
 @pytest.fixture(scope="package", autouse=True)

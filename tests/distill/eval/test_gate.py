@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.config import load_config
 from cluster.errors import ConfigError
 from distill.eval.gate import choose_reference, evaluate_gate, verdict
+from pipelines.config import load_config
 
 
-@pytest.mark.parametrize("direction, margin, value, reference, passed", [
-    ("lower", 0.0, 1.20, 1.30, True),     # better
-    ("lower", 0.0, 1.30, 1.30, True),     # equal passes at margin 0
-    ("lower", 0.0, 1.31, 1.30, False),    # worse
-    ("lower", 0.05, 1.34, 1.30, True),    # worse, within the slack
-    ("lower", 0.05, 1.36, 1.30, False),   # worse than the slack allows
-    ("lower", -0.05, 1.27, 1.30, False),  # negative margin: must improve by 0.05
-    ("lower", -0.05, 1.24, 1.30, True),
-    ("higher", 0.0, 0.80, 0.70, True),
-    ("higher", 0.0, 0.69, 0.70, False),
-    ("higher", 0.02, 0.69, 0.70, True),
-    ("higher", -0.05, 0.72, 0.70, False),
-])
+@pytest.mark.parametrize(
+    "direction, margin, value, reference, passed",
+    [
+        ("lower", 0.0, 1.20, 1.30, True),  # better
+        ("lower", 0.0, 1.30, 1.30, True),  # equal passes at margin 0
+        ("lower", 0.0, 1.31, 1.30, False),  # worse
+        ("lower", 0.05, 1.34, 1.30, True),  # worse, within the slack
+        ("lower", 0.05, 1.36, 1.30, False),  # worse than the slack allows
+        ("lower", -0.05, 1.27, 1.30, False),  # negative margin: must improve by 0.05
+        ("lower", -0.05, 1.24, 1.30, True),
+        ("higher", 0.0, 0.80, 0.70, True),
+        ("higher", 0.0, 0.69, 0.70, False),
+        ("higher", 0.02, 0.69, 0.70, True),
+        ("higher", -0.05, 0.72, 0.70, False),
+    ],
+)
 def test_verdict_direction_and_margin(direction, margin, value, reference, passed):
     out = verdict("bpb_heldout", direction, margin, value, reference, "baseline")
     assert out["passed"] is passed

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -33,7 +32,8 @@ def _bpb(model_dir: str, texts: list[str]) -> float:
 
 
 def test_gate_at_margin_zero_against_the_served_model_refuses_better_promotes_worse_and_re_evaluates(
-        fake_run, tokenizer, tmp_path):
+    fake_run, tokenizer, tmp_path
+):
     from distill.student.init import init_from_teacher
     from pipelines.registry import Registry
     from pipelines.runner import run_pipeline
@@ -55,9 +55,18 @@ def test_gate_at_margin_zero_against_the_served_model_refuses_better_promotes_wo
     worse = max(measured, key=measured.get)
     assert measured[better] < student_bpb < measured[worse], (student_bpb, measured)
 
-    cfg = load_config(fake_run["config"], [f"workdir={tmp_path / 'runs'}", "pipeline.stages=[eval,gate]",
-                                           "pipeline.live=false", "eval.gate.margin=0", "eval.gate.against=baseline",
-                                           "eval.models=[student,baseline]", "eval.speed.enabled=false"])
+    cfg = load_config(
+        fake_run["config"],
+        [
+            f"workdir={tmp_path / 'runs'}",
+            "pipeline.stages=[eval,gate]",
+            "pipeline.live=false",
+            "eval.gate.margin=0",
+            "eval.gate.against=baseline",
+            "eval.models=[student,baseline]",
+            "eval.speed.enabled=false",
+        ],
+    )
     registry = Registry.for_config(cfg)
     registry.promote(better, run_id="served-better")
 

@@ -108,8 +108,14 @@ def _rows(vocab: int, k: int, seed: int = 0) -> list[dict]:
         clen = length - plen
         topk_ids = [rng.choice(vocab, k, replace=False).tolist() for _ in range(clen)]
         probs = [np.sort(rng.dirichlet(np.ones(k + 3))[:k])[::-1] for _ in range(clen)]
-        rows.append({"input_ids": ids, "prompt_len": plen, "topk_ids": topk_ids,
-                     "topk_logprobs": [np.log(p).tolist() for p in probs]})
+        rows.append(
+            {
+                "input_ids": ids,
+                "prompt_len": plen,
+                "topk_ids": topk_ids,
+                "topk_logprobs": [np.log(p).tolist() for p in probs],
+            }
+        )
     return rows
 
 
@@ -153,8 +159,9 @@ def _reference_forward_kl(student_logprobs, topk_ids, teacher_logprobs):
     p = p_log.exp()
     p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)
     q_tail = (1.0 - q_log.exp().sum(-1)).clamp(min=1e-12)
-    tail = torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp(min=1e-12)) - torch.log(q_tail)),
-                       torch.zeros_like(p_tail))
+    tail = torch.where(
+        p_tail > 0, p_tail * (torch.log(p_tail.clamp(min=1e-12)) - torch.log(q_tail)), torch.zeros_like(p_tail)
+    )
     return (p * (p_log - q_log)).sum(-1) + tail
 
 
@@ -171,8 +178,10 @@ def test_project_kl_and_local_reference_agree():
 
 def test_teacher_entropy_includes_the_tail_bucket():
     lp = torch.log(torch.tensor([[0.5, 0.25], [0.9, 0.1]]))
-    expected = [-(0.5 * math.log(0.5) + 0.25 * math.log(0.25) + 0.25 * math.log(0.25)),
-                -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))]
+    expected = [
+        -(0.5 * math.log(0.5) + 0.25 * math.log(0.25) + 0.25 * math.log(0.25)),
+        -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)),
+    ]
     ids = torch.tensor([[3, 7], [1, 2]])
     assert M.teacher_entropy(ids, lp).tolist() == pytest.approx(expected, rel=1e-5)
 
@@ -197,7 +206,7 @@ def test_routing_records_experts_per_token_and_difficulty_curve():
     used = records[0][0][1].float().sum(-1)  # [T]
     c = len(row["topk_ids"])
     single = M.score_rows(model, [row])["experts"][:, 0]
-    assert single.tolist() == used[row["prompt_len"] - 1:row["prompt_len"] - 1 + c].tolist()
+    assert single.tolist() == used[row["prompt_len"] - 1 : row["prompt_len"] - 1 + c].tolist()
 
     summary = M.routing_summary(scored["experts"], scored["entropy"], max_k=3, buckets=4)
     assert sum(sum(c) for c in summary["histogram"]["counts_by_layer"]) == n * 2
@@ -215,8 +224,9 @@ def test_topk_student_uses_exactly_k_experts():
     from distill.student.init import init_random
     from tests.distill.eval.conftest import student_config
 
-    model = init_random(student_config(40, routing="topk", num_experts_per_tok=2, top_p=None, min_k=None,
-                                       max_k=None), seed=0)
+    model = init_random(
+        student_config(40, routing="topk", num_experts_per_tok=2, top_p=None, min_k=None, max_k=None), seed=0
+    )
     scored = M.score_rows(model, _rows(40, k=3))
     assert (scored["experts"] == 2).all()
 
@@ -248,8 +258,9 @@ def test_route_texts_counts_every_text_token_once_without_a_teacher():
     assert routed["entropy"][-3:].tolist() == pytest.approx((-(lp.exp() * lp).sum(-1))[1:].tolist(), abs=1e-5)
     assert all(sum(layer) == pytest.approx(1.0, abs=1e-5) for layer in routed["expert_load"])
 
-    topk = init_random(student_config(40, routing="topk", num_experts_per_tok=2, top_p=None, min_k=None,
-                                      max_k=None), seed=0)
+    topk = init_random(
+        student_config(40, routing="topk", num_experts_per_tok=2, top_p=None, min_k=None, max_k=None), seed=0
+    )
     assert (M.route_texts(topk, tok, texts, window=8)["experts"] == 2).all()
     with pytest.raises(RaydistillError, match="no routers"):
         M.route_texts(Bigram(40), tok, texts)

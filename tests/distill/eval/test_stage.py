@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import load_config
 from cluster.errors import RaydistillError
 from distill.eval.stage import load_model, run_eval_stage
+from pipelines.config import load_config
 from tests.conftest import missing_dependency
 
 
@@ -74,8 +74,13 @@ def test_speed_and_cost(report):
             assert m["total_tokens"] == int(b) * 4 and m["ttft_s"] > 0 and m["decode_tokens_per_s"] > 0
             assert m["cost_per_million_tokens"] == pytest.approx(2.0 / (m["decode_tokens_per_s"] * 3600) * 1e6)
     assert "speed" not in report["models"]["init"]
-    assert report["run_cost"] == {"generate_seconds": 120.0, "train_seconds": 240.0, "wall_seconds": 360.0,
-                                  "cost_per_hour": 2.0, "cost": pytest.approx(0.2)}
+    assert report["run_cost"] == {
+        "generate_seconds": 120.0,
+        "train_seconds": 240.0,
+        "wall_seconds": 360.0,
+        "cost_per_hour": 2.0,
+        "cost": pytest.approx(0.2),
+    }
     assert report["comparison"]["decode_speedup"] > 0
 
 
@@ -103,9 +108,21 @@ def _chromium() -> str | None:
 def _screenshot(html: Path, out: Path) -> np.ndarray:
     import matplotlib.image
 
-    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={out}", "--window-size=1200,2600", html.as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={out}",
+            "--window-size=1200,2600",
+            html.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return matplotlib.image.imread(str(out))[..., :3]  # [H, W, 3] floats in [0, 1]
 
 
@@ -136,8 +153,10 @@ def test_baseline_with_another_vocabulary_skips_kl_with_a_note(fake_run, tokeniz
     other = tokenizer.__class__.from_pretrained(fake_run["student"])
     other.add_tokens(["<extra-token>"])
     baseline = save(tiny_llama(other, seed=5), other, tmp_path / "baseline")
-    cfg = load_config(fake_run["config"], ["eval.models=[teacher, student, baseline]", "eval.speed.enabled=false",
-                                           "eval.gate.metric=bpb_human"])
+    cfg = load_config(
+        fake_run["config"],
+        ["eval.models=[teacher, student, baseline]", "eval.speed.enabled=false", "eval.gate.metric=bpb_human"],
+    )
     rep = run_eval_stage(cfg, fake_run["run"], baseline_dir=baseline, show_progress=False)
     b = rep["models"]["baseline"]
     assert b["vocab_size"] == len(tokenizer) + 1
@@ -171,8 +190,22 @@ def test_empty_corpus_is_an_error_naming_the_path(fake_run, tmp_path):
 def test_cli_json(fake_run, capsys):
     from pipelines.cli import main
 
-    code = main(["eval", "--config", fake_run["config"], "--run", "run1", "--set", "eval.speed.enabled=false",
-                 "--set", "eval.models=[student, init]", "--set", "eval.gate.metric=kl", "--json"])
+    code = main(
+        [
+            "eval",
+            "--config",
+            fake_run["config"],
+            "--run",
+            "run1",
+            "--set",
+            "eval.speed.enabled=false",
+            "--set",
+            "eval.models=[student, init]",
+            "--set",
+            "eval.gate.metric=kl",
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["gate"]["against"] == "init" and out["gate"]["metric"] == "kl"
@@ -183,8 +216,19 @@ def test_cli_json(fake_run, capsys):
 def test_cli_table_prints_report_paths(fake_run, capsys):
     from pipelines.cli import main
 
-    code = main(["eval", "--config", fake_run["config"], "--set", "eval.speed.enabled=false",
-                 "--set", "eval.models=[student]", "--set", "eval.gate.against=teacher"])
+    code = main(
+        [
+            "eval",
+            "--config",
+            fake_run["config"],
+            "--set",
+            "eval.speed.enabled=false",
+            "--set",
+            "eval.models=[student]",
+            "--set",
+            "eval.gate.against=teacher",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert captured.out.strip().splitlines()[-2].endswith("eval/report.html")

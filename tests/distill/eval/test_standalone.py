@@ -10,8 +10,16 @@ import pytest
 from distill.eval import corpora as corpora_mod
 from pipelines.cli import main
 
-FAST = ["--set", "eval.max_corpus_bytes=1500", "--set", "eval.speed.batch_sizes=[1, 2]",
-        "--set", "eval.speed.prompt_tokens=8", "--set", "eval.speed.new_tokens=4"]
+FAST = [
+    "--set",
+    "eval.max_corpus_bytes=1500",
+    "--set",
+    "eval.speed.batch_sizes=[1, 2]",
+    "--set",
+    "eval.speed.prompt_tokens=8",
+    "--set",
+    "eval.speed.new_tokens=4",
+]
 
 
 @pytest.fixture()
@@ -29,8 +37,9 @@ def _human(root: Path) -> str:
 
 def test_model_without_a_run_reports_human_bpb_speed_and_routing(fake_run, no_runs, capsys):
     out_dir = no_runs / "out"
-    code = main(["eval", "--model", fake_run["student"], "--corpus", _human(no_runs), "--out", str(out_dir),
-                 *FAST, "--json"])
+    code = main(
+        ["eval", "--model", fake_run["student"], "--corpus", _human(no_runs), "--out", str(out_dir), *FAST, "--json"]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((out_dir / "report.json").read_text())
@@ -57,8 +66,23 @@ def test_model_without_a_run_reports_human_bpb_speed_and_routing(fake_run, no_ru
 
 def test_model_with_teacher_compares_without_fidelity(fake_run, no_runs, capsys):
     out_dir = no_runs / "cmp"
-    code = main(["eval", "--model", fake_run["student"], "--teacher", fake_run["teacher"], "--corpus",
-                 _human(no_runs), "--out", str(out_dir), *FAST, "--set", "eval.builtin_corpus=null", "--json"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            fake_run["student"],
+            "--teacher",
+            fake_run["teacher"],
+            "--corpus",
+            _human(no_runs),
+            "--out",
+            str(out_dir),
+            *FAST,
+            "--set",
+            "eval.builtin_corpus=null",
+            "--json",
+        ]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["metrics"]) == {"teacher", "student"}
@@ -71,8 +95,18 @@ def test_model_with_teacher_compares_without_fidelity(fake_run, no_runs, capsys)
 
 
 def test_default_out_dir_and_printed_summary(fake_run, no_runs, capsys):
-    code = main(["eval", "--model", fake_run["student"], "--corpus", _human(no_runs), *FAST,
-                 "--set", "eval.speed.enabled=false"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            fake_run["student"],
+            "--corpus",
+            _human(no_runs),
+            *FAST,
+            "--set",
+            "eval.speed.enabled=false",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     expected = no_runs / "eval-student"
@@ -83,8 +117,21 @@ def test_default_out_dir_and_printed_summary(fake_run, no_runs, capsys):
 
 
 def test_dense_hf_model_dir_has_no_routing(fake_run, no_runs, capsys):
-    code = main(["eval", "--model", fake_run["teacher"], "--corpus", _human(no_runs), "--out", str(no_runs / "o"),
-                 *FAST, "--set", "eval.speed.enabled=false", "--json"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            fake_run["teacher"],
+            "--corpus",
+            _human(no_runs),
+            "--out",
+            str(no_runs / "o"),
+            *FAST,
+            "--set",
+            "eval.speed.enabled=false",
+            "--json",
+        ]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["metrics"]["student"]["bpb_human"] > 0 and printed["metrics"]["student"]["experts_per_token"] is None

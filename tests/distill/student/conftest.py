@@ -8,13 +8,25 @@ import torch
 from distill.student.config import StudentConfig
 
 
-
 def tiny_config(**overrides) -> StudentConfig:
     """4 layers (S S S F), window 8, 4 experts of 32, GQA 4:2 heads of 16."""
-    base = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=16, rope_theta=10000.0, sliding_window=8, num_experts=4, moe_intermediate_size=32,
-                shared_expert_intermediate_size=0, intermediate_size=64, num_experts_per_tok=2,
-                max_position_embeddings=512, tie_word_embeddings=False)
+    base = dict(
+        vocab_size=96,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        sliding_window=8,
+        num_experts=4,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=0,
+        intermediate_size=64,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     base.update(overrides)
     return StudentConfig(**base)
 
@@ -30,10 +42,22 @@ def tiny_teacher_dir(tmp_path_factory) -> str:
     """A random 6-layer Llama (SmolLM2-shaped, tiny) saved as an HF dir."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(1234)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger than the 0.02 init so greedy tokens are not near-ties

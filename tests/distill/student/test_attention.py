@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from distill.student.accounting import kv_cache_bytes
-from distill.student.attention import (AttentionBatch, Attention, contiguous_rows, prefill_mask, rope_cos_sin,
-                                      sliding_blocks)
+from distill.student.attention import (
+    Attention,
+    AttentionBatch,
+    contiguous_rows,
+    prefill_mask,
+    rope_cos_sin,
+    sliding_blocks,
+)
 from distill.student.config import LayerType
 
 from .conftest import tiny_config, tiny_student
@@ -36,8 +42,13 @@ def naive_attention(attn: Attention, x, positions, valid, window):
         for i in range(seq):
             if not valid[b, i]:
                 continue
-            keys = [j for j in range(seq) if valid[b, j] and positions[b, j] <= positions[b, i]
-                    and (window is None or positions[b, i] - positions[b, j] < window)]
+            keys = [
+                j
+                for j in range(seq)
+                if valid[b, j]
+                and positions[b, j] <= positions[b, i]
+                and (window is None or positions[b, i] - positions[b, j] < window)
+            ]
             for h in range(nh):
                 g = h // (nh // kvh)
                 scores = torch.stack([qb[i, h] @ kb[j, g] for j in keys]) / math.sqrt(d)
@@ -52,7 +63,7 @@ def padded_mask(lengths: list[int], padding: str) -> torch.Tensor:
     valid = torch.zeros(len(lengths), seq, dtype=torch.bool)
     for b, n in enumerate(lengths):
         if padding == "left":
-            valid[b, seq - n:] = True
+            valid[b, seq - n :] = True
         else:
             valid[b, :n] = True
     return valid
@@ -130,11 +141,20 @@ def _pad(prompts, side):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("variant", [
-    {},
-    {"routing": "topp", "top_p": 0.6, "min_k": 1, "max_k": 3, "shared_expert_intermediate_size": 16,
-     "mlp_only_layers": [0]},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {
+            "routing": "topp",
+            "top_p": 0.6,
+            "min_k": 1,
+            "max_k": 3,
+            "shared_expert_intermediate_size": 16,
+            "mlp_only_layers": [0],
+        },
+    ],
+)
 def test_incremental_decoding_equals_full_forward(side, variant):
     model = tiny_student(seed=3, **variant)
     window = model.student_config.sliding_window
@@ -171,8 +191,10 @@ def test_rows_at_different_positions_and_refilled_rows():
     """A serving engine's pattern: prefill some rows, decode, add a row, refill a row that ran past W."""
     model = tiny_student(seed=5)
     gen = torch.Generator().manual_seed(11)
-    history = {0: torch.randint(3, 96, (9,), generator=gen).tolist(),
-               1: torch.randint(3, 96, (4,), generator=gen).tolist()}
+    history = {
+        0: torch.randint(3, 96, (9,), generator=gen).tolist(),
+        1: torch.randint(3, 96, (4,), generator=gen).tolist(),
+    }
     cache = model.new_cache(batch_size=3, max_seq_len=8)  # full layers must grow past 8
     checks = []  # (row, sequence so far, logits for its next token)
 

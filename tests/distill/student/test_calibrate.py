@@ -17,8 +17,16 @@ def _samples(model, count: int, length: int, seed: int) -> list[list[int]]:
     torch.manual_seed(seed)
     start = torch.full((count, 1), 1, dtype=torch.long)
     with torch.no_grad():
-        out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=length - 1,
-                             min_new_tokens=length - 1, pad_token_id=0, top_k=0, top_p=1.0)
+        out = model.generate(
+            start,
+            attention_mask=torch.ones_like(start),
+            do_sample=True,
+            max_new_tokens=length - 1,
+            min_new_tokens=length - 1,
+            pad_token_id=0,
+            top_k=0,
+            top_p=1.0,
+        )
     return out.tolist()
 
 
@@ -67,11 +75,12 @@ def test_cluster_neurons_partitions_and_groups_co_active_neurons():
     which = torch.randint(0, groups, (tokens,))
     contrib = torch.rand(tokens, groups * size) * 0.05
     for g in range(groups):
-        contrib[which == g, g * size:(g + 1) * size] += 1.0
+        contrib[which == g, g * size : (g + 1) * size] += 1.0
     perm = torch.randperm(groups * size)  # hide the groups' order
     contrib = contrib[:, perm]
-    shared, experts = calibrate.cluster_neurons(contrib, num_experts=4, expert_size=8, shared_size=0,
-                                                active_fraction=0.25)
+    shared, experts = calibrate.cluster_neurons(
+        contrib, num_experts=4, expert_size=8, shared_size=0, active_fraction=0.25
+    )
     assert shared.numel() == 0 and all(e.numel() == 8 for e in experts)
     assert sorted(torch.cat(experts).tolist()) == list(range(32))
     for e in experts:
@@ -107,8 +116,7 @@ def test_router_init_ranks_experts_by_their_actual_contribution(teacher, calibra
     assert rank_corr(logits, actual) > 0.5, rank_corr(logits, actual)
     assert top1 > 0.5  # chance is 0.25 with 4 experts
     generator = torch.Generator().manual_seed(0)
-    chance = sum(rank_corr(test.x @ torch.randn(router.shape, generator=generator).t(), actual)
-                 for _ in range(16)) / 16
+    chance = sum(rank_corr(test.x @ torch.randn(router.shape, generator=generator).t(), actual) for _ in range(16)) / 16
     assert abs(chance) < 0.2  # a random router ranks experts no better than chance on average
 
 
@@ -118,12 +126,15 @@ def _config(teacher, **fields):
 
 def test_calibrated_topp_routes_a_different_number_of_experts_per_token(teacher, calibration, heldout):
     config = _config(teacher, num_experts=4, num_hidden_layers=4, routing="topp", top_p=0.6, min_k=1, max_k=4)
-    result = build_from_teacher(teacher, config, calibration=calibration,
-                                options=CalibrationOptions(seq_len=48, importance_tokens=512))
+    result = build_from_teacher(
+        teacher, config, calibration=calibration, options=CalibrationOptions(seq_len=48, importance_tokens=512)
+    )
     assert result.calibration_tokens > 0 and len(result.layer_importance) == 6
     inputs = []
-    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a: inputs.append((m, a[0].reshape(-1, a[0].shape[-1]))))
-             for layer in result.model.model.layers]
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda m, a: inputs.append((m, a[0].reshape(-1, a[0].shape[-1]))))
+        for layer in result.model.model.layers
+    ]
     with torch.no_grad():
         result.model(torch.tensor(heldout))
     for h in hooks:
@@ -138,14 +149,17 @@ def test_calibrated_topp_routes_a_different_number_of_experts_per_token(teacher,
     assert set(free.model.layers[0].mlp.gate(x).mask.sum(1).tolist()) == {3}  # 1/4 each: 3 needed to pass 0.6
 
 
-@pytest.mark.parametrize("routing", [{"routing": "topp", "top_p": 0.6, "max_k": 3},
-                                     {"routing": "topk", "num_experts_per_tok": 2}])
-def test_calibrated_routed_block_approximates_the_dense_ffn_better_than_data_free(teacher, calibration, heldout,
-                                                                                 routing):
+@pytest.mark.parametrize(
+    "routing", [{"routing": "topp", "top_p": 0.6, "max_k": 3}, {"routing": "topk", "num_experts_per_tok": 2}]
+)
+def test_calibrated_routed_block_approximates_the_dense_ffn_better_than_data_free(
+    teacher, calibration, heldout, routing
+):
     layers = [0, 2, 3, 5]
     config = _config(teacher, num_experts=4, teacher_layers=layers, **routing)
-    calibrated = build_from_teacher(teacher, config, layers, calibration=calibration,
-                                    options=CalibrationOptions(seq_len=48)).model
+    calibrated = build_from_teacher(
+        teacher, config, layers, calibration=calibration, options=CalibrationOptions(seq_len=48)
+    ).model
     free = build_from_teacher(teacher, config, layers).model
     pruned = prune_teacher(teacher, layers)
     captured = calibrate.capture_ffn(pruned, calibrate.batches(heldout, 48, 10_000))
@@ -167,8 +181,9 @@ def test_fit_expert_scales_recovers_known_scales():
     weights = F.softmax(torch.randn(200, 3), dim=1)
     truth = torch.tensor([2.0, 0.5, 3.0])
     target = (weights[:, :, None] * truth[None, :, None] * outputs).sum(1)
-    torch.testing.assert_close(calibrate.fit_expert_scales(weights, outputs, target, ridge=1e-8), truth,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        calibrate.fit_expert_scales(weights, outputs, target, ridge=1e-8), truth, rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("routing", [{"routing": "topp", "top_p": 0.5, "max_k": 3}, {"routing": "topk"}])
@@ -208,11 +223,11 @@ def test_router_fitted_with_difficulty_routes_harder_tokens_to_more_experts():
     """Difficulty readable from the router input (here its norm): harder tokens end up with more experts."""
     torch.manual_seed(0)
     n, h, e = 2000, 16, 8
-    direction = F.normalize(torch.randn(n, h), dim=1) * h ** 0.5  # which experts contribute
+    direction = F.normalize(torch.randn(n, h), dim=1) * h**0.5  # which experts contribute
     magnitude = torch.rand(n, 1) + 0.5
     x = direction * magnitude  # [N, H]
     shares = (direction @ torch.randn(h, e) * 0.5).exp()  # [N, E] expert output norms, set by the direction
-    outputs = shares.unsqueeze(-1) * torch.ones(n, e, h) / h ** 0.5  # [N, E, H]
+    outputs = shares.unsqueeze(-1) * torch.ones(n, e, h) / h**0.5  # [N, E, H]
     difficulty = -magnitude.squeeze(1)  # small inputs are the "hard" tokens
     hard, easy = difficulty > difficulty.quantile(0.8), difficulty < difficulty.quantile(0.2)
 

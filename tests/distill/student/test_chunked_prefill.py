@@ -28,7 +28,7 @@ def _chunked_then_decode(model, prompts: list[list[int]], chunk: int, steps: int
     last = [None] * len(prompts)
     while any(d < len(p) for d, p in zip(done, prompts)):
         rows = [i for i, p in enumerate(prompts) if done[i] < len(p)]
-        pieces = [prompts[i][done[i]:done[i] + chunk - (i % 2)] for i in rows]  # rows take uneven chunks
+        pieces = [prompts[i][done[i] : done[i] + chunk - (i % 2)] for i in rows]  # rows take uneven chunks
         width = max(len(x) for x in pieces)
         ids = torch.tensor([x + [0] * (width - len(x)) for x in pieces])
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in pieces])
@@ -88,8 +88,12 @@ def test_swap_and_move_rows():
     model = tiny_student(seed=6)
     with torch.no_grad():
         cache = model.new_cache(3, max_seq_len=4)
-        model.append(torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 2, 3, 0, 0, 0, 0, 0, 0, 0]]),
-                     torch.tensor([[1] * 10, [1] * 3 + [0] * 7]), cache, rows=torch.tensor([0, 2]))
+        model.append(
+            torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 2, 3, 0, 0, 0, 0, 0, 0, 0]]),
+            torch.tensor([[1] * 10, [1] * 3 + [0] * 7]),
+            cache,
+            rows=torch.tensor([0, 2]),
+        )
         before = model.decode_step(torch.tensor([4, 4]), cache, rows=torch.tensor([0, 2]))
         cache.lengths[torch.tensor([0, 2])] -= 1  # undo the decode step (positions are overwritten next)
         cache.swap_rows(0, 2)

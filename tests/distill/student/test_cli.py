@@ -45,13 +45,29 @@ def test_student_init_from_teacher_info_and_export_round_trip(tmp_path, teacher_
 
     from distill.student.export import load_student
 
-    config = write_config(tmp_path, teacher_with_tokenizer, "  num_experts: 4\n  num_hidden_layers: 3\n"
-                                                            "  sliding_window: 8\n")
+    config = write_config(
+        tmp_path, teacher_with_tokenizer, "  num_experts: 4\n  num_hidden_layers: 3\n  sliding_window: 8\n"
+    )
     out = tmp_path / "student"
     with pytest.raises(ConfigError, match="student.calibration.data: 'run' needs a pipeline run; pass --run"):
         run(["student", "init", "--config", config, "--out", str(tmp_path / "nowhere")])
-    assert run(["student", "init", "--config", config, "--set", "student.shared_expert_intermediate_size=32",
-                "--set", "student.calibration.data=none", "--out", str(out)]) == 0
+    assert (
+        run(
+            [
+                "student",
+                "init",
+                "--config",
+                config,
+                "--set",
+                "student.shared_expert_intermediate_size=32",
+                "--set",
+                "student.calibration.data=none",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "wrote from_teacher student" in printed and "data-free init" in printed
     record = json.loads((out / "student_init.json").read_text())
@@ -80,8 +96,12 @@ def test_student_init_from_teacher_info_and_export_round_trip(tmp_path, teacher_
 
 
 def test_student_init_random_and_refuses_non_empty_out(tmp_path, tiny_teacher_dir):
-    config = write_config(tmp_path, tiny_teacher_dir, "  init: random\n  num_hidden_layers: 2\n  num_experts: 2\n"
-                                                      "  moe_intermediate_size: 16\n  routing: topp\n  top_p: 0.7\n")
+    config = write_config(
+        tmp_path,
+        tiny_teacher_dir,
+        "  init: random\n  num_hidden_layers: 2\n  num_experts: 2\n"
+        "  moe_intermediate_size: 16\n  routing: topp\n  top_p: 0.7\n",
+    )
     out = tmp_path / "random"
     assert run(["student", "init", "--config", config, "--out", str(out), "--seed", "3"]) == 0
     data = json.loads((out / "config.json").read_text())
@@ -104,6 +124,7 @@ def test_cli_errors_are_clear(tmp_path, tiny_teacher_dir):
 
 def test_top_level_cli_wires_the_subcommands(tmp_path, tiny_teacher_dir, capsys):
     from pipelines import cli
+
     model = tiny_student()
     model.save_pretrained(str(tmp_path / "m"))
     assert cli.main(["student", "info", str(tmp_path / "m")]) == 0
@@ -112,8 +133,18 @@ def test_top_level_cli_wires_the_subcommands(tmp_path, tiny_teacher_dir, capsys)
     assert "not a raydistill student" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True, "attention_bias": True,
-                                             "shared_expert_intermediate_size": 8, "mlp_only_layers": [2]}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {
+            "tie_word_embeddings": True,
+            "attention_bias": True,
+            "shared_expert_intermediate_size": 8,
+            "mlp_only_layers": [2],
+        },
+    ],
+)
 def test_accounting_matches_the_model(overrides):
     config = tiny_config(**overrides)
     model = tiny_student(**overrides)
@@ -162,13 +193,32 @@ def test_student_init_calibrated_on_a_text_file_prints_layers_and_heldout_bpb(tm
 
     teacher = make_tiny_llama(tmp_path / "teacher", builtin_teacher_dir, hidden=32, layers=4, seed=3)
     corpus = tmp_path / "calib.jsonl"
-    corpus.write_text("\n".join(json.dumps({"text": f"Sentence number {i} says that the cat sat on mat {i % 7}."})
-                                for i in range(60)))
-    config = write_config(tmp_path, teacher, "  num_experts: 4\n  num_hidden_layers: 2\n  sliding_window: 8\n"
-                                             "  routing: topp\n  top_p: 0.6\n  max_k: 3\n")
+    corpus.write_text(
+        "\n".join(json.dumps({"text": f"Sentence number {i} says that the cat sat on mat {i % 7}."}) for i in range(60))
+    )
+    config = write_config(
+        tmp_path,
+        teacher,
+        "  num_experts: 4\n  num_hidden_layers: 2\n  sliding_window: 8\n  routing: topp\n  top_p: 0.6\n  max_k: 3\n",
+    )
     out = tmp_path / "student"
-    assert run(["student", "init", "--config", config, "--set", f"student.calibration.data=[{corpus}]",
-                "--set", "student.calibration.heldout_tokens=200", "--out", str(out)]) == 0
+    assert (
+        run(
+            [
+                "student",
+                "init",
+                "--config",
+                config,
+                "--set",
+                f"student.calibration.data=[{corpus}]",
+                "--set",
+                "student.calibration.heldout_tokens=200",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     record = json.loads((out / "student_init.json").read_text())
     assert len(record["teacher_layers"]) == 2 and len(record["layer_importance"]) == 4

@@ -18,19 +18,27 @@ from .conftest import tiny_student
 def test_save_load_round_trip_is_exact(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = tiny_student(seed=1, shared_expert_intermediate_size=16, mlp_only_layers=[0], routing="topp",
-                         top_p=0.5, max_k=3)
+    model = tiny_student(
+        seed=1, shared_expert_intermediate_size=16, mlp_only_layers=[0], routing="topp", top_p=0.5, max_k=3
+    )
     model.save_pretrained(str(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "raydistill_moe" and config["architectures"] == ["RaydistillMoeForCausalLM"]
     assert config["routing"] == "topp" and config["layer_types"][3] == "full_attention"
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         names = set(f.keys())
-    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.experts.3.gate_proj.weight",
-                 "model.layers.1.mlp.experts.0.down_proj.weight", "model.layers.1.mlp.gate.weight",
-                 "model.layers.1.mlp.shared_expert.up_proj.weight", "model.layers.1.mlp.shared_expert_gate.weight",
-                 "model.layers.0.mlp.gate_proj.weight", "model.embed_tokens.weight", "model.norm.weight",
-                 "lm_head.weight"):
+    for name in (
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.mlp.experts.3.gate_proj.weight",
+        "model.layers.1.mlp.experts.0.down_proj.weight",
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.1.mlp.shared_expert.up_proj.weight",
+        "model.layers.1.mlp.shared_expert_gate.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ):
         assert name in names, name
     assert isinstance(AutoConfig.from_pretrained(str(tmp_path)), type(model.config))
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
@@ -62,7 +70,7 @@ def _greedy_full_forward(model, prompt: list[int], steps: int) -> list[int]:
     with torch.no_grad():
         for _ in range(steps):
             seq.append(int(model(torch.tensor(seq)[None]).logits[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 @pytest.mark.parametrize("left_padding", [False, True])
@@ -70,14 +78,17 @@ def test_generate_uses_its_cache_and_matches_a_full_forward_greedy_loop(left_pad
     # initializer_range 0.1: logits are large enough that the argmax depends on the context (checked
     # below), so a generate() that drops its cache between steps cannot pass.
     model = tiny_student(seed=4, initializer_range=0.1)
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22]] if left_padding else \
-        [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]
+    prompts = (
+        [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22]]
+        if left_padding
+        else [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]
+    )
     width, steps = 11, 20
     ids = torch.zeros(2, width, dtype=torch.long)
     mask = torch.zeros(2, width, dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(p)
-        mask[b, width - len(p):] = 1
+        ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
     assert bool((mask == 0).any()) == left_padding
     out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0)
     assert out.shape == (2, width + steps)
@@ -88,8 +99,9 @@ def test_generate_uses_its_cache_and_matches_a_full_forward_greedy_loop(left_pad
         with torch.no_grad():
             alone = [int(model(torch.tensor([[t]])).logits[0, -1].argmax()) for t in [p[-1], *expected[:-1]]]
         assert alone != expected, "initializer_range too small: the argmax ignores the context"
-    no_cache = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0,
-                              use_cache=False)
+    no_cache = model.generate(
+        ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0, use_cache=False
+    )
     assert torch.equal(out, no_cache)
 
 
@@ -101,19 +113,26 @@ def test_cached_decode_logits_equal_a_full_forward():
         prefill = model(ids[:, :6], use_cache=True)
         cache = prefill.cache if hasattr(prefill, "cache") else prefill.past_key_values
         for t in range(6, 9):
-            step = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            step = model(ids[:, t : t + 1], cache=cache, use_cache=True)
             torch.testing.assert_close(step.logits[:, -1], full[:, t], rtol=1e-4, atol=1e-4)
     with pytest.raises(TypeError, match="not both"):
         model(ids[:, :1], cache=cache, past_key_values=cache)
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"shared_expert_intermediate_size": 24, "mlp_only_layers": [0], "tie_word_embeddings": True},
-    {"norm_topk_prob": False, "attention_bias": True, "num_experts_per_tok": 1,
-     "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"shared_expert_intermediate_size": 24, "mlp_only_layers": [0], "tie_word_embeddings": True},
+        {
+            "norm_topk_prob": False,
+            "attention_bias": True,
+            "num_experts_per_tok": 1,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        },
+    ],
+)
 def test_export_to_qwen2_moe_matches_our_logits(tmp_path, overrides):
     from transformers import Qwen2MoeForCausalLM
 
@@ -155,7 +174,9 @@ def test_export_refuses_top_p_students(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*deprecated and will be removed in v6:FutureWarning")  # transformers 5.x renames
-@pytest.mark.parametrize("overrides", [dict(), dict(routing="topp", top_p=0.6, max_k=3, shared_expert_intermediate_size=16)])
+@pytest.mark.parametrize(
+    "overrides", [dict(), dict(routing="topp", top_p=0.6, max_k=3, shared_expert_intermediate_size=16)]
+)
 def test_gradient_checkpointing_gives_the_same_gradients(overrides):
     """``gradient_checkpointing_enable()`` (TRL / HF Trainer) works and recomputes each layer in backward."""
     ids = torch.randint(3, 96, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -167,7 +188,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(overrides):
         out = model(ids, labels=ids)
         out.loss.backward()
         hook.remove()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+        return (
+            out.loss.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            len(calls),
+        )
 
     model = tiny_student(seed=3, **overrides).train()
     loss, ref, calls = grads(model)

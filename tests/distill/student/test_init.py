@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -16,11 +15,14 @@ def _student_config(teacher, **fields):
     return StudentSection(**fields).to_student_config(teacher.config)
 
 
-@pytest.mark.parametrize("fields", [
-    {"num_experts": 4, "teacher_layers": [0, 2, 3, 5]},
-    {"num_experts": 4, "shared_expert_intermediate_size": 32, "num_hidden_layers": 3, "mlp_only_layers": [1]},
-    {"num_experts": 8, "routing": "topp", "top_p": 0.5, "teacher_layers": [5, 1]},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"num_experts": 4, "teacher_layers": [0, 2, 3, 5]},
+        {"num_experts": 4, "shared_expert_intermediate_size": 32, "num_hidden_layers": 3, "mlp_only_layers": [1]},
+        {"num_experts": 8, "routing": "topp", "top_p": 0.5, "teacher_layers": [5, 1]},
+    ],
+)
 def test_all_experts_active_reproduces_the_pruned_teachers_ffn(tiny_teacher_dir, fields):
     teacher = load_teacher(tiny_teacher_dir)
     config = _student_config(teacher, **fields)
@@ -34,8 +36,9 @@ def test_all_experts_active_reproduces_the_pruned_teachers_ffn(tiny_teacher_dir,
             got = got[0] if isinstance(got, tuple) else got
             assert (got - want).abs().max().item() < 1e-5, (i, t)
             assert want.abs().max().item() > 1e-2  # not trivially zero
-            torch.testing.assert_close(student.model.layers[i].self_attn.q_proj.weight,
-                                       teacher.model.layers[t].self_attn.q_proj.weight)
+            torch.testing.assert_close(
+                student.model.layers[i].self_attn.q_proj.weight, teacher.model.layers[t].self_attn.q_proj.weight
+            )
     torch.testing.assert_close(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     assert student.config.eos_token_id == 2
 
@@ -46,15 +49,19 @@ def test_default_layers_are_evenly_spaced_and_prune_teacher_matches(tiny_teacher
     pruned = prune_teacher(teacher, [0, 3, 5])
     assert pruned.config.num_hidden_layers == 3
     for i, t in enumerate([0, 3, 5]):
-        torch.testing.assert_close(student.model.layers[i].self_attn.o_proj.weight,
-                                   teacher.model.layers[t].self_attn.o_proj.weight)
+        torch.testing.assert_close(
+            student.model.layers[i].self_attn.o_proj.weight, teacher.model.layers[t].self_attn.o_proj.weight
+        )
     torch.testing.assert_close(pruned.model.layers[2].mlp.up_proj.weight, teacher.model.layers[5].mlp.up_proj.weight)
 
 
-@pytest.mark.parametrize("fields", [
-    {"num_experts": 4, "num_hidden_layers": 3},
-    {"num_experts": 4, "shared_expert_intermediate_size": 64, "num_hidden_layers": 4},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"num_experts": 4, "num_hidden_layers": 3},
+        {"num_experts": 4, "shared_expert_intermediate_size": 64, "num_hidden_layers": 4},
+    ],
+)
 def test_student_from_teacher_greedy_tokens_match_pruned_teacher(tiny_teacher_dir, fields):
     teacher = load_teacher(tiny_teacher_dir)
     config = _student_config(teacher, **fields)
@@ -78,8 +85,9 @@ def test_topk_student_from_teacher_routes_tokens_to_different_experts(tiny_teach
     """The near-uniform router still breaks ties per token, so load is spread (not experts 0..k-1 for all)."""
     torch.manual_seed(0)  # the random inputs below, independent of the tests that ran before
     teacher = load_teacher(tiny_teacher_dir)
-    student = init_from_teacher(teacher, _student_config(teacher, num_experts=8, num_experts_per_tok=2,
-                                                         num_hidden_layers=2))
+    student = init_from_teacher(
+        teacher, _student_config(teacher, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
+    )
     probs = torch.softmax(student.model.layers[0].mlp.gate(torch.randn(200, 64)).logits, -1)
     assert (probs - 1 / 8).abs().max().item() < 1e-5
     with torch.no_grad():

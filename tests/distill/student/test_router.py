@@ -8,24 +8,33 @@ import pytest
 import torch
 
 from distill.student.moe import MoEBlock, all_experts_active
-from distill.student.router import (Router, Routing, entropy_loss, load_balance_loss, select_topk, select_topp,
-                                    topp_routing_function, z_loss)
+from distill.student.router import (
+    Router,
+    Routing,
+    entropy_loss,
+    load_balance_loss,
+    select_topk,
+    select_topp,
+    topp_routing_function,
+    z_loss,
+)
 
 from .conftest import tiny_config
 
-PROBS = torch.tensor([[0.50, 0.30, 0.15, 0.05],
-                      [0.05, 0.15, 0.30, 0.50],
-                      [0.25, 0.25, 0.25, 0.25]])
+PROBS = torch.tensor([[0.50, 0.30, 0.15, 0.05], [0.05, 0.15, 0.30, 0.50], [0.25, 0.25, 0.25, 0.25]])
 
 
-@pytest.mark.parametrize("top_p, min_k, max_k, expected_counts", [
-    (0.50, 1, 4, [1, 1, 2]),  # mass before the 2nd expert (0.5) is not < 0.5: stop at one
-    (0.60, 1, 4, [2, 2, 3]),  # 0.5 < 0.6 -> two; uniform needs 0.75 >= 0.6 -> three
-    (0.90, 1, 4, [3, 3, 4]),  # 0.8 < 0.9 -> three
-    (1.00, 1, 4, [4, 4, 4]),
-    (0.10, 2, 4, [2, 2, 2]),  # min_k clamps up
-    (0.99, 1, 2, [2, 2, 2]),  # max_k clamps down
-])
+@pytest.mark.parametrize(
+    "top_p, min_k, max_k, expected_counts",
+    [
+        (0.50, 1, 4, [1, 1, 2]),  # mass before the 2nd expert (0.5) is not < 0.5: stop at one
+        (0.60, 1, 4, [2, 2, 3]),  # 0.5 < 0.6 -> two; uniform needs 0.75 >= 0.6 -> three
+        (0.90, 1, 4, [3, 3, 4]),  # 0.8 < 0.9 -> three
+        (1.00, 1, 4, [4, 4, 4]),
+        (0.10, 2, 4, [2, 2, 2]),  # min_k clamps up
+        (0.99, 1, 2, [2, 2, 2]),  # max_k clamps down
+    ],
+)
 def test_topp_selection_math(top_p, min_k, max_k, expected_counts):
     weights, experts, keep = select_topp(PROBS, top_p, min_k, max_k)
     assert weights.shape == experts.shape == keep.shape == (3, max_k)
@@ -68,11 +77,14 @@ def _reference_moe(block: MoEBlock, x: torch.Tensor, routing: Routing) -> torch.
     return out
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"norm_topk_prob": False, "shared_expert_intermediate_size": 16},
-    {"routing": "topp", "top_p": 0.5, "min_k": 1, "max_k": 3},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"norm_topk_prob": False, "shared_expert_intermediate_size": 16},
+        {"routing": "topp", "top_p": 0.5, "min_k": 1, "max_k": 3},
+    ],
+)
 def test_dispatch_equals_dense_reference(overrides):
     torch.manual_seed(0)
     config = tiny_config(**overrides)
@@ -140,16 +152,22 @@ def test_aux_loss_values():
     assert load_balance_loss(routing).item() == pytest.approx(1.0)
     assert entropy_loss(routing).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
     assert z_loss(routing).item() == pytest.approx(torch.log(torch.tensor(4.0)).item() ** 2)
-    collapsed = Routing(torch.zeros(8, 4), torch.tensor([[1.0, 0, 0, 0]]).expand(8, 4),
-                        torch.zeros(8, 1, dtype=torch.long), torch.ones(8, 1), None)
+    collapsed = Routing(
+        torch.zeros(8, 4),
+        torch.tensor([[1.0, 0, 0, 0]]).expand(8, 4),
+        torch.zeros(8, 1, dtype=torch.long),
+        torch.ones(8, 1),
+        None,
+    )
     assert load_balance_loss(collapsed).item() == pytest.approx(4.0)  # E when all mass on one expert
 
 
 def test_model_aux_loss_is_the_weighted_sum():
     from .conftest import tiny_student
 
-    model = tiny_student(routing="topp", top_p=0.5, router_entropy_loss_coef=0.1, router_z_loss_coef=0.01,
-                         router_aux_loss_coef=0.02)
+    model = tiny_student(
+        routing="topp", top_p=0.5, router_entropy_loss_coef=0.1, router_z_loss_coef=0.01, router_aux_loss_coef=0.02
+    )
     out = model(torch.randint(0, 96, (2, 10)), labels=torch.randint(0, 96, (2, 10)))
     parts = out.aux_losses
     expected = 0.02 * parts["load_balance"] + 0.01 * parts["z"] + 0.1 * parts["entropy"]

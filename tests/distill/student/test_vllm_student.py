@@ -18,8 +18,11 @@ from .conftest import tiny_student
 pytestmark = pytest.mark.vllm
 
 TOL = 2e-3  # fp32 end to end; vLLM's CPU kernels sum in other orders than torch's
-PROMPTS = [[(7 * i + 3) % 96 for i in range(21)], [(11 * i + 5) % 96 for i in range(30)],
-           [(13 * i + 1) % 96 for i in range(9)]]
+PROMPTS = [
+    [(7 * i + 3) % 96 for i in range(21)],
+    [(11 * i + 5) % 96 for i in range(30)],
+    [(13 * i + 1) % 96 for i in range(9)],
+]
 
 
 def _sharpened(model):
@@ -36,7 +39,14 @@ def _sharpened(model):
 def _student(**overrides):
     # head_dim 32: vLLM's CPU attention kernels have no head_dim 16 (the tiny default); hidden = heads x
     # head_dim, as stock Qwen2-MoE assumes.
-    base = dict(hidden_size=128, head_dim=32, shared_expert_intermediate_size=16, mlp_only_layers=[0], num_experts=4, num_experts_per_tok=2)
+    base = dict(
+        hidden_size=128,
+        head_dim=32,
+        shared_expert_intermediate_size=16,
+        mlp_only_layers=[0],
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
     base.update(overrides)
     return _sharpened(tiny_student(seed=3, **base))
 
@@ -50,7 +60,7 @@ def _ours(model, prompts, steps: int):
             seq = list(p)
             for _ in range(steps):  # full re-forward each step: no cache involved in the reference
                 seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-            greedy.append(seq[len(p):])
+            greedy.append(seq[len(p) :])
     return logprobs, greedy
 
 
@@ -65,8 +75,10 @@ def _check(model_dir: str, model, label: str, steps: int = 8):
     finally:
         close_llm(llm)
     worst, top1 = compare_logprobs(ours, theirs)
-    print(f"\n{label}: max |d logprob| {worst:.2e} over {sum(len(r) for r in theirs)} positions x 20+, "
-          f"top-1 agreement {top1:.3f}, greedy {our_greedy == their_greedy}")
+    print(
+        f"\n{label}: max |d logprob| {worst:.2e} over {sum(len(r) for r in theirs)} positions x 20+, "
+        f"top-1 agreement {top1:.3f}, greedy {our_greedy == their_greedy}"
+    )
     assert worst < TOL, f"{label}: max |d logprob| {worst}"
     assert top1 == 1.0
     assert their_greedy == our_greedy

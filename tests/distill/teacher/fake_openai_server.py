@@ -40,11 +40,26 @@ SENTENCES = [
     "one two three four five six seven eight nine ten",
 ]
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|> "
-                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 VLLM_ONLY_PARAMS = {"return_tokens_as_token_ids", "return_token_ids", "top_k", "prompt_logprobs"}
-KNOWN_PARAMS = {"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs",
-                "top_logprobs", "echo", "n", "stream"}
+KNOWN_PARAMS = {
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "n",
+    "stream",
+}
 
 
 def build_tokenizer(out_dir: str | Path) -> str:
@@ -55,8 +70,15 @@ def build_tokenizer(out_dir: str | Path) -> str:
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.train_from_iterator(SENTENCES, trainer=trainers.WordLevelTrainer(special_tokens=SPECIALS))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", additional_special_tokens=SPECIALS[4:], model_max_length=4096)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=SPECIALS[4:],
+        model_max_length=4096,
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
     return str(out_dir)
@@ -66,10 +88,19 @@ def build_model(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
     """A tiny random LLaMA; a wide init spreads its distributions so top-k has no near ties."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.4, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.4,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
@@ -92,8 +123,9 @@ class TinyLM:
             logits = self.model(input_ids=torch.tensor([ids])).logits[0]
         return torch.log_softmax(logits.float(), dim=-1)
 
-    def generate(self, prompt_ids: list[int], *, max_tokens: int, temperature: float, top_p: float, top_k: int,
-                 seed: int | None) -> tuple[list[int], list[torch.Tensor], str]:
+    def generate(
+        self, prompt_ids: list[int], *, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None
+    ) -> tuple[list[int], list[torch.Tensor], str]:
         """(generated ids, the raw [V] log-probs of each step, finish reason)."""
         ids, out, rows = list(prompt_ids), [], []
         generator = torch.Generator().manual_seed(seed if seed is not None else 0)
@@ -119,9 +151,17 @@ class TinyLM:
 
 
 class FakeOpenAIServer:
-    def __init__(self, lm: TinyLM, *, model_name: str = "tiny-teacher", flavor: str = "vllm",
-                 api_key: str | None = None, max_model_len: int = 64, delay_s: float = 0.0,
-                 reject_word: str | None = None):
+    def __init__(
+        self,
+        lm: TinyLM,
+        *,
+        model_name: str = "tiny-teacher",
+        flavor: str = "vllm",
+        api_key: str | None = None,
+        max_model_len: int = 64,
+        delay_s: float = 0.0,
+        reject_word: str | None = None,
+    ):
         self.lm = lm
         self.model_name = model_name
         self.flavor = flavor
@@ -138,7 +178,7 @@ class FakeOpenAIServer:
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> "FakeOpenAIServer":
+    def start(self) -> FakeOpenAIServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -182,7 +222,7 @@ class FakeOpenAIServer:
         assert self._httpd is not None
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
-    def __enter__(self) -> "FakeOpenAIServer":
+    def __enter__(self) -> FakeOpenAIServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -257,15 +297,22 @@ class FakeOpenAIServer:
 
     def _check_len(self, prompt_ids: list[int], max_tokens: int) -> tuple[int, dict] | None:
         if len(prompt_ids) + max_tokens > self.max_model_len:
-            return 400, _error(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                               f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the "
-                               f"messages, {max_tokens} in the completion).")
+            return 400, _error(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the "
+                f"messages, {max_tokens} in the completion)."
+            )
         return None
 
     def _run(self, prompt_ids: list[int], body: dict[str, Any]):
-        return self.lm.generate(prompt_ids, max_tokens=int(body.get("max_tokens", 16)),
-                                temperature=float(body.get("temperature", 1.0)), top_p=float(body.get("top_p", 1.0)),
-                                top_k=int(body.get("top_k") or 0), seed=body.get("seed"))
+        return self.lm.generate(
+            prompt_ids,
+            max_tokens=int(body.get("max_tokens", 16)),
+            temperature=float(body.get("temperature", 1.0)),
+            top_p=float(body.get("top_p", 1.0)),
+            top_k=int(body.get("top_k") or 0),
+            seed=body.get("seed"),
+        )
 
     def _completions(self, body: dict[str, Any]) -> tuple[int, dict]:
         prompt = body.get("prompt")
@@ -303,15 +350,27 @@ class FakeOpenAIServer:
                 tokens.append(self._token_str(tid, as_ids))
                 token_lps.append(float(row[tid]))
                 tops.append({self._token_str(i, as_ids): v for i, v in self._top(row, k, tid)})
-            choice["logprobs"] = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
-                                  "text_offset": list(range(len(tokens)))}
+            choice["logprobs"] = {
+                "tokens": tokens,
+                "token_logprobs": token_lps,
+                "top_logprobs": tops,
+                "text_offset": list(range(len(tokens))),
+            }
         if body.get("return_token_ids"):
             choice["token_ids"] = gen
             choice["prompt_token_ids"] = prompt_ids
-        return 200, {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()),
-                     "model": self.model_name, "choices": [choice],
-                     "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(gen),
-                               "total_tokens": len(prompt_ids) + len(gen)}}
+        return 200, {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": len(prompt_ids),
+                "completion_tokens": len(gen),
+                "total_tokens": len(prompt_ids) + len(gen),
+            },
+        }
 
     def _chat(self, body: dict[str, Any]) -> tuple[int, dict]:
         messages = body.get("messages")
@@ -328,23 +387,46 @@ class FakeOpenAIServer:
         as_ids = bool(body.get("return_tokens_as_token_ids"))
         gen, rows, finish = self._run(prompt_ids, body)
         text = self.lm.tokenizer.decode(gen, skip_special_tokens=True)
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": finish, "logprobs": None}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+            "logprobs": None,
+        }
         if body.get("logprobs"):
             content = []
             for tid, row in zip(gen, rows):
                 token = self._token_str(tid, as_ids)
                 # vLLM's chat endpoint keeps the *first* k entries (sampled token first): emulate it.
                 tops = self._top(row, k, tid)[:k] if k else []
-                content.append({"token": token, "logprob": float(row[tid]), "bytes": list(token.encode()),
-                                "top_logprobs": [{"token": self._token_str(i, as_ids), "logprob": v,
-                                                  "bytes": list(self._token_str(i, as_ids).encode())}
-                                                 for i, v in tops]})
+                content.append(
+                    {
+                        "token": token,
+                        "logprob": float(row[tid]),
+                        "bytes": list(token.encode()),
+                        "top_logprobs": [
+                            {
+                                "token": self._token_str(i, as_ids),
+                                "logprob": v,
+                                "bytes": list(self._token_str(i, as_ids).encode()),
+                            }
+                            for i, v in tops
+                        ],
+                    }
+                )
             choice["logprobs"] = {"content": content}
-        response: dict[str, Any] = {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
-                                    "model": self.model_name, "choices": [choice],
-                                    "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(gen),
-                                              "total_tokens": len(prompt_ids) + len(gen)}}
+        response: dict[str, Any] = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": len(prompt_ids),
+                "completion_tokens": len(gen),
+                "total_tokens": len(prompt_ids) + len(gen),
+            },
+        }
         if body.get("return_token_ids"):
             choice["token_ids"] = gen
             response["prompt_token_ids"] = prompt_ids

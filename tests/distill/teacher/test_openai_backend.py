@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from distill.teacher.section import TeacherSection
 from cluster.errors import ConfigError, RaydistillError
 from distill.teacher.base import SamplingParams, backend_class
-from distill.teacher.openai_backend import (OPENAI_TOP_LOGPROBS_CAP, OpenAITeacher, RateLimiter, RoutingSession,
-                                            TokenMapper, build_request, completion_from_canonical, finalize_request,
-                                            http_processor_kwargs, normalize_http_response, normalize_response)
+from distill.teacher.openai_backend import (
+    OPENAI_TOP_LOGPROBS_CAP,
+    OpenAITeacher,
+    RateLimiter,
+    RoutingSession,
+    TokenMapper,
+    build_request,
+    completion_from_canonical,
+    finalize_request,
+    http_processor_kwargs,
+    normalize_http_response,
+    normalize_response,
+)
+from distill.teacher.section import TeacherSection
 from distill.teacher.vllm_backend import PAD_LOGPROB, row_keys
 from tests.distill.teacher.fake_openai_server import FakeOpenAIServer, TinyLM, build_tokenizer
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, logprobs=5)
-PROMPTS = ["the cat sat on the mat", [{"role": "system", "content": "please explain"},
-                                      {"role": "user", "content": "tell me a short story"}]]
+PROMPTS = [
+    "the cat sat on the mat",
+    [{"role": "system", "content": "please explain"}, {"role": "user", "content": "tell me a short story"}],
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +61,7 @@ def assert_matches_forward_pass(lm: TinyLM, completion, k: int) -> None:
     ids = list(completion.prompt_ids) + list(completion.completion_ids)
     full = lm.position_logprobs(ids)  # [L, V]
     start = len(completion.prompt_ids)
-    expected = full[start - 1:len(ids) - 1]  # rows predicting completion tokens
+    expected = full[start - 1 : len(ids) - 1]  # rows predicting completion tokens
     values, top_ids = torch.topk(expected, k, dim=-1)
     assert completion.topk_ids.shape == (completion.num_tokens, k)
     np.testing.assert_allclose(completion.topk_logprobs, values.numpy(), atol=1e-3)
@@ -60,43 +71,80 @@ def assert_matches_forward_pass(lm: TinyLM, completion, k: int) -> None:
 
 # --------------------------------------------------------------------------- pure functions
 
+
 def test_finalize_request_routes_and_shapes_bodies():
     text = build_request("the cat", [8, 9], GREEDY, model="m", k=5, vllm=False, max_tokens=8)
     route, body = finalize_request(text)
     assert route == "completions"
-    assert body == {"model": "m", "prompt": "the cat", "max_tokens": 8, "temperature": 0.0, "top_p": 1.0,
-                    "logprobs": 5}
+    assert body == {"model": "m", "prompt": "the cat", "max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "logprobs": 5}
     chat = build_request(PROMPTS[1], [1, 2, 3], GREEDY, model="m", k=5, vllm=False, max_tokens=8)
     route, body = finalize_request(chat)
     assert route == "chat/completions"
     assert body["messages"] == PROMPTS[1] and body["logprobs"] is True and body["top_logprobs"] == 5
     assert "prompt" not in body and "return_tokens_as_token_ids" not in body
     sampled = SamplingParams(max_new_tokens=4, temperature=0.7, top_k=3, seed=11, stop=("\n",), logprobs=2)
-    route, body = finalize_request(build_request(PROMPTS[1], [1, 2, 3], sampled, model="m", k=2, vllm=True,
-                                                 max_tokens=4))
+    route, body = finalize_request(
+        build_request(PROMPTS[1], [1, 2, 3], sampled, model="m", k=2, vllm=True, max_tokens=4)
+    )
     assert route == "completions"  # vLLM: chat rendered locally, sent as token ids
-    assert body == {"model": "m", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0.7, "top_p": 1.0,
-                    "top_k": 3, "seed": 11, "stop": ["\n"], "logprobs": 2, "return_tokens_as_token_ids": True,
-                    "return_token_ids": True}
+    assert body == {
+        "model": "m",
+        "prompt": [1, 2, 3],
+        "max_tokens": 4,
+        "temperature": 0.7,
+        "top_p": 1.0,
+        "top_k": 3,
+        "seed": 11,
+        "stop": ["\n"],
+        "logprobs": 2,
+        "return_tokens_as_token_ids": True,
+        "return_token_ids": True,
+    }
     # Same keys for every row, whatever the route (one Arrow struct in Ray).
     assert set(text) == set(chat)
 
 
 def test_normalize_completions_and_chat_json():
-    completions = {"choices": [{"text": " a b", "finish_reason": "length", "logprobs": {
-        "tokens": ["a", "token_id:7"], "token_logprobs": [None, -0.5],
-        "top_logprobs": [None, {"token_id:7": -0.5, "token_id:3": -1.5}]}, "prompt_token_ids": [1, 2],
-        "token_ids": [4, 7]}]}
+    completions = {
+        "choices": [
+            {
+                "text": " a b",
+                "finish_reason": "length",
+                "logprobs": {
+                    "tokens": ["a", "token_id:7"],
+                    "token_logprobs": [None, -0.5],
+                    "top_logprobs": [None, {"token_id:7": -0.5, "token_id:3": -1.5}],
+                },
+                "prompt_token_ids": [1, 2],
+                "token_ids": [4, 7],
+            }
+        ]
+    }
     canon = normalize_response(completions)
     assert canon["error"] == "" and canon["text"] == " a b" and canon["finish_reason"] == "length"
     assert canon["tokens"] == ["a", "token_id:7"] and np.isnan(canon["token_logprobs"][0])
     assert canon["top_tokens"] == [[], ["token_id:7", "token_id:3"]]
     assert canon["top_logprobs"] == [[], [-0.5, -1.5]]
     assert canon["prompt_token_ids"] == [1, 2] and canon["token_ids"] == [4, 7]
-    chat = {"prompt_token_ids": [5, 6], "choices": [{"message": {"role": "assistant", "content": "hi"},
-                                                     "finish_reason": "stop", "logprobs": {"content": [
-        {"token": "hi", "logprob": -0.1, "bytes": [104, 105],
-         "top_logprobs": [{"token": "hi", "logprob": -0.1}, {"token": "yo", "logprob": -2.4}]}]}}]}
+    chat = {
+        "prompt_token_ids": [5, 6],
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": "hi"},
+                "finish_reason": "stop",
+                "logprobs": {
+                    "content": [
+                        {
+                            "token": "hi",
+                            "logprob": -0.1,
+                            "bytes": [104, 105],
+                            "top_logprobs": [{"token": "hi", "logprob": -0.1}, {"token": "yo", "logprob": -2.4}],
+                        }
+                    ]
+                },
+            }
+        ],
+    }
     canon = normalize_response(chat)
     assert canon["text"] == "hi" and canon["tokens"] == ["hi"] and canon["token_logprobs"] == [-0.1]
     assert canon["top_tokens"] == [["hi", "yo"]] and canon["top_logprobs"] == [[-0.1, -2.4]]
@@ -108,19 +156,27 @@ def test_normalize_completions_and_chat_json():
 
 
 def test_completion_from_canonical_keeps_raw_topk_sorted():
-    canon = {"error": "", "text": "x", "finish_reason": "stop", "prompt_token_ids": [], "token_ids": [],
-             "tokens": ["token_id:9", "token_id:2"], "token_logprobs": [-3.0, -0.1],
-             # position 0: k+1 entries (sampled token 9 is outside the top-2), unsorted
-             "top_tokens": [["token_id:9", "token_id:1", "token_id:4"], ["token_id:2"]],
-             "top_logprobs": [[-3.0, -0.2, -0.9], [-0.1]]}
+    canon = {
+        "error": "",
+        "text": "x",
+        "finish_reason": "stop",
+        "prompt_token_ids": [],
+        "token_ids": [],
+        "tokens": ["token_id:9", "token_id:2"],
+        "token_logprobs": [-3.0, -0.1],
+        # position 0: k+1 entries (sampled token 9 is outside the top-2), unsorted
+        "top_tokens": [["token_id:9", "token_id:1", "token_id:4"], ["token_id:2"]],
+        "top_logprobs": [[-3.0, -0.2, -0.9], [-0.1]],
+    }
     completion = completion_from_canonical(canon, [5, 6], 2, TokenMapper(None))
     assert completion.completion_ids == [9, 2] and completion.prompt_ids == [5, 6]
     np.testing.assert_array_equal(completion.topk_ids, [[1, 4], [2, 0]])
     np.testing.assert_allclose(completion.topk_logprobs, [[-0.2, -0.9], [-0.1, PAD_LOGPROB]])
     assert completion.finish_reason == "stop" and completion.text == "x"
     with pytest.raises(RaydistillError, match="no log-probs"):
-        completion_from_canonical({**canon, "tokens": [], "top_tokens": [], "top_logprobs": []}, [1], 2,
-                                  TokenMapper(None))
+        completion_from_canonical(
+            {**canon, "tokens": [], "top_tokens": [], "top_logprobs": []}, [1], 2, TokenMapper(None)
+        )
 
 
 def test_token_mapper_maps_vocab_strings(lm):
@@ -162,8 +218,16 @@ def test_rate_limiter_spaces_requests(monkeypatch):
 def test_http_processor_kwargs_build_a_valid_config():
     from ray.data.llm import HttpRequestProcessorConfig
 
-    cfg = TeacherSection(backend="openai", model="m", base_url="http://h/v1", qps=10, replicas=3, batch_size=4,
-                         max_retries=5, num_cpus=0.5)
+    cfg = TeacherSection(
+        backend="openai",
+        model="m",
+        base_url="http://h/v1",
+        qps=10,
+        replicas=3,
+        batch_size=4,
+        max_retries=5,
+        num_cpus=0.5,
+    )
     kwargs = http_processor_kwargs(cfg, "http://h/v1", {"Authorization": "Bearer k"})
     config = HttpRequestProcessorConfig(**kwargs)
     assert config.url == "http://h/v1/completions"
@@ -176,6 +240,7 @@ def test_http_processor_kwargs_build_a_valid_config():
 
 
 # --------------------------------------------------------------------------- against the server
+
 
 @pytest.mark.parametrize("server", ["vllm", "openai"], indirect=True)
 def test_generate_greedy_matches_forward_pass(server, lm, tokenizer_dir):
@@ -216,12 +281,14 @@ def test_sampled_generation_stores_raw_distribution(server, lm, tokenizer_dir):
 
 def test_score_matches_forward_pass(server, lm, tokenizer_dir):
     teacher = teacher_for(server, tokenizer_dir)
-    sequences = [teacher.encode_prompt("the cat sat on the mat and looked at the dog"),
-                 teacher.encode_prompt(PROMPTS[1]) + [10, 11, 12]]
+    sequences = [
+        teacher.encode_prompt("the cat sat on the mat and looked at the dog"),
+        teacher.encode_prompt(PROMPTS[1]) + [10, 11, 12],
+    ]
     starts = [3, len(sequences[1]) - 3]
     scored = teacher.score(sequences, starts, 4)
     for seq, start, result in zip(sequences, starts, scored):
-        full = lm.position_logprobs(seq)[start - 1:len(seq) - 1]
+        full = lm.position_logprobs(seq)[start - 1 : len(seq) - 1]
         values, ids = torch.topk(full, 4, dim=-1)
         np.testing.assert_allclose(result.topk_logprobs, values.numpy(), atol=1e-3)
         np.testing.assert_array_equal(result.topk_ids, ids.numpy())
@@ -233,8 +300,13 @@ def test_score_matches_forward_pass(server, lm, tokenizer_dir):
 
 def test_api_key_header_and_missing_env_var(lm, tokenizer_dir, monkeypatch):
     with FakeOpenAIServer(lm, api_key="sk-test-123") as srv:
-        cfg = TeacherSection(backend="openai", model=srv.model_name, base_url=srv.base_url,
-                             api_key_env="RAYDISTILL_TEST_KEY", tokenizer=tokenizer_dir)
+        cfg = TeacherSection(
+            backend="openai",
+            model=srv.model_name,
+            base_url=srv.base_url,
+            api_key_env="RAYDISTILL_TEST_KEY",
+            tokenizer=tokenizer_dir,
+        )
         monkeypatch.delenv("RAYDISTILL_TEST_KEY", raising=False)
         with pytest.raises(ConfigError, match="RAYDISTILL_TEST_KEY") as info:
             backend_class("openai").from_config(cfg)
@@ -254,8 +326,7 @@ def test_api_key_header_and_missing_env_var(lm, tokenizer_dir, monkeypatch):
 
 
 def test_config_errors_name_the_field(server, tokenizer_dir):
-    base = TeacherSection(backend="openai", model=server.model_name, base_url=server.base_url,
-                          tokenizer=tokenizer_dir)
+    base = TeacherSection(backend="openai", model=server.model_name, base_url=server.base_url, tokenizer=tokenizer_dir)
     with pytest.raises(ConfigError, match="teacher.tokenizer"):
         OpenAITeacher.from_config(base.model_copy(update={"tokenizer": None}))
     with pytest.raises(ConfigError, match="teacher.base_url"):
@@ -296,13 +367,16 @@ def test_context_length_clamps_max_tokens(server, tokenizer_dir):
 def test_routing_session_sends_concurrently_and_returns_canonical(lm, tokenizer_dir):
     """The aiohttp façade ray.data.llm's HttpRequestUDF uses: routing, concurrency, error bodies."""
     with FakeOpenAIServer(lm, flavor="openai", delay_s=0.3, api_key="k") as srv:
-        bodies = [build_request(p, [1], GREEDY, model=srv.model_name, k=3, vllm=False, max_tokens=3)
-                  for p in ["the cat", PROMPTS[1], "a dog"]]
+        bodies = [
+            build_request(p, [1], GREEDY, model=srv.model_name, k=3, vllm=False, max_tokens=3)
+            for p in ["the cat", PROMPTS[1], "a dog"]
+        ]
 
         async def run(headers):
             async with RoutingSession(srv.base_url) as session:
-                requests = [session.post(f"{srv.base_url}/completions", headers=headers, data=json.dumps(b))
-                            for b in bodies]
+                requests = [
+                    session.post(f"{srv.base_url}/completions", headers=headers, data=json.dumps(b)) for b in bodies
+                ]
                 out = []
                 for request in requests:  # awaited one by one, as the UDF does
                     async with await request as response:
@@ -322,11 +396,18 @@ def test_routing_session_sends_concurrently_and_returns_canonical(lm, tokenizer_
 
 # --------------------------------------------------------------------------- Ray Data stage
 
+
 def _requests(prompts) -> list[dict]:
     rows = []
     for i, prompt in enumerate(prompts):
-        rows.append({"prompt_id": f"p{i}", "prompt": prompt if isinstance(prompt, str) else None,
-                     "messages": None if isinstance(prompt, str) else prompt, "source": "test"})
+        rows.append(
+            {
+                "prompt_id": f"p{i}",
+                "prompt": prompt if isinstance(prompt, str) else None,
+                "messages": None if isinstance(prompt, str) else prompt,
+                "source": "test",
+            }
+        )
     return rows
 
 
@@ -352,11 +433,21 @@ def _run_stage(cfg, sampling, rows, logprob_dtype="float32"):
 @pytest.mark.timeout(240)
 def test_dataset_stage_vllm_server(ray_session, lm, tokenizer_dir):
     long_prompt = " ".join(["one two three four five six seven eight nine ten"] * 7)  # 70 tokens > 64
-    prompts = PROMPTS + ["a dog ran in the park", [{"role": "user", "content": "what is the capital of france ?"}],
-                         long_prompt]
+    prompts = PROMPTS + [
+        "a dog ran in the park",
+        [{"role": "user", "content": "what is the capital of france ?"}],
+        long_prompt,
+    ]
     with FakeOpenAIServer(lm, flavor="vllm", delay_s=0.05) as srv:
-        cfg = TeacherSection(backend="openai", model=srv.model_name, base_url=srv.base_url, tokenizer=tokenizer_dir,
-                             replicas=1, batch_size=8, num_cpus=0.5)
+        cfg = TeacherSection(
+            backend="openai",
+            model=srv.model_name,
+            base_url=srv.base_url,
+            tokenizer=tokenizer_dir,
+            replicas=1,
+            batch_size=8,
+            num_cpus=0.5,
+        )
         out = _run_stage(cfg, GREEDY, _requests(prompts))
         direct = teacher_for(srv, tokenizer_dir).generate(prompts[:4], GREEDY)
         assert srv.max_in_flight >= 2  # the batch's requests overlapped
@@ -373,7 +464,7 @@ def test_dataset_stage_vllm_server(ray_session, lm, tokenizer_dir):
         assert row["completion"] == completion.text and row["finish_reason"] == completion.finish_reason
         topk_ids = np.array([list(r) for r in row["topk_ids"]])
         topk_logprobs = np.array([list(r) for r in row["topk_logprobs"]], dtype=np.float32)
-        np.testing.assert_array_equal(topk_ids[:, 0], row["input_ids"][row["prompt_len"]:])  # greedy: top-1
+        np.testing.assert_array_equal(topk_ids[:, 0], row["input_ids"][row["prompt_len"] :])  # greedy: top-1
         np.testing.assert_array_equal(topk_ids, completion.topk_ids)
         np.testing.assert_allclose(topk_logprobs, completion.topk_logprobs, atol=1e-6)
         assert_matches_forward_pass(lm, completion, GREEDY.logprobs)
@@ -387,8 +478,17 @@ def test_dataset_stage_plain_openai_server_with_key(ray_session, lm, tokenizer_d
     prompts = ["the cat sat", [{"role": "user", "content": "tell me a short story"}], "the blue flower"]
     monkeypatch.setenv("RAYDISTILL_TEST_KEY", "sk-abc")
     with FakeOpenAIServer(lm, flavor="openai", api_key="sk-abc", reject_word="flower") as srv:
-        cfg = TeacherSection(backend="openai", model=srv.model_name, base_url=srv.base_url, tokenizer=tokenizer_dir,
-                             api_key_env="RAYDISTILL_TEST_KEY", replicas=1, batch_size=4, num_cpus=0.5, qps=50)
+        cfg = TeacherSection(
+            backend="openai",
+            model=srv.model_name,
+            base_url=srv.base_url,
+            tokenizer=tokenizer_dir,
+            api_key_env="RAYDISTILL_TEST_KEY",
+            replicas=1,
+            batch_size=4,
+            num_cpus=0.5,
+            qps=50,
+        )
         out = _run_stage(cfg, GREEDY, _requests(prompts), logprob_dtype="float16")
         posts = [r for r in srv.requests if r["method"] == "POST"]
     assert {r["headers"]["authorization"] for r in posts} == {"Bearer sk-abc"}
@@ -398,10 +498,10 @@ def test_dataset_stage_plain_openai_server_with_key(ray_session, lm, tokenizer_d
     for key in ("p0", "p1"):
         row = out[key]
         assert row["skip_reason"] is None and row["completion_len"] >= 1
-        completion_ids = list(row["input_ids"][row["prompt_len"]:])
+        completion_ids = list(row["input_ids"][row["prompt_len"] :])
         assert [r[0] for r in row["topk_ids"]] == completion_ids
         ids = list(row["input_ids"])
-        full = lm.position_logprobs(ids)[row["prompt_len"] - 1:len(ids) - 1]
+        full = lm.position_logprobs(ids)[row["prompt_len"] - 1 : len(ids) - 1]
         values = torch.topk(full, GREEDY.logprobs, dim=-1).values.numpy()
         stored = np.array([list(r) for r in row["topk_logprobs"]], dtype=np.float32)
         np.testing.assert_allclose(stored, values, atol=2e-3)  # float16 storage

@@ -5,24 +5,37 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from distill.teacher.section import TeacherSection
 from cluster.errors import RaydistillError
 from distill.teacher.base import SamplingParams, backend_class
-from distill.teacher.vllm_backend import (PAD_LOGPROB, VLLMTeacher, chosen_logprobs, classify_engine_error,
-                                          completion_from_vllm, flatten_logprob_dicts, infer_finish_reason, row_keys,
-                                          scored_from_prompt_logprobs, token_id_of, topk_from_mapping,
-                                          vllm_engine_kwargs, vllm_finalize_row, vllm_postprocess_row,
-                                          vllm_preprocess_row, vllm_processor_kwargs, vllm_sampling_kwargs,
-                                          vllm_stage_spec)
+from distill.teacher.section import TeacherSection
+from distill.teacher.vllm_backend import (
+    PAD_LOGPROB,
+    VLLMTeacher,
+    chosen_logprobs,
+    classify_engine_error,
+    completion_from_vllm,
+    flatten_logprob_dicts,
+    infer_finish_reason,
+    row_keys,
+    scored_from_prompt_logprobs,
+    token_id_of,
+    topk_from_mapping,
+    vllm_engine_kwargs,
+    vllm_finalize_row,
+    vllm_postprocess_row,
+    vllm_preprocess_row,
+    vllm_processor_kwargs,
+    vllm_sampling_kwargs,
+    vllm_stage_spec,
+)
 from tests.distill.teacher.fake_openai_server import TinyLM, build_tokenizer
-
 
 
 @dataclasses.dataclass
@@ -43,6 +56,7 @@ def lm(tokenizer_dir) -> TinyLM:
 
 
 # --------------------------------------------------------------------------- pure flatteners
+
 
 def test_token_ids_and_values_in_every_shape():
     assert token_id_of(7) == 7 and token_id_of(np.int64(7)) == 7
@@ -78,8 +92,11 @@ def test_completion_and_score_from_vllm_outputs():
     with pytest.raises(RaydistillError, match="logprob positions"):
         completion_from_vllm([1], [11, 2], logprobs[:1], "", "length", 2)
     # prompt_logprobs: entry i is the distribution over token i; entry 0 is None
-    prompt_logprobs = [None, {"5": {"logprob": -0.5}, "6": {"logprob": -1.5}, "8": {"logprob": -3.0}},
-                       {7: Logprob(-0.1), 9: Logprob(-2.2)}]
+    prompt_logprobs = [
+        None,
+        {"5": {"logprob": -0.5}, "6": {"logprob": -1.5}, "8": {"logprob": -3.0}},
+        {7: Logprob(-0.1), 9: Logprob(-2.2)},
+    ]
     scored = scored_from_prompt_logprobs([4, 8, 7], 1, prompt_logprobs, 2)
     np.testing.assert_array_equal(scored.topk_ids, [[5, 6], [7, 9]])
     np.testing.assert_allclose(scored.token_logprobs, [-3.0, -0.1])
@@ -92,19 +109,27 @@ def test_finish_reason_and_engine_errors():
     assert infer_finish_reason([5, 6], 2, {3}) == "length"
     assert infer_finish_reason([5, 3], 2, {3}) == "stop"
     assert infer_finish_reason([5], 8, {3}) == "stop"  # stop string
-    assert classify_engine_error("ValueError: The decoder prompt (length 70) is longer than the maximum model "
-                                 "length of 64.").startswith("prompt_too_long (")
+    assert classify_engine_error(
+        "ValueError: The decoder prompt (length 70) is longer than the maximum model length of 64."
+    ).startswith("prompt_too_long (")
     assert classify_engine_error("RuntimeError: CUDA error").startswith("engine_error (RuntimeError")
 
 
 # --------------------------------------------------------------------------- parameters
 
+
 def test_sampling_kwargs():
     greedy = vllm_sampling_kwargs(SamplingParams(max_new_tokens=9, temperature=0.0, seed=None), 7, 20)
-    assert greedy == {"max_tokens": 7, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "logprobs": 20,
-                      "detokenize": False, "stop": []}
-    sampled = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=5, stop=("###",)),
-                                   16, 8)
+    assert greedy == {
+        "max_tokens": 7,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "logprobs": 20,
+        "detokenize": False,
+        "stop": [],
+    }
+    sampled = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=5, stop=("###",)), 16, 8)
     assert sampled["top_k"] == 40 and sampled["seed"] == 5 and sampled["stop"] == ["###"]
     assert sampled["detokenize"] is True and sampled["logprobs"] == 8 and sampled["top_p"] == 0.9
 
@@ -112,13 +137,27 @@ def test_sampling_kwargs():
 def test_processor_kwargs_make_a_valid_ray_config(tmp_path):
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    cfg = TeacherSection(backend="vllm", model="Qwen/Qwen2.5-7B-Instruct", revision="abc123", replicas=4,
-                         tensor_parallel_size=2, max_model_len=4096, dtype="bfloat16", batch_size=32)
+    cfg = TeacherSection(
+        backend="vllm",
+        model="Qwen/Qwen2.5-7B-Instruct",
+        revision="abc123",
+        replicas=4,
+        tensor_parallel_size=2,
+        max_model_len=4096,
+        dtype="bfloat16",
+        batch_size=32,
+    )
     cfg = cfg.model_copy(update={"accelerator_type": "H100"})
     kwargs = vllm_processor_kwargs(cfg, 20, "Qwen/Qwen2.5-7B-Instruct")
-    assert kwargs["engine_kwargs"] == {"tensor_parallel_size": 2, "max_logprobs": 20, "logprobs_mode": "raw_logprobs",
-                                       "dtype": "bfloat16", "enable_prefix_caching": True, "max_model_len": 4096,
-                                       "revision": "abc123"}
+    assert kwargs["engine_kwargs"] == {
+        "tensor_parallel_size": 2,
+        "max_logprobs": 20,
+        "logprobs_mode": "raw_logprobs",
+        "dtype": "bfloat16",
+        "enable_prefix_caching": True,
+        "max_model_len": 4096,
+        "revision": "abc123",
+    }
     assert kwargs["concurrency"] == 4 and kwargs["batch_size"] == 32 and kwargs["should_continue_on_error"] is True
     assert kwargs["chat_template_stage"] is False and kwargs["tokenize_stage"] is False
     assert kwargs["detokenize_stage"] is False
@@ -145,6 +184,7 @@ def test_without_vllm_a_clear_error(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- the stage's row functions
 
+
 def make_spec(tokenizer_dir: str, sampling: SamplingParams, max_model_len: int | None = 64):
     cfg = TeacherSection(backend="vllm", model=tokenizer_dir, max_model_len=max_model_len)
     return vllm_stage_spec(cfg, sampling, "float32", tokenizer_dir)
@@ -162,12 +202,27 @@ def fake_engine(lm: TinyLM, max_model_len: int, data: dict) -> dict:
     ids = [int(t) for t in data.pop("tokenized_prompt")]
     params = dict(data.pop("sampling_params"))
     if len(ids) + 1 > max_model_len:
-        return {**data, "prompt": (prompt or "")[:500], "prompt_token_ids": None, "num_input_tokens": 0,
-                "generated_tokens": [], "generated_text": "", "num_generated_tokens": 0, "logprobs": None,
-                "prompt_logprobs": None, "__inference_error__": f"ValueError: The decoder prompt (length {len(ids)}) "
-                f"is longer than the maximum model length of {max_model_len}."}
-    gen, rows, _ = lm.generate(ids, max_tokens=int(params["max_tokens"]), temperature=float(params["temperature"]),
-                               top_p=1.0, top_k=0, seed=None)
+        return {
+            **data,
+            "prompt": (prompt or "")[:500],
+            "prompt_token_ids": None,
+            "num_input_tokens": 0,
+            "generated_tokens": [],
+            "generated_text": "",
+            "num_generated_tokens": 0,
+            "logprobs": None,
+            "prompt_logprobs": None,
+            "__inference_error__": f"ValueError: The decoder prompt (length {len(ids)}) "
+            f"is longer than the maximum model length of {max_model_len}.",
+        }
+    gen, rows, _ = lm.generate(
+        ids,
+        max_tokens=int(params["max_tokens"]),
+        temperature=float(params["temperature"]),
+        top_p=1.0,
+        top_k=0,
+        seed=None,
+    )
     k = int(params["logprobs"])
     logprobs = []
     for tok, row in zip(gen, rows):
@@ -176,9 +231,18 @@ def fake_engine(lm: TinyLM, max_model_len: int, data: dict) -> dict:
         for rank, (i, v) in enumerate(zip(top.tolist(), values.tolist()), 1):
             entry.setdefault(i, {"logprob": v, "rank": rank, "decoded_token": None})
         logprobs.append(entry)
-    return {**data, "prompt": prompt or "", "prompt_token_ids": ids, "num_input_tokens": len(ids),
-            "generated_tokens": gen, "generated_text": "", "num_generated_tokens": len(gen), "logprobs": logprobs,
-            "prompt_logprobs": None, "__inference_error__": ""}
+    return {
+        **data,
+        "prompt": prompt or "",
+        "prompt_token_ids": ids,
+        "num_input_tokens": len(ids),
+        "generated_tokens": gen,
+        "generated_text": "",
+        "num_generated_tokens": len(gen),
+        "logprobs": logprobs,
+        "prompt_logprobs": None,
+        "__inference_error__": "",
+    }
 
 
 def test_preprocess_builds_engine_inputs(lm, tokenizer_dir):
@@ -192,13 +256,23 @@ def test_preprocess_builds_engine_inputs(lm, tokenizer_dir):
     near = " ".join(["one two three four five six seven eight nine ten"] * 6)  # 60 tokens: 4 left
     out = vllm_preprocess_row(spec, {"prompt_id": "b", "prompt": near, "messages": None, "source": "s"})
     assert out["sampling_params"]["max_tokens"] == 4 and out["rd_skip"] == ""
-    out = vllm_preprocess_row(spec, {"prompt_id": "c", "prompt": near + " one two three four", "messages": None,
-                                     "source": "s"})
+    out = vllm_preprocess_row(
+        spec, {"prompt_id": "c", "prompt": near + " one two three four", "messages": None, "source": "s"}
+    )
     assert out["rd_skip"] == "prompt_too_long (64 tokens > context 64)"
     assert len(out["tokenized_prompt"]) == 1 and out["sampling_params"]["max_tokens"] == 1
     assert set(out["sampling_params"]) == set(vllm_sampling_kwargs(sampling, 1, 3))  # one struct for all rows
-    skipped = vllm_postprocess_row(spec, {"prompt_id": "c", "source": "s", "rd_prompt": near, **out,
-                                          "generated_tokens": [1], "logprobs": [{1: {"logprob": -0.1}}]})
+    skipped = vllm_postprocess_row(
+        spec,
+        {
+            "prompt_id": "c",
+            "source": "s",
+            "rd_prompt": near,
+            **out,
+            "generated_tokens": [1],
+            "logprobs": [{1: {"logprob": -0.1}}],
+        },
+    )
     assert tuple(skipped) == row_keys() and skipped["skip_reason"].startswith("prompt_too_long")
 
 
@@ -211,20 +285,25 @@ def test_postprocess_and_finalize_rows(lm, tokenizer_dir):
     row = vllm_finalize_row({**vllm_postprocess_row(spec, engine_row), "__inference_error__": ""})
     assert tuple(row) == row_keys() and row["skip_reason"] is None
     prompt_ids = data["rd_prompt_ids"]
-    assert row["input_ids"][:len(prompt_ids)] == prompt_ids and row["prompt_len"] == len(prompt_ids)
-    completion_ids = row["input_ids"][len(prompt_ids):]
+    assert row["input_ids"][: len(prompt_ids)] == prompt_ids and row["prompt_len"] == len(prompt_ids)
+    completion_ids = row["input_ids"][len(prompt_ids) :]
     assert completion_ids == engine_row["generated_tokens"]
     assert [r[0] for r in row["topk_ids"]] == completion_ids  # greedy: top-1
     assert row["completion"] == lm.tokenizer.decode(completion_ids, skip_special_tokens=True)
     assert row["finish_reason"] == ("stop" if completion_ids[-1] == lm.eos_id else "length")
     assert row["prompt"] == request["prompt"] and row["source"] == "unit"
     assert json.loads(row["sampling"])["logprobs"] == 4
-    full = lm.position_logprobs(row["input_ids"])[len(prompt_ids) - 1:-1]
+    full = lm.position_logprobs(row["input_ids"])[len(prompt_ids) - 1 : -1]
     values, ids = torch.topk(full, 4, dim=-1)
     np.testing.assert_array_equal(np.array(row["topk_ids"]), ids.numpy())
     np.testing.assert_allclose(np.array(row["topk_logprobs"]), values.numpy(), atol=1e-3)
-    error_row = {**data, "__inference_error__": "ValueError: The decoder prompt (length 70) is longer than the "
-                 "maximum model length of 64.", "generated_tokens": [], "prompt": ""}
+    error_row = {
+        **data,
+        "__inference_error__": "ValueError: The decoder prompt (length 70) is longer than the "
+        "maximum model length of 64.",
+        "generated_tokens": [],
+        "prompt": "",
+    }
     skipped = vllm_finalize_row(error_row)
     assert tuple(skipped) == row_keys() and skipped["prompt_id"] == "p"
     assert skipped["skip_reason"].startswith("prompt_too_long (ValueError") and skipped["topk_ids"] is None
@@ -245,8 +324,15 @@ def test_stage_row_functions_through_ray(ray_session, lm, tokenizer_dir):
     spec = make_spec(tokenizer_dir, sampling, max_model_len=None)  # context from the tokenizer (4096)
     long_prompt = " ".join(["one two three four five six seven eight nine ten"] * 7)  # 70 > the engine's 64
     prompts = ["the cat sat", [{"role": "user", "content": "what is the capital of france ?"}], long_prompt]
-    rows = [{"prompt_id": f"p{i}", "prompt": p if isinstance(p, str) else None,
-             "messages": None if isinstance(p, str) else p, "source": "ray"} for i, p in enumerate(prompts)]
+    rows = [
+        {
+            "prompt_id": f"p{i}",
+            "prompt": p if isinstance(p, str) else None,
+            "messages": None if isinstance(p, str) else p,
+            "source": "ray",
+        }
+        for i, p in enumerate(prompts)
+    ]
     ds = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=_request_schema()))
     pre = wrap_preprocess(functools.partial(vllm_preprocess_row, spec), "__data")
     post = wrap_postprocess(functools.partial(vllm_postprocess_row, spec), "__data", include_error_column=True)
@@ -265,11 +351,11 @@ def test_stage_row_functions_through_ray(ray_session, lm, tokenizer_dir):
         row = out[key]
         assert row["skip_reason"] is None and row["source"] == "ray" and 1 <= row["completion_len"] <= 5
         ids = list(row["input_ids"])
-        full = lm.position_logprobs(ids)[row["prompt_len"] - 1:len(ids) - 1]
+        full = lm.position_logprobs(ids)[row["prompt_len"] - 1 : len(ids) - 1]
         values, top = torch.topk(full, 3, dim=-1)
         stored_ids = np.array([list(r) for r in row["topk_ids"]])
         np.testing.assert_array_equal(stored_ids, top.numpy())
-        np.testing.assert_array_equal(stored_ids[:, 0], ids[row["prompt_len"]:])
+        np.testing.assert_array_equal(stored_ids[:, 0], ids[row["prompt_len"] :])
         np.testing.assert_allclose(np.array([list(r) for r in row["topk_logprobs"]]), values.numpy(), atol=1e-3)
     assert out["p1"]["prompt"] is None and out["p1"]["messages"][0]["role"] == "user"
     assert out["p0"]["prompt"] == "the cat sat"

@@ -18,8 +18,12 @@ pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 
 # fp32 on both sides; vLLM's CPU attention / GEMMs sum in other orders than torch's SDPA.
 LOGPROB_TOL = 5e-3
-PROMPTS = ["What is the capital of France?", "Name three colors.", "Write one sentence about the sea.",
-           [{"role": "user", "content": "Count from one to five."}]]
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three colors.",
+    "Write one sentence about the sea.",
+    [{"role": "user", "content": "Count from one to five."}],
+]
 STEPS = 24
 K = 8
 
@@ -27,21 +31,28 @@ K = 8
 @pytest.fixture(scope="module")
 def completions(builtin_teacher_dir):
     import tests.vllm_util  # noqa: F401 - vLLM settings for this process
-    from serve.engine.teacher import EngineTeacher
     from distill.teacher.vllm_backend import VLLMTeacher
+    from serve.engine.teacher import EngineTeacher
 
     sampling = SamplingParams(max_new_tokens=STEPS, temperature=0.0, logprobs=K)
     engine = EngineTeacher(builtin_teacher_dir, dtype="float32", batch_size=16)
     t0 = time.perf_counter()
     ours = engine.generate(PROMPTS, sampling)
     ours_s = time.perf_counter() - t0
-    engine_scored = engine.score([c.prompt_ids + c.completion_ids for c in ours],
-                                 [len(c.prompt_ids) for c in ours], K)
+    engine_scored = engine.score([c.prompt_ids + c.completion_ids for c in ours], [len(c.prompt_ids) for c in ours], K)
     engine.close()
     t0 = time.perf_counter()
-    teacher = VLLMTeacher(builtin_teacher_dir,
-                          engine_kwargs=dict(dtype="float32", enforce_eager=True, max_model_len=512, max_logprobs=K,
-                                             gpu_memory_utilization=0.1, logprobs_mode="raw_logprobs"))
+    teacher = VLLMTeacher(
+        builtin_teacher_dir,
+        engine_kwargs=dict(
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=512,
+            max_logprobs=K,
+            gpu_memory_utilization=0.1,
+            logprobs_mode="raw_logprobs",
+        ),
+    )
     load_s = time.perf_counter() - t0
     try:
         t0 = time.perf_counter()
@@ -50,8 +61,10 @@ def completions(builtin_teacher_dir):
         scored = teacher.score([c.prompt_ids + c.completion_ids for c in ours], [len(c.prompt_ids) for c in ours], K)
     finally:
         teacher.close()
-    print(f"\nvLLM load {load_s:.1f}s; {len(PROMPTS)} prompts x {STEPS} greedy tokens: engine {ours_s:.2f}s, "
-          f"vLLM {theirs_s:.2f}s")
+    print(
+        f"\nvLLM load {load_s:.1f}s; {len(PROMPTS)} prompts x {STEPS} greedy tokens: engine {ours_s:.2f}s, "
+        f"vLLM {theirs_s:.2f}s"
+    )
     return ours, theirs, scored, engine_scored
 
 
@@ -91,7 +104,10 @@ def test_score_agrees_with_our_engine(completions):
     for a, s, e in zip(ours, scored, engine_scored):
         assert s.topk_ids.shape == (len(a.completion_ids), K)
         assert np.array_equal(s.topk_ids[:, 0], a.topk_ids[:, 0])
-        worst = max(worst, _topk_delta(a.topk_ids, a.topk_logprobs, s.topk_ids, s.topk_logprobs),
-                    float(np.max(np.abs(s.token_logprobs - e.token_logprobs))))
+        worst = max(
+            worst,
+            _topk_delta(a.topk_ids, a.topk_logprobs, s.topk_ids, s.topk_logprobs),
+            float(np.max(np.abs(s.token_logprobs - e.token_logprobs))),
+        )
     print(f"score: top-1 equal, max |d logprob| {worst:.2e}")
     assert worst < LOGPROB_TOL

@@ -9,15 +9,30 @@ import pytest
 
 from pipelines.config import load_config
 
-TINY_STUDENT = ["student.init=random", "student.num_hidden_layers=2", "student.num_experts=4", "student.moe_intermediate_size=16",
-                "student.num_experts_per_tok=2", "student.sliding_window=8"]
-TINY_TRAIN = ["train.seq_len=64", "train.micro_batch_size=2", "train.log_every=2", "train.checkpoint_every=4",
-              "train.warmup_steps=1", "train.lr=3e-3", "train.heldout_fraction=0.2", "train.heldout_max_rows=8"]
+TINY_STUDENT = [
+    "student.init=random",
+    "student.num_hidden_layers=2",
+    "student.num_experts=4",
+    "student.moe_intermediate_size=16",
+    "student.num_experts_per_tok=2",
+    "student.sliding_window=8",
+]
+TINY_TRAIN = [
+    "train.seq_len=64",
+    "train.micro_batch_size=2",
+    "train.log_every=2",
+    "train.checkpoint_every=4",
+    "train.warmup_steps=1",
+    "train.lr=3e-3",
+    "train.heldout_fraction=0.2",
+    "train.heldout_max_rows=8",
+]
 
 
 def tiny_cfg(workdir: Path, teacher: str, *extra: str):
-    return load_config(None, [f"workdir={workdir}", f"teacher.model={teacher}", "name=tiny", *TINY_STUDENT,
-                              *TINY_TRAIN, *extra])
+    return load_config(
+        None, [f"workdir={workdir}", f"teacher.model={teacher}", "name=tiny", *TINY_STUDENT, *TINY_TRAIN, *extra]
+    )
 
 
 @pytest.fixture(scope="session")

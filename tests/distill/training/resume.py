@@ -38,21 +38,32 @@ def assert_close_values(a: Any, b: Any, where: str, rtol: float, atol: float) ->
             assert_close_values(x, y, f"{where}[{i}]", rtol, atol)
     elif isinstance(a, float) or isinstance(b, float):
         assert isinstance(a, (int, float)) and isinstance(b, (int, float)), f"{where}: {a!r} vs {b!r}"
-        assert math.isclose(a, b, rel_tol=rtol, abs_tol=atol) or (math.isnan(a) and math.isnan(b)), \
+        assert math.isclose(a, b, rel_tol=rtol, abs_tol=atol) or (math.isnan(a) and math.isnan(b)), (
             f"{where}: {a!r} != {b!r}"
+        )
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def assert_tensors_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str,
-                         rtol: float, atol: float) -> None:
+def assert_tensors_close(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str, rtol: float, atol: float
+) -> None:
     assert sorted(a) == sorted(b), f"{what}: different tensor names"
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m, name=name: f"{what} {name}: {m}")
+        torch.testing.assert_close(
+            a[name], b[name], rtol=rtol, atol=atol, msg=lambda m, name=name: f"{what} {name}: {m}"
+        )
 
 
-def assert_same_training(straight: dict[str, Any], resumed: dict[str, Any], straight_run: str | Path,
-                         resumed_run: str | Path, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+def assert_same_training(
+    straight: dict[str, Any],
+    resumed: dict[str, Any],
+    straight_run: str | Path,
+    resumed_run: str | Path,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+) -> None:
     """``straight``/``resumed`` are the two runs' train manifests."""
     assert straight["steps"] == resumed["steps"], "steps"
     assert straight["tokens"] == resumed["tokens"], "tokens trained on"
@@ -60,12 +71,22 @@ def assert_same_training(straight: dict[str, Any], resumed: dict[str, Any], stra
     assert [m.get("step") for m in a] == [m.get("step") for m in b], "metric lines: different steps"
     assert_close_values(a, b, "metrics", rtol, atol)
     assert_close_values(straight["stages"], resumed["stages"], "manifest.stages", rtol, atol)
-    assert_tensors_close(load_file(str(Path(straight["student_dir"]) / "model.safetensors")),
-                         load_file(str(Path(resumed["student_dir"]) / "model.safetensors")), "student", rtol, atol)
+    assert_tensors_close(
+        load_file(str(Path(straight["student_dir"]) / "model.safetensors")),
+        load_file(str(Path(resumed["student_dir"]) / "model.safetensors")),
+        "student",
+        rtol,
+        atol,
+    )
     ca, cb = Path(straight["checkpoint"]), Path(resumed["checkpoint"])
     assert ca.name == cb.name
-    assert_tensors_close(load_file(str(ca / "optimizer.safetensors")), load_file(str(cb / "optimizer.safetensors")),
-                         "optimizer", rtol, atol)
+    assert_tensors_close(
+        load_file(str(ca / "optimizer.safetensors")),
+        load_file(str(cb / "optimizer.safetensors")),
+        "optimizer",
+        rtol,
+        atol,
+    )
     sa, sb = json.loads((ca / "state.json").read_text()), json.loads((cb / "state.json").read_text())
     for key in ("step", "stage", "stage_step", "tokens", "optimizer_scalars", "optimizer_groups"):
         assert_close_values(sa.get(key), sb.get(key), f"state.{key}", rtol, atol)

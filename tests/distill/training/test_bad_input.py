@@ -8,10 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import load_config
 from cluster.errors import ConfigError, RaydistillError
 from distill.training.data import MixtureStream, TableSource, collate, next_batch, read_table
 from distill.training.stage import run_train_stage
+from pipelines.config import load_config
 from tests.distill.training.conftest import TINY_STUDENT, TINY_TRAIN
 
 
@@ -44,8 +44,17 @@ def test_ce_only_stage_trains_without_soft_labels(tiny_run):
 
 def test_vocab_mismatch_is_refused(tiny_run, sharp_teacher_dir, tmp_path):
     cfg, run = tiny_run
-    cfg = load_config(None, [f"workdir={tmp_path / 'runs'}", f"teacher.model={sharp_teacher_dir}", "name=tiny",
-                             *TINY_STUDENT, *TINY_TRAIN, "student.vocab_size=100"])
+    cfg = load_config(
+        None,
+        [
+            f"workdir={tmp_path / 'runs'}",
+            f"teacher.model={sharp_teacher_dir}",
+            "name=tiny",
+            *TINY_STUDENT,
+            *TINY_TRAIN,
+            "student.vocab_size=100",
+        ],
+    )
     with pytest.raises(ConfigError, match="tokenizer/vocab mismatch.*vocab_size is 100"):
         run_train_stage(cfg, run, show_progress=False)
 
@@ -53,15 +62,20 @@ def test_vocab_mismatch_is_refused(tiny_run, sharp_teacher_dir, tmp_path):
 def test_mixture_selecting_nothing_is_refused(tiny_run):
     cfg, run = tiny_run
     cfg = with_stages(cfg, [{"name": "x", "steps": 2, "mixture": [{"source": "nope"}]}])
-    with pytest.raises(ConfigError, match=r"train.stages\[0\] \('x'\) mixture\[0\] selects no training rows.*\['a', 'b'\]"):
+    with pytest.raises(
+        ConfigError, match=r"train.stages\[0\] \('x'\) mixture\[0\] selects no training rows.*\['a', 'b'\]"
+    ):
         run_train_stage(cfg, run, show_progress=False)
 
 
-@pytest.mark.parametrize("stage, message", [
-    ({"name": "z", "steps": 0}, "zero length"),
-    ({"name": "e", "steps": 3, "mixture": []}, "empty mixture"),
-    ({"name": "w", "steps": 3, "loss": {"ce": 0, "forward_kl": 0}}, "all loss weights are 0"),
-])
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        ({"name": "z", "steps": 0}, "zero length"),
+        ({"name": "e", "steps": 3, "mixture": []}, "empty mixture"),
+        ({"name": "w", "steps": 3, "loss": {"ce": 0, "forward_kl": 0}}, "all loss weights are 0"),
+    ],
+)
 def test_bad_stages_fail_at_config_load(stage, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"train.stages=[{json.dumps(stage)}]"])
@@ -91,7 +105,11 @@ def test_packing_masks_prompts_and_resumes_the_stream_exactly(tiny_data_template
 
 
 def _rows(table, prompt_ids):
-    by_id = {p: (ids, pl) for p, ids, pl in zip(table["prompt_id"].to_pylist(), table["input_ids"].to_pylist(),
-                                                table["prompt_len"].to_pylist())}
+    by_id = {
+        p: (ids, pl)
+        for p, ids, pl in zip(
+            table["prompt_id"].to_pylist(), table["input_ids"].to_pylist(), table["prompt_len"].to_pylist()
+        )
+    }
     picked = [by_id[p] for p in prompt_ids]
     return [min(len(ids), 64) for ids, _ in picked], [pl for _, pl in picked]

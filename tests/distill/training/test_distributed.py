@@ -17,19 +17,20 @@ import torch
 
 from distill.losses import LossWeights
 from distill.training.loop import DistillModule
-
 from tests.distill.training.tiny import batch, row, tiny_model
 
 SETUP = dict(num_experts_per_tok=1, router_aux_loss_coef=0.0, router_z_loss_coef=0.0)  # top-1; KD terms only
 WEIGHTS = LossWeights(forward_kl=1.0, ce=0.2)
 STEPS = 3
 # rank 0: 3 valid tokens per step (so at most 3 of 4 experts per layer get any); rank 1: 14
-ROWS = {0: lambda step: row(100 + step, prompt_len=1, completion_len=2),
-        1: lambda step: row(200 + step, prompt_len=2, completion_len=12)}
+ROWS = {
+    0: lambda step: row(100 + step, prompt_len=1, completion_len=2),
+    1: lambda step: row(200 + step, prompt_len=2, completion_len=12),
+}
 
 
 def _student_name(name: str) -> str:
-    return name[name.index("student.") + len("student."):]
+    return name[name.index("student.") + len("student.") :]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -40,16 +41,29 @@ def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
     import torch.distributed as dist
 
     from distill.training import checkpoint as ckpt
-    from distill.training.loop import (apply_routing, build_optimizer, clip_and_step, frozen_parameters,
-                                       train_step, wrap_model)
+    from distill.training.loop import (
+        apply_routing,
+        build_optimizer,
+        clip_and_step,
+        frozen_parameters,
+        train_step,
+        wrap_model,
+    )
     from distill.training.section import Strategy, TrainSection
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
-        section = TrainSection.model_validate({"strategy": strategy, "stages": [
-            {"name": "free", "steps": 1}, {"name": "frozen", "steps": STEPS - 1, "routing": {"freeze_router": True}}]})
+        section = TrainSection.model_validate(
+            {
+                "strategy": strategy,
+                "stages": [
+                    {"name": "free", "steps": 1},
+                    {"name": "frozen", "steps": STEPS - 1, "routing": {"freeze_router": True}},
+                ],
+            }
+        )
         device = torch.device("cpu")
         model = tiny_model(seed=0, **SETUP)
         module = wrap_model(DistillModule(model, chunk_size=16), Strategy(strategy), device)
@@ -62,8 +76,9 @@ def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
             optimizer.zero_grad(set_to_none=True)
             train_step(module, [batch([[ROWS[rank](step)]])], WEIGHTS, world, device)
             if step == 0:
-                record["grads"] = {_student_name(n): _full(p.grad) for n, p in module.named_parameters()
-                                   if p.grad is not None}
+                record["grads"] = {
+                    _student_name(n): _full(p.grad) for n, p in module.named_parameters() if p.grad is not None
+                }
             frozen = frozen_parameters(model, stage)
             record["norms"].append(clip_and_step(module, optimizer, frozen, grad_clip=1e6))
             record["routers"].append([_full(r.weight) for r in (m.mlp.gate for m in model.model.layers)])
@@ -81,10 +96,16 @@ def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
         optimizer2 = build_optimizer(module2, section)
         ckpt.load_optimizer(Path(out) / "ckpt", model=again, module=module2, optimizer=optimizer2)
         record["reloaded"] = {_student_name(n): _full(p) for n, p in module2.named_parameters()}
-        record["exp_avg"] = {_student_name(n): _full(optimizer.state[p]["exp_avg"]) for n, p in module.named_parameters()
-                             if p in optimizer.state}
-        record["exp_avg2"] = {_student_name(n): _full(optimizer2.state[p]["exp_avg"])
-                              for n, p in module2.named_parameters() if p in optimizer2.state}
+        record["exp_avg"] = {
+            _student_name(n): _full(optimizer.state[p]["exp_avg"])
+            for n, p in module.named_parameters()
+            if p in optimizer.state
+        }
+        record["exp_avg2"] = {
+            _student_name(n): _full(optimizer2.state[p]["exp_avg"])
+            for n, p in module2.named_parameters()
+            if p in optimizer2.state
+        }
         torch.save(record, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -101,8 +122,16 @@ def _reference_step0() -> dict[str, torch.Tensor]:
     model = tiny_model(seed=0, **SETUP)
     module = DistillModule(model, chunk_size=16)
     both = batch([[ROWS[0](0)], [ROWS[1](0)]])
-    losses, _ = module(both.input_ids, both.attention_mask, both.position_ids, both.pred_index, both.targets,
-                       both.topk_ids, both.topk_logprobs, weights=WEIGHTS)
+    losses, _ = module(
+        both.input_ids,
+        both.attention_mask,
+        both.position_ids,
+        both.pred_index,
+        both.targets,
+        both.topk_ids,
+        both.topk_logprobs,
+        weights=WEIGHTS,
+    )
     losses.loss.backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -170,26 +199,52 @@ def _loop_worker(rank: int, world: int, port: int, strategy: str, out: str) -> N
         rows = []
         for i in range(16):
             r = row(300 + i, prompt_len=2, completion_len=4)
-            rows.append({"prompt_id": r["prompt_id"], "input_ids": r["input_ids"].tolist(), "prompt_len": 2,
-                         "completion_len": 4, "topk_ids": r["topk_ids"].tolist(),
-                         "topk_logprobs": r["topk_logprobs"].tolist(), "source": "s"})
+            rows.append(
+                {
+                    "prompt_id": r["prompt_id"],
+                    "input_ids": r["input_ids"].tolist(),
+                    "prompt_len": 2,
+                    "completion_len": 4,
+                    "topk_ids": r["topk_ids"].tolist(),
+                    "topk_logprobs": r["topk_logprobs"].tolist(),
+                    "source": "s",
+                }
+            )
         runtime = SpawnRuntime(to_table(rows))
-        base = {"strategy": strategy, "threads_per_worker": 1, "seq_len": 16, "loss_chunk_size": 16,
-                "micro_batch_size": 1, "grad_accum": 2, "warmup_steps": 0, "lr": 1e-2, "checkpoint_every": 2,
-                "log_every": 1}
+        base = {
+            "strategy": strategy,
+            "threads_per_worker": 1,
+            "seq_len": 16,
+            "loss_chunk_size": 16,
+            "micro_batch_size": 1,
+            "grad_accum": 2,
+            "warmup_steps": 0,
+            "lr": 1e-2,
+            "checkpoint_every": 2,
+            "log_every": 1,
+        }
         first = [{"name": "free", "steps": 2}]
         frozen = {"name": "frozen", "steps": 2, "routing": {"freeze_router": True}}
-        job = TrainJob(section={**base, "stages": first}, init_dir=str(Path(out) / "init"),
-                       metrics_uri=str(Path(out) / f"metrics{rank}.jsonl"))
+        job = TrainJob(
+            section={**base, "stages": first},
+            init_dir=str(Path(out) / "init"),
+            metrics_uri=str(Path(out) / f"metrics{rank}.jsonl"),
+        )
         state = train_loop(job, runtime)
         dist.barrier()
         job.section = {**base, "stages": first + [frozen]}
         state2 = train_loop(job, runtime)
         if rank == 0:
             lines = [json.loads(x) for x in Path(job.metrics_uri).read_text().splitlines()]
-            (Path(out) / "result.json").write_text(json.dumps({"steps": [state["step"], state2["step"]],
-                                                               "events": [x.get("event") for x in lines],
-                                                               "grad_norms": [x.get("grad_norm") for x in lines]}))
+            (Path(out) / "result.json").write_text(
+                json.dumps(
+                    {
+                        "steps": [state["step"], state2["step"]],
+                        "events": [x.get("event") for x in lines],
+                        "grad_norms": [x.get("grad_norm") for x in lines],
+                    }
+                )
+            )
     finally:
         dist.destroy_process_group()
 

@@ -15,8 +15,17 @@ def _rows(prompts: int, samples: int, chat: bool = False) -> list[dict]:
         prompt = f"Question {i}: why is the sky blue?"
         messages = [{"role": "user", "content": prompt}] if chat else None
         for s in range(samples):
-            rows.append({"prompt_id": prompt_id("src", messages or prompt, s), "prompt": prompt, "messages": messages,
-                         "source": "src", "input_ids": [1, 2, 3], "prompt_len": 2, "completion_len": 1})
+            rows.append(
+                {
+                    "prompt_id": prompt_id("src", messages or prompt, s),
+                    "prompt": prompt,
+                    "messages": messages,
+                    "source": "src",
+                    "input_ids": [1, 2, 3],
+                    "prompt_len": 2,
+                    "completion_len": 1,
+                }
+            )
     return rows
 
 

@@ -24,11 +24,25 @@ pytestmark = pytest.mark.integration  # (every test here uses the session's Ray)
 
 def two_stage(cfg, *extra):
     # "kd" mixes sources a and b; checkpoints at steps 3, 4 (stage end), 6, 9, 10.
-    stages = [{"name": "warm", "steps": 4, "loss": {"ce": 1.0, "forward_kl": 1.0}},
-              {"name": "kd", "steps": 6, "loss": {"forward_kl": 1.0},
-               "mixture": [{"source": "a", "weight": 2}, {"source": "b"}]}]
-    train = cfg.train.model_validate({**cfg.train.model_dump(), "workers": 2, "stages": stages, "checkpoint_every": 3,
-                                      "export_qwen2_moe": False, **dict(extra)})
+    stages = [
+        {"name": "warm", "steps": 4, "loss": {"ce": 1.0, "forward_kl": 1.0}},
+        {
+            "name": "kd",
+            "steps": 6,
+            "loss": {"forward_kl": 1.0},
+            "mixture": [{"source": "a", "weight": 2}, {"source": "b"}],
+        },
+    ]
+    train = cfg.train.model_validate(
+        {
+            **cfg.train.model_dump(),
+            "workers": 2,
+            "stages": stages,
+            "checkpoint_every": 3,
+            "export_qwen2_moe": False,
+            **dict(extra),
+        }
+    )
     return cfg.model_copy(update={"train": train})
 
 
@@ -70,7 +84,8 @@ def test_two_workers_train_on_disjoint_rows_and_checkpoint_to_storage(straight):
 @pytest.mark.slow
 @pytest.mark.parametrize("fail_mode", ["raise", "exit"])
 def test_worker_failure_resumes_from_the_last_checkpoint_and_ends_like_a_straight_run(
-        straight, tmp_path, tiny_data_template, sharp_teacher_dir, fail_mode):
+    straight, tmp_path, tiny_data_template, sharp_teacher_dir, fail_mode
+):
     cfg, run = new_run(tmp_path, tiny_data_template, sharp_teacher_dir, ("max_failures", 1))
     manifest = run_train_stage(cfg, run, show_progress=False, callbacks=fail_once(run, 9, fail_mode))
     assert "failed at step 9" in (Path(run) / "train" / ".injected-failure").read_text()
@@ -80,8 +95,9 @@ def test_worker_failure_resumes_from_the_last_checkpoint_and_ends_like_a_straigh
 
 
 @pytest.mark.slow
-def test_failed_run_resumes_when_rerun_and_ends_like_a_straight_run(straight, tmp_path, tiny_data_template,
-                                                                  sharp_teacher_dir):
+def test_failed_run_resumes_when_rerun_and_ends_like_a_straight_run(
+    straight, tmp_path, tiny_data_template, sharp_teacher_dir
+):
     cfg, run = new_run(tmp_path, tiny_data_template, sharp_teacher_dir, ("max_failures", 0))
     with pytest.raises(RaydistillError, match="training failed"):
         run_train_stage(cfg, run, show_progress=False, callbacks=fail_once(run, 9))

@@ -26,8 +26,16 @@ def test_micro_batches_weigh_every_target_token_the_same():
 
     model.zero_grad(set_to_none=True)
     both = batch([[short], [long]])
-    losses, _ = module(both.input_ids, both.attention_mask, both.position_ids, both.pred_index, both.targets,
-                       both.topk_ids, both.topk_logprobs, weights=weights)
+    losses, _ = module(
+        both.input_ids,
+        both.attention_mask,
+        both.position_ids,
+        both.pred_index,
+        both.targets,
+        both.topk_ids,
+        both.topk_logprobs,
+        weights=weights,
+    )
     losses.loss.backward()
     ref = grads(model)
 
@@ -49,8 +57,19 @@ def test_aux_losses_are_averaged_over_micro_batches():
     result = train_step(module, [a, b], LossWeights(), world=1, device=torch.device("cpu"))
     metrics = step_metrics(result, 1, torch.device("cpu"))
     with torch.no_grad():
-        auxes = [module(x.input_ids, x.attention_mask, x.position_ids, x.pred_index, x.targets, x.topk_ids,
-                        x.topk_logprobs, weights=LossWeights())[1] for x in (a, b)]
+        auxes = [
+            module(
+                x.input_ids,
+                x.attention_mask,
+                x.position_ids,
+                x.pred_index,
+                x.targets,
+                x.topk_ids,
+                x.topk_logprobs,
+                weights=LossWeights(),
+            )[1]
+            for x in (a, b)
+        ]
     expected = {k: sum(float(o.aux_losses[k]) for o in auxes) / 2 for k in auxes[0].aux_losses}
     assert metrics["aux"].keys() == expected.keys()
     for k in expected:
@@ -69,10 +88,12 @@ def test_difficulty_routing_term_joins_the_aux_loss_with_its_coefficient():
     _, plain = module(*args, weights=LossWeights())
     _, with_term = module(*args, weights=LossWeights(), difficulty_coef=0.5)
     assert "difficulty" not in plain.aux_losses
-    expected = difficulty_routing_loss(with_term.router_entropy.reshape(-1)[b.pred_index],
-                                       teacher_entropy(b.topk_ids, b.topk_logprobs))
-    got, total, base = (float(t.detach()) for t in (with_term.aux_losses["difficulty"], with_term.aux_loss,
-                                                    plain.aux_loss))
+    expected = difficulty_routing_loss(
+        with_term.router_entropy.reshape(-1)[b.pred_index], teacher_entropy(b.topk_ids, b.topk_logprobs)
+    )
+    got, total, base = (
+        float(t.detach()) for t in (with_term.aux_losses["difficulty"], with_term.aux_loss, plain.aux_loss)
+    )
     assert abs(got - float(expected.detach())) < 1e-6 and got != 0.0
     assert abs(total - base - 0.5 * got) < 1e-6
     # its gradient reaches every router, and nothing computed after the last router (last experts, head)

@@ -9,21 +9,43 @@ from pathlib import Path
 import pytest
 
 from distill.training.stage import run_train_stage
-from tests.distill.training.conftest import tiny_cfg
 from tests.distill.training.callbacks import fail_once
+from tests.distill.training.conftest import tiny_cfg
 
 
 def metrics(run: str) -> list[dict]:
-    return [json.loads(line) for line in (Path(run) / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in (Path(run) / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
 
 
 def test_local_loop_trains_three_stages_and_publishes_the_student(tiny_run):
     cfg, run = tiny_run
-    cfg = cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), "stages": [
-        {"name": "ce", "steps": 4, "loss": {"ce": 1.0, "forward_kl": 0.0}},
-        {"name": "kd", "steps": 8, "loss": {"forward_kl": 1.0}, "mixture": [{"source": "a", "weight": 2}, {"source": "b"}]},
-        {"name": "anneal", "steps": 2, "lr": 1e-3, "mixture": [{"min_quality": 5}], "loss": {"forward_kl": 1.0, "ce": 0.1}},
-    ]})})
+    cfg = cfg.model_copy(
+        update={
+            "train": cfg.train.model_validate(
+                {
+                    **cfg.train.model_dump(),
+                    "stages": [
+                        {"name": "ce", "steps": 4, "loss": {"ce": 1.0, "forward_kl": 0.0}},
+                        {
+                            "name": "kd",
+                            "steps": 8,
+                            "loss": {"forward_kl": 1.0},
+                            "mixture": [{"source": "a", "weight": 2}, {"source": "b"}],
+                        },
+                        {
+                            "name": "anneal",
+                            "steps": 2,
+                            "lr": 1e-3,
+                            "mixture": [{"min_quality": 5}],
+                            "loss": {"forward_kl": 1.0, "ce": 0.1},
+                        },
+                    ],
+                }
+            )
+        }
+    )
     manifest = run_train_stage(cfg, run, use_ray=False, show_progress=False)
     assert manifest["status"] == "done" and manifest["steps"] == 14
     assert [s["name"] for s in manifest["stages"]] == ["ce", "kd", "anneal"]
@@ -43,17 +65,29 @@ def test_from_teacher_init_is_calibrated_on_the_runs_training_rows(tiny_run, cap
     from distill.training.data import heldout_mask, read_table
 
     cfg, run = tiny_run
-    cfg = cfg.model_copy(update={
-        "student": cfg.student.model_validate({**cfg.student.model_dump(), "init": "from_teacher",
-                                               "num_experts": 4, "num_experts_per_tok": None,
-                                               "moe_intermediate_size": None, "routing": "topp", "top_p": 0.6,
-                                               "max_k": 3, "calibration": {"heldout_tokens": 64}}),
-        "train": cfg.train.model_validate({**cfg.train.model_dump(), "stages": [
-            {"name": "kd", "steps": 2, "loss": {"forward_kl": 1.0}}]})})
+    cfg = cfg.model_copy(
+        update={
+            "student": cfg.student.model_validate(
+                {
+                    **cfg.student.model_dump(),
+                    "init": "from_teacher",
+                    "num_experts": 4,
+                    "num_experts_per_tok": None,
+                    "moe_intermediate_size": None,
+                    "routing": "topp",
+                    "top_p": 0.6,
+                    "max_k": 3,
+                    "calibration": {"heldout_tokens": 64},
+                }
+            ),
+            "train": cfg.train.model_validate(
+                {**cfg.train.model_dump(), "stages": [{"name": "kd", "steps": 2, "loss": {"forward_kl": 1.0}}]}
+            ),
+        }
+    )
     seen = []
     real = calibration._parquet_sequences
-    monkeypatch.setattr(calibration, "_parquet_sequences",
-                        lambda d, keep: seen.extend(real(d, keep)) or real(d, keep))
+    monkeypatch.setattr(calibration, "_parquet_sequences", lambda d, keep: seen.extend(real(d, keep)) or real(d, keep))
     manifest = run_train_stage(cfg, run, use_ray=False, show_progress=False)
     assert manifest["status"] == "done"
     record = json.loads((Path(run) / "train" / "init" / "student_init.json").read_text())
@@ -64,27 +98,35 @@ def test_from_teacher_init_is_calibrated_on_the_runs_training_rows(tiny_run, cap
     assert "student init: held-out calibration text" in printed
     # Calibration read only training rows: none of the held-out prompts' token ids.
     table = read_table(sorted(str(p) for p in (Path(run) / "data" / "generate").glob("*.parquet")))
-    held = {tuple(ids) for ids, out in zip(table["input_ids"].to_pylist(),
-                                          heldout_mask(table, cfg.train.heldout_fraction, cfg.train.seed)) if out}
+    held = {
+        tuple(ids)
+        for ids, out in zip(
+            table["input_ids"].to_pylist(), heldout_mask(table, cfg.train.heldout_fraction, cfg.train.seed)
+        )
+        if out
+    }
     assert held and seen and not held & {tuple(s) for s in seen}
 
 
 # Two stages; the second mixes sources a and b (the mixture's RNG and both components' positions are
 # part of the data state). Checkpoints every 3 steps: the failure at step 9 resumes from step 6, in
 # the middle of "kd", after step 8's metric line was written.
-RESUME_STAGES = [{"name": "warm", "steps": 4, "loss": {"ce": 1.0, "forward_kl": 1.0}},
-                 {"name": "kd", "steps": 6, "loss": {"forward_kl": 1.0},
-                  "mixture": [{"source": "a", "weight": 2}, {"source": "b"}]}]
+RESUME_STAGES = [
+    {"name": "warm", "steps": 4, "loss": {"ce": 1.0, "forward_kl": 1.0}},
+    {"name": "kd", "steps": 6, "loss": {"forward_kl": 1.0}, "mixture": [{"source": "a", "weight": 2}, {"source": "b"}]},
+]
 
 
 def resume_cfg(cfg):
-    train = cfg.train.model_validate({**cfg.train.model_dump(), "stages": RESUME_STAGES, "checkpoint_every": 3,
-                                      "export_qwen2_moe": False})
+    train = cfg.train.model_validate(
+        {**cfg.train.model_dump(), "stages": RESUME_STAGES, "checkpoint_every": 3, "export_qwen2_moe": False}
+    )
     return cfg.model_copy(update={"train": train})
 
 
-def test_local_loop_resumed_after_a_failure_ends_where_a_straight_run_ends(tmp_path, tiny_data_template,
-                                                                             sharp_teacher_dir):
+def test_local_loop_resumed_after_a_failure_ends_where_a_straight_run_ends(
+    tmp_path, tiny_data_template, sharp_teacher_dir
+):
     from tests.distill.training.resume import assert_same_training, metric_lines
 
     runs = {}
@@ -111,8 +153,13 @@ def test_heldout_every_scores_the_budget_curve_with_the_teachers_nll_on_the_same
     from distill.eval.report import plot_budget
 
     cfg, run = tiny_run
-    cfg = cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), "heldout_every": 2,
-                                                                   "stages": [{"name": "kd", "steps": 6}]})})
+    cfg = cfg.model_copy(
+        update={
+            "train": cfg.train.model_validate(
+                {**cfg.train.model_dump(), "heldout_every": 2, "stages": [{"name": "kd", "steps": 6}]}
+            )
+        }
+    )
     run_train_stage(cfg, run, use_ray=False, show_progress=False)
     held = [m for m in metrics(run) if m.get("event") == "heldout"]
     assert [h["step"] for h in held] == [2, 4, 6]  # every 2 steps, the stage end once

@@ -15,10 +15,22 @@ def tiny_model(seed: int = 0, **overrides):
     """2 layers (both MoE), 4 experts of 16, vocab 64; fp32, train mode."""
     from distill.student.init import init_random
 
-    base = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                head_dim=16, sliding_window=8, num_experts=4, moe_intermediate_size=16,
-                shared_expert_intermediate_size=0, intermediate_size=32, num_experts_per_tok=2,
-                max_position_embeddings=256, tie_word_embeddings=False)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=8,
+        num_experts=4,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=0,
+        intermediate_size=32,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     base.update(overrides)
     return init_random(StudentConfig(**base), seed=seed).train()
 
@@ -30,9 +42,13 @@ def row(seed: int, prompt_len: int, completion_len: int) -> dict:
     logits = rng.normal(size=(completion_len, VOCAB)) * 3
     logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     top = np.argsort(-logprobs, axis=-1)[:, :K]
-    return {"prompt_id": f"p{seed}", "input_ids": ids, "prompt_len": prompt_len,
-            "topk_ids": top.astype(np.int64),
-            "topk_logprobs": np.take_along_axis(logprobs, top, -1).astype(np.float32)}
+    return {
+        "prompt_id": f"p{seed}",
+        "input_ids": ids,
+        "prompt_len": prompt_len,
+        "topk_ids": top.astype(np.int64),
+        "topk_logprobs": np.take_along_axis(logprobs, top, -1).astype(np.float32),
+    }
 
 
 def batch(sequences: list[list[dict]], seq_len: int = 32) -> PackedBatch:

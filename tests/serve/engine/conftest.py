@@ -6,7 +6,6 @@ import pytest
 import torch
 
 
-
 @pytest.fixture(scope="session")
 def tokenizer(builtin_teacher_dir):
     from transformers import AutoTokenizer
@@ -27,10 +26,20 @@ def tiny_moe_student(tokenizer):
     from distill.student.config import StudentConfig
     from distill.student.init import init_random
 
-    config = StudentConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=8, sliding_window=8, num_experts=4,
-                           moe_intermediate_size=16, intermediate_size=64, max_position_embeddings=256,
-                           eos_token_id=tokenizer.eos_token_id)
+    config = StudentConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=8,
+        num_experts=4,
+        moe_intermediate_size=16,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return init_random(config, seed=3)
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from cluster.errors import RaydistillError
 from serve.engine.async_engine import AsyncEngine
-from serve.engine.types import EngineError, GenerationRequest, SamplingOptions
 from serve.engine.loader import resolve_model_dir
+from serve.engine.types import EngineError, GenerationRequest, SamplingOptions
 from tests.serve.engine.conftest import encode, text_of, tokens_of
 
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.engine.types import EngineError, GenerationRequest, SamplingOptions
-
 from serve.engine.engine import LLMEngine
+from serve.engine.types import EngineError, GenerationRequest, SamplingOptions
 from tests.serve.engine.conftest import encode, text_of, tokens_of
 
-PROMPTS = ["Hello there, how are you", "The capital of France is a city named", "1 2 3",
-           "a b c d e f g h i j k l m n o p q r s t", "Once upon a time"]
+PROMPTS = [
+    "Hello there, how are you",
+    "The capital of France is a city named",
+    "1 2 3",
+    "a b c d e f g h i j k l m n o p q r s t",
+    "Once upon a time",
+]
 
 
 def greedy(max_tokens: int = 10, **kw) -> SamplingOptions:
@@ -21,9 +25,8 @@ def greedy(max_tokens: int = 10, **kw) -> SamplingOptions:
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_greedy_equals_transformers_generate(make_engine, tiny_llama, tokenizer):
@@ -52,9 +55,16 @@ def test_moe_student_with_sliding_window_equals_its_generate(tiny_moe_student, t
 def test_dense_qwen2_and_mistral_logits_match(kind, tokenizer):
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  tie_word_embeddings=False)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     if kind == "qwen2":  # q/k/v biases
         model = Qwen2ForCausalLM(Qwen2Config(**common)).eval()
@@ -77,8 +87,9 @@ def test_dense_qwen2_and_mistral_logits_match(kind, tokenizer):
 
 def test_batching_is_real(make_engine, tokenizer):
     engine = make_engine(max_batch_size=8, prefill_chunk=256)
-    requests = [GenerationRequest(f"r{i}", encode(tokenizer, PROMPTS[i % 5]), greedy(10, ignore_eos=True))
-                for i in range(8)]
+    requests = [
+        GenerationRequest(f"r{i}", encode(tokenizer, PROMPTS[i % 5]), greedy(10, ignore_eos=True)) for i in range(8)
+    ]
     results = engine.generate(requests)
     assert all(len(tokens_of(results[r.request_id])) == 10 for r in requests)
     # One prefill step yields every first token, then 9 batched decode steps: 10 steps, not 80.
@@ -91,8 +102,9 @@ def test_join_and_leave_mid_batch_equals_running_alone(make_engine, tokenizer):
 
     engine = make_engine(max_batch_size=3, prefill_chunk=4)
     for i, n in enumerate((3, 20, 6)):
-        engine.add_request(GenerationRequest(f"other{i}", encode(tokenizer, PROMPTS[i + 2]),
-                                             greedy(n, ignore_eos=True)))
+        engine.add_request(
+            GenerationRequest(f"other{i}", encode(tokenizer, PROMPTS[i + 2]), greedy(n, ignore_eos=True))
+        )
     got, company = [], set()
     for step in range(200):
         if step == 4:  # joins while the others decode; they leave at different steps around it
@@ -113,9 +125,14 @@ def test_seed_repeatable_regardless_of_batch_company(make_engine, tokenizer):
         engine = make_engine()
         sampling = SamplingOptions(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=seed, ignore_eos=True)
         requests = [GenerationRequest("seeded", prompt, sampling)]
-        requests += [GenerationRequest(f"c{i}", encode(tokenizer, PROMPTS[i]),
-                                       SamplingOptions(max_tokens=5 + i, temperature=1.0, ignore_eos=True))
-                     for i in range(company)]
+        requests += [
+            GenerationRequest(
+                f"c{i}",
+                encode(tokenizer, PROMPTS[i]),
+                SamplingOptions(max_tokens=5 + i, temperature=1.0, ignore_eos=True),
+            )
+            for i in range(company)
+        ]
         return tokens_of(engine.generate(requests)["seeded"])
 
     first = run(7, 0)
@@ -127,8 +144,9 @@ def test_top_k_one_is_greedy(make_engine, tokenizer):
     prompt = encode(tokenizer, PROMPTS[2])
     engine = make_engine()
     ref = tokens_of(engine.generate([GenerationRequest("g", prompt, greedy(8, ignore_eos=True))])["g"])
-    sampled = engine.generate([GenerationRequest("k", prompt, SamplingOptions(
-        max_tokens=8, temperature=1.5, top_k=1, ignore_eos=True))])["k"]
+    sampled = engine.generate(
+        [GenerationRequest("k", prompt, SamplingOptions(max_tokens=8, temperature=1.5, top_k=1, ignore_eos=True))]
+    )["k"]
     assert tokens_of(sampled) == ref
 
 
@@ -140,7 +158,9 @@ def test_stop_string_excluded_and_streamed_text_never_shows_it(make_engine, toke
     assert len(text) > 12
     stop = text[6:9]
     cut = text.find(stop)
-    outs = engine.generate([GenerationRequest("stop", prompt, greedy(20, ignore_eos=True, stop=["zzzq", stop]))])["stop"]
+    outs = engine.generate([GenerationRequest("stop", prompt, greedy(20, ignore_eos=True, stop=["zzzq", stop]))])[
+        "stop"
+    ]
     assert text_of(outs) == text[:cut]
     assert outs[-1].finish_reason == "stop"
     assert len(tokens_of(outs)) < 20
@@ -157,7 +177,7 @@ def test_stop_token_ids_and_eos(make_engine, tokenizer):
     stop_token = full[4]
     outs = engine.generate([GenerationRequest("s", prompt, greedy(12, stop_token_ids=[stop_token]))])["s"]
     got = tokens_of(outs)
-    assert got == full[:full.index(stop_token) + 1]  # the stop token is returned, generation ends there
+    assert got == full[: full.index(stop_token) + 1]  # the stop token is returned, generation ends there
     assert outs[-1].finish_reason == "stop"
     engine.eos_token_ids, engine._eos = [stop_token], {stop_token}  # same token as EOS
     outs = engine.generate([GenerationRequest("e", prompt, greedy(12))])["e"]
@@ -178,9 +198,13 @@ def test_max_tokens_and_context_length(make_engine, tokenizer):
         engine.add_request(GenerationRequest("long", prompt, greedy(13)))
     with pytest.raises(EngineError, match="prompt is empty"):
         engine.add_request(GenerationRequest("empty", [], greedy(1)))
-    for bad, field in ((dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
-                       (dict(top_k=-2), "top_k"), (dict(max_tokens=-1), "max_tokens"),
-                       (dict(top_logprobs=1000), "top_logprobs")):
+    for bad, field in (
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(max_tokens=-1), "max_tokens"),
+        (dict(top_logprobs=1000), "top_logprobs"),
+    ):
         with pytest.raises(EngineError, match=field):
             engine.add_request(GenerationRequest("bad", prompt, SamplingOptions(**{"max_tokens": 1, **bad})))
     engine.add_request(GenerationRequest("dup", prompt, greedy(1)))
@@ -222,7 +246,7 @@ def test_abort_frees_the_slot_at_once(make_engine, tokenizer, tiny_llama):
     # alone: fp32 rounding differs with the batch shape, so a sampled token may flip at a near-tie.)
     with torch.no_grad():
         full = torch.log_softmax(tiny_llama(torch.tensor([prompt + tokens])).logits[0].float(), -1)
-    expected = full[len(prompt) - 1:-1].gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    expected = full[len(prompt) - 1 : -1].gather(1, torch.tensor(tokens)[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor([lp.logprob for lp in got_b]), expected, rtol=0, atol=1e-4)
 
 
@@ -247,8 +271,15 @@ def test_chunked_prefill_keeps_running_streams_decoding(make_engine, tokenizer):
 def test_logprobs_equal_log_softmax_of_reference_forward(make_engine, tiny_llama, tokenizer):
     engine = make_engine()
     prompt = encode(tokenizer, PROMPTS[1])
-    outs = engine.generate([GenerationRequest("lp", prompt, SamplingOptions(
-        max_tokens=6, temperature=0.8, seed=1, logprobs=True, top_logprobs=3, ignore_eos=True))])["lp"]
+    outs = engine.generate(
+        [
+            GenerationRequest(
+                "lp",
+                prompt,
+                SamplingOptions(max_tokens=6, temperature=0.8, seed=1, logprobs=True, top_logprobs=3, ignore_eos=True),
+            )
+        ]
+    )["lp"]
     tokens = tokens_of(outs)
     with torch.no_grad():
         ref = torch.log_softmax(tiny_llama(torch.tensor([prompt + tokens])).logits[0].float(), dim=-1)
@@ -268,8 +299,15 @@ def test_prompt_logprobs(make_engine, tiny_llama, tokenizer):
     with torch.no_grad():
         ref = torch.log_softmax(tiny_llama(torch.tensor([prompt])).logits[0].float(), dim=-1)
     for max_tokens in (0, 2):  # 0: scoring only (echo + logprobs clients)
-        outs = engine.generate([GenerationRequest(f"p{max_tokens}", prompt, SamplingOptions(
-            max_tokens=max_tokens, temperature=0, prompt_logprobs=True, top_logprobs=2))])[f"p{max_tokens}"]
+        outs = engine.generate(
+            [
+                GenerationRequest(
+                    f"p{max_tokens}",
+                    prompt,
+                    SamplingOptions(max_tokens=max_tokens, temperature=0, prompt_logprobs=True, top_logprobs=2),
+                )
+            ]
+        )[f"p{max_tokens}"]
         scored = outs[0].prompt_logprobs
         assert len(scored) == len(prompt) and scored[0] is None
         for i in range(1, len(prompt)):
@@ -285,9 +323,12 @@ def test_builtin_smollm2_greedy_equals_transformers(builtin_teacher_model):
     engine = LLMEngine.from_pretrained("smollm2-135m-instruct", max_batch_size=2, prefill_chunk=16)
     hf = builtin_teacher_model
     tok = engine.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                       return_dict=True)["input_ids"]
-               for text in ("What is the capital of France?", "Write one sentence about the sea.")]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+        for text in ("What is the capital of France?", "Write one sentence about the sea.")
+    ]
     results = engine.generate([GenerationRequest(f"p{i}", p, greedy(20)) for i, p in enumerate(prompts)])
     for i, prompt in enumerate(prompts):
         outs = results[f"p{i}"]
@@ -319,10 +360,18 @@ def test_recover_after_a_failed_step_resumes_every_request_exactly(make_engine, 
     from tests.serve.engine.conftest import encode, text_of, tokens_of
 
     def requests():
-        return [GenerationRequest("a", encode(tokenizer, "Hello there"),
-                                  SamplingOptions(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True)),
-                GenerationRequest("b", encode(tokenizer, "The capital of France is"),
-                                  SamplingOptions(max_tokens=12, temperature=0, ignore_eos=True))]
+        return [
+            GenerationRequest(
+                "a",
+                encode(tokenizer, "Hello there"),
+                SamplingOptions(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True),
+            ),
+            GenerationRequest(
+                "b",
+                encode(tokenizer, "The capital of France is"),
+                SamplingOptions(max_tokens=12, temperature=0, ignore_eos=True),
+            ),
+        ]
 
     expected = make_engine().generate(requests())
     engine = make_engine()

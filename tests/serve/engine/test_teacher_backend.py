@@ -22,8 +22,8 @@ PROMPTS = ["Hello there, how are you", "The capital of France is", [{"role": "us
 
 @pytest.fixture(scope="module")
 def teachers(tiny_teacher_dir):
-    from serve.engine.teacher import EngineTeacher
     from distill.teacher.hf import HFTeacher
+    from serve.engine.teacher import EngineTeacher
 
     return HFTeacher(tiny_teacher_dir, dtype="float32", batch_size=4), EngineTeacher(tiny_teacher_dir, batch_size=2)
 
@@ -67,7 +67,7 @@ def test_sampled_soft_labels_are_raw_and_seeds_separate_samples(teachers, tiny_t
     for c in (a, b):
         ids = torch.tensor([c.prompt_ids + c.completion_ids])
         with torch.no_grad():
-            logits = model(ids).logits[0, len(c.prompt_ids) - 1:-1].float()
+            logits = model(ids).logits[0, len(c.prompt_ids) - 1 : -1].float()
         want_lp, want_ids = torch.topk(torch.log_softmax(logits, dim=-1), 3, dim=-1)
         assert c.topk_logprobs.shape == (len(c.completion_ids), 3)
         np.testing.assert_array_equal(c.topk_ids, want_ids.numpy())
