@@ -64,37 +64,24 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def job_cluster(num_cpus: int = 2) -> Iterator[Cluster]:
-    """A local Ray with the job server (tests/pipelines/ray_head.py), stopped on exit with all it runs."""
+def ray_head(env: dict[str, str], num_cpus: int, *, prefix: str, timeout: float = 120, **popen) -> Iterator[Cluster]:
+    """``tests/pipelines/ray_head.py`` in a subprocess with exactly ``env``: its own temp dir and free ports;
+    stopped on exit with everything that runs on it (Serve replicas, job drivers)."""
     port = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rde-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "OMP_NUM_THREADS": "1",
-        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}",
-    }
-    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths have a length limit
     log_path = os.path.join(temp_dir, "head.log")
     log = open(log_path, "w")  # a file, not a pipe: nobody drains a pipe once the cluster is up
+    head = str(REPO_ROOT / "tests" / "pipelines" / "ray_head.py")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO_ROOT / "tests" / "pipelines" / "ray_head.py"),
-            str(port),
-            str(free_port()),
-            temp_dir,
-            str(num_cpus),
-        ],
+        [sys.executable, head, str(port), str(free_port()), temp_dir, str(num_cpus)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
         text=True,
-        start_new_session=True,
+        **popen,
     )
-    saved = os.environ.get("RAY_AUTH_MODE")
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + timeout
         ready = None
         while time.time() < deadline and proc.poll() is None:
             ready = next((line for line in Path(log_path).read_text().splitlines() if line.startswith("READY")), None)
@@ -102,24 +89,41 @@ def job_cluster(num_cpus: int = 2) -> Iterator[Cluster]:
                 break
             time.sleep(0.5)
         if not ready:
-            pytest.fail("local Ray with job server did not start:\n" + Path(log_path).read_text()[-4000:])
-        os.environ["RAY_AUTH_MODE"] = "disabled"  # the client side of the same cluster
+            pytest.fail("local Ray head did not start:\n" + Path(log_path).read_text()[-4000:])
         yield Cluster(f"http://127.0.0.1:{port}", ready.split()[1], temp_dir)
     finally:
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
         proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
-        kill_leftovers(temp_dir)  # Serve replicas, job drivers: nothing of this cluster may outlive the session
+        kill_leftovers(temp_dir)  # nothing of this cluster may outlive the test
         log.close()
         time.sleep(0.5)  # exiting Ray processes may still write a file into the temp dir
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def job_cluster(num_cpus: int = 2) -> Iterator[Cluster]:
+    """A local Ray with the job server, sharing this process's environment (without RAY_ADDRESS)."""
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    saved = os.environ.get("RAY_AUTH_MODE")
+    try:
+        with ray_head(env, num_cpus, prefix="rde-", start_new_session=True) as cluster:
+            os.environ["RAY_AUTH_MODE"] = "disabled"  # the client side of the same cluster
+            yield cluster
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def shutdown_serve(job_server: str, timeout: float = 120) -> None:

@@ -10,25 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 
 from tests.conftest import REPO_ROOT
+from tests.pipelines.cluster_harness import free_port, ray_head  # noqa: F401 - free_port re-exported
 
 # What a clean machine's environment has; nothing of the test process's own settings (API keys...).
 CLEAN_ENV_KEYS = ("HOME", "LANG", "LC_ALL", "TMPDIR", "USER")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -43,42 +33,6 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def start_head(env: dict[str, str], num_cpus: int = 1, timeout: float = 180) -> Iterator[tuple[str, str]]:
-    port = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rdh-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    log_path = os.path.join(temp_dir, "head.log")
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO_ROOT / "tests" / "pipelines" / "ray_head.py"),
-            str(port),
-            str(free_port()),
-            temp_dir,
-            str(num_cpus),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        text=True,
-        cwd=temp_dir,
-    )
-    address: str | None = None
-    try:
-        deadline = time.time() + timeout
-        while time.time() < deadline and proc.poll() is None:
-            text = open(log_path).read()
-            if "READY" in text:
-                address = re.search(r"ADDRESS=(\S+)", text).group(1)
-                break
-            time.sleep(0.5)
-        if address is None:
-            raise RuntimeError("local Ray head did not start:\n" + open(log_path).read()[-4000:])
-        yield address, f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    """Yields ``(gcs_address, dashboard_url)`` of a head started with exactly ``env``."""
+    with ray_head(env, num_cpus, prefix="rdh-", timeout=timeout, cwd=tempfile.gettempdir()) as cluster:
+        yield cluster.gcs_address, cluster.address

@@ -54,21 +54,13 @@ def test_autoscale_and_overload(serve_port, tiny_teacher_dir):
     from serve.app import deploy, shutdown, status
     from serve.section import ServeSection
 
+    autoscale = dict(
+        min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5, downscale_delay_s=2
+    )
+    timing = dict(metrics_interval_s=0.5, look_back_period_s=1)
+    limits = dict(max_ongoing_requests=3, max_queued_requests=2, max_batch_size=3)
     section = ServeSection(
-        port=serve_port,
-        route_prefix="/scale",
-        api_key_env=None,
-        num_cpus=0.25,
-        min_replicas=1,
-        max_replicas=2,
-        target_ongoing_requests=1,
-        upscale_delay_s=0.5,
-        downscale_delay_s=2,
-        metrics_interval_s=0.5,
-        look_back_period_s=1,
-        max_ongoing_requests=3,
-        max_queued_requests=2,
-        max_batch_size=3,
+        port=serve_port, route_prefix="/scale", api_key_env=None, num_cpus=0.25, **autoscale, **timing, **limits
     )
     url = deploy(tiny_teacher_dir, section, name="scale", engine_factory=FAKE, engine_options={"token_delay": 0.05})
     assert url.endswith(f":{serve_port}/scale")

@@ -56,29 +56,13 @@ def tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
 
 def student_config(vocab: int, **overrides):
     from distill.student.config import StudentConfig
+    from tests.distill.student.conftest import TINY_FIELDS
 
-    base = dict(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        sliding_window=16,
-        num_experts=4,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=0,
-        intermediate_size=64,
-        routing="topp",
-        top_p=0.7,
-        min_k=1,
-        max_k=3,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        layer_types=["sliding_attention", "full_attention"],
-    )
+    shape = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, head_dim=8, sliding_window=16)
+    shape.update(moe_intermediate_size=16, max_position_embeddings=512, tie_word_embeddings=True)
+    routing = dict(routing="topp", top_p=0.7, min_k=1, max_k=3, num_experts_per_tok=None)
+    norms = dict(rope_theta=10000.0, rms_norm_eps=1e-6, layer_types=["sliding_attention", "full_attention"])
+    base = {**TINY_FIELDS, **shape, **routing, **norms}
     base.update(overrides)
     return StudentConfig(**{k: v for k, v in base.items() if v is not None})  # None drops a key (top-k: no top_p)
 

@@ -7,28 +7,28 @@ import torch
 
 from distill.student.config import StudentConfig
 
+# The tiny student every test shape starts from (tests/distill/training/tiny.py and the eval tests override it).
+TINY_FIELDS = dict(
+    vocab_size=96,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=8,
+    num_experts=4,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=0,
+    intermediate_size=64,
+    num_experts_per_tok=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
 
 def tiny_config(**overrides) -> StudentConfig:
     """4 layers (S S S F), window 8, 4 experts of 32, GQA 4:2 heads of 16."""
-    base = dict(
-        vocab_size=96,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        rope_theta=10000.0,
-        sliding_window=8,
-        num_experts=4,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=0,
-        intermediate_size=64,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    base.update(overrides)
-    return StudentConfig(**base)
+    return StudentConfig(**{**TINY_FIELDS, "rope_theta": 10000.0, **overrides})
 
 
 def tiny_student(seed: int = 0, **overrides):

@@ -7,6 +7,7 @@ import torch
 
 from distill.student.config import StudentConfig
 from distill.training.data import PackedBatch, collate
+from tests.distill.student.conftest import TINY_FIELDS
 
 VOCAB, K = 64, 4
 
@@ -15,24 +16,9 @@ def tiny_model(seed: int = 0, **overrides):
     """2 layers (both MoE), 4 experts of 16, vocab 64; fp32, train mode."""
     from distill.student.init import init_random
 
-    base = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=8,
-        num_experts=4,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=0,
-        intermediate_size=32,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    base.update(overrides)
-    return init_random(StudentConfig(**base), seed=seed).train()
+    smaller = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    smaller.update(moe_intermediate_size=16, intermediate_size=32, max_position_embeddings=256)
+    return init_random(StudentConfig(**{**TINY_FIELDS, **smaller, **overrides}), seed=seed).train()
 
 
 def row(seed: int, prompt_len: int, completion_len: int) -> dict:
