@@ -7,10 +7,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.errors import RaydistillError
-from pipelines.config import PipelineConfig, load_config
+
+if TYPE_CHECKING:  # the config imports every section (torch, transformers): not needed for --help
+    from pipelines.config import PipelineConfig
 
 
 def add_set_arg(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +34,8 @@ def add_config_args(parser: argparse.ArgumentParser, run: bool = True) -> None:
 
 
 def load(args: argparse.Namespace) -> PipelineConfig:
+    from pipelines.config import load_config
+
     return load_config(args.config, args.overrides)
 
 
