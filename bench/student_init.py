@@ -40,7 +40,7 @@ def main() -> None:
     from distill.data.split import row_is_heldout
     from distill.eval import corpora
     from distill.eval import metrics as M
-    from distill.student.init import CalibrationOptions, build_from_teacher, load_teacher, prune_teacher
+    from distill.student.init import build_from_teacher, load_teacher, prune_teacher
     from distill.teacher.sources import resolve_model
     from distill.training.data import heldout_mask
 
@@ -110,18 +110,7 @@ def main() -> None:
     for name, data in (("data-free", None), ("calibrated", fit)):
         start = time.time()
         result = build_from_teacher(
-            teacher,
-            student_config,
-            cfg.student.teacher_layers,
-            calibration=data,
-            options=CalibrationOptions(
-                tokens=calib.tokens,
-                importance_tokens=calib.importance_tokens,
-                seq_len=calib.seq_len,
-                rounds=calib.rounds,
-                sharpness=calib.sharpness,
-                active_fraction=calib.active_fraction,
-            ),
+            teacher, student_config, cfg.student.teacher_layers, calibration=data, options=calib.options()
         )
         seconds = time.time() - start
         dense = prune_teacher(teacher, result.layers)

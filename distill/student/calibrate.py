@@ -5,7 +5,8 @@ Legend in ``config.py``; here also ``N`` calibration tokens, ``J`` a teacher FFN
 teacher layers. Three measurements, each feeding one decision of :func:`~distill.student.init.init_from_teacher`:
 
 1. **Which layers** (:func:`layer_importance`, Minitron / ShortGPT): drop each layer alone and
-   measure how much the calibration loss rises; keep the layers whose removal hurts most. With
+   measure how far the output distribution moves (KL, default) or how much the calibration loss
+   rises; keep the layers whose removal hurts most. With
    ``rounds > 1`` the least important layers are removed a part at a time and the rest re-scored
    (the iterative variant: layer importance changes once neighbours are gone).
 2. **Which neurons form an expert** (:func:`cluster_neurons`, MoEfication / LLaMA-MoE): a neuron's
@@ -80,18 +81,26 @@ def bits_per_byte(model: nn.Module, chunks: Sequence[torch.Tensor], decode: Call
 @dataclasses.dataclass
 class LayerChoice:
     layers: list[int]  # teacher layer indices kept, ascending
-    importance: dict[int, float]  # layer -> loss increase (nats/token) when dropped, as last scored
-    base_nll: float  # the full teacher's calibration loss
+    importance: dict[int, float]  # layer -> damage (nats/token) when dropped, as last scored
+    base_nll: float  # the full teacher's calibration loss (criterion nll; 0 for kl)
 
 
 @torch.no_grad()
-def drop_one_nll(model: nn.Module, chunks: Sequence[torch.Tensor]) -> tuple[float, list[float]]:
-    """Mean NLL (nats/token) of a Llama-family ``model`` and of the model with each layer removed alone.
+def drop_one(model: nn.Module, chunks: Sequence[torch.Tensor], criterion: str = "kl") -> tuple[float, list[float]]:
+    """Damage of removing each layer of a Llama-family ``model`` alone, in nats/token.
+
+    ``criterion``: ``"kl"`` = KL(model || model without layer i) over the full next-token
+    distribution at every position (returns 0 and the KLs); ``"nll"`` = the next-token loss on the
+    text itself (returns the model's mean NLL and each removal's). KL reads the whole distribution,
+    not one sampled token: on teacher-written calibration text it picked 16 of SmolLM2's 30 layers
+    that score 2.42 bits/byte on human text against 2.74 for the NLL choice (iterated, issue 12).
 
     One full forward per chunk records every decoder layer's input (and the keyword arguments the
     model passes it: masks, rotary embeddings); removing layer i then re-runs only layers i+1..L-1
     from layer i's input, the final norm and the head, about half the cost of L full forwards.
     """
+    if criterion not in ("kl", "nll"):
+        raise ValueError(f"criterion={criterion!r}; allowed: kl, nll")
     layers = model.model.layers
     total, dropped, count = 0.0, [0.0] * len(layers), 0
     for ids in chunks:
@@ -108,19 +117,23 @@ def drop_one_nll(model: nn.Module, chunks: Sequence[torch.Tensor]) -> tuple[floa
             for h in hooks:
                 h.remove()
         targets = ids[:, 1:].reshape(-1)
+        ref = F.log_softmax(logits.float(), dim=-1)  # [B, T, V]
 
-        def nll(logits: torch.Tensor, targets: torch.Tensor = targets) -> float:
-            flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-            return F.cross_entropy(flat, targets, reduction="sum").item()
+        def damage(logits: torch.Tensor, targets: torch.Tensor = targets, ref: torch.Tensor = ref) -> float:
+            if criterion == "nll":
+                flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+                return F.cross_entropy(flat, targets, reduction="sum").item()
+            logp = F.log_softmax(logits.float(), dim=-1)
+            return (ref.exp() * (ref - logp)).sum().item()  # every position, the last one too
 
-        total += nll(logits)
-        count += targets.numel()
+        total += damage(logits) if criterion == "nll" else 0.0
+        count += targets.numel() if criterion == "nll" else ids.numel()
         for i in range(len(layers)):
             h = inputs[i][0]
             for j in range(i + 1, len(layers)):
                 out = layers[j](h, **inputs[j][1])
                 h = out[0] if isinstance(out, tuple) else out
-            dropped[i] += nll(model.lm_head(model.model.norm(h)))
+            dropped[i] += damage(model.lm_head(model.model.norm(h)))
     count = max(count, 1)
     return total / count, [d / count for d in dropped]
 
@@ -130,14 +143,15 @@ def layer_importance(
     chunks: Sequence[torch.Tensor],
     keep: int,
     rounds: int = 1,
+    criterion: str = "kl",
     prune: Callable[[nn.Module, Sequence[int]], nn.Module] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> LayerChoice:
-    """Choose ``keep`` of the teacher's layers by drop-one loss increase (see module docstring).
+    """Choose ``keep`` of the teacher's layers by drop-one damage (see module docstring).
 
     ``prune(teacher, layers)`` builds the teacher restricted to ``layers`` (default:
     :func:`distill.student.init.prune_teacher`); each round scores the current model with
-    :func:`drop_one_nll`.
+    :func:`drop_one` with ``criterion`` (``kl`` or ``nll``).
     """
     if prune is None:
         from distill.student.init import prune_teacher as prune
@@ -151,7 +165,7 @@ def layer_importance(
     base = None
     for r in range(rounds):
         model = teacher if len(current) == total else prune(teacher, current)
-        ref, nlls = drop_one_nll(model, chunks)
+        ref, nlls = drop_one(model, chunks, criterion)
         base = ref if base is None else base
         for i, value in zip(current, nlls):
             importance[i] = value - ref

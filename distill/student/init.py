@@ -201,7 +201,8 @@ class CalibrationOptions:
     tokens: int = 8192  # calibration tokens for the FFN statistics and router fit
     importance_tokens: int = 1024  # of those, scored by the drop-one passes (the costly part)
     seq_len: int = 256
-    rounds: int = 1  # layer-importance rounds (1 = one-shot drop-one; more = iterative)
+    rounds: int = 4  # layer-importance rounds (1 = one-shot drop-one; more = iterative)
+    criterion: str = "kl"  # layer importance: kl (output distribution moved) or nll (calibration loss)
     active_fraction: float = 0.25  # a neuron is active for a token when among its top 25% contributors
     sharpness: float = 1.0  # router target = expert output-norm shares ** sharpness, renormalised
     difficulty: float = 0.0  # per-token sharpness * exp(-difficulty * z(teacher entropy)): hard tokens, more experts
@@ -211,7 +212,7 @@ class CalibrationOptions:
 class InitResult:
     model: Any  # RaydistillMoeForCausalLM, fp32, eval mode
     layers: list[int]  # teacher layers kept
-    layer_importance: dict[int, float]  # drop-one loss increase (nats/token); empty when data-free
+    layer_importance: dict[int, float]  # drop-one damage (nats/token, KL or NLL); empty when data-free
     calibration_tokens: int  # 0 = data-free
 
 
@@ -255,7 +256,12 @@ def build_from_teacher(
     if teacher_layers is None and chunks:
         score_chunks = calibrate.batches(calibration, options.seq_len, options.importance_tokens)
         choice = calibrate.layer_importance(
-            teacher, score_chunks, student_config.num_hidden_layers, rounds=options.rounds, progress=progress
+            teacher,
+            score_chunks,
+            student_config.num_hidden_layers,
+            rounds=options.rounds,
+            criterion=options.criterion,
+            progress=progress,
         )
         layers, importance = choice.layers, choice.importance
     else:

@@ -9,6 +9,7 @@ initialise: ``init: from_teacher | random``, ``teacher_layers`` (which teacher l
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import Field, create_model, model_validator
@@ -65,10 +66,15 @@ class CalibrationSection(Section):
     )
     seq_len: int = Field(default=256, ge=16, description="tokens per calibration window")
     rounds: int = Field(
-        default=1,
+        default=4,
         ge=1,
         description="layer-importance rounds: 1 = one-shot drop-one, more = "
         "iterative (re-score after each round of removals)",
+    )
+    criterion: Literal["kl", "nll"] = Field(
+        default="kl",
+        description="layer importance: kl = how far dropping a layer moves the next-token "
+        "distribution; nll = how much it raises the loss on the calibration text",
     )
     sharpness: float = Field(default=1.0, gt=0, description="router target = expert output-norm shares ** this")
     difficulty: float = Field(
@@ -80,6 +86,12 @@ class CalibrationSection(Section):
     active_fraction: float = Field(
         default=0.25, gt=0, le=1, description="a neuron is active for a token when among its top contributors"
     )
+
+    def options(self) -> Any:
+        """These settings as :class:`distill.student.init.CalibrationOptions`."""
+        from distill.student.init import CalibrationOptions
+
+        return CalibrationOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CalibrationOptions)})
 
     def sources(self) -> list[str]:
         return [] if self.data == "none" else (["run"] if self.data == "run" else list(self.data))

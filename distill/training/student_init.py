@@ -34,7 +34,7 @@ def create_student(
     pruned teacher and the student on held-out calibration text. ``out`` must be a local directory.
     """
     from distill.student.export import TOKENIZER_FILES
-    from distill.student.init import CalibrationOptions, build_from_teacher, init_random, load_teacher
+    from distill.student.init import build_from_teacher, init_random, load_teacher
 
     teacher_dir = Path(resolve_model(teacher_section.model, revision=teacher_section.revision))
     # The teacher fixes the vocabulary and tokenizer even for a random student: it is distilled
@@ -58,15 +58,7 @@ def create_student(
             student_config,
             section.teacher_layers,
             calibration=fit or None,
-            options=CalibrationOptions(
-                tokens=calib.tokens,
-                importance_tokens=calib.importance_tokens,
-                seq_len=calib.seq_len,
-                rounds=calib.rounds,
-                sharpness=calib.sharpness,
-                difficulty=calib.difficulty,
-                active_fraction=calib.active_fraction,
-            ),
+            options=calib.options(),
             seed=seed,
             progress=progress,
         )

@@ -64,8 +64,34 @@ def test_importance_finds_planted_redundant_layers_and_beats_evenly_spaced(tiny_
     chosen_nll = calibrate.mean_nll(prune_teacher(model, choice.layers), evaluation)
     even_nll = calibrate.mean_nll(prune_teacher(model, even), evaluation)
     assert chosen_nll < even_nll
-    # The iterative variant also drops both planted layers first.
+    # The iterative variant, and the loss criterion, also drop both planted layers first.
     assert not {1, 4} & set(calibrate.layer_importance(model, calib, keep=4, rounds=2).layers)
+    assert not {1, 4} & set(calibrate.layer_importance(model, calib, keep=4, criterion="nll").layers)
+
+
+@pytest.mark.parametrize("criterion", ["kl", "nll"])
+def test_drop_one_matches_pruned_models(tiny_teacher_dir, criterion):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
+    chunks = calibrate.batches(_samples(model, 8, 24, seed=2), 24, 10_000)
+    base, damage = calibrate.drop_one(model, chunks, criterion)
+    layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        for i in (0, layers - 1):
+            pruned = prune_teacher(model, [j for j in range(layers) if j != i])
+            if criterion == "nll":
+                expected = calibrate.mean_nll(pruned, chunks)
+            else:  # KL(full || pruned) over every position, averaged
+                kls = []
+                for ids in chunks:
+                    ref = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
+                    logp = torch.log_softmax(pruned(input_ids=ids).logits.double(), -1)
+                    kls.append((ref.exp() * (ref - logp)).sum(-1).reshape(-1))
+                expected = torch.cat(kls).mean().item()
+            assert damage[i] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert base == (pytest.approx(calibrate.mean_nll(model, chunks), rel=1e-5) if criterion == "nll" else 0.0)
+    assert min(damage) > 0
 
 
 def test_cluster_neurons_partitions_and_groups_co_active_neurons():
