@@ -117,14 +117,17 @@ def drop_one(model: nn.Module, chunks: Sequence[torch.Tensor], criterion: str = 
             for h in hooks:
                 h.remove()
         targets = ids[:, 1:].reshape(-1)
-        ref = F.log_softmax(logits.float(), dim=-1)  # [B, T, V]
+        if criterion == "kl":
+            ref = F.log_softmax(logits.float(), dim=-1)  # [B, T, V]
+            probs = ref.exp()
+            neg_entropy = (probs * ref).sum().item()
 
-        def damage(logits: torch.Tensor, targets: torch.Tensor = targets, ref: torch.Tensor = ref) -> float:
+        def damage(logits: torch.Tensor, targets: torch.Tensor = targets) -> float:
             if criterion == "nll":
                 flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
                 return F.cross_entropy(flat, targets, reduction="sum").item()
-            logp = F.log_softmax(logits.float(), dim=-1)
-            return (ref.exp() * (ref - logp)).sum().item()  # every position, the last one too
+            # KL = sum p log p - sum p log q, at every position (the last one too)
+            return neg_entropy - (probs * F.log_softmax(logits.float(), dim=-1)).sum().item()
 
         total += damage(logits) if criterion == "nll" else 0.0
         count += targets.numel() if criterion == "nll" else ids.numel()

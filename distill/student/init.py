@@ -266,6 +266,8 @@ def build_from_teacher(
         layers, importance = choice.layers, choice.importance
     else:
         layers = resolve_teacher_layers(tfields["num_hidden_layers"], student_config, teacher_layers)
+    if chunks and progress:
+        progress(f"layers {list(layers)}; grouping neurons into experts and fitting routers")
     samples = calibrate.capture_ffn(prune_teacher(teacher, layers), chunks) if chunks else None
     sharpness = (
         calibrate.difficulty_sharpness(

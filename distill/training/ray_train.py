@@ -9,6 +9,7 @@ and identical after a restart, which is what makes the checkpointed data positio
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,11 @@ class RayRuntime(Runtime):
 
 def worker_main(config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: the plain loop with the Ray runtime."""
+    # Ray Train sets the worker's root logger to INFO and its own per-report lines ("Reporting
+    # training result ...", "Checkpoint successfully created ...") use loggers outside `ray.train`,
+    # so RunConfig's log level does not reach them; the driver shows our progress bar instead.
+    logging.getLogger().setLevel(logging.WARNING)
+    quiet_ray_data()  # the worker iterates the datasets: no "Progress bars disabled" / per-dataset INFO lines
     job = TrainJob.from_dict(config)
     train_loop(job, RayRuntime(TrainSection.model_validate(job.section)))
 

@@ -61,7 +61,15 @@ def ensure_init_student(cfg: TrainConfig, train_dir: Path, seed: int) -> Path:
         "student init: building from the teacher" if cfg.student.init == "from_teacher" else "student init: random",
         flush=True,
     )
-    _, record = create_student(cfg.teacher, cfg.student, cfg.train, staged, seed=seed, run_dir=str(train_dir.parent))
+    _, record = create_student(
+        cfg.teacher,
+        cfg.student,
+        cfg.train,
+        staged,
+        seed=seed,
+        run_dir=str(train_dir.parent),
+        progress=lambda line: print(f"student init: {line}", flush=True),
+    )
     for line in init_summary(record):
         print(f"student init: {line}", flush=True)
     storage.publish_dir(staged, init_dir)
