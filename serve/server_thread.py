@@ -18,10 +18,15 @@ class ServerThread:
 
         import uvicorn
 
+        # Port 0: bind the listening socket here and hand it to uvicorn, so the port is ours from now on
+        # (a probe that closes and lets uvicorn bind later can lose the port to another process meanwhile).
+        self._socket: socket.socket | None = None
         if port == 0:
-            with socket.socket() as sock:
-                sock.bind((host, 0))
-                port = sock.getsockname()[1]
+            self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.bind((host, 0))
+            self._socket.listen()  # listening: no other socket can bind the port, SO_REUSEADDR or not
+            port = self._socket.getsockname()[1]
         self.host, self.port = host, port
         self.config = uvicorn.Config(
             app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5
@@ -36,7 +41,10 @@ class ServerThread:
     def start(self, timeout: float = 30.0) -> ServerThread:
         import threading
 
-        self.thread = threading.Thread(target=self.server.run, name="raydistill-uvicorn", daemon=True)
+        sockets = [self._socket] if self._socket is not None else None
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": sockets}, name="raydistill-uvicorn", daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -49,6 +57,8 @@ class ServerThread:
         self.server.should_exit = True
         if self.thread is not None:
             self.thread.join(timeout=15)
+        if self._socket is not None:
+            self._socket.close()
 
     def __enter__(self) -> ServerThread:
         return self.start()

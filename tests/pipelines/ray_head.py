@@ -3,7 +3,9 @@
 Run as ``python ray_head.py DASHBOARD_PORT AGENT_PORT TEMP_DIR [NUM_CPUS]`` (default 1 CPU); prints
 ``READY <gcs address>`` when the job server is up
 and shuts Ray down on SIGTERM. Its own temp dir keeps ``ray_current_cluster`` out of /tmp/ray, so other
-processes' ``ray.init()`` never join this cluster by accident. ``ray.init`` has no option for the
+processes' ``ray.init()`` never join this cluster by accident; it is written into the head's own temp dir
+instead, where this cluster's job supervisor looks when it resolves ``"auto"`` for a job driver (without
+it, the supervisor takes any Ray it finds on the machine, another user's included). ``ray.init`` has no option for the
 dashboard agent's port (default 52365, taken when another Ray with a dashboard runs on the machine),
 so the default of ``RayParams`` is replaced here.
 """
@@ -47,6 +49,12 @@ def main() -> None:
         _temp_dir=temp_dir,
         logging_level="WARNING",
     )
+
+    # What `ray start` does and ray.init does not: the job supervisor resolves "auto" with this temp dir,
+    # and with the file it picks this cluster even when other Rays (GCS processes) run on the machine.
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(context.address_info["gcs_address"], temp_dir)
 
     def stop(*_):
         ray.shutdown()

@@ -122,3 +122,50 @@ def test_job_driver_keeps_the_jobs_runtime_env(job_server):
     logs = client.get_job_logs(job_id)
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
     assert "MARK=from-job" in logs
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.own_cluster
+def test_the_job_supervisor_resolves_auto_to_the_test_head_beside_other_rays(own_cluster):
+    """Other Rays on the machine (here: processes that look like raylets of 7 other clusters, as Ray's
+    discovery sees them) must not capture the test head's job drivers: the head writes its address into
+    its temp dir, where its job supervisor resolves "auto"; the driver gets the head's GCS address."""
+    import subprocess
+    import sys
+
+    from ray._private.services import find_gcs_addresses, get_ray_address_from_environment
+    from ray._private.utils import read_ray_address
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    assert read_ray_address(own_cluster.temp_dir) == own_cluster.gcs_address
+    others = [f"192.0.2.{i}:46633" for i in range(2, 9)]  # TEST-NET-1: nothing answers there
+    decoys = [
+        subprocess.Popen(
+            ["raylet-decoy", "-c", "import time; time.sleep(600)", f"--gcs-address={a}"], executable=sys.executable
+        )
+        for a in others
+    ]
+    try:
+        find_gcs_addresses.cache_clear()
+        deadline = time.monotonic() + 30
+        while not set(others) <= set(find_gcs_addresses()):
+            assert time.monotonic() < deadline, "the decoy raylets are not seen by Ray's discovery"
+            time.sleep(0.1)
+            find_gcs_addresses.cache_clear()
+        assert get_ray_address_from_environment("auto", own_cluster.temp_dir) == own_cluster.gcs_address
+
+        client = JobSubmissionClient(own_cluster.address)
+        job_id = client.submit_job(entrypoint="python -c \"import os; print('ADDR=' + os.environ['RAY_ADDRESS'])\"")
+        deadline = time.monotonic() + 120
+        while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
+            assert time.monotonic() < deadline, "the job did not end"
+            time.sleep(0.5)
+        logs = client.get_job_logs(job_id)
+        assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+        assert f"ADDR={own_cluster.gcs_address}" in logs, logs[-3000:]
+    finally:
+        for d in decoys:
+            d.kill()
+            d.wait(timeout=10)
+        find_gcs_addresses.cache_clear()

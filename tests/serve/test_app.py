@@ -168,10 +168,14 @@ def test_model_update_during_traffic_loses_nothing(serve_port, tiny_teacher_dir,
         threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        # Traffic is flowing (a request finished) when the model is swapped; after the swap returns, each
+        # worker finishes what was in flight and then at least one request more (n + 8 > n + 4 in flight).
+        _wait_for(lambda: len(results) >= 1, 120, "a request to finish before the swap", interval=0.05)
         in_flight_at_update = len(results)
         update_model(other, section, name="swap")
-        time.sleep(1.0)
+        _wait_for(
+            lambda: len(results) >= in_flight_at_update + 8, 120, "requests to finish after the swap", interval=0.05
+        )
         stop.set()
         for t in threads:
             t.join(timeout=60)
@@ -223,3 +227,74 @@ def test_api_keys_are_enforced_through_serve(serve_port, tiny_teacher_dir, tmp_p
         assert _auth_codes(url, "k-file-1")["key"] == 200
     finally:
         shutdown("auth")
+
+
+def test_prompts_through_the_serve_ingress_survive_a_failed_write_and_shutdown_and_feed_served_prompts(
+    serve_port, tiny_teacher_dir, tmp_path
+):
+    """The flywheel through Ray Serve: the ingress replica logs what it serves; a storage write that fails
+    (the log folder is replaced by a file for a while) loses nothing once storage works again; what is still buffered
+    when the app is shut down is flushed then; the served_prompts source reads it all back."""
+    from distill.data.prompts import build_requests
+    from serve.app import deploy, shutdown
+    from serve.section import ServeSection
+    from tests.pipelines.test_served_prompts import _cfg, _run
+
+    log = tmp_path / "log"
+    section = ServeSection(
+        port=serve_port,
+        route_prefix="/fly",
+        api_key_env=None,
+        num_cpus=0.25,
+        max_batch_size=2,
+        prompt_log_enabled=True,
+        prompt_log=str(log),
+        prompt_log_flush_rows=2,  # the first two requests make a (failing) write; the third stays buffered
+        prompt_log_flush_s=3600,
+    )
+    url = deploy(tiny_teacher_dir, section, name="fly", engine_factory=FAKE)
+    deleted = False
+    try:
+        log.rmdir()  # made by the replica at start; now storage breaks: every write fails while it is a file
+        log.write_text("not a folder")
+
+        def post(path: str, body: dict) -> None:
+            r = httpx.post(url + path, json={"model": "fly", "max_tokens": 2, **body}, timeout=60)
+            assert r.status_code == 200, r.text  # a failing prompt log never fails the request
+
+        post("/v1/chat/completions", {"messages": [{"role": "user", "content": "what is ray?"}]})
+        post("/v1/completions", {"prompt": "Once upon a time"})
+
+        def metric(name: str) -> float:
+            text = httpx.get(url + "/metrics", timeout=30).text
+            values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
+            return max(values, default=0.0)
+
+        _wait_for(lambda: metric("raydistill_prompt_log_pending_rows") >= 2, 60, "two rows held after a failed write")
+        log.unlink()
+        log.mkdir()  # storage works again: the retry (after its backoff) writes the held rows
+        _wait_for(lambda: len(list(log.glob("*.parquet"))) == 1, 60, "the held rows to be written on retry")
+        assert metric("raydistill_prompt_log_dropped_rows") == 0
+
+        # Rows still buffered at shutdown: a flush threshold no request reaches would keep them forever.
+        with httpx.stream(
+            "POST",
+            url + "/v1/completions",
+            json={"model": "fly", "prompt": "streamed prompt", "max_tokens": 2, "stream": True},
+            timeout=60,
+        ) as response:
+            assert response.status_code == 200
+            list(response.iter_lines())
+        shutdown("fly")
+        deleted = True
+    finally:
+        if not deleted:
+            shutdown("fly")
+
+    # the shutdown flush (the replica may still be stopping when serve.delete returns)
+    _wait_for(lambda: len(list(log.glob("*.parquet"))) == 2, 60, "the buffered row to be written at shutdown")
+    requests, _ = build_requests(_cfg(tmp_path), _run(tmp_path, "r1"))
+    by_text = {r["prompt"]: r for r in requests}
+    assert sorted(by_text) == ["Once upon a time", "streamed prompt", "what is ray?"]
+    assert by_text["what is ray?"]["messages"] == [{"role": "user", "content": "what is ray?"}]
+    assert by_text["Once upon a time"]["messages"] is None and by_text["streamed prompt"]["messages"] is None
