@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,12 +118,15 @@ def drop_one(model: nn.Module, chunks: Sequence[torch.Tensor], criterion: str = 
             for h in hooks:
                 h.remove()
         targets = ids[:, 1:].reshape(-1)
+        probs, neg_entropy = None, 0.0
         if criterion == "kl":
             ref = F.log_softmax(logits.float(), dim=-1)  # [B, T, V]
             probs = ref.exp()
             neg_entropy = (probs * ref).sum().item()
 
-        def damage(logits: torch.Tensor, targets: torch.Tensor = targets) -> float:
+        def damage(
+            logits: torch.Tensor, targets: torch.Tensor = targets, probs: Any = probs, neg_entropy: float = neg_entropy
+        ) -> float:
             if criterion == "nll":
                 flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
                 return F.cross_entropy(flat, targets, reduction="sum").item()
