@@ -71,6 +71,7 @@ class LabelService:
         max_restarts: int = 3,
         max_attempts: int = 3,
         batch_size: int | None = None,
+        name: str | None = None,
     ):
         import ray
 
@@ -79,11 +80,40 @@ class LabelService:
         options: dict[str, Any] = dict(num_cpus=teacher.num_cpus, max_restarts=max_restarts, max_task_retries=0)
         if teacher.num_gpus:
             options["num_gpus"] = teacher.num_gpus
-        actor = ray.remote(LabelActor).options(**options)
-        self.actors = [actor.remote(teacher.model_dump(mode="json")) for _ in range(teacher.replicas)]
+        actor = ray.remote(LabelActor)
+        self.actors = [
+            actor.options(**options, **({"name": f"{name}-{i}"} if name else {})).remote(
+                teacher.model_dump(mode="json")
+            )
+            for i in range(teacher.replicas)
+        ]
         self.batch_size = batch_size or teacher.batch_size
         self.max_in_flight = max_in_flight
         self.max_attempts = max_attempts
+        self.name = name
+
+    def handle(self) -> dict[str, Any]:
+        """JSON-able arguments of :meth:`attach` (a service built with a ``name``), e.g. for a ``TrainJob``."""
+        if not self.name:
+            raise RaydistillError("LabelService.handle: build the service with a name to attach to it elsewhere")
+        return dict(
+            name=self.name,
+            replicas=len(self.actors),
+            batch_size=self.batch_size,
+            max_in_flight=self.max_in_flight,
+            max_attempts=self.max_attempts,
+        )
+
+    @classmethod
+    def attach(cls, name: str, replicas: int, batch_size: int, max_in_flight: int, max_attempts: int) -> LabelService:
+        """The service whose named actors another process started (a Ray Train worker calls this)."""
+        import ray
+
+        service = cls.__new__(cls)
+        service.actors = [ray.get_actor(f"{name}-{i}") for i in range(replicas)]
+        service.batch_size, service.max_in_flight, service.max_attempts = batch_size, max_in_flight, max_attempts
+        service.name = name
+        return service
 
     def ready(self, timeout_s: float = 300.0) -> list[int]:
         """Wait until every replica has loaded its model (restarting ones included); their process ids."""

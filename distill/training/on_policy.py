@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.losses import with_sampled_token
+from distill.losses import sampled_reverse_kl, with_sampled_token
 from distill.teacher.base import ScoredSequence
+from distill.teacher.service import LabelService
 from distill.training.data import PackedBatch
+from distill.training.section import OnPolicy
 
 
 @dataclasses.dataclass
@@ -135,3 +137,60 @@ def packed_batch(samples: Samples, labels: Sequence[ScoredSequence], pad_id: int
         rows=len(rows),
         prompt_ids=[f"on_policy:{b}" for b in range(len(rows))],
     )
+
+
+@dataclasses.dataclass
+class OnPolicyStats:
+    """Per-window sums for the metrics: time split, labelled tokens, the one-sample on-policy KL."""
+
+    sample_s: float = 0.0
+    label_s: float = 0.0
+    tokens: int = 0  # completion positions sampled and labelled
+    kl_sum: float = 0.0  # sum over sampled tokens of log q(y) - log p(y)
+    retries: int = 0
+
+    def metrics(self, train_s: float) -> dict[str, float]:
+        return {
+            "sample_s": round(self.sample_s, 4),
+            "label_s": round(self.label_s, 4),
+            "train_s": round(train_s, 4),
+            "labelled_tokens": self.tokens,
+            "labelled_tokens_per_s": self.tokens / self.label_s if self.label_s > 0 else 0.0,
+            "kl_sampled": self.kl_sum / self.tokens if self.tokens else 0.0,
+            "label_retries": self.retries,
+        }
+
+
+def on_policy_batch(
+    student: nn.Module,
+    rows: Sequence[dict],
+    cfg: OnPolicy,
+    labeller: LabelService,
+    *,
+    eos_ids: set[int],
+    pad_id: int,
+    stats: OnPolicyStats,
+    generator: torch.Generator | None = None,
+) -> PackedBatch:
+    """Sample completions for the prompts of ``rows`` (``input_ids[:prompt_len]``), label them, pack them."""
+    prompts = [[int(t) for t in r["input_ids"][: int(r["prompt_len"])]] for r in rows]
+    samples = sample(
+        student,
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        generator=generator,
+    )
+    labels = labeller.score(
+        [p + c for p, c in zip(samples.prompts, samples.completions)], [len(p) for p in samples.prompts], cfg.k
+    )
+    stats.sample_s += samples.seconds
+    stats.label_s += labels.seconds
+    stats.tokens += labels.tokens
+    stats.retries += labels.retries
+    student_lp = torch.from_numpy(np.concatenate(samples.student_logprobs))
+    teacher_lp = torch.from_numpy(np.concatenate([s.token_logprobs for s in labels.scored]))
+    stats.kl_sum += float(sampled_reverse_kl(student_lp, teacher_lp).sum())
+    return packed_batch(samples, labels.scored, pad_id)
