@@ -502,7 +502,6 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
         if job.labeller is None:
             raise ConfigError("train.stages[].on_policy needs the teacher labelling service (TrainJob.labeller)")
         labeller = LabelService.attach(**job.labeller)
-    sample_gen = torch.Generator().manual_seed(section.seed * 1009 + rank)
     started = time.perf_counter()
     wall_before = float(state.get("wall_seconds", 0.0))
 
@@ -531,9 +530,11 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             batches = []
-            for _ in range(section.grad_accum):
+            for micro in range(section.grad_accum):
                 packed = next_batch(stream.take, stream.peek, section.micro_batch_size, section.seq_len)
-                if stage.on_policy is not None and np_rng.random() < stage.on_policy.fraction:
+                # the draw depends only on (seed, rank, step, micro-batch): a resumed run repeats it
+                draw = np.random.default_rng([section.seed, rank, state["step"], micro]).random()
+                if stage.on_policy is not None and draw < stage.on_policy.fraction:
                     # GKD: this micro-batch's prompts are completed by the student and scored by the teacher
                     rows = [r for seq in packed for r in seq]
                     batch = on_policy_batch(
@@ -544,7 +545,7 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
                         eos_ids=set(job.eos_ids),
                         pad_id=job.pad_id,
                         stats=window_on_policy,
-                        generator=sample_gen,
+                        generator=torch.Generator().manual_seed(int(draw * 2**62)),  # resume-exact too
                     )
                 else:
                     batch = collate(packed, section.seq_len, job.pad_id, weights.needs_soft_labels)
