@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ class SlowHF(HFTeacher):
     """The hf teacher, slowed down so that a test can kill it while a batch is in flight."""
 
     def score(self, sequences, starts, k):
+        Path(tempfile.gettempdir(), f"slowhf-{os.getpid()}").touch()  # a batch is in flight here
         time.sleep(SLOW_SECONDS)
         return super().score(sequences, starts, k)
 
@@ -75,10 +78,16 @@ def test_killed_actor_is_restarted_and_its_batch_counted_once(ray_session, tiny_
     service = LabelService(_section(tiny_teacher_dir, f"{__name__}:SlowHF"), max_in_flight=1)
     try:
         pids = service.ready()
+        for pid in pids:
+            Path(tempfile.gettempdir(), f"slowhf-{pid}").unlink(missing_ok=True)
         result = {}
         caller = threading.Thread(target=lambda: result.update(labels=service.score(seqs, starts, 3)))
         caller.start()
-        time.sleep(SLOW_SECONDS / 2)  # the first batch of each actor is in flight
+        marker = Path(tempfile.gettempdir(), f"slowhf-{pids[0]}")
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:  # kill while its batch is in flight
+            time.sleep(0.01)
+        marker.unlink(missing_ok=True)
         os.kill(pids[0], signal.SIGKILL)
         caller.join(timeout=120)
         assert not caller.is_alive()
