@@ -233,6 +233,55 @@ def generalized_jsd(
     return _jsd(b, temperature, beta)
 
 
+def with_sampled_token(
+    topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor, sampled_ids: torch.Tensor, sampled_logprobs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k plus the token the student actually sampled, for on-policy losses.
+
+    topk_ids ``[N, K]`` / teacher_logprobs ``[N, K]``: the teacher's raw (T=1) top-k at each
+    position of the student's own completion; sampled_ids ``[N]``: the token the student sampled
+    there; sampled_logprobs ``[N]``: the teacher's raw log-prob of that token (``ScoredSequence.
+    token_logprobs``). Returns ``([N, K + 1], [N, K + 1])``: column ``K`` holds the sampled token
+    when it is not among the valid top-k ids, and padding (id -1, log-prob -inf) when it is.
+
+    Fed to :func:`forward_kl` / :func:`reverse_kl` / :func:`generalized_jsd` (or ``distillation_loss``)
+    this compares teacher and student over ``K + 2`` buckets: the top-k ids, the sampled token, and
+    the rest of the vocabulary as one tail bucket. With ``K == V`` that is the exact full-vocabulary
+    divergence. With ``K < V`` it is the divergence of both distributions merged into those buckets:
+    by the data-processing inequality never above the full-vocabulary value, exact when at most one
+    token's mass lies outside the buckets; the sampled token is always its own bucket, so a token
+    the student likes and the teacher does not (the case reverse KL punishes) is scored at its true
+    teacher probability instead of hiding in the tail.
+    """
+    if (
+        topk_ids.dim() != 2
+        or topk_ids.shape != teacher_logprobs.shape
+        or tuple(sampled_ids.shape) != (topk_ids.shape[0],)
+        or sampled_ids.shape != sampled_logprobs.shape
+    ):
+        raise RaydistillError(
+            f"with_sampled_token: topk_ids {tuple(topk_ids.shape)} / teacher_logprobs "
+            f"{tuple(teacher_logprobs.shape)} must be [N, K], sampled_ids {tuple(sampled_ids.shape)} / "
+            f"sampled_logprobs {tuple(sampled_logprobs.shape)} [N]"
+        )
+    sampled = sampled_ids.long()
+    in_top = (valid_topk(topk_ids, teacher_logprobs) & (topk_ids.long() == sampled[:, None])).any(dim=-1)  # [N]
+    extra_id = torch.where(in_top, -1, sampled).to(topk_ids.dtype)  # [N]
+    extra_lp = torch.where(in_top, float("-inf"), sampled_logprobs.to(teacher_logprobs.dtype))  # [N]
+    return (torch.cat([topk_ids, extra_id[:, None]], dim=1), torch.cat([teacher_logprobs, extra_lp[:, None]], dim=1))
+
+
+def sampled_reverse_kl(student_token_logprobs: torch.Tensor, teacher_token_logprobs: torch.Tensor) -> torch.Tensor:
+    """``[N]`` the one-sample estimate ``log q(y) - log p(y)`` of KL(student || teacher), no gradient.
+
+    Both ``[N]``: the T=1 log-probs of the token ``y`` the student sampled, under the student and
+    the teacher. Its mean over tokens sampled from ``q`` at temperature 1 is an unbiased estimate of
+    the full-vocabulary reverse KL, whatever ``K`` (the "on-policy KL" of the step's metrics); at
+    another sampling temperature it is the same quantity under the tempered sampling distribution.
+    """
+    return (student_token_logprobs.detach().float() - teacher_token_logprobs.detach().float()).reshape(-1)
+
+
 def token_ce(student_logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``[N]`` negative log-likelihood of ``targets [N]`` under ``student_logprobs [N, V]``."""
     return -student_logprobs.gather(1, targets.long().unsqueeze(1)).squeeze(1)

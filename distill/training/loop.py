@@ -43,6 +43,7 @@ from distill.training.data import (
     next_batch,
     read_table,
 )
+from distill.training.on_policy import OnPolicyStats, on_policy_batch
 from distill.training.section import Precision, Schedule, Strategy, TrainSection, TrainStage
 
 
@@ -59,6 +60,9 @@ class TrainJob:
     # Step callbacks, each {"target": "module:Class", "kwargs": {...}}: built once on every worker, their
     # ``before_step(rank, step, batches)`` runs before each optimizer step (row tracing, fault injection, ...).
     callbacks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # On-policy stages: ``LabelService.handle()`` of the teacher labelling service, and the student's end tokens.
+    labeller: dict[str, Any] | None = None
+    eos_ids: list[int] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -491,6 +495,13 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
     if rank == 0 and resumed_from is not None:
         metrics_log.write({"event": "resumed", "step": state["step"], "stage": state["stage"]})
     stages = section.stages
+    labeller = None
+    if any(s.on_policy for s in stages):
+        from distill.teacher.service import LabelService
+
+        if job.labeller is None:
+            raise ConfigError("train.stages[].on_policy needs the teacher labelling service (TrainJob.labeller)")
+        labeller = LabelService.attach(**job.labeller)
     started = time.perf_counter()
     wall_before = float(state.get("wall_seconds", 0.0))
 
@@ -505,6 +516,7 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             state=(state["data"] or [None] * world)[rank] if state["data"] else None,
         )
         window_start, window_tokens, window_positions = time.perf_counter(), 0, 0
+        window_on_policy, window_train_s = OnPolicyStats(), 0.0
         while True:
             done, progress = _stage_length_done(stage, state["stage_step"], state["stage_tokens"])
             if done:
@@ -517,17 +529,30 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            batches = [
-                collate(
-                    next_batch(stream.take, stream.peek, section.micro_batch_size, section.seq_len),
-                    section.seq_len,
-                    job.pad_id,
-                    weights.needs_soft_labels,
-                ).to(device)
-                for _ in range(section.grad_accum)
-            ]
+            batches = []
+            for micro in range(section.grad_accum):
+                packed = next_batch(stream.take, stream.peek, section.micro_batch_size, section.seq_len)
+                # the draw depends only on (seed, rank, step, micro-batch): a resumed run repeats it
+                draw = np.random.default_rng([section.seed, rank, state["step"], micro]).random()
+                if stage.on_policy is not None and draw < stage.on_policy.fraction:
+                    # GKD: this micro-batch's prompts are completed by the student and scored by the teacher
+                    rows = [r for seq in packed for r in seq]
+                    batch = on_policy_batch(
+                        model,
+                        rows,
+                        stage.on_policy,
+                        labeller,
+                        eos_ids=set(job.eos_ids),
+                        pad_id=job.pad_id,
+                        stats=window_on_policy,
+                        generator=torch.Generator().manual_seed(int(draw * 2**62)),  # resume-exact too
+                    )
+                else:
+                    batch = collate(packed, section.seq_len, job.pad_id, weights.needs_soft_labels)
+                batches.append(batch.to(device))
             for callback in callbacks:
                 callback.before_step(rank, state["step"] + 1, batches)
+            train_t0 = time.perf_counter()
             result = train_step(
                 module,
                 batches,
@@ -539,6 +564,7 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             )
             out = result.out
             grad_norm = clip_and_step(module, optimizer, frozen_parameters(model, stage), section.grad_clip)
+            window_train_s += time.perf_counter() - train_t0
             global_tokens, global_positions = result.global_tokens, result.global_positions
             state["step"] += 1
             state["stage_step"] += 1
@@ -573,7 +599,10 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
                     "expert_load": [[round(float(x), 4) for x in s.expert_load] for s in out.routing],
                     "world_size": world,
                 }
+                if stage.on_policy is not None:  # this rank's split of the window (rank 0 logs)
+                    metrics["on_policy"] = window_on_policy.metrics(window_train_s)
                 window_start, window_tokens, window_positions = time.perf_counter(), 0, 0
+                window_on_policy, window_train_s = OnPolicyStats(), 0.0
             if not done and section.heldout_every and state["step"] % section.heldout_every == 0:
                 held = evaluate_heldout(module, runtime, section, job, device)  # the budget curve's points
                 if rank == 0:

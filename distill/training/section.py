@@ -71,6 +71,24 @@ class RoutingSchedule(Section):
         return value
 
 
+class OnPolicy(Section):
+    """On-policy distillation in a stage (GKD): the current student samples completions for the
+    prompts of the stage's ``mixture`` rows (their prompt part, not the teacher's completions), the
+    teacher labelling service (``teacher:`` section, Ray actors) scores them, and the stage's ``loss``
+    is applied on the student's own tokens with the sampled token beside the teacher's top-k."""
+
+    fraction: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="share of micro-batches the student samples (GKD lmbda); the rest are stored teacher rows",
+    )
+    max_new_tokens: int = Field(default=64, ge=1, description="tokens sampled per prompt")
+    temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False, description="student sampling temperature")
+    k: int = Field(default=16, ge=1, description="teacher top-k labels per sampled position")
+
+
 class TrainStage(Section):
     name: str = "distill"
     steps: int | None = Field(default=None, ge=0, description="optimizer steps (or give `tokens`)")
@@ -82,6 +100,7 @@ class TrainStage(Section):
     warmup_steps: int | None = Field(default=None, ge=0)
     loss: LossWeights = Field(default_factory=LossWeights)
     routing: RoutingSchedule = Field(default_factory=RoutingSchedule)
+    on_policy: OnPolicy | None = Field(default=None, description="sample from the student and label with the teacher")
 
     @model_validator(mode="after")
     def _has_length(self) -> TrainStage:

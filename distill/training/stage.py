@@ -12,12 +12,14 @@ Everything a bad config or bad data can get wrong is checked here, before any wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -83,6 +85,29 @@ def _vocab_and_pad(init_dir: Path) -> tuple[int, int]:
         eos = config.get("eos_token_id")
         pad = eos[0] if isinstance(eos, list) else eos
     return int(config["vocab_size"]), int(pad or 0)
+
+
+def _eos_ids(init_dir: Path) -> list[int]:
+    eos = json.loads((init_dir / "config.json").read_text()).get("eos_token_id")
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
+
+
+@contextlib.contextmanager
+def _labelling_service(cfg: TrainConfig, section: TrainSection):
+    """The teacher labelling service for on-policy stages (None without them); its actors end with the stage."""
+    if not any(s.on_policy for s in section.stages):
+        yield None
+        return
+    from cluster.ray_init import connect
+    from distill.teacher.service import LabelService
+
+    connect(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
+    service = LabelService(cfg.teacher, name=f"raydistill-labeller-{uuid.uuid4().hex[:8]}")
+    try:
+        service.ready()
+        yield service
+    finally:
+        service.shutdown()
 
 
 def _section(cfg: TrainConfig, workers: int | None, gpus_per_worker: float | None) -> TrainSection:
@@ -206,43 +231,46 @@ def run_train_stage(
     init_dir = ensure_init_student(cfg, train_dir, section.seed)
     vocab_size, pad_id = _vocab_and_pad(init_dir)
     summary = scan(data_dir, section, vocab_size)  # bad data and bad stages fail here, before any worker
-    job = TrainJob(
-        section=section.model_dump(mode="json"),
-        init_dir=str(init_dir),
-        metrics_uri=str(train_dir / "metrics.jsonl"),
-        data_files=summary.files,
-        checkpoint_dir=str(train_dir / "local"),
-        pad_id=pad_id,
-        callbacks=list(callbacks or []),
-    )
-    total_steps = sum(s.steps for s in section.stages) if all(s.steps for s in section.stages) else None
-    started = time.time()
-    with _Progress(train_dir / "metrics.jsonl", total_steps, show_progress):
-        if use_ray:
-            from cluster.ray_init import connect
-            from distill.training.ray_train import fit, latest_checkpoint_path
+    with _labelling_service(cfg, section) as labeller:
+        job = TrainJob(
+            section=section.model_dump(mode="json"),
+            init_dir=str(init_dir),
+            metrics_uri=str(train_dir / "metrics.jsonl"),
+            data_files=summary.files,
+            checkpoint_dir=str(train_dir / "local"),
+            pad_id=pad_id,
+            callbacks=list(callbacks or []),
+            labeller=labeller.handle() if labeller is not None else None,
+            eos_ids=_eos_ids(init_dir),
+        )
+        total_steps = sum(s.steps for s in section.stages) if all(s.steps for s in section.stages) else None
+        started = time.time()
+        with _Progress(train_dir / "metrics.jsonl", total_steps, show_progress):
+            if use_ray:
+                from cluster.ray_init import connect
+                from distill.training.ray_train import fit, latest_checkpoint_path
 
-            connect(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
-            import ray.train
+                connect(cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard)
+                import ray.train
 
-            try:
-                result = fit(job, section, summary.files, str(train_dir), RAY_RUN_NAME)
-            except ray.train.TrainingFailedError as exc:
-                raise RaydistillError(
-                    f"training failed after {section.max_failures} restarts (train.max_failures); "
-                    f"fix the cause and rerun with --resume to continue from the last "
-                    f"checkpoint: {exc}"
-                ) from exc
-            if result.error is not None:
-                raise RaydistillError(f"training failed after {section.max_failures} restarts: {result.error}")
-            checkpoint = result.checkpoint.path if result.checkpoint else latest_checkpoint_path(str(train_dir))
-        else:
-            if section.workers != 1:
-                raise ConfigError("train.workers > 1 needs Ray; drop --no-ray or set --workers 1")
-            train_loop(job, LocalRuntime(job, section))
-            from distill.training.checkpoint import LocalCheckpoints
+                try:
+                    result = fit(job, section, summary.files, str(train_dir), RAY_RUN_NAME)
+                except ray.train.TrainingFailedError as exc:
+                    raise RaydistillError(
+                        f"training failed after {section.max_failures} restarts (train.max_failures); "
+                        f"fix the cause and rerun with --resume to continue from the last "
+                        f"checkpoint: {exc}"
+                    ) from exc
+                if result.error is not None:
+                    raise RaydistillError(f"training failed after {section.max_failures} restarts: {result.error}")
+                checkpoint = result.checkpoint.path if result.checkpoint else latest_checkpoint_path(str(train_dir))
+            else:
+                if section.workers != 1:
+                    raise ConfigError("train.workers > 1 needs Ray; drop --no-ray or set --workers 1")
+                train_loop(job, LocalRuntime(job, section))
+                from distill.training.checkpoint import LocalCheckpoints
 
-            checkpoint = str(LocalCheckpoints(train_dir / "local").latest())
+                checkpoint = str(LocalCheckpoints(train_dir / "local").latest())
     state = json.loads((Path(checkpoint) / "state.json").read_text())
     if state["stage"] < len(section.stages):
         raise RaydistillError(

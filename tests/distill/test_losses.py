@@ -14,8 +14,10 @@ from distill.losses import (
     forward_kl,
     generalized_jsd,
     reverse_kl,
+    sampled_reverse_kl,
     token_ce,
     topk_buckets,
+    with_sampled_token,
 )
 
 N, V, K = 7, 50, 6
@@ -317,3 +319,104 @@ def test_teacher_token_nll_reads_the_stored_log_prob_and_falls_back_to_the_tail(
     nll = teacher_token_nll(torch.tensor([9, 7]), ids, logp)
     # row 0: the target is stored (p = 0.3); row 1: it is not, so the tail bucket (1 - 0.9) stands in
     torch.testing.assert_close(nll, torch.tensor([-math.log(0.3), -math.log(0.1)]), rtol=1e-5, atol=1e-5)
+
+
+# --- on-policy: the student's own sampled tokens, scored by the teacher ---------------------------
+
+
+def _on_policy_data(seed, k, v=V, n=N):
+    """Student logits, full teacher log-probs, its top-k, and one token per row sampled from the student."""
+    student, teacher, ids, tlp = _data(seed=seed, n=n, v=v, k=k)
+    g = torch.Generator().manual_seed(seed + 100)
+    sampled = torch.multinomial(torch.softmax(student, -1), 1, generator=g)[:, 0]  # [N]
+    return student, teacher, ids, tlp, sampled, teacher.gather(1, sampled[:, None])[:, 0]
+
+
+def _ref_partition(student_logits, teacher_logprobs, ids, sampled):
+    """fp64 reference: both full distributions merged into buckets {top-k ids, sampled id, the rest}."""
+    p_full, q_full = teacher_logprobs.exp(), torch.softmax(student_logits, -1)
+    ps, qs = [], []
+    for row in range(p_full.shape[0]):
+        keep = sorted(set(ids[row].tolist()) | {int(sampled[row])})
+        rest = [t for t in range(p_full.shape[1]) if t not in keep]
+        ps.append(torch.cat([p_full[row, keep], p_full[row, rest].sum().reshape(1)]))
+        qs.append(torch.cat([q_full[row, keep], q_full[row, rest].sum().reshape(1)]))
+    return ps, qs
+
+
+def _ref_jsd(p, q, beta):
+    m = beta * p + (1 - beta) * q
+    return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+
+
+def test_sampled_token_divergences_are_exact_with_the_whole_vocabulary():
+    student, teacher, ids, tlp, sampled, sampled_lp = _on_policy_data(seed=3, k=V)
+    aug_ids, aug_lp = with_sampled_token(ids, tlp, sampled, sampled_lp)
+    assert aug_ids.shape == (N, V + 1) and (aug_ids[:, -1] == -1).all()  # the sampled token is always in the top-V
+    p, q = teacher.exp(), torch.softmax(student, -1)
+    lq = torch.log_softmax(student, -1)
+    torch.testing.assert_close(reverse_kl(lq, aug_ids, aug_lp), _kl(q, p), atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(forward_kl(lq, aug_ids, aug_lp), _kl(p, q), atol=1e-10, rtol=1e-8)
+    for beta in (0.1, 0.5, 0.9):
+        torch.testing.assert_close(
+            generalized_jsd(lq, aug_ids, aug_lp, beta=beta), _ref_jsd(p, q, beta), atol=1e-10, rtol=1e-8
+        )
+    assert (_kl(q, p) > 0.1).all()
+
+
+def test_sampled_token_divergences_with_a_small_k_are_the_bucketed_divergence_and_a_lower_bound():
+    student, teacher, ids, tlp, sampled, sampled_lp = _on_policy_data(seed=4, k=3)
+    aug_ids, aug_lp = with_sampled_token(ids, tlp, sampled, sampled_lp)
+    outside = ~(ids == sampled[:, None]).any(-1)
+    assert outside.any() and (~outside).any()  # both cases occur in this data
+    assert (aug_ids[outside, -1] == sampled[outside]).all() and (aug_ids[~outside, -1] == -1).all()
+    lq = torch.log_softmax(student, -1)
+    got_r, got_f = reverse_kl(lq, aug_ids, aug_lp), forward_kl(lq, aug_ids, aug_lp)
+    got_j = generalized_jsd(lq, aug_ids, aug_lp, beta=0.3)
+    ps, qs = _ref_partition(student, teacher, ids, sampled)
+    want_r = torch.stack([_kl(q, p) for p, q in zip(ps, qs)])
+    want_f = torch.stack([_kl(p, q) for p, q in zip(ps, qs)])
+    want_j = torch.stack([_ref_jsd(p, q, 0.3) for p, q in zip(ps, qs)])
+    torch.testing.assert_close(got_r, want_r, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(got_f, want_f, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(got_j, want_j, atol=1e-10, rtol=1e-8)
+    full_r = _kl(torch.softmax(student, -1), teacher.exp())
+    assert (got_r <= full_r + 1e-12).all() and (got_r < full_r).any()
+    # the sampled token as its own bucket: without it the sampled token hides in the tail
+    assert not torch.allclose(reverse_kl(lq, ids, tlp)[outside], got_r[outside])
+
+
+def test_sampled_token_divergence_is_exact_when_one_token_is_left_over():
+    student, teacher, ids, tlp, _, _ = _on_policy_data(seed=5, k=V - 2)
+    sampled = teacher.argmin(-1)  # a token the teacher finds unlikely: outside its top-(V - 2)
+    sampled[0] = ids[0, 0]  # and one row where it is inside
+    sampled_lp = teacher.gather(1, sampled[:, None])[:, 0]
+    aug_ids, aug_lp = with_sampled_token(ids, tlp, sampled, sampled_lp)
+    outside = ~(ids == sampled[:, None]).any(-1)
+    assert outside.sum() == N - 1
+    lq = torch.log_softmax(student, -1)
+    full = _kl(torch.softmax(student, -1), teacher.exp())
+    torch.testing.assert_close(reverse_kl(lq, aug_ids, aug_lp)[outside], full[outside], atol=1e-10, rtol=1e-8)
+
+
+def test_sampled_token_in_distillation_loss_and_the_one_sample_estimate():
+    student, teacher, ids, tlp, sampled, sampled_lp = _on_policy_data(seed=6, k=4, n=400, v=12)
+    aug_ids, aug_lp = with_sampled_token(ids, tlp, sampled, sampled_lp)
+    h = 12
+    hidden = student.float()  # with an identity head the hidden state is the logits
+    out = distillation_loss(
+        hidden, torch.eye(h), sampled, aug_ids, aug_lp.float(), LossWeights(forward_kl=0, reverse_kl=1), chunk_size=64
+    )
+    want = reverse_kl(torch.log_softmax(student, -1), aug_ids, aug_lp).mean()
+    torch.testing.assert_close(out.loss.double(), want, atol=1e-5, rtol=1e-5)
+    lq = torch.log_softmax(student, -1)
+    est = sampled_reverse_kl(lq.gather(1, sampled[:, None])[:, 0], sampled_lp)
+    assert est.shape == (400,)
+    full = _kl(torch.softmax(student, -1), teacher.exp()).mean()
+    assert abs(float(est.mean()) - float(full)) < 0.25 * float(full)  # unbiased: 400 samples land close
+
+
+def test_with_sampled_token_checks_shapes():
+    _, _, ids, tlp, sampled, sampled_lp = _on_policy_data(seed=7, k=3)
+    with pytest.raises(RaydistillError, match="sampled_ids"):
+        with_sampled_token(ids, tlp, sampled[:-1], sampled_lp[:-1])

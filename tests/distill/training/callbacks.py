@@ -44,3 +44,31 @@ def fail_once(run: str | Path, step: int, mode: str = "raise") -> list[dict]:
     """Fail at ``step`` once; the marker is ``{run}/train/.injected-failure``."""
     marker = Path(run) / "train" / ".injected-failure"
     return [{"target": f"{__name__}:FailOnce", "kwargs": {"step": step, "marker": str(marker), "mode": mode}}]
+
+
+class KillLabeller:
+    """Rank 0, before ``step``: SIGKILL the first teacher labelling actor, once per run (``marker``)."""
+
+    def __init__(self, step: int, marker: str):
+        self.step, self.marker = step, marker
+
+    def before_step(self, rank: int, step: int, batches) -> None:
+        import signal
+
+        import ray
+
+        if rank != 0 or step != self.step or os.path.exists(self.marker):
+            return
+        name = next(
+            n["name"]
+            for n in ray.util.list_named_actors(all_namespaces=True)
+            if n["name"].startswith("raydistill-labeller-") and n["name"].endswith("-0")
+        )
+        pid = ray.get(ray.get_actor(name).pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        Path(self.marker).write_text(f"killed {name} pid {pid} before step {step}\n")
+
+
+def kill_labeller(run: str | Path, step: int) -> list[dict]:
+    marker = str(Path(run) / "killed-labeller")
+    return [{"target": f"{__name__}:KillLabeller", "kwargs": {"step": step, "marker": marker}}]
