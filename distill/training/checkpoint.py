@@ -24,6 +24,10 @@ from safetensors.torch import load_file, save_file
 from cluster import storage
 
 STATE_FILE = "state.json"
+# Written by rank 0 into a Ray Train checkpoint once its upload has returned: the checkpoint is whole
+# even if Ray's controller never registered it (a worker that dies within a health-check interval of
+# reporting loses that report; see ``ray_train.RayRuntime``).
+COMPLETE_FILE = "complete.json"
 STUDENT_PREFIX = "student."  # the training wrapper's name for the student (DistillModule.student)
 
 

@@ -56,6 +56,7 @@ class TrainJob:
     metrics_uri: str  # JSONL, written by rank 0
     data_files: list[str] = dataclasses.field(default_factory=list)  # no-Ray path reads these
     checkpoint_dir: str | None = None  # no-Ray path keeps checkpoints here
+    ray_checkpoints: str | None = None  # Ray path: the storage folder Ray Train writes ``checkpoint_*`` into
     pad_id: int = 0
     # Step callbacks, each {"target": "module:Class", "kwargs": {...}}: built once on every worker, their
     # ``before_step(rank, step, batches)`` runs before each optimizer step (row tracing, fault injection, ...).

@@ -9,6 +9,7 @@ and identical after a restart, which is what makes the checkpointed data positio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from cluster.ray_init import quiet_ray_data
+from distill.training.checkpoint import COMPLETE_FILE
 from distill.training.data import TRAIN_COLUMNS, component_mask, heldout_mask, rank_of, rows_from_table
 from distill.training.loop import Runtime, TrainJob, train_loop
 from distill.training.section import TrainSection
@@ -78,7 +80,16 @@ class RayShardSource:
 
 
 class RayRuntime(Runtime):
-    def __init__(self, section: TrainSection):
+    """Ray Train's worker runtime: dataset shards, ``ray.train.report`` and its checkpoints.
+
+    Ray registers a reported checkpoint only when its controller polls the worker (every
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s): a worker that dies between uploading a checkpoint and
+    that poll leaves the checkpoint in storage but unknown to Ray, and a restart would fall back to an
+    older one. So rank 0 marks each upload complete (``checkpoint.COMPLETE_FILE``) and a restart takes
+    the newer of Ray's checkpoint and the newest marked one in ``checkpoints`` (the run's storage).
+    """
+
+    def __init__(self, section: TrainSection, checkpoints: str | None = None):
         import ray.train
         import ray.train.torch
 
@@ -86,6 +97,7 @@ class RayRuntime(Runtime):
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.section = section
+        self.checkpoints = checkpoints
 
     def sources(self, stage_index, stage, seed):
         import ray.train
@@ -111,6 +123,9 @@ class RayRuntime(Runtime):
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
+        newest = latest_checkpoint_path(self.checkpoints, name="") if self.checkpoints else None
+        if newest is not None and (checkpoint is None or checkpoint_step(newest) > checkpoint_step(checkpoint.path)):
+            checkpoint = ray.train.Checkpoint(newest)
         if checkpoint is None:
             yield None
             return
@@ -120,12 +135,15 @@ class RayRuntime(Runtime):
     def report(self, metrics, checkpoint_dir, step):
         import ray.train
 
+        from cluster import storage
+
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(
-            flat, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}" if checkpoint else None
-        )
-        if checkpoint_dir is not None:
+        name = f"checkpoint_{step:07d}"
+        ray.train.report(flat, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+        if checkpoint_dir is not None:  # rank 0: the upload has returned
+            if self.checkpoints:
+                storage.atomic_write_json(storage.join(self.checkpoints, name, COMPLETE_FILE), {"step": step})
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
@@ -137,7 +155,7 @@ def worker_main(config: dict[str, Any]) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     quiet_ray_data()  # the worker iterates the datasets: no "Progress bars disabled" / per-dataset INFO lines
     job = TrainJob.from_dict(config)
-    train_loop(job, RayRuntime(TrainSection.model_validate(job.section)))
+    train_loop(job, RayRuntime(TrainSection.model_validate(job.section), job.ray_checkpoints))
 
 
 def fit(job: TrainJob, section: TrainSection, files: list[str], storage_path: str, name: str = "ray"):
@@ -148,6 +166,10 @@ def fit(job: TrainJob, section: TrainSection, files: list[str], storage_path: st
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from cluster import storage
+
+    job = dataclasses.replace(job, ray_checkpoints=storage.join(storage_path, name))
 
     resources: dict[str, float] = {"CPU": section.cpus_per_worker}
     if section.gpus_per_worker:
@@ -170,14 +192,20 @@ def fit(job: TrainJob, section: TrainSection, files: list[str], storage_path: st
     return trainer.fit()
 
 
+def checkpoint_step(path: str) -> int:
+    """The step in a ``checkpoint_{step:07d}`` folder's name."""
+    return int(str(path).rstrip("/").rsplit("/", 1)[-1].split("_", 1)[1])
+
+
 def latest_checkpoint_path(storage_path: str, name: str = "ray") -> str | None:
-    """The newest ``checkpoint_*`` folder Ray Train wrote under ``storage_path/name`` (None if none)."""
+    """The newest whole ``checkpoint_*`` folder (marked ``COMPLETE_FILE`` by rank 0) under ``storage_path/name``."""
     from cluster import storage
 
     root = storage.join(storage_path, name)
     found = sorted(
-        u
+        u.rstrip("/")
         for u in storage.listdir(root)
-        if u.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_0") and storage.exists(storage.join(u, "state.json"))
+        if u.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_0")
+        and storage.exists(storage.join(u, COMPLETE_FILE))
     )
-    return found[-1].rstrip("/") if found else None
+    return found[-1] if found else None
