@@ -88,8 +88,16 @@ def _vocab_and_pad(init_dir: Path) -> tuple[int, int]:
 
 
 def _eos_ids(init_dir: Path) -> list[int]:
-    eos = json.loads((init_dir / "config.json").read_text()).get("eos_token_id")
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
+    """The student's end tokens for on-policy sampling: the same rule as the teacher backends'
+    (tokenizer EOS, ``config.json``, ``generation_config.json``)."""
+    from distill.teacher.sources import eos_token_ids
+
+    tokenizer = None
+    if (init_dir / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(init_dir))
+    return eos_token_ids(tokenizer, str(init_dir), json.loads((init_dir / "config.json").read_text()))
 
 
 @contextlib.contextmanager

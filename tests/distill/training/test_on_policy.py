@@ -3,6 +3,8 @@ teacher labels, and the loss on it against a full-vocabulary reference."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -96,3 +98,13 @@ def test_with_a_small_k_the_sampled_token_is_labelled_even_outside_the_top_k():
     np.testing.assert_allclose(
         batch.topk_logprobs[outside, 2].numpy(), np.concatenate([s.token_logprobs for s in labels])[outside.numpy()]
     )
+
+
+def test_student_end_tokens_follow_the_teacher_backends_rule(tmp_path):
+    from distill.training.stage import _eos_ids
+
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    assert _eos_ids(tmp_path) == [2]
+    # Chat models often end turns on a token only generation_config.json names (SmolLM2, Qwen2).
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert _eos_ids(tmp_path) == [2, 7]
