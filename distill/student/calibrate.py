@@ -20,7 +20,9 @@ teacher layers. Three measurements, each feeding one decision of :func:`~distill
    ``sharpness`` > 1 raises the shares to a power first, so top-p keeps fewer experts when one
    dominates and more when the work is spread. Then each expert's down-projection gets the scale
    that makes the *routed* block (real selection rule, renormalised weights) best reproduce the
-   dense FFN in least squares, instead of the data-free ``E / k`` blow-up.
+   dense FFN in least squares, instead of the data-free ``E / k`` blow-up; and
+   (:func:`fit_down_projections`) the down projections are refitted by ridge regression under that
+   routing, so the experts a token picks also carry part of what the skipped ones would have added.
 """
 
 from __future__ import annotations
@@ -398,3 +400,31 @@ def fit_expert_scales(
     eye = torch.eye(gram.shape[0])
     # Ridge towards s = 1 (the plain sum), not 0: experts a token rarely picks stay sane.
     return torch.linalg.solve(gram + reg * eye, rhs + reg * torch.ones_like(rhs))
+
+
+def fit_down_projections(
+    act: torch.Tensor,
+    weights: torch.Tensor,
+    shared: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    initial: torch.Tensor,
+    target: torch.Tensor,
+    ridge: float = 1e-2,
+) -> torch.Tensor:
+    """Down projections [H, S + E*m] (shared neurons first, then each expert's) refitted by ridge regression.
+
+    The routed block's output is linear in its down projections: token n's output is
+    ``down_shared @ act[n, shared] + sum_e w_ne * down_e @ act[n, experts[e]]``. So given the
+    routing (weights [N, E], 0 = expert not chosen) the least-squares fit to the dense FFN output
+    ``target`` [N, H] is one linear solve: the chosen experts (and the shared expert) learn to carry
+    part of what the experts a token skipped would have produced. act [N, J]; ``initial`` [H, S + E*m]
+    (e.g. the scale-fitted projections) is where the ridge pulls (``ridge`` x the mean feature energy),
+    so rarely chosen experts stay close to it.
+    """
+    columns = [act[:, shared]] + [act[:, idx] * weights[:, e : e + 1] for e, idx in enumerate(experts)]
+    z = torch.cat(columns, dim=1).double()  # [N, S + E*m] features
+    gram = z.t() @ z  # [F, F]
+    reg = ridge * gram.diagonal().mean().clamp(min=1e-12)
+    rhs = z.t() @ target.double() + reg * initial.double().t()  # [F, H]
+    solved = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype), rhs)  # [F, H]
+    return solved.t().to(act.dtype)

@@ -206,6 +206,7 @@ class CalibrationOptions:
     active_fraction: float = 0.25  # a neuron is active for a token when among its top 25% contributors
     sharpness: float = 1.0  # router target = expert output-norm shares ** sharpness, renormalised
     difficulty: float = 0.0  # per-token sharpness * exp(-difficulty * z(teacher entropy)): hard tokens, more experts
+    down_ridge: float | None = 0.01  # refit the down projections to the dense FFN under the routing (None: scales only)
 
 
 @dataclasses.dataclass
@@ -353,14 +354,20 @@ def build_from_teacher(
             if shared.numel():
                 target = target - act[:, shared] @ down[:, shared].t()
             scales = calibrate.fit_expert_scales(weights, outputs, target)
+        downs = [down[:, shared]] + [down[:, idx] * scales[e] for e, idx in enumerate(experts)]  # [H, .] each
+        if samples is not None and options.down_ridge is not None:
+            fitted = calibrate.fit_down_projections(
+                act, weights, shared, experts, torch.cat(downs, dim=1), act @ down.t(), options.down_ridge
+            )
+            downs = list(fitted.split([len(shared)] + [len(idx) for idx in experts], dim=1))
         for e, idx in enumerate(experts):
             put(f"{s_pre}mlp.experts.{e}.gate_proj.weight", gate[idx])
             put(f"{s_pre}mlp.experts.{e}.up_proj.weight", up[idx])
-            put(f"{s_pre}mlp.experts.{e}.down_proj.weight", down[:, idx] * scales[e])
+            put(f"{s_pre}mlp.experts.{e}.down_proj.weight", downs[1 + e])
         if shared.numel():
             put(f"{s_pre}mlp.shared_expert.gate_proj.weight", gate[shared])
             put(f"{s_pre}mlp.shared_expert.up_proj.weight", up[shared])
-            put(f"{s_pre}mlp.shared_expert.down_proj.weight", down[:, shared] * 2.0)  # cancels sigmoid(0) = 1/2
+            put(f"{s_pre}mlp.shared_expert.down_proj.weight", downs[0] * 2.0)  # cancels sigmoid(0) = 1/2
             dst[f"{s_pre}mlp.shared_expert_gate.weight"].zero_()
         put(f"{s_pre}mlp.gate.weight", router)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

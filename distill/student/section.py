@@ -86,6 +86,13 @@ class CalibrationSection(Section):
     active_fraction: float = Field(
         default=0.25, gt=0, le=1, description="a neuron is active for a token when among its top contributors"
     )
+    down_ridge: float | None = Field(
+        default=0.01,
+        gt=0,
+        description="refit the experts' and shared expert's down projections so the routed block "
+        "reproduces the dense FFN under the fitted routing (ridge regression, this strength relative "
+        "to the mean feature energy, pulled towards the scale-only fit); null = scales only",
+    )
 
     def options(self) -> Any:
         """These settings as :class:`distill.student.init.CalibrationOptions`."""

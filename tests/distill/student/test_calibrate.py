@@ -201,6 +201,46 @@ def test_calibrated_routed_block_approximates_the_dense_ffn_better_than_data_fre
         assert errors["calibrated"] < 0.9, (i, errors)
 
 
+def test_refitted_down_projections_reproduce_the_dense_ffn_better_on_heldout_text(teacher, calibration, heldout):
+    layers = [0, 2, 3, 5]
+    config = _config(teacher, num_experts=4, teacher_layers=layers, routing="topp", top_p=0.6, max_k=3)
+    models = {
+        ridge: build_from_teacher(
+            teacher, config, layers, calibration=calibration, options=CalibrationOptions(seq_len=48, down_ridge=ridge)
+        ).model
+        for ridge in (None, 1e-2)
+    }
+    captured = calibrate.capture_ffn(prune_teacher(teacher, layers), calibrate.batches(heldout, 48, 10_000))
+    for i, t in enumerate(layers):
+        x = captured[i].x
+        dense = teacher.model.layers[t].mlp(x)
+        errors = {}
+        for ridge, model in models.items():
+            with torch.no_grad():
+                out, _ = model.model.layers[i].mlp(x[None])
+            errors[ridge] = ((out[0] - dense).norm() / dense.norm()).item()
+        assert errors[1e-2] < errors[None], (i, errors)
+    # The routers and the neurons in each expert are the same; only the down projections moved.
+    for name, value in models[None].state_dict().items():
+        if "down_proj" not in name:
+            torch.testing.assert_close(models[1e-2].state_dict()[name], value, msg=name)
+
+
+def test_fit_down_projections_recovers_known_projections_and_the_ridge_pulls_to_the_initial():
+    torch.manual_seed(0)
+    act = torch.randn(400, 10)  # [N, J]: 2 shared neurons, 2 experts of 4
+    shared, experts = torch.tensor([0, 5]), [torch.tensor([1, 2, 3, 4]), torch.tensor([6, 7, 8, 9])]
+    weights = F.softmax(torch.randn(400, 2), dim=1) * (torch.rand(400, 2) < 0.7)  # [N, E], 0 = not chosen
+    truth = torch.randn(3, 10)  # [H, S + E*m] in the function's column order
+    features = torch.cat([act[:, shared]] + [act[:, idx] * weights[:, e : e + 1] for e, idx in enumerate(experts)], 1)
+    target = features @ truth.t()  # [N, H]
+    initial = torch.zeros(3, 10)
+    fitted = calibrate.fit_down_projections(act, weights, shared, experts, initial, target, ridge=1e-9)
+    torch.testing.assert_close(fitted, truth, rtol=1e-4, atol=1e-4)
+    stiff = calibrate.fit_down_projections(act, weights, shared, experts, initial + 1.0, target, ridge=1e6)
+    torch.testing.assert_close(stiff, initial + 1.0, rtol=1e-3, atol=1e-3)
+
+
 def test_fit_expert_scales_recovers_known_scales():
     torch.manual_seed(0)
     outputs = torch.randn(200, 3, 5)
