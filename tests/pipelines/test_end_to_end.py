@@ -538,7 +538,8 @@ def test_gate_refuses_worse_and_promotes_better_without_downtime(
         before_promotion = len(codes)
         promoted = run_pipeline(cfg3, run_id="r3-better")
         after_promotion = len(codes)
-        time.sleep(1.0)  # and a little traffic on the new model
+        # and a little traffic on the new model: requests sent after the promotion returned, not a fixed sleep
+        _wait_for(lambda: len(codes) >= after_promotion + 3, 60, "answers after the promotion")
     finally:
         stop.set()
         thread.join(timeout=60)
