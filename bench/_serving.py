@@ -1,4 +1,5 @@
-"""Shared by the serving benches: a free local port, and waiting for a server subprocess to be healthy."""
+"""Shared by the serving benches: a listening socket on a port the kernel picks (handed to the server
+subprocess), serving an app on it, and waiting for the server subprocess to be healthy."""
 
 from __future__ import annotations
 
@@ -7,11 +8,24 @@ import subprocess
 import time
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (the server subprocess binds it next)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def listening_socket(port: int = 0) -> socket.socket:
+    """A socket listening on 127.0.0.1:``port`` (0: a free port the kernel picks; read it back with
+    ``getsockname()``). Pass its ``fileno()`` to the server subprocess (``pass_fds``), which serves on it with
+    :func:`serve_on_fd`: the port is held from here on, so no other process can take it in between."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_on_fd(app, fd: int, **config) -> None:
+    """Run ``app`` with uvicorn on the listening socket inherited as file descriptor ``fd``."""
+    import uvicorn
+
+    sock = socket.socket(fileno=fd)  # the family (AF_INET) is read from the descriptor
+    uvicorn.Server(uvicorn.Config(app, **config)).run(sockets=[sock])
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:

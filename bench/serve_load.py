@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._serving import free_port, wait_healthy  # noqa: E402
+from bench._serving import listening_socket, serve_on_fd, wait_healthy  # noqa: E402
 
 PROMPTS = [
     "Explain why the sky is blue in two sentences.",
@@ -44,7 +44,7 @@ PROMPTS = [
 
 
 # ------------------------------------------------------------------------------------------ server side
-def run_server(port: int, teacher_dir: str, student_dir: str, threads: int, max_batch: int) -> None:
+def run_server(fd: int, teacher_dir: str, student_dir: str, threads: int, max_batch: int) -> None:
     import torch
 
     from serve.api import create_app
@@ -57,10 +57,8 @@ def run_server(port: int, teacher_dir: str, student_dir: str, threads: int, max_
         EngineBackend(AsyncEngine.from_pretrained(d, max_batch_size=max_batch), name=n)
         for n, d in (("teacher", teacher_dir), ("student", student_dir))
     ]
-    section = ServeSection(port=port, api_key_env=None, max_ongoing_requests=256, max_queued_requests=256)
-    import uvicorn
-
-    uvicorn.run(create_app(backends, section, close_backends=True), host="127.0.0.1", port=port, log_level="error")
+    section = ServeSection(api_key_env=None, max_ongoing_requests=256, max_queued_requests=256)
+    serve_on_fd(create_app(backends, section, close_backends=True), fd, log_level="error")
 
 
 def build_student(teacher_dir: str, out_dir: str) -> str:
@@ -162,13 +160,13 @@ def main() -> None:
     parser.add_argument("--student", help="student model dir (default: built from the teacher)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--hf-prompts", type=int, default=3)
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--_server", nargs=3, metavar=("PORT", "TEACHER", "STUDENT"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help="the server's port (default 0: a free one)")
+    parser.add_argument("--_server", nargs=3, metavar=("FD", "TEACHER", "STUDENT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     if args._server:
-        port, teacher, student = args._server
-        run_server(int(port), teacher, student, args.threads, max(levels))
+        fd, teacher, student = args._server
+        run_server(int(fd), teacher, student, args.threads, max(levels))
         return
 
     from distill.teacher.sources import resolve_model
@@ -176,16 +174,15 @@ def main() -> None:
     teacher_dir = resolve_model("smollm2-135m-instruct")
     with tempfile.TemporaryDirectory() as tmp:
         student_dir = args.student or build_student(teacher_dir, tmp)
-        port = args.port
-        if not port:
-            port = free_port()
+        sock = listening_socket(args.port)  # the server subprocess inherits the listening socket
+        port = sock.getsockname()[1]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
         server = subprocess.Popen(
             [
                 sys.executable,
                 __file__,
                 "--_server",
-                str(port),
+                str(sock.fileno()),
                 teacher_dir,
                 student_dir,
                 "--threads",
@@ -194,6 +191,7 @@ def main() -> None:
                 args.concurrency,
             ],
             env=env,
+            pass_fds=[sock.fileno()],
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -208,6 +206,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=60)
+            sock.close()
         hf = {
             m: hf_sequential(d, args.tokens, args.hf_prompts, args.threads)
             for m, d in (("teacher", teacher_dir), ("student", student_dir))

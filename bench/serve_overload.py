@@ -37,17 +37,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._serving import free_port, wait_healthy  # noqa: E402
+from bench._serving import listening_socket, serve_on_fd, wait_healthy  # noqa: E402
 
 MSGS = [{"role": "user", "content": "Tell me a long story about the sea."}]
 
 
 # ------------------------------------------------------------------------------------------ server side
-def serve(port: int, engine_kind: str, slots: int, queued: int, threads: int, model_dir: str, log_path: str) -> None:
+def serve(fd: int, engine_kind: str, slots: int, queued: int, threads: int, model_dir: str, log_path: str) -> None:
     import logging
 
     import torch
-    import uvicorn
 
     # One line per request with the server-side TTFT (handler start -> first token), parsed by the client.
     log = logging.getLogger("raydistill.serve")
@@ -71,13 +70,7 @@ def serve(port: int, engine_kind: str, slots: int, queued: int, threads: int, mo
     section = ServeSection(
         api_key_env=None, max_batch_size=slots, max_ongoing_requests=slots, max_queued_requests=queued
     )
-    uvicorn.run(
-        create_app(EngineBackend(engine, name="m"), section, close_backends=True),
-        host="127.0.0.1",
-        port=port,
-        log_level="error",
-        backlog=4096,
-    )
+    serve_on_fd(create_app(EngineBackend(engine, name="m"), section, close_backends=True), fd, log_level="error")
 
 
 # ------------------------------------------------------------------------------------------ client side
@@ -166,7 +159,7 @@ def main() -> int:
         "--model",
         help="model dir or alias for --engine tiny (default: a tiny random LLaMA); e.g. smollm2-135m-instruct",
     )
-    ap.add_argument("--serve", nargs=3, metavar=("PORT", "MODEL_DIR", "LOG"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", nargs=3, metavar=("FD", "MODEL_DIR", "LOG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve(int(args.serve[0]), args.engine, args.slots, args.queued, args.threads, args.serve[1], args.serve[2])
@@ -182,7 +175,8 @@ def main() -> int:
         else make_tiny_llama(tmp / "tiny", resolve_model("smollm2-135m-instruct"))
     )
     log_path = str(tmp / "server.log")
-    port = free_port()
+    sock = listening_socket()  # port 0: the kernel picks; the server subprocess inherits the socket
+    port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen(
         [
@@ -197,11 +191,12 @@ def main() -> int:
             "--threads",
             str(args.threads),
             "--serve",
-            str(port),
+            str(sock.fileno()),
             model_dir,
             log_path,
         ],
         env=env,
+        pass_fds=[sock.fileno()],
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -212,6 +207,7 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        sock.close()
 
     results = run["results"]
     by_status: dict[int, int] = {}

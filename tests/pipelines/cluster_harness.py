@@ -87,7 +87,7 @@ def ray_head(env: dict[str, str], num_cpus: int, *, prefix: str, timeout: float 
             ready = next((line for line in Path(log_path).read_text().splitlines() if line.startswith("READY")), None)
             if ready:
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         if not ready:
             pytest.fail("local Ray head did not start:\n" + Path(log_path).read_text()[-4000:])
         yield Cluster(f"http://127.0.0.1:{port}", ready.split()[1], temp_dir)
@@ -100,8 +100,16 @@ def ray_head(env: dict[str, str], num_cpus: int, *, prefix: str, timeout: float 
             proc.wait(timeout=30)
         kill_leftovers(temp_dir)  # nothing of this cluster may outlive the test
         log.close()
-        time.sleep(0.5)  # exiting Ray processes may still write a file into the temp dir
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        remove_dir(temp_dir)
+
+
+def remove_dir(path: str, timeout: float = 10) -> None:
+    """``rmtree`` until the folder is gone (bounded): an exiting Ray process may still write a file into it."""
+    deadline = time.monotonic() + timeout
+    shutil.rmtree(path, ignore_errors=True)
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

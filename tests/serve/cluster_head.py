@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 
 from tests.conftest import REPO_ROOT
-from tests.pipelines.cluster_harness import free_port, ray_head  # noqa: F401 - free_port re-exported
+from tests.pipelines.cluster_harness import ray_head
 
 # What a clean machine's environment has; nothing of the test process's own settings (API keys...).
 CLEAN_ENV_KEYS = ("HOME", "LANG", "LC_ALL", "TMPDIR", "USER")

@@ -7,7 +7,9 @@ It implements the AsyncEngine interface of ``serve.engine`` (``from_pretrained``
 * sampling: words drawn by ``random.Random(seed)`` (a fresh RNG per request without a seed);
 * every token sleeps ``token_delay`` seconds, and at most ``max_batch_size`` requests run at once
   (the rest wait), so concurrency, cancellation and overload are observable from the outside;
-* ``shutdown()`` aborts the running requests (``finish_reason="abort"``), as the real engine does.
+* ``shutdown()`` aborts the running requests (``finish_reason="abort"``), as the real engine does;
+* ``hold`` (a ``threading.Event``, set by the test's thread): while it is clear, every request stops after
+  its first token, so a test can see how many requests run at once without timing anything.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import threading
 from collections.abc import AsyncIterator
 
 from serve.engine.types import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
@@ -46,6 +49,7 @@ class FakeAsyncEngine:
         self.finished_ids: list[str] = []  # finished or aborted, in order (tests check cancellation)
         self.aborted_ids: list[str] = []
         self.is_shut_down = False
+        self.hold: threading.Event | None = None
 
     @classmethod
     def from_pretrained(
@@ -107,6 +111,10 @@ class FakeAsyncEngine:
                 for step in range(s.max_tokens):
                     if rid in self._aborted or self.is_shut_down:  # shutdown aborts what runs, like the engine
                         break
+                    while step == 1 and self.hold is not None and not self.hold.is_set():
+                        if rid in self._aborted or self.is_shut_down:
+                            break
+                        await asyncio.sleep(0.005)  # held after the first token (the test releases it)
                     if self.token_delay:
                         await asyncio.sleep(self.token_delay)
                     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -260,31 +261,36 @@ def test_open_server_warns(serve_tokenizer, caplog):
     assert any("OPEN" in rec.message and "no API key" in rec.message for rec in caplog.records)
 
 
-async def _stream_once(base_url: str, max_tokens: int) -> float:
-    t0 = time.perf_counter()
+async def _stream_once(base_url: str, max_tokens: int) -> str:
     async with httpx.AsyncClient(timeout=30) as http:
         async with http.stream(
             "POST",
             base_url + "/v1/completions",
             json={"model": "tiny", "prompt": "hi", "max_tokens": max_tokens, "stream": True},
         ) as r:
-            async for _ in r.aiter_lines():
-                pass
-    return time.perf_counter() - t0
+            return "".join([line async for line in r.aiter_lines()])
 
 
 def test_concurrent_streams_overlap_and_cancel_frees_slot(serve_tokenizer):
     server, engine = start_fake_server(serve_tokenizer, token_delay=0.02, max_batch_size=4)
     try:
-        one = asyncio.run(_stream_once(server.base_url, 20))
+        # 4 streams run at once: each is held after its first token until all 4 are in the engine together
+        # (a server that ran them one after another never gets there and the deadline fails the test).
+        engine.hold = threading.Event()
 
-        async def many() -> float:
-            t0 = time.perf_counter()
-            await asyncio.gather(*(_stream_once(server.base_url, 20) for _ in range(4)))
-            return time.perf_counter() - t0
+        async def many() -> list[str]:
+            streams = asyncio.gather(*(_stream_once(server.base_url, 20) for _ in range(4)))
+            deadline = time.monotonic() + 30
+            while engine.stats()["running"] < 4:
+                assert time.monotonic() < deadline, f"never 4 streams at once: {engine.stats()}"
+                await asyncio.sleep(0.01)
+            engine.hold.set()
+            return await streams
 
-        four = asyncio.run(many())
-        assert four < 2.0 * one, (one, four)  # 4 streams in far less than 4x one stream
+        bodies = asyncio.run(many())
+        engine.hold = None
+        assert len(bodies) == 4 and all(b.endswith("data: [DONE]") for b in bodies), bodies
+        assert len(engine.finished_ids) == 4 and not engine.aborted_ids
 
         # Cancel a stream mid-way: the engine aborts it and the slot is free again.
         async def cancel_one() -> None:

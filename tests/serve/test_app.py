@@ -90,11 +90,17 @@ def test_autoscale_and_overload(serve_port, tiny_teacher_dir):
         # Overload: far more concurrent requests than 2 replicas x 3 ongoing + 2 queued.
         async def burst() -> tuple[list[int], int]:
             async with httpx.AsyncClient(timeout=60) as http:
-                calls = [http.post(url + "/v1/completions", json=body) for _ in range(24)]
-                pending = asyncio.gather(*calls)
-                await asyncio.sleep(0.3)
+                calls = [asyncio.ensure_future(http.post(url + "/v1/completions", json=body)) for _ in range(24)]
+                # Health is asked once the overload is real (a request was refused) and while admitted
+                # requests still run (each takes 40 tokens x 50 ms), not after a fixed sleep.
+                deadline = time.monotonic() + 60
+                while not any(c.done() and c.result().status_code == 429 for c in calls):
+                    assert time.monotonic() < deadline and not all(c.done() for c in calls), "no request refused"
+                    await asyncio.sleep(0.01)
+                running = sum(not c.done() for c in calls)
                 health = (await http.get(url + "/health")).status_code
-                responses = await pending
+                responses = await asyncio.gather(*calls)
+                assert running > 0
                 for r in responses:
                     if r.status_code != 200:
                         assert r.json()["error"]["code"] == "rate_limit_exceeded"

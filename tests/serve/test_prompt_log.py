@@ -124,18 +124,21 @@ def test_off_by_default_and_bad_hook():
 # ---------------------------------------------------------------------------------------------------
 def test_a_slow_prompt_log_write_never_stalls_requests(serve_tokenizer, tmp_path, monkeypatch):
     import threading
-    import time
 
     from cluster import storage
 
     release = threading.Event()
     writing = threading.Event()
+    written = threading.Event()
     real_write = storage.atomic_write_bytes
 
     def slow_write(uri, data):  # an object store that hangs (S3 timeout)
         writing.set()
         release.wait(timeout=30)
-        return real_write(uri, data)
+        try:
+            return real_write(uri, data)
+        finally:
+            written.set()
 
     monkeypatch.setattr(storage, "atomic_write_bytes", slow_write)
     uri = str(tmp_path / "plog")
@@ -144,15 +147,14 @@ def test_a_slow_prompt_log_write_never_stalls_requests(serve_tokenizer, tmp_path
     try:
         assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=30).status_code == 200
         assert writing.wait(timeout=10), "the first flush never started"
-        # The write hangs; requests (and the streams of others) go on at full speed meanwhile.
-        t0 = time.perf_counter()
+        # The write hangs; requests (and the streams of others) are answered meanwhile: all of them before the
+        # write returns (a flush on the event loop would hold every answer until the store gave up, 30 s).
         for _ in range(3):
             assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=30).status_code == 200
         with httpx.stream("POST", server.base_url + "/v1/completions", json={**body, "stream": True}) as resp:
             assert resp.status_code == 200 and list(resp.iter_lines())[-2] == "data: [DONE]"
         assert httpx.get(server.base_url + "/health", timeout=30).status_code == 200
-        assert time.perf_counter() - t0 < 2.0
-        assert release.is_set() is False
+        assert not written.is_set() and not release.is_set()
     finally:
         release.set()
         server.stop()
