@@ -350,14 +350,13 @@ def build_from_teacher(
                 int(student_config.max_k),
                 student_config.norm_topk_prob,
             )
-            target = act @ down.t()  # [N, H] the dense FFN
-            if shared.numel():
-                target = target - act[:, shared] @ down[:, shared].t()
+            dense = act @ down.t()  # [N, H] the dense FFN
+            target = dense - act[:, shared] @ down[:, shared].t() if shared.numel() else dense
             scales = calibrate.fit_expert_scales(weights, outputs, target)
         downs = [down[:, shared]] + [down[:, idx] * scales[e] for e, idx in enumerate(experts)]  # [H, .] each
         if samples is not None and options.down_ridge is not None:
             fitted = calibrate.fit_down_projections(
-                act, weights, shared, experts, torch.cat(downs, dim=1), act @ down.t(), options.down_ridge
+                act, weights, shared, experts, torch.cat(downs, dim=1), dense, options.down_ridge
             )
             downs = list(fitted.split([len(shared)] + [len(idx) for idx in experts], dim=1))
         for e, idx in enumerate(experts):

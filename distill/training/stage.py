@@ -249,7 +249,7 @@ def run_train_stage(
             pad_id=pad_id,
             callbacks=list(callbacks or []),
             labeller=labeller.handle() if labeller is not None else None,
-            eos_ids=_eos_ids(init_dir),
+            eos_ids=_eos_ids(init_dir) if labeller is not None else [],  # only on-policy sampling stops on EOS
         )
         total_steps = sum(s.steps for s in section.stages) if all(s.steps for s in section.stages) else None
         started = time.time()
