@@ -85,6 +85,7 @@ def connect(
     if ray.is_initialized():
         return ray.cluster_resources()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    quiet_ray_logs()
     # Ray Train V2 is the default in recent Ray; make it explicit so older 2.x behave the same.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     common: dict[str, Any] = dict(
@@ -101,12 +102,12 @@ def connect(
             num_gpus=num_gpus if num_gpus is not None else _local_gpus(),
             include_dashboard=dashboard,
             object_store_memory=object_store,
-            runtime_env=runtime_env,
+            runtime_env=with_quiet_workers(runtime_env),
             **common,
         )
     else:
         try:
-            ray.init(address=address, runtime_env=runtime_env or build_runtime_env(), **common)
+            ray.init(address=address, runtime_env=with_quiet_workers(runtime_env or build_runtime_env()), **common)
         except ConnectionError as exc:
             raise RaydistillError(
                 f"cannot reach Ray at ray.address={address!r} ({exc}); start a cluster "
@@ -114,6 +115,37 @@ def connect(
                 "for the embedded local Ray"
             ) from exc
     return ray.cluster_resources()
+
+
+# Ray library loggers whose INFO lines (and one warning) would interleave with our progress bars on the
+# driver's console; their records still reach Ray's log files at WARNING and above.
+_NOISY_LOGGERS = {
+    "ray.train": logging.WARNING,  # "Checkpoint successfully created", "Requesting resources", ...
+    "ray.tune": logging.WARNING,
+    # Warns every few seconds when the State API is off (no dashboard: our default) and repeats it
+    # on every progress line; it only watches for a dead controller, which Ray Train also handles.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.serve": logging.WARNING,  # "Started Serve", "Deploying new version", "Adding 1 replica", ...
+}
+
+
+def quiet_ray_logs() -> None:
+    """Raise the level of Ray's chatty library loggers in this process (see ``_NOISY_LOGGERS``).
+
+    The driver calls it from :func:`connect`; Ray workers call it as the runtime_env's
+    ``worker_process_setup_hook``, because worker output is streamed to the driver's console.
+    """
+    for name, level in _NOISY_LOGGERS.items():
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET or logger.level < level:
+            logger.setLevel(level)
+
+
+def with_quiet_workers(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """``runtime_env`` plus :func:`quiet_ray_logs` as its worker setup hook (a user's own hook wins)."""
+    env = dict(runtime_env or {})
+    env.setdefault("worker_process_setup_hook", "cluster.ray_init.quiet_ray_logs")
+    return env
 
 
 def quiet_ray_data() -> None:

@@ -513,6 +513,13 @@ def fit_to_cluster(section: ServeSection) -> ServeSection:
     return section
 
 
+def _ray_logging(section: ServeSection) -> dict[str, Any]:
+    """Serve's LoggingConfig: its own lines at ``serve.ray_log_level``; access logs only at INFO or below
+    (each request is logged by ``raydistill.serve`` already)."""
+    level = section.ray_log_level
+    return {"log_level": level, "enable_access_log": level in ("DEBUG", "INFO")}
+
+
 def _start_serve(section: ServeSection) -> None:
     from cluster.ray_init import connect
 
@@ -520,7 +527,7 @@ def _start_serve(section: ServeSection) -> None:
     http = {"host": section.host, "port": section.port}
     if section.request_timeout_s:
         http["request_timeout_s"] = section.request_timeout_s
-    serve.start(http_options=http)
+    serve.start(http_options=http, logging_config=_ray_logging(section))
 
 
 def _http_host(section: ServeSection) -> str:
@@ -584,7 +591,9 @@ def deploy(
         api_key_hashes=hashes,
     )
     try:
-        serve.run(app, name=app_name, route_prefix=section.route_prefix, blocking=False)
+        serve.run(
+            app, name=app_name, route_prefix=section.route_prefix, blocking=False, logging_config=_ray_logging(section)
+        )
     except Exception as exc:  # noqa: BLE001 - replica constructors failing surface here
         raise RaydistillError(f"serving {model_dir} failed: {exc}") from exc
     url = base_url(section)
@@ -617,7 +626,9 @@ def update_model(
     _check_exposure(section, hashes)
     section = fit_to_cluster(section)
     app = build_app(model_dir, section, name=name, api_key_hashes=hashes)
-    serve.run(app, name=app_name, route_prefix=section.route_prefix, blocking=False)
+    serve.run(
+        app, name=app_name, route_prefix=section.route_prefix, blocking=False, logging_config=_ray_logging(section)
+    )
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
     target = _abs_model(model_dir)
     deadline = time.monotonic() + timeout_s

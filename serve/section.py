@@ -77,6 +77,12 @@ class ServeSection(Section):
     request_timeout_s: float | None = Field(
         default=600, gt=0, description="deadline of one request, queueing included (504 past it); null = none"
     )
+    ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="WARNING",
+        description="level of Ray Serve's own logs (controller, proxy, replicas) streamed to the console; "
+        "INFO brings back its deploy/replica lines and per-call access logs. Our per-request log "
+        "(`raydistill.serve: request ...`) is separate",
+    )
 
     # Auth and limits
     api_key_env: str | None = Field(

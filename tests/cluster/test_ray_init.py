@@ -32,6 +32,33 @@ def test_connect_reuses_a_running_ray(ray_session):
     assert connect("auto") == resources  # already initialised: no second init, no error
 
 
+def test_the_worker_setup_hook_is_added_without_replacing_a_users_own():
+    from cluster.ray_init import with_quiet_workers
+
+    env = with_quiet_workers({"env_vars": {"A": "1"}})
+    assert env == {"env_vars": {"A": "1"}, "worker_process_setup_hook": "cluster.ray_init.quiet_ray_logs"}
+    assert with_quiet_workers(None) == {"worker_process_setup_hook": "cluster.ray_init.quiet_ray_logs"}
+    mine = {"worker_process_setup_hook": "my.hook"}
+    assert with_quiet_workers(mine) == mine
+
+
+@pytest.mark.integration
+def test_ray_workers_run_the_hook_so_ray_train_info_lines_stay_off_the_console(ray_session):
+    """Worker output is streamed to the driver: Ray Train's per-checkpoint INFO lines and the placement
+    group cleaner's repeated State API warning would interleave with our progress bars."""
+    import logging
+
+    @ray_session.remote
+    def levels() -> dict[str, int]:
+        names = ["ray.train", "ray.train.v2._internal.execution.controller.placement_group_cleaner", "ray.serve"]
+        return {name: logging.getLogger(name).getEffectiveLevel() for name in names}
+
+    got = ray_session.get(levels.remote())
+    assert got["ray.train"] == logging.WARNING
+    assert got["ray.train.v2._internal.execution.controller.placement_group_cleaner"] == logging.ERROR
+    assert got["ray.serve"] == logging.WARNING
+
+
 def test_quiet_ray_data_turns_off_its_progress_output_and_its_notice():
     import logging
 
