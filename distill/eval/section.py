@@ -52,6 +52,12 @@ class SpeedSection(Section):
     prompt_tokens: int = Field(default=64, ge=1, description="prompt length of each timed request")
     new_tokens: int = Field(default=32, ge=2, description="tokens generated per timed request (EOS ignored)")
     warmup: bool = Field(default=True, description="one untimed tiny request first (allocations, lazy init)")
+    repeats: int = Field(
+        default=3,
+        ge=1,
+        description="prefills timed per batch size; TTFT is their median (decode tokens/s is the median "
+        "step of one run): robust to CPU time a shared machine loses to its neighbours",
+    )
 
     @field_validator("batch_sizes")
     @classmethod

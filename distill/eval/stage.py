@@ -212,6 +212,7 @@ def evaluate_model(
             prompt_tokens=s.prompt_tokens,
             new_tokens=s.new_tokens,
             warmup=s.warmup,
+            repeats=s.repeats,
         )
     out["metrics"] = summary_metrics(out, ecfg.hardware_cost_per_hour)
     return out
