@@ -251,21 +251,33 @@ def neuron_contributions(act: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 
 
 def _balanced_assign(similarity: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Greedy capacity-constrained assignment: best (item, cluster) pairs first. [J, E] -> [J] cluster ids."""
+    """Greedy capacity-constrained assignment: best (item, cluster) pairs first. [J, E] -> [J] cluster ids.
+
+    The same result as walking all J*E pairs in descending order (taking a pair when its item is free
+    and its cluster has room), computed in at most E+1 vectorised rounds: each free item's best open
+    cluster, items sorted by that similarity, and every item taken up to the first one whose cluster
+    has just filled (its best open cluster, and so its place in the order, must be recomputed).
+    """
     items, clusters = similarity.shape
-    order = torch.argsort(similarity.reshape(-1), descending=True)
     assign = torch.full((items,), -1, dtype=torch.long)
-    room = [capacity] * clusters
-    left = items
-    for flat in order.tolist():
-        j, e = divmod(flat, clusters)
-        if assign[j] >= 0 or room[e] == 0:
-            continue
-        assign[j] = e
-        room[e] -= 1
-        left -= 1
-        if not left:
-            break
+    room = torch.full((clusters,), capacity, dtype=torch.long)
+    free = torch.arange(items)
+    while free.numel() and bool((room > 0).any()):
+        sim = similarity[free].masked_fill(room[None, :] == 0, float("-inf"))  # [F, E]
+        best, choice = sim.max(dim=1)  # [F]
+        order = torch.argsort(best, descending=True, stable=True)
+        choice = choice[order]  # [F] in walking order
+        seen = (
+            F.one_hot(choice, clusters).cumsum(0).gather(1, choice[:, None]).squeeze(1)
+        )  # [F] 1-based rank in its cluster
+        over = (seen > room[choice]).nonzero()
+        take = int(over[0]) if over.numel() else choice.numel()
+        picked = free[order[:take]]
+        assign[picked] = choice[:take]
+        room -= torch.bincount(choice[:take], minlength=clusters)
+        keep = torch.ones(free.numel(), dtype=torch.bool)
+        keep[order[:take]] = False
+        free = free[keep]
     return assign
 
 
@@ -278,16 +290,26 @@ def cluster_neurons(
     iters: int = 15,
     seed: int = 0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Partition J neurons into a shared expert (S) and E balanced experts (m each), S + E*m == J.
+    """Partition J neurons into a shared expert (S) and E balanced experts (m each), S + E*m <= J.
 
-    contrib [N, J] (see :func:`neuron_contributions`). A neuron is *active* for a token when it is
+    contrib [N, J] (see :func:`neuron_contributions`). When S + E*m < J the neurons with the lowest
+    mean contribution are pruned first (Minitron's width pruning by activation importance); the
+    down-projection refit later compensates for them. A neuron is *active* for a token when it is
     among the token's top ``active_fraction`` contributors. Shared = the S neurons active for the
     most tokens; the rest are grouped by balanced spherical k-means over their activity patterns
-    (co-active neurons land together). Returns (shared [S], experts E x [m]), indices ascending.
+    (co-active neurons land together). Returns (shared [S], experts E x [m]), indices ascending,
+    into the original J.
     """
+    kept_count = shared_size + num_experts * expert_size
+    if kept_count > contrib.shape[1]:
+        raise ValueError(f"{shared_size} + {num_experts} x {expert_size} > {contrib.shape[1]} neurons")
+    if kept_count < contrib.shape[1]:
+        kept = torch.sort(torch.topk(contrib.mean(0), kept_count).indices).values  # [S + E*m]
+        shared, experts = cluster_neurons(
+            contrib[:, kept], num_experts, expert_size, shared_size, active_fraction, iters, seed
+        )
+        return kept[shared], [kept[e] for e in experts]
     tokens, total = contrib.shape
-    if shared_size + num_experts * expert_size != total:
-        raise ValueError(f"{shared_size} + {num_experts} x {expert_size} != {total} neurons")
     k = max(1, int(active_fraction * total))
     threshold = contrib.topk(k, dim=1).values[:, -1:]  # [N, 1]
     active = (contrib >= threshold).float()  # [N, J]
@@ -310,7 +332,8 @@ def cluster_neurons(
         if torch.equal(new, assign):
             break
         assign = new
-        centroids = F.normalize(torch.stack([feats[assign == e].mean(0) for e in range(num_experts)]), dim=1)
+        members = F.one_hot(assign, num_experts).to(feats.dtype)  # [E*m, E]
+        centroids = F.normalize(members.t() @ feats, dim=1)  # [E, N]: the direction of each cluster's mean
     experts = [torch.sort(rest[assign == e]).values for e in range(num_experts)]
     return shared, experts
 
@@ -393,9 +416,9 @@ def fit_expert_scales(
     weights [N, E] routed weights (0 = not chosen); outputs [N, E, H]; target [N, H] (dense FFN
     output minus whatever the routed experts need not produce, e.g. the shared expert's).
     """
-    a = weights[:, :, None] * outputs  # [N, E, H]
-    gram = torch.einsum("neh,nfh->ef", a, a)  # [E, E]
-    rhs = torch.einsum("neh,nh->e", a, target)  # [E]
+    a = (weights[:, :, None] * outputs).transpose(0, 1).reshape(outputs.shape[1], -1)  # [E, N*H]
+    gram = a @ a.t()  # [E, E]
+    rhs = a @ target.reshape(-1)  # [E]
     reg = ridge * gram.diagonal().mean().clamp(min=1e-12)
     eye = torch.eye(gram.shape[0])
     # Ridge towards s = 1 (the plain sum), not 0: experts a token rarely picks stay sane.
@@ -422,9 +445,10 @@ def fit_down_projections(
     so rarely chosen experts stay close to it.
     """
     columns = [act[:, shared]] + [act[:, idx] * weights[:, e : e + 1] for e, idx in enumerate(experts)]
-    z = torch.cat(columns, dim=1).double()  # [N, S + E*m] features
-    gram = z.t() @ z  # [F, F]
+    z = torch.cat(columns, dim=1).float()  # [N, S + E*m] features
+    # Products in fp32 (fp64 made this the slowest step of the init), the solve in fp64.
+    gram = (z.t() @ z).double()  # [F, F]
     reg = ridge * gram.diagonal().mean().clamp(min=1e-12)
-    rhs = z.t() @ target.double() + reg * initial.double().t()  # [F, H]
+    rhs = (z.t() @ target.float()).double() + reg * initial.double().t()  # [F, H]
     solved = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype), rhs)  # [F, H]
     return solved.t().to(act.dtype)

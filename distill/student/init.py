@@ -164,13 +164,21 @@ def neuron_partition(
     return shared, [torch.sort(chunk).values for chunk in rest.split(expert_size)]
 
 
-def check_partition(total: int, num_experts: int, expert_size: int, shared_size: int) -> None:
-    """The experts and the shared expert must partition the teacher FFN's ``total`` neurons exactly."""
-    if shared_size + num_experts * expert_size != total:
+def check_partition(total: int, num_experts: int, expert_size: int, shared_size: int, calibrated: bool = False) -> None:
+    """The experts and the shared expert must partition the teacher FFN's ``total`` neurons exactly; a
+    calibrated init may keep fewer (width pruning: it drops the neurons that contribute least)."""
+    kept = shared_size + num_experts * expert_size
+    if calibrated and kept > total:
+        raise ConfigError(
+            f"student.moe_intermediate_size={expert_size} x num_experts={num_experts} + "
+            f"shared_expert_intermediate_size={shared_size} = {kept}, but the teacher FFN has only {total} "
+            f"neurons; make them sum to at most {total} (fewer = the least-contributing neurons are pruned)"
+        )
+    if not calibrated and kept != total:
         raise ConfigError(
             f"student.moe_intermediate_size={expert_size} x num_experts={num_experts} + "
             f"shared_expert_intermediate_size={shared_size} = {shared_size + num_experts * expert_size}, but the teacher FFN has {total} neurons; "
-            f"init: from_teacher partitions the neurons exactly, so make them sum to {total} (e.g. "
+            f"the data-free init partitions the neurons exactly, so make them sum to {total} (e.g. "
             f"moe_intermediate_size={(total - shared_size) // num_experts} if it divides evenly)"
         )
 
@@ -321,7 +329,7 @@ def build_from_teacher(
             for p, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
                 put(f"{s_pre}mlp.{p}.weight", w)
             continue
-        check_partition(gate.shape[0], num_experts, expert_size, shared_size)
+        check_partition(gate.shape[0], num_experts, expert_size, shared_size, calibrated=samples is not None)
         if samples is None:
             shared, experts = neuron_partition(
                 gate, up, down, num_experts, expert_size, shared_size, expert_split, seed + i

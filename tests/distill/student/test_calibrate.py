@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cluster.errors import ConfigError
 from distill.student import calibrate
 from distill.student.config import evenly_spaced_layers
 from distill.student.init import CalibrationOptions, build_from_teacher, load_teacher, prune_teacher
@@ -117,6 +118,41 @@ def test_cluster_neurons_partitions_and_groups_co_active_neurons():
     assert shared.tolist() == [0, 1, 2]
 
 
+def _greedy_pair_walk(similarity: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The definition of the balanced assignment: walk every (item, cluster) pair, best first."""
+    items, clusters = similarity.shape
+    assign = torch.full((items,), -1, dtype=torch.long)
+    room = [capacity] * clusters
+    for flat in torch.argsort(similarity.reshape(-1), descending=True).tolist():
+        j, e = divmod(flat, clusters)
+        if assign[j] < 0 and room[e]:
+            assign[j], room[e] = e, room[e] - 1
+    return assign
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_balanced_assignment_equals_the_best_first_pair_walk(seed):
+    gen = torch.Generator().manual_seed(seed)
+    clusters, capacity = [(4, 8), (8, 16), (3, 5)][seed % 3]
+    # Skewed similarities: most items prefer the same cluster, so clusters fill and items are re-placed.
+    similarity = torch.rand(clusters * capacity, clusters, generator=gen) + torch.linspace(0.6, 0, clusters)
+    got = calibrate._balanced_assign(similarity, capacity)
+    assert torch.equal(got, _greedy_pair_walk(similarity, capacity))
+    assert torch.bincount(got, minlength=clusters).tolist() == [capacity] * clusters
+
+
+def test_cluster_neurons_prunes_the_least_contributing_neurons_when_asked_for_fewer():
+    torch.manual_seed(0)
+    contrib = torch.rand(300, 24)
+    contrib[:, [3, 10, 17, 20]] *= 0.01  # four neurons that barely move any token's output
+    shared, experts = calibrate.cluster_neurons(contrib, num_experts=4, expert_size=4, shared_size=4)
+    kept = sorted(shared.tolist() + torch.cat(experts).tolist())
+    assert kept == [j for j in range(24) if j not in (3, 10, 17, 20)]
+    assert all(e.numel() == 4 for e in experts) and shared.numel() == 4
+    with pytest.raises(ValueError, match="> 24 neurons"):
+        calibrate.cluster_neurons(contrib, num_experts=4, expert_size=6, shared_size=4)
+
+
 def _layer_sample(teacher, calibration, layer):
     pruned = prune_teacher(teacher, list(range(teacher.config.num_hidden_layers)))
     return calibrate.capture_ffn(pruned, calibrate.batches(calibration, 48, 10_000))[layer]
@@ -224,6 +260,44 @@ def test_refitted_down_projections_reproduce_the_dense_ffn_better_on_heldout_tex
     for name, value in models[None].state_dict().items():
         if "down_proj" not in name:
             torch.testing.assert_close(models[1e-2].state_dict()[name], value, msg=name)
+
+
+def test_width_pruned_init_keeps_the_asked_neurons_and_the_refit_makes_up_for_the_rest(teacher, calibration, heldout):
+    layers = [0, 2, 3, 5]
+    total = teacher.config.intermediate_size
+    shared, num_experts = total // 8, 4
+    expert_size = (total - shared) // num_experts * 3 // 4  # a quarter of the routed neurons pruned
+    config = _config(
+        teacher,
+        num_experts=num_experts,
+        teacher_layers=layers,
+        routing="topp",
+        top_p=0.6,
+        max_k=3,
+        shared_expert_intermediate_size=shared,
+        moe_intermediate_size=expert_size,
+    )
+    models = {
+        ridge: build_from_teacher(
+            teacher, config, layers, calibration=calibration, options=CalibrationOptions(seq_len=48, down_ridge=ridge)
+        ).model
+        for ridge in (None, 1e-2)
+    }
+    block = models[1e-2].model.layers[0].mlp
+    assert block.experts[0].gate_proj.weight.shape[0] == expert_size and len(block.experts) == num_experts
+    assert block.shared_expert.up_proj.weight.shape[0] == shared
+    captured = calibrate.capture_ffn(prune_teacher(teacher, layers), calibrate.batches(heldout, 48, 10_000))
+    for i, t in enumerate(layers):
+        x = captured[i].x
+        dense = teacher.model.layers[t].mlp(x)
+        errors = {}
+        for ridge, model in models.items():
+            with torch.no_grad():
+                out, _ = model.model.layers[i].mlp(x[None])
+            errors[ridge] = ((out[0] - dense).norm() / dense.norm()).item()
+        assert errors[1e-2] < errors[None], (i, errors)
+    with pytest.raises(ConfigError, match="data-free init partitions the neurons exactly"):
+        build_from_teacher(teacher, config, layers)
 
 
 def test_fit_down_projections_recovers_known_projections_and_the_ridge_pulls_to_the_initial():
