@@ -77,9 +77,9 @@ class _Req(_NullMeansDefault):
     user: str | None = None
     ignore_eos: bool = False
     stream_options: StreamOptions | None = None
-    # Accepted for client compatibility; 0 is the only value the engine implements (others: see UNSUPPORTED).
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=2, description="extension (vLLM style): 1 = off")
     response_format: ResponseFormat | None = None
 
     @field_validator("stop")
@@ -149,15 +149,11 @@ CompletionRequest.model_rebuild()
 # ---------------------------------------------------------------------------------------------------
 # Fields of OpenAI's API this server does not implement: field -> "is this value a no-op?". Anything else
 # is a 400 naming the field (a silent drop would change what the client asked for).
-def _zero(value: Any) -> bool:
-    return not isinstance(value, (int, float)) or isinstance(value, bool) or value == 0  # non-numbers: 400 later
-
-
 def _empty(value: Any) -> bool:
     return value in ([], {}, "")
 
 
-_COMMON_UNSUPPORTED = {"logit_bias": _empty, "presence_penalty": _zero, "frequency_penalty": _zero}
+_COMMON_UNSUPPORTED = {"logit_bias": _empty}
 UNSUPPORTED: dict[str, dict[str, Any]] = {
     "chat": {
         **_COMMON_UNSUPPORTED,

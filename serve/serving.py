@@ -459,6 +459,9 @@ class OpenAIServer:
             top_logprobs=top,
             prompt_logprobs=prompt_logprobs,
             json_schema=schema,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
         )
 
     async def run_to_end(

@@ -31,6 +31,9 @@ def sampling_kwargs(options: SamplingOptions) -> dict[str, Any]:
         "stop": list(options.stop) or None,
         "stop_token_ids": list(options.stop_token_ids) or None,
         "ignore_eos": bool(options.ignore_eos),
+        "presence_penalty": float(options.presence_penalty),
+        "frequency_penalty": float(options.frequency_penalty),
+        "repetition_penalty": float(options.repetition_penalty),
         # vLLM returns the sampled token plus the top-k: k=0 still gives the sampled token's logprob.
         "logprobs": k,
         "prompt_logprobs": (options.top_logprobs if options.prompt_logprobs else None),

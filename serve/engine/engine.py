@@ -31,7 +31,7 @@ import torch
 
 from distill.teacher.sources import eos_token_ids as eos_token_ids_of
 from serve.engine.loader import load_model, resolve_model_dir
-from serve.engine.sampling import IncrementalDetokenizer, find_stop, sample_tokens, stop_holdback
+from serve.engine.sampling import IncrementalDetokenizer, apply_penalties, find_stop, sample_tokens, stop_holdback
 from serve.engine.types import (
     MAX_TOP_LOGPROBS,
     EngineError,
@@ -531,9 +531,9 @@ class LLMEngine:
                     uniforms[i] = torch.rand((), generator=seqs[i].generator)
             top_k = torch.tensor([o.top_k for o in opts], dtype=torch.long)
             top_p = torch.tensor([float(o.top_p) for o in opts], dtype=torch.float)
-            tokens = sample_tokens(self._constrained(seqs, logits), temperature, top_k, top_p, uniforms)
+            tokens = sample_tokens(self._adjusted(seqs, logits), temperature, top_k, top_p, uniforms)
         else:
-            tokens = self._constrained(seqs, logits).argmax(dim=-1)
+            tokens = self._adjusted(seqs, logits).argmax(dim=-1)
         token_list = tokens.tolist()
 
         want_lp = [i for i, o in enumerate(opts) if o.logprobs]
@@ -561,6 +561,23 @@ class LLMEngine:
         for seq in promote:
             self._promote(seq)
         return outputs
+
+    @classmethod
+    def _adjusted(cls, seqs: list[_Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """The logits tokens are picked from: penalties, then the structured-output mask (logprobs stay raw)."""
+        rows = [i for i, seq in enumerate(seqs) if seq.options.penalized]
+        if rows:
+            opts = [seqs[i].options for i in rows]
+            logits = apply_penalties(
+                logits,
+                rows,
+                [seqs[i].request.prompt_ids for i in rows],
+                [seqs[i].output for i in rows],
+                [o.presence_penalty for o in opts],
+                [o.frequency_penalty for o in opts],
+                [o.repetition_penalty for o in opts],
+            )
+        return cls._constrained(seqs, logits)
 
     @staticmethod
     def _constrained(seqs: list[_Sequence], logits: torch.Tensor) -> torch.Tensor:

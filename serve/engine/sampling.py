@@ -8,6 +8,38 @@ from __future__ import annotations
 import torch
 
 
+def apply_penalties(
+    logits: torch.Tensor,
+    rows: list[int],
+    prompts: list[list[int]],
+    outputs: list[list[int]],
+    presence: list[float],
+    frequency: list[float],
+    repetition: list[float],
+) -> torch.Tensor:
+    """A copy of logits [m, V] with each listed row's penalties applied (vLLM's order and definitions).
+
+    For row ``rows[j]``: the repetition penalty r (transformers / CTRL) divides the positive logits and
+    multiplies the negative ones of every token seen in ``prompts[j]`` or ``outputs[j]``; then OpenAI's
+    ``logit -= frequency * c + presence * (c > 0)``, c = the token's count in ``outputs[j]`` only.
+    """
+    out = logits.clone()
+    vocab = logits.shape[1]
+    for j, i in enumerate(rows):
+        row = out[i]
+        generated = torch.tensor(outputs[j], dtype=torch.long)
+        counts = torch.bincount(generated, minlength=vocab)[:vocab].to(row.dtype)  # [V]
+        if repetition[j] != 1:
+            seen = counts > 0
+            if prompts[j]:
+                seen[torch.tensor(prompts[j], dtype=torch.long)] = True
+            r = repetition[j]
+            row.copy_(torch.where(seen, torch.where(row > 0, row / r, row * r), row))
+        if frequency[j] or presence[j]:
+            row.sub_(frequency[j] * counts + presence[j] * (counts > 0).to(row.dtype))
+    return out
+
+
 def sample_tokens(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
 ) -> torch.Tensor:

@@ -20,7 +20,7 @@ class SamplingOptions:
     :mod:`serve.structured`). ``logprobs``: return the sampled token's log-probability per generated
     token, plus the ``top_logprobs`` most likely alternatives. ``prompt_logprobs``: also score the prompt tokens
     (for ``echo`` + ``logprobs`` loglikelihood clients). Log-probabilities are the model's raw
-    distribution (temperature 1, before top-k/top-p), as vLLM returns by default.
+    distribution (temperature 1, before penalties and top-k/top-p), as vLLM returns by default.
     """
 
     max_tokens: int = 16
@@ -35,6 +35,15 @@ class SamplingOptions:
     top_logprobs: int = 0
     prompt_logprobs: bool = False
     json_schema: dict | None = None
+    # OpenAI's penalties on tokens already generated (0 = off): logit -= frequency * count + presence * (count > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM / transformers (CTRL): tokens in the prompt or the output get logit / r if > 0, else logit * r (1 = off).
+    repetition_penalty: float = 1.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 @dataclasses.dataclass

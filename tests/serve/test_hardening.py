@@ -125,11 +125,8 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
         ("/v1/chat/completions", "functions", [TOOL["function"]]),
         ("/v1/chat/completions", "function_call", "auto"),
         ("/v1/chat/completions", "logit_bias", {"50256": -100}),
-        ("/v1/chat/completions", "presence_penalty", 0.5),
-        ("/v1/chat/completions", "frequency_penalty", -1.0),
         ("/v1/completions", "logit_bias", {"50256": -100}),
         ("/v1/completions", "best_of", 3),
-        ("/v1/completions", "presence_penalty", 1.0),
         ("/v1/completions", "suffix", "tail"),
     ],
 )
@@ -140,6 +137,24 @@ def test_unsupported_fields_are_rejected_by_name(fake_server, path, field, value
     err = assert_openai_error(post(server, path, body), 400, field)
     assert err["type"] == "invalid_request_error" and field in err["message"]
     assert err["code"] == "unsupported_parameter"
+
+
+def test_penalties_reach_the_engine_and_out_of_range_values_are_400(fake_server):
+    from serve.protocol import ChatCompletionRequest
+    from serve.serving import OpenAIServer
+
+    server, _ = fake_server
+    body = {"model": "tiny", "messages": MSGS, "max_tokens": 2}
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": -1.0, "repetition_penalty": 1.2}
+    assert post(server, "/v1/chat/completions", {**body, **penalties}).status_code == 200
+    assert (
+        post(server, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2, **penalties}).status_code
+        == 200
+    )
+    options = OpenAIServer.sampling(ChatCompletionRequest(**body, **penalties), 2, 0, logprobs=False, top=0)
+    assert (options.presence_penalty, options.frequency_penalty, options.repetition_penalty) == (0.5, -1.0, 1.2)
+    for field, value in [("repetition_penalty", 0), ("repetition_penalty", 2.5), ("presence_penalty", 3)]:
+        assert_openai_error(post(server, "/v1/chat/completions", {**body, field: value}), 400, field)
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted(fake_server):

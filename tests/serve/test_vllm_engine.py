@@ -30,6 +30,12 @@ def test_sampling_kwargs():
     assert kw["max_tokens"] == 7 and kw["temperature"] == 0.5 and kw["top_p"] == 0.9
     assert kw["top_k"] == -1 and kw["seed"] == 3 and kw["stop"] == ["\n"] and kw["ignore_eos"] is True
     assert kw["logprobs"] == 2 and kw["prompt_logprobs"] == 2
+    penalized = sampling_kwargs(SamplingOptions(presence_penalty=0.5, frequency_penalty=-1.0, repetition_penalty=1.2))
+    assert (penalized["presence_penalty"], penalized["frequency_penalty"], penalized["repetition_penalty"]) == (
+        0.5,
+        -1.0,
+        1.2,
+    )
     plain = sampling_kwargs(SamplingOptions(top_k=40))
     assert plain["top_k"] == 40 and plain["logprobs"] is None and plain["prompt_logprobs"] is None
     assert plain["stop"] is None

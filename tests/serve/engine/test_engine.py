@@ -402,3 +402,39 @@ def test_recover_after_a_failed_step_resumes_every_request_exactly(make_engine, 
         assert tokens_of(outs[rid]) == tokens_of(expected[rid])
         assert text_of(outs[rid]) == text_of(expected[rid])
         assert outs[rid][-1].finish_reason == "length" and outs[rid][-1].completion_tokens == 12
+
+
+def _penalized_greedy_reference(model, prompt: list[int], steps: int, presence: float, frequency: float, rep: float):
+    """Greedy with the penalties written out per token, over full forwards of the reference model."""
+    out: list[int] = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + out])).logits[0, -1].float()
+        for token in set(prompt + out):
+            value = float(logits[token])
+            logits[token] = value / rep if value > 0 else value * rep
+        for token in set(out):
+            logits[token] -= frequency * out.count(token) + presence
+        out.append(int(logits.argmax()))
+    return out
+
+
+@pytest.mark.parametrize(
+    "presence, frequency, rep", [(0.0, 1.5, 1.0), (1.0, 0.0, 1.0), (0.0, 0.0, 1.8), (0.5, 0.5, 1.3)]
+)
+def test_penalties_steer_greedy_exactly_like_their_definition(
+    make_engine, tiny_llama, tokenizer, presence, frequency, rep
+):
+    engine = make_engine(max_batch_size=2)
+    prompt = encode(tokenizer, PROMPTS[3])
+    options = greedy(
+        10, ignore_eos=True, presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=rep
+    )
+    results = engine.generate(
+        [GenerationRequest("pen", prompt, options), GenerationRequest("plain", prompt, greedy(10, ignore_eos=True))]
+    )
+    want = _penalized_greedy_reference(tiny_llama, prompt, 10, presence, frequency, rep)
+    assert tokens_of(results["pen"]) == want
+    plain = tokens_of(results["plain"])  # the other row of the batch is untouched
+    assert plain == hf_greedy(tiny_llama, prompt, 10)
+    assert want != plain  # the penalty changed the path (else this test would prove nothing)

@@ -1,0 +1,28 @@
+"""Penalties on the logits (serve.engine.sampling.apply_penalties): OpenAI's presence/frequency, the repetition penalty."""
+
+from __future__ import annotations
+
+import torch
+
+from serve.engine.sampling import apply_penalties
+
+
+def test_presence_and_frequency_count_generated_tokens_only_and_repetition_also_sees_the_prompt():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    got = apply_penalties(
+        logits, [0], prompts=[[4]], outputs=[[0, 0, 1]], presence=[0.5], frequency=[0.25], repetition=[2.0]
+    )
+    # token 0: seen (2.0 / 2 = 1.0), generated twice: - 0.25 * 2 - 0.5 -> 0.0
+    # token 1: seen (-1.0 * 2 = -2.0), generated once: - 0.25 - 0.5 -> -2.75
+    # token 4: only in the prompt: repetition only (1.0 / 2); tokens 2, 3 untouched
+    assert torch.allclose(got[0], torch.tensor([0.0, -2.75, 0.5, 3.0, 0.5]))
+    assert torch.equal(got[1], logits[1])  # rows not listed are untouched
+    assert torch.equal(logits[0], torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0]))  # a copy: the raw logits stay (logprobs)
+
+
+def test_negative_penalties_favour_repeats_and_neutral_values_change_nothing():
+    logits = torch.tensor([[0.0, 0.0, 0.0]])
+    more = apply_penalties(logits, [0], [[]], [[2]], presence=[-1.0], frequency=[0.0], repetition=[1.0])
+    assert more[0].tolist() == [0.0, 0.0, 1.0]
+    same = apply_penalties(logits + 1, [0], [[1]], [[2, 2]], presence=[0.0], frequency=[0.0], repetition=[1.0])
+    assert torch.equal(same, logits + 1)
