@@ -42,7 +42,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 def execute(args: argparse.Namespace, *, keep_serving: bool = False, argv: list[str] | None = None) -> int:
     from pipelines.config import load_config
-    from pipelines.runner import print_summary, run_pipeline, sample_completion, wide_console
+    from pipelines.runner import print_summary, run_pipeline, sample_completion, sample_settings, wide_console
 
     console = wide_console()
     cfg = load_config(args.config, args.overrides)
@@ -65,7 +65,7 @@ def execute(args: argparse.Namespace, *, keep_serving: bool = False, argv: list[
     sample = None
     if outcome.base_url and not args.no_sample:
         try:
-            sample = (cfg.pipeline.sample_prompt, sample_completion(outcome.base_url, cfg))
+            sample = (cfg.pipeline.sample_prompt, sample_completion(outcome.base_url, cfg), sample_settings(cfg))
         except Exception as exc:  # noqa: BLE001 - the run itself succeeded; say why the sample did not
             console.print(f"[yellow]sample completion failed:[/yellow] {exc}")
     print_summary(outcome, console, cfg.pipeline.targets, sample=sample)

@@ -460,7 +460,7 @@ def build_summary(data: Mapping[str, Any], selected: list[str] | None = None) ->
 
 
 def print_summary(
-    outcome_or_summary: Any, console: Any = None, targets_section: Any = None, sample: tuple[str, str] | None = None
+    outcome_or_summary: Any, console: Any = None, targets_section: Any = None, sample: tuple[str, ...] | None = None
 ) -> None:
     """The final stage table, a key/value table of the run's headline numbers, and the ratios vs their targets."""
     from rich.table import Table
@@ -515,7 +515,9 @@ def print_summary(
         console.print(check)
     if sample:
         console.print(
-            f"[bold]sample answer[/bold] (served student, greedy) {sample[0]!r} ->\n{sample[1]}", highlight=False
+            f"[bold]sample answer[/bold] (served student, {sample[2] if len(sample) > 2 else 'greedy'}) "
+            f"{sample[0]!r} ->\n{sample[1]}",
+            highlight=False,
         )
 
 
@@ -585,6 +587,12 @@ def target_rows(summary: Mapping[str, Any], targets: Any) -> list[tuple[str, str
 
 
 # ------------------------------------------------------------------------------------ after deploy
+def sample_settings(cfg: PipelineConfig) -> str:
+    """How :func:`sample_completion` samples, for the summary: greedy, plus the serving defaults it gets."""
+    extra = {k: v for k, v in cfg.serve.sampling_defaults.items() if k != "temperature"}
+    return "greedy" + "".join(f", {k} {v:g}" for k, v in sorted(extra.items()))
+
+
 def sample_completion(base_url: str, cfg: PipelineConfig, *, timeout: float = 120.0) -> str:
     """One chat completion from the served model (OpenAI API), to show the endpoint works."""
     import httpx

@@ -77,6 +77,12 @@ class ServeSection(Section):
     request_timeout_s: float | None = Field(
         default=600, gt=0, description="deadline of one request, queueing included (504 past it); null = none"
     )
+    sampling_defaults: dict[str, float] = Field(
+        default_factory=dict,
+        description="values for the sampling fields a request leaves out (temperature, top_p, top_k, "
+        "presence_penalty, frequency_penalty, repetition_penalty), like vLLM's --override-generation-config; "
+        "e.g. {repetition_penalty: 1.1} (Qwen2 models ship 1.05) keeps a small model's greedy answers out of loops",
+    )
     ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="WARNING",
         description="level of Ray Serve's own logs (controller, proxy, replicas) streamed to the console; "
@@ -146,6 +152,21 @@ class ServeSection(Section):
     def _hook(cls, value: str | None) -> str | None:
         if value is not None and value.count(":") != 1:
             raise ValueError(f"prompt_log_redact must be 'package.module:function', got {value!r}")
+        return value
+
+    @field_validator("sampling_defaults")
+    @classmethod
+    def _sampling_fields(cls, value: dict[str, float]) -> dict[str, float]:
+        from serve.protocol import ChatCompletionRequest
+
+        allowed = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "repetition_penalty")
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown sampling field(s) {unknown}; allowed: {', '.join(allowed)}")
+        try:  # the same bounds as a request's
+            ChatCompletionRequest(model="x", messages=[{"role": "user", "content": "x"}], **value)
+        except ValueError as exc:
+            raise ValueError(f"out of range: {exc}") from None
         return value
 
     @model_validator(mode="after")

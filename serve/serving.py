@@ -100,6 +100,13 @@ class Job:
         self.first: GenerationOutput | None = None
 
 
+def with_sampling_defaults(req: _Req, defaults: dict[str, Any]) -> _Req:
+    """``req`` with ``serve.sampling_defaults`` filled into the sampling fields it did not set (vLLM's
+    ``--override-generation-config``); what a request sets always wins."""
+    missing = {k: v for k, v in defaults.items() if k not in req.model_fields_set}
+    return req.model_copy(update=missing) if missing else req
+
+
 class OpenAIServer:
     """State shared by the routes: backends, auth, metrics, prompt log, admission limit."""
 
@@ -382,6 +389,7 @@ class OpenAIServer:
             self.admit(1)  # full: 429 before reading or parsing anything (cheap under a burst)
             body = await read_body(request, self.section.max_body_bytes)
             req = parse_request(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest, endpoint)
+            req = with_sampling_defaults(req, self.section.sampling_defaults)
             backend = self.backend(req.model)
             n_jobs = check_limits(req, self.section)
             await self.ready(backend)

@@ -257,3 +257,14 @@ def test_summary_holds_each_ratio_against_its_target_and_shows_the_sample():
     printed = text.getvalue()
     assert "MISSED" in printed and "1.200" in printed
     assert "sample answer" in printed and "'Hi?'" in printed and "Hello there." in printed
+    assert "(served student, greedy)" in printed
+
+
+def test_the_sample_says_which_serving_defaults_it_got():
+    from pipelines.config import PipelineConfig
+    from pipelines.runner import sample_settings
+
+    plain = PipelineConfig(name="p")
+    assert sample_settings(plain) == "greedy"
+    tuned = PipelineConfig(name="p", serve={"sampling_defaults": {"repetition_penalty": 1.1, "temperature": 0.7}})
+    assert sample_settings(tuned) == "greedy, repetition_penalty 1.1"  # the sample asks for temperature 0

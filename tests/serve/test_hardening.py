@@ -746,3 +746,42 @@ def test_a_request_that_breaks_the_engine_step_fails_alone(real_engine_server):
         assert finishes == ["length"] and text == reference[i]
     ok = post(server, "/v1/completions", good[0])
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == reference[0]
+
+
+def test_serve_sampling_defaults_fill_only_what_a_request_leaves_out(serve_tokenizer):
+    server, engine = start_fake_server(
+        serve_tokenizer, sampling_defaults={"repetition_penalty": 1.1, "temperature": 0.5}
+    )
+    seen = []
+    generate = engine.generate
+
+    def recording(request):
+        seen.append(request.sampling)
+        return generate(request)
+
+    engine.generate = recording
+    try:
+        body = {"model": "tiny", "messages": MSGS, "max_tokens": 2}
+        assert post(server, "/v1/chat/completions", body).status_code == 200
+        assert (
+            post(server, "/v1/chat/completions", {**body, "temperature": 0, "repetition_penalty": None}).status_code
+            == 200
+        )
+        assert (
+            post(
+                server, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2, "repetition_penalty": 1.0}
+            ).status_code
+            == 200
+        )
+    finally:
+        server.stop()
+    assert [(s.temperature, s.repetition_penalty) for s in seen] == [(0.5, 1.1), (0.0, 1.1), (0.5, 1.0)]
+
+
+def test_bad_sampling_defaults_name_the_field():
+    from serve.section import ServeSection
+
+    with pytest.raises(ValueError, match=r"unknown sampling field\(s\) \['temprature'\]"):
+        ServeSection(sampling_defaults={"temprature": 0.2})
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        ServeSection(sampling_defaults={"repetition_penalty": 0})
