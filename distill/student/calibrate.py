@@ -245,6 +245,92 @@ def capture_ffn(model: nn.Module, chunks: Sequence[torch.Tensor], max_tokens: in
     ]
 
 
+class _Stop(Exception):
+    pass
+
+
+class SequentialFFN:
+    """Layer-by-layer FFN samples on the student's own hidden states (GPTQ / SparseGPT-style calibration).
+
+    :func:`capture_ffn` records every layer's FFN input on the *dense* pruned teacher, so layer i's
+    router and down projections are fitted to inputs the student (whose layers before i are already
+    approximations) never sees. Here the calibration tokens are carried through ``model`` (the
+    pruned teacher) one decoder layer at a time: :meth:`sample` gives layer i's FFN input on the
+    current hidden states, and :meth:`advance` moves them through layer i with the FFN the student
+    actually got (the built MoE block), so layer i+1 is fitted on what the student computes.
+    One pass of the pruned model in all; the decoder layers are called with the keyword arguments
+    (mask, rotary embeddings) the model itself passes them, captured on layer 0.
+    """
+
+    def __init__(self, model: nn.Module, chunks: Sequence[torch.Tensor], correct: bool = False):
+        self.layers = model.model.layers
+        self.states: list[tuple[torch.Tensor, dict]] = [self._layer_inputs(model, ids) for ids in chunks]
+        # correct: also carry the dense model's states; `target` = what layer i's FFN must add to the student's
+        # residual stream to land on the dense model's after layer i (upstream errors included)
+        self.dense: list[torch.Tensor] | None = [h for h, _ in self.states] if correct else None
+        self.target: torch.Tensor | None = None
+        self._mid: list[torch.Tensor] = []  # [rows, T, H] residual stream after layer i's attention, per chunk
+        self._x: list[torch.Tensor] = []  # [rows, T, H] layer i's FFN input, per chunk
+
+    @staticmethod
+    @torch.no_grad()
+    def _layer_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        captured: dict[str, Any] = {}
+
+        def pre(_module, args, kwargs):
+            captured["h"] = args[0] if args else kwargs["hidden_states"]
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _Stop
+
+        handle = model.model.layers[0].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured["h"], captured["kwargs"]
+
+    @torch.no_grad()
+    def sample(self, i: int) -> FFNSample:
+        """Layer i's FFN sample on the current hidden states (call once per layer, in order, then advance)."""
+        layer = self.layers[i]
+        self._mid, self._x = [], []
+
+        def grab_mid(_module, args):
+            self._mid.append(args[0])
+            raise _Stop
+
+        handle = layer.post_attention_layernorm.register_forward_pre_hook(grab_mid)
+        try:
+            for h, kwargs in self.states:
+                try:
+                    layer(h, **kwargs)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        self._x = [layer.post_attention_layernorm(mid) for mid in self._mid]
+        if self.dense is not None:
+            self.dense = [self._out(layer(h, **kwargs)) for h, (_, kwargs) in zip(self.dense, self.states)]
+            self.target = torch.cat([(d - m).reshape(-1, d.shape[-1]) for d, m in zip(self.dense, self._mid)]).float()
+        return FFNSample(
+            x=torch.cat([x.reshape(-1, x.shape[-1]) for x in self._x]).float(),
+            gate=layer.mlp.gate_proj.weight.detach().float(),
+            up=layer.mlp.up_proj.weight.detach().float(),
+        )
+
+    @staticmethod
+    def _out(out: Any) -> torch.Tensor:
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def advance(self, ffn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Move the hidden states through the layer last sampled, with ``ffn`` ([rows, T, H] -> same) as its FFN."""
+        self.states = [(mid + ffn(x), kwargs) for mid, x, (_, kwargs) in zip(self._mid, self._x, self.states)]
+        self._mid, self._x = [], []
+
+
 def neuron_contributions(act: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """|act[n, j]| * |down[:, j]|: how much neuron j moves token n's output. act [N, J], down [H, J] -> [N, J]."""
     return act.abs() * down.detach().float().norm(dim=0)[None, :]

@@ -215,6 +215,9 @@ class CalibrationOptions:
     sharpness: float = 1.0  # router target = expert output-norm shares ** sharpness, renormalised
     difficulty: float = 0.0  # per-token sharpness * exp(-difficulty * z(teacher entropy)): hard tokens, more experts
     down_ridge: float | None = 0.01  # refit the down projections to the dense FFN under the routing (None: scales only)
+    sequential: bool | str = (
+        False  # fit layer i on the hidden states the built layers < i produce (calibrate.SequentialFFN)
+    )
 
 
 @dataclasses.dataclass
@@ -277,7 +280,15 @@ def build_from_teacher(
         layers = resolve_teacher_layers(tfields["num_hidden_layers"], student_config, teacher_layers)
     if chunks and progress:
         progress(f"layers {list(layers)}; grouping neurons into experts and fitting routers")
-    samples = calibrate.capture_ffn(prune_teacher(teacher, layers), chunks) if chunks else None
+    samples: Any = None  # per-layer FFN samples (list), or a SequentialFFN that makes them one layer at a time
+    if chunks:
+        pruned = prune_teacher(teacher, layers)
+        samples = (
+            calibrate.SequentialFFN(pruned, chunks, correct=options.sequential == "correct")
+            if options.sequential
+            else calibrate.capture_ffn(pruned, chunks)
+        )
+    sequential = samples if isinstance(samples, calibrate.SequentialFFN) else None
     sharpness = (
         calibrate.difficulty_sharpness(
             options.sharpness, calibrate.next_token_entropy(teacher, chunks), options.difficulty
@@ -328,6 +339,9 @@ def build_from_teacher(
                 )
             for p, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
                 put(f"{s_pre}mlp.{p}.weight", w)
+            if sequential is not None:
+                sequential.sample(i)
+                sequential.advance(student.model.layers[i].mlp)
             continue
         check_partition(gate.shape[0], num_experts, expert_size, shared_size, calibrated=samples is not None)
         if samples is None:
@@ -337,7 +351,7 @@ def build_from_teacher(
             scales = torch.full((num_experts,), float(num_experts))  # cancels the uniform weight 1/E
             router = torch.randn(num_experts, hidden, generator=generator) * (router_logit_std / math.sqrt(hidden))
         else:
-            sample = samples[i]
+            sample = sequential.sample(i) if sequential is not None else samples[i]
             act = sample.act  # [N, J]
             shared, experts = calibrate.cluster_neurons(
                 calibrate.neuron_contributions(act, down),
@@ -359,6 +373,8 @@ def build_from_teacher(
                 student_config.norm_topk_prob,
             )
             dense = act @ down.t()  # [N, H] the dense FFN
+            if sequential is not None and sequential.target is not None:
+                dense = sequential.target  # [N, H] what brings the student back onto the dense model's stream
             target = dense - act[:, shared] @ down[:, shared].t() if shared.numel() else dense
             scales = calibrate.fit_expert_scales(weights, outputs, target)
         downs = [down[:, shared]] + [down[:, idx] * scales[e] for e, idx in enumerate(experts)]  # [H, .] each
@@ -377,6 +393,9 @@ def build_from_teacher(
             put(f"{s_pre}mlp.shared_expert.down_proj.weight", downs[0] * 2.0)  # cancels sigmoid(0) = 1/2
             dst[f"{s_pre}mlp.shared_expert_gate.weight"].zero_()
         put(f"{s_pre}mlp.gate.weight", router)
+        if sequential is not None:
+            block = student.model.layers[i].mlp
+            sequential.advance(lambda x, block=block: block(x, compute_aux=False)[0])
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(student.config, name) is None and tfields.get(name) is not None:
             setattr(student.config, name, tfields[name])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,68 @@ def test_cluster_neurons_prunes_the_least_contributing_neurons_when_asked_for_fe
     assert all(e.numel() == 4 for e in experts) and shared.numel() == 4
     with pytest.raises(ValueError, match="> 24 neurons"):
         calibrate.cluster_neurons(contrib, num_experts=4, expert_size=6, shared_size=4)
+
+
+def test_sequential_samples_follow_the_ffns_the_student_actually_got(teacher, calibration):
+    import copy
+
+    layers = [0, 2, 3, 5]
+    chunks = calibrate.batches(calibration, 48, 10_000)
+    pruned = prune_teacher(teacher, layers)
+    # Advancing with the dense FFNs reproduces the model's own forward, layer by layer.
+    dense = calibrate.capture_ffn(pruned, chunks)
+    seq = calibrate.SequentialFFN(pruned, chunks)
+    for i, layer in enumerate(pruned.model.layers):
+        torch.testing.assert_close(seq.sample(i).x, dense[i].x, rtol=1e-5, atol=1e-5)
+        seq.advance(layer.mlp)
+    # correct=True: the target is what layer i's FFN must add to land on the dense model's stream; with the
+    # dense FFNs so far that is just the dense FFN's output; after a changed FFN it also undoes the change.
+    seq = calibrate.SequentialFFN(pruned, chunks, correct=True)
+    for i, layer in enumerate(pruned.model.layers):
+        sample = seq.sample(i)
+        torch.testing.assert_close(seq.target, layer.mlp(sample.x), rtol=1e-4, atol=1e-4)
+        seq.advance(layer.mlp)
+    # Advancing with another FFN gives the inputs of a model whose FFN was replaced by it.
+    halved = copy.deepcopy(pruned)
+    halved.model.layers[1].mlp.down_proj.weight.data.mul_(0.5)
+    want = calibrate.capture_ffn(halved, chunks)
+    seq = calibrate.SequentialFFN(pruned, chunks)
+    for i in range(len(pruned.model.layers)):
+        got = seq.sample(i).x
+        torch.testing.assert_close(got, want[i].x, rtol=1e-5, atol=1e-5)
+        if i == 2:
+            assert (got - dense[i].x).abs().max() > 1e-2  # the change really reached later layers
+        seq.advance(halved.model.layers[i].mlp)
+    seq = calibrate.SequentialFFN(pruned, chunks, correct=True)
+    seq.sample(0)
+    seq.advance(pruned.model.layers[0].mlp)
+    seq.sample(1)
+    seq.advance(halved.model.layers[1].mlp)  # this layer's FFN now adds half of what the dense one does
+    seq.sample(2)
+    # An FFN that adds exactly the target puts the student back on the dense model's stream.
+    pieces = iter(seq.target.split([c.numel() for c in chunks]))
+    seq.advance(lambda x: next(pieces).reshape(x.shape))
+    torch.testing.assert_close(seq.sample(3).x, dense[3].x, rtol=1e-4, atol=1e-4)
+
+
+def test_sequential_calibration_fits_layers_to_the_students_own_inputs(teacher, calibration, heldout):
+    layers = [0, 2, 3, 5]
+    config = _config(teacher, num_experts=4, teacher_layers=layers, routing="topp", top_p=0.6, max_k=3)
+    built = {
+        flag: build_from_teacher(
+            teacher, config, layers, calibration=calibration, options=CalibrationOptions(seq_len=48, sequential=flag)
+        ).model
+        for flag in (False, True)
+    }
+    # Layer 0 sees the same inputs either way: identical; later layers were fitted on other inputs.
+    state = {flag: m.state_dict() for flag, m in built.items()}
+    assert all(torch.equal(state[True][k], v) for k, v in state[False].items() if k.startswith("model.layers.0."))
+    assert any(
+        not torch.equal(state[True][k], v) for k, v in state[False].items() if k.startswith("model.layers.3.mlp")
+    )
+    chunks = calibrate.batches(heldout, 48, 10_000)
+    for model in built.values():
+        assert math.isfinite(calibrate.mean_nll(model, chunks))
 
 
 def _layer_sample(teacher, calibration, layer):
