@@ -82,10 +82,10 @@ def connect(
     """
     import ray
 
+    quiet_ray_logs()  # also when Ray is up: a library imported since (ray.serve) may have reset its logger
     if ray.is_initialized():
         return ray.cluster_resources()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    quiet_ray_logs()
     # Ray Train V2 is the default in recent Ray; make it explicit so older 2.x behave the same.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     common: dict[str, Any] = dict(
@@ -120,7 +120,9 @@ def connect(
 # Ray library loggers whose INFO lines (and one warning) would interleave with our progress bars on the
 # driver's console; their records still reach Ray's log files at WARNING and above.
 _NOISY_LOGGERS = {
-    "ray.train": logging.WARNING,  # "Checkpoint successfully created", "Requesting resources", ...
+    # Ray Train re-configures "ray.train" in its controller and workers; there RunConfig's LoggingConfig
+    # (distill.training.ray_train) is what keeps its INFO lines off the console.
+    "ray.train": logging.WARNING,
     "ray.tune": logging.WARNING,
     # Warns every few seconds when the State API is off (no dashboard: our default) and repeats it
     # on every progress line; it only watches for a dead controller, which Ray Train also handles.

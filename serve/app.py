@@ -524,6 +524,8 @@ def _start_serve(section: ServeSection) -> None:
     from cluster.ray_init import connect
 
     connect()
+    # `import ray.serve` set the driver's Serve logger to INFO ("Started Serve", "Application ... is ready").
+    logging.getLogger("ray.serve").setLevel(section.ray_log_level)
     http = {"host": section.host, "port": section.port}
     if section.request_timeout_s:
         http["request_timeout_s"] = section.request_timeout_s

@@ -164,7 +164,7 @@ def fit(job: TrainJob, section: TrainSection, files: list[str], storage_path: st
     Rerunning with the same ``storage_path``/``name`` restores the run's checkpoint manager, so the
     workers start from the latest checkpoint (Ray Train V2 run restoration).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from cluster import storage
@@ -185,6 +185,9 @@ def fit(job: TrainJob, section: TrainSection, files: list[str], storage_path: st
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=section.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
+            # Ray Train's own INFO lines ("Requesting resources", "Checkpoint successfully created") stay in
+            # its log files, off the console where our progress bar runs.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=build_datasets(files, section),
         dataset_config=DataConfig(datasets_to_split=[]),
