@@ -55,7 +55,7 @@ class SpeedSection(Section):
     repeats: int = Field(
         default=3,
         ge=1,
-        description="prefills timed per batch size; TTFT is their median (decode tokens/s is the median "
+        description="prefills timed at the smallest batch size; TTFT is their median (decode tokens/s is the median "
         "step of one run): robust to CPU time a shared machine loses to its neighbours",
     )
 
