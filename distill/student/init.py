@@ -215,9 +215,9 @@ class CalibrationOptions:
     sharpness: float = 1.0  # router target = expert output-norm shares ** sharpness, renormalised
     difficulty: float = 0.0  # per-token sharpness * exp(-difficulty * z(teacher entropy)): hard tokens, more experts
     down_ridge: float | None = 0.01  # refit the down projections to the dense FFN under the routing (None: scales only)
-    sequential: bool | str = (
-        False  # fit layer i on the hidden states the built layers < i produce (calibrate.SequentialFFN)
-    )
+    # fit layer i on the hidden states the built layers < i produce (calibrate.SequentialFFN); "correct": and
+    # aim its FFN at the dense model's residual stream
+    sequential: bool | str = False
 
 
 @dataclasses.dataclass
