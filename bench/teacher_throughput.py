@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster.ray_init import connect  # noqa: E402
 from distill.data.generate import run_generate_stage, sampling_from_config  # noqa: E402
-from distill.data.prompts import read_prompt_files  # noqa: E402
+from distill.data.prompts import expand_samples, read_prompt_files  # noqa: E402
 from distill.teacher import load_backend  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 
@@ -45,19 +45,30 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--backend", default="engine", help="teacher backend (engine: the demo's; hf)")
+    parser.add_argument(
+        "--prompt-file",
+        default=None,
+        help="JSONL prompts instead of the generated ones, e.g. pipelines/configs/prompts/quickstart.jsonl "
+        "(answers of natural, varied length; the first --prompts of them)",
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-teacher-"))
     prompts = tmp / "prompts.jsonl"
-    write_prompts(prompts, args.prompts)
+    if args.prompt_file:
+        prompts = Path(args.prompt_file).resolve()
+    else:
+        write_prompts(prompts, args.prompts)
     cfg = load_config(
         None,
         [
             f"workdir={tmp}",
             f"teacher.model={args.model}",
+            f"teacher.backend={args.backend}",
             "prompts.source=file",
             f"prompts.path={prompts}",
-            "prompts.count=null",
+            f"prompts.count={args.prompts}",
             f"teacher.replicas={args.replicas}",
             f"teacher.batch_size={args.batch_size}",
             f"generate.max_new_tokens={args.new_tokens}",
@@ -65,7 +76,7 @@ def main() -> None:
             "generate.logprobs=20",
         ],
     )
-    load_backend(cfg.teacher)  # warm the converted-weights cache so neither side pays the one-off conversion
+    load_backend(cfg.teacher).close()  # warm the converted-weights cache so neither side pays the one-off conversion
 
     import torch
 
@@ -73,12 +84,12 @@ def main() -> None:
     start = time.perf_counter()
     backend = load_backend(cfg.teacher)
     loaded = time.perf_counter()
-    requests = read_prompt_files(cfg)
+    requests, _ = expand_samples(read_prompt_files(cfg), 1, args.prompts)  # the rows the stage will run
     completions = backend.generate([r["messages"] for r in requests], sampling_from_config(cfg))
     direct_s = time.perf_counter() - start
     direct_gen_s = time.perf_counter() - loaded
     direct_tokens = sum(c.num_tokens for c in completions)
-    del backend
+    backend.close()
 
     connect(None)
     start = time.perf_counter()
@@ -88,7 +99,7 @@ def main() -> None:
 
     direct_tps, ray_tps = direct_tokens / direct_s, ray_tokens / ray_s
     print(
-        f"\nteacher={args.model} prompts={args.prompts} new_tokens={args.new_tokens} top-k=20 "
+        f"\nteacher={args.model} backend={args.backend} prompts={args.prompts} new_tokens={args.new_tokens} top-k=20 "
         f"batch={args.batch_size} replicas={args.replicas} cores={os.cpu_count()}"
     )
     print(f"{'':34}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}")

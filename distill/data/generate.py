@@ -116,6 +116,9 @@ def teacher_stage(cfg: DataConfig, sampling: SamplingParams) -> Callable[[Any], 
         return cls.build_dataset_stage(cfg.teacher, sampling, cfg.generate.logprob_dtype)
     t = cfg.teacher
 
+    # Several batches per replica only where the backend shares one engine batch between calls.
+    calls = t.batches_in_flight if getattr(cls, "concurrent_calls", False) else 1
+
     def apply(ds: Any) -> Any:
         import ray.data
 
@@ -129,7 +132,12 @@ def teacher_stage(cfg: DataConfig, sampling: SamplingParams) -> Callable[[Any], 
             ),
             batch_size=t.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=t.replicas),
+            # True multi-threading: with one call per replica it runs on the actor's main thread, where
+            # the weights were loaded (Ray Data's default hands it to a helper thread: ~1.4x slower torch
+            # here, serve/engine/async_engine.py); with more, the calls run side by side.
+            compute=ray.data.ActorPoolStrategy(
+                size=t.replicas, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True
+            ),
             # Ray Data's actor pools default to max_restarts=-1 / max_task_retries=-1: a dead
             # replica is restarted and its in-flight batches are retried (tested).
             num_cpus=t.num_cpus,

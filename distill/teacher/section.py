@@ -27,6 +27,12 @@ class TeacherSection(Section):
     threads: int | None = Field(default=None, ge=1, description="torch threads per replica (default: cores / replicas)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(default=16, ge=1, description="prompts per teacher batch")
+    batches_in_flight: int = Field(
+        default=2,
+        ge=1,
+        description="batches each replica works on at once, for backends that share one engine batch "
+        "between them (engine): a batch's finished rows are refilled from the next instead of idling",
+    )
     max_model_len: int | None = Field(default=None, ge=16)
     tensor_parallel_size: int = Field(default=1, ge=1)
     accelerator_type: str | None = Field(

@@ -3,10 +3,18 @@
 Same contract as ``hf``: soft labels are the raw (temperature 1, unfiltered) top-k of every
 completion position, taken from the engine's per-token ``top_logprobs``. Unlike ``hf``'s padded
 static batches, requests leave the batch as soon as they finish and the next prompt takes the row.
+
+The engine runs on its own thread (:class:`~serve.engine.async_engine.AsyncEngine`, which also
+loads it there) and :meth:`EngineTeacher.generate` may be called from several threads at once:
+their requests share the engine's batch. The generate stage keeps ``teacher.batches_in_flight``
+batches on each replica that way, so the rows a batch's short answers free are refilled by the
+next batch instead of idling until its longest answer ends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 from collections.abc import Sequence
 
@@ -24,9 +32,13 @@ from distill.teacher.base import (
 )
 from distill.teacher.section import TeacherSection
 from distill.teacher.sources import encode_prompt, model_revision, resolve_model
+from serve.engine.types import GenerationOutput, GenerationRequest, SamplingOptions
 
 
 class EngineTeacher(TeacherBackend):
+    #: generate() may run in several threads at once, its requests sharing one engine batch
+    concurrent_calls = True
+
     def __init__(
         self,
         model_dir: str,
@@ -37,14 +49,16 @@ class EngineTeacher(TeacherBackend):
         name: str | None = None,
         threads: int | None = None,
     ):
-        from serve.engine.engine import LLMEngine
+        from serve.engine.async_engine import AsyncEngine
 
-        self.engine = LLMEngine.from_pretrained(
+        threads = threads or torch.get_num_threads()  # the caller's setting, applied on the engine thread
+        self._async = AsyncEngine.from_pretrained(
             model_dir, dtype=dtype, max_batch_size=batch_size, max_model_len=max_model_len, threads=threads
         )
+        self.engine = self._async.engine
         self.tokenizer = self.engine.tokenizer
         self.name = name or f"{os.path.basename(os.path.normpath(model_dir))}@{model_revision(model_dir)}"
-        self._calls = 0
+        self._calls = itertools.count()  # next() is atomic: request ids stay unique across threads
 
     @classmethod
     def from_config(cls, teacher_cfg: TeacherSection) -> EngineTeacher:
@@ -70,10 +84,8 @@ class EngineTeacher(TeacherBackend):
         return encode_prompt(self.tokenizer, prompt)
 
     def generate(self, prompts: Sequence[PromptInput], sampling: SamplingParams) -> list[Completion]:
-        from serve.engine.types import GenerationRequest, SamplingOptions
-
         encoded = [self.encode_prompt(p) for p in prompts]
-        self._calls += 1
+        call = next(self._calls)
         requests = []
         for i, ids in enumerate(encoded):
             room = self.context_length - len(ids)
@@ -94,11 +106,9 @@ class EngineTeacher(TeacherBackend):
                 logprobs=True,
                 top_logprobs=sampling.logprobs,
             )
-            requests.append(GenerationRequest(f"teacher-{self._calls}-{i}", ids, options))
-        results = self.engine.generate(requests)
+            requests.append(GenerationRequest(f"teacher-{call}-{i}", ids, options))
         completions = []
-        for request, ids in zip(requests, encoded):
-            outs = results[request.request_id]
+        for ids, outs in zip(encoded, asyncio.run(self._run(requests))):
             tokens = [t for o in outs for t in o.token_ids]
             entries = [e for o in outs for e in (o.logprobs or [])]
             k = sampling.logprobs
@@ -115,6 +125,17 @@ class EngineTeacher(TeacherBackend):
                 )
             )
         return completions
+
+    async def _run(self, requests: list[GenerationRequest]) -> list[list[GenerationOutput]]:
+        """Each request's outputs, in order; the first failure (bad request, engine error) is raised."""
+
+        async def one(request: GenerationRequest) -> list[GenerationOutput]:
+            return [out async for out in self._async.generate(request)]
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    def close(self) -> None:
+        self._async.shutdown()
 
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[ScoredSequence]:
         out: list[ScoredSequence] = []

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cluster.errors import ConfigError, RaydistillError
-from distill.data.generate import GENERATE_DIR, run_generate_stage
+from distill.data.generate import GENERATE_DIR, run_generate_stage, sampling_from_config
 from distill.data.inspect import inspect_data
 from distill.data.shards import read_dir as read_shards
 from pipelines.config import load_config
@@ -71,6 +71,28 @@ def test_greedy_tokens_are_top1_and_logprobs_match_a_forward_pass(ray_session, t
         assert (np.diff(topk_lp, axis=1) <= 1e-6).all() and (topk_lp <= 0).all()
         assert row["teacher"].startswith("smollm2-135m-instruct@")
         assert json.loads(row["sampling"])["temperature"] == 0
+
+
+def test_engine_teacher_keeps_two_batches_in_flight_and_answers_as_in_process(ray_session, tmp_path, tiny_teacher_dir):
+    from serve.engine.teacher import EngineTeacher
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 5)
+    cfg = make_cfg(
+        tmp_path, tiny_teacher_dir, prompts, "teacher.backend=engine", "teacher.batch_size=2", "generate.logprobs=4"
+    )
+    assert cfg.teacher.batches_in_flight == 2  # the default: 3 batches of 2, two at a time on one replica
+    run = str(tmp_path / "run")
+    manifest = run_generate_stage(cfg, run, show_progress=False)
+    rows = read_shards(f"{run}/{GENERATE_DIR}").to_pylist()
+    assert manifest["rows"] == 5 and sorted(r["prompt"] for r in rows) == sorted(
+        json.loads(line)["prompt"] for line in Path(prompts).read_text().splitlines()
+    )
+    teacher = EngineTeacher(tiny_teacher_dir, batch_size=2)
+    want = teacher.generate([r.get("messages") or r["prompt"] for r in rows], sampling_from_config(cfg))
+    teacher.close()
+    for row, completion in zip(rows, want):
+        assert row["input_ids"] == completion.prompt_ids + completion.completion_ids
+        np.testing.assert_allclose(np.asarray(row["topk_logprobs"]), completion.topk_logprobs, atol=1e-4)
 
 
 def test_soft_labels_are_the_raw_distribution_whatever_the_temperature(ray_session, tmp_path, tiny_teacher_dir):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,47 @@ def test_score_equals_hf(teachers):
         np.testing.assert_array_equal(have.topk_ids, want.topk_ids)
         np.testing.assert_allclose(have.topk_logprobs, want.topk_logprobs, atol=1e-4)
         np.testing.assert_allclose(have.token_logprobs, want.token_logprobs, atol=1e-4)
+
+
+def test_calls_from_two_threads_share_one_engine_batch_and_answer_as_alone(tiny_teacher_dir):
+    """The generate stage's ``teacher.batches_in_flight``: concurrent calls fill each other's free rows."""
+    import threading
+
+    from serve.engine.teacher import EngineTeacher
+
+    teacher = EngineTeacher(tiny_teacher_dir, batch_size=4)
+    sampling = SamplingParams(max_new_tokens=8, temperature=0.0, logprobs=3)
+    calls = [PROMPTS[:2], PROMPTS[2:] + ["Once upon a time"]]
+    alone = [teacher.generate(prompts, sampling) for prompts in calls]
+
+    engine, gate, running = teacher.engine, threading.Event(), []
+    step = engine.step
+
+    def gated_step():  # the first step waits until both calls have handed in their requests
+        gate.wait(timeout=30)
+        outputs = step()
+        running.append(engine.stats()["running"])
+        return outputs
+
+    engine.step = gated_step
+    together: list = [None, None]
+    threads = [
+        threading.Thread(target=lambda i=i: together.__setitem__(i, teacher.generate(calls[i], sampling)))
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(teacher._async._adds) + engine.stats()["waiting"] + engine.stats()["running"] < 4:
+        assert time.monotonic() < deadline, "the two calls never both reached the engine"
+        time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(timeout=60)
+    teacher.close()
+
+    assert max(running) == 4  # both calls' requests decoded in the same step
+    for want_call, have_call in zip(alone, together):
+        for want, have in zip(want_call, have_call):
+            assert have.completion_ids == want.completion_ids
+            np.testing.assert_allclose(have.topk_logprobs, want.topk_logprobs, atol=1e-4)
