@@ -4,11 +4,12 @@ Requests and aborts from the event loop (any number of loops) are handed to the 
 small locked inbox, applied between steps, so the loop never waits for a step to finish. Each
 request's outputs come back on its own ``asyncio.Queue`` via ``call_soon_threadsafe``.
 
-Given a factory instead of an engine, the thread also builds it, so every torch op (loading and
-steps) runs on that one thread. torch's OpenMP thread team belongs to the thread that starts it:
-measured on 2 cores, small matmuls issued from a second thread after the loading thread had used
-OpenMP ran ~1.5x slower (``[16, 576] @ [576, 1536]``: 360 vs 536 us), and a whole teacher batch
-~1.4x slower.
+Given a factory instead of an engine, the thread also builds it, so loading and steps run on one
+thread. torch's OpenMP thread team belongs to the thread that starts it: measured on 2 cores, small
+matmuls issued from a second thread once the main thread had used OpenMP ran ~1.5x slower
+(``[16, 576] @ [576, 1536]``: 360 vs 536 us; a whole teacher batch ~1.4x), so an engine loaded on
+one thread and stepped on another paid that on every step. The penalty remains wherever the main
+thread itself has run parallel torch ops before the engine thread starts.
 """
 
 from __future__ import annotations
