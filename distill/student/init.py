@@ -280,15 +280,15 @@ def build_from_teacher(
         layers = resolve_teacher_layers(tfields["num_hidden_layers"], student_config, teacher_layers)
     if chunks and progress:
         progress(f"layers {list(layers)}; grouping neurons into experts and fitting routers")
-    samples: Any = None  # per-layer FFN samples (list), or a SequentialFFN that makes them one layer at a time
-    if chunks:
+    calibrated = bool(chunks)
+    captured = None  # every layer's FFN samples, taken on the pruned teacher at once
+    sequential: calibrate.SequentialFFN | None = None  # or one layer at a time, on the student's own inputs
+    if calibrated:
         pruned = prune_teacher(teacher, layers)
-        samples = (
-            calibrate.SequentialFFN(pruned, chunks, correct=options.sequential == "correct")
-            if options.sequential
-            else calibrate.capture_ffn(pruned, chunks)
-        )
-    sequential = samples if isinstance(samples, calibrate.SequentialFFN) else None
+        if options.sequential:
+            sequential = calibrate.SequentialFFN(pruned, chunks, correct=options.sequential == "correct")
+        else:
+            captured = calibrate.capture_ffn(pruned, chunks)
     sharpness = (
         calibrate.difficulty_sharpness(
             options.sharpness, calibrate.next_token_entropy(teacher, chunks), options.difficulty
@@ -343,15 +343,15 @@ def build_from_teacher(
                 sequential.sample(i)
                 sequential.advance(student.model.layers[i].mlp)
             continue
-        check_partition(gate.shape[0], num_experts, expert_size, shared_size, calibrated=samples is not None)
-        if samples is None:
+        check_partition(gate.shape[0], num_experts, expert_size, shared_size, calibrated=calibrated)
+        if not calibrated:
             shared, experts = neuron_partition(
                 gate, up, down, num_experts, expert_size, shared_size, expert_split, seed + i
             )
             scales = torch.full((num_experts,), float(num_experts))  # cancels the uniform weight 1/E
             router = torch.randn(num_experts, hidden, generator=generator) * (router_logit_std / math.sqrt(hidden))
         else:
-            sample = sequential.sample(i) if sequential is not None else samples[i]
+            sample = sequential.sample(i) if sequential is not None else captured[i]
             act = sample.act  # [N, J]
             shared, experts = calibrate.cluster_neurons(
                 calibrate.neuron_contributions(act, down),
@@ -378,7 +378,7 @@ def build_from_teacher(
             target = dense - act[:, shared] @ down[:, shared].t() if shared.numel() else dense
             scales = calibrate.fit_expert_scales(weights, outputs, target)
         downs = [down[:, shared]] + [down[:, idx] * scales[e] for e, idx in enumerate(experts)]  # [H, .] each
-        if samples is not None and options.down_ridge is not None:
+        if calibrated and options.down_ridge is not None:
             fitted = calibrate.fit_down_projections(
                 act, weights, shared, experts, torch.cat(downs, dim=1), dense, options.down_ridge
             )
