@@ -452,10 +452,14 @@ def _load_student(init_dir: str):
     return load_student(storage.local_copy(init_dir)).train()
 
 
-def _stage_length_done(stage: TrainStage, steps: int, tokens: int) -> tuple[bool, float]:
+def _stage_length_done(stage: TrainStage, state: dict[str, Any]) -> tuple[bool, float]:
+    """(stage over, progress in [0, 1]) by the stage's length: steps, completion tokens or minutes."""
     if stage.steps is not None:
-        return steps >= stage.steps, steps / stage.steps
-    return tokens >= stage.tokens, tokens / stage.tokens
+        return state["stage_step"] >= stage.steps, state["stage_step"] / stage.steps
+    if stage.minutes is not None:
+        progress = state.get("stage_seconds", 0.0) / (60.0 * stage.minutes)
+        return progress >= 1.0, min(progress, 1.0)
+    return state["stage_tokens"] >= stage.tokens, state["stage_tokens"] / stage.tokens
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -472,6 +476,7 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
         "stage": 0,
         "stage_step": 0,
         "stage_tokens": 0,
+        "stage_seconds": 0.0,  # training time of a ``minutes`` stage (the same on every rank)
         "step": 0,
         "tokens": 0,
         "data": None,
@@ -519,9 +524,10 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
         window_start, window_tokens, window_positions = time.perf_counter(), 0, 0
         window_on_policy, window_train_s = OnPolicyStats(), 0.0
         while True:
-            done, progress = _stage_length_done(stage, state["stage_step"], state["stage_tokens"])
+            done, progress = _stage_length_done(stage, state)
             if done:
                 break
+            step_t0 = time.perf_counter()
             routing = apply_routing(model, stage, progress)
             warmup = stage.warmup_steps if stage.warmup_steps is not None else section.warmup_steps
             if state["stage_step"] <= warmup:
@@ -573,8 +579,11 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
             state["tokens"] += int(global_tokens)
             window_tokens += int(global_tokens)
             window_positions += int(global_positions)
+            if stage.minutes is not None:  # the slowest rank's step time, so every rank ends on the same step
+                (step_s,) = _all_reduce([time.perf_counter() - step_t0], device, op="max")
+                state["stage_seconds"] = state.get("stage_seconds", 0.0) + step_s
 
-            done, progress = _stage_length_done(stage, state["stage_step"], state["stage_tokens"])
+            done, progress = _stage_length_done(stage, state)
             log_now = state["stage_step"] % section.log_every == 0 or done
             ckpt_now = state["step"] % section.checkpoint_every == 0 or done
             metrics = None
@@ -628,6 +637,7 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
                         "end_step": state["step"],
                         "routing": routing,
                         "heldout": held,
+                        **({"seconds": round(state["stage_seconds"], 2)} if stage.minutes is not None else {}),
                     }
                 )
                 if rank == 0:
@@ -643,6 +653,7 @@ def train_loop(job: TrainJob, runtime: Runtime) -> dict[str, Any]:
                     )
                 state["stage"] += 1
                 state["stage_step"] = state["stage_tokens"] = 0
+                state["stage_seconds"] = 0.0
                 state["data"] = None
             else:
                 state["data"] = None if not ckpt_now else _gather(stream.state())

@@ -2,7 +2,7 @@
 
 ``pipelines.config`` composes it into the root config. A stage's ``loss`` is :class:`distill.losses.LossWeights`.
 
-A stage says what data it reads (``mixture``), for how long (``steps`` or ``tokens``), with what
+A stage says what data it reads (``mixture``), for how long (``steps``, ``tokens`` or ``minutes``), with what
 learning rate schedule, loss weights and routing. The default is one stage over all the data with
 forward KL on the teacher's top-k soft labels.
 """
@@ -93,6 +93,13 @@ class TrainStage(Section):
     name: str = "distill"
     steps: int | None = Field(default=None, ge=0, description="optimizer steps (or give `tokens`)")
     tokens: int | None = Field(default=None, ge=0, description="completion tokens to train on")
+    minutes: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="wall-clock training time (data, on-policy sampling and labelling, optimizer steps; "
+        "held-out scoring and checkpoints not counted): the stage ends after the step that reaches it",
+    )
     mixture: list[MixtureComponent] = Field(default_factory=lambda: [MixtureComponent()])
     lr: float | None = Field(default=None, gt=0, description="peak learning rate (default train.lr)")
     min_lr_ratio: float | None = Field(default=None, ge=0, le=1)
@@ -104,7 +111,12 @@ class TrainStage(Section):
 
     @model_validator(mode="after")
     def _has_length(self) -> TrainStage:
-        if self.steps is None and self.tokens is None:
+        given = [key for key in ("steps", "tokens", "minutes") if getattr(self, key) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"stage {self.name!r} gives {' and '.join(given)}; give only one of steps, tokens, minutes"
+            )
+        if not given:
             self.steps = 100
         if (self.steps is not None and self.steps == 0) or (self.steps is None and self.tokens == 0):
             raise ValueError(f"stage {self.name!r} has zero length; give it steps >= 1 or tokens >= 1, or remove it")

@@ -72,3 +72,26 @@ class KillLabeller:
 def kill_labeller(run: str | Path, step: int) -> list[dict]:
     marker = str(Path(run) / "killed-labeller")
     return [{"target": f"{__name__}:KillLabeller", "kwargs": {"step": step, "marker": marker}}]
+
+
+class FakeClock:
+    """A stand-in for ``time`` in ``distill.training.loop`` whose ``perf_counter`` moves only when told to."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+CLOCK = FakeClock()
+
+
+class AdvanceClock:
+    """Each step takes ``seconds`` on :data:`CLOCK` (the local loop only: it shares this process)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def before_step(self, rank: int, step: int, batches) -> None:
+        CLOCK.now += self.seconds

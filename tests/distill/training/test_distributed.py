@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -234,12 +235,27 @@ def _loop_worker(rank: int, world: int, port: int, strategy: str, out: str) -> N
         dist.barrier()
         job.section = {**base, "stages": first + [frozen]}
         state2 = train_loop(job, runtime)
+        if rank == 0:  # the two stages' checkpoints, before the third stage's replace them
+            shutil.copytree(Path(out) / "checkpoints", Path(out) / "checkpoints-4")
+        dist.barrier()
+        # A 0.5-minute stage on a fake clock where rank 0's steps take 10 s and rank 1's 20 s: both ranks
+        # count the slower rank's time, so both end after 2 steps (a rank counting its own would go on
+        # alone and the collectives would hang).
+        import distill.training.loop as loop
+        from tests.distill.training import callbacks as cb
+
+        loop.time = cb.CLOCK
+        timed = {"name": "timed", "minutes": 0.5}
+        job.section = {**base, "stages": first + [frozen, timed]}
+        job.callbacks = [{"target": f"{cb.__name__}:AdvanceClock", "kwargs": {"seconds": 10.0 * (rank + 1)}}]
+        state3 = train_loop(job, runtime)
         if rank == 0:
             lines = [json.loads(x) for x in Path(job.metrics_uri).read_text().splitlines()]
             (Path(out) / "result.json").write_text(
                 json.dumps(
                     {
-                        "steps": [state["step"], state2["step"]],
+                        "steps": [state["step"], state2["step"], state3["step"]],
+                        "timed": state3["history"][-1],
                         "events": [x.get("event") for x in lines],
                         "grad_norms": [x.get("grad_norm") for x in lines],
                     }
@@ -259,11 +275,12 @@ def test_train_loop_on_two_ranks_checkpoints_resumes_and_freezes_the_router(stra
     tiny_model(seed=0, **SETUP).save_pretrained(str(tmp_path / "init"))
     mp.spawn(_loop_worker, args=(2, _free_port(), strategy, str(tmp_path)), nprocs=2, join=True)
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["steps"] == [2, 4] and "resumed" in result["events"]
+    assert result["steps"] == [2, 4, 6] and "resumed" in result["events"]
+    assert (result["timed"]["steps"], result["timed"]["seconds"]) == (2, 40.0)
     assert all(n is not None and n > 0 for n in result["grad_norms"] if n is not None)
-    found = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    found = sorted(p.name for p in (tmp_path / "checkpoints-4").iterdir())
     assert found == ["checkpoint_0000002", "checkpoint_0000004"]
-    at2, at4 = (load_file(str(tmp_path / "checkpoints" / f / "model.safetensors")) for f in found)
+    at2, at4 = (load_file(str(tmp_path / "checkpoints-4" / f / "model.safetensors")) for f in found)
     init = {k: v for k, v in tiny_model(seed=0, **SETUP).state_dict().items()}
     assert at2.keys() == init.keys()  # full, unsharded tensors under the student's own names
     assert all(at2[k].shape == init[k].shape for k in init)
@@ -271,5 +288,5 @@ def test_train_loop_on_two_ranks_checkpoints_resumes_and_freezes_the_router(stra
     assert gates and all(not torch.equal(at2[k], init[k]) for k in gates)  # trained in the first stage
     assert all(torch.equal(at4[k], at2[k]) for k in gates)  # frozen in the second
     assert not torch.equal(at4["model.embed_tokens.weight"], at2["model.embed_tokens.weight"])
-    optim = load_file(str(tmp_path / "checkpoints" / found[-1] / "optimizer.safetensors"))
+    optim = load_file(str(tmp_path / "checkpoints-4" / found[-1] / "optimizer.safetensors"))
     assert optim["model.embed_tokens.weight::exp_avg"].shape == init["model.embed_tokens.weight"].shape

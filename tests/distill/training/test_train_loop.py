@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from distill.training.stage import run_train_stage
+from tests.distill.training import callbacks as cb
 from tests.distill.training.callbacks import fail_once
 from tests.distill.training.conftest import tiny_cfg
 
@@ -115,6 +116,38 @@ RESUME_STAGES = [
     {"name": "warm", "steps": 4, "loss": {"ce": 1.0, "forward_kl": 1.0}},
     {"name": "kd", "steps": 6, "loss": {"forward_kl": 1.0}, "mixture": [{"source": "a", "weight": 2}, {"source": "b"}]},
 ]
+
+
+def test_a_minutes_stage_ends_after_the_step_that_reaches_its_time_and_decays_over_it(tiny_run, monkeypatch):
+    """``minutes``: a wall-clock budget per stage. On a fake clock where each step takes 10 s, a
+    0.5-minute stage is exactly 3 steps, its cosine decay spans those 30 s, and the next stage follows."""
+    import distill.training.loop as loop
+
+    cfg, run = tiny_run
+    monkeypatch.setattr(loop, "time", cb.CLOCK)
+    stages = [
+        {"name": "timed", "minutes": 0.5, "warmup_steps": 0, "lr": 1e-3, "min_lr_ratio": 0.0},
+        {"name": "after", "steps": 2},
+    ]
+    cfg = cfg.model_copy(
+        update={"train": cfg.train.model_validate({**cfg.train.model_dump(), "log_every": 1, "stages": stages})}
+    )
+    callbacks = [{"target": "tests.distill.training.callbacks:AdvanceClock", "kwargs": {"seconds": 10.0}}]
+    manifest = run_train_stage(cfg, run, use_ray=False, show_progress=False, callbacks=callbacks)
+    timed, after = manifest["stages"]
+    assert (timed["steps"], timed["seconds"], after["steps"]) == (3, 30.0, 2)
+    assert "seconds" not in after  # only a time-limited stage records its time
+    lrs = [m["lr"] for m in metrics(run) if "loss" in m and m["stage_name"] == "timed"]
+    # progress before each step is 0, 1/3, 2/3 of the 30 s: cosine from the peak towards 0
+    assert lrs == pytest.approx([1e-3, 0.75e-3, 0.25e-3])
+
+
+def test_a_stage_takes_one_length_only():
+    from distill.training.section import TrainStage
+
+    with pytest.raises(ValueError, match="gives steps and minutes; give only one of steps, tokens, minutes"):
+        TrainStage.model_validate({"name": "x", "steps": 3, "minutes": 1.0})
+    assert TrainStage.model_validate({"minutes": 2}).steps is None
 
 
 def resume_cfg(cfg):
