@@ -45,27 +45,71 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
     return _png(fig)
 
 
-def plot_training_loss(metrics: list[dict]) -> bytes | None:
-    """Loss vs step, one line per training stage (``stage_name`` or ``stage``), held-out KL as markers."""
+def loss_lines(metrics: list[dict]) -> list[dict[str, Any]]:
+    """The training-loss plot's lines: per stage (``stage_name`` or ``stage``) its loss, labelled offline or
+    on-policy, and for on-policy stages the one-sample reverse KL on the student's own samples
+    (``on_policy.kl_sampled``, same colour, dotted); held-out KL points last. Each line
+    ``{"label", "steps", "values", "kind"}`` with kind ``loss`` / ``on_policy_kl`` / ``heldout``."""
     steps = [m for m in metrics if "loss" in m and "step" in m and m.get("event") is None]
-    if not steps:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
     stages: dict[str, list[dict]] = {}
     for m in steps:
         stages.setdefault(str(m.get("stage_name") or m.get("stage") or "train"), []).append(m)
+    lines: list[dict[str, Any]] = []
     for name, rows in stages.items():
-        ax.plot(
-            [r["step"] for r in rows],
-            [r["loss"] for r in rows],
-            marker="." if len(rows) < 50 else None,
-            label=f"loss: {name}",
-            linewidth=1.6,
-        )  # markers: a single logged step still shows
+        kind = "on-policy" if any("on_policy" in r for r in rows) else "offline"
+        lines.append(
+            {
+                "label": f"loss: {name} ({kind})",
+                "steps": [r["step"] for r in rows],
+                "values": [r["loss"] for r in rows],
+                "kind": "loss",
+            }
+        )
+        sampled = [r for r in rows if r.get("on_policy", {}).get("labelled_tokens")]
+        if sampled:
+            lines.append(
+                {
+                    "label": f"on-policy KL: {name}",
+                    "steps": [r["step"] for r in sampled],
+                    "values": [r["on_policy"]["kl_sampled"] for r in sampled],
+                    "kind": "on_policy_kl",
+                }
+            )
     held = [m for m in metrics if m.get("event") == "heldout" and m.get("kl") is not None]
     if held:
-        ax.plot([m["step"] for m in held], [m["kl"] for m in held], "o--", color="black", label="held-out KL")
+        lines.append(
+            {
+                "label": "held-out KL",
+                "steps": [m["step"] for m in held],
+                "values": [m["kl"] for m in held],
+                "kind": "heldout",
+            }
+        )
+    return lines
+
+
+def plot_training_loss(metrics: list[dict]) -> bytes | None:
+    """Loss vs step, one line per training stage (see :func:`loss_lines`)."""
+    lines = loss_lines(metrics)
+    if not any(line["kind"] == "loss" for line in lines):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    color = None
+    for line in lines:
+        if line["kind"] == "loss":
+            (drawn,) = ax.plot(
+                line["steps"],
+                line["values"],
+                marker="." if len(line["steps"]) < 50 else None,  # a single logged step still shows
+                label=line["label"],
+                linewidth=1.6,
+            )
+            color = drawn.get_color()
+        elif line["kind"] == "on_policy_kl":
+            ax.plot(line["steps"], line["values"], ":", color=color, label=line["label"])
+        else:
+            ax.plot(line["steps"], line["values"], "o--", color="black", label=line["label"])
     return _finish(fig, ax, "step", "loss", "Training loss by stage")
 
 
