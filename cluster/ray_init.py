@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,24 @@ def quiet_ray_logs() -> None:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET or logger.level < level:
             logger.setLevel(level)
+    quiet_hf_progress()
+
+
+def quiet_hf_progress() -> None:
+    """Turn off Hugging Face's per-call progress bars ("Loading weights", "Writing model shards"): one
+    per model load or save, in every worker, streamed to the driver's console between our own progress.
+    A user who set ``HF_HUB_DISABLE_PROGRESS_BARS`` (to anything) keeps their choice."""
+    if "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ:
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub / transformers are imported
+    if "huggingface_hub" in sys.modules:  # already imported here (not imported for it): switch them off directly
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers.utils.logging" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def with_quiet_workers(runtime_env: dict[str, Any] | None) -> dict[str, Any]:

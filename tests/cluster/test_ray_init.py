@@ -51,9 +51,13 @@ def test_ray_workers_run_the_hook_so_ray_train_info_lines_stay_off_the_console(r
     @ray_session.remote
     def levels() -> dict[str, int]:
         names = ["ray.train", "ray.train.v2._internal.execution.controller.placement_group_cleaner", "ray.serve"]
-        return {name: logging.getLogger(name).getEffectiveLevel() for name in names}
+        from transformers.utils import logging as hf_logging
+
+        levels = {name: logging.getLogger(name).getEffectiveLevel() for name in names}
+        return {**levels, "hf_progress_bars": hf_logging.is_progress_bar_enabled()}
 
     got = ray_session.get(levels.remote())
+    assert got.pop("hf_progress_bars") is False  # no "Loading weights" bar per model load in a worker
     assert got["ray.train"] == logging.WARNING
     assert got["ray.train.v2._internal.execution.controller.placement_group_cleaner"] == logging.ERROR
     assert got["ray.serve"] == logging.WARNING
