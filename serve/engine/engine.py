@@ -567,15 +567,12 @@ class LLMEngine:
         """The logits tokens are picked from: penalties, then the structured-output mask (logprobs stay raw)."""
         rows = [i for i, seq in enumerate(seqs) if seq.options.penalized]
         if rows:
-            opts = [seqs[i].options for i in rows]
             logits = apply_penalties(
                 logits,
                 rows,
                 [seqs[i].request.prompt_ids for i in rows],
                 [seqs[i].output for i in rows],
-                [o.presence_penalty for o in opts],
-                [o.frequency_penalty for o in opts],
-                [o.repetition_penalty for o in opts],
+                [seqs[i].options for i in rows],
             )
         return cls._constrained(seqs, logits)
 

@@ -7,36 +7,36 @@ from __future__ import annotations
 
 import torch
 
+from serve.engine.types import SamplingOptions
+
 
 def apply_penalties(
     logits: torch.Tensor,
     rows: list[int],
     prompts: list[list[int]],
     outputs: list[list[int]],
-    presence: list[float],
-    frequency: list[float],
-    repetition: list[float],
+    options: list[SamplingOptions],
 ) -> torch.Tensor:
     """A copy of logits [m, V] with each listed row's penalties applied (vLLM's order and definitions).
 
-    For row ``rows[j]``: the repetition penalty r (transformers / CTRL) divides the positive logits and
-    multiplies the negative ones of every token seen in ``prompts[j]`` or ``outputs[j]``; then OpenAI's
-    ``logit -= frequency * c + presence * (c > 0)``, c = the token's count in ``outputs[j]`` only.
+    For row ``rows[j]`` with ``options[j]``: the repetition penalty r (transformers / CTRL) divides the
+    positive logits and multiplies the negative ones of every token seen in ``prompts[j]`` or
+    ``outputs[j]``; then OpenAI's ``logit -= frequency * c + presence * (c > 0)``, c = the token's
+    count in ``outputs[j]`` only.
     """
     out = logits.clone()
     vocab = logits.shape[1]
-    for j, i in enumerate(rows):
+    for i, prompt, output, opt in zip(rows, prompts, outputs, options):
         row = out[i]
-        generated = torch.tensor(outputs[j], dtype=torch.long)
-        counts = torch.bincount(generated, minlength=vocab)[:vocab].to(row.dtype)  # [V]
-        if repetition[j] != 1:
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].to(row.dtype)  # [V]
+        if opt.repetition_penalty != 1:
             seen = counts > 0
-            if prompts[j]:
-                seen[torch.tensor(prompts[j], dtype=torch.long)] = True
-            r = repetition[j]
+            if prompt:
+                seen[torch.tensor(prompt, dtype=torch.long)] = True
+            r = opt.repetition_penalty
             row.copy_(torch.where(seen, torch.where(row > 0, row / r, row * r), row))
-        if frequency[j] or presence[j]:
-            row.sub_(frequency[j] * counts + presence[j] * (counts > 0).to(row.dtype))
+        if opt.frequency_penalty or opt.presence_penalty:
+            row.sub_(opt.frequency_penalty * counts + opt.presence_penalty * (counts > 0).to(row.dtype))
     return out
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import torch
 
 from serve.engine.sampling import apply_penalties
+from serve.engine.types import SamplingOptions
 
 
 def test_presence_and_frequency_count_generated_tokens_only_and_repetition_also_sees_the_prompt():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
     got = apply_penalties(
-        logits, [0], prompts=[[4]], outputs=[[0, 0, 1]], presence=[0.5], frequency=[0.25], repetition=[2.0]
+        logits,
+        [0],
+        prompts=[[4]],
+        outputs=[[0, 0, 1]],
+        options=[SamplingOptions(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)],
     )
     # token 0: seen (2.0 / 2 = 1.0), generated twice: - 0.25 * 2 - 0.5 -> 0.0
     # token 1: seen (-1.0 * 2 = -2.0), generated once: - 0.25 - 0.5 -> -2.75
@@ -22,7 +27,7 @@ def test_presence_and_frequency_count_generated_tokens_only_and_repetition_also_
 
 def test_negative_penalties_favour_repeats_and_neutral_values_change_nothing():
     logits = torch.tensor([[0.0, 0.0, 0.0]])
-    more = apply_penalties(logits, [0], [[]], [[2]], presence=[-1.0], frequency=[0.0], repetition=[1.0])
+    more = apply_penalties(logits, [0], [[]], [[2]], [SamplingOptions(presence_penalty=-1.0)])
     assert more[0].tolist() == [0.0, 0.0, 1.0]
-    same = apply_penalties(logits + 1, [0], [[1]], [[2, 2]], presence=[0.0], frequency=[0.0], repetition=[1.0])
+    same = apply_penalties(logits + 1, [0], [[1]], [[2, 2]], [SamplingOptions()])
     assert torch.equal(same, logits + 1)
