@@ -177,3 +177,15 @@ class TrainSection(Section):
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
         return stages
+
+    @model_validator(mode="after")
+    def _on_policy_needs_whole_weights(self) -> TrainSection:
+        # On-policy stages sample with the student's own prefill/decode on each worker; under FSDP with
+        # several workers the root's embeddings and LM head are DTensor shards outside a forward call.
+        sampled = [s.name for s in self.stages if s.on_policy is not None]
+        if sampled and self.strategy is Strategy.fsdp and self.workers > 1:
+            raise ValueError(
+                f"on-policy stages {sampled} need train.strategy: ddp with train.workers > 1 (FSDP shards the "
+                "weights the student samples with); use ddp, or one worker"
+            )
+        return self

@@ -201,3 +201,13 @@ def test_heldout_every_scores_the_budget_curve_with_the_teachers_nll_on_the_same
     assert all(h["teacher_ce"] > 0 and h["ce"] > 0 and h["tokens"] == held[0]["tokens"] for h in held)
     assert plot_budget(metrics(run))[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_budget(held[:1]) is None  # one point is no curve
+
+
+def test_on_policy_stages_refuse_fsdp_across_workers():
+    from distill.training.section import TrainSection
+
+    stage = {"name": "gkd", "steps": 2, "on_policy": {}}
+    with pytest.raises(ValueError, match=r"on-policy stages \['gkd'\] need train.strategy: ddp"):
+        TrainSection.model_validate({"strategy": "fsdp", "workers": 2, "stages": [stage]})
+    assert TrainSection.model_validate({"strategy": "fsdp", "workers": 1, "stages": [stage]}).workers == 1
+    assert TrainSection.model_validate({"strategy": "ddp", "workers": 2, "stages": [stage]}).workers == 2
