@@ -85,17 +85,21 @@ def test_two_workers_train_on_disjoint_rows_and_checkpoint_to_storage(straight):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fail_mode", ["raise", "exit"])
-def test_worker_failure_resumes_from_the_last_checkpoint_and_ends_like_a_straight_run(
-    straight, tmp_path, tiny_data_template, sharp_teacher_dir, fail_mode
+def test_worker_failures_raise_and_exit_resume_from_the_last_checkpoint_and_end_like_a_straight_run(
+    straight, tmp_path, tiny_data_template, sharp_teacher_dir
 ):
-    # Step 7 is one step after the checkpoint at 6: well inside Ray's 2 s poll of the workers, so Ray's
-    # controller may not have registered checkpoint 6 yet; the restart must still start from it.
-    cfg, run = new_run(tmp_path, tiny_data_template, sharp_teacher_dir, ("max_failures", 1))
-    manifest = run_train_stage(cfg, run, show_progress=False, callbacks=fail_once(run, 7, fail_mode))
-    assert "failed at step 7" in (Path(run) / "train" / ".injected-failure").read_text()
+    # Both failure kinds in one fit (two restarts, max_failures 2): a worker raises before step 7, and a
+    # worker's process dies (os._exit: no exception, no cleanup) before step 10. Each comes one step
+    # after a checkpoint (6, 9): well inside Ray's 2 s poll of the workers, so Ray's controller may not
+    # have registered that checkpoint yet; each restart must still start from it.
+    cfg, run = new_run(tmp_path, tiny_data_template, sharp_teacher_dir, ("max_failures", 2))
+    callbacks = fail_once(run, 7, "raise", ".injected-raise") + fail_once(run, 10, "exit", ".injected-exit")
+    manifest = run_train_stage(cfg, run, show_progress=False, callbacks=callbacks)
+    assert "failed at step 7" in (Path(run) / "train" / ".injected-raise").read_text()
+    assert "failed at step 10" in (Path(run) / "train" / ".injected-exit").read_text()
     resumed = [m for m in metric_lines(run) if m.get("event") == "resumed"]
-    assert [(m["step"], m["stage"]) for m in resumed] == [(6, 1)]  # mid-"kd", not a restart from scratch
+    # each restart mid-"kd" from the checkpoint just before its failure, not from scratch or an older one
+    assert [(m["step"], m["stage"]) for m in resumed] == [(6, 1), (9, 1)]
     assert_same_training(straight[0], manifest, straight[1], run)
 
 
