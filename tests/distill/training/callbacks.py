@@ -40,9 +40,9 @@ def trace_rows(trace_dir: str | Path) -> list[dict]:
     return [{"target": f"{__name__}:TraceRows", "kwargs": {"trace_dir": str(trace_dir)}}]
 
 
-def fail_once(run: str | Path, step: int, mode: str = "raise") -> list[dict]:
-    """Fail at ``step`` once; the marker is ``{run}/train/.injected-failure``."""
-    marker = Path(run) / "train" / ".injected-failure"
+def fail_once(run: str | Path, step: int, mode: str = "raise", name: str = ".injected-failure") -> list[dict]:
+    """Fail at ``step`` once; the marker is ``{run}/train/{name}`` (give each of several failures its own)."""
+    marker = Path(run) / "train" / name
     return [{"target": f"{__name__}:FailOnce", "kwargs": {"step": step, "marker": str(marker), "mode": mode}}]
 
 

@@ -1,4 +1,4 @@
-"""Two ranks (gloo, CPU, ``torch.multiprocessing.spawn``) through the loop's own wrapping and step code.
+"""Two ranks (gloo, CPU, ``torch.multiprocessing``) through the loop's own wrapping and step code.
 
 Top-1 routing and one short row per rank and step: some experts get no token on a rank, and the
 routers are frozen from the second step on. Each rank writes what it saw; the test compares it with
@@ -118,6 +118,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_ranks(fn, *args) -> None:
+    """``fn(rank, 2, port, *args)`` in two fresh processes, forked from a ``forkserver`` that imported torch
+    and this module once for the whole session (``spawn`` re-imports them in every rank of every test:
+    seconds each on 2 cores). The server only imports: no torch threads exist in it to break a fork."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(["torch", __name__])  # no effect once the server runs
+    mp.start_processes(fn, args=(2, _free_port(), *args), nprocs=2, join=True, start_method="forkserver")
+
+
 def _reference_step0() -> dict[str, torch.Tensor]:
     """One process, both ranks' step-0 rows in one batch: the gradient of the mean over all their tokens."""
     model = tiny_model(seed=0, **SETUP)
@@ -139,9 +151,7 @@ def _reference_step0() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_with_idle_experts_and_a_frozen_router(strategy, tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(2, _free_port(), strategy, str(tmp_path)), nprocs=2, join=True)
+    _two_ranks(_worker, strategy, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     ref = _reference_step0()
     got = ranks[0]["grads"]
@@ -269,11 +279,10 @@ def _loop_worker(rank: int, world: int, port: int, strategy: str, out: str) -> N
 def test_train_loop_on_two_ranks_checkpoints_resumes_and_freezes_the_router(strategy, tmp_path):
     import json
 
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     tiny_model(seed=0, **SETUP).save_pretrained(str(tmp_path / "init"))
-    mp.spawn(_loop_worker, args=(2, _free_port(), strategy, str(tmp_path)), nprocs=2, join=True)
+    _two_ranks(_loop_worker, strategy, str(tmp_path))
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["steps"] == [2, 4, 6] and "resumed" in result["events"]
     assert (result["timed"]["steps"], result["timed"]["seconds"]) == (2, 40.0)

@@ -85,30 +85,35 @@ def test_two_workers_train_on_disjoint_rows_and_checkpoint_to_storage(straight):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fail_mode", ["raise", "exit"])
-def test_worker_failure_resumes_from_the_last_checkpoint_and_ends_like_a_straight_run(
-    straight, tmp_path, tiny_data_template, sharp_teacher_dir, fail_mode
-):
-    # Step 7 is one step after the checkpoint at 6: well inside Ray's 2 s poll of the workers, so Ray's
-    # controller may not have registered checkpoint 6 yet; the restart must still start from it.
-    cfg, run = new_run(tmp_path, tiny_data_template, sharp_teacher_dir, ("max_failures", 1))
-    manifest = run_train_stage(cfg, run, show_progress=False, callbacks=fail_once(run, 7, fail_mode))
-    assert "failed at step 7" in (Path(run) / "train" / ".injected-failure").read_text()
-    resumed = [m for m in metric_lines(run) if m.get("event") == "resumed"]
-    assert [(m["step"], m["stage"]) for m in resumed] == [(6, 1)]  # mid-"kd", not a restart from scratch
-    assert_same_training(straight[0], manifest, straight[1], run)
-
-
-@pytest.mark.slow
-def test_failed_run_resumes_when_rerun_and_ends_like_a_straight_run(
+def test_worker_failures_restart_in_the_fit_and_a_failed_run_resumes_when_rerun_ending_like_a_straight_run(
     straight, tmp_path, tiny_data_template, sharp_teacher_dir
 ):
-    cfg, run = new_run(tmp_path, tiny_data_template, sharp_teacher_dir, ("max_failures", 0))
+    """One run, three injected failures, each one step after a checkpoint (3, 6, 9): well inside Ray's 2 s
+    poll of the workers, so Ray's controller may not have registered that checkpoint yet, and each restart
+    must still start from it.
+
+    1. a worker raises before step 4, and 2. a worker's process dies before step 7 (os._exit: no exception,
+    no cleanup): Ray Train restarts the workers inside the same fit (train.max_failures 2);
+    3. a worker raises before step 10: past max_failures, the stage fails, a rerun without --resume is
+    refused, and a rerun with it resumes. The run ends like the straight run."""
+    cfg, run = new_run(tmp_path, tiny_data_template, sharp_teacher_dir, ("max_failures", 2))
+    injected = Path(run) / "train"
+    callbacks = (
+        fail_once(run, 4, "raise", ".injected-raise")
+        + fail_once(run, 7, "exit", ".injected-exit")
+        + fail_once(run, 10, "raise", ".injected-fatal")
+    )
     with pytest.raises(RaydistillError, match="training failed"):
-        run_train_stage(cfg, run, show_progress=False, callbacks=fail_once(run, 9))
+        run_train_stage(cfg, run, show_progress=False, callbacks=callbacks)
+    assert "failed at step 4" in (injected / ".injected-raise").read_text()
+    assert "failed at step 7" in (injected / ".injected-exit").read_text()
+    assert "failed at step 10" in (injected / ".injected-fatal").read_text()
+    resumed = [m for m in metric_lines(run) if m.get("event") == "resumed"]
+    # the two restarts inside the fit: mid-"warm" and mid-"kd", each from the checkpoint just before its failure
+    assert [(m["step"], m["stage"]) for m in resumed] == [(3, 0), (6, 1)]
     with pytest.raises(Exception, match="--resume"):
         run_train_stage(cfg, run, show_progress=False, resume=False)
     manifest = run_train_stage(cfg, run, show_progress=False, resume=True)
     resumed = [m for m in metric_lines(run) if m.get("event") == "resumed"]
-    assert [(m["step"], m["stage"]) for m in resumed] == [(6, 1)]
+    assert [(m["step"], m["stage"]) for m in resumed] == [(3, 0), (6, 1), (9, 1)]
     assert_same_training(straight[0], manifest, straight[1], run)
