@@ -30,14 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bar per model load
+from cluster.ray_init import quiet_hf_progress
 
-import torch
+quiet_hf_progress()  # before transformers is imported: no "Loading weights" bar per model load
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("offline", "on_policy", "mixed")
@@ -93,12 +94,10 @@ def train(mode: str, cfg, source: Path, work: Path, minutes: float, max_new_toke
 
 
 @torch.no_grad()
-def own_sample_kl(student_dir: Path, teacher, prompts: list[list[int]], eos: set[int], max_new: int) -> float:
+def own_sample_kl(student, teacher, prompts: list[list[int]], eos: set[int], max_new: int) -> float:
     """Mean over sampled tokens of log q(y) - log p(y): the student's reverse KL to the teacher on its own text."""
-    from distill.student.export import load_student
     from distill.training.on_policy import sample
 
-    student = load_student(student_dir).eval()
     total, count = 0.0, 0
     for start in range(0, len(prompts), 8):
         batch = prompts[start : start + 8]
@@ -141,7 +140,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    from cluster.ray_init import connect
     from distill.eval import corpora
     from distill.eval.stage import HELDOUT, evaluate_model, heldout_rows, load_model
     from distill.teacher.sources import eos_token_ids
@@ -152,7 +150,6 @@ def main() -> None:
         raise SystemExit(f"{source}/train/init is missing: give a quickstart run that has trained (make demo)")
     work = Path(tempfile.mkdtemp(prefix="on-policy-"))
     cfg = load_config(args.config, [f"workdir={work}", "eval.speed.enabled=false", *args.overrides])
-    connect(cfg.ray.address, num_cpus=cfg.ray.num_cpus)  # the labelling service's actors
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     students, runs = {"init": source / "train" / "init"}, {}
     for mode in modes:
@@ -177,7 +174,7 @@ def main() -> None:
             timed=False,
             notes=[],
             say=say,
-        )  # fmt: skip
+        )
     }
     penalty = float(cfg.serve.sampling_defaults.get("repetition_penalty", 1.0))
     for name, path in students.items():
@@ -185,9 +182,9 @@ def main() -> None:
         results[name] = evaluate_model(
             name, model, tokenizer, cfg=cfg, texts=texts, rows=rows, fidelity_ok=True, timed=False, notes=[], say=say
         )
-        del model
         say(f"{name}: own-sample KL on {len(prompts)} held-out prompts")
-        results[name]["own_kl"] = own_sample_kl(path, teacher, prompts, eos, args.max_new_tokens)
+        results[name]["own_kl"] = own_sample_kl(model, teacher, prompts, eos, args.max_new_tokens)
+        del model
         results[name]["sample"] = sample_answer(
             path, cfg.pipeline.sample_prompt, cfg.pipeline.sample_max_tokens, penalty
         )
