@@ -13,12 +13,12 @@ without downtime: :func:`update_model` changes only the deployments' ``user_conf
 ``reconfigure`` on the running replicas in place; each loads the new engine beside the old one,
 switches, lets the old one drain its in-flight requests and then shuts it down.
 
-On vLLM (GPU) a second engine does not fit beside the first (vLLM takes ``gpu_memory_utilization`` of
-the GPU), so the model swap is a **rolling replacement** instead: the model dir is part of the model
-deployment's version (:func:`model_version`), not of its ``user_config``, so a new model makes Serve
-start new replicas first (``max_surge_percent=100``), route to them once healthy, and stop the old
-replicas after they drained (``graceful_shutdown_timeout_s``). That needs room for one more replica per
-replica replaced (a spare GPU, or a node type the cluster autoscaler can add).
+With ``serve.backend: vllm`` the app is Ray Serve LLM's instead (:mod:`serve.llm_app`): vLLM's own
+OpenAI server in ``LLMServer`` replicas behind ``ray.serve.llm``'s ingress, with our API keys and prompt
+log added (:mod:`serve.llm_ingress`). A second vLLM engine does not fit beside the first (vLLM takes
+``gpu_memory_utilization`` of the GPU), so there a model swap is a **rolling replacement**: the model dir
+is part of the LLMServer's config, so a new one makes Serve replace the replicas. That needs room for
+one more replica per replica replaced (a spare GPU, or a node type the cluster autoscaler can add).
 
 Public API (used by the pipeline's deploy stage): :func:`build_app`, :func:`deploy`,
 :func:`update_model`, :func:`status`, :func:`shutdown`.
@@ -40,6 +40,7 @@ from serve.api import create_app
 from serve.engine.factory import load_engine
 from serve.engine.types import EngineError, EngineFailure, EngineUnavailable, GenerationOutput, GenerationRequest
 from serve.errors import Overloaded
+from serve.llm_app import autoscaling_config, build_llm_app
 from serve.section import ServeSection
 
 logger = logging.getLogger("raydistill.serve")
@@ -48,16 +49,6 @@ logger = logging.getLogger("raydistill.serve")
 def uses_vllm(section: ServeSection) -> bool:
     """True when the model replicas run vLLM (``serve.backend``)."""
     return section.backend == "vllm" or (section.backend == "auto" and section.num_gpus > 0)
-
-
-def model_version(section: ServeSection, model_dir: str) -> str:
-    """The model deployment's version: fixed for our engine (swaps are in-place reconfigures); on vLLM it
-    includes the model dir, so a new model is a rolling replacement of the replicas."""
-    if not uses_vllm(section):
-        return CODE_VERSION
-    import hashlib
-
-    return f"{CODE_VERSION}-{hashlib.sha256(model_dir.encode()).hexdigest()[:12]}"
 
 
 # A fixed code version: redeploying the same code with a new user_config (a new model dir) is then a
@@ -122,16 +113,9 @@ class ModelDeployment:
 
     async def reconfigure(self, user_config: dict) -> None:
         """Swap to ``user_config["model_dir"]``: load the new engine beside the old one, switch, drain the old.
-        Never on vLLM (no room for two engines on the GPU): there a new model is a rolling replacement."""
+        (vLLM apps are Ray Serve LLM's, where a new model is a rolling replacement: :mod:`serve.llm_app`.)"""
         model_dir = (user_config or {}).get("model_dir")
         if not model_dir or model_dir == self.current.model_dir:
-            return
-        if uses_vllm(self.section) and self.engine_factory is None:
-            logger.warning(
-                "model replica on vLLM asked to swap to %s in place; refused (a second vLLM engine "
-                "does not fit on the GPU): update_model replaces vLLM replicas instead",
-                model_dir,
-            )
             return
         async with self._swap_lock:
             t0 = time.perf_counter()
@@ -401,6 +385,7 @@ def build_app(
     api_key_hashes: list[str] | None = None,
 ) -> Any:
     """The bound Serve application (ingress -> model) for ``model_dir``; run it with ``serve.run``.
+    On vLLM (:func:`uses_vllm`) it is Ray Serve LLM's app (:func:`serve.llm_app.build_llm_app`).
 
     The API keys are read here, in the driver (``api_key_hashes`` overrides), and handed to the ingress
     as hashes."""
@@ -408,31 +393,25 @@ def build_app(
     if api_key_hashes is None:
         api_key_hashes = driver_key_hashes(section)
     model_dir = _abs_model(model_dir)
+    if uses_vllm(section):
+        return build_llm_app(
+            model_dir,
+            section,
+            model_id=served_name(section, name),
+            api_key_hashes=api_key_hashes,
+            ingress_name=INGRESS_DEPLOYMENT,
+        )
     app_name = name or section.app_name
     user_config = {"model_dir": model_dir}
-    autoscaling = {
-        "min_replicas": section.min_replicas,
-        "max_replicas": section.max_replicas,
-        "initial_replicas": section.initial_replicas
-        if section.initial_replicas is not None
-        else max(1, section.min_replicas),
-        "target_ongoing_requests": section.target_ongoing_requests,
-        "upscale_delay_s": section.upscale_delay_s,
-        "downscale_delay_s": section.downscale_delay_s,
-        "metrics_interval_s": section.metrics_interval_s,
-        "look_back_period_s": section.look_back_period_s,
-    }
+    autoscaling = autoscaling_config(section)
     actor_options: dict[str, Any] = {"num_cpus": section.num_cpus}
     if section.num_gpus:
         actor_options["num_gpus"] = section.num_gpus
     if section.threads:
         actor_options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(section.threads)}}
-    # Our engine swaps in place (model_dir in user_config -> reconfigure); vLLM by rolling replacement
-    # (model_dir in the version and the init args only).
-    model_user_config = {} if uses_vllm(section) else user_config
+    # Our engine swaps in place: model_dir in user_config -> reconfigure.
     model = _options(
         ModelDeployment,
-        version=model_version(section, model_dir),
         name=MODEL_DEPLOYMENT,
         max_surge_percent=100,
         autoscaling_config=autoscaling,
@@ -442,7 +421,7 @@ def build_app(
         graceful_shutdown_timeout_s=section.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=5,
-        user_config=model_user_config,
+        user_config=user_config,
     ).bind(model_dir, section.model_dump(mode="json"), engine_factory, engine_options)
     # The ingress never queues work itself: its limit is far above what the model replicas accept.
     ingress_limit = max(
@@ -631,7 +610,7 @@ def update_model(
     serve.run(
         app, name=app_name, route_prefix=section.route_prefix, blocking=False, logging_config=_ray_logging(section)
     )
-    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
+    handle = _info_handle(app_name)
     target = _abs_model(model_dir)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -645,6 +624,14 @@ def update_model(
     raise RaydistillError(f"model update of app {app_name!r} to {model_dir} did not finish in {timeout_s:.0f}s")
 
 
+def _info_handle(app_name: str) -> Any:
+    """The deployment that answers ``info()`` (the model dir served): the model replicas of our engine's
+    app; the ingress of a Ray Serve LLM app (it was built for one model dir)."""
+    deployments = (status(app_name) or {}).get("deployments", {})
+    name = MODEL_DEPLOYMENT if MODEL_DEPLOYMENT in deployments else INGRESS_DEPLOYMENT
+    return serve.get_deployment_handle(name, app_name=app_name)
+
+
 def served_model_dir(name: str | None = None) -> str | None:
     """The model dir the app's model replicas serve now (asked from a replica), or None when the app
     is not running or does not answer."""
@@ -652,8 +639,7 @@ def served_model_dir(name: str | None = None) -> str | None:
     if status(app_name) is None:
         return None
     try:
-        handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
-        return str(handle.info.remote().result(timeout_s=60)["model_dir"])
+        return str(_info_handle(app_name).info.remote().result(timeout_s=60)["model_dir"])
     except Exception as exc:  # noqa: BLE001 - unknown: the caller treats it as "not served"
         logger.warning("cannot ask app %s which model it serves: %r", app_name, exc)
         return None

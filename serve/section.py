@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -35,7 +35,19 @@ class ServeSection(Section):
         default=0, ge=0, description="Ray GPUs per model replica (>0 selects vLLM when backend: auto)"
     )
     backend: Literal["auto", "engine", "vllm"] = Field(
-        default="auto", description="engine = our CPU/GPU engine, vllm = vLLM AsyncLLM; auto = vllm when num_gpus > 0"
+        default="auto",
+        description="engine = our CPU/GPU engine; vllm = Ray Serve LLM (ray.serve.llm) on vLLM under Ray, vLLM's "
+        "AsyncLLM behind our API with --no-ray; auto = vllm when num_gpus > 0",
+    )
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra vLLM engine arguments on backend vllm (e.g. enforce_eager, gpu_memory_utilization, "
+        "tensor_parallel_size); they override the ones derived from this section",
+    )
+    vllm_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment of the vLLM replicas on backend vllm (e.g. VLLM_CPU_KVCACHE_SPACE); replicas "
+        "on a cluster do not inherit the deploying process's environment",
     )
 
     # Ray Serve scaling and admission
