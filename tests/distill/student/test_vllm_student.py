@@ -64,14 +64,14 @@ def _ours(model, prompts, steps: int):
     return logprobs, greedy
 
 
-def _check(model_dir: str, model, label: str, steps: int = 8):
+def _check(model_dir: str, model, label: str, steps: int = 8, prompts: list[list[int]] = PROMPTS, **llm_kw):
     from tests.vllm_util import close_llm, compare_logprobs, greedy_ids, make_llm, prompt_logprobs
 
-    ours, our_greedy = _ours(model, PROMPTS, steps)
-    llm = make_llm(model_dir, skip_tokenizer_init=True)
+    ours, our_greedy = _ours(model, prompts, steps)
+    llm = make_llm(model_dir, skip_tokenizer_init=True, **llm_kw)
     try:
-        theirs = prompt_logprobs(llm, PROMPTS, k=20)
-        their_greedy = greedy_ids(llm, PROMPTS, steps)
+        theirs = prompt_logprobs(llm, prompts, k=20)
+        their_greedy = greedy_ids(llm, prompts, steps)
     finally:
         close_llm(llm)
     worst, top1 = compare_logprobs(ours, theirs)
@@ -101,3 +101,38 @@ def test_qwen2_moe_export_in_stock_vllm(tmp_path, layers):
     model = _student(layer_types=[kind] * 4)
     export_qwen2_moe(model, tmp_path)
     _check(str(tmp_path), model, f"stock Qwen2-MoE export, {layers} layers")
+
+
+def test_plugin_matches_a_quickstart_student(tmp_path, builtin_teacher_dir):
+    """The quickstart's student as `make demo` builds it (pipelines/configs/quickstart.yaml: 16 of the builtin
+    teacher's 30 layers, 8 routed experts + a shared one, top-p 0.4 routing, sliding-window 256 + full
+    layers), initialised from the teacher and calibrated on English text (this README, a few thousand
+    tokens instead of the run's teacher data; the layers the demo's importance search picks), in vLLM
+    through the plugin vs our model, on real text longer than the sliding window."""
+    from transformers import AutoTokenizer
+
+    from distill.student.hf import RaydistillMoeForCausalLM
+    from distill.training.student_init import create_student
+    from pipelines.config import load_config
+    from tests.conftest import REPO_ROOT
+
+    calibration = tmp_path / "calibration.txt"
+    readme = (REPO_ROOT / "README.md").read_text()
+    calibration.write_text(readme)
+    cfg = load_config(
+        REPO_ROOT / "pipelines" / "configs" / "quickstart.yaml",
+        [
+            f"student.calibration.data=[{calibration}]",
+            "student.calibration.tokens=2048",
+            "student.calibration.heldout_tokens=256",
+            "student.teacher_layers=[0,1,2,8,9,10,11,15,18,19,20,21,24,27,28,29]",
+        ],
+    )
+    out = tmp_path / "student"
+    config, _ = create_student(cfg.teacher, cfg.student, cfg.train, out)
+    assert (config.num_hidden_layers, config.num_experts, config.routing) == (16, 8, "topp")
+    assert set(config.layer_types) == {"sliding_attention", "full_attention"} and config.sliding_window == 256
+    model = RaydistillMoeForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(str(out))(readme[-8000:])["input_ids"]
+    prompts = [ids[:300], ids[300:340]]  # 300 tokens > the 256-token window
+    _check(str(out), model, "plugin, quickstart student", steps=12, prompts=prompts, max_model_len=512)
