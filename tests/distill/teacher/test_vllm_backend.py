@@ -162,6 +162,15 @@ def test_processor_kwargs_make_a_valid_ray_config(tmp_path):
     assert kwargs["chat_template_stage"] is False and kwargs["tokenize_stage"] is False
     assert kwargs["detokenize_stage"] is False
     assert kwargs["accelerator_type"] == "H100"
+    # teacher.num_gpus 0 (this config) = vLLM-CPU: one CPU bundle of teacher.num_cpus per engine actor
+    assert kwargs["placement_group_config"] == {"bundles": [{"CPU": 1}]} and "runtime_env" not in kwargs
+    gpu = vllm_processor_kwargs(
+        cfg.model_copy(update={"num_gpus": 2, "vllm_env": {"A": "1"}, "vllm_engine_kwargs": {"enforce_eager": True}}),
+        20,
+        "Qwen/Qwen2.5-7B-Instruct",
+    )
+    assert "placement_group_config" not in gpu and gpu["runtime_env"] == {"env_vars": {"A": "1"}}
+    assert gpu["engine_kwargs"]["enforce_eager"] is True  # teacher.vllm_engine_kwargs on top
     config = vLLMEngineProcessorConfig(**kwargs)  # validates without vLLM installed
     assert config.model_source == "Qwen/Qwen2.5-7B-Instruct" and config.concurrency == 4
     assert config.engine_kwargs["logprobs_mode"] == "raw_logprobs" and config.engine_kwargs["task_type"] == "generate"

@@ -111,3 +111,64 @@ def test_score_agrees_with_our_engine(completions):
         )
     print(f"score: top-1 equal, max |d logprob| {worst:.2e}")
     assert worst < LOGPROB_TOL
+
+
+def test_ray_data_llm_stage_on_vllm_cpu_writes_our_rows_and_resumes(ray_session, builtin_teacher_dir, tmp_path):
+    """The generate stage with ``teacher.backend: vllm`` runs ``ray.data.llm``'s vLLM engine processor for
+    real (a CPU engine actor, ``teacher.num_gpus: 0``): the shards hold the data schema, the same greedy
+    ids and raw top-k log-probs as our engine on the same prompts, and a rerun resumes with nothing to do."""
+    import json
+
+    from distill.data.generate import GENERATE_DIR, run_generate_stage
+    from distill.data.schema import schema
+    from distill.data.shards import read_dir
+    from pipelines.config import load_config
+    from serve.engine.teacher import EngineTeacher
+
+    texts = [p for p in PROMPTS if isinstance(p, str)]
+    # A prompt file's rows become chat requests: our engine answers the same user turns.
+    engine = EngineTeacher(builtin_teacher_dir, dtype="float32", batch_size=16)
+    ours = engine.generate(
+        [[{"role": "user", "content": t}] for t in texts],
+        SamplingParams(max_new_tokens=STEPS, temperature=0.0, logprobs=K),
+    )
+    engine.close()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    cfg = load_config(
+        None,
+        [
+            f"workdir={tmp_path / 'runs'}",
+            "teacher.model=smollm2-135m-instruct",
+            "teacher.backend=vllm",
+            "teacher.dtype=float32",
+            "teacher.batch_size=2",
+            "teacher.max_model_len=512",
+            "teacher.vllm_engine_kwargs={enforce_eager: true, gpu_memory_utilization: 0.1}",
+            "teacher.vllm_env={VLLM_CPU_KVCACHE_SPACE: '1', VLLM_ENABLE_V1_MULTIPROCESSING: '0'}",
+            f"prompts.path={prompts}",
+            "prompts.source=file",
+            "prompts.count=null",
+            f"generate.max_new_tokens={STEPS}",
+            "generate.temperature=0",
+            f"generate.logprobs={K}",
+        ],
+    )
+    run = str(tmp_path / "run")
+    manifest = run_generate_stage(cfg, run, show_progress=False)
+    assert manifest["skipped"] == {} and manifest["rows"] == len(texts)
+    table = read_dir(f"{run}/{GENERATE_DIR}")
+    assert table.schema.remove_metadata() == schema(cfg.generate.logprob_dtype).remove_metadata()
+    rows = {r["prompt"]: r for r in table.to_pylist()}
+    worst = 0.0
+    for prompt, a in zip(texts, ours):
+        row = rows[prompt]
+        assert row["input_ids"] == a.prompt_ids + a.completion_ids and row["prompt_len"] == len(a.prompt_ids)
+        assert row["teacher"].startswith("smollm2-135m-instruct@")
+        ids, lps = np.asarray(row["topk_ids"]), np.asarray(row["topk_logprobs"])
+        assert ids.shape == (len(a.completion_ids), K) and np.array_equal(ids[:, 0], a.topk_ids[:, 0])
+        worst = max(worst, _topk_delta(a.topk_ids, a.topk_logprobs, ids, lps))
+    print(f"ray.data.llm stage: {len(texts)} rows, greedy ids equal, max |d logprob| (top-{K}) {worst:.2e}")
+    assert worst < LOGPROB_TOL
+    again = run_generate_stage(cfg, run, show_progress=False)
+    assert again["new_rows"] == 0 and again["resumed_rows"] == len(texts)
