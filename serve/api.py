@@ -58,14 +58,8 @@ def create_app(
     if auth is None:
         keys = api_keys if api_keys is not None else load_api_keys(section.api_key_env, section.api_key_file)
         auth = APIKeyAuth(keys)
-    if prompt_log is None and section.prompt_log_uri:
-        prompt_log = PromptLog(
-            section.prompt_log_uri,
-            redact=section.prompt_log_redact,
-            flush_rows=section.prompt_log_flush_rows,
-            flush_s=section.prompt_log_flush_s,
-            max_buffer_rows=section.prompt_log_max_buffer_rows,
-        )
+    if prompt_log is None:
+        prompt_log = PromptLog.from_section(section)
     if admission_limit == "auto":
         admission_limit = (
             None if section.max_queued_requests < 0 else section.max_ongoing_requests + section.max_queued_requests

@@ -47,6 +47,11 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+def invalid_api_key() -> APIError:
+    """The 401 for a request without a configured key (every backend answers it the same)."""
+    return APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
 class Overloaded(Exception):
     """Raised by a backend when it cannot queue another request (maps to 429)."""
 

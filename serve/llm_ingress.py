@@ -18,7 +18,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serve.auth import APIKeyAuth
-from serve.errors import APIError
+from serve.errors import invalid_api_key
 from serve.prompt_log import PromptLog, make_record
 from serve.section import ServeSection
 
@@ -44,27 +44,12 @@ class RaydistillIngress(OpenAiIngress):
         self.model_dir = model_dir
         self.auth = APIKeyAuth.from_hashes(api_key_hashes or [])
         self.auth.warn_if_open()
-        s = self.section
-        self.prompt_log = (
-            PromptLog(
-                s.prompt_log_uri,
-                redact=s.prompt_log_redact,
-                flush_rows=s.prompt_log_flush_rows,
-                flush_s=s.prompt_log_flush_s,
-                max_buffer_rows=s.prompt_log_max_buffer_rows,
-            )
-            if s.prompt_log_uri
-            else None
-        )
+        self.prompt_log = PromptLog.from_section(self.section)
 
     # -- auth ------------------------------------------------------------------------------------------
     def denied(self, request: Request) -> Response | None:
         """A 401 in OpenAI's shape unless the request carries a configured key (or none is configured)."""
-        if self.auth.check(request.headers.get("authorization")):
-            return None
-        return APIError(
-            401, "missing or invalid API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"
-        ).response()
+        return None if self.auth.check(request.headers.get("authorization")) else invalid_api_key().response()
 
     async def models(self, request: Request) -> Any:
         return self.denied(request) or await super().models()
@@ -117,7 +102,6 @@ class RaydistillIngress(OpenAiIngress):
         """Pass the SSE chunks on unchanged; log the request once the stream ended with ``[DONE]`` (a stream
         the client dropped, or that failed, is not a finished generation and is not logged)."""
         texts: dict[int, list[str]] = {}
-        pieces: dict[int, int] = {}
         meta: dict[str, Any] = {}
         done = False
         async for chunk in chunks:
@@ -141,7 +125,6 @@ class RaydistillIngress(OpenAiIngress):
                     text = _choice_text(choice)
                     if text:
                         texts.setdefault(choice.get("index", 0), []).append(text)
-                        pieces[choice.get("index", 0)] = pieces.get(choice.get("index", 0), 0) + 1
         if not done:
             return
         usage = meta.get("usage") or {}
@@ -153,7 +136,7 @@ class RaydistillIngress(OpenAiIngress):
                 request,
                 "".join(texts.get(index, [])),
                 usage.get("prompt_tokens", 0),
-                usage.get("completion_tokens", pieces.get(index, 0)),
+                usage.get("completion_tokens", len(texts.get(index, []))),  # content chunks without usage
             )
 
     def _append(

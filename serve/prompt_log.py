@@ -132,6 +132,19 @@ class PromptLog:
             self._thread = threading.Thread(target=self._run, name="raydistill-prompt-log", daemon=True)
             self._thread.start()
 
+    @classmethod
+    def from_section(cls, section: Any) -> PromptLog | None:
+        """The log the ``serve:`` section asks for (``serve.prompt_log_*``), or None when logging is off."""
+        if not section.prompt_log_uri:
+            return None
+        return cls(
+            section.prompt_log_uri,
+            redact=section.prompt_log_redact,
+            flush_rows=section.prompt_log_flush_rows,
+            flush_s=section.prompt_log_flush_s,
+            max_buffer_rows=section.prompt_log_max_buffer_rows,
+        )
+
     def append(self, record: dict) -> None:
         """Buffer one record (no I/O). Drops the oldest buffered record when the buffer is full."""
         if self.redact is not None:

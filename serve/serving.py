@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from serve.auth import APIKeyAuth
 from serve.backends import Backend
 from serve.engine.types import EngineUnavailable, GenerationOutput, GenerationRequest, SamplingOptions, TokenLogprob
-from serve.errors import APIError, Overloaded, map_error
+from serve.errors import APIError, Overloaded, invalid_api_key, map_error
 from serve.limits import check_limits, choice_seed
 from serve.metrics import ServerMetrics
 from serve.prompt_log import PromptLog, make_record
@@ -146,9 +146,7 @@ class OpenAIServer:
 
     def authorize(self, request: Request) -> None:
         if not self.auth.check(request.headers.get("authorization")):
-            raise APIError(
-                401, "missing or invalid API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
+            raise invalid_api_key()
 
     # -- prompt preparation ---------------------------------------------------------------------------
     def chat_prompt(self, backend: Backend, req: ChatCompletionRequest) -> tuple[list[int], list[dict]]:
