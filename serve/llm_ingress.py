@@ -99,24 +99,29 @@ class RaydistillIngress(OpenAiIngress):
         return response
 
     async def _tee(self, chunks: AsyncIterator[Any], endpoint: str, request: dict) -> AsyncIterator[Any]:
-        """Pass the SSE chunks on unchanged; log the request once the stream ended with ``[DONE]`` (a stream
-        the client dropped, or that failed, is not a finished generation and is not logged)."""
+        """Pass the SSE chunks on unchanged; log the request when the engine's ``[DONE]`` arrives, before that
+        chunk is passed on (a client that got ``[DONE]`` may hang up at once, and the HTTP server then cancels
+        this generator at its next await). A stream the client dropped earlier, or that failed, is not a
+        finished generation and is not logged, nor is one that
+        carried vLLM's in-band error event before its ``[DONE]``."""
         texts: dict[int, list[str]] = {}
         meta: dict[str, Any] = {}
-        done = False
+        failed = False
         async for chunk in chunks:
-            yield chunk
             for line in (chunk.decode() if isinstance(chunk, bytes) else str(chunk)).splitlines():
                 if not line.startswith("data: "):
                     continue
                 data = line[len("data: ") :].strip()
                 if data == "[DONE]":
-                    done = True
+                    if not failed:
+                        self._log_stream(texts, meta, endpoint, request)
                     continue
                 try:
                     event = json.loads(data)
                 except json.JSONDecodeError:
                     continue
+                if event.get("error"):  # vLLM's in-band error event: the generation was aborted, not finished
+                    failed = True
                 meta.setdefault("id", event.get("id", ""))
                 meta.setdefault("model", event.get("model", ""))
                 if event.get("usage"):
@@ -125,8 +130,9 @@ class RaydistillIngress(OpenAiIngress):
                     text = _choice_text(choice)
                     if text:
                         texts.setdefault(choice.get("index", 0), []).append(text)
-        if not done:
-            return
+            yield chunk
+
+    def _log_stream(self, texts: dict[int, list[str]], meta: dict[str, Any], endpoint: str, request: dict) -> None:
         usage = meta.get("usage") or {}
         for index in sorted(texts) or [0]:
             self._append(

@@ -71,8 +71,8 @@ def stream_response(
     on_complete: Callable[[dict[int, Choice]], None],
 ) -> StreamingResponse:
     """The SSE response of a streamed request: ``first_chunks``, then ``chunks_of(job, choice, output)`` for each
-    engine output as it arrives, the usage chunk when ``stream_options.include_usage``, ``[DONE]``; then
-    ``on_complete(choices)`` (the prompt log). The request's bookkeeping (in-flight jobs, metrics, the log
+    engine output as it arrives, the usage chunk when ``stream_options.include_usage``, ``on_complete(choices)``
+    (the prompt log), then ``[DONE]``. The request's bookkeeping (in-flight jobs, metrics, the log
     line) ends with the stream, however it ends."""
     from serve.serving import Choice
 
@@ -106,8 +106,8 @@ def stream_response(
                         },
                     }
                 )
+            on_complete(choices)  # before [DONE]: a client that has it may hang up, cancelling us at the yield
             yield b"data: [DONE]\n\n"
-            on_complete(choices)
         except (asyncio.CancelledError, GeneratorExit):
             # Client gone: cancelled inside the generator, or closed at a yield (GeneratorExit must
             # propagate, never be answered with another yield); finally cancels the engine jobs.

@@ -64,6 +64,55 @@ def test_vllm_backend_without_ray_serve_llm_names_the_fix(monkeypatch):
 
 
 @pytest.mark.vllm
+def test_the_ingress_logs_a_stream_at_done_not_after_it_and_never_an_errored_one(tmp_path):
+    """The openai SDK hangs up once it has ``[DONE]``; the HTTP server then closes our tee at that yield, so
+    the row must be written before ``[DONE]`` is passed on (written after it, the row was lost on CI). A
+    stream with vLLM's in-band error event, or one dropped before ``[DONE]``, is not logged."""
+    import asyncio
+    import json
+
+    from serve.llm_ingress import RaydistillIngress
+    from serve.prompt_log import PromptLog, read_prompt_log
+
+    ingress = object.__new__(RaydistillIngress)  # the tee needs only the log, not a Serve deployment
+    ingress.prompt_log = PromptLog(str(tmp_path / "plog"), start=False)
+
+    def sse(event) -> bytes:
+        return f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n".encode()
+
+    def delta(text: str) -> dict:
+        return {"id": "c1", "model": "llm", "choices": [{"index": 0, "delta": {"content": text}}]}
+
+    async def upstream(*events):
+        for event in events:
+            yield sse(event)
+
+    async def read(events, stop_after: bytes | None = None) -> list[bytes]:
+        tee = ingress._tee(upstream(*events), "chat", {"messages": [{"role": "user", "content": "hi"}]})
+        got = []
+        async for chunk in tee:
+            got.append(chunk)
+            if stop_after is not None and stop_after in chunk:
+                break
+        await tee.aclose()  # what the server does when the client hangs up
+        return got
+
+    usage = {"id": "c1", "model": "llm", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}
+    events = (delta("Par"), delta("is"), usage, "[DONE]")
+    assert asyncio.run(read(events, stop_after=b"[DONE]")) == [sse(e) for e in events]  # passed on unchanged
+    (row,) = ingress.prompt_log._rows
+    assert (row["completion"], row["prompt_tokens"], row["completion_tokens"]) == ("Paris", 5, 2)
+
+    error = {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}
+    asyncio.run(read((delta("Par"), error, "[DONE]")))
+    asyncio.run(read((delta("Par"), delta("is"), usage, "[DONE]"), stop_after=b"Par"))  # the client left early
+    assert ingress.prompt_log.pending() == 1
+    log, ingress.prompt_log = ingress.prompt_log, None
+    log.close()
+    assert [r["completion"] for r in read_prompt_log(str(tmp_path / "plog")).to_pylist()] == ["Paris"]
+
+
+@pytest.mark.vllm
 @pytest.mark.integration
 def test_serve_llm_app_on_vllm_cpu_answers_the_openai_sdk_behind_keys_and_logs_prompts(
     ray_session, builtin_teacher_dir, tmp_path, monkeypatch

@@ -119,6 +119,77 @@ def test_off_by_default_and_bad_hook():
         PromptLog("memory://plog-bad", redact="tests.serve.test_prompt_log:nope")
 
 
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"prompt": "hello"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
+def test_a_stream_is_logged_even_when_the_client_hangs_up_right_after_done(serve_tokenizer, tmp_path, path, body):
+    """A client hangs up as soon as it has ``[DONE]`` (the openai SDK does). Under an ASGI < 2.4 server (Ray
+    Serve's replicas) Starlette then cancels the body task at its next await; logging after the ``[DONE]``
+    yield lost the row (seen on CI). Driven at the ASGI level so the hang-up lands exactly there."""
+    import asyncio
+    import json
+
+    from serve.api import create_app
+    from serve.backends import EngineBackend
+    from serve.section import ServeSection
+    from tests.serve.fake_engine import FakeAsyncEngine
+
+    engine = FakeAsyncEngine(serve_tokenizer, name="tiny")
+    section = ServeSection(api_key_env=None, prompt_log_enabled=True, prompt_log=str(tmp_path / "plog"))
+    app = create_app(EngineBackend(engine), section)
+    payload = json.dumps({"model": "tiny", "max_tokens": 3, "stream": True, **body}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+    }
+
+    async def main() -> list[bytes]:
+        chunks: list[bytes] = []
+        got_done = asyncio.Event()
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": payload, "more_body": False}
+            await got_done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                chunks.append(message["body"])
+                if b"[DONE]" in message["body"]:
+                    got_done.set()
+                    for _ in range(3):  # the network write: the hang-up is noticed meanwhile
+                        await asyncio.sleep(0)
+
+        await app(scope, receive, send)
+        return chunks
+
+    chunks = asyncio.run(main())
+    assert chunks[-1] == b"data: [DONE]\n\n"
+    server = app.state.server
+    assert server.prompt_log.pending() == 1  # the finished generation was logged
+    server.prompt_log.close()
+    (row,) = read_prompt_log(str(tmp_path / "plog")).to_pylist()
+    assert row["endpoint"] == ("chat" if "chat" in path else "completions") and row["completion_tokens"] == 3
+
+
 # ---------------------------------------------------------------------------------------------------
 # issue #16 point 5: flushes never run on the event loop; failed writes are bounded and counted
 # ---------------------------------------------------------------------------------------------------
