@@ -1,0 +1,91 @@
+"""``serve.dtype: int8`` against float32 on our engine: decode speed and bits per byte (issue 17, point 3).
+
+    python bench/int8_serving.py [--student RUN_OR_DIR] [--threads 2] [--rounds 5] [--bytes 20000]
+
+For the builtin SmolLM2-135M teacher (and a student, when given) this loads the model twice, float32 and
+int8 (weight-only, :func:`serve.engine.kernels.quantize_int8_weights`), then prints:
+
+* bits per byte of each on the builtin fortunes corpus (first ``--bytes`` bytes), and the int8 change;
+* the median decode step at batch 1 and 16 (greedy, fixed-length answers), the two engines taking
+  turns for ``--rounds`` rounds so both see the same machine, and the int8 / float32 tokens/s ratio.
+
+Targets (issue 17): batch-1 decode >= 1.6x float32, bits/byte within +2%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def decode_step_s(engine, batch: int, tokens: int) -> float:
+    """Median wall time of the decode steps of ``batch`` greedy streams of ``tokens`` tokens."""
+    from serve.engine.types import GenerationRequest, SamplingOptions
+
+    for i in range(batch):
+        prompt = list(range(100, 130 + i))
+        options = SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        engine.add_request(GenerationRequest(f"b{time.perf_counter_ns()}-{i}", prompt, options))
+    while not any(o.token_ids for o in engine.step()):  # prefill
+        pass
+    times = []
+    while engine.has_unfinished():
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", default=None, help="a student run dir or model dir (optional)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--bytes", type=int, default=20000)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import distill.student  # noqa: F401 - registers the student class
+    from distill.eval.corpora import builtin_corpus
+    from distill.eval.metrics import bits_per_byte
+    from serve.engine.engine import LLMEngine
+
+    texts = builtin_corpus("fortunes", max_bytes=args.bytes)
+    models = {"SmolLM2-135M": "smollm2-135m-instruct"}
+    if args.student:
+        models["student"] = args.student
+    rows = []
+    for label, model in models.items():
+        engines = {d: LLMEngine.from_pretrained(model, dtype=d, max_batch_size=16) for d in ("float32", "int8")}
+        bpb = {}
+        for d, engine in engines.items():
+            with torch.inference_mode():
+                bpb[d] = bits_per_byte(engine.model, engine.tokenizer, texts)["bits_per_byte"]
+        for batch in (1, 16):
+            steps: dict[str, list[float]] = {d: [] for d in engines}
+            for _ in range(args.rounds):
+                for d, engine in engines.items():
+                    decode_step_s(engine, batch, 3)  # warm
+                    steps[d].append(decode_step_s(engine, batch, args.tokens))
+            fp32, int8 = (statistics.median(steps[d]) for d in ("float32", "int8"))
+            rows.append((label, batch, batch / fp32, batch / int8, bpb["float32"], bpb["int8"]))
+        del engines
+    print(f"\nthreads={args.threads}, fortunes {args.bytes} bytes, median decode step over {args.rounds} rounds")
+    print(
+        f"{'model':14s} {'batch':>5s} {'fp32 tok/s':>10s} {'int8 tok/s':>10s} {'int8/fp32':>9s} "
+        f"{'bpb fp32':>8s} {'bpb int8':>8s} {'change':>7s}"
+    )
+    for label, batch, a, b, p, q in rows:
+        print(f"{label:14s} {batch:5d} {a:10.1f} {b:10.1f} {b / a:8.2f}x {p:8.4f} {q:8.4f} {100 * (q / p - 1):+6.2f}%")
+
+
+if __name__ == "__main__":
+    main()

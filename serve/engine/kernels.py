@@ -1,0 +1,181 @@
+"""CPU matmul kernels for the engine: oneDNN for large fp32 linears, and int8 weight-only linears (``serve.dtype: int8``).
+
+**oneDNN.**
+``F.linear`` on CPU calls MKL's sgemm. For the LM head of SmolLM2 and our students ([*, 576] x
+[576, 49152], 113 MB in fp32, the largest matmul of a decode step) it runs at about half the speed of
+oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, what ``torch.compile``'s CPU backend emits for
+a frozen linear). Measured on the 2-core AMD EPYC dev
+machine, 30 distinct weights per shape so none stays in cache (``bench/engine_kernels.py``), 2 threads:
+
+==========================  ========  ========  =====
+[M, in] x [in, out]          F.linear  oneDNN    gain
+==========================  ========  ========  =====
+[1, 576] x [576, 49152]     10.9 ms   6.3 ms    1.72x
+[16, 576] x [576, 49152]    20.9 ms   10.1 ms   2.08x
+[1, 576] x [576, 1536]      320 us    175 us    1.83x
+[16, 1536] x [1536, 576]    392 us    307 us    1.28x
+[16, 576] x [576, 576]      177 us    144 us    1.23x
+[16, 576] x [576, 384]      114 us    118 us    0.97x
+[16, 576] x [576, 192]       36 us     50 us    0.72x
+==========================  ========  ========  =====
+
+Small weights gain little or lose (oneDNN's fixed cost per call), so only weights of at least
+``ONEDNN_MIN_WEIGHT`` elements switch. The results equal ``F.linear``'s up to fp32 summation order
+(~1e-5 relative); nothing switches where autograd is on, off CPU, or outside fp32.
+
+**int8 weights** (:func:`quantize_int8_weights`). Batch-1 decode reads every weight once per token, so
+its speed is the weight bytes. Each linear's weight is stored as int8 with one absmax scale per output
+row, and multiplied by bf16 activations in ``torch._weight_int8pack_mm`` (torch's CPU kernel for int8
+weight-only matmuls, the one gpt-fast and torchao use); everything else (embeddings, norms, attention,
+the KV cache, the MoE experts' stacked weights) stays fp32. Dynamic int8 (int8 activations too,
+``torch.ao``'s ``quantize_dynamic``) decoded a little faster (2.2x fp32 at batch 1, against 1.9x) but
+cost SmolLM2 +33% bits/byte on fortunes; weight-only costs +0.02% (``bench/int8_serving.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("raydistill.engine")
+
+ONEDNN_MIN_WEIGHT = 1 << 19  # elements: the 576x1536 FFN projections and the LM head, not 576x576 and below
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@functools.cache
+def onednn_linear_works() -> bool:
+    """oneDNN is built in, the op exists with the signature above, and it agrees with ``F.linear``."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*s, generator=gen) for s in ((3, 2, 64), (96, 64), (96,)))
+        with torch.inference_mode():
+            return torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    except Exception as exc:  # noqa: BLE001 - a torch without the op: keep F.linear
+        log.info("oneDNN linear unavailable (%s); the engine keeps F.linear", exc)
+        return False
+
+
+class OneDNNLinear(nn.Linear):
+    """An ``nn.Linear`` computed by oneDNN in inference; ``F.linear`` wherever gradients or other dtypes
+    or devices are involved. Same parameters and state dict as ``nn.Linear`` (tied weights stay tied)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or self.weight.dtype != torch.float32
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
+            return F.linear(x, self.weight, self.bias)
+        return _onednn_linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: nn.Module, min_weight: int = ONEDNN_MIN_WEIGHT) -> list[str]:
+    """Switch ``model``'s fp32 CPU ``nn.Linear`` modules with at least ``min_weight`` weight elements to
+    :class:`OneDNNLinear` in place; the names switched (none where oneDNN is missing)."""
+    if not onednn_linear_works():
+        return []
+    switched = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (
+            type(module) is nn.Linear
+            and weight is not None
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
+            and weight.numel() >= min_weight
+        ):
+            module.__class__ = OneDNNLinear
+            switched.append(name)
+    return switched
+
+
+# ------------------------------------------------------------------------------------------- int8 weights
+@functools.cache
+def int8_weights_work() -> bool:
+    """``torch._weight_int8pack_mm`` exists on CPU and computes x @ (q * scale).T."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, q = torch.randn(3, 64, generator=gen), torch.randint(-127, 128, (32, 64), generator=gen, dtype=torch.int8)
+        scale = torch.rand(32, generator=gen) + 0.5
+        got = torch._weight_int8pack_mm(x.to(torch.bfloat16), q, scale.to(torch.bfloat16)).float()
+        want = F.linear(x, q.float() * scale[:, None])
+        return torch.allclose(got, want, rtol=0.05, atol=0.05 * float(want.abs().max()))
+    except Exception as exc:  # noqa: BLE001 - a torch without the kernel
+        log.info("int8 weight-only matmul unavailable (%s)", exc)
+        return False
+
+
+class Int8WeightLinear(nn.Module):
+    """A linear layer with int8 weights, one absmax scale per output row, and bf16 activations inside the
+    matmul; input and output keep their dtype. Inference only (no gradients).
+
+    x [..., in] -> [..., out];  weight_int8 [out, in];  scale [out] (bf16);  bias [out] or None (fp32).
+    """
+
+    def __init__(self, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight_int8.shape[1], weight_int8.shape[0]
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightLinear:
+        weight = linear.weight.detach().float()  # [out, in]
+        scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [out]
+        weight_int8 = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(weight_int8, scale.to(torch.bfloat16), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [N, in]
+        y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale).to(x.dtype)  # [N, out]
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_int8_weights(model: nn.Module, skip: tuple[type, ...] = ()) -> list[str]:
+    """Replace ``model``'s ``nn.Linear`` modules (not those inside a ``skip`` module) with
+    :class:`Int8WeightLinear`, in place; the names replaced. A tied LM head gets its own int8 copy and the
+    embedding stays as it is."""
+    from cluster.errors import ConfigError
+
+    if not int8_weights_work():
+        raise ConfigError(
+            "serve.dtype: int8 needs torch's CPU int8 weight-only kernel (torch._weight_int8pack_mm), which "
+            f"this torch {torch.__version__} lacks; use serve.dtype float32 or bfloat16"
+        )
+    skipped = {name for name, module in model.named_modules() if skip and isinstance(module, skip)}
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or any(name.startswith(s + ".") for s in skipped):
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, Int8WeightLinear.from_linear(module))
+        replaced.append(name)
+    return replaced
+
+
+__all__ = [
+    "ONEDNN_MIN_WEIGHT",
+    "Int8WeightLinear",
+    "OneDNNLinear",
+    "int8_weights_work",
+    "onednn_linear_works",
+    "quantize_int8_weights",
+    "use_onednn_linears",
+]

@@ -1,0 +1,138 @@
+"""The engine's CPU kernels: oneDNN for large fp32 linears, int8 weight-only linears (``serve.dtype: int8``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve.engine.kernels import (
+    ONEDNN_MIN_WEIGHT,
+    Int8WeightLinear,
+    OneDNNLinear,
+    onednn_linear_works,
+    quantize_int8_weights,
+    use_onednn_linears,
+)
+from tests.serve.engine.conftest import encode
+
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(1024, 600)
+        self.small = nn.Linear(600, 16)
+        self.head = nn.Linear(600, 1024, bias=False)  # 614,400 weights >= ONEDNN_MIN_WEIGHT
+        self.head.weight = self.embed.weight  # tied, as SmolLM2's
+
+    def forward(self, x):
+        return self.head(x), self.small(x)
+
+
+def test_onednn_switches_only_the_large_linears_and_computes_what_f_linear_does():
+    if not onednn_linear_works():
+        pytest.skip("this torch has no oneDNN linear")  # the engine then keeps F.linear (tested below)
+    torch.manual_seed(0)
+    model = TwoLinears()
+    reference = {name: (m.weight.clone(), m.bias) for name, m in (("head", model.head), ("small", model.small))}
+    keys = set(model.state_dict())
+    assert model.head.weight.numel() >= ONEDNN_MIN_WEIGHT > model.small.weight.numel()
+
+    assert use_onednn_linears(model) == ["head"]
+    assert type(model.head) is OneDNNLinear and type(model.small) is nn.Linear
+    assert model.head.weight is model.embed.weight and set(model.state_dict()) == keys  # still tied, same names
+    for shape in ((5, 600), (2, 3, 600)):
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            got, _ = model(x)
+        want = F.linear(x, *reference["head"])
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # summation order differs, nothing else
+
+    # With autograd on, the module is a plain linear again: gradients reach the (tied) weight.
+    x = torch.randn(4, 600, requires_grad=True)
+    model(x)[0].sum().backward()
+    torch.testing.assert_close(x.grad, model.embed.weight.sum(0).expand(4, -1).detach(), rtol=1e-4, atol=1e-4)
+    assert model.embed.weight.grad is not None
+
+
+def test_the_engine_uses_onednn_for_the_head_and_its_logprobs_stay_those_of_the_reference(make_engine, tiny_llama):
+    engine = make_engine()
+    if not onednn_linear_works():
+        assert engine.onednn_linears == []
+        return
+    assert engine.onednn_linears == ["lm_head"]  # tiny LLaMA: 49152 x 32 head; its 32x64 MLPs stay on F.linear
+    assert engine.stats()["onednn_linears"] == 1
+    assert make_engine(onednn=False).onednn_linears == []
+    ids = list(range(100, 140))
+    with torch.no_grad():
+        want = torch.log_softmax(tiny_llama(torch.tensor([ids])).logits[0].float(), dim=-1)
+    got = torch.log_softmax(engine.forward_logits(ids), dim=-1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_int8_linear_rounds_each_weight_row_to_its_own_scale():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight[3] *= 100  # an outlier row: per-row scales keep the other rows precise
+    q = Int8WeightLinear.from_linear(linear)
+    assert q.weight_int8.dtype == torch.int8 and q.weight_int8.shape == (48, 64)
+    assert int(q.weight_int8.abs().amax(dim=1).min()) == 127  # every row uses its full range
+    dequantized = q.weight_int8.float() * q.scale.float()[:, None]
+    weight = linear.weight.detach()
+    row_error = (dequantized - weight).abs().amax(dim=1) / weight.abs().amax(dim=1)
+    assert float(row_error.max()) < 1 / 127  # half a step, plus the bf16 rounding of the scale
+
+    x = torch.randn(2, 5, 64)
+    with torch.inference_mode():
+        got = q(x)
+    exact = F.linear(x.to(torch.bfloat16).float(), dequantized, linear.bias)  # the kernel's own arithmetic
+    assert got.shape == (2, 5, 48) and got.dtype == torch.float32
+    torch.testing.assert_close(got, exact, rtol=1e-2, atol=1e-2)
+    fp32 = linear(x).detach()
+    assert float((got - fp32).norm() / fp32.norm()) < 0.02  # int8 weights: ~1% off the fp32 layer
+
+
+def test_quantize_int8_weights_skips_the_given_modules_and_keeps_a_tied_embedding(tiny_moe_student):
+    from distill.student.experts import Experts
+
+    model = tiny_moe_student
+    import copy
+
+    model = copy.deepcopy(model)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    replaced = quantize_int8_weights(model, skip=(Experts,))
+    assert "lm_head" in replaced and "model.layers.0.self_attn.q_proj" in replaced
+    assert not any(".experts." in name for name in replaced)  # the experts' weights are read as tensors
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))  # experts only
+    assert all(isinstance(model.get_submodule(name), Int8WeightLinear) for name in replaced)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)  # the embedding stays fp32
+
+
+def test_an_int8_engine_serves_the_tiny_model_close_to_fp32(make_engine, tokenizer):
+    """Greedy equality is no promise of a quantized model; its next-token distributions stay close."""
+    from serve.engine.types import GenerationRequest, SamplingOptions
+
+    fp32, int8 = make_engine(), make_engine(dtype="int8")
+    assert isinstance(int8.model.lm_head, Int8WeightLinear)
+    ids = encode(tokenizer, "The capital of France is Paris, and the capital of Italy is")
+    p = torch.log_softmax(fp32.forward_logits(ids), -1)
+    q = torch.log_softmax(int8.forward_logits(ids), -1)
+    kl = (p.exp() * (p - q)).sum(-1)  # [T]
+    assert float(kl.max()) < 1e-2 and float(kl.mean()) < 2e-3
+    request = GenerationRequest("a", ids, SamplingOptions(max_tokens=8, temperature=0.0, ignore_eos=True))
+    (last,) = int8.generate([request])["a"][-1:]
+    assert last.finished and last.completion_tokens == 8
+
+
+def test_int8_is_refused_for_vllm_with_the_fix():
+    from cluster.errors import ConfigError
+    from serve.section import ServeSection
+
+    with pytest.raises((ValueError, ConfigError), match=r"serve.dtype int8.*serve.backend: engine"):
+        ServeSection(dtype="int8", backend="vllm")
+    with pytest.raises((ValueError, ConfigError), match=r"serve.dtype int8"):
+        ServeSection(dtype="int8", num_gpus=1)  # backend auto -> vLLM
+    assert ServeSection(dtype="int8").dtype == "int8"
