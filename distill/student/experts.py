@@ -73,6 +73,15 @@ class Experts(nn.ModuleList):
         out = torch.bmm(act.mul_(scale.unsqueeze(2)), down)  # [E, C, H]
         return torch.zeros_like(x).index_add_(0, token, out[expert, pos])
 
+    def _expert_into(self, index: int, xe: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+        """Inference, one expert: ``out = down(silu(gate(xe)) * up(xe) * scale)``, activation in place.
+
+        xe [c, H], scale [c, 1], out [c, H] (rows of the caller's buffer)."""
+        expert = self[index]
+        h = F.silu(F.linear(xe, expert.gate_proj.weight), inplace=True)  # [c, I]
+        h.mul_(F.linear(xe, expert.up_proj.weight)).mul_(scale)
+        torch.mm(h, expert.down_proj.weight.t(), out=out)
+
     def dispatch(
         self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, used: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -109,7 +118,7 @@ class Experts(nn.ModuleList):
         out = None if grad else torch.empty_like(routed)
         pieces = []
         start = 0
-        for expert, count in zip(self, counts):
+        for index, (expert, count) in enumerate(zip(self, counts)):
             if not count:
                 continue
             end = start + count
@@ -117,10 +126,8 @@ class Experts(nn.ModuleList):
             if grad:
                 h = F.silu(F.linear(xe, expert.gate_proj.weight)) * F.linear(xe, expert.up_proj.weight)
                 pieces.append(F.linear(h * scale[start:end], expert.down_proj.weight))
-            else:  # inference: in-place activation, results written straight into their rows
-                h = F.silu(F.linear(xe, expert.gate_proj.weight), inplace=True)
-                h.mul_(F.linear(xe, expert.up_proj.weight)).mul_(scale[start:end])
-                torch.mm(h, expert.down_proj.weight.t(), out=out[start:end])
+            else:
+                self._expert_into(index, xe, scale[start:end], out[start:end])
             start = end
         if grad:
             out = torch.cat(pieces) if pieces else routed.new_zeros(0, x.shape[1])

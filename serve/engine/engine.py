@@ -194,10 +194,8 @@ class LLMEngine:
             torch.set_num_threads(threads)
         model_dir = resolve_model_dir(model)
         module, raw = load_model(model_dir, "float32" if dtype == "int8" else dtype)
-        if dtype == "int8":  # weight-only int8 linears; the MoE experts' stacked weights stay fp32
-            from distill.student.experts import Experts
-
-            quantize_int8_weights(module, skip=(Experts,))
+        if dtype == "int8":  # weight-only int8 linears and experts
+            quantize_int8_weights(module)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         eos = eos_token_ids_of(tokenizer, model_dir, raw)
         name = model if not os.path.isdir(os.path.expanduser(model)) else os.path.basename(os.path.normpath(model))

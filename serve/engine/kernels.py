@@ -26,10 +26,10 @@ Small weights gain little or lose (oneDNN's fixed cost per call), so only weight
 **int8 weights** (:func:`quantize_int8_weights`). Batch-1 decode reads every weight once per token, so
 its speed is the weight bytes. Each linear's weight is stored as int8 with one absmax scale per output
 row, and multiplied by bf16 activations in ``torch._weight_int8pack_mm`` (torch's CPU kernel for int8
-weight-only matmuls, the one gpt-fast and torchao use); everything else (embeddings, norms, attention,
-the KV cache, the MoE experts' stacked weights) stays fp32. Dynamic int8 (int8 activations too,
-``torch.ao``'s ``quantize_dynamic``) decoded a little faster (2.2x fp32 at batch 1, against 1.9x) but
-cost SmolLM2 +33% bits/byte on fortunes; weight-only costs +0.02% (``bench/int8_serving.py``).
+weight-only matmuls), and so are the MoE experts' (:class:`Int8Experts`);
+embeddings, norms, the router, attention scores and the KV cache stay fp32. Dynamic int8 (int8 activations too,
+``torch.ao``'s ``quantize_dynamic``) was about as fast (2.2x fp32 at batch 1) but
+cost SmolLM2 +33% bits/byte on fortunes; weight-only costs +0.03% (``bench/int8_serving.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distill.student.experts import Experts
 
 log = logging.getLogger("raydistill.engine")
 
@@ -132,15 +134,11 @@ class Int8WeightLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8WeightLinear:
-        weight = linear.weight.detach().float()  # [out, in]
-        scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [out]
-        weight_int8 = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(weight_int8, scale.to(torch.bfloat16), bias)
+        return cls(*_int8_rows(linear.weight), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [N, in]
-        y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale).to(x.dtype)  # [N, out]
+        y = _int8_mm(x.reshape(-1, self.in_features), self.weight_int8, self.scale)  # [N, out]
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -148,10 +146,49 @@ class Int8WeightLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_int8_weights(model: nn.Module, skip: tuple[type, ...] = ()) -> list[str]:
-    """Replace ``model``'s ``nn.Linear`` modules (not those inside a ``skip`` module) with
-    :class:`Int8WeightLinear`, in place; the names replaced. A tied LM head gets its own int8 copy and the
-    embedding stays as it is."""
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (int8 [out, in], bf16 scale [out]): one absmax scale per output row."""
+    weight = weight.detach().float()
+    scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [out]
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.to(torch.bfloat16)
+
+
+def _int8_mm(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [N, in] (any float dtype) @ (weight_int8 * scale).T -> [N, out] in x's dtype; bf16 inside."""
+    return torch._weight_int8pack_mm(x.to(torch.bfloat16), weight_int8, scale).to(x.dtype)
+
+
+class Int8Experts(Experts):
+    """:class:`~distill.student.experts.Experts` whose inference runs each routed expert on int8 weights
+    (gate and up fused, one scale per output row); training-time dispatch is unchanged. The grouped
+    path (two fp32 ``bmm`` over all experts' stacked weights) is off: each step reads only the weights
+    of the experts its tokens chose, in int8."""
+
+    grouped_max_tokens = 0
+    _int8: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def convert(cls, experts: Experts) -> Int8Experts:
+        packed = []
+        for expert in experts:
+            gate_up = torch.cat([expert.gate_proj.weight, expert.up_proj.weight])  # [2I, H]
+            packed.append((*_int8_rows(gate_up), *_int8_rows(expert.down_proj.weight)))
+        experts.__class__ = cls
+        experts._int8 = packed
+        return experts  # type: ignore[return-value]
+
+    def _expert_into(self, index: int, xe: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+        gate_up, gate_up_scale, down, down_scale = self._int8[index]
+        size = down.shape[1]  # I
+        h = _int8_mm(xe, gate_up, gate_up_scale)  # [c, 2I]
+        act = F.silu(h[:, :size]).mul_(h[:, size:]).mul_(scale)  # [c, I]
+        out.copy_(_int8_mm(act, down, down_scale))  # [c, H]
+
+
+def quantize_int8_weights(model: nn.Module) -> list[str]:
+    """Give ``model`` int8 weights in place: each ``nn.Linear`` becomes :class:`Int8WeightLinear` and each
+    MoE :class:`Experts` block :class:`Int8Experts`; the names converted. A tied LM head gets its own int8
+    copy and the embedding stays as it is."""
     from cluster.errors import ConfigError
 
     if not int8_weights_work():
@@ -159,19 +196,22 @@ def quantize_int8_weights(model: nn.Module, skip: tuple[type, ...] = ()) -> list
             "serve.dtype: int8 needs torch's CPU int8 weight-only kernel (torch._weight_int8pack_mm), which "
             f"this torch {torch.__version__} lacks; use serve.dtype float32 or bfloat16"
         )
-    skipped = {name for name, module in model.named_modules() if skip and isinstance(module, skip)}
-    replaced = []
+    blocks = {name for name, module in model.named_modules() if isinstance(module, Experts)}
+    converted = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or any(name.startswith(s + ".") for s in skipped):
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, Int8WeightLinear.from_linear(module))
-        replaced.append(name)
-    return replaced
+        if name in blocks:
+            Int8Experts.convert(module)
+            converted.append(name)
+        elif isinstance(module, nn.Linear) and not any(name.startswith(block + ".") for block in blocks):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, Int8WeightLinear.from_linear(module))
+            converted.append(name)
+    return converted
 
 
 __all__ = [
     "ONEDNN_MIN_WEIGHT",
+    "Int8Experts",
     "Int8WeightLinear",
     "OneDNNLinear",
     "int8_weights_work",

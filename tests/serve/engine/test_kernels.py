@@ -9,6 +9,7 @@ from torch import nn
 
 from serve.engine.kernels import (
     ONEDNN_MIN_WEIGHT,
+    Int8Experts,
     Int8WeightLinear,
     OneDNNLinear,
     onednn_linear_works,
@@ -95,20 +96,52 @@ def test_int8_linear_rounds_each_weight_row_to_its_own_scale():
     assert float((got - fp32).norm() / fp32.norm()) < 0.02  # int8 weights: ~1% off the fp32 layer
 
 
-def test_quantize_int8_weights_skips_the_given_modules_and_keeps_a_tied_embedding(tiny_moe_student):
-    from distill.student.experts import Experts
-
-    model = tiny_moe_student
+def test_quantize_int8_weights_converts_linears_and_experts_and_keeps_a_tied_embedding(tiny_moe_student):
     import copy
 
-    model = copy.deepcopy(model)
+    from distill.student.experts import Experts
+
+    model = copy.deepcopy(tiny_moe_student)
     embedding = model.model.embed_tokens.weight.detach().clone()
-    replaced = quantize_int8_weights(model, skip=(Experts,))
-    assert "lm_head" in replaced and "model.layers.0.self_attn.q_proj" in replaced
-    assert not any(".experts." in name for name in replaced)  # the experts' weights are read as tensors
-    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))  # experts only
-    assert all(isinstance(model.get_submodule(name), Int8WeightLinear) for name in replaced)
+    converted = quantize_int8_weights(model)
+    assert "lm_head" in converted and "model.layers.0.self_attn.q_proj" in converted
+    blocks = [name for name, m in model.named_modules() if isinstance(m, Experts)]
+    assert blocks and all(isinstance(model.get_submodule(b), Int8Experts) for b in blocks)
+    assert set(blocks) <= set(converted) and not any(".experts." in name for name in converted)
+    assert all(isinstance(model.get_submodule(n), (Int8WeightLinear, Int8Experts)) for n in converted)
     assert torch.equal(model.model.embed_tokens.weight, embedding)  # the embedding stays fp32
+
+
+def test_int8_experts_compute_each_routed_expert_on_its_int8_weights(tiny_moe_student):
+    """Int8Experts.dispatch = sum over each token's experts of weight * SwiGLU with the dequantized weights
+    (bf16 activations inside the matmuls), for a single stream and for a batch (no grouped fp32 path)."""
+    import copy
+
+    block = copy.deepcopy(tiny_moe_student.model.layers[0].mlp.experts)
+    fp32 = copy.deepcopy(block)
+    Int8Experts.convert(block)
+
+    def dequantized(index):
+        gate_up, gs, down, ds = block._int8[index]
+        return gate_up.float() * gs.float()[:, None], down.float() * ds.float()[:, None]
+
+    torch.manual_seed(0)
+    for n in (1, 12):
+        x = torch.randn(n, 32)
+        experts = torch.stack([torch.randperm(4)[:2] for _ in range(n)])  # [N, 2]
+        weights = torch.rand(n, 2)
+        with torch.inference_mode():
+            got = block.dispatch(x, experts, weights)
+            want = torch.zeros_like(x)
+            for t in range(n):
+                for k in range(2):
+                    gate_up, down = dequantized(int(experts[t, k]))
+                    h = F.linear(x[t : t + 1].bfloat16().float(), gate_up)
+                    act = F.silu(h[:, :16]) * h[:, 16:] * weights[t, k]
+                    want[t] += F.linear(act.bfloat16().float(), down)[0]
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+            reference = fp32.dispatch(x, experts, weights)
+            assert float((got - reference).norm() / reference.norm()) < 0.03  # ~1% off the fp32 experts
 
 
 def test_an_int8_engine_serves_the_tiny_model_close_to_fp32(make_engine, tokenizer):
