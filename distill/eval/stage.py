@@ -36,6 +36,11 @@ class EvalConfig(RunConfig, Protocol):
     teacher: TeacherSection
     train: TrainSection
     eval: EvalSection
+    serve: ServedWeights
+
+
+class ServedWeights(Protocol):
+    dtype: str  # serve.dtype: int8 has the eval also score the student with the int8 weights it will serve
 
 
 log = logging.getLogger(__name__)
@@ -482,10 +487,38 @@ def _evaluate_models(
             notes=notes,
             say=say,
         )
+        if name == "student" and cfg.serve.dtype == "int8":
+            results[name]["served_int8"] = int8_cost(model, tokenizer, texts, results[name], ecfg, notes, say)
         results[name]["path"] = paths[name]
         results[name]["local_path"] = local
         del model
     return results
+
+
+def int8_cost(
+    model: Any, tokenizer: Any, texts: dict[str, list[str]], result: dict, ecfg: EvalSection, notes: list[str], say
+) -> dict[str, Any]:
+    """Bits per byte of ``model`` with the int8 weights ``serve.dtype: int8`` serves (a quantized copy), on
+    the same texts as its float32 figures in ``result``: ``{"bits_per_byte": {corpus: bpb},
+    "change": {corpus: int8 / fp32 - 1}}``; one line per corpus in ``notes``."""
+    import copy
+
+    from serve.engine.kernels import quantize_int8_weights
+
+    say("student: bits per byte with the int8 weights it is served with (serve.dtype: int8)")
+    quantized = copy.deepcopy(model)
+    quantize_int8_weights(quantized)
+    out: dict[str, Any] = {"bits_per_byte": {}, "change": {}}
+    for corpus, corpus_texts in texts.items():
+        bpb = M.bits_per_byte(quantized, tokenizer, corpus_texts, window=ecfg.window, batch_tokens=ecfg.batch_tokens)
+        fp32 = result["bits_per_byte"][corpus]["bits_per_byte"]
+        out["bits_per_byte"][corpus] = bpb["bits_per_byte"]
+        out["change"][corpus] = bpb["bits_per_byte"] / fp32 - 1
+        notes.append(
+            f"student served as int8 (serve.dtype): bits per byte on {corpus} {bpb['bits_per_byte']:.4f} "
+            f"vs {fp32:.4f} in float32 ({100 * out['change'][corpus]:+.2f}%)"
+        )
+    return out
 
 
 def _comparison(results: dict[str, dict]) -> dict[str, Any] | None:

@@ -166,6 +166,35 @@ def test_baseline_with_another_vocabulary_skips_kl_with_a_note(fake_run, tokeniz
     assert rep["gate"]["against"] == "baseline" and rep["gate"]["reference"] == b["metrics"]["bpb_human"]
 
 
+def test_serve_dtype_int8_has_the_eval_score_the_int8_student_it_will_serve(fake_run):
+    """The student's bits per byte with the int8 weights of serve.dtype int8, recomputed here from a
+    quantized copy, beside its float32 figures; the teacher and init are not quantized."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import distill.student.hf  # noqa: F401 - registers the student model type
+    from distill.eval import metrics as M
+    from distill.eval.corpora import read_corpus
+    from serve.engine.kernels import quantize_int8_weights
+
+    cfg = load_config(
+        fake_run["config"], ["serve.dtype=int8", "eval.models=[teacher, student]", "eval.speed.enabled=false"]
+    )
+    rep = run_eval_stage(cfg, fake_run["run"], show_progress=False)
+    student = rep["models"]["student"]
+    int8 = student["served_int8"]
+    assert "served_int8" not in rep["models"]["teacher"] and set(int8["bits_per_byte"]) == {"heldout", "human.txt"}
+    model = AutoModelForCausalLM.from_pretrained(fake_run["student"], dtype=torch.float32).eval()
+    quantize_int8_weights(model)
+    tok = AutoTokenizer.from_pretrained(fake_run["student"])
+    human = read_corpus(str(Path(fake_run["root"]) / "human.txt"))
+    want = M.bits_per_byte(model, tok, human, window=cfg.eval.window, batch_tokens=cfg.eval.batch_tokens)
+    assert int8["bits_per_byte"]["human.txt"] == pytest.approx(want["bits_per_byte"], rel=1e-6)
+    fp32 = student["bits_per_byte"]["human.txt"]["bits_per_byte"]
+    assert int8["bits_per_byte"]["human.txt"] != fp32  # really the quantized weights
+    assert int8["change"]["human.txt"] == pytest.approx(int8["bits_per_byte"]["human.txt"] / fp32 - 1)
+    assert any(n.startswith("student served as int8 (serve.dtype): bits per byte on human.txt") for n in rep["notes"])
+
+
 def test_model_dir_without_tokenizer_is_an_error_naming_the_path(fake_run, tmp_path):
     bare = tmp_path / "student-no-tok"
     shutil.copytree(fake_run["student"], bare)
