@@ -89,15 +89,14 @@ def engine_throughput(engine, prompts: list[list[int]], tokens: int) -> float:
     return sum(o.completion_tokens for outs in results.values() for o in outs[-1:]) / elapsed
 
 
-def engine_decode_b1(engine, prompt: list[int], tokens: int) -> float:
-    """Batch-1 decode steps only (after the prompt is prefilled): tokens/s."""
+def median_decode_step_s(engine, prompts: list[list[int]], tokens: int) -> float:
+    """Median wall time of the decode steps of greedy streams (one per prompt, ``tokens`` each, started
+    together), after the first tokens: seconds."""
     from serve.engine.types import GenerationRequest, SamplingOptions
 
-    engine.add_request(
-        GenerationRequest(
-            f"d{time.perf_counter_ns()}", prompt, SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-        )
-    )
+    options = SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(GenerationRequest(f"d{time.perf_counter_ns()}-{i}", prompt, options))
     while not any(o.token_ids for o in engine.step()):
         pass
     times = []
@@ -105,7 +104,12 @@ def engine_decode_b1(engine, prompt: list[int], tokens: int) -> float:
         start = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - start)
-    return 1.0 / statistics.median(times)
+    return statistics.median(times)
+
+
+def engine_decode_b1(engine, prompt: list[int], tokens: int) -> float:
+    """Batch-1 decode steps only (after the prompt is prefilled): tokens/s."""
+    return 1.0 / median_decode_step_s(engine, [prompt], tokens)
 
 
 def bench_model(label: str, model_dir: str, args, bandwidth: float) -> dict:

@@ -17,30 +17,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def decode_step_s(engine, batch: int, tokens: int) -> float:
-    """Median wall time of the decode steps of ``batch`` greedy streams of ``tokens`` tokens."""
-    from serve.engine.types import GenerationRequest, SamplingOptions
-
-    for i in range(batch):
-        prompt = list(range(100, 130 + i))
-        options = SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-        engine.add_request(GenerationRequest(f"b{time.perf_counter_ns()}-{i}", prompt, options))
-    while not any(o.token_ids for o in engine.step()):  # prefill
-        pass
-    times = []
-    while engine.has_unfinished():
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -54,6 +35,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import distill.student  # noqa: F401 - registers the student class
+    from bench.engine_decode import median_decode_step_s
     from distill.eval.corpora import builtin_corpus
     from distill.eval.metrics import bits_per_byte
     from serve.engine.engine import LLMEngine
@@ -73,8 +55,9 @@ def main() -> None:
             steps: dict[str, list[float]] = {d: [] for d in engines}
             for _ in range(args.rounds):
                 for d, engine in engines.items():
-                    decode_step_s(engine, batch, 3)  # warm
-                    steps[d].append(decode_step_s(engine, batch, args.tokens))
+                    prompts = [list(range(100, 130 + i)) for i in range(batch)]
+                    median_decode_step_s(engine, prompts, 3)  # warm
+                    steps[d].append(median_decode_step_s(engine, prompts, args.tokens))
             fp32, int8 = (statistics.median(steps[d]) for d in ("float32", "int8"))
             rows.append((label, batch, batch / fp32, batch / int8, bpb["float32"], bpb["int8"]))
         del engines

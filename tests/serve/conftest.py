@@ -37,6 +37,42 @@ def start_fake_server(
     return ServerThread(app).start(), engine
 
 
+def asgi_post_scope(path: str, payload: bytes, spec_version: str) -> dict:
+    """The ASGI scope of a JSON POST to ``path`` (tests that drive the app below the HTTP server)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": spec_version},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+    }
+
+
+def asgi_receive(payload: bytes, disconnect=None):
+    """An ASGI ``receive``: the request body once, then ``http.disconnect`` once ``disconnect`` (an
+    asyncio.Event) is set; with None it never reports one (as an ASGI 2.4 server need not)."""
+    import asyncio
+
+    delivered = False
+
+    async def receive():
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+        await (disconnect or asyncio.Event()).wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
 @pytest.fixture(scope="module")
 def api_server(tiny_teacher_dir):
     """(ServerThread, AsyncEngine): the real engine on the tiny random LLaMA, served as model 'tiny' (context 256)."""

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import start_fake_server
+from tests.serve.conftest import asgi_post_scope, asgi_receive, start_fake_server
 
 MSGS = [{"role": "user", "content": "hello"}]
 
@@ -648,31 +648,11 @@ def test_sse_body_closed_at_a_yield_aborts_the_engine_request(serve_tokenizer, p
     engine = FloodEngine(serve_tokenizer)
     app = create_app(EngineBackend(engine, name="tiny"), ServeSection(api_key_env=None, max_tokens_limit=100_000))
     payload = json.dumps({"model": "tiny", "max_tokens": 100_000, "stream": True, **body}).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-    }
+    scope = asgi_post_scope(path, payload, spec_version="2.4")
 
     async def main() -> None:
         chunks = []
-        delivered = False
-
-        async def receive():
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": payload, "more_body": False}
-            await asyncio.Event().wait()  # an ASGI 2.4 server need not report the disconnect here
+        receive = asgi_receive(payload)  # an ASGI 2.4 server need not report the disconnect
 
         async def send(message):
             if message["type"] == "http.response.body" and message.get("body"):

@@ -10,7 +10,7 @@ import pytest
 
 from cluster.errors import ConfigError
 from serve.prompt_log import PROMPT_LOG_SCHEMA, PromptLog, make_record, read_prompt_log
-from tests.serve.conftest import start_fake_server
+from tests.serve.conftest import asgi_post_scope, asgi_receive, start_fake_server
 
 
 def redact(record: dict) -> dict | None:
@@ -142,33 +142,12 @@ def test_a_stream_is_logged_even_when_the_client_hangs_up_right_after_done(serve
     section = ServeSection(api_key_env=None, prompt_log_enabled=True, prompt_log=str(tmp_path / "plog"))
     app = create_app(EngineBackend(engine), section)
     payload = json.dumps({"model": "tiny", "max_tokens": 3, "stream": True, **body}).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-    }
+    scope = asgi_post_scope(path, payload, spec_version="2.0")
 
     async def main() -> list[bytes]:
         chunks: list[bytes] = []
         got_done = asyncio.Event()
-        delivered = False
-
-        async def receive():
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": payload, "more_body": False}
-            await got_done.wait()
-            return {"type": "http.disconnect"}
+        receive = asgi_receive(payload, disconnect=got_done)
 
         async def send(message):
             if message["type"] == "http.response.body" and message.get("body"):
