@@ -46,11 +46,6 @@ from serve.section import ServeSection
 logger = logging.getLogger("raydistill.serve")
 
 
-def uses_vllm(section: ServeSection) -> bool:
-    """True when the model replicas run vLLM (``serve.backend``)."""
-    return section.backend == "vllm" or (section.backend == "auto" and section.num_gpus > 0)
-
-
 # A fixed code version: redeploying the same code with a new user_config (a new model dir) is then a
 # light in-place reconfigure of the running replicas instead of a restart. (Serve keeps `version` for
 # internal use; without it every serve.run is a code change and replicas restart - still without
@@ -385,7 +380,7 @@ def build_app(
     api_key_hashes: list[str] | None = None,
 ) -> Any:
     """The bound Serve application (ingress -> model) for ``model_dir``; run it with ``serve.run``.
-    On vLLM (:func:`uses_vllm`) it is Ray Serve LLM's app (:func:`serve.llm_app.build_llm_app`).
+    On vLLM (``section.uses_vllm``) it is Ray Serve LLM's app (:func:`serve.llm_app.build_llm_app`).
 
     The API keys are read here, in the driver (``api_key_hashes`` overrides), and handed to the ingress
     as hashes."""
@@ -393,7 +388,7 @@ def build_app(
     if api_key_hashes is None:
         api_key_hashes = driver_key_hashes(section)
     model_dir = _abs_model(model_dir)
-    if uses_vllm(section):
+    if section.uses_vllm:
         return build_llm_app(
             model_dir,
             section,

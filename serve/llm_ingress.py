@@ -101,9 +101,8 @@ class RaydistillIngress(OpenAiIngress):
     async def _tee(self, chunks: AsyncIterator[Any], endpoint: str, request: dict) -> AsyncIterator[Any]:
         """Pass the SSE chunks on unchanged; log the request when the engine's ``[DONE]`` arrives, before that
         chunk is passed on (a client that got ``[DONE]`` may hang up at once, and the HTTP server then cancels
-        this generator at its next await). A stream the client dropped earlier, or that failed, is not a
-        finished generation and is not logged, nor is one that
-        carried vLLM's in-band error event before its ``[DONE]``."""
+        this generator at its next await). A stream the client dropped earlier, one that failed, or one that
+        carried vLLM's in-band error event before its ``[DONE]`` is not a finished generation: not logged."""
         texts: dict[int, list[str]] = {}
         meta: dict[str, Any] = {}
         failed = False

@@ -193,7 +193,7 @@ class ServeSection(Section):
             )
         if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
             raise ValueError("serve.initial_replicas must lie between min_replicas and max_replicas")
-        if self.dtype == "int8" and (self.backend == "vllm" or (self.backend == "auto" and self.num_gpus > 0)):
+        if self.dtype == "int8" and self.uses_vllm:
             raise ValueError(
                 "serve.dtype int8 is our engine's CPU weight-only int8; vLLM takes quantized checkpoints instead: "
                 "set serve.backend: engine (and num_gpus: 0), or serve.dtype float32 / bfloat16 for vLLM"
@@ -204,6 +204,11 @@ class ServeSection(Section):
                 "to a folder URI (e.g. ./runs/prompt-log)"
             )
         return self
+
+    @property
+    def uses_vllm(self) -> bool:
+        """True when the model replicas run vLLM: ``backend: vllm``, or ``auto`` with GPUs."""
+        return self.backend == "vllm" or (self.backend == "auto" and self.num_gpus > 0)
 
     @property
     def prompt_log_uri(self) -> str | None:

@@ -29,7 +29,7 @@ def load_engine(
     kwargs = {**engine_kwargs(section), **(engine_options or {})}
     if engine_factory:
         return pkgutil.resolve_name(engine_factory)(model_dir, **kwargs)
-    if section.backend == "vllm" or (section.backend == "auto" and section.num_gpus > 0):
+    if section.uses_vllm:
         from serve.vllm_engine import VLLMAsyncEngine
 
         return VLLMAsyncEngine.from_pretrained(model_dir, **kwargs)

@@ -89,13 +89,11 @@ def use_onednn_linears(model: nn.Module, min_weight: int = ONEDNN_MIN_WEIGHT) ->
         return []
     switched = []
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
         if (
             type(module) is nn.Linear
-            and weight is not None
-            and weight.device.type == "cpu"
-            and weight.dtype == torch.float32
-            and weight.numel() >= min_weight
+            and module.weight.device.type == "cpu"
+            and module.weight.dtype == torch.float32
+            and module.weight.numel() >= min_weight
         ):
             module.__class__ = OneDNNLinear
             switched.append(name)
