@@ -1,13 +1,14 @@
 """Overload test of the OpenAI server (issue #16 acceptance): 4x more concurrent streams than it admits.
 
     python bench/serve_overload.py [--engine tiny|fake] [--slots 8] [--queued 4] [--factor 4] [--rounds 3]
-                                   [--tokens 48] [--threads 1]
+                                   [--tokens 48] [--threads 1] [--max-pending N] [--model smollm2-135m-instruct]
 
 The server runs in a subprocess (so the load generator never takes its GIL): ``raydistill serve --no-ray``'s
 app on the real engine with a tiny random LLaMA (``--engine tiny``, default; the builtin teacher's
 tokenizer) or on the timing-controlled fake engine of the tests (``--engine fake``, 20 ms per token). It
 admits ``max_ongoing_requests`` (= ``--slots`` = the engine's batch) + ``max_queued_requests``
-(``--queued``) engine jobs and answers 429 beyond that.
+(``--queued``) engine jobs, and at most ``--max-pending`` (``serve.max_pending_prefills``) still waiting
+for their first token, and answers 429 beyond that.
 
 1. idle: ``--idle`` sequential streaming chat completions -> time to first token (request sent -> first
    content chunk), p50.
@@ -43,7 +44,9 @@ MSGS = [{"role": "user", "content": "Tell me a long story about the sea."}]
 
 
 # ------------------------------------------------------------------------------------------ server side
-def serve(fd: int, engine_kind: str, slots: int, queued: int, threads: int, model_dir: str, log_path: str) -> None:
+def serve(
+    fd: int, engine_kind: str, slots: int, queued: int, pending: int, threads: int, model_dir: str, log_path: str
+) -> None:
     import logging
 
     import torch
@@ -68,7 +71,11 @@ def serve(fd: int, engine_kind: str, slots: int, queued: int, threads: int, mode
 
         engine = AsyncEngine.from_pretrained(model_dir, max_model_len=512, max_batch_size=slots)
     section = ServeSection(
-        api_key_env=None, max_batch_size=slots, max_ongoing_requests=slots, max_queued_requests=queued
+        api_key_env=None,
+        max_batch_size=slots,
+        max_ongoing_requests=slots,
+        max_queued_requests=queued,
+        max_pending_prefills=pending or None,
     )
     serve_on_fd(create_app(EngineBackend(engine, name="m"), section, close_backends=True), fd, log_level="error")
 
@@ -156,13 +163,25 @@ def main() -> int:
     ap.add_argument("--idle", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
+        "--max-pending", type=int, default=0, help="serve.max_pending_prefills (0 = no bound, the default setting)"
+    )
+    ap.add_argument(
         "--model",
         help="model dir or alias for --engine tiny (default: a tiny random LLaMA); e.g. smollm2-135m-instruct",
     )
     ap.add_argument("--serve", nargs=3, metavar=("FD", "MODEL_DIR", "LOG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(int(args.serve[0]), args.engine, args.slots, args.queued, args.threads, args.serve[1], args.serve[2])
+        serve(
+            int(args.serve[0]),
+            args.engine,
+            args.slots,
+            args.queued,
+            args.max_pending,
+            args.threads,
+            args.serve[1],
+            args.serve[2],
+        )
         return 0
 
     from distill.teacher.sources import resolve_model
@@ -188,6 +207,8 @@ def main() -> int:
             str(args.slots),
             "--queued",
             str(args.queued),
+            "--max-pending",
+            str(args.max_pending),
             "--threads",
             str(args.threads),
             "--serve",
@@ -235,7 +256,7 @@ def main() -> int:
     )
     print(
         f"{engine}, slots {args.slots} (batch = max_ongoing_requests), max_queued_requests "
-        f"{args.queued}; {run['concurrent']} concurrent streams x {args.rounds} rounds, {args.tokens} tokens each, "
+        f"{args.queued}, max_pending_prefills {args.max_pending or 'none'}; {run['concurrent']} concurrent streams x {args.rounds} rounds, {args.tokens} tokens each, "
         f"{run['wall']:.1f}s"
     )
     print(

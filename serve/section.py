@@ -69,6 +69,15 @@ class ServeSection(Section):
         ge=-1,
         description="waiting requests per caller beyond which the server answers 429 (-1 = unbounded, not recommended)",
     )
+    max_pending_prefills: int | None = Field(
+        default=None,
+        ge=1,
+        description="engine jobs admitted but still waiting for their first token (queued or in prefill) beyond "
+        "which new requests get 429: bounds time to first token under bursts, since each pending prefill adds "
+        "about one idle TTFT before the next (SmolLM2, 8 slots, bursts of 48 streams on 2 cores: p50 TTFT of "
+        "the admitted 6.5x idle without a bound, 1.7-2.2x with 1; bench/serve_overload.py). A request alone "
+        "is always admitted. null = no bound",
+    )
     capacity_check: Literal["warn", "fit", "off"] = Field(
         default="warn",
         description="at deploy, compare what max_replicas needs (num_cpus / num_gpus per model "

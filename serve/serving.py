@@ -128,6 +128,7 @@ class OpenAIServer:
         self.prompt_log = prompt_log
         self.admission_limit = admission_limit
         self.in_flight = 0
+        self.pending = 0  # engine jobs admitted and still without a first token (serve.max_pending_prefills)
         self.replicas_fn = replicas_fn
         self._token_text = {b.name: TokenText(b.tokenizer) for b in backends}
 
@@ -267,7 +268,8 @@ class OpenAIServer:
 
     def admit(self, jobs: int) -> None:
         """429 unless ``jobs`` more engine jobs fit (a request of n choices over p prompts is n x p jobs; one
-        request alone on an idle server is always admitted)."""
+        request alone on an idle server is always admitted), and unless they fit beside the jobs still waiting
+        for their first token (``serve.max_pending_prefills``)."""
         if self.admission_limit is not None and self.in_flight and self.in_flight + jobs > self.admission_limit:
             raise APIError(
                 429,
@@ -276,6 +278,24 @@ class OpenAIServer:
                 "serve.max_queued_requests); retry later",
                 code="rate_limit_exceeded",
             )
+        limit = self.section.max_pending_prefills
+        if limit is not None and self.pending and self.pending + jobs > limit:
+            raise APIError(
+                429,
+                f"server busy: {self.pending} engine jobs are still waiting for their first token, this request "
+                f"needs {jobs} more (limit {limit} = serve.max_pending_prefills, which bounds the time to first "
+                "token); retry later",
+                code="rate_limit_exceeded",
+            )
+
+    def start_pending(self, info: dict, jobs: int) -> None:
+        """Count a request's ``jobs`` as waiting for a first token until :meth:`end_pending`."""
+        self.pending += jobs
+        info["pending"] = jobs
+
+    def end_pending(self, info: dict) -> None:
+        """The request has its first token, or ended without one (idempotent)."""
+        self.pending -= info.pop("pending", 0)
 
     async def merged(
         self, jobs: list[Job], deadline: float | None = None
@@ -330,14 +350,16 @@ class OpenAIServer:
             # Wait so the engine sees the abort before the handler returns (frees the batch slot now).
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def releaser(self, jobs: int) -> Any:
-        """An idempotent callable giving back a request's in-flight jobs (streams end in several ways)."""
+    def releaser(self, jobs: int, info: dict) -> Any:
+        """An idempotent callable giving back a request's in-flight (and still pending) jobs (streams end in
+        several ways)."""
         done = [False]
 
         def release() -> None:
             if not done[0]:
                 done[0] = True
                 self.in_flight -= jobs
+                self.end_pending(info)
 
         return release
 
@@ -373,6 +395,7 @@ class OpenAIServer:
         if "ttft" not in info and out.token_ids:
             info["ttft"] = time.perf_counter() - start
             self.metrics.first_token(model, info["ttft"])
+            self.end_pending(info)  # a request of n jobs: all leave the count at its first token
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         """One generation request, start to end: auth, admission, parsing, limits, then chat or completions."""
@@ -394,6 +417,7 @@ class OpenAIServer:
             info["model"] = backend.name
             self.admit(n_jobs)
             self.in_flight += n_jobs
+            self.start_pending(info, n_jobs)
             counted = True
             if endpoint == "chat":
                 response = await self.chat(request, rid, req, backend, start, info)
@@ -427,6 +451,7 @@ class OpenAIServer:
         finally:
             if counted:
                 self.in_flight -= n_jobs
+                self.end_pending(info)
             if not info.get("stream"):
                 self.finish_log(rid, endpoint, status, start, info)
 

@@ -77,7 +77,7 @@ def stream_response(
     from serve.serving import Choice
 
     include_usage = bool(stream_options and stream_options.include_usage)
-    release = server.releaser(len(jobs))
+    release = server.releaser(len(jobs), info)
 
     async def events() -> AsyncIterator[bytes]:
         status = 200

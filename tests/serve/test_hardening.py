@@ -436,6 +436,38 @@ def test_admission_counts_engine_jobs_not_http_requests(serve_tokenizer):
         server.stop()
 
 
+def test_pending_prefill_bound_answers_429_until_the_waiting_request_has_its_first_token(serve_tokenizer):
+    """serve.max_pending_prefills bounds TTFT under bursts: while 1 admitted job waits for its first token, a
+    new request gets 429 (slots are free: only this bound refuses it); once the first token is out, it fits."""
+    import threading
+
+    server, engine = start_fake_server(
+        serve_tokenizer, token_delay=0.5, max_batch_size=4, max_ongoing_requests=4, max_pending_prefills=1
+    )
+    state = server.config.app.state.server
+    small = {"model": "tiny", "prompt": "y", "max_tokens": 1}
+    first: list = []
+    waiting = threading.Thread(
+        target=lambda: first.append(post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 3}))
+    )
+    try:
+        waiting.start()
+        _wait_for(lambda: state.pending == 1, what="the first request to be admitted")
+        err = assert_openai_error(post(server, "/v1/completions", small), 429)
+        assert err["type"] == "rate_limit_error" and "serve.max_pending_prefills" in err["message"]
+        assert engine.stats()["running"] == 1  # a slot was free: the bound, not the batch, refused it
+        _wait_for(lambda: state.pending == 0, what="the first token")
+        assert state.in_flight == 1  # still generating: it no longer counts as pending
+        ok = post(server, "/v1/completions", small)
+        assert ok.status_code == 200, ok.text
+        waiting.join(30)
+        assert first[0].status_code == 200, first[0].text
+        _wait_for(lambda: state.in_flight == 0 and state.pending == 0, what="every job given back")
+    finally:
+        waiting.join(30)
+        server.stop()
+
+
 def test_requests_have_a_default_deadline(serve_tokenizer):
     from serve.section import ServeSection
 
