@@ -109,16 +109,21 @@ def read_prompt_files(cfg: DataConfig) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for uri in files:
         table = _read_table(uri)
-        has_prompt, has_messages = pc.prompt_column in table.column_names, pc.messages_column in table.column_names
-        if not (has_prompt or has_messages):
+        columns = table.column_names
+        has_prompt, has_messages = pc.prompt_column in columns, pc.messages_column in columns
+        if not (has_prompt or has_messages or pc.raw_column in columns):
             raise RaydistillError(
-                f"{uri}: no {pc.prompt_column!r} or {pc.messages_column!r} column (found "
-                f"{table.column_names}); rename the column or set prompts.prompt_column"
+                f"{uri}: no {pc.prompt_column!r}, {pc.messages_column!r} or {pc.raw_column!r} column (found "
+                f"{columns}); rename the column or set prompts.prompt_column"
             )
         tag = f"file:{os.path.basename(uri)}"
         for row_no, row in enumerate(table.to_pylist(), 1):
             messages = row.get(pc.messages_column) if has_messages else None
             text = row.get(pc.prompt_column) if has_prompt else None
+            raw = row.get(pc.raw_column)
+            if raw is not None and str(raw).strip() and not messages and text is None:
+                out.append(_request(pc, tag, raw=str(raw)))
+                continue
             if messages:
                 messages = _normalise_messages(messages, f"{uri} row {row_no}")
             elif text is None or not str(text).strip():

@@ -31,6 +31,11 @@ class PromptsSection(Section):
     samples_per_prompt: int = Field(default=1, ge=1)
     prompt_column: str = "prompt"
     messages_column: str = "messages"
+    raw_column: str = Field(
+        default="raw",
+        description="column of plain-text prefixes the teacher continues as they are, no chat template "
+        "(general text rather than answers; source: file)",
+    )
     system_prompt: str | None = None
     topics_path: str | None = Field(default=None, description="seed topics for self_instruct (default: shipped list)")
     seed: int = 0

@@ -195,7 +195,7 @@ def test_bad_prompt_files_fail_with_the_file_and_field(tmp_path, tiny_teacher_di
     run = str(tmp_path / "run")
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({"question": "hi"}) + "\n")
-    with pytest.raises(RaydistillError, match=r"wrong\.jsonl: no 'prompt' or 'messages' column.*question"):
+    with pytest.raises(RaydistillError, match=r"wrong\.jsonl: no 'prompt', 'messages' or 'raw' column.*question"):
         run_generate_stage(make_cfg(tmp_path, tiny_teacher_dir, str(wrong)), run, show_progress=False)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -238,14 +238,24 @@ def test_messages_csv_and_parquet_sources(ray_session, tmp_path, tiny_teacher_di
     )
     (tmp_path / "plain.csv").write_text("prompt,other\nName a color.,x\n,empty row\n")
     pq.write_table(pa.table({"prompt": ["Name a tree.", "Name a tree."]}), tmp_path / "more.parquet")
+    (tmp_path / "raw.jsonl").write_text(json.dumps({"raw": "Once upon a time, a fox"}) + "\n")
     cfg = make_cfg(tmp_path, tiny_teacher_dir, str(tmp_path / "*.*"))
     run = str(tmp_path / "run")
     manifest = run_generate_stage(cfg, run, show_progress=False)
     table = read_shards(f"{run}/{GENERATE_DIR}")
     by_source = {r["source"]: r for r in table.to_pylist()}
-    assert set(by_source) == {"file:chat.jsonl", "file:plain.csv", "file:more.parquet"}
+    assert set(by_source) == {"file:chat.jsonl", "file:plain.csv", "file:more.parquet", "file:raw.jsonl"}
     assert by_source["file:chat.jsonl"]["messages"][0] == {"role": "system", "content": "Be brief."}
     assert by_source["file:plain.csv"]["prompt"] == "Name a color."
+    # A raw prefix is continued as it is: its tokens, no chat template, no special tokens.
+    from transformers import AutoTokenizer
+
+    raw = by_source["file:raw.jsonl"]
+    assert raw["messages"] is None and raw["prompt"] == "Once upon a time, a fox"
+    expected = AutoTokenizer.from_pretrained(tiny_teacher_dir)(raw["prompt"], add_special_tokens=False)["input_ids"]
+    assert raw["input_ids"][: raw["prompt_len"]] == expected
+    chat = by_source["file:plain.csv"]
+    assert chat["prompt_len"] > len(AutoTokenizer.from_pretrained(tiny_teacher_dir)(chat["prompt"])["input_ids"])
     assert manifest["skipped"] == {"duplicate_prompt": 1}
 
 
