@@ -358,10 +358,14 @@ class OpenAIServer:
         def release() -> None:
             if not done[0]:
                 done[0] = True
-                self.in_flight -= jobs
-                self.end_pending(info)
+                self.give_back(jobs, info)
 
         return release
+
+    def give_back(self, jobs: int, info: dict) -> None:
+        """A request's ``jobs`` leave the in-flight count, and the pending one if no first token came."""
+        self.in_flight -= jobs
+        self.end_pending(info)
 
     def log_prompt(self, **kw: Any) -> None:
         if self.prompt_log is None:
@@ -450,8 +454,7 @@ class OpenAIServer:
             return resp
         finally:
             if counted:
-                self.in_flight -= n_jobs
-                self.end_pending(info)
+                self.give_back(n_jobs, info)
             if not info.get("stream"):
                 self.finish_log(rid, endpoint, status, start, info)
 
