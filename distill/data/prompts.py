@@ -120,13 +120,15 @@ def read_prompt_files(cfg: DataConfig) -> list[dict[str, Any]]:
         for row_no, row in enumerate(table.to_pylist(), 1):
             messages = row.get(pc.messages_column) if has_messages else None
             text = row.get(pc.prompt_column) if has_prompt else None
+            if text is not None and not str(text).strip():
+                text = None  # a blank cell: CSV readers give "" where JSONL has no key
             raw = row.get(pc.raw_column)
             if raw is not None and str(raw).strip() and not messages and text is None:
                 out.append(_request(pc, tag, raw=str(raw)))
                 continue
             if messages:
                 messages = _normalise_messages(messages, f"{uri} row {row_no}")
-            elif text is None or not str(text).strip():
+            elif text is None:
                 continue  # counted by the caller as an empty prompt
             out.append(_request(pc, tag, text=None if messages else str(text), messages=messages or None))
     return out

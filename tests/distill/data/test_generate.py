@@ -259,6 +259,19 @@ def test_messages_csv_and_parquet_sources(ray_session, tmp_path, tiny_teacher_di
     assert manifest["skipped"] == {"duplicate_prompt": 1}
 
 
+def test_a_csv_with_prompt_and_raw_columns_keeps_both_kinds_of_row(tmp_path):
+    """A CSV reader gives "" for a blank cell (JSONL has no key): a row with only a raw prefix is a raw
+    request, one with only a prompt a chat request, and a row with neither is skipped."""
+    from distill.data.prompts import read_prompt_files
+
+    (tmp_path / "mixed.csv").write_text("prompt,raw\nName a bird.,\n,Long ago a heron\n,\n")
+    requests = read_prompt_files(make_cfg(tmp_path, "unused", str(tmp_path / "mixed.csv")))
+    assert [(r["prompt"], r["messages"] is None) for r in requests] == [
+        ("Name a bird.", False),
+        ("Long ago a heron", True),
+    ]
+
+
 def test_self_instruct_prompts_are_cleaned_counted_in_the_manifest_and_reused(ray_session, tmp_path, tiny_teacher_copy):
     topics = tmp_path / "topics.txt"
     topics.write_text("# comment\nbirds\nrivers\n")
