@@ -27,51 +27,12 @@ class SwiGLU(nn.Module):
 class Experts(nn.ModuleList):
     """E routed experts; :meth:`dispatch` runs each expert only on the tokens routed to it.
 
-    Inference on at most ``grouped_max_tokens`` tokens whose selections cover at least E slots (a
-    decode step of several streams) takes the grouped path instead: the routed tokens are laid out
-    in one zero-padded block per expert, [E, C, H] with C the largest expert's token count, and two
-    batched matmuls over the stacked expert weights replace the per-expert loop, whose fixed cost
-    dominates a small step. Work is E * C token-expert pairs (16 streams, ~2.3 of 8 experts each:
-    C ~ 8 vs N = 16 for running every expert on every token). A single stream (N*K < E) keeps the
-    sparse path: it reads only its experts' weights.
+    (A decode step of a few streams does not come here: :class:`~distill.student.moe.MoEBlock` runs
+    every expert densely at that size.)
     """
-
-    grouped_max_tokens = 32
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__([SwiGLU(hidden_size, intermediate_size) for _ in range(num_experts)])
-        self._stacked: tuple | None = None  # (key, gate_up [E, H, 2I], down [E, I, H]), built lazily
-
-    def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate_up [E, H, 2I] and down [E, I, H], laid out for ``bmm``; rebuilt when a weight changes."""
-        params = [p for e in self for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._stacked is None or self._stacked[0] != key:
-            gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]).t() for e in self])
-            down = torch.stack([e.down_proj.weight.t() for e in self])
-            self._stacked = (key, gate_up.detach().contiguous(), down.detach().contiguous())
-        return self._stacked[1], self._stacked[2]
-
-    def _grouped(
-        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, used: torch.Tensor | None
-    ) -> torch.Tensor:
-        """x [N, H] -> [N, H]: each expert on its own tokens, as one zero-padded batch per expert."""
-        gate_up, down = self._stacked_weights()  # [E, H, 2I], [E, I, H]
-        n_exp, size = len(self), down.shape[1]
-        w = weights.to(x.dtype) if used is None else torch.where(used, weights.to(x.dtype), 0)
-        dense_w = x.new_zeros(x.shape[0], n_exp).scatter_add_(1, experts, w).t()  # [E, N]
-        expert, token = (dense_w != 0).nonzero(as_tuple=True)  # [M] pairs, grouped by expert
-        counts = torch.bincount(expert, minlength=n_exp)  # [E]
-        pos = torch.arange(expert.shape[0], device=x.device) - (counts.cumsum(0) - counts)[expert]  # [M]
-        capacity = int(counts.max()) if expert.numel() else 0  # C; the one host sync
-        xp = x.new_zeros(n_exp, capacity, x.shape[1])  # [E, C, H]
-        xp[expert, pos] = x.index_select(0, token)
-        h = torch.bmm(xp, gate_up)  # [E, C, 2I]
-        act = F.silu(h[..., :size]).mul_(h[..., size:])  # [E, C, I]
-        scale = x.new_zeros(n_exp, capacity)  # [E, C]; padding rows stay 0
-        scale[expert, pos] = dense_w[expert, token]
-        out = torch.bmm(act.mul_(scale.unsqueeze(2)), down)  # [E, C, H]
-        return torch.zeros_like(x).index_add_(0, token, out[expert, pos])
 
     def _expert_into(self, index: int, xe: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
         """Inference, one expert: ``out = down(silu(gate(xe)) * up(xe) * scale)``, activation in place.
@@ -95,12 +56,6 @@ class Experts(nn.ModuleList):
         sync is reading the per-expert counts. The routing weight scales the [c, I] activations
         before the down projection rather than the [c, H] outputs (I < H for fine experts).
         """
-        if (
-            not torch.is_grad_enabled()
-            and x.shape[0] <= self.grouped_max_tokens
-            and x.shape[0] * experts.shape[1] >= len(self)
-        ):
-            return self._grouped(x, experts, weights, used)
         slots = experts.shape[1]
         flat_experts = experts.reshape(-1)  # [N*K]
         flat_weights = weights.reshape(-1)  # [N*K]

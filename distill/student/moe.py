@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distill.student.config import StudentConfig
@@ -51,9 +52,26 @@ class MoEAux:
 
 
 class MoEBlock(nn.Module):
+    """Router, routed experts and the optional shared expert of one layer.
+
+    Inference on at most ``dense_max_tokens`` tokens whose selections can cover every expert (a
+    decode step of several streams: N * max_k >= E) runs every expert and the shared expert as one
+    dense SwiGLU of width W = E * I + S, its activations scaled per token by the routing weights (0
+    for the experts the token did not choose) and the shared-expert gate. That is the same sum as the
+    routed dispatch, in two large matmuls. At this size nearly every expert is chosen by some token,
+    so the routed path reads the same weights, in 3 * (E + 1) small matmuls plus gathers and
+    scatters; the dense FFN of the same bytes is faster (``bench/moe_decode.py``). A single
+    stream keeps the routed path: it reads only its own experts. ``matmul`` is ``F.linear`` unless the
+    engine gives the block a faster kernel (:func:`serve.engine.kernels.use_onednn_linears`).
+    """
+
+    dense_max_tokens = 32
+
     def __init__(self, config: StudentConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.matmul = F.linear
+        self._dense: tuple | None = None  # (key, gate_up [2W, H], down [H, W]), built lazily
         self.gate = Router(config)
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         if config.shared_expert_intermediate_size > 0:
@@ -78,9 +96,12 @@ class MoEBlock(nn.Module):
         if flat_mask is not None:
             used = flat_mask[:, None] if used is None else used & flat_mask[:, None]
             used = used.expand_as(routing.experts)
-        out = self.experts.dispatch(flat, routing.experts, routing.weights, used)  # [N, H]
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        if self._dense_path(flat, routing.experts):
+            out = self._dense_forward(flat, routing.experts, routing.weights, used)  # [N, H]
+        else:
+            out = self.experts.dispatch(flat, routing.experts, routing.weights, used)  # [N, H]
+            if self.shared_expert is not None:
+                out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
 
         counts = expert_counts(routing, flat_mask)  # [E]
         with torch.no_grad():
@@ -100,6 +121,44 @@ class MoEBlock(nn.Module):
             entropy,
         )
         return out.reshape(shape), aux
+
+    def _dense_path(self, flat: torch.Tensor, experts: torch.Tensor) -> bool:
+        n = flat.shape[0]
+        return (
+            not torch.is_grad_enabled() and 0 < n <= self.dense_max_tokens and n * experts.shape[1] >= len(self.experts)
+        )
+
+    def mlps(self) -> list[SwiGLU]:
+        """The routed experts, then the shared expert (if any): the dense path's column order."""
+        return [*self.experts, *([self.shared_expert] if self.shared_expert is not None else [])]
+
+    def _dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up [2W, H] and down [H, W]: the experts, then the shared expert, side by side as one
+        SwiGLU; rebuilt when a weight changes (a model swap, a load_state_dict)."""
+        params = [p for m in self.mlps() for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._dense is None or self._dense[0] != key:
+            mlps = self.mlps()
+            gate_up = torch.cat([m.gate_proj.weight for m in mlps] + [m.up_proj.weight for m in mlps])
+            down = torch.cat([m.down_proj.weight for m in mlps], dim=1)
+            self._dense = (key, gate_up.detach().contiguous(), down.detach().contiguous())
+        return self._dense[1], self._dense[2]
+
+    def _dense_forward(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, used: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [N, H]; experts, weights [N, K]; used [N, K] bool or None -> [N, H], every expert run densely."""
+        gate_up, down = self._dense_weights()  # [2W, H], [H, W]
+        width = down.shape[1]  # W
+        w = weights.to(x.dtype) if used is None else torch.where(used, weights.to(x.dtype), 0)
+        per_expert = x.new_zeros(x.shape[0], len(self.experts)).scatter_add_(1, experts, w)  # [N, E]
+        scale = per_expert.repeat_interleave(self.experts[0].down_proj.in_features, dim=1)  # [N, E*I]
+        if self.shared_expert is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x))  # [N, 1]
+            scale = torch.cat([scale, shared.expand(-1, self.shared_expert.down_proj.in_features)], dim=1)  # [N, W]
+        h = self.matmul(x, gate_up, None)  # [N, 2W]
+        act = F.silu(h[:, :width]).mul_(h[:, width:]).mul_(scale)  # [N, W]
+        return self.matmul(act, down, None)  # [N, H]
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.student.experts import Experts
+from distill.student.moe import MoEBlock
 
 log = logging.getLogger("raydistill.engine")
 
@@ -67,33 +68,51 @@ def onednn_linear_works() -> bool:
         return False
 
 
+def onednn_or_plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, computed by oneDNN for fp32 CPU tensors outside autograd."""
+    if (
+        x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return F.linear(x, weight, bias)
+    return _onednn_linear(x, weight, bias)
+
+
 class OneDNNLinear(nn.Linear):
     """An ``nn.Linear`` computed by oneDNN in inference; ``F.linear`` wherever gradients or other dtypes
     or devices are involved. Same parameters and state dict as ``nn.Linear`` (tied weights stay tied)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type != "cpu"
-            or x.dtype != torch.float32
-            or self.weight.dtype != torch.float32
-            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-        ):
-            return F.linear(x, self.weight, self.bias)
-        return _onednn_linear(x, self.weight, self.bias)
+        return onednn_or_plain_linear(x, self.weight, self.bias)
 
 
 def use_onednn_linears(model: nn.Module, min_weight: int = ONEDNN_MIN_WEIGHT) -> list[str]:
     """Switch ``model``'s fp32 CPU ``nn.Linear`` modules with at least ``min_weight`` weight elements to
-    :class:`OneDNNLinear` in place; the names switched (none where oneDNN is missing)."""
+    :class:`OneDNNLinear` in place, and the dense small-batch matmuls of its MoE blocks
+    (:class:`~distill.student.moe.MoEBlock`, gate/up of every expert side by side) where those are as
+    large; the names switched (none where oneDNN is missing)."""
     if not onednn_linear_works():
         return []
     switched = []
     for name, module in model.named_modules():
-        if (
-            type(module) is nn.Linear
-            and module.weight.device.type == "cpu"
-            and module.weight.dtype == torch.float32
-            and module.weight.numel() >= min_weight
+        weight = module.weight if type(module) is nn.Linear else None
+        if isinstance(module, MoEBlock):
+            weight = module.experts[0].gate_proj.weight
+            width = sum(m.gate_proj.out_features for m in module.mlps())  # W: every expert + the shared one
+            if (
+                weight.device.type == "cpu"
+                and weight.dtype == torch.float32
+                and 2 * width * weight.shape[1] >= min_weight
+            ):
+                module.matmul = onednn_or_plain_linear
+                switched.append(name)
+        elif (
+            weight is not None
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
+            and weight.numel() >= min_weight
         ):
             module.__class__ = OneDNNLinear
             switched.append(name)
@@ -158,11 +177,10 @@ def _int8_mm(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) ->
 
 class Int8Experts(Experts):
     """:class:`~distill.student.experts.Experts` whose inference runs each routed expert on int8 weights
-    (gate and up fused, one scale per output row); training-time dispatch is unchanged. The grouped
-    path (two fp32 ``bmm`` over all experts' stacked weights) is off: each step reads only the weights
+    (gate and up fused, one scale per output row); training-time dispatch is unchanged. Its MoE block's
+    dense small-batch path (fp32 matmuls over every expert) is off: each step reads only the weights
     of the experts its tokens chose, in int8."""
 
-    grouped_max_tokens = 0
     _int8: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @classmethod
@@ -196,6 +214,9 @@ def quantize_int8_weights(model: nn.Module) -> list[str]:
         )
     blocks = {name for name, module in model.named_modules() if isinstance(module, Experts)}
     converted = []
+    for module in model.modules():
+        if isinstance(module, MoEBlock):
+            module.dense_max_tokens = 0  # its shared expert and experts are int8 now: the routed path only
     for name, module in list(model.named_modules()):
         if name in blocks:
             Int8Experts.convert(module)
@@ -209,6 +230,7 @@ def quantize_int8_weights(model: nn.Module) -> list[str]:
 
 __all__ = [
     "ONEDNN_MIN_WEIGHT",
+    "onednn_or_plain_linear",
     "Int8Experts",
     "Int8WeightLinear",
     "OneDNNLinear",

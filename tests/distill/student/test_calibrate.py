@@ -381,29 +381,51 @@ def test_fit_expert_scales_recovers_known_scales():
     )
 
 
+@pytest.mark.parametrize("shared", [0, 48])
 @pytest.mark.parametrize("routing", [{"routing": "topp", "top_p": 0.5, "max_k": 3}, {"routing": "topk"}])
-def test_grouped_small_batch_dispatch_equals_the_sparse_path(routing):
+def test_dense_small_batch_path_equals_the_routed_dispatch(routing, shared):
+    """A decode step of a few streams runs every expert densely, scaled by the routing weights: the same
+    output as the routed dispatch, padding tokens included; rebuilt after an in-place weight change; a
+    single stream (N * max_k < E) and autograd keep the routed path."""
     from distill.student.moe import MoEBlock
 
     from .conftest import tiny_config
 
     torch.manual_seed(0)
-    block = MoEBlock(tiny_config(initializer_range=0.2, **routing), 0).eval()
+    block = MoEBlock(tiny_config(initializer_range=0.2, shared_expert_intermediate_size=shared, **routing), 0).eval()
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(1, 12, 64)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[0, 3] = mask[0, 7] = False
+    calls = []
+    block.matmul = lambda *args: calls.append(args[1].shape) or F.linear(*args)
+
+    def both(inputs, token_mask=None):
+        block.dense_max_tokens = 0
+        routed, _ = block(inputs, token_mask, compute_aux=False)
+        block.dense_max_tokens = 32
+        dense, _ = block(inputs, token_mask, compute_aux=False)
+        return routed, dense
+
     with torch.no_grad():
-        block.experts.grouped_max_tokens = 0
-        sparse, _ = block(x, compute_aux=False)
-        block.experts.grouped_max_tokens = 32
-        grouped, _ = block(x, compute_aux=False)
-        torch.testing.assert_close(grouped, sparse, rtol=1e-5, atol=1e-5)
-        block.experts[1].down_proj.weight.mul_(2.0)  # in-place weight change: the stacked copy is rebuilt
-        block.experts.grouped_max_tokens = 0
-        sparse2, _ = block(x, compute_aux=False)
-        block.experts.grouped_max_tokens = 32
-        torch.testing.assert_close(block(x, compute_aux=False)[0], sparse2, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(sparse, sparse2)
+        routed, dense = both(x)
+        torch.testing.assert_close(dense, routed, rtol=1e-5, atol=1e-5)
+        width = 4 * block.experts[0].down_proj.in_features + shared  # every expert side by side
+        assert calls == [(2 * width, 64), (64, width)]
+        routed_masked, dense_masked = both(x, mask)
+        torch.testing.assert_close(dense_masked, routed_masked, rtol=1e-5, atol=1e-5)
+        block.experts[1].down_proj.weight.mul_(2.0)  # in-place weight change: the dense copy is rebuilt
+        routed2, dense2 = both(x)
+        torch.testing.assert_close(dense2, routed2, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(routed, routed2)
+        calls.clear()
+        both(x[:, :1])  # one stream: 1 x max_k < 4 experts, the routed path
+    assert calls == []
+    block.train()
+    block(x, compute_aux=False)[0].sum().backward()  # autograd: the routed path, gradients to every expert
+    assert calls == []
+    assert all(p.grad is not None for p in block.experts.parameters())
 
 
 def test_difficulty_sharpness_is_flatter_for_harder_tokens():
