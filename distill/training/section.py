@@ -149,6 +149,11 @@ class TrainSection(Section):
     weight_decay: float = Field(default=0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = Field(default=1.0, gt=0)
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="parameter names (fnmatch patterns) left untrained in every stage, e.g. "
+        "model.embed_tokens.weight (the embedding, and the LM head tied to it): no gradient, no optimizer state",
+    )
     # data
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1, description="prompts kept out of training for eval")
     heldout_max_rows: int = Field(default=64, ge=1, description="held-out rows scored at each stage end")

@@ -211,3 +211,35 @@ def test_on_policy_stages_refuse_fsdp_across_workers():
         TrainSection.model_validate({"strategy": "fsdp", "workers": 2, "stages": [stage]})
     assert TrainSection.model_validate({"strategy": "fsdp", "workers": 1, "stages": [stage]}).workers == 1
     assert TrainSection.model_validate({"strategy": "ddp", "workers": 2, "stages": [stage]}).workers == 2
+
+
+def test_train_freeze_leaves_the_tied_embedding_untouched_and_trains_the_rest(tiny_run):
+    """``train.freeze``: the matched parameters (the embedding, tied to the LM head: matched by either
+    name) end as they started and get no optimizer state; every other weight trains. A pattern that
+    matches nothing is refused, naming the setting."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cluster.errors import ConfigError
+    from distill.training.loop import build_optimizer, freeze_parameters
+    from tests.distill.training.tiny import tiny_model
+
+    cfg, run = tiny_run
+    section = {**cfg.train.model_dump(), "freeze": ["lm_head.weight"], "stages": [{"name": "kd", "steps": 3}]}
+    cfg = cfg.model_copy(update={"train": cfg.train.model_validate({**section, "lr": 1e-2})})
+    run_train_stage(cfg, run, use_ray=False, show_progress=False)
+    init = load_file(str(Path(run) / "train" / "init" / "model.safetensors"))
+    final = load_file(str(Path(run) / "student" / "model.safetensors"))
+    assert torch.equal(final["model.embed_tokens.weight"], init["model.embed_tokens.weight"])
+    moved = [name for name in init if name != "model.embed_tokens.weight" and not torch.equal(final[name], init[name])]
+    assert "model.layers.0.self_attn.q_proj.weight" in moved and "model.norm.weight" in moved
+
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert set(freeze_parameters(model, ["lm_head.*"])) == {"lm_head.weight"}
+    optimizer = build_optimizer(model, cfg.train)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(model.model.embed_tokens.weight) not in held and len(held) == len(list(model.parameters())) - 1
+    assert freeze_parameters(tiny_model(), ["*.norm.weight"]) == ["model.norm.weight"]
+    with pytest.raises(ConfigError, match=r"train.freeze: 'embed\*' matches no parameter"):
+        freeze_parameters(tiny_model(), ["embed*"])
