@@ -22,8 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve.engine.kernels import ONEDNN_MIN_WEIGHT, onednn_linear_works  # noqa: E402
 
-SHAPES = [  # (out, in): LM head, FFN gate/up, FFN down, q/o, shared expert, k/v
+SHAPES = [  # (out, in): LM head, MoE dense gate/up, FFN gate/up, FFN down, q/k/v fused, q/o, shared expert, k/v
     (49152, 576),
+    (3072, 576),
+    (960, 576),
     (1536, 576),
     (576, 1536),
     (576, 576),

@@ -151,7 +151,15 @@ class AttentionBatch:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads; ``window=None`` is full causal attention."""
+    """Multi-head attention with grouped KV heads; ``window=None`` is full causal attention.
+
+    Inference (no autograd) projects q, k and v in one matmul over their concatenated weights
+    (``fused_qkv``; rebuilt when a weight changes): one [*, H] x [H, (NH + 2 KVH) D] call instead of
+    three, the same numbers up to fp32 summation order. ``matmul`` is ``F.linear`` unless the engine
+    gives the layer a faster kernel (:func:`serve.engine.kernels.use_onednn_linears`).
+    """
+
+    fused_qkv = True
 
     def __init__(self, config: StudentConfig, layer_idx: int):
         super().__init__()
@@ -164,15 +172,38 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.matmul = F.linear
+        self._qkv: tuple | None = None  # (key, weight [(NH + 2 KVH) D, H], bias or None), built lazily
+
+    def qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q, k and v's weights stacked [(NH + 2 KVH) D, H] (and biases), cached until a weight changes."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        params = [p for m in projections for p in (m.weight, m.bias) if p is not None]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._qkv is None or self._qkv[0] != key:
+            weight = torch.cat([m.weight for m in projections]).detach().contiguous()
+            bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in projections]).detach()
+            self._qkv = (key, weight, bias)
+        return self._qkv[1], self._qkv[2]
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> q [B, T, NH * D], k and v [B, T, KVH * D]."""
+        if self.fused_qkv and not torch.is_grad_enabled():
+            weight, bias = self.qkv_weight()
+            kv = self.num_kv_heads * self.head_dim
+            q, k, v = self.matmul(x, weight, bias).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+            return q, k, v
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch, cache: LayerKV | None = None
     ) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]. In decode mode T == 1 and ``cache`` is required."""
         bsz, seq, _ = x.shape
-        q = self.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, NH, T, D]
-        k = self.k_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
-        v = self.v_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        q, k, v = self._project(x)
+        q = q.view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, NH, T, D]
+        k = k.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        v = v.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         gqa = self.num_kv_heads != self.num_heads

@@ -4,24 +4,31 @@
 ``F.linear`` on CPU calls MKL's sgemm. For the LM head of SmolLM2 and our students ([*, 576] x
 [576, 49152], 113 MB in fp32, the largest matmul of a decode step) it runs at about half the speed of
 oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, what ``torch.compile``'s CPU backend emits for
-a frozen linear). Measured on the 2-core AMD EPYC dev
-machine, 30 distinct weights per shape so none stays in cache (``bench/engine_kernels.py``), 2 threads:
+a frozen linear). Measured on the 2-core AMD EPYC dev machine, 30 distinct weights per shape so none
+stays in cache (``bench/engine_kernels.py``, 2 threads, 2026-11-28):
 
-==========================  ========  ========  =====
-[M, in] x [in, out]          F.linear  oneDNN    gain
-==========================  ========  ========  =====
-[1, 576] x [576, 49152]     10.9 ms   6.3 ms    1.72x
-[16, 576] x [576, 49152]    20.9 ms   10.1 ms   2.08x
-[1, 576] x [576, 1536]      320 us    175 us    1.83x
-[16, 1536] x [1536, 576]    392 us    307 us    1.28x
-[16, 576] x [576, 576]      177 us    144 us    1.23x
-[16, 576] x [576, 384]      114 us    118 us    0.97x
-[16, 576] x [576, 192]       36 us     50 us    0.72x
-==========================  ========  ========  =====
+==============================  ========  ========  =====
+[M, in] x [in, out]              F.linear  oneDNN    gain
+==============================  ========  ========  =====
+[1, 576] x [576, 49152] (head)  10.0 ms   5.2 ms    1.91x
+[16, 576] x [576, 49152]        20.5 ms   10.1 ms   2.02x
+[16, 576] x [576, 3072] (MoE)   1029 us   653 us    1.58x
+[1, 576] x [576, 960] (q,k,v)   188 us    97 us     1.95x
+[16, 576] x [576, 960]          314 us    211 us    1.48x
+[16, 576] x [576, 1536]         486 us    333 us    1.46x
+[16, 1536] x [1536, 576]        432 us    284 us    1.52x
+[1, 576] x [576, 576] (o)       104 us    86 us     1.22x
+[16, 576] x [576, 576]          191 us    123 us    1.55x
+[16, 576] x [576, 384]          124 us    94 us     1.33x
+[1, 576] x [576, 192]            12 us    26 us     0.45x
+[16, 576] x [576, 192]           58 us    53 us     1.10x
+==============================  ========  ========  =====
 
 Small weights gain little or lose (oneDNN's fixed cost per call), so only weights of at least
-``ONEDNN_MIN_WEIGHT`` elements switch. The results equal ``F.linear``'s up to fp32 summation order
-(~1e-5 relative); nothing switches where autograd is on, off CPU, or outside fp32.
+``ONEDNN_MIN_WEIGHT`` elements switch, and so do the fused inference matmuls of the student's
+attention (q, k and v stacked: one call instead of three) and MoE blocks (every expert's gate/up
+side by side). The results equal ``F.linear``'s up to fp32 summation order (~1e-5 relative);
+nothing switches where autograd is on, off CPU, or outside fp32.
 
 **int8 weights** (:func:`quantize_int8_weights`). Batch-1 decode reads every weight once per token, so
 its speed is the weight bytes. Each linear's weight is stored as int8 with one absmax scale per output
@@ -41,12 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.student.attention import Attention
 from distill.student.experts import Experts
 from distill.student.moe import MoEBlock
 
 log = logging.getLogger("raydistill.engine")
 
-ONEDNN_MIN_WEIGHT = 1 << 19  # elements: the 576x1536 FFN projections and the LM head, not 576x576 and below
+# elements: 576x384 (a shared expert) and up; not 576x192 (k or v alone) or 576x144 (one expert)
+ONEDNN_MIN_WEIGHT = 1 << 17
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -90,32 +99,36 @@ class OneDNNLinear(nn.Linear):
 
 def use_onednn_linears(model: nn.Module, min_weight: int = ONEDNN_MIN_WEIGHT) -> list[str]:
     """Switch ``model``'s fp32 CPU ``nn.Linear`` modules with at least ``min_weight`` weight elements to
-    :class:`OneDNNLinear` in place, and the dense small-batch matmuls of its MoE blocks
-    (:class:`~distill.student.moe.MoEBlock`, gate/up of every expert side by side) where those are as
-    large; the names switched (none where oneDNN is missing)."""
+    :class:`OneDNNLinear` in place, and so the fused inference matmuls of its attention layers (q, k, v
+    stacked) and MoE blocks (gate/up of every expert side by side) where those are as large; the names
+    switched (none where oneDNN is missing)."""
     if not onednn_linear_works():
         return []
     switched = []
     for name, module in model.named_modules():
-        weight = module.weight if type(module) is nn.Linear else None
-        if isinstance(module, MoEBlock):
-            weight = module.experts[0].gate_proj.weight
-            width = sum(m.gate_proj.out_features for m in module.mlps())  # W: every expert + the shared one
-            if (
-                weight.device.type == "cpu"
-                and weight.dtype == torch.float32
-                and 2 * width * weight.shape[1] >= min_weight
-            ):
-                module.matmul = onednn_or_plain_linear
-                switched.append(name)
-        elif (
-            weight is not None
-            and weight.device.type == "cpu"
-            and weight.dtype == torch.float32
-            and weight.numel() >= min_weight
+        if (isinstance(module, Attention) and not module.fused_qkv) or (
+            isinstance(module, MoEBlock) and not module.dense_max_tokens
         ):
+            continue  # int8 weights: no fused fp32 matmul to switch
+        if isinstance(module, Attention):
+            weight, fused_rows = (
+                module.q_proj.weight,
+                sum(m.out_features for m in (module.q_proj, module.k_proj, module.v_proj)),
+            )
+        elif isinstance(module, MoEBlock):
+            weight = module.experts[0].gate_proj.weight
+            fused_rows = 2 * sum(m.gate_proj.out_features for m in module.mlps())  # gate and up, every expert + shared
+        elif type(module) is nn.Linear:
+            weight, fused_rows = module.weight, module.weight.shape[0]
+        else:
+            continue
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or fused_rows * weight.shape[1] < min_weight:
+            continue
+        if type(module) is nn.Linear:
             module.__class__ = OneDNNLinear
-            switched.append(name)
+        else:
+            module.matmul = onednn_or_plain_linear
+        switched.append(name)
     return switched
 
 
@@ -217,6 +230,8 @@ def quantize_int8_weights(model: nn.Module) -> list[str]:
     for module in model.modules():
         if isinstance(module, MoEBlock):
             module.dense_max_tokens = 0  # its shared expert and experts are int8 now: the routed path only
+        if isinstance(module, Attention):
+            module.fused_qkv = False  # q, k and v are int8 linears of their own now
     for name, module in list(model.named_modules()):
         if name in blocks:
             Int8Experts.convert(module)

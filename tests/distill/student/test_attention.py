@@ -250,3 +250,42 @@ def test_bf16_prefill_and_decode_keep_dtype_and_router_fp32():
         routing = model.model.layers[0].mlp.gate(torch.randn(4, 64, dtype=torch.bfloat16))
     assert logits.dtype == step.dtype == cache.layers[0].k.dtype == torch.bfloat16
     assert torch.isfinite(step).all() and routing.probs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_inference_projects_q_k_v_in_one_matmul_with_the_same_result(bias):
+    """Without autograd, q, k and v come from one matmul over their stacked weights (and biases): the
+    same output as three projections, rebuilt after an in-place weight change; with autograd (training)
+    the three projections run as they are and get their gradients."""
+    torch.manual_seed(0)
+    config = tiny_config(attention_bias=bias)
+    attn = Attention(config, 3).eval()
+    if bias:
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj):
+            torch.nn.init.normal_(m.bias, std=0.5)
+    calls = []
+    attn.matmul = lambda x, w, b: calls.append((tuple(w.shape), b is not None)) or torch.nn.functional.linear(x, w, b)
+    positions = torch.arange(6).expand(2, 6)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    x = torch.randn(2, 6, config.hidden_size)
+    cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
+    batch = AttentionBatch(positions, valid, {None: None})
+
+    def both():
+        attn.fused_qkv = False
+        separate = attn(x, cos, sin, batch)
+        attn.fused_qkv = True
+        return separate, attn(x, cos, sin, batch)
+
+    rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    with torch.no_grad():
+        separate, fused = both()
+        torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+        assert calls == [((rows, config.hidden_size), bias)]
+        attn.k_proj.weight.mul_(3.0)  # in-place change: the stacked copy follows
+        separate2, fused2 = both()
+        torch.testing.assert_close(fused2, separate2, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(separate, separate2)
+    calls.clear()
+    attn(x, cos, sin, batch).sum().backward()
+    assert calls == [] and attn.k_proj.weight.grad is not None

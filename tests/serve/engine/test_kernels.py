@@ -73,6 +73,35 @@ def test_the_engine_uses_onednn_for_the_head_and_its_logprobs_stay_those_of_the_
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
+def test_fused_attention_and_moe_matmuls_switch_by_their_stacked_size_and_keep_the_models_numbers(tiny_moe_student):
+    """The student's fused inference matmuls (q/k/v stacked; every expert's gate/up side by side) go to
+    oneDNN when the stacked weight is large enough, and a decode-sized forward keeps its logits."""
+    import copy
+
+    from distill.student.attention import Attention
+    from distill.student.moe import MoEBlock
+
+    if not onednn_linear_works():
+        pytest.skip("this torch has no oneDNN linear")
+    model = copy.deepcopy(tiny_moe_student).eval()
+    ids = torch.randint(0, 1000, (6, 1))  # 6 one-token rows: 6 x max_k covers every expert, the dense MoE path
+    with torch.inference_mode():
+        want = model(ids).logits
+    assert not any(".layers." in name for name in use_onednn_linears(copy.deepcopy(model)))  # 32 wide: too small
+    stacked_qkv = (4 + 2 * 2) * 8 * 32  # (NH + 2 KVH) x D rows of the 32-wide hidden size
+    switched = use_onednn_linears(model, min_weight=stacked_qkv)
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, (Attention, MoEBlock))]
+    assert len(blocks) == 8 and all(n in switched and m.matmul is not F.linear for n, m in blocks)
+    assert "model.layers.0.self_attn.o_proj" not in switched  # 32 x 32: a plain linear below the threshold
+    model_q = copy.deepcopy(model)
+    model_q.model.layers[0].self_attn.matmul = lambda x, w, b: F.linear(x, w * 1.01, b)  # a skewed kernel shows
+    with torch.inference_mode():
+        assert not torch.allclose(model_q(ids).logits, want, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_int8_linear_rounds_each_weight_row_to_its_own_scale():
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
