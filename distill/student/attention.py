@@ -16,6 +16,7 @@ from torch import nn
 
 from distill.student.cache import LayerKV
 from distill.student.config import StudentConfig
+from distill.student.stacked import cached_stack
 
 
 def rope_cos_sin(
@@ -173,18 +174,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
         self.matmul = F.linear
-        self._qkv: tuple | None = None  # (key, weight [(NH + 2 KVH) D, H], bias or None), built lazily
+        self._qkv: tuple | None = None  # (key, (weight [(NH + 2 KVH) D, H], bias or None)), built lazily
 
     def qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q, k and v's weights stacked [(NH + 2 KVH) D, H] (and biases), cached until a weight changes."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        params = [p for m in projections for p in (m.weight, m.bias) if p is not None]
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._qkv is None or self._qkv[0] != key:
+
+        def build() -> tuple[torch.Tensor, torch.Tensor | None]:
             weight = torch.cat([m.weight for m in projections]).detach().contiguous()
             bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in projections]).detach()
-            self._qkv = (key, weight, bias)
-        return self._qkv[1], self._qkv[2]
+            return weight, bias
+
+        params = [p for m in projections for p in (m.weight, m.bias) if p is not None]
+        return cached_stack(self, "_qkv", params, build)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, H] -> q [B, T, NH * D], k and v [B, T, KVH * D]."""

@@ -19,6 +19,7 @@ from torch import nn
 from distill.student.config import StudentConfig
 from distill.student.experts import Experts, SwiGLU
 from distill.student.router import Router, entropy_loss, expert_counts, load_balance_loss, token_entropy, z_loss
+from distill.student.stacked import cached_stack
 
 
 @dataclasses.dataclass
@@ -71,7 +72,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.matmul = F.linear
-        self._dense: tuple | None = None  # (key, gate_up [2W, H], down [H, W]), built lazily
+        self._dense: tuple | None = None  # (key, (gate_up [2W, H], down [H, W])), built lazily
         self.gate = Router(config)
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         if config.shared_expert_intermediate_size > 0:
@@ -135,14 +136,15 @@ class MoEBlock(nn.Module):
     def _dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up [2W, H] and down [H, W]: the experts, then the shared expert, side by side as one
         SwiGLU; rebuilt when a weight changes (a model swap, a load_state_dict)."""
-        params = [p for m in self.mlps() for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._dense is None or self._dense[0] != key:
-            mlps = self.mlps()
+        mlps = self.mlps()
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             gate_up = torch.cat([m.gate_proj.weight for m in mlps] + [m.up_proj.weight for m in mlps])
             down = torch.cat([m.down_proj.weight for m in mlps], dim=1)
-            self._dense = (key, gate_up.detach().contiguous(), down.detach().contiguous())
-        return self._dense[1], self._dense[2]
+            return gate_up.detach().contiguous(), down.detach().contiguous()
+
+        params = [p for m in mlps for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
+        return cached_stack(self, "_dense", params, build)
 
     def _dense_forward(
         self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, used: torch.Tensor | None
