@@ -8,7 +8,9 @@ app on the real engine with a tiny random LLaMA (``--engine tiny``, default; the
 tokenizer) or on the timing-controlled fake engine of the tests (``--engine fake``, 20 ms per token). It
 admits ``max_ongoing_requests`` (= ``--slots`` = the engine's batch) + ``max_queued_requests``
 (``--queued``) engine jobs, and at most ``--max-pending`` (``serve.max_pending_prefills``) still waiting
-for their first token, and answers 429 beyond that.
+for their first token, and answers 429 beyond that. ``--threads`` is the engine's torch threads: on a
+2-core machine, 1 leaves a core to the HTTP front end and to this load generator (the README's table
+compares 1 and 2).
 
 1. idle: ``--idle`` sequential streaming chat completions -> time to first token (request sent -> first
    content chunk), p50.
