@@ -106,16 +106,14 @@ def use_onednn_linears(model: nn.Module, min_weight: int = ONEDNN_MIN_WEIGHT) ->
         return []
     switched = []
     for name, module in model.named_modules():
-        if (isinstance(module, Attention) and not module.fused_qkv) or (
-            isinstance(module, MoEBlock) and not module.dense_max_tokens
-        ):
-            continue  # int8 weights: no fused fp32 matmul to switch
         if isinstance(module, Attention):
-            weight, fused_rows = (
-                module.q_proj.weight,
-                sum(m.out_features for m in (module.q_proj, module.k_proj, module.v_proj)),
-            )
+            if not module.fused_qkv:
+                continue  # int8: q, k and v are int8 linears of their own, no fused fp32 matmul
+            weight = module.q_proj.weight
+            fused_rows = sum(m.out_features for m in (module.q_proj, module.k_proj, module.v_proj))
         elif isinstance(module, MoEBlock):
+            if not module.dense_max_tokens:
+                continue  # int8 experts: the routed path only, no fused fp32 matmul
             weight = module.experts[0].gate_proj.weight
             fused_rows = 2 * sum(m.gate_proj.out_features for m in module.mlps())  # gate and up, every expert + shared
         elif type(module) is nn.Linear:
