@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError
 from cluster import storage
 from cluster.errors import ConfigError
 from cluster.section import RaySection, Section
-from distill.data.section import FilterSection, GenerateSection, PromptsSection
+from distill.data.section import CorpusSection, FilterSection, GenerateSection, PromptsSection
 from distill.eval.section import EvalSection
 from distill.student.section import StudentSection
 from distill.teacher.section import TeacherSection
@@ -36,6 +36,7 @@ class PipelineConfig(Section):
     prompts: PromptsSection = Field(default_factory=PromptsSection)
     generate: GenerateSection = Field(default_factory=GenerateSection)
     filter: FilterSection = Field(default_factory=FilterSection)
+    corpus: CorpusSection = Field(default_factory=CorpusSection)
     student: StudentSection = Field(default_factory=StudentSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)

@@ -83,6 +83,14 @@ def _generate_inputs(cfg: PipelineConfig, run_dir: str) -> list[str]:
     return []
 
 
+def _generate_and_corpus_inputs(cfg: PipelineConfig, run_dir: str) -> list[str]:
+    out = _generate_inputs(cfg, run_dir)
+    for pattern in cfg.corpus.path:  # the builtin corpus is a Debian package's files, not a run input
+        resolved = cfg.resolve_path(pattern)
+        out.extend(storage.glob(resolved) if any(c in resolved for c in "*?[") else [resolved])
+    return out
+
+
 def _run_generate(ctx: StageContext) -> StageResult:
     from distill.data.generate import cleaning_summary, run_generate_stage
 
@@ -92,6 +100,9 @@ def _run_generate(ctx: StageContext) -> StageResult:
         message += f"; skipped {m['skipped']}"
     if cleaning_summary(m.get("prompt_cleaning")):
         message += f"; prompts: {cleaning_summary(m.get('prompt_cleaning'))}"
+    if m.get("corpus"):
+        c = m["corpus"]
+        message += f"; corpus: {c['rows']} rows, {c['tokens']:,} tokens scored"
     return StageResult(
         rows=m.get("rows"),
         tokens=m.get("completion_tokens"),
@@ -362,8 +373,8 @@ def _marker(*parts: str) -> Callable[[Any, str], list[str]]:
 STAGES: dict[str, Stage] = {
     "generate": Stage(
         "generate",
-        ("teacher", "prompts", "generate"),
-        _generate_inputs,
+        ("teacher", "prompts", "generate", "corpus"),
+        _generate_and_corpus_inputs,
         _marker("data", "generate", MANIFEST),
         _run_generate,
         needs_ray=True,

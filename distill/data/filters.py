@@ -12,7 +12,8 @@ previous ones kept, so every drop is counted once, under the first filter that h
 ``repetitive``      share of repeated word 4-grams in the completion > ``max_repetition`` (< 1)
 ``quality``         judge score < ``min_quality``; rows without a score are dropped too when
                     ``min_quality`` is set (they were never judged), and a table with no scores at
-                    all is an error (``generate.judge`` was off)
+                    all is an error (``generate.judge`` was off); corpus rows (human text the
+                    teacher scored, ``source`` ``corpus:*``) are not judged and pass
 ``decontaminated``  prompt or completion shares an ``ngram``-token sequence with the eval sets in
                     ``decontaminate``; eval items shorter than ``ngram`` tokens but at least
                     ``decontaminate_min_tokens`` long must appear whole
@@ -41,6 +42,7 @@ import pyarrow.compute as pc
 from cluster import storage
 from cluster.errors import RaydistillError
 from distill.data.dedup import NearDuplicateIndex, exact_key, words
+from distill.data.schema import is_corpus_source
 from distill.data.section import DedupMode, FilterSection
 
 REPETITION_NGRAM = 4
@@ -301,13 +303,15 @@ def apply_filters(
 
     if cfg.min_quality is not None:
         quality = table.column("quality")
-        if keep.any() and quality.filter(pa.array(keep)).null_count == int(keep.sum()):
+        # Human text the teacher scored (corpus rows) is no answer to judge: the filter passes it.
+        judged = keep & ~np.array([is_corpus_source(s) for s in rows.col("source")], dtype=bool)
+        if judged.any() and quality.filter(pa.array(judged)).null_count == int(judged.sum()):
             raise RaydistillError(
                 f"filter.min_quality is {cfg.min_quality} but no generated row has a judge score (quality "
                 "is null); set generate.judge: true and regenerate, or set filter.min_quality: null"
             )
         low = pc.fill_null(pc.less(quality, cfg.min_quality), True)  # unscored rows are dropped
-        drop("quality", low.to_numpy(zero_copy_only=False))
+        drop("quality", low.to_numpy(zero_copy_only=False) & judged)
 
     if decontamination is not None and len(decontamination):
         drop(

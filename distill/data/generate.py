@@ -24,7 +24,7 @@ import pyarrow as pa
 from cluster import storage
 from cluster.ray_init import quiet_ray_data
 from distill.data import prompts as prompt_sources
-from distill.data.schema import schema, to_table
+from distill.data.schema import is_corpus_source, schema, to_table
 from distill.data.section import DataConfig
 from distill.data.shards import SHARD_SUFFIX, read_dir, read_shards, shard_uris, token_counts, write_parquet
 from distill.teacher.base import SamplingParams, backend_class, completion_row, load_backend, skipped_row
@@ -193,8 +193,8 @@ def judge_shards(cfg: DataConfig, data_dir: str, progress: Callable[[int], None]
     counts = {"judged": 0, "unparsable": 0}
     for uri in shard_uris(data_dir):
         table = read_shards([uri])
-        if table.column("quality").null_count == 0:
-            continue
+        if table.column("quality").null_count == 0 or all(map(is_corpus_source, table.column("source").to_pylist())):
+            continue  # judged, or human text the teacher scored (no answer to judge)
         rows = table.to_pylist()
         requests = [
             {
@@ -264,6 +264,7 @@ def run_generate_stage(cfg: DataConfig, run_dir: str, show_progress: bool = True
     judge_counts = None
     if cfg.generate.judge:
         judge_counts = judge_shards(cfg, out_dir)
+    corpus = _score_corpus(cfg, out_dir, done, show_progress) if cfg.corpus.enabled else None
     table = read_dir(out_dir, columns=["prompt_len", "completion_len"])
     tokens = token_counts(table)
     stats = {
@@ -285,17 +286,48 @@ def run_generate_stage(cfg: DataConfig, run_dir: str, show_progress: bool = True
         "teacher_replicas": cfg.teacher.replicas,
         "teacher_tokens_per_s": round(new_tokens / gen_seconds, 2) if new_tokens else None,
         "sampling": sampling.to_json(),
-        "config_hash": cfg.section_hash("teacher", "prompts", "generate"),
+        "config_hash": cfg.section_hash("teacher", "prompts", "generate", "corpus"),
         "skipped": skipped,
         # self_instruct / magpie: what the teacher wrote, what the cleaner dropped (by reason), what was kept
         "prompt_cleaning": cleaning or None,
         "judge": judge_counts,
+        # corpus: human text the teacher scored (texts read, dropped for eval overlap, rows, tokens)
+        "corpus": corpus,
         "wall_seconds": round(time.time() - started, 2),
         "total_wall_seconds": round(time.time() - started + (previous or {}).get("total_wall_seconds", 0), 2),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     storage.atomic_write_json(storage.join(out_dir, "manifest.json"), manifest)
     return manifest
+
+
+def _score_corpus(cfg: DataConfig, out_dir: str, done: set[str], show_progress: bool) -> dict[str, Any]:
+    """Label the ``corpus:`` texts with the teacher (resumable: rows already written are skipped)."""
+    from tqdm import tqdm
+
+    from distill.data.corpus import corpus_rows, score_corpus
+
+    tokenizer = _driver_tokenizer(cfg)
+    requests, stats = corpus_rows(cfg, tokenizer)
+    todo = [r for r in requests if r["prompt_id"] not in done]
+    bar = tqdm(total=len(todo), desc="corpus", unit="row", disable=not show_progress or not todo)
+    tokens = 0
+
+    def progress(rows: int, new_tokens: int) -> None:
+        nonlocal tokens
+        tokens += new_tokens
+        bar.update(rows)
+        bar.set_postfix(tokens=tokens)
+
+    scored = score_corpus(cfg, todo, tokenizer, lambda table: write_shard(out_dir, table), progress)
+    bar.close()
+    seconds = scored["seconds"]
+    return {
+        **stats,
+        "resumed_rows": len(requests) - len(todo),
+        **scored,
+        "tokens_per_s": round(scored["new_tokens"] / seconds, 2) if seconds else None,
+    }
 
 
 def _read_manifest(data_dir: str) -> dict[str, Any] | None:

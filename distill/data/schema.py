@@ -39,6 +39,12 @@ def schema(logprob_dtype: str = "float32") -> pa.Schema:
 
 
 COLUMNS = [f.name for f in schema()]
+CORPUS_SOURCE = "corpus:"  # ``source`` prefix of human text the teacher scored (distill.data.corpus)
+
+
+def is_corpus_source(source: str | None) -> bool:
+    """A row of human-written text the teacher labelled, not a completion it wrote."""
+    return bool(source) and source.startswith(CORPUS_SOURCE)
 
 
 def prompt_id(source: str, prompt: str | list[dict[str, str]], sample_index: int) -> str:

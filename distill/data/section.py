@@ -74,6 +74,39 @@ class FilterSection(Section):
         return [value] if isinstance(value, str) else value  # --set filter.decontaminate=evals/*.jsonl
 
 
+class CorpusSection(Section):
+    """``corpus:``: human-written text the teacher labels as it is (teacher-forced, nothing generated).
+
+    Off unless ``builtin`` or ``path`` is set. Texts are shuffled (``seed``), packed into rows of at
+    most ``row_tokens`` tokens and taken until ``tokens``; any text that shares an n-gram with the
+    builtin human eval corpus is dropped first. See :mod:`distill.data.corpus`.
+    """
+
+    builtin: Literal["fortunes"] | None = Field(
+        default=None,
+        description="fortunes: Debian's `fortunes` package (apt-get install fortunes), every file but the "
+        "eval's fortunes-min ones, ASCII art and non-English",
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="builtin files to leave out (e.g. to keep them for an eval of your own)"
+    )
+    path: list[str] = Field(
+        default_factory=list, description=".txt (split on blank lines) or .jsonl (a text field per line) URIs or globs"
+    )
+    tokens: int | None = Field(default=40_000, ge=1, description="teacher-labelled tokens to take (null = all)")
+    row_tokens: int = Field(default=256, ge=16, description="texts are packed into rows of at most this many tokens")
+    seed: int = 0
+
+    @field_validator("path", "exclude", mode="before")
+    @classmethod
+    def _one_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.builtin or self.path)
+
+
 class PromptLogSettings(Protocol):
     prompt_log: str | None  # the serve section's prompt log: the default log of ``source: served_prompts``
 
@@ -85,4 +118,5 @@ class DataConfig(RunConfig, Protocol):
     prompts: PromptsSection
     generate: GenerateSection
     filter: FilterSection
+    corpus: CorpusSection
     serve: PromptLogSettings

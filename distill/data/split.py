@@ -3,7 +3,7 @@
 A row's ``prompt_id`` also hashes its sample index (``samples_per_prompt > 1`` gives each sample
 its own id), so the split hashes :func:`split_id`: the id of the prompt's sample 0. All samples of
 one prompt fall on the same side, so a held-out prompt is never seen in training. With one sample
-per prompt ``split_id == prompt_id``.
+per prompt ``split_id == prompt_id``. Corpus rows (``distill.data.corpus``) are always training rows.
 """
 
 from __future__ import annotations
@@ -40,7 +40,15 @@ def is_heldout(prompt_id: str, fraction: float, seed: int = 0) -> bool:
 
 
 def row_is_heldout(row: dict[str, Any], fraction: float, seed: int = 0) -> bool:
-    """A row (a dict with :data:`SPLIT_COLUMNS`; missing ones count as None) is held out."""
+    """A row (a dict with :data:`SPLIT_COLUMNS`; missing ones count as None) is held out.
+
+    Corpus rows (human text the teacher scored) never are: the held-out split measures the teacher's
+    own text, and human text is measured on the eval corpora, which the corpus never overlaps.
+    """
+    from distill.data.schema import is_corpus_source
+
+    if is_corpus_source(row.get("source")):
+        return False
     return is_heldout(
         split_id(row["prompt_id"], row.get("source"), row.get("prompt"), row.get("messages")), fraction, seed
     )

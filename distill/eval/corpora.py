@@ -15,10 +15,10 @@ import os
 
 from cluster import storage
 from cluster.errors import RaydistillError
-from distill.data.texts import read_texts
+from distill.data import texts as text_files
+from distill.data.texts import EVAL_FORTUNE_FILES as FORTUNES_FILES
+from distill.data.texts import read_texts, split_fortunes  # noqa: F401 - split_fortunes is part of this API
 
-FORTUNES_DIR = os.environ.get("RAYDISTILL_FORTUNES_DIR", "/usr/share/games/fortunes")
-FORTUNES_FILES = ("fortunes", "literature", "riddles")
 BUILTIN_INSTALL_HINT = {
     "fortunes": "install it with `apt-get install fortunes-min` (or `make corpus`), or set eval.builtin_corpus: null"
 }
@@ -40,36 +40,23 @@ def _truncate(texts: list[str], max_bytes: int | None) -> list[str]:
     return out
 
 
-def split_fortunes(text: str) -> list[str]:
-    """Entries of a fortune file (separated by lines holding only ``%``), stripped, empty ones dropped."""
-    entries, current = [], []
-    for line in text.splitlines():
-        if line.strip() == "%":
-            entries.append("\n".join(current).strip())
-            current = []
-        else:
-            current.append(line)
-    entries.append("\n".join(current).strip())
-    return [e for e in entries if e]
-
-
 def builtin_corpus(name: str, max_bytes: int | None = None) -> list[str]:
     """Texts of a builtin corpus; RaydistillError with the install command when it is missing."""
     if name != "fortunes":
         raise RaydistillError(f"eval.builtin_corpus: unknown corpus {name!r}; allowed: fortunes, null")
     texts: list[str] = []
     for filename in FORTUNES_FILES:
-        path = os.path.join(FORTUNES_DIR, filename)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                texts.extend(split_fortunes(handle.read()))
+        if os.path.exists(os.path.join(text_files.FORTUNES_DIR, filename)):
+            texts.extend(text_files.read_fortunes(filename))
     if not texts:
-        raise RaydistillError(f"builtin corpus {name!r} not found under {FORTUNES_DIR}; {BUILTIN_INSTALL_HINT[name]}")
+        raise RaydistillError(
+            f"builtin corpus {name!r} not found under {text_files.FORTUNES_DIR}; {BUILTIN_INSTALL_HINT[name]}"
+        )
     return _truncate(texts, max_bytes)
 
 
 def builtin_available(name: str) -> bool:
-    return name == "fortunes" and any(os.path.exists(os.path.join(FORTUNES_DIR, f)) for f in FORTUNES_FILES)
+    return name == "fortunes" and any(os.path.exists(os.path.join(text_files.FORTUNES_DIR, f)) for f in FORTUNES_FILES)
 
 
 def read_corpus(uri: str, max_bytes: int | None = None) -> list[str]:

@@ -50,7 +50,11 @@ class Labels:
 class LabelActor:
     """One teacher replica (wrapped by ``ray.remote`` in :class:`LabelService`)."""
 
-    def __init__(self, teacher: dict[str, Any]):
+    def __init__(self, teacher: dict[str, Any], threads: int | None = None):
+        if threads:  # Ray gives an actor as many torch threads as it has CPUs; a labelling pass may use more
+            import torch
+
+            torch.set_num_threads(threads)
         self.backend = load_backend(TeacherSection(**teacher))
 
     def score(self, sequences: list[list[int]], starts: list[int], k: int) -> list[ScoredSequence]:
@@ -58,6 +62,9 @@ class LabelActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def name(self) -> str:
+        return self.backend.name
 
 
 class LabelService:
@@ -72,6 +79,7 @@ class LabelService:
         max_attempts: int = 3,
         batch_size: int | None = None,
         name: str | None = None,
+        threads: int | None = None,
     ):
         import ray
 
@@ -83,7 +91,7 @@ class LabelService:
         actor = ray.remote(LabelActor)
         self.actors = [
             actor.options(**options, **({"name": f"{name}-{i}"} if name else {})).remote(
-                teacher.model_dump(mode="json")
+                teacher.model_dump(mode="json"), threads
             )
             for i in range(teacher.replicas)
         ]
@@ -91,6 +99,12 @@ class LabelService:
         self.max_in_flight = max_in_flight
         self.max_attempts = max_attempts
         self.name = name
+
+    def teacher_name(self) -> str:
+        """The backend's ``model@revision``, as the ``teacher`` column of generated rows has it."""
+        import ray
+
+        return ray.get(self.actors[0].name.remote())
 
     def handle(self) -> dict[str, Any]:
         """JSON-able arguments of :meth:`attach` (a service built with a ``name``), e.g. for a ``TrainJob``."""

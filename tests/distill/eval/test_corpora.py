@@ -7,6 +7,7 @@ import json
 import pytest
 
 from cluster.errors import RaydistillError
+from distill.data import texts
 from distill.eval import corpora
 
 
@@ -49,7 +50,7 @@ def test_empty_or_missing_corpus_is_an_error_naming_the_path(tmp_path):
 
 
 def test_missing_builtin_corpus_is_a_note_with_the_install_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(corpora, "FORTUNES_DIR", str(tmp_path))
+    monkeypatch.setattr(texts, "FORTUNES_DIR", str(tmp_path))
     found, notes = corpora.load_corpora([], "fortunes", 1000)
     assert found == {} and "apt-get install fortunes-min" in notes[0]
     with pytest.raises(RaydistillError, match="apt-get install fortunes-min"):
