@@ -118,6 +118,11 @@ def listdir(uri: str, suffix: str = "") -> list[str]:
     return sorted(join(uri, n) for n in names if not n.startswith(TMP_PREFIX) and n.endswith(suffix))
 
 
+def expand(uri: str) -> list[str]:
+    """A glob's sorted matches (``*``, ``?`` or ``[`` in ``uri``), else ``[uri]`` itself (not checked)."""
+    return glob(uri) if any(c in uri for c in "*?[") else [uri]
+
+
 def glob(pattern: str) -> list[str]:
     """Expand a glob (``data/*.jsonl``, ``s3://b/p/*.parquet``) into sorted full URIs."""
     fs, path = filesystem(pattern)

@@ -74,7 +74,7 @@ def _generate_inputs(cfg: PipelineConfig, run_dir: str) -> list[str]:
         out: list[str] = []
         for pattern in [pc.path] if isinstance(pc.path, str) else list(pc.path):
             resolved = cfg.resolve_path(pattern)
-            out.extend(storage.glob(resolved) if any(c in resolved for c in "*?[") else [resolved])
+            out.extend(storage.expand(resolved))
         return out
     if source == "self_instruct" and pc.topics_path:
         return [cfg.resolve_path(pc.topics_path)]
@@ -86,8 +86,7 @@ def _generate_inputs(cfg: PipelineConfig, run_dir: str) -> list[str]:
 def _generate_and_corpus_inputs(cfg: PipelineConfig, run_dir: str) -> list[str]:
     out = _generate_inputs(cfg, run_dir)
     for pattern in cfg.corpus.path:  # the builtin corpus is a Debian package's files, not a run input
-        resolved = cfg.resolve_path(pattern)
-        out.extend(storage.glob(resolved) if any(c in resolved for c in "*?[") else [resolved])
+        out.extend(storage.expand(cfg.resolve_path(pattern)))
     return out
 
 

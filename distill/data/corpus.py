@@ -67,7 +67,7 @@ def corpus_texts(cc: CorpusSection, resolve: Callable[[str], str] = lambda p: p)
             out.extend(("fortunes", t) for t in text_files.read_fortunes(name))
     for pattern in cc.path:
         resolved = resolve(pattern)
-        matches = storage.glob(resolved) if any(c in resolved for c in "*?[") else [resolved]
+        matches = storage.expand(resolved)
         if not matches:
             raise RaydistillError(f"corpus.path: {pattern!r} matches no file; fix the glob or remove it")
         for uri in matches:
@@ -80,10 +80,8 @@ def corpus_texts(cc: CorpusSection, resolve: Callable[[str], str] = lambda p: p)
 def eval_overlap_index(ngram: int, min_tokens: int) -> DecontaminationIndex:
     """N-grams of the builtin human eval corpus (the ``fortunes-min`` files present)."""
     index = DecontaminationIndex(ngram, min_tokens)
-    for name in text_files.EVAL_FORTUNE_FILES:
-        if os.path.exists(os.path.join(text_files.FORTUNES_DIR, name)):
-            for text in text_files.read_fortunes(name):
-                index.add_text(text)
+    for text in text_files.read_eval_fortunes():
+        index.add_text(text)
     return index
 
 

@@ -99,7 +99,7 @@ def read_prompt_files(cfg: DataConfig) -> list[dict[str, Any]]:
     files: list[str] = []
     for pattern in patterns:
         resolved = cfg.resolve_path(pattern)
-        matches = storage.glob(resolved) if any(c in resolved for c in "*?[") else [resolved]
+        matches = storage.expand(resolved)
         if not matches:
             raise RaydistillError(f"prompts.path: {pattern!r} matches no file")
         for match in matches:

@@ -73,3 +73,13 @@ def read_fortunes(name: str, directory: str | None = None) -> list[str]:
     """The entries of one fortune file."""
     with open(os.path.join(directory or FORTUNES_DIR, name), encoding="utf-8", errors="replace") as handle:
         return split_fortunes(handle.read())
+
+
+def read_eval_fortunes() -> list[str]:
+    """The entries of the eval's fortune files (:data:`EVAL_FORTUNE_FILES`) that are installed, in order."""
+    return [
+        entry
+        for name in EVAL_FORTUNE_FILES
+        if os.path.exists(os.path.join(FORTUNES_DIR, name))
+        for entry in read_fortunes(name)
+    ]

@@ -44,10 +44,7 @@ def builtin_corpus(name: str, max_bytes: int | None = None) -> list[str]:
     """Texts of a builtin corpus; RaydistillError with the install command when it is missing."""
     if name != "fortunes":
         raise RaydistillError(f"eval.builtin_corpus: unknown corpus {name!r}; allowed: fortunes, null")
-    texts: list[str] = []
-    for filename in FORTUNES_FILES:
-        if os.path.exists(os.path.join(text_files.FORTUNES_DIR, filename)):
-            texts.extend(text_files.read_fortunes(filename))
+    texts = text_files.read_eval_fortunes()
     if not texts:
         raise RaydistillError(
             f"builtin corpus {name!r} not found under {text_files.FORTUNES_DIR}; {BUILTIN_INSTALL_HINT[name]}"
@@ -76,7 +73,7 @@ def load_corpora(
     notes: list[str] = []
     for pattern in uris:
         pattern = resolve(pattern)
-        matches = storage.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
+        matches = storage.expand(pattern)
         if not matches:
             raise RaydistillError(f"eval.corpora: {pattern} matches no file; fix the glob or remove it")
         for uri in matches:
