@@ -10,18 +10,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.student.stacked import cached_stack
+
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``: the Llama/Qwen2 FFN, used for dense layers, experts and the shared expert."""
+    """``down(silu(gate(x)) * up(x))``: the Llama/Qwen2 FFN, used for dense layers, experts and the shared expert.
+
+    Inference (no autograd) computes gate and up in one matmul over their stacked weights
+    (``fused_gate_up``; a cached copy, rebuilt when a weight changes), like attention's fused q/k/v:
+    one [*, H] x [H, 2I] call instead of two. ``matmul`` is ``F.linear`` unless the engine gives the
+    block a faster kernel (:func:`serve.engine.kernels.use_onednn_linears`).
+    """
+
+    fused_gate_up = True
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.matmul = F.linear
+        self._gate_up: tuple | None = None  # (key, weight [2I, H]), built lazily
+
+    def gate_up_weight(self) -> torch.Tensor:
+        """gate and up stacked [2I, H], cached until either weight changes."""
+        params = (self.gate_proj.weight, self.up_proj.weight)
+        return cached_stack(self, "_gate_up", params, lambda: torch.cat(params).detach().contiguous())
+
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        """x [*, H] -> silu(gate(x)) * up(x) [*, I]; one fused matmul in inference."""
+        if self.fused_gate_up and not torch.is_grad_enabled():
+            h = self.matmul(x, self.gate_up_weight(), None)  # [*, 2I]
+            size = self.gate_proj.out_features
+            return F.silu(h[..., :size]).mul_(h[..., size:])
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.gate_up(x))
 
 
 class Experts(nn.ModuleList):
@@ -39,8 +64,7 @@ class Experts(nn.ModuleList):
 
         xe [c, H], scale [c, 1], out [c, H] (rows of the caller's buffer)."""
         expert = self[index]
-        h = F.silu(F.linear(xe, expert.gate_proj.weight), inplace=True)  # [c, I]
-        h.mul_(F.linear(xe, expert.up_proj.weight)).mul_(scale)
+        h = expert.gate_up(xe).mul_(scale)  # [c, I]
         torch.mm(h, expert.down_proj.weight.t(), out=out)
 
     def dispatch(

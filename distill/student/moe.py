@@ -18,7 +18,16 @@ from torch import nn
 
 from distill.student.config import StudentConfig
 from distill.student.experts import Experts, SwiGLU
-from distill.student.router import Router, entropy_loss, expert_counts, load_balance_loss, token_entropy, z_loss
+from distill.student.router import (
+    Router,
+    Routing,
+    entropy_loss,
+    expert_counts,
+    load_balance_loss,
+    per_expert,
+    token_entropy,
+    z_loss,
+)
 from distill.student.stacked import cached_stack
 
 
@@ -59,9 +68,10 @@ class MoEBlock(nn.Module):
     decode step of several streams: N * max_k >= E) runs every expert and the shared expert as one
     dense SwiGLU of width W = E * I + S, its activations scaled per token by the routing weights (0
     for the experts the token did not choose) and the shared-expert gate. That is the same sum as the
-    routed dispatch, in two large matmuls. At this size nearly every expert is chosen by some token,
-    so the routed path reads the same weights, in 3 * (E + 1) small matmuls plus gathers and
-    scatters; the dense FFN of the same bytes is faster (``bench/moe_decode.py``). A single
+    routed dispatch, in two large matmuls; the first also yields the router logits and the
+    shared-expert gate (their rows are stacked under the experts' gate and up rows). At this size
+    nearly every expert is chosen by some token, so the routed path reads the same weights, in
+    3 * (E + 1) small matmuls plus gathers and scatters; the dense FFN of the same bytes is faster (``bench/moe_decode.py``). A single
     stream keeps the routed path: it reads only its own experts. ``matmul`` is ``F.linear`` unless the
     engine gives the block a faster kernel (:func:`serve.engine.kernels.use_onednn_linears`).
     """
@@ -92,22 +102,24 @@ class MoEBlock(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
         flat_mask = token_mask.reshape(-1) if token_mask is not None else None  # [N]
-        routing = self.gate(flat)
-        used = routing.mask
-        if flat_mask is not None:
-            used = flat_mask[:, None] if used is None else used & flat_mask[:, None]
-            used = used.expand_as(routing.experts)
-        if self._dense_path(flat, routing.experts):
-            out = self._dense_forward(flat, routing.experts, routing.weights, used)  # [N, H]
+        if self._dense_path(flat):
+            out, routing, chosen = self._dense_forward(flat, flat_mask)  # [N, H]
+            if flat_mask is not None:
+                chosen = chosen & flat_mask[:, None]
+            counts = chosen.sum(0, dtype=torch.float)  # [E]
         else:
+            routing = self.gate(flat)
+            used = routing.mask
+            if flat_mask is not None:
+                used = flat_mask[:, None] if used is None else used & flat_mask[:, None]
+                used = used.expand_as(routing.experts)
             out = self.experts.dispatch(flat, routing.experts, routing.weights, used)  # [N, H]
             if self.shared_expert is not None:
                 out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+            counts = expert_counts(routing, flat_mask)  # [E]
 
-        counts = expert_counts(routing, flat_mask)  # [E]
         with torch.no_grad():
-            valid = flat_mask.float() if flat_mask is not None else flat.new_ones(flat.shape[0], dtype=torch.float)
-            tokens = valid.sum()
+            tokens = flat_mask.sum(dtype=torch.float) if flat_mask is not None else flat.new_tensor(float(len(flat)))
             stats = RoutingStats(
                 self.layer_idx, tokens, counts.sum() / tokens.clamp(min=1.0), counts / counts.sum().clamp(min=1.0)
             )
@@ -123,10 +135,10 @@ class MoEBlock(nn.Module):
         )
         return out.reshape(shape), aux
 
-    def _dense_path(self, flat: torch.Tensor, experts: torch.Tensor) -> bool:
+    def _dense_path(self, flat: torch.Tensor) -> bool:
         n = flat.shape[0]
         return (
-            not torch.is_grad_enabled() and 0 < n <= self.dense_max_tokens and n * experts.shape[1] >= len(self.experts)
+            not torch.is_grad_enabled() and 0 < n <= self.dense_max_tokens and n * self.gate.slots >= len(self.experts)
         )
 
     def mlps(self) -> list[SwiGLU]:
@@ -134,33 +146,42 @@ class MoEBlock(nn.Module):
         return [*self.experts, *([self.shared_expert] if self.shared_expert is not None else [])]
 
     def _dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate_up [2W, H] and down [H, W]: the experts, then the shared expert, side by side as one
-        SwiGLU; rebuilt when a weight changes (a model swap, a load_state_dict)."""
+        """fused [2W + E (+ 1), H] and down [H, W]. ``fused`` stacks every expert's and the shared
+        expert's gate rows (W), their up rows (W), the router (E) and the shared-expert gate (1): one
+        matmul gives the FFN's input projections and the routing logits. Rebuilt when a weight changes
+        (a model swap, a load_state_dict)."""
         mlps = self.mlps()
+        extra = [self.gate.weight] + ([self.shared_expert_gate.weight] if self.shared_expert_gate is not None else [])
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            gate_up = torch.cat([m.gate_proj.weight for m in mlps] + [m.up_proj.weight for m in mlps])
+            fused = torch.cat([m.gate_proj.weight for m in mlps] + [m.up_proj.weight for m in mlps] + extra)
             down = torch.cat([m.down_proj.weight for m in mlps], dim=1)
-            return gate_up.detach().contiguous(), down.detach().contiguous()
+            return fused.detach().contiguous(), down.detach().contiguous()
 
-        params = [p for m in mlps for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
+        params = [p for m in mlps for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)] + extra
         return cached_stack(self, "_dense", params, build)
 
     def _dense_forward(
-        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, used: torch.Tensor | None
-    ) -> torch.Tensor:
-        """x [N, H]; experts, weights [N, K]; used [N, K] bool or None -> [N, H], every expert run densely."""
-        gate_up, down = self._dense_weights()  # [2W, H], [H, W]
-        width = down.shape[1]  # W
-        w = weights.to(x.dtype) if used is None else torch.where(used, weights.to(x.dtype), 0)
-        per_expert = x.new_zeros(x.shape[0], len(self.experts)).scatter_add_(1, experts, w)  # [N, E]
-        scale = per_expert.repeat_interleave(self.experts[0].down_proj.in_features, dim=1)  # [N, E*I]
+        self, x: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Routing, torch.Tensor]:
+        """x [N, H], token_mask [N] or None -> out [N, H], the routing, chosen [N, E] bool; every expert run densely.
+
+        The activations of each expert's columns are scaled by the token's routing weight for that
+        expert (0 where not chosen, or for a padding token), the shared expert's by its gate: the
+        same sum as the routed dispatch."""
+        fused, down = self._dense_weights()  # [2W + E (+ 1), H], [H, W]
+        n, width, num_experts = x.shape[0], down.shape[1], len(self.experts)
+        h = self.matmul(x, fused, None)  # [N, 2W + E (+ 1)]
+        routing = self.gate.select(h[:, 2 * width : 2 * width + num_experts])
+        weights, chosen = per_expert(routing)  # [N, E]
+        if token_mask is not None:
+            weights = weights * token_mask[:, None]
+        act = F.silu(h[:, :width]).mul_(h[:, width : 2 * width])  # [N, W]
+        routed = num_experts * self.experts[0].down_proj.in_features  # E * I
+        act[:, :routed].view(n, num_experts, -1).mul_(weights.to(x.dtype).unsqueeze(-1))  # [N, E, I]
         if self.shared_expert is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x))  # [N, 1]
-            scale = torch.cat([scale, shared.expand(-1, self.shared_expert.down_proj.in_features)], dim=1)  # [N, W]
-        h = self.matmul(x, gate_up, None)  # [N, 2W]
-        act = F.silu(h[:, :width]).mul_(h[:, width:]).mul_(scale)  # [N, W]
-        return self.matmul(act, down, None)  # [N, H]
+            act[:, routed:].mul_(torch.sigmoid(h[:, 2 * width + num_experts :]))  # [N, S] x [N, 1]
+        return self.matmul(act, down, None), routing, chosen  # [N, H]
 
 
 @contextlib.contextmanager

@@ -77,9 +77,20 @@ class Router(nn.Module):
         self.top_p, self.min_k, self.max_k = config.top_p, config.min_k, int(config.max_k)
         self.force_all_experts = False  # diagnostics: route every token to every expert
 
+    @property
+    def slots(self) -> int:
+        """K: the selection slots per token (``max_k`` for top-p, ``k`` for top-k, E when forced to all)."""
+        if self.force_all_experts:
+            return int(self.weight.shape[0])
+        return self.max_k if self.routing is RoutingMode.topp else self.k
+
     def forward(self, x: torch.Tensor) -> Routing:
         """x [N, H] -> :class:`Routing`."""
-        logits = F.linear(x, self.weight).float()  # [N, E]
+        return self.select(F.linear(x, self.weight))
+
+    def select(self, logits: torch.Tensor) -> Routing:
+        """Router logits [N, E] (any float dtype; computed by the caller) -> :class:`Routing`."""
+        logits = logits.float()  # [N, E]
         probs = F.softmax(logits, dim=-1)  # [N, E]
         num_experts = probs.shape[-1]
         if self.force_all_experts:
@@ -90,6 +101,16 @@ class Router(nn.Module):
             return Routing(logits, probs, experts, weights, None)
         weights, experts, keep = select_topp(probs, self.top_p, self.min_k, self.max_k)
         return Routing(logits, probs, experts, weights, keep)
+
+
+def per_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection in expert order: weights [N, E] fp32 (0 = not chosen) and chosen [N, E] bool.
+
+    A token's K slots name distinct experts, so scattering them is exact."""
+    kept = torch.ones_like(routing.experts, dtype=torch.bool) if routing.mask is None else routing.mask  # [N, K]
+    weights = torch.zeros_like(routing.probs).scatter_(1, routing.experts, routing.weights)  # [N, E]
+    chosen = torch.zeros_like(routing.probs, dtype=torch.bool).scatter_(1, routing.experts, kept)  # [N, E]
+    return weights, chosen
 
 
 # ----------------------------------------------------------------------------- auxiliary losses

@@ -25,9 +25,9 @@ stays in cache (``bench/engine_kernels.py``, 2 threads, 2026-11-28):
 ==============================  ========  ========  =====
 
 Small weights gain little or lose (oneDNN's fixed cost per call), so only weights of at least
-``ONEDNN_MIN_WEIGHT`` elements switch, and so do the fused inference matmuls of the student's
-attention (q, k and v stacked: one call instead of three) and MoE blocks (every expert's gate/up
-side by side). The results equal ``F.linear``'s up to fp32 summation order (~1e-5 relative);
+``ONEDNN_MIN_WEIGHT`` elements switch, and so do the fused inference matmuls of the model's
+attention (q, k and v stacked: one call instead of three), SwiGLU FFNs (gate and up stacked) and MoE
+blocks (every expert's gate/up, the router and the shared-expert gate side by side). The results equal ``F.linear``'s up to fp32 summation order (~1e-5 relative);
 nothing switches where autograd is on, off CPU, or outside fp32.
 
 **int8 weights** (:func:`quantize_int8_weights`). Batch-1 decode reads every weight once per token, so
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.student.attention import Attention
-from distill.student.experts import Experts
+from distill.student.experts import Experts, SwiGLU
 from distill.student.moe import MoEBlock
 
 log = logging.getLogger("raydistill.engine")
@@ -100,8 +100,8 @@ class OneDNNLinear(nn.Linear):
 def use_onednn_linears(model: nn.Module, min_weight: int = ONEDNN_MIN_WEIGHT) -> list[str]:
     """Switch ``model``'s fp32 CPU ``nn.Linear`` modules with at least ``min_weight`` weight elements to
     :class:`OneDNNLinear` in place, and so the fused inference matmuls of its attention layers (q, k, v
-    stacked) and MoE blocks (gate/up of every expert side by side) where those are as large; the names
-    switched (none where oneDNN is missing)."""
+    stacked), SwiGLU FFNs (gate and up stacked) and MoE blocks (gate/up of every expert side by side) where
+    those are as large; the names switched (none where oneDNN is missing)."""
     if not onednn_linear_works():
         return []
     switched = []
@@ -116,6 +116,11 @@ def use_onednn_linears(model: nn.Module, min_weight: int = ONEDNN_MIN_WEIGHT) ->
                 continue  # int8 experts: the routed path only, no fused fp32 matmul
             weight = module.experts[0].gate_proj.weight
             fused_rows = 2 * sum(m.gate_proj.out_features for m in module.mlps())  # gate and up, every expert + shared
+        elif isinstance(module, SwiGLU):
+            if not module.fused_gate_up:
+                continue  # int8: gate and up are int8 linears of their own
+            weight = module.gate_proj.weight
+            fused_rows = 2 * module.gate_proj.out_features
         elif type(module) is nn.Linear:
             weight, fused_rows = module.weight, module.weight.shape[0]
         else:
@@ -230,6 +235,8 @@ def quantize_int8_weights(model: nn.Module) -> list[str]:
             module.dense_max_tokens = 0  # its shared expert and experts are int8 now: the routed path only
         if isinstance(module, Attention):
             module.fused_qkv = False  # q, k and v are int8 linears of their own now
+        if isinstance(module, SwiGLU):
+            module.fused_gate_up = False  # gate and up likewise (Int8Experts packs its own)
     for name, module in list(model.named_modules()):
         if name in blocks:
             Int8Experts.convert(module)

@@ -403,22 +403,30 @@ def test_dense_small_batch_path_equals_the_routed_dispatch(routing, shared):
 
     def both(inputs, token_mask=None):
         block.dense_max_tokens = 0
-        routed, _ = block(inputs, token_mask, compute_aux=False)
+        routed, routed_aux = block(inputs, token_mask, compute_aux=False)
         block.dense_max_tokens = 32
-        dense, _ = block(inputs, token_mask, compute_aux=False)
+        dense, dense_aux = block(inputs, token_mask, compute_aux=False)
+        # The routing statistics agree too (the dense path counts its choices in expert order).
+        for name in ("tokens", "experts_per_token", "expert_load"):
+            torch.testing.assert_close(getattr(dense_aux.stats, name), getattr(routed_aux.stats, name))
         return routed, dense
 
     with torch.no_grad():
         routed, dense = both(x)
         torch.testing.assert_close(dense, routed, rtol=1e-5, atol=1e-5)
         width = 4 * block.experts[0].down_proj.in_features + shared  # every expert side by side
-        assert calls == [(2 * width, 64), (64, width)]
+        # One matmul for every expert's gate and up rows, the router's 4 rows and the shared-expert gate's.
+        assert calls == [(2 * width + 4 + (1 if shared else 0), 64), (64, width)]
         routed_masked, dense_masked = both(x, mask)
         torch.testing.assert_close(dense_masked, routed_masked, rtol=1e-5, atol=1e-5)
         block.experts[1].down_proj.weight.mul_(2.0)  # in-place weight change: the dense copy is rebuilt
         routed2, dense2 = both(x)
         torch.testing.assert_close(dense2, routed2, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(routed, routed2)
+        block.gate.weight.mul_(-1.0)  # so is a router change: other experts chosen, the same on both paths
+        routed3, dense3 = both(x)
+        torch.testing.assert_close(dense3, routed3, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(routed2, routed3)
         calls.clear()
         both(x[:, :1])  # one stream: 1 x max_k < 4 experts, the routed path
     assert calls == []

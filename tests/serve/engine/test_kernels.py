@@ -128,7 +128,7 @@ def test_int8_linear_rounds_each_weight_row_to_its_own_scale():
 def test_quantize_int8_weights_converts_linears_and_experts_and_keeps_a_tied_embedding(tiny_moe_student):
     import copy
 
-    from distill.student.experts import Experts
+    from distill.student.experts import Experts, SwiGLU
 
     model = copy.deepcopy(tiny_moe_student)
     embedding = model.model.embed_tokens.weight.detach().clone()
@@ -139,6 +139,8 @@ def test_quantize_int8_weights_converts_linears_and_experts_and_keeps_a_tied_emb
     assert set(blocks) <= set(converted) and not any(".experts." in name for name in converted)
     assert all(isinstance(model.get_submodule(n), (Int8WeightLinear, Int8Experts)) for n in converted)
     assert torch.equal(model.model.embed_tokens.weight, embedding)  # the embedding stays fp32
+    mlps = [m for m in model.modules() if isinstance(m, SwiGLU)]
+    assert mlps and not any(m.fused_gate_up for m in mlps)  # no fp32 gate/up stack of int8 weights
 
 
 def test_int8_experts_compute_each_routed_expert_on_its_int8_weights(tiny_moe_student):
