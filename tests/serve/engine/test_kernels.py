@@ -200,3 +200,23 @@ def test_int8_is_refused_for_vllm_with_the_fix():
     with pytest.raises((ValueError, ConfigError), match=r"serve.dtype int8"):
         ServeSection(dtype="int8", num_gpus=1)  # backend auto -> vLLM
     assert ServeSection(dtype="int8").dtype == "int8"
+
+
+def test_dense_ffn_gate_up_goes_to_onednn_but_routed_experts_keep_f_linear():
+    """A dense SwiGLU's stacked gate/up switches by its size; a routed expert's of the same size stays on
+    F.linear (its few-token matmuls are as fast there), and the dense FFN's output is unchanged."""
+    from distill.student.experts import Experts, SwiGLU
+
+    if not onednn_linear_works():
+        pytest.skip("this torch has no oneDNN linear")
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"dense": SwiGLU(64, 2048), "experts": Experts(2, 64, 1024)})  # 2 x 1024 x 64 = 2^17
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        want = model["dense"](x)
+    switched = use_onednn_linears(model)
+    assert "dense" in switched and model["dense"].matmul is not F.linear
+    assert not any(name.startswith("experts") and name.count(".") == 1 for name in switched)
+    assert all(expert.matmul is F.linear for expert in model["experts"])
+    with torch.inference_mode():
+        torch.testing.assert_close(model["dense"](x), want, rtol=1e-4, atol=1e-4)
