@@ -33,12 +33,24 @@ from distill.student.stacked import cached_stack
 
 @dataclasses.dataclass
 class RoutingStats:
-    """One MoE layer's routing over the valid tokens of a forward call (detached)."""
+    """One MoE layer's routing over the valid tokens of a forward call (detached).
+
+    Only the counts are computed in the forward pass; the ratios are derived when read (a serving
+    step never reads them)."""
 
     layer: int
     tokens: torch.Tensor  # [] valid tokens routed
-    experts_per_token: torch.Tensor  # [] mean experts actually used per token
-    expert_load: torch.Tensor  # [E] share of selections per expert, sums to 1
+    counts: torch.Tensor  # [E] selections per expert
+
+    @property
+    def experts_per_token(self) -> torch.Tensor:
+        """[] mean experts actually used per token."""
+        return self.counts.sum() / self.tokens.clamp(min=1.0)
+
+    @property
+    def expert_load(self) -> torch.Tensor:
+        """[E] share of selections per expert, sums to 1."""
+        return self.counts / self.counts.sum().clamp(min=1.0)
 
     # Tensors, not Python numbers: reading them would force a device sync in every layer.
     def as_dict(self) -> dict:
@@ -118,11 +130,8 @@ class MoEBlock(nn.Module):
                 out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
             counts = expert_counts(routing, flat_mask)  # [E]
 
-        with torch.no_grad():
-            tokens = flat_mask.sum(dtype=torch.float) if flat_mask is not None else flat.new_tensor(float(len(flat)))
-            stats = RoutingStats(
-                self.layer_idx, tokens, counts.sum() / tokens.clamp(min=1.0), counts / counts.sum().clamp(min=1.0)
-            )
+        tokens = flat_mask.sum(dtype=torch.float) if flat_mask is not None else torch.tensor(float(len(flat)))
+        stats = RoutingStats(self.layer_idx, tokens, counts.detach())
         if not compute_aux:
             return out.reshape(shape), MoEAux(None, None, None, stats)
         entropy = token_entropy(routing)  # [N]

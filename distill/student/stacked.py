@@ -16,7 +16,8 @@ from torch import nn
 
 def cached_stack(module: nn.Module, attr: str, params: Sequence[torch.Tensor], build: Callable[[], Any]) -> Any:
     """``build()``, kept in ``module.<attr>`` as ``(key, value)`` until one of ``params`` changes."""
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    # A new dtype or device means new storage, so its data_ptr changes too.
+    key = tuple((p.data_ptr(), p._version) for p in params)
     cached = getattr(module, attr)
     if cached is None or cached[0] != key:
         cached = (key, build())
