@@ -220,3 +220,30 @@ def test_dense_ffn_gate_up_goes_to_onednn_but_routed_experts_keep_f_linear():
     assert all(expert.matmul is F.linear for expert in model["experts"])
     with torch.inference_mode():
         torch.testing.assert_close(model["dense"](x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_onednn_weights_are_packed_once_and_repacked_when_they_change():
+    """The oneDNN path reorders each weight once into a packed layout kept on the tensor: the same
+    numbers as F.linear, the same packed copy on the next call, a new one after an in-place change
+    (a parameter) or for another tensor (a rebuilt stack, an inference tensor)."""
+    from serve.engine.kernels import onednn_or_plain_linear, packed_weight
+
+    if not onednn_linear_works():
+        pytest.skip("this torch has no oneDNN linear")
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    x = torch.randn(2, 3, 64)
+    with torch.inference_mode():
+        got = onednn_or_plain_linear(x, linear.weight, linear.bias)
+        torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=1e-4, atol=1e-4)
+        first = packed_weight(linear.weight)
+        assert packed_weight(linear.weight) is first and first.layout == torch._mkldnn
+    with torch.no_grad():
+        linear.weight.mul_(-1.0)  # in place: the version moves, the packed copy is redone
+    with torch.inference_mode():
+        assert packed_weight(linear.weight) is not first
+        torch.testing.assert_close(
+            onednn_or_plain_linear(x, linear.weight, None), F.linear(x, linear.weight), rtol=1e-4, atol=1e-4
+        )
+        stacked = torch.cat([linear.weight, linear.weight])  # an inference tensor: no version counter
+        torch.testing.assert_close(onednn_or_plain_linear(x, stacked, None), F.linear(x, stacked), rtol=1e-4, atol=1e-4)
