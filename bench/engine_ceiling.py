@@ -7,7 +7,8 @@ For each number of concurrent greedy streams (prompts of ``--prompt-tokens`` ran
 * the **ceiling**: every matmul one decode step of this model runs at that many streams is
   recorded (a ``TorchDispatchMode`` sees each ``mm``/``addmm``/oneDNN linear with its operands), then
   replayed back to back on the model's own weights, each with the faster of ``a @ b.T`` (torch's
-  default BLAS) and oneDNN's linear. The ceiling is ``streams / replay time``: tokens/s if a step did
+  default BLAS) and oneDNN's linear on a packed weight (the engine's weights are recorded packed,
+  so those replay on oneDNN only). The ceiling is ``streams / replay time``: tokens/s if a step did
   nothing but its GEMMs. Its GFLOP/s is printed too;
 * **decode**: the engine's median decode-step time once every stream has its first token
   (``bench.engine_decode.median_decode_step_s``), as tokens/s and as % of the ceiling;
@@ -87,9 +88,15 @@ def replay_s(calls, rounds: int = 5) -> tuple[float, float]:
     """(seconds, FLOPs) of running ``calls`` back to back, each with the faster of BLAS and oneDNN."""
     from serve.engine.kernels import _onednn_linear, onednn_linear_works
 
-    kernels = [lambda x, w: x @ w.t()]
-    if onednn_linear_works():
-        kernels.append(lambda x, w: _onednn_linear(x, w, None))
+    def blas(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        return None if w.layout == torch._mkldnn else x @ w.t()  # a packed weight: oneDNN only
+
+    def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if w.layout == torch._mkldnn:  # recorded already packed (the engine's own weights)
+            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return _onednn_linear(x, w, None)  # packs on the warm-up call
+
+    kernels = [blas] + ([onednn] if onednn_linear_works() else [])
     inputs = [torch.randn(shape) for shape, _ in calls]
     best_total, flops = 0.0, 0.0
     with torch.inference_mode():
@@ -101,12 +108,12 @@ def replay_s(calls, rounds: int = 5) -> tuple[float, float]:
             for _ in range(rounds):
                 for i, (x, (_, w)) in enumerate(zip(inputs, calls)):
                     start = time.perf_counter()
-                    kernel(x, w)
-                    times[i].append(time.perf_counter() - start)
+                    ran = kernel(x, w) is not None
+                    times[i].append(time.perf_counter() - start if ran else float("inf"))
             per_call.append([statistics.median(t) for t in times])
         for i, (shape, w) in enumerate(calls):
             best_total += min(k[i] for k in per_call)
-            flops += 2.0 * shape[0] * shape[1] * w.shape[0]
+            flops += 2.0 * shape[0] * shape[1] * w.shape[0]  # a packed weight keeps its [out, in] shape
     return best_total, flops
 
 
