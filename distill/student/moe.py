@@ -83,9 +83,10 @@ class MoEBlock(nn.Module):
     routed dispatch, in two large matmuls; the first also yields the router logits and the
     shared-expert gate (their rows are stacked under the experts' gate and up rows). At this size
     nearly every expert is chosen by some token, so the routed path reads the same weights, in
-    3 * (E + 1) small matmuls plus gathers and scatters; the dense FFN of the same bytes is faster (``bench/moe_decode.py``). A single
-    stream keeps the routed path: it reads only its own experts. ``matmul`` is ``F.linear`` unless the
-    engine gives the block a faster kernel (:func:`serve.engine.kernels.use_onednn_linears`).
+    3 * (E + 1) small matmuls plus gathers and scatters; the dense FFN of the same bytes is faster
+    (``bench/moe_decode.py``). A single stream keeps the routed path: it reads only its own experts.
+    ``matmul`` is ``F.linear`` unless the engine gives the block a faster kernel
+    (:func:`serve.engine.kernels.use_onednn_linears`).
     """
 
     dense_max_tokens = 32
@@ -130,7 +131,11 @@ class MoEBlock(nn.Module):
                 out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
             counts = expert_counts(routing, flat_mask)  # [E]
 
-        tokens = flat_mask.sum(dtype=torch.float) if flat_mask is not None else torch.tensor(float(len(flat)))
+        tokens = (
+            flat_mask.sum(dtype=torch.float)
+            if flat_mask is not None
+            else torch.tensor(float(len(flat)), device=flat.device)
+        )
         stats = RoutingStats(self.layer_idx, tokens, counts.detach())
         if not compute_aux:
             return out.reshape(shape), MoEAux(None, None, None, stats)

@@ -26,9 +26,11 @@ stays in cache (``bench/engine_kernels.py``, 2 threads, 2026-11-28):
 
 Small weights gain little or lose (oneDNN's fixed cost per call), so only weights of at least
 ``ONEDNN_MIN_WEIGHT`` elements switch, and so do the fused inference matmuls of the model's
-attention (q, k and v stacked: one call instead of three), SwiGLU FFNs (gate and up stacked) and MoE
-blocks (every expert's gate/up, the router and the shared-expert gate side by side). The results equal ``F.linear``'s up to fp32 summation order (~1e-5 relative);
-nothing switches where autograd is on, off CPU, or outside fp32.
+attention (q, k and v stacked: one call instead of three), dense and shared SwiGLU FFNs (gate and up
+stacked) and MoE blocks (every expert's gate/up, the router and the shared-expert gate side by side).
+Each weight is packed once into oneDNN's layout (:func:`packed_weight`). The results equal
+``F.linear``'s up to fp32 summation order (~1e-5 relative); nothing switches where autograd is on,
+off CPU, or outside fp32.
 
 **int8 weights** (:func:`quantize_int8_weights`). Batch-1 decode reads every weight once per token, so
 its speed is the weight bytes. Each linear's weight is stored as int8 with one absmax scale per output
@@ -143,7 +145,7 @@ def use_onednn_linears(model: nn.Module, min_weight: int = ONEDNN_MIN_WEIGHT) ->
             fused_rows = 2 * sum(m.gate_proj.out_features for m in module.mlps())  # gate and up, every expert + shared
         elif isinstance(module, SwiGLU):
             if not module.fused_gate_up or id(module) in routed:
-                continue  # int8: gate and up are int8 linears of their own
+                continue  # int8 (gate and up are int8 linears of their own), or a routed expert
             weight = module.gate_proj.weight
             fused_rows = 2 * module.gate_proj.out_features
         elif type(module) is nn.Linear:
