@@ -186,7 +186,7 @@ class MoEBlock(nn.Module):
         fused, down = self._dense_weights()  # [2W + E (+ 1), H], [H, W]
         n, width, num_experts = x.shape[0], down.shape[1], len(self.experts)
         h = self.matmul(x, fused, None)  # [N, 2W + E (+ 1)]
-        routing = self.gate.select(h[:, 2 * width : 2 * width + num_experts])
+        routing = self.gate(x, logits=h[:, 2 * width : 2 * width + num_experts])
         weights, chosen = per_expert(routing)  # [N, E]
         if token_mask is not None:
             weights = weights * token_mask[:, None]

@@ -84,13 +84,11 @@ class Router(nn.Module):
             return int(self.weight.shape[0])
         return self.max_k if self.routing is RoutingMode.topp else self.k
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        """x [N, H] -> :class:`Routing`."""
-        return self.select(F.linear(x, self.weight))
-
-    def select(self, logits: torch.Tensor) -> Routing:
-        """Router logits [N, E] (any float dtype; computed by the caller) -> :class:`Routing`."""
-        logits = logits.float()  # [N, E]
+    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> Routing:
+        """x [N, H] -> :class:`Routing`. ``logits`` [N, E]: x's router logits when the caller has computed
+        them already (the MoE block's fused decode matmul); the selection is the same, and forward
+        hooks (the eval's routing records) see every call either way."""
+        logits = (F.linear(x, self.weight) if logits is None else logits).float()  # [N, E]
         probs = F.softmax(logits, dim=-1)  # [N, E]
         num_experts = probs.shape[-1]
         if self.force_all_experts:

@@ -411,8 +411,11 @@ def test_dense_small_batch_path_equals_the_routed_dispatch(routing, shared):
             torch.testing.assert_close(getattr(dense_aux.stats, name), getattr(routed_aux.stats, name))
         return routed, dense
 
+    hooked = []  # the eval records routing with forward hooks on the router: both paths must call it
+    block.gate.register_forward_hook(lambda _m, _i, out: hooked.append(out.experts.shape))
     with torch.no_grad():
         routed, dense = both(x)
+        assert len(hooked) == 2 and hooked[0] == hooked[1]
         torch.testing.assert_close(dense, routed, rtol=1e-5, atol=1e-5)
         width = 4 * block.experts[0].down_proj.in_features + shared  # every expert side by side
         # One matmul for every expert's gate and up rows, the router's 4 rows and the shared-expert gate's.
