@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine_decode import copy_bandwidth, median_decode_step_s, weight_bytes  # noqa: E402
+from bench.engine_decode import copy_bandwidth, engine_throughput, median_decode_step_s, weight_bytes  # noqa: E402
 
 
 class RecordGemms(TorchDispatchMode):
@@ -117,26 +117,6 @@ def replay_s(calls, rounds: int = 5) -> tuple[float, float]:
     return best_total, flops
 
 
-def job_tokens_per_s(engine, streams: int, prompt_tokens: int, tokens: int) -> float:
-    """Generated tokens / wall time for ``streams`` streams started together (prefill included)."""
-    from serve.engine.types import GenerationRequest, SamplingOptions
-
-    gen = torch.Generator().manual_seed(2)
-    options = SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    requests = [
-        GenerationRequest(
-            f"job{time.perf_counter_ns()}-{i}",
-            torch.randint(100, engine.vocab_size, (prompt_tokens,), generator=gen).tolist(),
-            options,
-        )
-        for i in range(streams)
-    ]
-    start = time.perf_counter()
-    results = engine.generate(requests)
-    elapsed = time.perf_counter() - start
-    return sum(o.completion_tokens for outs in results.values() for o in outs[-1:]) / elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="alias, model dir or a run's student/")
@@ -152,7 +132,10 @@ def main() -> None:
     streams = [int(s) for s in args.streams.split(",")]
     engine = LLMEngine.from_pretrained(args.model, max_batch_size=max(streams))
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, engine.vocab_size, (args.prompt_tokens,), generator=gen).tolist() for _ in streams]
+    prompts = [  # one per stream: the whole-job runs prefill distinct prompts
+        torch.randint(100, engine.vocab_size, (args.prompt_tokens,), generator=gen).tolist()
+        for _ in range(max(streams))
+    ]
     median_decode_step_s(engine, prompts[:1], 4)  # warm-up
     calls = {n: record_step(engine, n, args.prompt_tokens) for n in streams}
     samples: dict[tuple[str, int], list[float]] = {}
@@ -163,7 +146,7 @@ def main() -> None:
             samples[("flops", n)] = [flops]
             step_prompts = [prompts[0]] * n
             samples.setdefault(("decode", n), []).append(median_decode_step_s(engine, step_prompts, args.tokens))
-            samples.setdefault(("job", n), []).append(job_tokens_per_s(engine, n, args.prompt_tokens, args.tokens))
+            samples.setdefault(("job", n), []).append(engine_throughput(engine, prompts[:n], args.tokens))
     bandwidth = copy_bandwidth()
     print(
         f"model={args.model} threads={args.threads} torch={torch.__version__} prompt={args.prompt_tokens} "

@@ -116,10 +116,7 @@ class MoEBlock(nn.Module):
         flat = x.reshape(-1, shape[-1])  # [N, H]
         flat_mask = token_mask.reshape(-1) if token_mask is not None else None  # [N]
         if self._dense_path(flat):
-            out, routing, chosen = self._dense_forward(flat, flat_mask)  # [N, H]
-            if flat_mask is not None:
-                chosen = chosen & flat_mask[:, None]
-            counts = chosen.sum(0, dtype=torch.float)  # [E]
+            out, routing = self._dense_forward(flat, flat_mask)  # [N, H]
         else:
             routing = self.gate(flat)
             used = routing.mask
@@ -129,8 +126,8 @@ class MoEBlock(nn.Module):
             out = self.experts.dispatch(flat, routing.experts, routing.weights, used)  # [N, H]
             if self.shared_expert is not None:
                 out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-            counts = expert_counts(routing, flat_mask)  # [E]
 
+        counts = expert_counts(routing, flat_mask)  # [E]
         tokens = (
             flat_mask.sum(dtype=torch.float)
             if flat_mask is not None
@@ -175,10 +172,8 @@ class MoEBlock(nn.Module):
         params = [p for m in mlps for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)] + extra
         return cached_stack(self, "_dense", params, build)
 
-    def _dense_forward(
-        self, x: torch.Tensor, token_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, Routing, torch.Tensor]:
-        """x [N, H], token_mask [N] or None -> out [N, H], the routing, chosen [N, E] bool; every expert run densely.
+    def _dense_forward(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, Routing]:
+        """x [N, H], token_mask [N] or None -> out [N, H] and the routing; every expert run densely.
 
         The activations of each expert's columns are scaled by the token's routing weight for that
         expert (0 where not chosen, or for a padding token), the shared expert's by its gate: the
@@ -187,7 +182,7 @@ class MoEBlock(nn.Module):
         n, width, num_experts = x.shape[0], down.shape[1], len(self.experts)
         h = self.matmul(x, fused, None)  # [N, 2W + E (+ 1)]
         routing = self.gate(x, logits=h[:, 2 * width : 2 * width + num_experts])
-        weights, chosen = per_expert(routing)  # [N, E]
+        weights = per_expert(routing)  # [N, E]
         if token_mask is not None:
             weights = weights * token_mask[:, None]
         act = F.silu(h[:, :width]).mul_(h[:, width : 2 * width])  # [N, W]
@@ -195,7 +190,7 @@ class MoEBlock(nn.Module):
         act[:, :routed].view(n, num_experts, -1).mul_(weights.to(x.dtype).unsqueeze(-1))  # [N, E, I]
         if self.shared_expert is not None:
             act[:, routed:].mul_(torch.sigmoid(h[:, 2 * width + num_experts :]))  # [N, S] x [N, 1]
-        return self.matmul(act, down, None), routing, chosen  # [N, H]
+        return self.matmul(act, down, None), routing  # [N, H]
 
 
 @contextlib.contextmanager

@@ -101,14 +101,10 @@ class Router(nn.Module):
         return Routing(logits, probs, experts, weights, keep)
 
 
-def per_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selection in expert order: weights [N, E] fp32 (0 = not chosen) and chosen [N, E] bool.
-
-    A token's K slots name distinct experts, so scattering them is exact."""
-    kept = torch.ones_like(routing.experts, dtype=torch.bool) if routing.mask is None else routing.mask  # [N, K]
-    weights = torch.zeros_like(routing.probs).scatter_(1, routing.experts, routing.weights)  # [N, E]
-    chosen = torch.zeros_like(routing.probs, dtype=torch.bool).scatter_(1, routing.experts, kept)  # [N, E]
-    return weights, chosen
+def per_expert(routing: Routing) -> torch.Tensor:
+    """The selection's weights in expert order [N, E] fp32, 0 for an expert not chosen (unused slots
+    carry weight 0). A token's K slots name distinct experts, so scattering them is exact."""
+    return torch.zeros_like(routing.probs).scatter_(1, routing.experts, routing.weights)  # [N, E]
 
 
 # ----------------------------------------------------------------------------- auxiliary losses
