@@ -32,6 +32,17 @@ from serve.engine.types import GenerationRequest, SamplingOptions  # noqa: E402
 PARTS = ("attn", "ffn", "head")
 
 
+def _part(name: str) -> str | None:
+    """The part a module's time counts to (the engine's modules keep the Hugging Face names)."""
+    if name.endswith("self_attn"):
+        return "attn"
+    if name.endswith(".mlp"):  # the teacher's SwiGLU FFN, the student's MoE block
+        return "ffn"
+    if name.endswith("lm_head"):
+        return "head"
+    return None
+
+
 class Timed:
     """Accumulates wall time inside the model's attention, FFN and head modules while ``on``."""
 
@@ -40,15 +51,7 @@ class Timed:
         self.seconds: dict[str, float] = collections.defaultdict(float)
         self.layers = 0
         for name, module in model.named_modules():
-            part = (
-                "attn"
-                if name.endswith("self_attn")
-                else "ffn"
-                if name.endswith(".mlp")
-                else "head"
-                if name.endswith("lm_head")
-                else None
-            )
+            part = _part(name)
             if part is not None:
                 self.layers += part == "attn"
                 self._hook(module, part)
@@ -139,20 +142,17 @@ def main() -> None:
         f"student={args.student} ({models['student'][1].layers} layers), {args.threads} threads, "
         f"medians of {args.rounds} rounds; ms"
     )
-    header = f"{'phase':14}{'model':9}{'total':>8}{'attn':>8}{'/layer':>8}{'ffn':>8}{'/layer':>8}{'head':>7}{'rest':>7}"
-    print(header)
+    columns = ("total", "attn", "/layer", "ffn", "/layer", "head", "rest")  # rest = total - the parts
+    print(f"{'phase':14}{'model':9}" + "".join(f"{c:>8}" for c in columns))
     for phase in phases:
         row = {}
         for label in models:
             layers = models[label][1].layers
             total, attn, ffn, head = (med(label, phase, k) for k in ("step", *PARTS))
             row[label] = (total, attn, attn / layers, ffn, ffn / layers, head, total - attn - ffn - head)
-            print(
-                f"{phase:14}{label:9}"
-                + "".join(f"{v:>8.2f}" if i < 5 else f"{v:>7.2f}" for i, v in enumerate(row[label]))
-            )
+            print(f"{phase:14}{label:9}" + "".join(f"{v:>8.2f}" for v in row[label]))
         ratio = [s / t if t else float("nan") for s, t in zip(row["student"], row["teacher"])]
-        print(f"{'':14}{'s/t':9}" + "".join(f"{v:>8.2f}" if i < 5 else f"{v:>7.2f}" for i, v in enumerate(ratio)))
+        print(f"{'':14}{'s/t':9}" + "".join(f"{v:>8.2f}" for v in ratio))
 
 
 if __name__ == "__main__":
