@@ -53,6 +53,7 @@ from torch import nn
 from distill.student.attention import Attention
 from distill.student.experts import Experts, SwiGLU
 from distill.student.moe import MoEBlock
+from distill.student.stacked import cached_stack
 
 log = logging.getLogger("raydistill.engine")
 
@@ -73,14 +74,12 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     647 -> 385 us, the [16, 576] x [576, 49152] head 10.1 -> 5.4 ms (2 threads, this machine). It is a
     copy: the engine holds each switched weight twice (the model's own tensor stays for everything
     else: embedding lookups, autograd, saving)."""
-    # Inference tensors (stacks built under inference_mode) have no version counter; nothing changes
-    # them in place (a changed source parameter gives a new stack).
-    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
-    cached = getattr(weight, "_raydistill_packed", None)
-    if cached is None or cached[0] != key:
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT))
-        weight._raydistill_packed = cached
-    return cached[1]
+    return cached_stack(
+        weight,
+        "_raydistill_packed",
+        (weight,),
+        lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT),
+    )
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
