@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--batches-in-flight", type=int, default=None, help="teacher.batches_in_flight (default: the config's)"
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--backend", default="engine", help="teacher backend (engine: the demo's; hf)")
     parser.add_argument(
@@ -71,6 +74,7 @@ def main() -> None:
             f"prompts.count={args.prompts}",
             f"teacher.replicas={args.replicas}",
             f"teacher.batch_size={args.batch_size}",
+            *([f"teacher.batches_in_flight={args.batches_in_flight}"] if args.batches_in_flight else []),
             f"generate.max_new_tokens={args.new_tokens}",
             "generate.temperature=0",
             "generate.logprobs=20",
@@ -100,7 +104,8 @@ def main() -> None:
     direct_tps, ray_tps = direct_tokens / direct_s, ray_tokens / ray_s
     print(
         f"\nteacher={args.model} backend={args.backend} prompts={args.prompts} new_tokens={args.new_tokens} top-k=20 "
-        f"batch={args.batch_size} replicas={args.replicas} cores={os.cpu_count()}"
+        f"batch={args.batch_size} in_flight={cfg.teacher.batches_in_flight} replicas={args.replicas} "
+        f"cores={os.cpu_count()}"
     )
     print(f"{'':34}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}")
     print(f"{'direct, one process (incl. load)':34}{direct_tokens:>8}{direct_s:>10.1f}{direct_tps:>10.1f}")

@@ -433,6 +433,8 @@ def build_summary(data: Mapping[str, Any], selected: list[str] | None = None) ->
     for key in (
         "student_bpb_heldout",
         "teacher_bpb_heldout",
+        "student_bpb_heldout_in_context",
+        "teacher_bpb_heldout_in_context",
         "student_bpb_human",
         "teacher_bpb_human",
         "init_bpb_human",
@@ -481,6 +483,10 @@ def print_summary(
         (
             "bits/byte held-out: student vs teacher",
             pair(summary.get("student_bpb_heldout"), summary.get("teacher_bpb_heldout")),
+        ),
+        (
+            "bits/byte held-out, after its prompt: student vs teacher",
+            pair(summary.get("student_bpb_heldout_in_context"), summary.get("teacher_bpb_heldout_in_context")),
         ),
         (
             "bits/byte human text: student vs teacher",
@@ -545,6 +551,12 @@ def target_rows(summary: Mapping[str, Any], targets: Any) -> list[tuple[str, str
             "bits/byte held-out teacher text, student / teacher",
             _ratio(s.get("student_bpb_heldout"), s.get("teacher_bpb_heldout")),
             targets.bpb_heldout_ratio,
+            "<=",
+        ),
+        (
+            "bits/byte held-out teacher text after its prompt, student / teacher",
+            _ratio(s.get("student_bpb_heldout_in_context"), s.get("teacher_bpb_heldout_in_context")),
+            targets.bpb_heldout_in_context_ratio,
             "<=",
         ),
         (

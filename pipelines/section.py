@@ -26,6 +26,11 @@ class TargetsSection(Section):
     bpb_heldout_ratio: float | None = Field(
         default=1.6, gt=0, description="student/teacher bits/byte on held-out teacher text, at most"
     )
+    bpb_heldout_in_context_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        description="the same held-out completions scored after their prompts, at most (none: shown, no target)",
+    )
     init_bpb_human_ratio: float | None = Field(
         default=1.5, gt=0, description="the student at init / teacher on human text, at most"
     )

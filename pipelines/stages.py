@@ -182,6 +182,8 @@ def eval_metrics(report: dict[str, Any]) -> dict[str, Any]:
     return {
         "student_bpb_heldout": metric("student", "bpb_heldout"),
         "teacher_bpb_heldout": metric("teacher", "bpb_heldout"),
+        "student_bpb_heldout_in_context": metric("student", "bpb_heldout_in_context"),
+        "teacher_bpb_heldout_in_context": metric("teacher", "bpb_heldout_in_context"),
         "student_bpb_human": metric("student", "bpb_human"),
         "teacher_bpb_human": metric("teacher", "bpb_human"),
         "student_decode_tokens_per_s": metric("student", "decode_tokens_per_s"),

@@ -224,8 +224,11 @@ def score_rows(
     ``rows``: dicts with ``input_ids`` [L], ``prompt_len``, ``topk_ids`` [C][K] and ``topk_logprobs``
     [C][K] (the Parquet schema). Returns numpy arrays over all N positions: ``kl`` [N],
     ``agree`` [N] (0/1), ``entropy`` [N] (teacher, nats), ``experts`` [N, layers] (empty when
-    the model has no routers), ``student_nll`` [N] (the student's NLL of the teacher's token), and
-    ``expert_load`` [layers][E] (each layer's share of expert selections over those positions).
+    the model has no routers), ``student_nll`` [N] (the model's NLL of the teacher's token, in the
+    row's context: prompt and earlier completion tokens), ``expert_load`` [layers][E] (each layer's
+    share of expert selections over those positions) and ``bytes`` (UTF-8 bytes of the scored rows'
+    ``completion`` texts: ``student_nll.sum() / ln 2 / bytes`` is bits per byte of the completions in
+    context, where :func:`bits_per_byte` on the same texts scores them alone).
     """
     rows = [r for r in rows if len(r["topk_ids"]) > 0]
     if not rows:
@@ -279,6 +282,7 @@ def score_rows(
         "student_nll": torch.cat(nlls).numpy(),
         "experts": torch.cat(experts).numpy() if experts else np.zeros((sum(len(k) for k in kls), 0)),
         "expert_load": [(c / c.sum().clamp(min=1.0)).tolist() for c in load] if load else [],
+        "bytes": sum(len((r.get("completion") or "").encode("utf-8")) for r in rows),
     }
 
 

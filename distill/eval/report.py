@@ -265,6 +265,7 @@ def _fmt(value: Any) -> str:
 
 SUMMARY_ROWS = [
     ("bpb_heldout", "bits/byte, held-out teacher text"),
+    ("bpb_heldout_in_context", "bits/byte, held-out teacher text after its prompt"),
     ("bpb_human", "bits/byte, human text"),
     ("kl", "KL(teacher‖model), nats/token"),
     ("top1_agreement", "top-1 agreement"),

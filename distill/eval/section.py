@@ -11,6 +11,7 @@ from cluster.section import Section
 # Metric names a gate may use; each model's ``report["models"][name]["metrics"]`` has these keys.
 GATE_METRICS = {
     "bpb_heldout": "bits per byte on held-out teacher completions",
+    "bpb_heldout_in_context": "bits per byte on the same completions, each after its prompt (as served)",
     "bpb_human": "bits per byte on the human-written corpora (byte-weighted over all of them)",
     "kl": "KL(teacher || model) over the stored top-k + tail, nats per token",
     "top1_agreement": "share of held-out positions where the model's argmax is the teacher's top-1",

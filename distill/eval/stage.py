@@ -177,10 +177,20 @@ def evaluate_model(
             model, tokenizer, corpus_texts, window=ecfg.window, batch_tokens=ecfg.batch_tokens
         )
     experts_by_layer = None
-    if rows and fidelity_ok and name != "teacher":
-        say(f"{name}: fidelity and routing on {len(rows)} held-out rows")
+    if rows and fidelity_ok:
+        say(f"{name}: held-out rows in context" + ("" if name == "teacher" else ", fidelity and routing"))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else M.start_token_id(tokenizer)
-        scored = M.score_rows(model, rows, batch_tokens=ecfg.batch_tokens, pad_id=int(pad))
+        scored = M.score_rows(model, rows, batch_tokens=ecfg.batch_tokens, pad_id=int(pad), routing=name != "teacher")
+        # The completions as the model meets them when serving: after their prompts (bits_per_byte above
+        # scores the same texts alone, where the teacher loses the prompt's help as much as the student).
+        nats = float(scored["student_nll"].sum())
+        out["heldout_in_context"] = {
+            "bits_per_byte": nats / math.log(2) / scored["bytes"] if scored["bytes"] else None,
+            "tokens": int(scored["student_nll"].shape[0]),
+            "bytes": int(scored["bytes"]),
+            "nats": nats,
+        }
+    if rows and fidelity_ok and name != "teacher":
         out["fidelity"] = {
             "kl": float(scored["kl"].mean()),
             "top1_agreement": float(scored["agree"].mean()),
@@ -229,6 +239,7 @@ def summary_metrics(result: dict, cost_per_hour: float | None) -> dict[str, Any]
     human = [v for k, v in bpb.items() if k != HELDOUT]
     metrics: dict[str, Any] = {
         "bpb_heldout": bpb[HELDOUT]["bits_per_byte"] if HELDOUT in bpb else None,
+        "bpb_heldout_in_context": result.get("heldout_in_context", {}).get("bits_per_byte"),
         "bpb_human": _combine_bpb(human) if human else None,
         "kl": result.get("fidelity", {}).get("kl"),
         "top1_agreement": result.get("fidelity", {}).get("top1_agreement"),

@@ -14,6 +14,7 @@ from typing import Any
 MODEL_COLUMNS = ("teacher", "student", "init", "baseline")
 ROWS = [
     ("bpb_heldout", "bits/byte held-out"),
+    ("bpb_heldout_in_context", "bits/byte held-out, in context"),
     ("bpb_human", "bits/byte human"),
     ("kl", "KL(teacher||model)"),
     ("top1_agreement", "top-1 agreement"),

@@ -230,6 +230,8 @@ def test_summary_holds_each_ratio_against_its_target_and_shows_the_sample():
         "teacher_bpb_human": 2.0,
         "student_bpb_heldout": 1.0,
         "teacher_bpb_heldout": 0.8,
+        "student_bpb_heldout_in_context": 0.9,
+        "teacher_bpb_heldout_in_context": 0.4,
         "init_bpb_human": 3.2,
         "student_decode_tokens_per_s": 190.0,
         "teacher_decode_tokens_per_s": 100.0,
@@ -242,13 +244,16 @@ def test_summary_holds_each_ratio_against_its_target_and_shows_the_sample():
     rows = {name.split(" (")[0]: (value, target, ok) for name, value, target, ok in target_rows(summary, None)}
     assert rows["bits/byte human text, student / teacher"] == ("1.200", "<= 1.25", True)
     assert rows["bits/byte held-out teacher text, student / teacher"] == ("1.250", "<= 1.6", True)
+    # shown, no target by default
+    assert rows["bits/byte held-out teacher text after its prompt, student / teacher"] == ("2.250", "-", None)
     assert rows["bits/byte human text, init / teacher"] == ("1.600", "<= 1.5", False)
     assert rows["decode tokens/s, student / teacher"] == ("1.900", ">= 1.8", True)
     assert rows["time to first token, student / teacher"] == ("0.300", "<= 0.6", True)
     assert rows["experts per token / max_k"] == ("0.500", "<= 0.7", True)
     assert rows["difficulty curve: hard - easy"] == ("-0.100", "> 0", False)
-    strict = TargetsSection(bpb_human_ratio=1.1, decode_speedup=None)
+    strict = TargetsSection(bpb_human_ratio=1.1, decode_speedup=None, bpb_heldout_in_context_ratio=2.0)
     rows = {name: (target, ok) for name, _, target, ok in target_rows(summary, strict)}
+    assert rows["bits/byte held-out teacher text after its prompt, student / teacher"] == ("<= 2", False)
     assert rows["bits/byte human text, student / teacher"] == ("<= 1.1", False)
     assert rows["decode tokens/s, student / teacher"] == ("-", None)
     assert len(target_rows({"student_bpb_human": 2.0}, None)) == 0  # no teacher figure: no ratio row
@@ -256,6 +261,7 @@ def test_summary_holds_each_ratio_against_its_target_and_shows_the_sample():
     print_summary({**summary, "stages": []}, Console(file=text, width=200), sample=("Hi?", "Hello there."))
     printed = text.getvalue()
     assert "MISSED" in printed and "1.200" in printed
+    assert "bits/byte held-out, after its prompt: student vs teacher" in printed and "0.900 vs 0.400" in printed
     assert "sample answer" in printed and "'Hi?'" in printed and "Hello there." in printed
     assert "(served student, greedy)" in printed
 

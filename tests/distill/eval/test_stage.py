@@ -66,6 +66,39 @@ def test_report_bits_per_byte_recomputed_from_the_models_and_texts(report, fake_
         assert m["bpb_human"] == pytest.approx(want_human["bits_per_byte"], rel=1e-4), name
 
 
+def test_heldout_completions_are_also_scored_after_their_prompts(report, fake_run):
+    """bpb_heldout_in_context: each held-out row fed whole (prompt + completion), only its completion tokens
+    scored, over the completions' bytes; the teacher is scored too. Recomputed here by hand."""
+    import math
+
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    import distill.student.hf  # noqa: F401 - registers the student model type
+
+    table = pq.read_table(str(Path(fake_run["run"]) / "data" / "generate" / "part-0.parquet")).to_pylist()
+    held = [r for r in table if r["prompt_id"] in set(fake_run["heldout"])]
+    assert len(held) == 6
+    nbytes = sum(len(r["completion"].encode("utf-8")) for r in held)
+    for name in ("teacher", "student", "init"):
+        model = AutoModelForCausalLM.from_pretrained(fake_run[name], dtype=torch.float32).eval()
+        nats, tokens = 0.0, 0
+        with torch.no_grad():
+            for r in held:
+                ids = torch.tensor([list(r["input_ids"])])
+                plen, clen = r["prompt_len"], len(r["topk_ids"])
+                logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+                # position j predicts token j + 1: the completion's tokens plen .. plen + clen - 1
+                nats -= float(logprobs[plen - 1 : plen - 1 + clen].gather(-1, ids[0, plen : plen + clen, None]).sum())
+                tokens += clen
+        got = report["models"][name]["heldout_in_context"]
+        assert got["tokens"] == tokens and got["bytes"] == nbytes, name
+        assert got["bits_per_byte"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-4), name
+        assert report["models"][name]["metrics"]["bpb_heldout_in_context"] == got["bits_per_byte"]
+        # Not the alone-scored figure: the prompt changes what the model predicts.
+        assert got["bits_per_byte"] != pytest.approx(report["models"][name]["metrics"]["bpb_heldout"], rel=1e-3)
+
+
 def test_speed_and_cost(report):
     for name in ("teacher", "student"):
         speed = report["models"][name]["speed"]
