@@ -181,8 +181,9 @@ def evaluate_model(
         say(f"{name}: held-out rows in context" + ("" if name == "teacher" else ", fidelity and routing"))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else M.start_token_id(tokenizer)
         scored = M.score_rows(model, rows, batch_tokens=ecfg.batch_tokens, pad_id=int(pad), routing=name != "teacher")
-        # The completions as the model meets them when serving: after their prompts (bits_per_byte above
-        # scores the same texts alone, where the teacher loses the prompt's help as much as the student).
+        # The completions as the model meets them when serving: after their prompts. bits_per_byte above
+        # scores the same texts alone, which takes the prompt's help from both models (the teacher, which
+        # uses it more, loses more: README, the quality recipe).
         nats = float(scored["student_nll"].sum())
         out["heldout_in_context"] = {
             "bits_per_byte": nats / math.log(2) / scored["bytes"] if scored["bytes"] else None,
