@@ -449,6 +449,7 @@ def build_summary(data: Mapping[str, Any], selected: list[str] | None = None) ->
         "student_hard_minus_easy",
         "gate_passed",
         "gate_reason",
+        "heldout_sample",
         "report",
     ):
         summary[key] = em.get(key)
@@ -465,6 +466,7 @@ def print_summary(
     outcome_or_summary: Any, console: Any = None, targets_section: Any = None, sample: tuple[str, ...] | None = None
 ) -> None:
     """The final stage table, a key/value table of the run's headline numbers, and the ratios vs their targets."""
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or wide_console()
@@ -519,10 +521,20 @@ def print_summary(
         for name, value, target, ok in targets:
             check.add_row(name, value, target, "-" if ok is None else ("ok" if ok else "MISSED"))
         console.print(check)
-    if sample:
+    if sample:  # model text is escaped: "[...]" in it is not rich markup
         console.print(
             f"[bold]sample answer[/bold] (served student, {sample[2] if len(sample) > 2 else 'greedy'}) "
-            f"{sample[0]!r} ->\n{sample[1]}",
+            f"{escape(repr(sample[0]))} ->\n{escape(sample[1])}",
+            highlight=False,
+        )
+    heldout = summary.get("heldout_sample")
+    if heldout:
+        penalty = heldout.get("repetition_penalty")
+        console.print(
+            "[bold]held-out prompt[/bold] (never trained on; eval, greedy"
+            + (f", repetition_penalty {penalty:g}" if penalty not in (None, 1.0) else "")
+            + f") {escape(repr(heldout['prompt']))} ->\n[bold]teacher:[/bold] {escape(heldout['teacher'])}\n"
+            f"[bold]student:[/bold] {escape(heldout['student'])}",
             highlight=False,
         )
 

@@ -201,7 +201,22 @@ def eval_metrics(report: dict[str, Any]) -> dict[str, Any]:
         "student_hard_minus_easy": ((models.get("student") or {}).get("routing") or {}).get("hard_minus_easy"),
         "gate_passed": gate.get("passed"),
         "gate_reason": gate.get("reason"),
+        "heldout_sample": _first_sample(report),
         "report": (report.get("paths") or {}).get("html") or (report.get("paths") or {}).get("json"),
+    }
+
+
+def _first_sample(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The first held-out prompt with the teacher's and the student's greedy answers, for the run summary."""
+    samples = report.get("samples") or []
+    if not samples or not {"teacher", "student"} <= set(samples[0]["answers"]):
+        return None
+    answers = samples[0]["answers"]
+    return {
+        "prompt": samples[0]["prompt"],
+        "teacher": answers["teacher"],
+        "student": answers["student"],
+        "repetition_penalty": (report.get("sample_settings") or {}).get("repetition_penalty"),
     }
 
 

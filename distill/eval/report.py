@@ -289,6 +289,28 @@ CAPTIONS = {
 }
 
 
+def _samples_html(report: dict, models: list[str]) -> str:
+    """The sample answers as a table: one row per held-out prompt, one column per model."""
+    samples = report.get("samples") or []
+    if not samples:
+        return ""
+    settings = report.get("sample_settings") or {}
+    columns = [m for m in models if any(m in s["answers"] for s in samples)]
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in columns)
+    body = "".join(
+        f'<tr><th class="text">{html.escape(s["prompt"])}</th>'
+        + "".join(f'<td class="text">{html.escape(s["answers"].get(m, "-"))}</td>' for m in columns)
+        + "</tr>"
+        for s in samples
+    )
+    return (
+        "<h2>Sample answers</h2><p>Held-out prompts (never trained on), each model greedy"
+        f" with repetition penalty {_fmt(settings.get('repetition_penalty'))}, at most"
+        f" {_fmt(settings.get('max_new_tokens'))} new tokens.</p>"
+        f"<table><tr><th>prompt</th>{head}</tr>{body}</table>"
+    )
+
+
 def render_html(report: dict, plots: dict[str, bytes]) -> str:
     models = _models(report)
     gate = report.get("gate", {})
@@ -318,6 +340,7 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
         f"<tr><th>{html.escape(m)}</th><td><code>{html.escape(str(report['models'][m].get('path')))}</code></td></tr>"
         for m in models
     )
+    samples = _samples_html(report, models)
     run_cost = report.get("run_cost") or {}
     cost_line = ""
     if run_cost.get("cost") is not None:
@@ -333,6 +356,7 @@ body {{ font-family: sans-serif; margin: 24px; color: #222; max-width: 1100px; }
 table {{ border-collapse: collapse; margin: 8px 0 16px; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 th {{ background: #f4f4f4; text-align: left; }}
+.text {{ text-align: left; vertical-align: top; white-space: pre-wrap; max-width: 320px; }}
 .gate {{ padding: 10px 14px; border-radius: 6px; font-weight: bold; margin: 12px 0; }}
 .pass {{ background: #e3f6e3; border: 1px solid #3a3; }} .skip {{ background: #f4f4f4; border: 1px solid #999; }} .fail {{ background: #fbe3e3; border: 1px solid #c33; }}
 figure {{ margin: 12px 0 24px; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
@@ -345,6 +369,7 @@ figcaption {{ font-size: 0.9em; color: #555; }}
 <h2>Summary</h2>
 <table><tr><th></th>{head}</tr>{"".join(rows)}</table>
 {cost_line}
+{samples}
 <h2>Plots</h2>
 {figures}
 <h2>Corpora</h2>

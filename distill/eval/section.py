@@ -92,6 +92,13 @@ class EvalSection(Section):
         description="which models to evaluate (absent init / baseline are skipped with a note)",
     )
     threads: int | None = Field(default=None, ge=1, description="torch threads (default: torch's)")
+    samples: int = Field(
+        default=3,
+        ge=0,
+        description="held-out prompts each model answers greedily (with the serving default repetition penalty), "
+        "side by side in the report; 0 = none",
+    )
+    sample_max_tokens: int = Field(default=48, ge=1, description="new tokens per sample answer at most")
     speed: SpeedSection = Field(default_factory=SpeedSection)
     gate: GateSection = Field(default_factory=GateSection)
 

@@ -23,6 +23,7 @@ from cluster.section import RunConfig
 from distill.eval import corpora as corpora_mod
 from distill.eval import metrics as M
 from distill.eval import report as report_mod
+from distill.eval import samples as samples_mod
 from distill.eval import speed as speed_mod
 from distill.eval.gate import evaluate_gate
 from distill.eval.section import EvalSection
@@ -41,6 +42,7 @@ class EvalConfig(RunConfig, Protocol):
 
 class ServedWeights(Protocol):
     dtype: str  # serve.dtype: int8 has the eval also score the student with the int8 weights it will serve
+    sampling_defaults: dict[str, Any]  # serve.sampling_defaults: the sample answers use its repetition_penalty
 
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,13 @@ def evaluate_model(
             "bytes": int(scored["bytes"]),
             "nats": nats,
         }
+    if rows and fidelity_ok and ecfg.samples:
+        picked = samples_mod.sample_rows(rows, ecfg.samples)
+        if picked:
+            say(f"{name}: {len(picked)} sample answers")
+            out["samples"] = samples_mod.greedy_answers(
+                model, tokenizer, picked, max_new_tokens=ecfg.sample_max_tokens, repetition_penalty=sample_penalty(cfg)
+            )
     if rows and fidelity_ok and name != "teacher":
         out["fidelity"] = {
             "kl": float(scored["kl"].mean()),
@@ -232,6 +241,11 @@ def evaluate_model(
         )
     out["metrics"] = summary_metrics(out, ecfg.hardware_cost_per_hour)
     return out
+
+
+def sample_penalty(cfg: EvalConfig) -> float:
+    """The repetition penalty the endpoint applies when a request leaves it out (``serve.sampling_defaults``)."""
+    return float((getattr(cfg.serve, "sampling_defaults", None) or {}).get("repetition_penalty", 1.0))
 
 
 def summary_metrics(result: dict, cost_per_hour: float | None) -> dict[str, Any]:
@@ -347,6 +361,14 @@ def run_eval_stage(
         "training": _read_manifest(storage.join(run_dir, "train", "manifest.json")),
         "notes": notes,
     }
+    answers = {name: result.pop("samples") for name, result in results.items() if "samples" in result}
+    if answers:
+        report["samples"] = samples_mod.side_by_side(samples_mod.sample_rows(rows, ecfg.samples), answers)
+        report["sample_settings"] = {
+            "decoding": "greedy",
+            "repetition_penalty": sample_penalty(cfg),
+            "max_new_tokens": ecfg.sample_max_tokens,
+        }
     report["gate"] = evaluate_gate(ecfg.gate, {k: v["metrics"] for k, v in results.items()})
     comparison = _comparison(results)
     if comparison:

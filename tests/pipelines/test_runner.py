@@ -184,6 +184,11 @@ def test_live_table_and_summary(tmp_path):
         "comparison": {"decode_speedup": 3.0},
         "gate": {"passed": True, "reason": "within margin"},
         "paths": {"html": "/x/report.html"},
+        "samples": [
+            {"prompt": "Why?", "answers": {"teacher": "Because.", "student": "Since.", "init": "So so"}},
+            {"prompt": "How?", "answers": {"teacher": "Thus.", "student": "Like so."}},
+        ],
+        "sample_settings": {"decoding": "greedy", "repetition_penalty": 1.0, "max_new_tokens": 48},
     }
     base_eval = mapping["eval"].run
 
@@ -200,11 +205,14 @@ def test_live_table_and_summary(tmp_path):
     assert out.status == "done"
     assert out.summary["student_bpb_heldout"] == 1.25 and out.summary["decode_speedup"] == 3.0
     assert out.summary["teacher_tokens_per_s"] == 50.0 and out.summary["report"] == "/x/report.html"
+    first = {"prompt": "Why?", "teacher": "Because.", "student": "Since.", "repetition_penalty": 1.0}
+    assert out.summary["heldout_sample"] == first  # the first held-out prompt, teacher and student
     text = io.StringIO()
     print_summary(out, Console(file=text, width=200))
     printed = text.getvalue()
     assert "1.250 vs 1.000" in printed and "300.0 vs 100.0  (3.00x)" in printed
     assert "passed: within margin" in printed and "http://fake" in printed
+    assert "eval, greedy) 'Why?' ->\nteacher: Because.\nstudent: Since." in printed  # penalty 1: not mentioned
     assert printed.count("done") >= 7
 
 
@@ -264,6 +272,15 @@ def test_summary_holds_each_ratio_against_its_target_and_shows_the_sample():
     assert "bits/byte held-out, after its prompt: student vs teacher" in printed and "0.900 vs 0.400" in printed
     assert "sample answer" in printed and "'Hi?'" in printed and "Hello there." in printed
     assert "(served student, greedy)" in printed
+    assert "held-out prompt" not in printed  # no eval samples: no line
+
+    heldout = {"prompt": "Say [bold]hi[/bold]", "teacher": "Hi [there].", "student": "Hi hi", "repetition_penalty": 1.1}
+    text = io.StringIO()
+    print_summary({**summary, "stages": [], "heldout_sample": heldout}, Console(file=text, width=200))
+    printed = text.getvalue()
+    assert "held-out prompt (never trained on; eval, greedy, repetition_penalty 1.1)" in printed
+    # model text printed as written, not read as rich markup
+    assert "'Say [bold]hi[/bold]'" in printed and "teacher: Hi [there]." in printed and "student: Hi hi" in printed
 
 
 def test_the_sample_says_which_serving_defaults_it_got():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -99,6 +100,59 @@ def test_heldout_completions_are_also_scored_after_their_prompts(report, fake_ru
         assert got["bits_per_byte"] != pytest.approx(report["models"][name]["metrics"]["bpb_heldout"], rel=1e-3)
 
 
+def _greedy_by_hand(model, ids: list[int], max_new: int, eos: set[int], penalty: float = 1.0) -> list[int]:
+    """Greedy decoding with the full forward at every step (no cache, no generate), CTRL repetition penalty."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = model(input_ids=torch.tensor([out])).logits[0, -1].float()
+            seen = torch.tensor(sorted(set(out)))
+            picked = logits[seen]
+            logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+            token = int(logits.argmax())
+            out.append(token)
+            if token in eos:
+                break
+    return out[len(ids) :]
+
+
+def test_sample_answers_are_each_models_greedy_answer_to_the_same_heldout_prompts(report, fake_run, tokenizer):
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    import distill.student.hf  # noqa: F401 - registers the student model type
+
+    table = pq.read_table(str(Path(fake_run["run"]) / "data" / "generate" / "part-0.parquet")).to_pylist()
+    held = sorted((r for r in table if r["prompt_id"] in set(fake_run["heldout"])), key=lambda r: r["prompt_id"])
+    samples = report["samples"]
+    assert [s["prompt_id"] for s in samples] == [r["prompt_id"] for r in held[:3]]  # eval.samples: 3 by default
+    assert [s["prompt"] for s in samples] == [r["prompt"] for r in held[:3]]
+    assert report["sample_settings"] == {"decoding": "greedy", "repetition_penalty": 1.0, "max_new_tokens": 48}
+    for name in ("teacher", "student", "init"):
+        assert "samples" not in report["models"][name]  # moved to report["samples"], not kept twice
+        model = AutoModelForCausalLM.from_pretrained(fake_run[name], dtype=torch.float32).eval()
+        eos = {tokenizer.eos_token_id}
+        for sample, row in zip(samples, held):
+            new = _greedy_by_hand(model, list(row["input_ids"][: row["prompt_len"]]), 48, eos)
+            assert sample["answers"][name] == tokenizer.decode(new, skip_special_tokens=True).strip(), name
+    assert samples[0]["answers"]["student"] != samples[0]["answers"]["teacher"]
+
+
+def test_sample_answers_apply_the_repetition_penalty_asked_for(fake_run, tokenizer):
+    from distill.eval.samples import greedy_answers
+
+    model, tok, _ = load_model(fake_run["student"], role="student")
+    row = {"prompt": "p", "input_ids": tok("the cat sat on the mat")["input_ids"], "prompt_len": 8}
+    answers = {
+        penalty: greedy_answers(model, tok, [row], max_new_tokens=24, repetition_penalty=penalty)[0]
+        for penalty in (1.0, 3.0)
+    }
+    for penalty, answer in answers.items():
+        new = _greedy_by_hand(model, list(row["input_ids"][:8]), 24, {tok.eos_token_id}, penalty)
+        assert answer == tok.decode(new, skip_special_tokens=True).strip()
+    assert answers[1.0] != answers[3.0]
+
+
 def test_speed_and_cost(report):
     for name in ("teacher", "student"):
         speed = report["models"][name]["speed"]
@@ -132,6 +186,13 @@ def test_html_is_self_contained_with_all_plots(report):
     assert not re.search(r'(src|href)="(https?:)?//', text)  # nothing fetched from a network
     for name in ("training_loss", "bits_per_byte", "routing", "speed"):
         assert Path(report["paths"][f"png_{name}"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the sample answers as a table: a row per prompt, a column per model, model text escaped
+    section = text.split("<h2>Sample answers</h2>", 1)[1].split("<h2>", 1)[0]
+    assert section.count("<tr>") == 1 + len(report["samples"])
+    assert "<th>teacher</th><th>student</th><th>init</th>" in section
+    for sample in report["samples"]:
+        assert html.escape(sample["prompt"]) in section
+        assert html.escape(sample["answers"]["student"]) in section
 
 
 def _chromium() -> str | None:
