@@ -193,26 +193,30 @@ def evaluate_model(
             "bytes": int(scored["bytes"]),
             "nats": nats,
         }
-    if rows and fidelity_ok and ecfg.samples:
-        picked = samples_mod.sample_rows(rows, ecfg.samples)
-        if picked:
-            say(f"{name}: {len(picked)} sample answers")
-            out["samples"] = samples_mod.greedy_answers(
-                model, tokenizer, picked, max_new_tokens=ecfg.sample_max_tokens, repetition_penalty=sample_penalty(cfg)
-            )
-    if rows and fidelity_ok and name != "teacher":
-        out["fidelity"] = {
-            "kl": float(scored["kl"].mean()),
-            "top1_agreement": float(scored["agree"].mean()),
-            "tokens": int(scored["kl"].shape[0]),
-            "teacher_token_nll": float(scored["student_nll"].mean()),
-        }
-        if scored["experts"].size:
-            max_k = getattr(getattr(model.config, "to_student_config", lambda: None)(), "max_k", None)
-            out["routing"] = M.routing_summary(scored["experts"], scored["entropy"], max_k=max_k)
-            out["load_balance"] = M.load_balance(scored["expert_load"])
-            out["routing"]["entropy_of"] = "teacher"
-            experts_by_layer = out["routing"]["experts_per_token_by_layer"]
+        if ecfg.samples:
+            picked = samples_mod.sample_rows(rows, ecfg.samples)
+            if picked:
+                say(f"{name}: {len(picked)} sample answers")
+                out["samples"] = samples_mod.greedy_answers(
+                    model,
+                    tokenizer,
+                    picked,
+                    max_new_tokens=ecfg.sample_max_tokens,
+                    repetition_penalty=sample_penalty(cfg),
+                )
+        if name != "teacher":
+            out["fidelity"] = {
+                "kl": float(scored["kl"].mean()),
+                "top1_agreement": float(scored["agree"].mean()),
+                "tokens": int(scored["kl"].shape[0]),
+                "teacher_token_nll": float(scored["student_nll"].mean()),
+            }
+            if scored["experts"].size:
+                max_k = getattr(getattr(model.config, "to_student_config", lambda: None)(), "max_k", None)
+                out["routing"] = M.routing_summary(scored["experts"], scored["entropy"], max_k=max_k)
+                out["load_balance"] = M.load_balance(scored["expert_load"])
+                out["routing"]["entropy_of"] = "teacher"
+                experts_by_layer = out["routing"]["experts_per_token_by_layer"]
     human = [t for corpus, corpus_texts in texts.items() if corpus != HELDOUT for t in corpus_texts]
     if "routing" not in out and human and M.has_routers(model):
         # No held-out teacher rows to route over (standalone eval, or vocabulary differs): the human text,
