@@ -305,7 +305,7 @@ def _samples_html(report: dict, models: list[str]) -> str:
     )
     return (
         "<h2>Sample answers</h2><p>Held-out prompts (never trained on), each model greedy"
-        f" with repetition penalty {_fmt(settings.get('repetition_penalty'))}, at most"
+        f" with repetition penalty {settings.get('repetition_penalty', 1.0):g}, at most"
         f" {_fmt(settings.get('max_new_tokens'))} new tokens.</p>"
         f"<table><tr><th>prompt</th>{head}</tr>{body}</table>"
     )

@@ -188,6 +188,7 @@ def test_html_is_self_contained_with_all_plots(report):
         assert Path(report["paths"][f"png_{name}"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the sample answers as a table: a row per prompt, a column per model, model text escaped
     section = text.split("<h2>Sample answers</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "greedy with repetition penalty 1, at most 48 new tokens" in section
     assert section.count("<tr>") == 1 + len(report["samples"])
     assert "<th>teacher</th><th>student</th><th>init</th>" in section
     for sample in report["samples"]:
