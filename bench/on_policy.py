@@ -149,7 +149,8 @@ def main() -> None:
     if not (source / "train" / "init" / "config.json").exists():
         raise SystemExit(f"{source}/train/init is missing: give a quickstart run that has trained (make demo)")
     work = Path(tempfile.mkdtemp(prefix="on-policy-"))
-    cfg = load_config(args.config, [f"workdir={work}", "eval.speed.enabled=false", *args.overrides])
+    # eval.samples=0: this bench prints its own sample answers (sample_answer below)
+    cfg = load_config(args.config, [f"workdir={work}", "eval.speed.enabled=false", "eval.samples=0", *args.overrides])
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     students, runs = {"init": source / "train" / "init"}, {}
     for mode in modes:

@@ -249,7 +249,7 @@ def evaluate_model(
 
 def sample_penalty(cfg: EvalConfig) -> float:
     """The repetition penalty the endpoint applies when a request leaves it out (``serve.sampling_defaults``)."""
-    return float((getattr(cfg.serve, "sampling_defaults", None) or {}).get("repetition_penalty", 1.0))
+    return float(cfg.serve.sampling_defaults.get("repetition_penalty", 1.0))
 
 
 def summary_metrics(result: dict, cost_per_hour: float | None) -> dict[str, Any]:
