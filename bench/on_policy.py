@@ -141,7 +141,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     from distill.eval import corpora
-    from distill.eval.stage import HELDOUT, evaluate_model, heldout_rows, load_model
+    from distill.eval.stage import HELDOUT, evaluate_model, heldout_rows, load_model, sample_penalty
     from distill.teacher.sources import eos_token_ids
     from pipelines.config import load_config
 
@@ -177,7 +177,7 @@ def main() -> None:
             say=say,
         )
     }
-    penalty = float(cfg.serve.sampling_defaults.get("repetition_penalty", 1.0))
+    penalty = sample_penalty(cfg)
     for name, path in students.items():
         model, tokenizer, _ = load_model(str(path), role=name)
         results[name] = evaluate_model(
