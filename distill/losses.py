@@ -13,8 +13,9 @@ positions ``[N, ...]``; padding entries of the top-k (id ``-1`` or log-prob ``-i
 zero mass. Masked buckets hold ``p = q = 0`` and a finite log value (``LOG_FLOOR``) so that no
 ``0 * inf`` NaNs reach forward values or gradients.
 
-``distillation_loss`` projects hidden states to the vocabulary ``chunk_size`` rows at a time
-under activation checkpointing, so at most one chunk of ``[chunk, V]`` fp32 logits is alive.
+``distillation_loss`` projects hidden states to the vocabulary ``chunk_size`` rows at a time and
+computes each chunk's gradients during the forward pass (the Liger / cut-cross-entropy pattern): at
+most one chunk of ``[chunk, V]`` fp32 logits is alive, and backward does not project again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import NamedTuple
 
 import torch
 from pydantic import Field, model_validator
-from torch.utils.checkpoint import checkpoint
 
 from cluster.errors import RaydistillError
 from cluster.section import BuiltInCode, Section
@@ -420,6 +420,26 @@ def _chunk_fp32(
     return loss, sums
 
 
+class _PrecomputedGrad(torch.autograd.Function):
+    """``loss`` (a scalar already computed from ``hidden`` and ``weight``) as a differentiable function of
+    them, with its gradients given: d_hidden ``[N, H]``, d_weight ``[V, H]`` (either None when not needed).
+
+    Backward scales them by the incoming gradient, which is exact because the loss is a scalar."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, d_hidden, d_weight):
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.save_for_backward(d_hidden, d_weight)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        d_hidden, d_weight = ctx.saved_tensors
+        gh = None if d_hidden is None else (d_hidden * grad).to(ctx.hidden_dtype)
+        gw = None if d_weight is None else (d_weight * grad).to(ctx.weight_dtype)
+        return None, gh, gw, None, None
+
+
 def distillation_loss(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -436,7 +456,11 @@ def distillation_loss(
     lm_head_weight ``[V, H]``; targets ``[N]`` the sampled completion tokens (needed when ce > 0);
     topk_ids / teacher_logprobs ``[N, K]`` the teacher's stored top-k (needed for KL/JSD terms);
     token_weights ``[N]`` optional per-token weights (loss = sum(w * l) / sum(w)).
-    Each chunk's logits ``[C, V]`` are fp32 and recomputed in backward (checkpointing).
+    Each chunk's logits ``[C, V]`` are fp32. With gradients on, each chunk's gradients for ``hidden``
+    (and ``lm_head_weight`` when it requires grad) are computed right after its loss, during the
+    forward pass, and its logits freed; backward only scales them (:class:`_PrecomputedGrad`). That
+    bounds memory like activation checkpointing did, without a second ``[C, H] x [H, V]`` projection
+    in backward (15% of a quickstart training step on 2 CPU cores).
     """
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
         raise RaydistillError(
@@ -475,27 +499,43 @@ def distillation_loss(
         raise RaydistillError(f"distillation_loss: token_weights must be [{n}], got {tuple(token_weights.shape)}")
     token_weights = token_weights.float()
 
-    weight = lm_head_weight.float()  # cast once, outside the per-chunk checkpoints
-    use_ckpt = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    weight = lm_head_weight.float()  # cast once, outside the chunks
+    grad_hidden = torch.is_grad_enabled() and hidden.requires_grad
+    grad_weight = torch.is_grad_enabled() and lm_head_weight.requires_grad
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     sums = hidden.new_zeros(len(_METRICS), dtype=torch.float32)
+    d_hidden = [] if grad_hidden else None  # per chunk [C, H] fp32
+    d_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight else None  # [V, H]
     for start in range(0, n, chunk_size):
         sl = slice(start, start + chunk_size)
-        args = (
-            hidden[sl],
-            weight,
+        rest = (
             None if targets is None else targets[sl],
             None if topk_ids is None else topk_ids[sl],
             None if teacher_logprobs is None else teacher_logprobs[sl],
             token_weights[sl],
             weights,
         )
-        if use_ckpt:
-            chunk_loss, chunk_sums = checkpoint(_chunk, *args, use_reentrant=False)
+        if not (grad_hidden or grad_weight):
+            chunk_loss, chunk_sums = _chunk(hidden[sl], weight, *rest)
         else:
-            chunk_loss, chunk_sums = _chunk(*args)
+            h = hidden[sl].detach().requires_grad_(grad_hidden)
+            wt = weight.detach().requires_grad_(grad_weight)
+            # autocast off for the backward too: it would run the gradient matmuls in bf16
+            with torch.enable_grad(), torch.autocast(device_type=hidden.device.type, enabled=False):
+                chunk_loss, chunk_sums = _chunk(h, wt, *rest)
+                leaves = [t for t in (h, wt) if t.requires_grad]
+                grads = list(torch.autograd.grad(chunk_loss, leaves))  # frees this chunk's graph and logits
+            if grad_hidden:
+                d_hidden.append(grads.pop(0).float())
+            if grad_weight:
+                d_weight += grads.pop(0)
+            chunk_loss = chunk_loss.detach()
         loss_sum = loss_sum + chunk_loss
         sums = sums + chunk_sums.detach()
+    if (grad_hidden or grad_weight) and n:
+        loss_sum = _PrecomputedGrad.apply(
+            loss_sum, hidden, lm_head_weight, torch.cat(d_hidden) if grad_hidden else None, d_weight
+        )
 
     denom = token_weights.sum()
     tokens = int((token_weights > 0).sum())

@@ -1,10 +1,13 @@
 """distill/losses.py against naive fp64 references."""
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cluster.errors import ConfigError, RaydistillError
 from distill.losses import (
@@ -218,17 +221,31 @@ def test_missing_soft_labels_is_an_error():
         )
 
 
-def test_no_full_logits_saved_for_backward():
-    """Checkpointing: outside the per-chunk recompute, autograd keeps nothing of logits size."""
+def test_no_full_logits_kept_for_backward_and_no_projection_in_backward():
+    """Each chunk's gradients are taken in the forward pass: once it returns, nothing of logits size is
+    kept for backward, and backward runs no matmul (no second projection to the vocabulary)."""
     n, h, v, chunk = 64, 8, 40, 16
     hidden = torch.randn(n, h, requires_grad=True)
     w = torch.randn(v, h, requires_grad=True)
     tlp, ids = torch.log_softmax(torch.randn(n, v), -1).topk(4, dim=-1)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+    saved = []  # weak references: a chunk's own graph saves logits-size tensors, then frees them
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(weakref.ref(x)) or x, lambda x: x):
         out = distillation_loss(hidden, w, ids[:, 0], ids, tlp, LossWeights(ce=1.0), chunk_size=chunk)
-    out.loss.backward()
-    assert max(saved, default=0) < chunk * v and hidden.grad.abs().sum() > 0
+    gc.collect()
+    alive = [ref().numel() for ref in saved if ref() is not None]
+    assert saved and max(alive, default=0) < chunk * v
+
+    class CountMatmuls(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                CountMatmuls.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountMatmuls():
+        out.loss.backward()
+    assert CountMatmuls.calls == 0 and hidden.grad.abs().sum() > 0 and w.grad.abs().sum() > 0
 
 
 def test_projection_stays_fp32_under_bf16_autocast():
