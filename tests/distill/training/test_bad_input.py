@@ -104,6 +104,24 @@ def test_packing_masks_prompts_and_resumes_the_stream_exactly(tiny_data_template
     assert after == again
 
 
+def test_packing_fills_earlier_sequences_first_fit_in_stream_order():
+    rows = [
+        {"input_ids": [1] * n, "id": i, "prompt_id": str(i), "prompt_len": 1, "topk_ids": None}
+        for i, n in enumerate([100, 80, 200, 70, 250, 300, 10, 256])
+    ]
+    pending = list(rows)
+    take, peek = (lambda: pending.pop(0)), (lambda: pending[0])
+    first = next_batch(take, peek, 2, 256)
+    # 70 tokens fit the first sequence's gap (180 used); 250 fits neither and waits for the next batch
+    assert [[r["id"] for r in seq] for seq in first] == [[0, 1, 3], [2]]
+    assert pending[0]["id"] == 4
+    second = next_batch(take, peek, 2, 256)
+    # a row longer than seq_len fills a sequence alone (collate truncates it); 10 fits nowhere after it
+    assert [[r["id"] for r in seq] for seq in second] == [[4], [5]]
+    assert collate(second, 256, needs_soft_labels=False).attention_mask.sum(dim=1).tolist() == [250, 256]
+    assert [[r["id"] for r in seq] for seq in next_batch(take, peek, 1, 256)] == [[6]]
+
+
 def _rows(table, prompt_ids):
     by_id = {
         p: (ids, pl)
