@@ -1,11 +1,20 @@
 """Student training throughput: tokens/s on CPU with 1 and 2 Ray Train workers; bf16 tokens/s and MFU on GPU.
 
-    python bench/train_throughput.py [--steps 12] [--seq-len 256] [--micro-batch 2] [--layers 8]
+    python bench/train_throughput.py [--steps 12] [--seq-len 256] [--micro-batch 2] [--layers 8] [--run RUN_DIR]
 
 The student is the quickstart's SmolLM2-shaped MoE (random init: throughput does not depend on
 the weights) trained on synthetic rows with top-20 soft labels (forward KL + CE). tokens/s counts
 every non-padding packed token per optimizer step across workers, averaged over the logged
 windows after the first (which includes start-up).
+
+Then, in this process (no Ray, the threads torch has), the **GEMM ceiling** of a training step: every
+``mm``/``addmm`` of one step (forward, backward, optimizer) is recorded with its operands' shapes and
+strides and replayed back to back on fresh tensors; the step's median wall time over ``--steps``
+runs of the same packed micro-batch is set against that replay. "GEMM share" is replay / step: the part of a step
+that is matrix multiplication at the speed BLAS gives those shapes alone. The rest is attention
+(SDPA is not a GEMM here), the MoE dispatch, softmax, elementwise work, autograd and the optimizer:
+100% is not reachable, and it says how much a step spends outside its matmuls. Also printed: model
+FLOP/s (3 x forward FLOPs per trained position x positions/s) and the GEMMs' own FLOP/s.
 """
 
 from __future__ import annotations
@@ -77,12 +86,96 @@ def measure(cfg, run: Path, workers: int, use_ray: bool, gpus: float = 0) -> dic
     return {"tokens_per_s": float(np.mean(rates)) if rates else float("nan"), "wall_s": time.time() - started}
 
 
+def gemm_ceiling(cfg, run: Path, steps: int) -> dict:
+    """Median training step vs the same step's GEMMs replayed alone (see the module docstring)."""
+    import statistics
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from distill.training.data import MixtureStream, TableSource, collate, next_batch, read_table
+    from distill.training.loop import (
+        DistillModule,
+        _load_student,
+        apply_routing,
+        build_optimizer,
+        clip_and_step,
+        freeze_parameters,
+        train_step,
+    )
+
+    class RecordMatmuls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple] = []  # (a shape, a stride, b shape, b stride)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                a, b = (args[0], args[1]) if func is torch.ops.aten.mm.default else (args[1], args[2])
+                self.calls.append((tuple(a.shape), a.stride(), tuple(b.shape), b.stride()))
+            return func(*args, **(kwargs or {}))
+
+    section = cfg.train
+    stage = section.stages[0]
+    model = _load_student(str(run / "train" / "init"))
+    freeze_parameters(model, section.freeze)
+    module = DistillModule(model, section.loss_chunk_size)
+    optimizer = build_optimizer(module, section)
+    apply_routing(model, stage, 0.0)
+    table = read_table(sorted(str(p) for p in (run / "data" / "generate").glob("*.parquet")))
+    stream = MixtureStream([TableSource(table, seed=0)], [1.0], seed=0)
+    batch = collate(next_batch(stream.take, stream.peek, section.micro_batch_size, section.seq_len), section.seq_len)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        train_step(module, [batch], stage.loss, 1, torch.device("cpu"))
+        clip_and_step(module, optimizer, [], section.grad_clip)
+
+    step()  # warm-up
+    times = []
+    for _ in range(steps):  # the same micro-batch each time: the step the GEMMs are recorded from
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    recorder = RecordMatmuls()
+    with recorder:
+        step()
+    gen = torch.Generator().manual_seed(0)
+
+    def operand(shape, stride):
+        size = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+        return torch.randn(size, generator=gen).as_strided(shape, stride)
+
+    pairs = [(operand(sa, ta), operand(sb, tb)) for sa, ta, sb, tb in recorder.calls]
+    replays = []
+    with torch.no_grad():
+        for a, b in pairs:  # warm
+            torch.mm(a, b)
+        for _ in range(3):
+            start = time.perf_counter()
+            for a, b in pairs:
+                torch.mm(a, b)
+            replays.append(time.perf_counter() - start)
+    return {
+        "step_s": statistics.median(times),
+        "positions": int(batch.attention_mask.sum()),
+        "slots": batch.attention_mask.numel(),
+        "gemm_s": statistics.median(replays),
+        "gemms": len(pairs),
+        "gemm_flops": sum(2.0 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument(
+        "--run", help="also measure the GEMM ceiling on a pipeline run's init and teacher rows (quickstart config)"
+    )
     args = parser.parse_args()
     import torch
 
@@ -137,6 +230,25 @@ def main() -> None:
             peak = 989e12 if "H100" in torch.cuda.get_device_name() else 312e12  # dense bf16
             line += f"   MFU {r['tokens_per_s'] * train_flops / peak:.1%} of {peak / 1e12:.0f} TFLOP/s"
         print(line)
+
+    ceilings = {f"synthetic rows, random {args.layers}-layer init": (gemm_ceiling(cfg, run, args.steps), train_flops)}
+    if args.run:
+        real = Path(args.run)
+        qs = load_config(ROOT / "pipelines/configs/quickstart.yaml")
+        init = StudentConfig.from_dict(
+            json.loads((real / "train" / "init" / "config.json").read_text()), ignore_unknown=True
+        )
+        ceilings[f"{real.name}'s init and rows"] = (gemm_ceiling(qs, real, args.steps), 3 * flops_per_token(init, 256))
+    for name, (g, flops) in ceilings.items():
+        print(
+            f"\none training step (forward, backward, AdamW) on {name}, 1 process, {g['threads']} threads, "
+            f"one micro-batch of {g['positions']} positions ({g['slots']} slots), median of {args.steps}:\n"
+            f"  step {g['step_s']:.3f} s   its {g['gemms']} GEMMs replayed alone {g['gemm_s']:.3f} s   "
+            f"GEMM share {g['gemm_s'] / g['step_s']:.0%}\n"
+            f"  GEMMs at {g['gemm_flops'] / g['gemm_s'] / 1e9:.1f} GFLOP/s alone, "
+            f"{g['gemm_flops'] / g['step_s'] / 1e9:.1f} GFLOP/s over the whole step; model FLOP/s "
+            f"(3 x forward FLOPs x positions/s) {flops * g['positions'] / g['step_s'] / 1e9:.1f} GFLOP/s"
+        )
 
 
 if __name__ == "__main__":
