@@ -8,9 +8,10 @@ every non-padding packed token per optimizer step across workers, averaged over 
 windows after the first (which includes start-up).
 
 Then, in this process (no Ray, the threads torch has), the **GEMM ceiling** of a training step: every
-``mm``/``addmm`` of one step (forward, backward, optimizer) is recorded with its operands' shapes and
-strides and replayed back to back on fresh tensors; the step's median wall time over ``--steps``
-runs of the same packed micro-batch is set against that replay. "GEMM share" is replay / step: the part of a step
+``mm``/``addmm`` of one step (forward, backward, optimizer) is recorded and replayed back to back with
+``bench/engine_ceiling.py``'s ``RecordGemms`` and ``replay_s`` (each GEMM with the faster of BLAS and
+oneDNN); the step's median wall time over ``--steps`` runs of the same packed micro-batch is set
+against that replay. "GEMM share" is replay / step: the part of a step
 that is matrix multiplication at the speed BLAS gives those shapes alone. The rest is attention
 (SDPA is not a GEMM here), the MoE dispatch, softmax, elementwise work, autograd and the optimizer:
 100% is not reachable, and it says how much a step spends outside its matmuls. Also printed: model
@@ -21,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.config import load_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,8 +95,8 @@ def gemm_ceiling(cfg, run: Path, steps: int) -> dict:
     import statistics
 
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
+    from bench.engine_ceiling import RecordGemms, replay_s
     from distill.training.data import MixtureStream, TableSource, collate, next_batch, read_table
     from distill.training.loop import (
         DistillModule,
@@ -103,17 +107,6 @@ def gemm_ceiling(cfg, run: Path, steps: int) -> dict:
         freeze_parameters,
         train_step,
     )
-
-    class RecordMatmuls(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: list[tuple] = []  # (a shape, a stride, b shape, b stride)
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-                a, b = (args[0], args[1]) if func is torch.ops.aten.mm.default else (args[1], args[2])
-                self.calls.append((tuple(a.shape), a.stride(), tuple(b.shape), b.stride()))
-            return func(*args, **(kwargs or {}))
 
     section = cfg.train
     stage = section.stages[0]
@@ -137,32 +130,17 @@ def gemm_ceiling(cfg, run: Path, steps: int) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    recorder = RecordMatmuls()
+    recorder = RecordGemms()
     with recorder:
         step()
-    gen = torch.Generator().manual_seed(0)
-
-    def operand(shape, stride):
-        size = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
-        return torch.randn(size, generator=gen).as_strided(shape, stride)
-
-    pairs = [(operand(sa, ta), operand(sb, tb)) for sa, ta, sb, tb in recorder.calls]
-    replays = []
-    with torch.no_grad():
-        for a, b in pairs:  # warm
-            torch.mm(a, b)
-        for _ in range(3):
-            start = time.perf_counter()
-            for a, b in pairs:
-                torch.mm(a, b)
-            replays.append(time.perf_counter() - start)
+    gemm_s, gemm_flops = replay_s(recorder.calls, rounds=3)
     return {
         "step_s": statistics.median(times),
         "positions": int(batch.attention_mask.sum()),
         "slots": batch.attention_mask.numel(),
-        "gemm_s": statistics.median(replays),
-        "gemms": len(pairs),
-        "gemm_flops": sum(2.0 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs),
+        "gemm_s": gemm_s,
+        "gemms": len(recorder.calls),
+        "gemm_flops": gemm_flops,
         "threads": torch.get_num_threads(),
     }
 
