@@ -283,16 +283,42 @@ class HandleBackend:
         return await self.handle.stats.remote()
 
 
-def _request_logging() -> None:
-    """One INFO line per request (``raydistill.serve``) in the replica's log, whatever the root level."""
+def _request_logging(where: str) -> None:
+    """One INFO line per request (``raydistill.serve``), whatever the root level, through the replica's own
+    Serve log handlers: always into its log file, onto the console (Ray forwards the replica's stderr to
+    the driver) only with ``where == "console"``, by Serve's documented ``log_to_stderr`` record flag."""
     log = logging.getLogger("raydistill.serve")
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
+    to_console = where == "console"
+    serve_handlers = logging.getLogger("ray.serve").handlers  # Serve's replica logger: stderr + log file
+    handlers = list(serve_handlers) if serve_handlers else ([_stderr_handler()] if to_console else [])
+    for handler in handlers:
+        if handler not in log.handlers:
+            log.addHandler(handler)
+    if not any(isinstance(f, _LogToStderr) for f in log.filters):
+        log.addFilter(_LogToStderr(to_console))
+    log.propagate = False
+
+
+class _LogToStderr(logging.Filter):
+    """Marks each record for Serve's stderr handler (``extra={"log_to_stderr": ...}``); its file handler
+    takes every record."""
+
+    def __init__(self, to_console: bool):
+        super().__init__()
+        self.to_console = to_console
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "log_to_stderr", None) is None:
+            record.log_to_stderr = self.to_console
+        return True
+
+
+def _stderr_handler() -> logging.Handler:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
 
 
 def _count_replicas(app_name: str) -> int | None:
@@ -319,8 +345,8 @@ class Ingress:
         app_name: str,
         api_key_hashes: list[str] | None = None,
     ):
-        _request_logging()
         self.section = ServeSection(**section)
+        _request_logging(self.section.request_log)
         self.app_name = app_name
         self.api_key_hashes = list(api_key_hashes or [])
         self.backend = HandleBackend(model_handle, model_dir, name)

@@ -112,7 +112,14 @@ class ServeSection(Section):
         default="WARNING",
         description="level of Ray Serve's own logs (controller, proxy, replicas) streamed to the console; "
         "INFO brings back its deploy/replica lines and per-call access logs. Our per-request log "
-        "(`raydistill.serve: request ...`) is separate",
+        "(`raydistill.serve: request ...`) is separate: see request_log",
+    )
+    request_log: Literal["file", "console"] = Field(
+        default="file",
+        description="where a Serve replica writes its one line per request (`raydistill.serve: request ...`): "
+        "file = the replica's own Serve log (logs/serve/replica_*.log in the Ray session), so the console keeps "
+        "to our progress and summary; console = streamed to the console as well. `--no-ray` servers always "
+        "log requests to their console",
     )
 
     # Auth and limits
