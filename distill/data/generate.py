@@ -27,7 +27,7 @@ from distill.data import prompts as prompt_sources
 from distill.data.schema import is_corpus_source, schema, to_table
 from distill.data.section import DataConfig
 from distill.data.shards import SHARD_SUFFIX, read_dir, read_shards, shard_uris, token_counts, write_parquet
-from distill.teacher.base import SamplingParams, backend_class, completion_row, load_backend, skipped_row
+from distill.teacher.base import SamplingParams, backend_class, completion_row, load_backend, row_seed, skipped_row
 from distill.teacher.section import TeacherSection
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class TeacherWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         requests = batch.select([c for c in REQUEST_COLUMNS if c in batch.column_names]).to_pylist()
         rows: list[dict[str, Any] | None] = [None] * len(requests)
-        todo, inputs = [], []
+        todo, inputs, seeds = [], [], []
         for index, request in enumerate(requests):
             body = request.get("messages") or request.get("prompt")
             length = len(self.backend.encode_prompt(body))
@@ -82,18 +82,19 @@ class TeacherWorker:
             else:
                 todo.append(index)
                 inputs.append(body)
+                seeds.append(row_seed(self.sampling.seed, str(request["prompt_id"])))
         if inputs:
-            completions = self._generate_with_retries(inputs)
+            completions = self._generate_with_retries(inputs, None if self.sampling.seed is None else seeds)
             for index, completion in zip(todo, completions):
                 rows[index] = completion_row(
                     requests[index], completion, self.backend.name, self.sampling, self.logprob_dtype
                 )
         return rows_to_table([r for r in rows if r is not None], self.logprob_dtype)
 
-    def _generate_with_retries(self, inputs: list[Any]):
+    def _generate_with_retries(self, inputs: list[Any], seeds: list[int] | None):
         for attempt in range(self.max_retries + 1):
             try:
-                return self.backend.generate(inputs, self.sampling)
+                return self.backend.generate(inputs, self.sampling, seeds=seeds)
             except Exception:  # noqa: BLE001 - any teacher failure is retried, then surfaced
                 if attempt == self.max_retries:
                     raise

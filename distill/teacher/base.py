@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import hashlib
 import pkgutil
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +46,23 @@ class SamplingParams:
 
         raw = json.loads(data) if isinstance(data, str) else data
         return cls(**{**raw, "stop": tuple(raw.get("stop") or ())})
+
+
+def row_seed(seed: int | None, prompt_id: str) -> int | None:
+    """The sampling seed of one teacher row: ``generate.seed`` mixed with the row's prompt id (which
+    includes its sample index). Each sample of a prompt draws its own stream, and a row's seed does not
+    depend on the batch it lands in (a resume or another batch size writes the same rows)."""
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"{int(seed)}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def stream_seed(sampling: SamplingParams, seeds: Sequence[int] | None, i: int) -> int | None:
+    """Prompt ``i``'s seed in a ``generate`` call: its own from ``seeds``, else ``sampling.seed + i``."""
+    if seeds is not None:
+        return int(seeds[i])
+    return None if sampling.seed is None else sampling.seed + i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +118,13 @@ class TeacherBackend(abc.ABC):
         """Token ids of a plain prompt, or of chat messages with the generation prompt appended."""
 
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[PromptInput], sampling: SamplingParams) -> list[Completion]:
-        """Complete each prompt (text or chat messages); soft labels are the raw top-k."""
+    def generate(
+        self, prompts: Sequence[PromptInput], sampling: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> list[Completion]:
+        """Complete each prompt (text or chat messages); soft labels are the raw top-k.
+
+        ``seeds``: one sampling seed per prompt (the generate stage's :func:`row_seed`), in place of
+        ``sampling.seed``; without them prompt ``i`` of the call draws with ``sampling.seed + i``."""
 
     @abc.abstractmethod
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[ScoredSequence]:

@@ -6,6 +6,7 @@ Legend: ``B`` batch, ``P`` padded prompt width, ``T`` generated steps, ``V`` voc
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,14 +84,20 @@ class HFTeacher(TeacherBackend):
         return encode_prompt(self.tokenizer, prompt)
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[PromptInput], sampling: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[PromptInput], sampling: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> list[Completion]:
         encoded = [self.encode_prompt(p) for p in prompts]
         out: list[Completion] = []
         for start in range(0, len(encoded), self.batch_size):
-            out.extend(self._generate_batch(encoded[start : start + self.batch_size], sampling))
+            stop = start + self.batch_size
+            batch_seeds = None if seeds is None else list(seeds[start:stop])
+            out.extend(self._generate_batch(encoded[start:stop], sampling, batch_seeds))
         return out
 
-    def _generate_batch(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+    def _generate_batch(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, seeds: list[int] | None = None
+    ) -> list[Completion]:
         width = max(len(p) for p in prompt_ids)
         max_new = min(sampling.max_new_tokens, self.context_length - width)
         if max_new < 1:
@@ -117,7 +124,12 @@ class HFTeacher(TeacherBackend):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
-        if sampling.seed is not None:
+        # `generate` samples a padded batch from one generator: seeded by the batch's own row seeds when
+        # given (rows differ from each other and from other batches; a row's stream still depends on
+        # its batch, unlike the engine's and vLLM's per-request seeds), else by sampling.seed.
+        if seeds is not None:
+            torch.manual_seed(zlib.crc32(",".join(map(str, seeds)).encode()) & 0x7FFFFFFF)
+        elif sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         result = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         generated = result.sequences[:, width:].cpu()  # [B, T]

@@ -54,6 +54,8 @@ from distill.teacher.base import (
     StageSpec,
     TeacherBackend,
     completion_row,
+    row_seed,
+    stream_seed,
 )
 from distill.teacher.section import TeacherSection
 from distill.teacher.sources import encode_prompt
@@ -598,13 +600,17 @@ class OpenAITeacher(TeacherBackend):
             self._raise(route, canon["error"])
         return completion_from_canonical(canon, prompt_ids, sampling.logprobs, self.mapper)
 
-    def generate(self, prompts: Sequence[PromptInput], sampling: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[PromptInput], sampling: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> list[Completion]:
         check_logprobs(sampling.logprobs, self.vllm)
+        # Each prompt its own seed: two samples of one prompt must not be the same completion.
+        own = [dataclasses.replace(sampling, seed=stream_seed(sampling, seeds, i)) for i in range(len(prompts))]
         prompts = list(prompts)
         if len(prompts) <= 1:
-            return [self._generate_one(p, sampling) for p in prompts]
+            return [self._generate_one(p, s) for p, s in zip(prompts, own)]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
-            return list(pool.map(lambda p: self._generate_one(p, sampling), prompts))
+            return list(pool.map(self._generate_one, prompts, own))
 
     def _score_one(self, sequence: Sequence[int], start: int, k: int) -> ScoredSequence:
         body = score_request(sequence, model=self.model, k=k, vllm=self.vllm)
@@ -705,7 +711,7 @@ def http_preprocess_row(spec: HttpStageSpec, row: dict[str, Any]) -> dict[str, A
     messages = plain_messages(row.get("messages"))
     prompt: PromptInput = messages or row.get("prompt") or ""
     prompt_ids = encode_prompt(tokenizer, prompt)
-    params = spec.params
+    params = dataclasses.replace(spec.params, seed=row_seed(spec.params.seed, str(row["prompt_id"])))
     max_tokens = (
         params.max_new_tokens if spec.context is None else min(params.max_new_tokens, spec.context - len(prompt_ids))
     )

@@ -37,7 +37,9 @@ from distill.teacher.base import (
     StageSpec,
     TeacherBackend,
     completion_row,
+    row_seed,
     skipped_row,
+    stream_seed,
 )
 from distill.teacher.section import TeacherSection
 from distill.teacher.sources import encode_prompt, eos_token_ids
@@ -327,7 +329,7 @@ def vllm_preprocess_row(spec: VLLMStageSpec, row: dict[str, Any]) -> dict[str, A
     tokenizer = cached_tokenizer(spec.tokenizer, spec.revision)
     messages = plain_messages(row.get("messages"))
     prompt_ids = encode_prompt(tokenizer, messages or row.get("prompt") or "")
-    params = spec.params
+    params = dataclasses.replace(spec.params, seed=row_seed(spec.params.seed, str(row["prompt_id"])))
     max_tokens = params.max_new_tokens
     skip = ""
     context = spec.context or context_of(tokenizer, None)
@@ -471,17 +473,20 @@ class VLLMTeacher(TeacherBackend):
         if k > self.max_logprobs:
             raise ConfigError(f"generate.logprobs={k} exceeds this vLLM engine's max_logprobs={self.max_logprobs}")
 
-    def generate(self, prompts: Sequence[PromptInput], sampling: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[PromptInput], sampling: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> list[Completion]:
         self._check_k(sampling.logprobs)
         encoded = [self.encode_prompt(p) for p in prompts]
         params = []
-        for ids in encoded:
+        for i, ids in enumerate(encoded):
             max_tokens = min(sampling.max_new_tokens, self.context_length - len(ids))
             if max_tokens < 1:
                 raise ConfigError(
                     f"prompt of {len(ids)} tokens leaves no room in the teacher's context of {self.context_length}"
                 )
-            params.append(self._vllm.SamplingParams(**vllm_sampling_kwargs(sampling, max_tokens, sampling.logprobs)))
+            own = dataclasses.replace(sampling, seed=stream_seed(sampling, seeds, i))  # each prompt its own stream
+            params.append(self._vllm.SamplingParams(**vllm_sampling_kwargs(own, max_tokens, sampling.logprobs)))
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
         completions = []
         for ids, output in zip(encoded, outputs):

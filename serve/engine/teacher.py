@@ -28,6 +28,7 @@ from distill.teacher.base import (
     SamplingParams,
     ScoredSequence,
     TeacherBackend,
+    stream_seed,
     topk_from_logits,
 )
 from distill.teacher.section import TeacherSection
@@ -83,7 +84,9 @@ class EngineTeacher(TeacherBackend):
     def encode_prompt(self, prompt: PromptInput) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
 
-    def generate(self, prompts: Sequence[PromptInput], sampling: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[PromptInput], sampling: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> list[Completion]:
         encoded = [self.encode_prompt(p) for p in prompts]
         call = next(self._calls)
         requests = []
@@ -95,7 +98,7 @@ class EngineTeacher(TeacherBackend):
                     f"{self.context_length}; shorten it or lower generate.max_new_tokens"
                 )
             # Each prompt its own stream: identical prompts (samples_per_prompt > 1) must differ.
-            seed = None if sampling.seed is None else sampling.seed + i
+            seed = stream_seed(sampling, seeds, i)
             options = SamplingOptions(
                 max_tokens=min(sampling.max_new_tokens, room),
                 temperature=max(0.0, sampling.temperature),

@@ -42,7 +42,7 @@ class FlakyTeacher(HFTeacher):
             os.fsync(handle.fileno())
         return call, fail
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, seeds=None):
         call, fail = self._bump()
         if fail:
             # A real crash comes after some progress: give the driver time to write earlier shards.
@@ -52,4 +52,4 @@ class FlakyTeacher(HFTeacher):
             if self.control["mode"] == "exit":
                 os._exit(1)  # the actor dies mid-batch, as on a node loss or OOM kill
             raise RuntimeError(f"planned teacher failure on call {call}")
-        return super().generate(prompts, sampling)
+        return super().generate(prompts, sampling, seeds)

@@ -42,8 +42,8 @@ class ScriptedTeacher(HFTeacher):
         texts = self.script["instructions"]
         return texts[used] if used < len(texts) else ""
 
-    def generate(self, prompts, sampling):
-        out = super().generate(prompts, sampling)
+    def generate(self, prompts, sampling, seeds=None):
+        out = super().generate(prompts, sampling, seeds)
         for i, prompt in enumerate(prompts):
             user = prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
             if user.startswith(WRITE_MARKER):

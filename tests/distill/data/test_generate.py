@@ -7,13 +7,17 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from cluster.errors import ConfigError, RaydistillError
-from distill.data.generate import GENERATE_DIR, run_generate_stage, sampling_from_config
+from distill.data.generate import GENERATE_DIR, REQUEST_COLUMNS, TeacherWorker, run_generate_stage, sampling_from_config
 from distill.data.inspect import inspect_data
+from distill.data.prompts import expand_samples, read_prompt_files
 from distill.data.shards import read_dir as read_shards
+from distill.teacher.base import row_seed
+from distill.teacher.hf import HFTeacher
 from pipelines.config import load_config
 
 FLAKY = "tests.distill.data.flaky_teacher:FlakyTeacher"
@@ -407,3 +411,61 @@ def test_cli_generate_then_inspect(ray_session, tmp_path, tiny_teacher_dir, caps
     assert inspect_data(run)["rows"] == 3
     assert main(["generate", "--config", str(config), "--set", "teacher.bakend=hf"]) == 2
     assert "teacher.bakend: unknown key" in capsys.readouterr().err
+
+
+def completions_by_id(run_dir: str) -> dict[str, list[int]]:
+    table = read_shards(f"{run_dir}/{GENERATE_DIR}", columns=["prompt_id", "input_ids", "prompt_len"]).to_pylist()
+    return {r["prompt_id"]: r["input_ids"][r["prompt_len"] :] for r in table}
+
+
+@pytest.mark.parametrize("backend", ["engine", "hf"])
+def test_a_resumed_second_sample_of_each_prompt_is_a_new_draw(ray_session, tmp_path, tiny_teacher_dir, backend):
+    """Samples added later (samples_per_prompt 1 -> 2 on the same run) land at the same batch positions as
+    the first ones: with a seed per batch position they repeated them word for word."""
+    prompts = write_prompts(tmp_path / "p.jsonl", 4)
+    run = str(tmp_path / "run")
+    sampled = ("generate.temperature=1.0", f"teacher.backend={backend}")
+    run_generate_stage(make_cfg(tmp_path, tiny_teacher_dir, prompts, *sampled), run, show_progress=False)
+    first = completions_by_id(run)
+    more = make_cfg(tmp_path, tiny_teacher_dir, prompts, *sampled, "prompts.samples_per_prompt=2")
+    assert run_generate_stage(more, run, show_progress=False)["new_rows"] == 4
+    both = completions_by_id(run)
+    later = [c for pid, c in both.items() if pid not in first]
+    assert len(later) == 4
+    assert not set(map(tuple, later)) & set(map(tuple, first.values())), "a second sample repeated a first one"
+
+
+class RecordingTeacher(HFTeacher):
+    """The tiny HF teacher, recording the seeds each ``generate`` call is given (in-process use only)."""
+
+    calls: list[list[int] | None] = []
+
+    def generate(self, prompts, sampling, seeds=None):
+        RecordingTeacher.calls.append(None if seeds is None else list(seeds))
+        return super().generate(prompts, sampling, seeds)
+
+
+def test_each_row_is_seeded_from_generate_seed_and_its_prompt_id_whatever_its_batch(tmp_path, tiny_teacher_dir):
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    cfg = make_cfg(
+        tmp_path,
+        tiny_teacher_dir,
+        prompts,
+        f"teacher.backend={__name__}:RecordingTeacher",
+        "prompts.samples_per_prompt=2",
+        "generate.temperature=1.0",
+        "generate.seed=7",
+    )
+    requests, _ = expand_samples(read_prompt_files(cfg), 2, None)
+    table = pa.Table.from_pylist([{c: r.get(c) for c in REQUEST_COLUMNS} for r in requests])
+    worker = TeacherWorker(cfg.teacher.model_dump(mode="json"), sampling_from_config(cfg).to_json(), "float32", 0)
+    ids = table.column("prompt_id").to_pylist()
+    seen = {}
+    for size in (4, 3):
+        RecordingTeacher.calls.clear()
+        for start in range(0, table.num_rows, size):
+            worker(table.slice(start, size))
+        seen[size] = [s for call in RecordingTeacher.calls for s in call]
+    assert seen[4] == seen[3] == [row_seed(7, pid) for pid in ids]
+    assert len(set(seen[4])) == 6, "each sample of a prompt draws its own stream"
+    assert row_seed(None, ids[0]) is None and row_seed(8, ids[0]) != row_seed(7, ids[0])
