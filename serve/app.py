@@ -63,6 +63,7 @@ def served_name(section: ServeSection, name: str | None = None) -> str:
 def _tokenizer_for(model_dir: str) -> Any:
     from transformers import AutoTokenizer
 
+    import distill.student.hf  # noqa: F401 - registers raydistill_moe: AutoTokenizer reads a student's config.json
     from serve.engine.loader import resolve_model_dir
 
     return AutoTokenizer.from_pretrained(resolve_model_dir(model_dir))
