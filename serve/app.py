@@ -287,7 +287,8 @@ class HandleBackend:
 def _request_logging(where: str) -> None:
     """One INFO line per request (``raydistill.serve``), whatever the root level, through the replica's own
     Serve log handlers: always into its log file, onto the console (Ray forwards the replica's stderr to
-    the driver) only with ``where == "console"``, by Serve's documented ``log_to_stderr`` record flag."""
+    the driver) only with ``where == "console"``, by Serve's documented ``log_to_stderr`` record flag.
+    Warnings and errors (an engine failure, a refused request) reach the console either way."""
     log = logging.getLogger("raydistill.serve")
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
@@ -303,8 +304,8 @@ def _request_logging(where: str) -> None:
 
 
 class _LogToStderr(logging.Filter):
-    """Marks each record for Serve's stderr handler (``extra={"log_to_stderr": ...}``); its file handler
-    takes every record."""
+    """Marks each record for Serve's stderr handler (``extra={"log_to_stderr": ...}``): INFO and below
+    only with ``to_console``, warnings always. Its file handler takes every record."""
 
     def __init__(self, to_console: bool):
         super().__init__()
@@ -312,7 +313,7 @@ class _LogToStderr(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "log_to_stderr", None) is None:
-            record.log_to_stderr = self.to_console
+            record.log_to_stderr = self.to_console or record.levelno >= logging.WARNING
         return True
 
 

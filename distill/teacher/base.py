@@ -51,7 +51,7 @@ class SamplingParams:
 def row_seed(seed: int | None, prompt_id: str) -> int | None:
     """The sampling seed of one teacher row: ``generate.seed`` mixed with the row's prompt id (which
     includes its sample index). Each sample of a prompt draws its own stream, and a row's seed does not
-    depend on the batch it lands in (a resume or another batch size writes the same rows)."""
+    depend on the batch it lands in (a resume or another batch size seeds each row as before)."""
     if seed is None:
         return None
     digest = hashlib.sha256(f"{int(seed)}:{prompt_id}".encode()).digest()

@@ -54,7 +54,7 @@ def _file_text(logs_dir) -> str:
     return "".join(p.read_text() for p in logs_dir.glob("*.log"))
 
 
-def test_request_lines_go_to_the_replica_log_file_and_not_the_console_by_default(replica_logger):
+def test_request_lines_go_to_the_replica_log_file_and_warnings_also_to_the_console_by_default(replica_logger):
     logs_dir, console = replica_logger
     assert ServeSection().request_log == "file"
     _request_logging(ServeSection().request_log)
@@ -64,7 +64,8 @@ def test_request_lines_go_to_the_replica_log_file_and_not_the_console_by_default
     text = _file_text(logs_dir)
     assert "request chatcmpl-1 chat model=m status=200" in text  # INFO although Serve's own level is WARNING
     assert "request chatcmpl-2: engine unavailable" in text
-    assert "chatcmpl" not in console.getvalue()
+    assert "chatcmpl-1" not in console.getvalue()
+    assert "request chatcmpl-2: engine unavailable" in console.getvalue(), "warnings still reach the console"
 
 
 def test_console_request_log_also_streams_to_stderr(replica_logger):
