@@ -292,14 +292,12 @@ def _request_logging(where: str) -> None:
     log = logging.getLogger("raydistill.serve")
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
-    to_console = where == "console"
-    serve_handlers = logging.getLogger("ray.serve").handlers  # Serve's replica logger: stderr + log file
-    handlers = list(serve_handlers) if serve_handlers else ([_stderr_handler()] if to_console else [])
-    for handler in handlers:
+    for handler in logging.getLogger("ray.serve").handlers:  # Serve sets these up in every replica
         if handler not in log.handlers:
             log.addHandler(handler)
-    if not any(isinstance(f, _LogToStderr) for f in log.filters):
-        log.addFilter(_LogToStderr(to_console))
+    for earlier in [f for f in log.filters if isinstance(f, _LogToStderr)]:
+        log.removeFilter(earlier)  # the latest replica's setting holds
+    log.addFilter(_LogToStderr(where == "console"))
     log.propagate = False
 
 
@@ -315,12 +313,6 @@ class _LogToStderr(logging.Filter):
         if getattr(record, "log_to_stderr", None) is None:
             record.log_to_stderr = self.to_console or record.levelno >= logging.WARNING
         return True
-
-
-def _stderr_handler() -> logging.Handler:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    return handler
 
 
 def _count_replicas(app_name: str) -> int | None:
