@@ -318,19 +318,27 @@ def freeze_parameters(model: nn.Module, patterns: list[str]) -> list[str]:
     return frozen
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(module: nn.Module, section: TrainSection) -> torch.optim.Optimizer:
     """AdamW over the (wrapped) module's trainable parameters: weight decay on matrices except the embeddings.
 
-    Built after :func:`wrap_model`, so under FSDP it holds the sharded parameters it will step.
+    Built after :func:`wrap_model`, so under FSDP it holds the sharded parameters it will step. Fused
+    (one kernel over all parameters) on CPU and CUDA: the quickstart student's step on 2 threads takes
+    66 ms instead of 206 ms with the default per-parameter loop (torch 2.13). The fused kernel does not
+    bump the parameters' version counters, so :func:`clip_and_step` does.
     """
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in decay + no_decay)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": section.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=section.lr,
         betas=section.betas,
+        fused=fused or None,
     )
 
 
@@ -346,6 +354,12 @@ def clip_and_step(
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # FSDP2: the norm over all shards (a DTensor)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     optimizer.step()
+    if any(group.get("fused") for group in optimizer.param_groups):
+        # The fused kernel writes the parameters without bumping their version counters, which is how
+        # the student's cached weight stacks (fused q/k/v, the MoE dense path) see that they changed.
+        torch.autograd.graph.increment_version(
+            [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        )
     return grad_norm
 
 

@@ -102,3 +102,33 @@ def test_difficulty_routing_term_joins_the_aux_loss_with_its_coefficient():
     touched = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"} <= touched
     assert not any(n.startswith(("model.layers.1.mlp.experts", "lm_head", "model.norm")) for n in touched)
+
+
+def test_an_optimizer_step_reaches_the_weights_the_no_grad_forward_uses():
+    """The optimizer is fused on CPU, and the fused kernel leaves version counters alone: the no-grad
+    forward (held-out scoring) must still use the stepped weights, not the fused q/k/v and gate/up
+    stacks it cached before the step."""
+    from distill.training.loop import build_optimizer, clip_and_step
+    from distill.training.section import TrainSection
+
+    torch.manual_seed(0)
+    model = tiny_model(**NO_AUX)
+    module = DistillModule(model, chunk_size=16)
+    section = TrainSection.model_validate({"lr": 1e-2, "stages": [{"name": "kd", "steps": 1}]})
+    optimizer = build_optimizer(module, section)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    ids = torch.randint(3, 64, (1, 12))
+    with torch.no_grad():
+        model(input_ids=ids)  # builds the stacks from the weights before the step
+    train_step(
+        module, [batch([[row(1, prompt_len=4, completion_len=8)]])], LossWeights(forward_kl=1.0), 1, torch.device("cpu")
+    )
+    clip_and_step(module, optimizer, [], grad_clip=1.0)
+    with torch.no_grad():
+        stepped = model(input_ids=ids).logits
+        for m in model.modules():  # the reference: every stack dropped, rebuilt from the current weights
+            for attr in ("_qkv", "_gate_up", "_dense"):
+                if hasattr(m, attr):
+                    delattr(m, attr)
+        rebuilt = model(input_ids=ids).logits
+    torch.testing.assert_close(stepped, rebuilt)
