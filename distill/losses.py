@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 
 from cluster.errors import RaydistillError
 from cluster.section import BuiltInCode, Section
+from distill.onednn import project
 
 LOG_FLOOR = -1.0e4  # log-value of masked buckets: exp() is exactly 0 in fp32/fp64, yet finite
 _LN2 = math.log(2.0)
@@ -384,7 +385,7 @@ def _chunk_fp32(
     w: LossWeights,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     t = float(w.temperature)
-    logits = hidden.float() @ weight.float().t()  # [C, V] fp32
+    logits = project(hidden.float(), weight.float())  # [C, V] fp32 (oneDNN on CPU)
     lp1 = torch.log_softmax(logits, dim=-1)  # [C, V]; temperature is applied in bucket space
     terms: dict[str, torch.Tensor] = {}
     if w.ce > 0:

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.onednn import onednn_linear, onednn_linear_works
 from distill.student.attention import Attention
 from distill.student.experts import Experts, SwiGLU
 from distill.student.moe import MoEBlock
@@ -83,22 +84,7 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
-
-
-@functools.cache
-def onednn_linear_works() -> bool:
-    """oneDNN is built in, the op exists with the signature above, and it agrees with ``F.linear``."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        gen = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*s, generator=gen) for s in ((3, 2, 64), (96, 64), (96,)))
-        with torch.inference_mode():
-            return torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
-    except Exception as exc:  # noqa: BLE001 - a torch without the op: keep F.linear
-        log.info("oneDNN linear unavailable (%s); the engine keeps F.linear", exc)
-        return False
+    return onednn_linear(x, packed_weight(weight), bias)
 
 
 def onednn_or_plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
