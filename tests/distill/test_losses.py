@@ -437,3 +437,20 @@ def test_with_sampled_token_checks_shapes():
     _, _, ids, tlp, sampled, sampled_lp = _on_policy_data(seed=7, k=3)
     with pytest.raises(RaydistillError, match="sampled_ids"):
         with_sampled_token(ids, tlp, sampled[:-1], sampled_lp[:-1])
+
+
+def test_log_softmax_gather_equals_log_softmax_then_gather_with_repeated_ids():
+    from distill.losses import log_softmax_gather
+
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(6, 50, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    index = torch.randint(0, 50, (6, 5), generator=g)
+    index[:, -1] = index[:, 0]  # the sampled token is often one of the teacher's top-k: both columns count
+    upstream = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    got = log_softmax_gather(logits, index)
+    (d_got,) = torch.autograd.grad(got, logits, upstream)
+    ref = torch.log_softmax(logits, -1).gather(1, index)
+    (d_ref,) = torch.autograd.grad(ref, logits, upstream)
+    assert got.shape == (6, 5)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(d_got, d_ref)
