@@ -387,8 +387,8 @@ def _chunk_fp32(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     t = float(w.temperature)
     logits = project(hidden.float(), weight.float())  # [C, V] fp32 (oneDNN on CPU)
-    # T=1 log-probs of the ids the loss reads, never the whole [C, V] log-softmax; temperature is
-    # applied in bucket space. Columns: the teacher's top-k ids, then the sampled token.
+    # T=1 log-probs of the ids the loss reads, in one gather (its backward writes the [C, V] gradient
+    # once); temperature is applied in bucket space. Columns: the teacher's top-k ids, then the sampled token.
     columns = [] if topk_ids is None else [topk_ids.clamp(min=0).long()]
     if targets is not None:
         columns.append(targets.long().unsqueeze(1))

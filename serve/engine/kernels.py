@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.onednn import onednn_linear, onednn_linear_works
+from distill import onednn
 from distill.student.attention import Attention
 from distill.student.experts import Experts, SwiGLU
 from distill.student.moe import MoEBlock
@@ -84,7 +84,23 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return onednn_linear(x, packed_weight(weight), bias)
+    return onednn.onednn_linear(x, packed_weight(weight), bias)
+
+
+@functools.cache
+def onednn_linear_works() -> bool:
+    """oneDNN's linear works (:func:`distill.onednn.onednn_linear_works`) and so does it on a packed
+    weight: it agrees with ``F.linear``."""
+    if not onednn.onednn_linear_works():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*s, generator=gen) for s in ((3, 2, 64), (96, 64), (96,)))
+        with torch.inference_mode():
+            return torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    except Exception as exc:  # noqa: BLE001 - a torch without weight packing: keep F.linear
+        log.info("oneDNN packed linear unavailable (%s); the engine keeps F.linear", exc)
+        return False
 
 
 def onednn_or_plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
