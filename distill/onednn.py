@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +25,23 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-@functools.cache
-def onednn_linear_works() -> bool:
-    """oneDNN is built in, the op exists with the signature above, and it agrees with ``F.linear``."""
-    if not torch.backends.mkldnn.is_available():
-        return False
+def agrees_with_linear(linear: Callable[..., torch.Tensor]) -> bool:
+    """``linear(x, weight, bias)`` runs and matches ``F.linear`` on a small fp32 case (a torch without
+    the op, or a broken one, gives False)."""
     try:
         gen = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(*s, generator=gen) for s in ((3, 2, 64), (96, 64), (96,)))
         with torch.inference_mode():
-            return torch.allclose(onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
-    except Exception as exc:  # noqa: BLE001 - a torch without the op: keep F.linear
+            return torch.allclose(linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    except Exception as exc:  # noqa: BLE001 - keep F.linear
         log.info("oneDNN linear unavailable (%s); keeping F.linear", exc)
         return False
+
+
+@functools.cache
+def onednn_linear_works() -> bool:
+    """oneDNN is built in, the op exists with the signature above, and it agrees with ``F.linear``."""
+    return torch.backends.mkldnn.is_available() and agrees_with_linear(onednn_linear)
 
 
 class _Projection(torch.autograd.Function):
