@@ -70,6 +70,8 @@ def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
         module = wrap_model(DistillModule(model, chunk_size=16), Strategy(strategy), device)
         assert type(module).__name__ == ("DistributedDataParallel" if strategy == "ddp" else "FSDPDistillModule")
         optimizer = build_optimizer(module, section)
+        # Fused AdamW for DDP's plain tensors; FSDP's CPU DTensor shards keep the per-parameter loop.
+        assert all(bool(g["fused"]) == (strategy == "ddp") for g in optimizer.param_groups)
         record: dict = {"norms": [], "routers": []}
         for step in range(STEPS):
             stage = section.stages[0 if step == 0 else 1]
