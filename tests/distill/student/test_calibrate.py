@@ -72,13 +72,14 @@ def test_importance_finds_planted_redundant_layers_and_beats_evenly_spaced(tiny_
     assert not {1, 4} & set(calibrate.layer_importance(model, calib, keep=4, criterion="nll").layers)
 
 
+@pytest.mark.parametrize("block_rows", [calibrate.HEAD_BLOCK_ROWS, 7])  # one block per chunk; blocks across rows
 @pytest.mark.parametrize("criterion", ["kl", "nll"])
-def test_drop_one_matches_pruned_models(tiny_teacher_dir, criterion):
+def test_drop_one_matches_pruned_models(tiny_teacher_dir, criterion, block_rows):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
     chunks = calibrate.batches(_samples(model, 8, 24, seed=2), 24, 10_000)
-    base, damage = calibrate.drop_one(model, chunks, criterion)
+    base, damage = calibrate.drop_one(model, chunks, criterion, block_rows=block_rows)
     layers = model.config.num_hidden_layers
     with torch.no_grad():
         for i in (0, layers - 1):
@@ -95,6 +96,19 @@ def test_drop_one_matches_pruned_models(tiny_teacher_dir, criterion):
             assert damage[i] == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert base == (pytest.approx(calibrate.mean_nll(model, chunks), rel=1e-5) if criterion == "nll" else 0.0)
     assert min(damage) > 0
+
+
+def test_next_token_entropy_is_the_full_models_entropy_at_every_position(tiny_teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
+    chunks = calibrate.batches(_samples(model, 8, 24, seed=3), 24, 10_000)
+    with torch.no_grad():
+        logp = [torch.log_softmax(model(input_ids=ids).logits.double(), -1) for ids in chunks]
+    expected = torch.cat([-(lp.exp() * lp).sum(-1).reshape(-1) for lp in logp])  # [N] in chunk, row, position order
+    got = calibrate.next_token_entropy(model, chunks)
+    assert got.shape == (sum(ids.numel() for ids in chunks),)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_cluster_neurons_partitions_and_groups_co_active_neurons():
