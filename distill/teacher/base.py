@@ -165,9 +165,25 @@ def topk_from_logits(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarr
     """Raw top-k of ``log_softmax(logits)`` in fp32: [N, V] -> ([N, k] int32, [N, k] float32)."""
     import torch
 
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    values, ids = torch.topk(logprobs, k=min(k, logprobs.shape[-1]), dim=-1)  # sorted descending
+    return topk_from_logprobs(torch.log_softmax(logits.float(), dim=-1), k)
+
+
+def topk_from_logprobs(logprobs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: F821
+    """Top-k of log-probs [N, V] -> ([N, k] int32 ids, [N, k] float32 values, sorted descending)."""
+    import torch
+
+    values, ids = torch.topk(logprobs, k=min(k, logprobs.shape[-1]), dim=-1)
     return ids.to(torch.int32).cpu().numpy(), values.cpu().numpy().astype(np.float32)
+
+
+def score_row(logprobs: torch.Tensor, targets: Sequence[int], k: int) -> ScoredSequence:  # noqa: F821
+    """One scored sequence from the log-probs [N, V] (fp32) that predict ``targets`` (N tokens)."""
+    import torch
+
+    top_ids, top_lp = topk_from_logprobs(logprobs, k)
+    actual = torch.tensor(list(targets), dtype=torch.long, device=logprobs.device)
+    token_lp = logprobs.gather(-1, actual[:, None])[:, 0].cpu().numpy().astype(np.float32)
+    return ScoredSequence(topk_ids=top_ids, topk_logprobs=top_lp, token_logprobs=token_lp)
 
 
 def completion_row(

@@ -21,6 +21,7 @@ from distill.teacher.base import (
     SamplingParams,
     ScoredSequence,
     TeacherBackend,
+    score_row,
     topk_from_logits,
 )
 from distill.teacher.section import TeacherSection
@@ -179,9 +180,5 @@ class HFTeacher(TeacherBackend):
                 if not 1 <= start <= len(seq):
                     raise ValueError(f"score start {start} must be in [1, {len(seq)}]")
                 predicting = logits[row, start - 1 : len(seq) - 1]  # [L - start, V] predicts tokens start..L-1
-                top_ids, top_lp = topk_from_logits(predicting, k)
-                full = torch.log_softmax(predicting.float(), dim=-1)
-                actual = torch.tensor(seq[start:], device=full.device)
-                token_lp = full.gather(-1, actual[:, None])[:, 0].cpu().numpy().astype(np.float32)
-                out.append(ScoredSequence(topk_ids=top_ids, topk_logprobs=top_lp, token_logprobs=token_lp))
+                out.append(score_row(torch.log_softmax(predicting.float(), dim=-1), seq[start:], k))
         return out

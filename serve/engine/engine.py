@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -705,12 +706,25 @@ class LLMEngine:
     # ------------------------------------------------------------------ scoring
     def forward_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [L, V] (fp32) of a full forward pass over ``token_ids`` (no cache; scoring)."""
-        if len(token_ids) > self.context_length:
-            raise EngineError(f"sequence has {len(token_ids)} tokens, context {self.context_length}")
         with torch.inference_mode():
-            ids = torch.tensor([token_ids], dtype=torch.long)
-            hidden = self.model.model(ids, compute_aux=False).last_hidden_state[0]  # [L, H]
-            return self.model.lm_head(hidden).float()
+            return self.model.lm_head(self.forward_hidden([token_ids])[0]).float()
+
+    def forward_hidden(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Final-normed hidden states [B, L, H] of one full forward pass over ``sequences`` right-padded to
+        the longest, L (no cache; scoring). Row b's first ``len(sequences[b])`` positions are what the
+        sequence gives alone, up to rounding: attention is causal and the mask drops the padding."""
+        for seq in sequences:
+            if len(seq) > self.context_length:
+                raise EngineError(f"sequence has {len(seq)} tokens, context {self.context_length}")
+        width = max(len(seq) for seq in sequences)
+        ids = torch.zeros(len(sequences), width, dtype=torch.long)  # [B, L]
+        mask = torch.zeros(len(sequences), width, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        with torch.inference_mode():
+            mask_arg = None if bool(mask.all()) else mask
+            return self.model.model(ids, mask_arg, compute_aux=False).last_hidden_state  # [B, L, H]
 
     def prompt_logprobs(self, prompt: list[int], top: int = 0, chunk: int = 256) -> list[TokenLogprob | None]:
         """Score a prompt with one full forward pass: None for the first token, then each token's log-prob

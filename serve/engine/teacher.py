@@ -28,12 +28,14 @@ from distill.teacher.base import (
     SamplingParams,
     ScoredSequence,
     TeacherBackend,
+    score_row,
     stream_seed,
-    topk_from_logits,
 )
 from distill.teacher.section import TeacherSection
 from distill.teacher.sources import encode_prompt, model_revision, resolve_model
 from serve.engine.types import GenerationOutput, GenerationRequest, SamplingOptions
+
+SCORE_ROWS = 8  # sequences per scoring forward pass
 
 
 class EngineTeacher(TeacherBackend):
@@ -141,20 +143,26 @@ class EngineTeacher(TeacherBackend):
         self._async.shutdown()
 
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[ScoredSequence]:
-        out: list[ScoredSequence] = []
-        for seq, start in zip(sequences, starts):
-            seq = [int(t) for t in seq]
+        """Teacher-force ``sequences``: one forward pass for every ``SCORE_ROWS`` of them, right-padded
+        (similar lengths together), then the head and one log-softmax per sequence over the positions
+        from ``start``. 48 corpus rows (10,295 tokens), SmolLM2, 2 threads, alternating runs: 32.4 / 36.7 s
+        against 38.4 / 39.8 s one sequence per pass with two log-softmaxes each (2026-11-29)."""
+        seqs = [[int(t) for t in seq] for seq in sequences]
+        for seq, start in zip(seqs, starts):
             if len(seq) > self.context_length:
                 raise ConfigError(
                     f"sequence of {len(seq)} tokens exceeds the teacher's context of {self.context_length}"
                 )
             if not 1 <= start <= len(seq):
                 raise ValueError(f"score start {start} must be in [1, {len(seq)}]")
-            logits = self.engine.forward_logits(seq)  # [L, V]
-            predicting = logits[start - 1 : len(seq) - 1]  # [L - start, V] predicts tokens start..L-1
-            top_ids, top_lp = topk_from_logits(predicting, k)
-            full = torch.log_softmax(predicting.float(), dim=-1)
-            actual = torch.tensor(seq[start:], dtype=torch.long)
-            token_lp = full.gather(-1, actual[:, None])[:, 0].numpy().astype(np.float32)
-            out.append(ScoredSequence(topk_ids=top_ids, topk_logprobs=top_lp, token_logprobs=token_lp))
-        return out
+        out: list[ScoredSequence | None] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for lo in range(0, len(order), SCORE_ROWS):
+            group = order[lo : lo + SCORE_ROWS]
+            hidden = self.engine.forward_hidden([seqs[i] for i in group])  # [B, L, H]
+            with torch.inference_mode():
+                for row, i in enumerate(group):
+                    seq, start = seqs[i], int(starts[i])
+                    logits = self.engine.model.lm_head(hidden[row, start - 1 : len(seq) - 1])  # [L - start, V]
+                    out[i] = score_row(torch.log_softmax(logits.float(), dim=-1), seq[start:], k)
+        return out  # type: ignore[return-value]

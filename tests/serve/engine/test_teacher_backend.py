@@ -86,6 +86,32 @@ def test_score_equals_hf(teachers):
         np.testing.assert_allclose(have.token_logprobs, want.token_logprobs, atol=1e-4)
 
 
+def test_score_batches_mixed_lengths_and_answers_as_alone(teachers):
+    """More sequences than one scoring pass takes, of mixed lengths and starts, in an order the engine
+    regroups by length: each result is the sequence's own (its full forward pass alone), in input order."""
+    import random
+
+    from serve.engine.teacher import SCORE_ROWS
+
+    _, engine = teachers
+    rng = random.Random(0)
+    vocab = engine.engine.model.lm_head.weight.shape[0]
+    seqs = [[rng.randrange(3, vocab) for _ in range(rng.randrange(2, 40))] for _ in range(SCORE_ROWS + 3)]
+    starts = [rng.randrange(1, len(s) + 1) for s in seqs]
+    scored = engine.score(seqs, starts, 4)
+    assert len(scored) == len(seqs)
+    for seq, start, have in zip(seqs, starts, scored):
+        alone = torch.log_softmax(engine.engine.forward_logits(seq)[start - 1 : len(seq) - 1], -1)  # [L - start, V]
+        assert have.topk_ids.shape == (len(seq) - start, 4) == have.topk_logprobs.shape
+        want_top = torch.topk(alone, 4, dim=-1).values.numpy()
+        np.testing.assert_allclose(have.topk_logprobs, want_top, atol=1e-4)
+        # the ids chosen carry those log-probs in the sequence's own distribution (robust to near-ties)
+        picked = alone.gather(-1, torch.as_tensor(have.topk_ids, dtype=torch.long)).numpy()
+        np.testing.assert_allclose(picked, have.topk_logprobs, atol=1e-4)
+        own = alone.gather(-1, torch.tensor(seq[start:])[:, None])[:, 0].numpy()
+        np.testing.assert_allclose(have.token_logprobs, own, atol=1e-4)
+
+
 def test_calls_from_two_threads_share_one_engine_batch_and_answer_as_alone(tiny_teacher_dir):
     """The generate stage's ``teacher.batches_in_flight``: concurrent calls fill each other's free rows."""
     import threading
