@@ -59,6 +59,12 @@ class SpeedSection(Section):
         description="prefills timed at the smallest batch size; TTFT is their median (decode tokens/s is the median "
         "step of one run): robust to CPU time a shared machine loses to its neighbours",
     )
+    rounds: int = Field(
+        default=2,
+        ge=1,
+        description="full runs per model and batch size, teacher and student in turn (ABBA order); each figure is "
+        "the median over the rounds, so a ratio compares runs seconds apart",
+    )
 
     @field_validator("batch_sizes")
     @classmethod

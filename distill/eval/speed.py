@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -126,12 +127,22 @@ def measure_speed(
     warmup: bool = True,
     repeats: int = 3,
 ) -> dict[str, Any]:
-    """``{"engine", "by_batch": {b: {...}}}`` for one model; the same code path for every model.
+    """``{"engine", "by_batch": {b: {...}}}`` for one model: :func:`measure_speeds` with one round."""
+    return measure_speeds(
+        {name: (model, tokenizer)},
+        batch_sizes=batch_sizes,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        warmup=warmup,
+        repeats=repeats,
+        rounds=1,
+    )[name]
 
-    Each batch size is measured once in full; the smallest (whose TTFT is the headline figure) then has
-    its prefill timed ``repeats - 1`` more times (``new_tokens=2``): its ``ttft_s`` is the median of
-    the ``repeats`` (all in ``ttft_s_runs``).
-    """
+
+def _runner(
+    model: Any, tokenizer: Any, name: str, batch_sizes: list[int], prompt_tokens: int, new_tokens: int
+) -> tuple[str, Callable[[int, int, int], dict[str, float]]]:
+    """(engine label, ``run(batch, prompt_tokens, new_tokens)``) for one model; the same code path for every model."""
     vocab = (
         int(model.get_output_embeddings().weight.shape[0])
         if hasattr(model, "get_output_embeddings")
@@ -152,26 +163,70 @@ def measure_speed(
             log.warning("LLMEngine cannot run %s (%s); timing with the hf loop", name, exc)
             engine = None
     if engine is not None:
-        run = lambda b, p, n: measure_engine(engine, b, p, n, vocab)  # noqa: E731
-        label = "LLMEngine"
-    else:
-        run = lambda b, p, n: measure_hf_loop(model, b, p, n, vocab)  # noqa: E731
-        label = "hf_loop"
-    if warmup:
-        run(1, min(prompt_tokens, 8), 2)
-    by_batch = {}
-    for b in batch_sizes:
-        result = run(b, prompt_tokens, new_tokens)
-        extra = max(repeats, 1) - 1 if b == min(batch_sizes) else 0  # the headline TTFT is the smallest batch's
-        runs = [result["ttft_s"]] + [run(b, prompt_tokens, 2)["ttft_s"] for _ in range(extra)]
-        by_batch[str(b)] = {**result, "ttft_s": statistics.median(runs), "ttft_s_runs": runs}
-    return {
-        "engine": label,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "repeats": repeats,
-        "by_batch": by_batch,
+        return "LLMEngine", lambda b, p, n: measure_engine(engine, b, p, n, vocab)
+    return "hf_loop", lambda b, p, n: measure_hf_loop(model, b, p, n, vocab)
+
+
+_MEDIAN_FIELDS = ("ttft_s", "decode_tokens_per_s", "decode_tokens_per_s_wall", "wall_s")
+
+
+def measure_speeds(
+    models: dict[str, tuple[Any, Any]],
+    *,
+    batch_sizes: list[int],
+    prompt_tokens: int,
+    new_tokens: int,
+    warmup: bool = True,
+    repeats: int = 3,
+    rounds: int = 2,
+) -> dict[str, dict[str, Any]]:
+    """``{name: {"engine", "by_batch": {b: {...}}}}`` for ``models`` (name -> (model, tokenizer)), timed in turn.
+
+    At each batch size every model runs ``rounds`` times, the order reversed on odd rounds (teacher,
+    student, student, teacher: ABBA), and each figure is the median over its rounds (all decode rates
+    in ``decode_tokens_per_s_runs``). A ratio between two models then compares runs seconds apart, not
+    minutes: the demo's eval once read a student/teacher decode ratio of 1.07 where the same two models
+    measured in one process right after gave 1.40 (a slow hour; the eval had timed them minutes apart). The smallest
+    batch's TTFT is the median of ``max(repeats, rounds)`` prefills: the full runs' and prefill-only
+    runs (``new_tokens=2``) after them, also in turn (all in ``ttft_s_runs``).
+    """
+    runners = {
+        name: _runner(model, tokenizer, name, batch_sizes, prompt_tokens, new_tokens)
+        for name, (model, tokenizer) in models.items()
     }
+    names = list(models)
+    if warmup:
+        for name in names:
+            runners[name][1](1, min(prompt_tokens, 8), 2)
+    rounds = max(rounds, 1)
+    full: dict[str, dict[int, list[dict[str, float]]]] = {name: {b: [] for b in batch_sizes} for name in names}
+    for b in batch_sizes:
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                full[name][b].append(runners[name][1](b, prompt_tokens, new_tokens))
+    smallest = min(batch_sizes)  # its TTFT is the headline figure
+    ttft = {name: [run["ttft_s"] for run in full[name][smallest]] for name in names}
+    for r in range(max(repeats, 1) - rounds):
+        for name in names if (rounds + r) % 2 == 0 else names[::-1]:
+            ttft[name].append(runners[name][1](smallest, prompt_tokens, 2)["ttft_s"])
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        by_batch = {}
+        for b, runs in full[name].items():
+            merged = {**runs[0], **{k: statistics.median(run[k] for run in runs) for k in _MEDIAN_FIELDS}}
+            merged["decode_tokens_per_s_runs"] = [run["decode_tokens_per_s"] for run in runs]
+            if b == smallest:
+                merged.update(ttft_s=statistics.median(ttft[name]), ttft_s_runs=ttft[name])
+            by_batch[str(b)] = merged
+        out[name] = {
+            "engine": runners[name][0],
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "rounds": rounds,
+            "by_batch": by_batch,
+        }
+    return out
 
 
 # ----------------------------------------------------------------------------- memory, parameters, cost

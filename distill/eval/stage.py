@@ -167,7 +167,6 @@ def evaluate_model(
     texts: dict[str, list[str]],
     rows: list[dict],
     fidelity_ok: bool,
-    timed: bool,
     notes: list[str],
     say,
 ) -> dict[str, Any]:
@@ -230,19 +229,6 @@ def evaluate_model(
             out["load_balance"] = M.load_balance(routed["expert_load"])
             experts_by_layer = out["routing"]["experts_per_token_by_layer"]
     out["footprint"] = speed_mod.model_footprint(model, experts_by_layer)
-    if timed:
-        s = ecfg.speed
-        say(f"{name}: speed at batch {s.batch_sizes}")
-        out["speed"] = speed_mod.measure_speed(
-            model,
-            tokenizer,
-            name=name,
-            batch_sizes=s.batch_sizes,
-            prompt_tokens=s.prompt_tokens,
-            new_tokens=s.new_tokens,
-            warmup=s.warmup,
-            repeats=s.repeats,
-        )
     out["metrics"] = summary_metrics(out, ecfg.hardware_cost_per_hour)
     return out
 
@@ -493,10 +479,11 @@ def _evaluate_models(
     notes: list[str],
     say,
 ) -> dict[str, dict]:
-    """Load and score each model in ``order``, one at a time."""
+    """Load and score each model in ``order``, one at a time; then time the teacher and the student in turn."""
     ecfg = cfg.eval
     teacher_tok = None
     results: dict[str, dict] = {}
+    timed: dict[str, tuple[Any, Any]] = {}  # name -> (model, tokenizer), kept loaded for the speed rounds
     for name in order:
         say(f"loading {name}: {paths[name]}")
         model, tokenizer, local = load_model(paths[name], role=name)
@@ -512,24 +499,31 @@ def _evaluate_models(
         elif name != "teacher" and teacher_tok is None and rows:
             # Teacher not evaluated (eval.models): the stored soft labels must at least index this vocabulary.
             fidelity_ok = len(tokenizer) > max(max(max(k) for k in r["topk_ids"]) for r in rows if r["topk_ids"])
-        timed = ecfg.speed.enabled and name in ("teacher", "student")
+        if ecfg.speed.enabled and name in ("teacher", "student"):
+            timed[name] = (model, tokenizer)
         results[name] = evaluate_model(
-            name,
-            model,
-            tokenizer,
-            cfg=cfg,
-            texts=texts,
-            rows=rows,
-            fidelity_ok=bool(fidelity_ok),
-            timed=timed,
-            notes=notes,
-            say=say,
+            name, model, tokenizer, cfg=cfg, texts=texts, rows=rows, fidelity_ok=bool(fidelity_ok), notes=notes, say=say
         )
         if name == "student" and cfg.serve.dtype == "int8":
             results[name]["served_int8"] = int8_cost(model, tokenizer, texts, results[name], ecfg, notes, say)
         results[name]["path"] = paths[name]
         results[name]["local_path"] = local
         del model
+    if timed:
+        s = ecfg.speed
+        say(f"speed: {' and '.join(timed)} in turn at batch {s.batch_sizes}, {s.rounds} round(s)")
+        speeds = speed_mod.measure_speeds(
+            timed,
+            batch_sizes=s.batch_sizes,
+            prompt_tokens=s.prompt_tokens,
+            new_tokens=s.new_tokens,
+            warmup=s.warmup,
+            repeats=s.repeats,
+            rounds=s.rounds,
+        )
+        for name, speed in speeds.items():
+            results[name]["speed"] = speed
+            results[name]["metrics"] = summary_metrics(results[name], ecfg.hardware_cost_per_hour)
     return results
 
 

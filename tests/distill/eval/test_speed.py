@@ -83,3 +83,43 @@ def test_ttft_is_the_median_of_repeated_prefills(monkeypatch):
     assert got["engine"] == "LLMEngine" and got["repeats"] == 3
     assert one["ttft_s_runs"] == pytest.approx([0.2, 2.0, 0.3]) and one["ttft_s"] == pytest.approx(0.3)
     assert engine.prefills == 3
+
+
+def test_models_are_timed_in_turn_abba_and_each_figure_is_the_median_of_its_rounds(monkeypatch):
+    """Two models, two rounds: teacher, student, student, teacher at each batch size, then the extra
+    prefill-only TTFT runs in turn; each figure is the median of the model's runs, all of them kept."""
+    clock = _fake_clock(monkeypatch)
+    calls: list[tuple[str, int, int]] = []
+    step_s = {"teacher": 0.1, "student": 0.05}
+    slow = {2}  # the third full run overall (the student's second at batch 1) loses 4x time per step
+
+    def engine_for(name):
+        engine = _ClockedEngine(clock, prefill_s=0.2, step_s=step_s[name], stall=set())
+        real_add = engine.add_request
+
+        def add_request(request):
+            if not engine.requests:  # a new run: record it, and slow it down if scripted
+                calls.append((name, request.sampling.max_tokens, len(calls)))
+                engine.step_s = step_s[name] * (4 if len(calls) - 1 in slow else 1)
+            real_add(request)
+
+        engine.add_request = add_request
+        return engine
+
+    monkeypatch.setattr(
+        speed_mod, "_engine_class", lambda: types.SimpleNamespace(from_model=lambda m, t, **k: engine_for(k["name"]))
+    )
+    tok = [0] * 1000
+    models = {"teacher": (types.SimpleNamespace(), tok), "student": (types.SimpleNamespace(), tok)}
+    got = speed_mod.measure_speeds(
+        models, batch_sizes=[1, 2], prompt_tokens=8, new_tokens=6, warmup=False, repeats=3, rounds=2
+    )
+    order = [name for name, _, _ in calls]
+    # batch 1: T S S T; batch 2: T S S T; then one prefill-only run each (repeats 3 - rounds 2), in turn
+    assert order == ["teacher", "student", "student", "teacher"] * 2 + ["teacher", "student"]
+    assert [n for _, n, _ in calls][-2:] == [2, 2]
+    student_1 = got["student"]["by_batch"]["1"]
+    assert student_1["decode_tokens_per_s_runs"] == pytest.approx([1 / 0.05, 1 / 0.2])
+    assert student_1["decode_tokens_per_s"] == pytest.approx((20 + 5) / 2)  # the median of two is their mean
+    assert got["teacher"]["by_batch"]["2"]["decode_tokens_per_s"] == pytest.approx(2 / 0.1)
+    assert len(student_1["ttft_s_runs"]) == 3 and got["student"]["rounds"] == 2
