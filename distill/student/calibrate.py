@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.onednn import onednn_linear, onednn_linear_works
+from distill.onednn import project
 from distill.student.router import select_topk, select_topp
 
 
@@ -95,9 +95,8 @@ HEAD_BLOCK_ROWS = 128  # rows per head projection + log-softmax: [128, V] fp32 i
 def _head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The LM head on final-normed states x [n, H] -> logits [n, V] (fp32 CPU: oneDNN, see distill.onednn)."""
     head = model.lm_head
-    if x.device.type == "cpu" and x.dtype == head.weight.dtype == torch.float32 and onednn_linear_works():
-        return onednn_linear(x, head.weight, head.bias)
-    return head(x)
+    logits = project(x, head.weight)  # [n, V]
+    return logits if head.bias is None else logits + head.bias
 
 
 def _log_probs(

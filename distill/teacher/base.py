@@ -176,6 +176,26 @@ def topk_from_logprobs(logprobs: torch.Tensor, k: int) -> tuple[np.ndarray, np.n
     return ids.to(torch.int32).cpu().numpy(), values.cpu().numpy().astype(np.float32)
 
 
+def check_score_inputs(
+    sequences: Sequence[Sequence[int]], starts: Sequence[int], context_length: int
+) -> list[list[int]]:
+    """The token lists of a ``score`` call, checked before any forward pass: one start per sequence,
+    each sequence within the teacher's context, each start in ``[1, len(sequence)]`` (position 0 has
+    no prediction)."""
+    if len(sequences) != len(starts):
+        raise ValueError(f"score: {len(sequences)} sequences but {len(starts)} starts (one start per sequence)")
+    seqs = [[int(t) for t in seq] for seq in sequences]
+    for index, (seq, start) in enumerate(zip(seqs, starts)):
+        if len(seq) > context_length:
+            raise ConfigError(
+                f"score: sequence {index} has {len(seq)} tokens, more than the teacher's context of "
+                f"{context_length}; cut the rows shorter (corpus.row_tokens, train.seq_len)"
+            )
+        if not 1 <= start <= len(seq):
+            raise ValueError(f"score: start {start} of sequence {index} must be in [1, {len(seq)}]")
+    return seqs
+
+
 def score_row(logprobs: torch.Tensor, targets: Sequence[int], k: int) -> ScoredSequence:  # noqa: F821
     """One scored sequence from the log-probs [N, V] (fp32) that predict ``targets`` (N tokens)."""
     import torch

@@ -21,6 +21,7 @@ from distill.teacher.base import (
     SamplingParams,
     ScoredSequence,
     TeacherBackend,
+    check_score_inputs,
     score_row,
     topk_from_logits,
 )
@@ -164,21 +165,18 @@ class HFTeacher(TeacherBackend):
 
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[ScoredSequence]:
+        seqs = check_score_inputs(sequences, starts, self.context_length)
         out: list[ScoredSequence] = []
-        for begin in range(0, len(sequences), self.batch_size):
-            batch = [list(s) for s in sequences[begin : begin + self.batch_size]]
+        for begin in range(0, len(seqs), self.batch_size):
+            batch = seqs[begin : begin + self.batch_size]
             batch_starts = list(starts[begin : begin + self.batch_size])
             width = max(len(s) for s in batch)
-            if width > self.context_length:
-                raise ConfigError(f"sequence of {width} tokens exceeds the teacher's context of {self.context_length}")
             pad = self.tokenizer.pad_token_id
             # Right padding: positions stay 0..L-1 without position_ids bookkeeping.
             ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch], device=self.device)  # [B, L]
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], device=self.device)
             logits = self.model(input_ids=ids, attention_mask=mask).logits  # [B, L, V]
             for row, (seq, start) in enumerate(zip(batch, batch_starts)):
-                if not 1 <= start <= len(seq):
-                    raise ValueError(f"score start {start} must be in [1, {len(seq)}]")
                 predicting = logits[row, start - 1 : len(seq) - 1]  # [L - start, V] predicts tokens start..L-1
                 out.append(score_row(torch.log_softmax(predicting.float(), dim=-1), seq[start:], k))
         return out

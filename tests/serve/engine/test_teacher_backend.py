@@ -112,6 +112,31 @@ def test_score_batches_mixed_lengths_and_answers_as_alone(teachers):
         np.testing.assert_allclose(have.token_logprobs, own, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["hf", "engine"])
+def test_score_rejects_bad_inputs_before_any_forward_pass(teachers, backend, monkeypatch):
+    """Both backends check a whole call first, with the same messages: a bad start or an over-long
+    sequence later in the call costs no teacher time and names the sequence."""
+    from cluster.errors import ConfigError
+
+    teacher = dict(zip(["hf", "engine"], teachers))[backend]
+    model = teacher.model if backend == "hf" else teacher.engine.model
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the inputs were checked")
+
+    monkeypatch.setattr(model, "forward", no_forward)
+    good = [5, 6, 7, 8]
+    with pytest.raises(ValueError, match=r"start 0 of sequence 1 must be in \[1, 4\]"):
+        teacher.score([good, good], [1, 0], 4)
+    with pytest.raises(ValueError, match=r"start 5 of sequence 0 must be in \[1, 4\]"):
+        teacher.score([good], [5], 4)
+    with pytest.raises(ValueError, match="2 sequences but 1 starts"):
+        teacher.score([good, good], [1], 4)
+    too_long = [5] * (teacher.context_length + 1)
+    with pytest.raises(ConfigError, match=rf"sequence 1 has {len(too_long)} tokens.*corpus.row_tokens"):
+        teacher.score([good, too_long], [1, 1], 4)
+
+
 def test_calls_from_two_threads_share_one_engine_batch_and_answer_as_alone(tiny_teacher_dir):
     """The generate stage's ``teacher.batches_in_flight``: concurrent calls fill each other's free rows."""
     import threading
