@@ -264,3 +264,84 @@ def test_route_texts_counts_every_text_token_once_without_a_teacher():
     assert (M.route_texts(topk, tok, texts, window=8)["experts"] == 2).all()
     with pytest.raises(RaydistillError, match="no routers"):
         M.route_texts(Bigram(40), tok, texts)
+
+
+@pytest.mark.parametrize("block_rows", [5, 128])
+@pytest.mark.parametrize("kind", ["llama", "student"])
+def test_scoring_with_the_head_at_scored_positions_only_equals_the_full_forward(kind, block_rows, monkeypatch):
+    """A plain HF causal LM (and the student's HF class, which the eval loads) runs its decoder once and
+    its LM head only at the positions scored, several rows per matmul (groups of at least ``block_rows``
+    positions; 5 splits a batch into many groups): bits per byte, the held-out rows' KL / agreement / NLL /
+    routing and the routing over text equal those from the model's full logits."""
+    monkeypatch.setattr(M, "HEAD_BLOCK_ROWS", block_rows)
+    from distill.student.hf import RaydistillMoeConfig, RaydistillMoeForCausalLM
+    from tests.distill.eval.conftest import byte_tokenizer, student_config, tiny_llama
+
+    tok = byte_tokenizer()
+    if kind == "llama":
+        model = tiny_llama(tok)
+    else:
+        torch.manual_seed(0)
+        config = student_config(len(tok), initializer_range=0.5).model_dump()
+        model = RaydistillMoeForCausalLM(RaydistillMoeConfig(**config)).eval()
+    assert M._decoder_and_head(model) is not None  # the fast path is the one under test
+    texts = ["the cat sat on the mat, " * 5, "héllo wörld", "a"]  # several windows of 32, a 1-token text
+    rows = _rows(len(tok), k=4, seed=5)
+
+    def measure():
+        bpb = M.bits_per_byte(model, tok, texts, window=32, batch_tokens=64)
+        scored = M.score_rows(model, rows, batch_tokens=20, routing=kind == "student")
+        routed = M.route_texts(model, tok, texts, window=32, batch_tokens=64) if kind == "student" else None
+        return bpb, scored, routed
+
+    fast = measure()
+    monkeypatch.setattr(M, "_decoder_and_head", lambda model: None)  # the model's own forward, full logits
+    full = measure()
+    assert fast[0]["tokens"] == full[0]["tokens"] > 100
+    assert fast[0]["nats"] == pytest.approx(full[0]["nats"], rel=1e-5)
+    for key in ("kl", "student_nll", "entropy"):
+        np.testing.assert_allclose(fast[1][key], full[1][key], rtol=1e-4, atol=1e-5)
+    assert (fast[1]["agree"] == full[1]["agree"]).mean() >= 0.95  # argmax may flip only on a near-tie
+    np.testing.assert_array_equal(fast[1]["experts"], full[1]["experts"])
+    if kind == "student":
+        assert fast[1]["experts"].shape[1] == 2
+        np.testing.assert_array_equal(fast[2]["experts"], full[2]["experts"])
+        np.testing.assert_allclose(fast[2]["entropy"], full[2]["entropy"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_with_logit_soft_capping_after_the_head_is_scored_with_its_full_forward(monkeypatch):
+    """Gemma 2 caps its logits after the LM head: its bits per byte come from its own forward."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from tests.distill.eval.conftest import byte_tokenizer
+
+    tok = byte_tokenizer()
+    config = Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=0.5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():  # logits large enough for the cap to matter
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    assert M._decoder_and_head(model) is None
+    text = "the cat sat on the mat"
+    ids = torch.tensor([[1] + tok(text)["input_ids"]])
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)  # capped logits
+    nats = -float(logp.gather(-1, ids[0, 1:, None]).sum())
+    assert M.bits_per_byte(model, tok, [text])["nats"] == pytest.approx(nats, rel=1e-5)
+    # the decoder + head without the cap would score it differently: the check above can tell them apart
+    monkeypatch.setattr(M, "_decoder_and_head", lambda m: (m.model, m.lm_head))
+    assert M.bits_per_byte(model, tok, [text])["nats"] != pytest.approx(nats, rel=0.05)
