@@ -77,3 +77,13 @@ def project(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ):
         return _Projection.apply(hidden, weight)
     return hidden @ weight.t()
+
+
+HEAD_BLOCK_ROWS = 128  # rows per LM-head projection + log-softmax: [128, V] fp32 is 25 MB at V = 49152
+
+
+def head_logits(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    """An LM head ``head`` (weight [V, H], optional bias [V]) on hidden [C, H] -> logits [C, V], the
+    projection by :func:`project` (oneDNN for fp32 on CPU)."""
+    logits = project(hidden, head.weight)  # [C, V]
+    return logits if head.bias is None else logits + head.bias

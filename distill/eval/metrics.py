@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from cluster.errors import RaydistillError
 from distill.losses import teacher_entropy
-from distill.onednn import project
+from distill.onednn import HEAD_BLOCK_ROWS, head_logits
 
 LN2 = math.log(2.0)
 
@@ -57,9 +57,6 @@ def _decoder_and_head(model: Any) -> tuple[Any, torch.nn.Linear] | None:
     if decoder is None or type(head) is not torch.nn.Linear:  # a quantized or wrapped head: the full forward
         return None
     return decoder, head
-
-
-HEAD_BLOCK_ROWS = 128  # positions per LM-head matmul and log-softmax: [128, V] fp32 is 25 MB at V = 49152
 
 
 def _row_log_probs(
@@ -94,9 +91,7 @@ def _grouped_head(hidden: torch.Tensor, head: torch.nn.Linear, positions: Sequen
         group.append(hidden[r, pos])  # [n_r, H]
         size += group[-1].shape[0]
         if size >= HEAD_BLOCK_ROWS or r == len(positions) - 1:
-            logits = project(torch.cat(group), head.weight)  # [sum n_r, V]
-            if head.bias is not None:
-                logits = logits + head.bias
+            logits = head_logits(torch.cat(group), head)  # [sum n_r, V]
             yield from F.log_softmax(logits.float(), dim=-1).split([g.shape[0] for g in group])
             group, size = [], 0
 

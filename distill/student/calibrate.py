@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.onednn import project
+from distill.onednn import HEAD_BLOCK_ROWS, head_logits
 from distill.student.router import select_topk, select_topp
 
 
@@ -89,16 +89,6 @@ class LayerChoice:
     base_nll: float  # the full teacher's calibration loss (criterion nll; 0 for kl)
 
 
-HEAD_BLOCK_ROWS = 128  # rows per head projection + log-softmax: [128, V] fp32 is 25 MB at V = 49152
-
-
-def _head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The LM head on final-normed states x [n, H] -> logits [n, V] (fp32 CPU: oneDNN, see distill.onednn)."""
-    head = model.lm_head
-    logits = project(x, head.weight)  # [n, V]
-    return logits if head.bias is None else logits + head.bias
-
-
 def _log_probs(
     model: nn.Module, hidden: torch.Tensor, block_rows: int, normed: bool = False
 ) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -108,7 +98,7 @@ def _log_probs(
     x = (hidden if normed else model.model.norm(hidden)).reshape(-1, hidden.shape[-1])  # [N, H]
     for start in range(0, x.shape[0], block_rows):
         rows = slice(start, start + block_rows)
-        yield rows, F.log_softmax(_head(model, x[rows]).float(), dim=-1)
+        yield rows, F.log_softmax(head_logits(x[rows], model.lm_head).float(), dim=-1)
 
 
 @torch.no_grad()
