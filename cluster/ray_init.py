@@ -132,8 +132,30 @@ _NOISY_LOGGERS = {
 }
 
 
+class _DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of ``prefixes``; every other record passes."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# Single records of a logger that stays on. Ray warns on every local start that token auth is on by
+# default ("Set RAY_AUTH_MODE=disabled to opt out"): that is the safe default the README describes; its
+# warning that auth is *disabled* (an open cluster) is kept.
+_NOISY_RECORDS = {
+    "ray._private.authentication.authentication_token_setup": _DropMessages(
+        "Token authentication is enabled for this Ray cluster"
+    )
+}
+
+
 def quiet_ray_logs() -> None:
-    """Raise the level of Ray's chatty library loggers in this process (see ``_NOISY_LOGGERS``).
+    """Raise the level of Ray's chatty library loggers in this process (see ``_NOISY_LOGGERS``) and drop
+    single records of others (``_NOISY_RECORDS``).
 
     The driver calls it from :func:`connect`; Ray workers call it as the runtime_env's
     ``worker_process_setup_hook``, because worker output is streamed to the driver's console.
@@ -142,6 +164,10 @@ def quiet_ray_logs() -> None:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET or logger.level < level:
             logger.setLevel(level)
+    for name, record_filter in _NOISY_RECORDS.items():
+        logger = logging.getLogger(name)
+        if record_filter not in logger.filters:
+            logger.addFilter(record_filter)
     quiet_hf_progress()
 
 

