@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +152,14 @@ _NOISY_RECORDS = {
         "Token authentication is enabled for this Ray cluster"
     )
 }
+# Warnings Ray raises against its own code: Ray Train's DatasetManager actor passes Ray Data the
+# deprecated ``exclude_resources`` (two lines on the console at the start of every training run).
+_NOISY_WARNINGS = [r"`ExecutionOptions\.exclude_resources` is deprecated"]
 
 
 def quiet_ray_logs() -> None:
-    """Raise the level of Ray's chatty library loggers in this process (see ``_NOISY_LOGGERS``) and drop
-    single records of others (``_NOISY_RECORDS``).
+    """Raise the level of Ray's chatty library loggers in this process (see ``_NOISY_LOGGERS``), drop
+    single records of others (``_NOISY_RECORDS``) and Ray's warnings about its own code (``_NOISY_WARNINGS``).
 
     The driver calls it from :func:`connect`; Ray workers call it as the runtime_env's
     ``worker_process_setup_hook``, because worker output is streamed to the driver's console.
@@ -168,6 +172,8 @@ def quiet_ray_logs() -> None:
         logger = logging.getLogger(name)
         if record_filter not in logger.filters:
             logger.addFilter(record_filter)
+    for message in _NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)  # replaces an identical filter: added once
     quiet_hf_progress()
 
 

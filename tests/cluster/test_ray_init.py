@@ -51,13 +51,26 @@ def test_ray_workers_run_the_hook_so_ray_train_info_lines_stay_off_the_console(r
     @ray_session.remote
     def levels() -> dict[str, int]:
         names = ["ray.train", "ray.train.v2._internal.execution.controller.placement_group_cleaner", "ray.serve"]
+        import warnings
+
         from transformers.utils import logging as hf_logging
 
         levels = {name: logging.getLogger(name).getEffectiveLevel() for name in names}
-        return {**levels, "hf_progress_bars": hf_logging.is_progress_bar_enabled()}
+        auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        with warnings.catch_warnings(record=True) as caught:  # the worker's filters, as the hook left them
+            warnings.warn("`ExecutionOptions.exclude_resources` is deprecated (test)", UserWarning, stacklevel=2)
+            warnings.warn("another warning", UserWarning, stacklevel=2)
+        return {
+            **levels,
+            "hf_progress_bars": hf_logging.is_progress_bar_enabled(),
+            "auth_filters": len(auth.filters),
+            "warnings": [str(w.message) for w in caught],
+        }
 
     got = ray_session.get(levels.remote())
     assert got.pop("hf_progress_bars") is False  # no "Loading weights" bar per model load in a worker
+    assert got.pop("auth_filters") == 1
+    assert got.pop("warnings") == ["another warning"]
     assert got["ray.train"] == logging.WARNING
     assert got["ray.train.v2._internal.execution.controller.placement_group_cleaner"] == logging.ERROR
     assert got["ray.serve"] == logging.WARNING
@@ -112,3 +125,23 @@ def test_the_default_token_auth_notice_is_dropped_and_the_open_cluster_warning_k
     assert [r.getMessage().split(".")[0] for r in caplog.records] == [
         "Token authentication is disabled for this Ray cluster"
     ]
+
+
+def test_rays_deprecation_warning_about_its_own_dataset_manager_is_ignored_and_others_are_not():
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    from cluster.ray_init import quiet_ray_logs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_ray_logs()
+        quiet_ray_logs()
+        warnings.warn(
+            "`ExecutionOptions.exclude_resources` is deprecated and will be removed after January 2027.",
+            RayDeprecationWarning,
+            stacklevel=2,
+        )
+        warnings.warn("`something_else` is deprecated", RayDeprecationWarning, stacklevel=2)
+    assert [str(w.message) for w in caught] == ["`something_else` is deprecated"]
