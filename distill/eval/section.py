@@ -52,9 +52,11 @@ class SpeedSection(Section):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 16], description="concurrent requests per measurement")
     prompt_tokens: int = Field(default=64, ge=1, description="prompt length of each timed request")
     new_tokens: int = Field(default=32, ge=2, description="tokens generated per timed request (EOS ignored)")
-    warmup: bool = Field(default=True, description="one untimed tiny request first (allocations, lazy init)")
+    warmup: bool = Field(
+        default=True, description="one untimed prefill of every timed shape first (oneDNN primitives, allocations)"
+    )
     repeats: int = Field(
-        default=3,
+        default=5,
         ge=1,
         description="prefills timed at the smallest batch size; TTFT is their median (decode tokens/s is the median "
         "step of one run): robust to CPU time a shared machine loses to its neighbours",

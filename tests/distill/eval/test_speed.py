@@ -123,3 +123,33 @@ def test_models_are_timed_in_turn_abba_and_each_figure_is_the_median_of_its_roun
     assert student_1["decode_tokens_per_s"] == pytest.approx((20 + 5) / 2)  # the median of two is their mean
     assert got["teacher"]["by_batch"]["2"]["decode_tokens_per_s"] == pytest.approx(2 / 0.1)
     assert len(student_1["ttft_s_runs"]) == 3 and got["student"]["rounds"] == 2
+
+
+def test_the_warm_up_runs_every_timed_shape_once_and_is_not_timed(monkeypatch):
+    """A model's first prefill of a shape is slow (oneDNN primitives, first-touch allocation): the
+    warm-up runs each batch size at the timed prompt length, per model, before any timed run."""
+    calls = []
+
+    def runner(model, tokenizer, name, batch_sizes, prompt_tokens, new_tokens):
+        def run(b, p, n):
+            calls.append((name, b, p, n))
+            ttft = 9.0 if len(calls) <= 4 else 0.1  # the warm-up runs are the slow ones
+            return {
+                "batch": b,
+                "ttft_s": ttft,
+                "decode_tokens_per_s": 10.0,
+                "decode_tokens_per_s_wall": 10.0,
+                "wall_s": 1.0,
+                "decode_steps": n - 1,
+                "total_tokens": b * n,
+            }
+
+        return "LLMEngine", run
+
+    monkeypatch.setattr(speed_mod, "_runner", runner)
+    models = {"teacher": (None, None), "student": (None, None)}
+    got = speed_mod.measure_speeds(models, batch_sizes=[1, 4], prompt_tokens=16, new_tokens=6, repeats=5, rounds=2)
+    assert calls[:4] == [("teacher", 1, 16, 2), ("student", 1, 16, 2), ("teacher", 4, 16, 2), ("student", 4, 16, 2)]
+    assert len(calls) == 4 + 2 * 2 * 2 + 2 * 3  # warm-up, rounds at both sizes, 3 more prefills at batch 1
+    for name in models:
+        assert got[name]["by_batch"]["1"]["ttft_s_runs"] == [0.1] * 5
