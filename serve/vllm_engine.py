@@ -116,10 +116,14 @@ def engine_args(
     tensor_parallel_size: int = 1,
     **_: Any,
 ) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.AsyncEngineArgs`` for our engine options."""
+    """Keyword arguments of ``vllm.AsyncEngineArgs`` for our engine options.
+
+    ``dtype`` is passed as given: vLLM's ``"auto"`` downcasts a float32 checkpoint to bfloat16 on CPU
+    (and to float16/bfloat16 on GPU), so ``serve.dtype: float32`` (the default) used to serve bfloat16
+    weights without saying so; on a GPU, ask for ``bfloat16``."""
     args: dict[str, Any] = {
         "model": model_dir,
-        "dtype": "auto" if dtype == "float32" else dtype,
+        "dtype": dtype,
         "max_num_seqs": max_batch_size,
         "tensor_parallel_size": tensor_parallel_size,
         "enable_chunked_prefill": True,

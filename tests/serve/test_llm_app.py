@@ -34,6 +34,7 @@ def test_llm_config_carries_the_serve_settings():
     engine = config["engine_kwargs"]
     assert "model" not in engine and engine["max_model_len"] == 512 and engine["enforce_eager"] is True
     assert engine["max_num_seqs"] == 2  # serve.vllm_engine_kwargs win over the derived max_batch_size (4)
+    assert engine["dtype"] == "float32"  # serve.dtype's default, as asked: vLLM's "auto" would serve bfloat16
     deployment = config["deployment_config"]
     assert deployment["autoscaling_config"] == autoscaling_config(section)
     assert (

@@ -88,6 +88,8 @@ def test_engine_args_and_missing_vllm(monkeypatch):
     args = engine_args("/m", dtype="bfloat16", max_batch_size=8, max_model_len=1024)
     assert args["model"] == "/m" and args["max_num_seqs"] == 8 and args["max_model_len"] == 1024
     assert args["dtype"] == "bfloat16"
+    # float32 stays float32: vLLM's "auto" would downcast a float32 checkpoint to bfloat16 on CPU
+    assert engine_args("/m", dtype="float32")["dtype"] == "float32"
     for name in ("vllm", "vllm.v1", "vllm.v1.engine", "vllm.v1.engine.async_llm"):
         monkeypatch.setitem(sys.modules, name, None)  # every `import vllm...` raises ImportError, installed or not
     with pytest.raises(RaydistillError, match=r"raydistill\[gpu\]"):
