@@ -134,14 +134,15 @@ _NOISY_LOGGERS = {
 
 
 class _DropMessages(logging.Filter):
-    """Drops the records whose message starts with one of ``prefixes``; every other record passes."""
+    """Drops the records whose message contains one of ``fragments``; every other record passes."""
 
-    def __init__(self, *prefixes: str):
+    def __init__(self, *fragments: str):
         super().__init__()
-        self.prefixes = prefixes
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
 
 
 # Single records of a logger that stays on. Ray warns on every local start that token auth is on by
@@ -210,13 +211,11 @@ def quiet_ray_data() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     notice = logging.getLogger("ray.data._internal.progress")  # "Progress bars disabled. To enable, ..."
-    if not any(isinstance(f, _ProgressNotice) for f in notice.filters):
-        notice.addFilter(_ProgressNotice())
+    if _PROGRESS_NOTICE not in notice.filters:
+        notice.addFilter(_PROGRESS_NOTICE)
 
 
-class _ProgressNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Progress bars disabled" not in record.getMessage()
+_PROGRESS_NOTICE = _DropMessages("Progress bars disabled")
 
 
 def shutdown() -> None:
