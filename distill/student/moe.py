@@ -35,12 +35,30 @@ from distill.student.stacked import cached_stack
 class RoutingStats:
     """One MoE layer's routing over the valid tokens of a forward call (detached).
 
-    Only the counts are computed in the forward pass; the ratios are derived when read (a serving
-    step never reads them)."""
+    Nothing is computed in the forward pass unless the caller has the counts already (training's
+    balance loss): ``counts`` and ``tokens`` are derived when first read, so a serving step, which
+    never reads them, spends no op on them (each small op costs ~20 us in a decode step's layer)."""
 
     layer: int
-    tokens: torch.Tensor  # [] valid tokens routed
-    counts: torch.Tensor  # [E] selections per expert
+    experts: torch.Tensor  # [N, K] expert id of each slot
+    used: torch.Tensor | None  # [N, K] bool: slot used (top-p prefix); None = every slot (top-k)
+    token_mask: torch.Tensor | None  # [N] bool: valid token; None = all
+    num_experts: int
+    _counts: torch.Tensor | None = None  # [E], when the forward pass computed it anyway
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """[E] selections per expert over the valid tokens."""
+        if self._counts is None:
+            self._counts = expert_counts(self.experts, self.used, self.token_mask, self.num_experts)
+        return self._counts
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """[] valid tokens routed."""
+        if self.token_mask is None:
+            return torch.tensor(float(len(self.experts)), device=self.experts.device)
+        return self.token_mask.sum(dtype=torch.float)
 
     @property
     def experts_per_token(self) -> torch.Tensor:
@@ -80,8 +98,8 @@ class MoEBlock(nn.Module):
     decode step of several streams: N * max_k >= E) runs every expert and the shared expert as one
     dense SwiGLU of width W = E * I + S, its activations scaled per token by the routing weights (0
     for the experts the token did not choose) and the shared-expert gate. That is the same sum as the
-    routed dispatch, in two large matmuls; the first also yields the router logits and the
-    shared-expert gate (their rows are stacked under the experts' gate and up rows). At this size
+    routed dispatch, in two large matmuls (and a tiny one for the router logits and the shared-expert
+    gate). At this size
     nearly every expert is chosen by some token, so the routed path reads the same weights, in
     3 * (E + 1) small matmuls plus gathers and scatters; the dense FFN of the same bytes is faster
     (``bench/moe_decode.py``). A single stream keeps the routed path: it reads only its own experts.
@@ -95,7 +113,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.matmul = F.linear
-        self._dense: tuple | None = None  # (key, (gate_up [2W, H], down [H, W])), built lazily
+        self._dense: tuple | None = None  # (key, (gate_up [2W, H], gates [E (+ 1), H], down [H, W])), built lazily
         self.gate = Router(config)
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         if config.shared_expert_intermediate_size > 0:
@@ -127,15 +145,10 @@ class MoEBlock(nn.Module):
             if self.shared_expert is not None:
                 out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
 
-        counts = expert_counts(routing, flat_mask)  # [E]
-        tokens = (
-            flat_mask.sum(dtype=torch.float)
-            if flat_mask is not None
-            else torch.tensor(float(len(flat)), device=flat.device)
-        )
-        stats = RoutingStats(self.layer_idx, tokens, counts.detach())
+        stats = RoutingStats(self.layer_idx, routing.experts, routing.mask, flat_mask, len(self.experts))
         if not compute_aux:
             return out.reshape(shape), MoEAux(None, None, None, stats)
+        counts = stats.counts  # [E], for the balance loss too
         entropy = token_entropy(routing)  # [N]
         aux = MoEAux(
             load_balance_loss(routing, flat_mask, counts),
@@ -156,21 +169,25 @@ class MoEBlock(nn.Module):
         """The routed experts, then the shared expert (if any): the dense path's column order."""
         return [*self.experts, *([self.shared_expert] if self.shared_expert is not None else [])]
 
-    def _dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """fused [2W + E (+ 1), H] and down [H, W]. ``fused`` stacks every expert's and the shared
-        expert's gate rows (W), their up rows (W), the router (E) and the shared-expert gate (1): one
-        matmul gives the FFN's input projections and the routing logits. Rebuilt when a weight changes
-        (a model swap, a load_state_dict)."""
-        mlps = self.mlps()
-        extra = [self.gate.weight] + ([self.shared_expert_gate.weight] if self.shared_expert_gate is not None else [])
+    def _dense_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gate_up [2W, H], gates [E (+ 1), H] and down [H, W]. ``gate_up`` stacks every expert's and the
+        shared expert's gate rows (W), then their up rows (W); ``gates`` the router (E) and the
+        shared-expert gate (1). They stay two matmuls: a width of 2W + E + 1 (3,081 for the quickstart
+        student) runs oneDNN 9-21% slower than 2W (3,072) at 16-64 rows, more than a second, tiny
+        matmul costs. Rebuilt when a weight changes (a model swap, a load_state_dict)."""
+        mlps = self.mlps()  # fresh each call: load_state_dict(assign=True) puts new tensors in the modules
+        gate_up = [m.gate_proj.weight for m in mlps] + [m.up_proj.weight for m in mlps]
+        gates = [self.gate.weight] + ([self.shared_expert_gate.weight] if self.shared_expert_gate is not None else [])
+        down = [m.down_proj.weight for m in mlps]
 
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
-            fused = torch.cat([m.gate_proj.weight for m in mlps] + [m.up_proj.weight for m in mlps] + extra)
-            down = torch.cat([m.down_proj.weight for m in mlps], dim=1)
-            return fused.detach().contiguous(), down.detach().contiguous()
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return (
+                torch.cat(gate_up).detach().contiguous(),
+                torch.cat(gates).detach().contiguous(),
+                torch.cat(down, dim=1).detach().contiguous(),
+            )
 
-        params = [p for m in mlps for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)] + extra
-        return cached_stack(self, "_dense", params, build)
+        return cached_stack(self, "_dense", gate_up + gates + down, build)
 
     def _dense_forward(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, Routing]:
         """x [N, H], token_mask [N] or None -> out [N, H] and the routing; every expert run densely.
@@ -178,18 +195,19 @@ class MoEBlock(nn.Module):
         The activations of each expert's columns are scaled by the token's routing weight for that
         expert (0 where not chosen, or for a padding token), the shared expert's by its gate: the
         same sum as the routed dispatch."""
-        fused, down = self._dense_weights()  # [2W + E (+ 1), H], [H, W]
+        gate_up, gates, down = self._dense_weights()  # [2W, H], [E (+ 1), H], [H, W]
         n, width, num_experts = x.shape[0], down.shape[1], len(self.experts)
-        h = self.matmul(x, fused, None)  # [N, 2W + E (+ 1)]
-        routing = self.gate(x, logits=h[:, 2 * width : 2 * width + num_experts])
+        h = self.matmul(x, gate_up, None)  # [N, 2W]
+        small = F.linear(x, gates)  # [N, E (+ 1)]: router logits, shared-expert gate
+        routing = self.gate(x, logits=small[:, :num_experts])
         weights = per_expert(routing)  # [N, E]
         if token_mask is not None:
-            weights = weights * token_mask[:, None]
-        act = F.silu(h[:, :width]).mul_(h[:, width : 2 * width])  # [N, W]
+            weights = weights.mul_(token_mask[:, None])
+        act = F.silu(h[:, :width]).mul_(h[:, width:])  # [N, W]
         routed = num_experts * self.experts[0].down_proj.in_features  # E * I
         act[:, :routed].view(n, num_experts, -1).mul_(weights.to(x.dtype).unsqueeze(-1))  # [N, E, I]
         if self.shared_expert is not None:
-            act[:, routed:].mul_(torch.sigmoid(h[:, 2 * width + num_experts :]))  # [N, S] x [N, 1]
+            act[:, routed:].mul_(torch.sigmoid(small[:, num_experts:]))  # [N, S] x [N, 1]
         return self.matmul(act, down, None), routing  # [N, H]
 
 

@@ -57,9 +57,8 @@ def select_topp(
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # [N, E]
     sorted_probs, order = sorted_probs[:, :max_k], order[:, :max_k]  # [N, max_k]
     mass_before = F.pad(torch.cumsum(sorted_probs, dim=-1)[:, :-1], (1, 0))  # [N, max_k], exclusive
-    keep = mass_before < top_p
-    keep[:, :min_k] = True
-    weights = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+    keep = (mass_before < top_p) | (torch.arange(max_k, device=probs.device) < min_k)  # [N, max_k]
+    weights = sorted_probs * keep
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, order, keep
 
@@ -115,14 +114,18 @@ def _masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch
     return (values * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def expert_counts(routing: Routing, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Selections per expert [E] over valid tokens (no gradient: counts are not differentiable)."""
-    used = torch.ones_like(routing.weights) if routing.mask is None else routing.mask.float()  # [N, K]
+def expert_counts(
+    experts: torch.Tensor, used: torch.Tensor | None, token_mask: torch.Tensor | None, num_experts: int
+) -> torch.Tensor:
+    """Selections per expert [E] over valid tokens (no gradient: counts are not differentiable).
+
+    experts [N, K] expert ids; used [N, K] bool (None = every slot); token_mask [N] bool (None = all)."""
+    weight = torch.ones(experts.shape, device=experts.device) if used is None else used.float()  # [N, K]
     if token_mask is not None:
-        used = used * token_mask[:, None].float()
-    counts = torch.zeros(routing.probs.shape[-1], dtype=torch.float, device=routing.probs.device)
+        weight = weight * token_mask[:, None]
+    counts = torch.zeros(num_experts, dtype=torch.float, device=experts.device)
     # scatter_add, not boolean indexing: no device sync on GPU.
-    return counts.scatter_add_(0, routing.experts.reshape(-1), used.reshape(-1))
+    return counts.scatter_add_(0, experts.reshape(-1), weight.reshape(-1))
 
 
 def load_balance_loss(
@@ -133,7 +136,8 @@ def load_balance_loss(
     ``f_e`` is expert e's share of all selections (sums to 1 for top-k and top-p alike), ``P_e``
     the mean router probability; the gradient flows through ``P_e``.
     """
-    counts = expert_counts(routing, token_mask) if counts is None else counts
+    if counts is None:
+        counts = expert_counts(routing.experts, routing.mask, token_mask, routing.probs.shape[-1])
     share = counts / counts.sum().clamp(min=1.0)  # [E]
     if token_mask is None:
         mean_probs = routing.probs.mean(dim=0)
