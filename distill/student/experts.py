@@ -93,7 +93,9 @@ class Experts(nn.ModuleList):
         counts = counts.tolist()  # the one host sync: Python needs the block sizes
         routed = x.index_select(0, tokens)  # [M, H], grouped by expert
         scale = flat_weights.index_select(0, order).to(x.dtype).unsqueeze(1)  # [M, 1]
-        grad = torch.is_grad_enabled()
+        # Autograd or autocast: F.linear per expert (autocast picks each matmul's dtype); else each expert
+        # writes into one preallocated buffer.
+        grad = torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
         out = None if grad else torch.empty_like(routed)
         pieces = []
         start = 0
@@ -110,7 +112,7 @@ class Experts(nn.ModuleList):
             start = end
         if grad:
             out = torch.cat(pieces) if pieces else routed.new_zeros(0, x.shape[1])
-        y = torch.zeros_like(x).index_add_(0, tokens, out)  # [N, H]
+        y = torch.zeros_like(x, dtype=out.dtype).index_add_(0, tokens, out)  # [N, H]; bf16 under bf16 autocast
         if grad and not all(counts):
             # An expert with no tokens still joins the graph, with a zero contribution: every parameter
             # then gets a gradient (0) in every step, so DDP's reducer sees the same parameters each step

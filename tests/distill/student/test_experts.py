@@ -58,3 +58,28 @@ def test_routed_dispatch_in_inference_equals_the_autograd_path():
         ]
     )
     torch.testing.assert_close(got, by_hand.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_student_trains_and_scores_under_bf16_autocast():
+    """``train.precision: bf16`` (the default on GPU): a student's forward and backward run under bf16
+    autocast on the routed dispatch, with and without gradients, a shared expert included, and give the
+    fp32 loss to bf16 precision. (Before: index_add_ of the experts' bf16 outputs into an fp32 buffer
+    raised "self (Float) and source (BFloat16) must have the same scalar type".)"""
+    from .conftest import tiny_student
+
+    student = tiny_student(shared_expert_intermediate_size=16)
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def loss_of(autocast: bool) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = student(input_ids=ids).logits  # [2, 24, V]: 48 tokens, the routed path
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, 96), ids[:, 1:].reshape(-1))
+
+    want = loss_of(False)
+    got = loss_of(True)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():  # scoring inside a bf16 training step (held-out rows): the inference dispatch
+        torch.testing.assert_close(loss_of(True), want.detach(), rtol=2e-2, atol=2e-2)
