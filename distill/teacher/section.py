@@ -25,7 +25,11 @@ class TeacherSection(Section):
     num_gpus: float = Field(default=0, ge=0)
     num_cpus: float = Field(default=1, gt=0, description="Ray CPUs reserved per teacher replica")
     threads: int | None = Field(default=None, ge=1, description="torch threads per replica (default: cores / replicas)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="auto: engine backend bfloat16 on a CPU with AMX (bf16 matmul units), else float32; hf "
+        "bfloat16 on GPU, float32 on CPU; vllm its own choice",
+    )
     batch_size: int = Field(default=16, ge=1, description="prompts per teacher batch")
     batches_in_flight: int = Field(
         default=2,

@@ -34,6 +34,7 @@ from distill.teacher.base import (
 )
 from distill.teacher.section import TeacherSection
 from distill.teacher.sources import encode_prompt, model_revision, resolve_model
+from serve.engine.kernels import auto_cpu_dtype
 from serve.engine.types import GenerationOutput, GenerationRequest, SamplingOptions
 
 SCORE_ROWS = 8  # sequences per scoring forward pass
@@ -70,7 +71,7 @@ class EngineTeacher(TeacherBackend):
             raise ConfigError("teacher.backend: engine runs on CPU; use backend: vllm (or hf) with num_gpus > 0")
         model_dir = resolve_model(teacher_cfg.model, teacher_cfg.revision)
         name = f"{teacher_cfg.model}@{teacher_cfg.revision or model_revision(model_dir)}"
-        dtype = "float32" if teacher_cfg.dtype == "auto" else teacher_cfg.dtype  # fp32 is fastest on CPU
+        dtype = auto_cpu_dtype() if teacher_cfg.dtype == "auto" else teacher_cfg.dtype  # bf16 only with AMX
         return cls(
             model_dir,
             dtype=dtype,

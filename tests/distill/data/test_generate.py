@@ -82,7 +82,13 @@ def test_engine_teacher_keeps_two_batches_in_flight_and_answers_as_in_process(ra
 
     prompts = write_prompts(tmp_path / "p.jsonl", 5)
     cfg = make_cfg(
-        tmp_path, tiny_teacher_dir, prompts, "teacher.backend=engine", "teacher.batch_size=2", "generate.logprobs=4"
+        tmp_path,
+        tiny_teacher_dir,
+        prompts,
+        "teacher.backend=engine",
+        "teacher.batch_size=2",
+        "generate.logprobs=4",
+        "teacher.dtype=float32",  # as the in-process teacher below (auto is bfloat16 on a CPU with AMX)
     )
     assert cfg.teacher.batches_in_flight == 2  # the default: 3 batches of 2, two at a time on one replica
     run = str(tmp_path / "run")

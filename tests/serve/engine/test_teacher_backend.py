@@ -179,3 +179,31 @@ def test_calls_from_two_threads_share_one_engine_batch_and_answer_as_alone(tiny_
         for want, have in zip(want_call, have_call):
             assert have.completion_ids == want.completion_ids
             np.testing.assert_allclose(have.topk_logprobs, want.topk_logprobs, atol=1e-4)
+
+
+def test_auto_dtype_is_bfloat16_only_on_cpus_with_amx(tmp_path, monkeypatch, tiny_teacher_dir):
+    """``teacher.dtype: auto`` on the engine backend: bfloat16 where /proc/cpuinfo lists ``amx_bf16`` (bf16
+    matmul units), float32 on AVX2 / AVX-512 CPUs without them; a given dtype is kept as it is."""
+    from distill.teacher.section import TeacherSection
+    from serve.engine import kernels
+    from serve.engine.teacher import EngineTeacher
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n")
+    assert {"avx2", "amx_bf16"} <= kernels.cpu_flags(str(cpuinfo))
+    assert kernels.cpu_flags(str(tmp_path / "missing")) == set()
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert kernels.auto_cpu_dtype() == "float32"  # AVX512-BF16 alone: no matrix units
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
+    assert kernels.auto_cpu_dtype() == "bfloat16"
+
+    def weight_dtype(dtype: str) -> torch.dtype:
+        teacher = EngineTeacher.from_config(
+            TeacherSection(model=tiny_teacher_dir, backend="engine", dtype=dtype, batch_size=2)
+        )
+        return next(teacher.engine.model.parameters()).dtype
+
+    assert weight_dtype("auto") == torch.bfloat16
+    assert weight_dtype("float32") == torch.float32
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2"})
+    assert weight_dtype("auto") == torch.float32
