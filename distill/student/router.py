@@ -85,8 +85,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> Routing:
         """x [N, H] -> :class:`Routing`. ``logits`` [N, E]: x's router logits when the caller has computed
-        them already (the MoE block's fused decode matmul); the selection is the same, and forward
-        hooks (the eval's routing records) see every call either way."""
+        them already (the MoE block's dense path: one matmul with the shared-expert gate); the selection
+        is the same, and forward hooks (the eval's routing records) see every call either way."""
         logits = (F.linear(x, self.weight) if logits is None else logits).float()  # [N, E]
         probs = F.softmax(logits, dim=-1)  # [N, E]
         num_experts = probs.shape[-1]
