@@ -63,6 +63,8 @@ class EngineTeacher(TeacherBackend):
         self.engine = self._async.engine
         self.tokenizer = self.engine.tokenizer
         self.name = name or f"{os.path.basename(os.path.normpath(model_dir))}@{model_revision(model_dir)}"
+        if dtype != "float32":  # each row's ``teacher``: a run resumed on a machine that picks another dtype shows it
+            self.name += f" ({dtype})"
         self._calls = itertools.count()  # next() is atomic: request ids stay unique across threads
 
     @classmethod

@@ -197,13 +197,15 @@ def test_auto_dtype_is_bfloat16_only_on_cpus_with_amx(tmp_path, monkeypatch, tin
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
     assert kernels.auto_cpu_dtype() == "bfloat16"
 
-    def weight_dtype(dtype: str) -> torch.dtype:
+    def weight_dtype(dtype: str) -> tuple[torch.dtype, str]:
         teacher = EngineTeacher.from_config(
             TeacherSection(model=tiny_teacher_dir, backend="engine", dtype=dtype, batch_size=2)
         )
-        return next(teacher.engine.model.parameters()).dtype
+        return next(teacher.engine.model.parameters()).dtype, teacher.name
 
-    assert weight_dtype("auto") == torch.bfloat16
-    assert weight_dtype("float32") == torch.float32
+    # The rows' ``teacher`` name says which dtype labelled them, where it is not float32.
+    dtype, name = weight_dtype("auto")
+    assert dtype == torch.bfloat16 and name.startswith(f"{tiny_teacher_dir}@") and name.endswith(" (bfloat16)")
+    assert weight_dtype("float32") == (torch.float32, name.removesuffix(" (bfloat16)"))
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2"})
-    assert weight_dtype("auto") == torch.float32
+    assert weight_dtype("auto")[0] == torch.float32
