@@ -11,7 +11,9 @@ For the builtin SmolLM2-135M teacher (and a student, when given) this loads the 
   taking turns for ``--rounds`` rounds so both see the same machine, and the tokens/s ratio.
 
 Targets for int8 (issue 17): batch-1 decode >= 1.6x float32, bits/byte within +2%. ``--dtype bfloat16``
-pays on CPUs with AMX / AVX512-BF16 hardware (README, Benchmarks) and not on AVX2-only ones.
+paid on a CPU with AMX (measured; README, Benchmarks), the one place ``teacher.dtype: auto`` picks it
+(:func:`serve.engine.kernels.auto_cpu_dtype`); AVX2-only CPUs have no bf16 matmul hardware, and
+AVX512-BF16 without AMX was not measured.
 """
 
 from __future__ import annotations
