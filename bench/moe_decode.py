@@ -1,6 +1,7 @@
-"""An MoE student's decode step in our engine: every expert run densely (the small-batch path) vs the routed dispatch.
+"""An MoE student's decode step and prefill in our engine: every expert run densely (the small-batch path) vs the routed dispatch.
 
-    python bench/moe_decode.py --model RUN/student [--streams 1,2,4,8,16,32] [--threads 2] [--rounds 5]
+    python bench/moe_decode.py --model RUN/student [--streams 1,2,4,8,16,32] [--prompt-tokens 32,64,128,256]
+        [--threads 2] [--rounds 5]
 
 ``--model`` is a trained student directory (a pipeline run's ``student/``): routing decides how many
 experts a step touches, and a trained router routes the way served traffic will. For each number of
@@ -8,7 +9,9 @@ concurrent greedy streams, the median decode-step time (prefill excluded) with
 ``MoEBlock.dense_max_tokens = 0`` (routed: each expert on its own tokens) and with the default (dense:
 all experts and the shared expert as one SwiGLU, scaled by the routing weights), timed in interleaved
 rounds so a busy machine favours neither. A single stream always takes the routed path (it reads
-only its own experts), so its two columns should agree.
+only its own experts), so its two columns should agree. Then the time to first token of one prompt
+of each ``--prompt-tokens`` length (random ids, the eval's TTFT measurement), routed vs dense: where
+the dense path stops paying is what ``dense_max_tokens`` should be.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a trained student directory (a run's student/)")
     parser.add_argument("--streams", default="1,2,4,8,16,32")
     parser.add_argument("--tokens", type=int, default=24, help="decode steps per measurement")
+    parser.add_argument("--prompt-tokens", default="32,64,128,256", help="prefill lengths to time ('' = none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
@@ -40,12 +44,19 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from distill.eval.speed import measure_engine
     from distill.student.moe import MoEBlock
     from serve.engine.engine import LLMEngine
 
     streams = [int(s) for s in args.streams.split(",")]
+    lengths = [int(n) for n in args.prompt_tokens.split(",") if n]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    engine = LLMEngine.from_pretrained(args.model, max_batch_size=max(streams), prefill_chunk=256)
+    engine = LLMEngine.from_pretrained(
+        args.model,
+        max_batch_size=max(streams),
+        prefill_chunk=max([256, *lengths]),
+        max_model_len=max([512, *lengths]) + 8,
+    )
     blocks = [m for m in engine.model.modules() if isinstance(m, MoEBlock)]
     if not blocks:
         sys.exit(f"--model {args.model}: no MoE layers (a dense model has nothing to compare)")
@@ -71,6 +82,12 @@ def main() -> None:
                 for block in blocks:
                     block.dense_max_tokens = limit
                 samples.setdefault((mode, n), []).append(median_decode_step_s(engine, prompts, args.tokens))
+        for n in lengths:
+            for mode, limit in (("routed", 0), ("dense", max(n, dense_limit))):
+                for block in blocks:
+                    block.dense_max_tokens = limit
+                ttft = measure_engine(engine, 1, n, 2, len(tokenizer))["ttft_s"]
+                samples.setdefault((mode, -n), []).append(ttft)
     for block in blocks:
         block.dense_max_tokens = dense_default
     print(
@@ -81,6 +98,13 @@ def main() -> None:
         print(
             f"{n:>7} {routed * 1e3:>10.2f} {dense * 1e3:>9.2f} {n / routed:>13.1f} {n / dense:>12.1f} {routed / dense:>12.2f}x"
         )
+    if lengths:
+        print(
+            f"{'prompt':>7} {'routed TTFT ms':>15} {'dense TTFT ms':>14} {'dense/routed':>13}   (one prompt, dense forced)"
+        )
+    for n in lengths:
+        routed, dense = (statistics.median(samples[(mode, -n)]) for mode in ("routed", "dense"))
+        print(f"{n:>7} {routed * 1e3:>15.1f} {dense * 1e3:>14.1f} {dense / routed:>12.2f}x")
 
 
 if __name__ == "__main__":

@@ -103,11 +103,16 @@ class MoEBlock(nn.Module):
     nearly every expert is chosen by some token, so the routed path reads the same weights, in
     3 * (E + 1) small matmuls plus gathers and scatters; the dense FFN of the same bytes is faster
     (``bench/moe_decode.py``). A single stream keeps the routed path: it reads only its own experts.
+    The same holds for a short prefill: each of E experts gets ~N * k / E tokens, too few for an
+    efficient matmul, so the dense FFN's extra FLOPs cost less than the dispatch up to ~96 tokens
+    (``bench/moe_decode.py --prompt-tokens``, the quickstart student, experts of 144 neurons, one
+    prompt's time to first token, dense / routed: 0.75 at 32 tokens, 0.85 at 64, 1.02 at 96, 1.05
+    at 128; with experts of 96 neurons the MoE blocks alone break even later, 0.96 at 128 tokens).
     ``matmul`` is ``F.linear`` unless the engine gives the block a faster kernel
     (:func:`serve.engine.kernels.use_onednn_linears`).
     """
 
-    dense_max_tokens = 32
+    dense_max_tokens = 96
 
     def __init__(self, config: StudentConfig, layer_idx: int):
         super().__init__()
