@@ -57,7 +57,9 @@ def select_topp(
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # [N, E]
     sorted_probs, order = sorted_probs[:, :max_k], order[:, :max_k]  # [N, max_k]
     mass_before = F.pad(torch.cumsum(sorted_probs, dim=-1)[:, :-1], (1, 0))  # [N, max_k], exclusive
-    keep = (mass_before < top_p) | (torch.arange(max_k, device=probs.device) < min_k)  # [N, max_k]
+    keep = mass_before < top_p  # [N, max_k]; slot 0 always (its mass before is 0 < top_p)
+    if min_k > 1:
+        keep[:, :min_k] = True
     weights = sorted_probs * keep
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, order, keep
