@@ -33,7 +33,14 @@ import torch
 from distill.teacher.sources import eos_token_ids as eos_token_ids_of
 from serve.engine.kernels import quantize_int8_weights, use_onednn_linears
 from serve.engine.loader import load_model, resolve_model_dir
-from serve.engine.sampling import IncrementalDetokenizer, apply_penalties, find_stop, sample_tokens, stop_holdback
+from serve.engine.sampling import (
+    IncrementalDetokenizer,
+    apply_penalties,
+    find_stop,
+    greedy_tokens,
+    sample_tokens,
+    stop_holdback,
+)
 from serve.engine.types import (
     MAX_TOP_LOGPROBS,
     EngineError,
@@ -548,7 +555,7 @@ class LLMEngine:
             top_p = torch.tensor([float(o.top_p) for o in opts], dtype=torch.float)
             tokens = sample_tokens(self._adjusted(seqs, logits), temperature, top_k, top_p, uniforms)
         else:
-            tokens = self._adjusted(seqs, logits).argmax(dim=-1)
+            tokens = greedy_tokens(self._adjusted(seqs, logits))
         token_list = tokens.tolist()
 
         want_lp = [i for i, o in enumerate(opts) if o.logprobs]

@@ -1,10 +1,11 @@
-"""Penalties on the logits (serve.engine.sampling.apply_penalties): OpenAI's presence/frequency, the repetition penalty."""
+"""Penalties on the logits (serve.engine.sampling.apply_penalties): OpenAI's presence/frequency, the repetition penalty;
+the greedy pick (greedy_tokens)."""
 
 from __future__ import annotations
 
 import torch
 
-from serve.engine.sampling import apply_penalties
+from serve.engine.sampling import apply_penalties, greedy_tokens
 from serve.engine.types import SamplingOptions
 
 
@@ -31,3 +32,16 @@ def test_negative_penalties_favour_repeats_and_neutral_values_change_nothing():
     assert more[0].tolist() == [0.0, 0.0, 1.0]
     same = apply_penalties(logits + 1, [0], [[1]], [[2, 2]], [SamplingOptions()])
     assert torch.equal(same, logits + 1)
+
+
+def test_greedy_tokens_pick_each_rows_largest_logit_and_the_first_on_a_tie():
+    logits = torch.tensor(
+        [
+            [0.0, 2.0, 1.0, 2.0],  # tie: the first of the two 2.0s
+            [-1.0, -3.0, -0.5, -2.0],
+            [float("-inf"), float("-inf"), 0.0, float("-inf")],  # top-k / penalties leave -inf around the pick
+        ]
+    )
+    assert greedy_tokens(logits).tolist() == [1, 2, 2]
+    big = torch.randn(16, 49152, generator=torch.Generator().manual_seed(0))  # the vocabulary size served
+    assert torch.equal(greedy_tokens(big), big.argmax(dim=-1))
