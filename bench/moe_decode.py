@@ -73,7 +73,8 @@ def main() -> None:
         f"model={args.model} threads={args.threads} torch={torch.__version__} moe_layers={len(blocks)} "
         f"dense_max_tokens={dense_limit} oneDNN dense matmuls in {onednn}/{len(blocks)} layers"
     )
-    samples: dict[tuple[str, int], list[float]] = {}
+    samples: dict[tuple[str, int], list[float]] = {}  # (mode, streams) -> decode-step seconds
+    ttfts: dict[tuple[str, int], list[float]] = {}  # (mode, prompt tokens) -> seconds to the first token
     median_decode_step_s(engine, encoded[:2], 4)  # warm-up
     for _ in range(args.rounds):
         for n in streams:
@@ -87,7 +88,7 @@ def main() -> None:
                 for block in blocks:
                     block.dense_max_tokens = limit
                 ttft = measure_engine(engine, 1, n, 2, len(tokenizer))["ttft_s"]
-                samples.setdefault((mode, -n), []).append(ttft)
+                ttfts.setdefault((mode, n), []).append(ttft)
     for block in blocks:
         block.dense_max_tokens = dense_default
     print(
@@ -103,7 +104,7 @@ def main() -> None:
             f"{'prompt':>7} {'routed TTFT ms':>15} {'dense TTFT ms':>14} {'dense/routed':>13}   (one prompt, dense forced)"
         )
     for n in lengths:
-        routed, dense = (statistics.median(samples[(mode, -n)]) for mode in ("routed", "dense"))
+        routed, dense = (statistics.median(ttfts[(mode, n)]) for mode in ("routed", "dense"))
         print(f"{n:>7} {routed * 1e3:>15.1f} {dense * 1e3:>14.1f} {dense / routed:>12.2f}x")
 
 
